@@ -1,0 +1,220 @@
+//! Multi-head scaled dot-product attention, f32:
+//! `out[i, h] = Σ_j softmax_j(scale · q[i, h] · k[j, h]) · v[j, h]` over the keys
+//! `j` that query `i` may see.
+//!
+//! Layout: `q` is `[tq, heads, d]`, `k`/`v` are `[tk, heads, d]`, each token's
+//! `heads·d` values contiguous but tokens `q_stride` / `kv_stride` elements
+//! apart, so a KV cache or an interleaved qkv buffer is read in place. `out`
+//! is `[tq, heads, d]` contiguous.
+//!
+//! Masks: [`Mask::Causal`] aligns the queries with the *end* of the keys:
+//! query `i` sits at absolute position `tk − tq + i` and sees keys `0..=` that
+//! position (decode: `tq = 1` sees everything). A query that sees no key
+//! (only possible when `tq > tk`) gets a zero output.
+//!
+//! Fast path (flash-attention style): tasks are (head, block of `QB` queries),
+//! in parallel. Each walks the visible keys in blocks of `KB`: scores
+//! `S = Q·Kᵀ` by the crate's GEMM (reading q and k in place), scaled and
+//! masked, then an online softmax (running max `m` and sum `l` per query,
+//! rescaling the partial output when the max grows) and `O += P·V`. Scratch
+//! is allocated once per task; nothing is allocated per key block.
+
+use crate::common::{worth_parallel, Isa, SyncPtr};
+use crate::gemm::{gemm_strided, GemmScratch, MatRef};
+use crate::softmax::{exp_sub_sum, row_max};
+use qvc_ir::Elems;
+
+/// Queries per task: enough rows for the packed GEMM to run full tiles.
+const QB: usize = 64;
+/// Keys per block: the `QB×KB` score tile (64 KiB) stays in L2.
+const KB: usize = 256;
+
+/// Which keys a query sees.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Mask {
+    /// Every key.
+    None,
+    /// Keys up to the query's absolute position `tk − tq + i`.
+    Causal,
+}
+
+/// Arguments of [`attention`] (see the module docs for the layout).
+#[derive(Clone, Copy, Debug)]
+pub struct AttnArgs<'a> {
+    pub q: &'a [f32],
+    /// Elements between consecutive query tokens (≥ heads·d).
+    pub q_stride: usize,
+    pub k: &'a [f32],
+    pub v: &'a [f32],
+    /// Elements between consecutive key/value tokens (≥ heads·d).
+    pub kv_stride: usize,
+    pub tq: usize,
+    pub tk: usize,
+    pub heads: usize,
+    pub d: usize,
+    pub scale: f32,
+    pub mask: Mask,
+}
+
+impl AttnArgs<'_> {
+    /// Number of keys query `i` sees (a prefix `0..n` of the keys).
+    #[inline]
+    fn visible(&self, i: usize) -> usize {
+        match self.mask {
+            Mask::None => self.tk,
+            // position tk − tq + i, so keys 0..tk − tq + i + 1, clamped to 0..=tk.
+            Mask::Causal => (self.tk + i + 1).saturating_sub(self.tq).min(self.tk),
+        }
+    }
+
+    fn check(&self, out: &[f32]) {
+        let hd = self.heads * self.d;
+        assert_eq!(out.len(), self.tq * hd, "attention: out must be [tq, heads, d]");
+        assert!(self.q_stride >= hd && self.kv_stride >= hd, "attention: token strides must be ≥ heads·d = {hd}");
+        if hd == 0 {
+            return;
+        }
+        if self.tq > 0 {
+            assert!(self.q.len() >= (self.tq - 1) * self.q_stride + hd, "attention: q is too short");
+        }
+        if self.tk > 0 {
+            let need = (self.tk - 1) * self.kv_stride + hd;
+            assert!(self.k.len() >= need && self.v.len() >= need, "attention: k or v is too short");
+        }
+    }
+}
+
+/// Attention on the best code path for this CPU.
+pub fn attention(args: &AttnArgs, out: &mut [f32]) {
+    attention_with_isa(Isa::detect(), args, out)
+}
+
+/// [`attention`] on a chosen code path (for tests and benchmarks).
+pub fn attention_with_isa(isa: Isa, args: &AttnArgs, out: &mut [f32]) {
+    args.check(out);
+    let (tq, heads, d) = (args.tq, args.heads, args.d);
+    if tq == 0 || heads == 0 || d == 0 {
+        return;
+    }
+    let isa = isa.resolve();
+    let qblocks = tq.div_ceil(QB);
+    let work = 4 * tq * args.tk * heads * d;
+    let parallel = worth_parallel(work);
+    let op = SyncPtr(out.as_mut_ptr());
+    let task = |t: usize| {
+        let (h, qb) = (t % heads, t / heads);
+        let i0 = qb * QB;
+        let rows = QB.min(tq - i0);
+        // SAFETY: this task writes only out[i0..i0+rows, h, :], and tasks
+        // differ in (h, query block); `check` sized `out`.
+        unsafe { attend_block(isa, args, h, i0, rows, op) };
+    };
+    if parallel {
+        use rayon::prelude::*;
+        (0..heads * qblocks).into_par_iter().for_each(task);
+    } else {
+        (0..heads * qblocks).for_each(task);
+    }
+}
+
+/// One (head, query block) task.
+///
+/// SAFETY: `out` points at the `[tq, heads, d]` output and no other task
+/// writes rows `i0..i0+rows` of head `h`.
+unsafe fn attend_block(isa: Isa, a: &AttnArgs, h: usize, i0: usize, rows: usize, out: SyncPtr) {
+    let d = a.d;
+    let keys = a.visible(i0 + rows - 1); // the last query sees the most
+    let mut s = vec![0f32; rows * KB.min(keys.max(1))];
+    let mut o = vec![0f32; rows * d];
+    let mut m = vec![f32::NEG_INFINITY; rows];
+    let mut l = vec![0f32; rows];
+    let mut gs = GemmScratch::default();
+    let q = MatRef { data: Elems::F32(a.q), rows, cols: d, row_stride: a.q_stride, col_stride: 1, offset: i0 * a.q_stride + h * d };
+    for j0 in (0..keys).step_by(KB) {
+        let kb = KB.min(keys - j0);
+        let s = &mut s[..rows * kb];
+        // S = Q · K_blockᵀ: Kᵀ is d×kb with the d values of a key contiguous.
+        let kt = MatRef { data: Elems::F32(a.k), rows: d, cols: kb, row_stride: 1, col_stride: a.kv_stride, offset: j0 * a.kv_stride + h * d };
+        gemm_strided(isa, &q, &kt, s, kb, false, false, &mut gs);
+        for (r, srow) in s.chunks_exact_mut(kb).enumerate() {
+            let vis = a.visible(i0 + r).saturating_sub(j0).min(kb);
+            if vis == 0 {
+                // Every key of this block is masked for this query.
+                srow.fill(0.0);
+                continue;
+            }
+            let (live, masked) = srow.split_at_mut(vis);
+            masked.fill(0.0);
+            for x in live.iter_mut() {
+                *x *= a.scale;
+            }
+            let m_new = m[r].max(row_max(live));
+            // exp(−inf) = 0: the first block simply starts the sums.
+            let corr = crate::act::exp_f32(m[r] - m_new);
+            let sum = exp_sub_sum(live, m_new);
+            l[r] = l[r] * corr + sum;
+            if corr != 1.0 {
+                for x in &mut o[r * d..(r + 1) * d] {
+                    *x *= corr;
+                }
+            }
+            m[r] = m_new;
+        }
+        // O += P · V_block.
+        let p = MatRef { data: Elems::F32(s), rows, cols: kb, row_stride: kb, col_stride: 1, offset: 0 };
+        let vb = MatRef { data: Elems::F32(a.v), rows: kb, cols: d, row_stride: a.kv_stride, col_stride: 1, offset: j0 * a.kv_stride + h * d };
+        gemm_strided(isa, &p, &vb, &mut o, d, true, false, &mut gs);
+    }
+    let hd = a.heads * d;
+    for r in 0..rows {
+        let inv = if l[r] > 0.0 { 1.0 / l[r] } else { 0.0 };
+        let dst = out.get().add((i0 + r) * hd + h * d);
+        for (c, &x) in o[r * d..(r + 1) * d].iter().enumerate() {
+            *dst.add(c) = x * inv;
+        }
+    }
+}
+
+/// Reference attention: per (query, head), f64 scores, max-subtracted softmax, f64 sums.
+pub fn attention_ref(args: &AttnArgs, out: &mut [f32]) {
+    args.check(out);
+    let (heads, d) = (args.heads, args.d);
+    for i in 0..args.tq {
+        let vis = args.visible(i);
+        for h in 0..heads {
+            let qv = &args.q[i * args.q_stride + h * d..][..d];
+            let scores: Vec<f64> = (0..vis)
+                .map(|j| {
+                    let kv = &args.k[j * args.kv_stride + h * d..][..d];
+                    qv.iter().zip(kv).map(|(&x, &y)| x as f64 * y as f64).sum::<f64>() * args.scale as f64
+                })
+                .collect();
+            let mx = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let p: Vec<f64> = scores.iter().map(|s| (s - mx).exp()).collect();
+            let total: f64 = p.iter().sum();
+            let dst = &mut out[(i * heads + h) * d..][..d];
+            for (c, o) in dst.iter_mut().enumerate() {
+                let acc: f64 = p.iter().enumerate().map(|(j, &pj)| pj * args.v[j * args.kv_stride + h * d + c] as f64).sum();
+                *o = if vis == 0 { 0.0 } else { (acc / total) as f32 };
+            }
+        }
+    }
+}
+
+/// Number of (query, key) pairs that are computed (visible).
+fn visible_pairs(tq: usize, tk: usize, mask: Mask) -> u64 {
+    match mask {
+        Mask::None => tq as u64 * tk as u64,
+        Mask::Causal => (0..tq as u64).map(|i| (tk as u64 + i + 1).saturating_sub(tq as u64).min(tk as u64)).sum(),
+    }
+}
+
+/// Flops of attention: `q·k` and `p·v` each 2·d per visible (query, key, head).
+pub fn attention_flops(tq: usize, tk: usize, heads: usize, d: usize, mask: Mask) -> u64 {
+    4 * visible_pairs(tq, tk, mask) * heads as u64 * d as u64
+}
+
+/// Bytes attention must move at least: read q, k, v and write out once (f32).
+pub fn attention_min_bytes(tq: usize, tk: usize, heads: usize, d: usize) -> u64 {
+    4 * (2 * tq as u64 + 2 * tk as u64) * heads as u64 * d as u64
+}

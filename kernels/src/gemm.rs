@@ -1,0 +1,987 @@
+//! GEMM: `C[m×n] = A[m×k] · B[k×n]` (optionally `+= C`), f32 arithmetic.
+//!
+//! A and B are [`MatRef`]s: any dtype ([`Elems`]), any strides, any offset, so
+//! a Linear layer's `x · Wᵀ` reads the bf16 `[out, in]` weight in place
+//! (`MatRef::row_major(w, out, in).transposed()`). C is f32, row-major.
+//!
+//! Three paths, chosen by shape and layout (all give the same result to f32
+//! rounding, and all are tested against [`gemm_ref`]):
+//! * **dot** (m ≤ 4 and B's columns contiguous, the decode / lm_head case):
+//!   memory-bound, so no packing; parallel over column chunks of B, each
+//!   column widened in L1-sized pieces and dotted with the (≤ 4) rows of A.
+//! * **axpy** (m ≤ 4 and B's rows contiguous, `x · P`): parallel over column
+//!   chunks; each row of B is scaled into a small accumulator per A row.
+//! * **packed** (everything else): BLIS-style. For each `KC` slice of k, A is
+//!   packed into `MR`-row panels and, per `NC` block of n, B into `NR`-column
+//!   panels (widened to f32, zero-padded, so ragged edges cost nothing in the
+//!   inner loop); then tiles of `MC` rows × a run of B panels are computed in
+//!   parallel by an `MR×NR` register-blocked micro-kernel (AVX2+FMA
+//!   intrinsics, or a portable fixed-array version).
+//!
+//! Invariants: C's rows are `ldc` apart; every tile writes a disjoint block of
+//! C; the first `KC` slice overwrites C unless `accumulate`, later ones add.
+
+use crate::common::{gather, par_chunks, par_for, worth_parallel, Isa, Src, SyncPtr};
+use qvc_ir::{DType, Elems};
+
+/// Rows of the micro-kernel tile (broadcast A values).
+pub const MR: usize = 6;
+/// Columns of the micro-kernel tile (two 8-lane vectors).
+pub const NR: usize = 16;
+/// Depth of one packed slice: a `KC×NR` B panel (16 KiB) stays in L1.
+const KC: usize = 256;
+/// Rows per tile: a packed `MC×KC` A block (144 KiB) stays in L2.
+const MC: usize = 144;
+/// Columns packed at once: bounds the packed-B buffer to `KC×NC` floats (3 MiB).
+const NC: usize = 3072;
+/// Largest m the unpacked (dot/axpy) paths take.
+const SMALL_M: usize = 4;
+/// k-elements of a B column widened at a time in the dot path.
+const DOT_CHUNK: usize = 512;
+/// Columns per task in the axpy path (its accumulators live on the stack).
+const AXPY_COLS: usize = 256;
+
+/// A borrowed matrix view: element `(i, j)` is
+/// `data[offset + i * row_stride + j * col_stride]`.
+#[derive(Clone, Copy, Debug)]
+pub struct MatRef<'a> {
+    pub data: Elems<'a>,
+    pub rows: usize,
+    pub cols: usize,
+    pub row_stride: usize,
+    pub col_stride: usize,
+    pub offset: usize,
+}
+
+impl<'a> MatRef<'a> {
+    /// A dense row-major `rows × cols` matrix.
+    pub fn row_major(data: Elems<'a>, rows: usize, cols: usize) -> Self {
+        MatRef { data, rows, cols, row_stride: cols, col_stride: 1, offset: 0 }
+    }
+
+    /// The transpose, as a view (no copy): swaps rows/cols and the strides.
+    pub fn transposed(self) -> Self {
+        MatRef {
+            rows: self.cols,
+            cols: self.rows,
+            row_stride: self.col_stride,
+            col_stride: self.row_stride,
+            ..self
+        }
+    }
+
+    /// Index into `data` of element `(i, j)`.
+    #[inline(always)]
+    pub fn index(&self, i: usize, j: usize) -> usize {
+        self.offset + i * self.row_stride + j * self.col_stride
+    }
+
+    /// Element `(i, j)` widened to f32.
+    #[inline]
+    pub fn get(&self, i: usize, j: usize) -> f32 {
+        self.data.get(self.index(i, j))
+    }
+
+    /// Panics unless every element of the view lies inside `data`; the packing
+    /// code relies on this (it indexes with checks, but a clear message helps).
+    fn check(&self, what: &str) {
+        if self.rows > 0 && self.cols > 0 {
+            let last = self.index(self.rows - 1, self.cols - 1);
+            assert!(
+                last < self.data.len(),
+                "gemm: {what} view {}x{} (strides {}, {}, offset {}) reaches element {last} of {}",
+                self.rows,
+                self.cols,
+                self.row_stride,
+                self.col_stride,
+                self.offset,
+                self.data.len()
+            );
+        }
+    }
+}
+
+/// Reusable packing buffers (grown on demand, never shrunk), so that callers
+/// that run many small GEMMs (attention) allocate once per task.
+#[derive(Default)]
+pub(crate) struct GemmScratch {
+    a: Vec<f32>,
+    b: Vec<f32>,
+}
+
+fn ensure(v: &mut Vec<f32>, len: usize) {
+    if v.len() < len {
+        v.resize(len, 0.0);
+    }
+}
+
+/// `C = A·B` (or `C += A·B` when `accumulate`), C `m×n` row-major with
+/// `c.len() == m * n`. Uses the best instruction set the CPU has.
+pub fn gemm(a: MatRef, b: MatRef, c: &mut [f32], accumulate: bool) {
+    gemm_with_isa(Isa::detect(), a, b, c, accumulate)
+}
+
+/// [`gemm`] on a chosen code path (falls back to [`Isa::Portable`] if the CPU
+/// lacks the requested one). For tests and benchmarks.
+pub fn gemm_with_isa(isa: Isa, a: MatRef, b: MatRef, c: &mut [f32], accumulate: bool) {
+    let (m, k, n) = (a.rows, a.cols, b.cols);
+    assert_eq!(b.rows, k, "gemm: A is {m}x{k} but B is {}x{n}", b.rows);
+    assert_eq!(c.len(), m * n, "gemm: C has {} elements, expected {m}x{n}", c.len());
+    let parallel = worth_parallel(m * n * k);
+    gemm_strided(isa.resolve(), &a, &b, c, n, accumulate, parallel, &mut GemmScratch::default());
+}
+
+/// The engine behind [`gemm`]: C element `(i, j)` is `c[i * ldc + j]`.
+/// `isa` must already be resolved. `parallel` says whether to use the pool.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gemm_strided(
+    isa: Isa,
+    a: &MatRef,
+    b: &MatRef,
+    c: &mut [f32],
+    ldc: usize,
+    accumulate: bool,
+    parallel: bool,
+    scratch: &mut GemmScratch,
+) {
+    let (m, k, n) = (a.rows, a.cols, b.cols);
+    debug_assert_eq!(b.rows, k);
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(ldc >= n && c.len() >= (m - 1) * ldc + n, "gemm: C too small for {m}x{n} with ldc {ldc}");
+    a.check("A");
+    b.check("B");
+    if k == 0 {
+        // An empty sum: C = 0 (or unchanged when accumulating).
+        if !accumulate {
+            for i in 0..m {
+                c[i * ldc..i * ldc + n].fill(0.0);
+            }
+        }
+        return;
+    }
+    if m <= SMALL_M && b.row_stride == 1 {
+        gemv_dot(isa, a, b, c, ldc, accumulate, parallel, scratch);
+    } else if m <= SMALL_M && b.col_stride == 1 {
+        gemv_axpy(isa, a, b, c, ldc, accumulate, parallel, scratch);
+    } else {
+        gemm_packed(isa, a, b, c, ldc, accumulate, parallel, scratch);
+    }
+}
+
+/// Naive reference: `C (+)= A·B` with f64 accumulation, element by element.
+pub fn gemm_ref(a: MatRef, b: MatRef, c: &mut [f32], accumulate: bool) {
+    let (m, k, n) = (a.rows, a.cols, b.cols);
+    assert_eq!(b.rows, k, "gemm_ref: inner dimensions differ");
+    assert_eq!(c.len(), m * n, "gemm_ref: C has the wrong size");
+    for i in 0..m {
+        for j in 0..n {
+            let mut s = if accumulate { c[i * n + j] as f64 } else { 0.0 };
+            for p in 0..k {
+                s += a.get(i, p) as f64 * b.get(p, j) as f64;
+            }
+            c[i * n + j] = s as f32;
+        }
+    }
+}
+
+/// Floating-point operations of an `m×n×k` GEMM (a multiply-add counts 2).
+pub fn gemm_flops(m: usize, n: usize, k: usize) -> u64 {
+    2 * m as u64 * n as u64 * k as u64
+}
+
+/// Bytes a GEMM must move at least: read A and B once in their dtypes, write C (f32).
+pub fn gemm_min_bytes(m: usize, n: usize, k: usize, a_dtype: DType, b_dtype: DType) -> u64 {
+    let (m, n, k) = (m as u64, n as u64, k as u64);
+    m * k * a_dtype.size() as u64 + k * n * b_dtype.size() as u64 + m * n * 4
+}
+
+#[inline(always)]
+fn fmadd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
+    // `mul_add` is a single instruction only where FMA is enabled; elsewhere it
+    // would be a libm call, so the portable path multiplies then adds.
+    if FMA {
+        a.mul_add(b, c)
+    } else {
+        a * b + c
+    }
+}
+
+/// Write (or add) one C element through the shared pointer.
+///
+/// SAFETY: `c.0.add(idx)` must be in bounds and no other task may touch it.
+#[inline(always)]
+unsafe fn store_c(c: SyncPtr, idx: usize, v: f32, accumulate: bool) {
+    let p = c.get().add(idx);
+    if accumulate {
+        *p += v;
+    } else {
+        *p = v;
+    }
+}
+
+/// The (at most 4) rows of A widened to a contiguous f32 `m×k` block.
+fn widen_a_rows<'s>(a: &MatRef, scratch: &'s mut GemmScratch) -> &'s [f32] {
+    let (m, k) = (a.rows, a.cols);
+    ensure(&mut scratch.a, m * k);
+    for i in 0..m {
+        gather(&a.data, a.index(i, 0), a.col_stride, &mut scratch.a[i * k..(i + 1) * k]);
+    }
+    &scratch.a[..m * k]
+}
+
+/// Columns per task for the unpacked paths: enough tasks to balance the pool,
+/// but each at least ~32k multiply-adds so that scheduling stays negligible.
+fn cols_per_task(n: usize, work_per_col: usize, parallel: bool, max: usize) -> usize {
+    if !parallel {
+        return n.min(max);
+    }
+    let by_balance = n.div_ceil(8 * rayon::current_num_threads());
+    let by_work = (1usize << 15).div_ceil(work_per_col.max(1));
+    by_balance.max(by_work).clamp(1, max)
+}
+
+// ---------------------------------------------------------------- dot path
+
+#[allow(clippy::too_many_arguments)]
+fn gemv_dot(
+    isa: Isa,
+    a: &MatRef,
+    b: &MatRef,
+    c: &mut [f32],
+    ldc: usize,
+    accumulate: bool,
+    parallel: bool,
+    scratch: &mut GemmScratch,
+) {
+    let (m, k, n) = (a.rows, a.cols, b.cols);
+    let arows = widen_a_rows(a, scratch);
+    let cols = cols_per_task(n, m * k, parallel, usize::MAX);
+    let cp = SyncPtr(c.as_mut_ptr());
+    let job = DotJob { isa, a: arows, m, k, off: b.offset, cs: b.col_stride, c: cp, ldc, accumulate };
+    par_for(n.div_ceil(cols), parallel, |t| {
+        let (j0, j1) = (t * cols, ((t + 1) * cols).min(n));
+        // SAFETY (for the writes inside): task t owns columns j0..j1 of C, and
+        // `gemm_strided` checked that C covers every (i, j) with i < m, j < n.
+        match b.data {
+            Elems::F32(w) => job.run(w, j0, j1),
+            Elems::BF16(w) => job.run(w, j0, j1),
+            Elems::F16(w) => job.run(w, j0, j1),
+        }
+    });
+}
+
+/// What every dot task shares: A's rows, B's column layout, C.
+#[derive(Clone, Copy)]
+struct DotJob<'a> {
+    isa: Isa,
+    a: &'a [f32],
+    m: usize,
+    k: usize,
+    off: usize,
+    cs: usize,
+    c: SyncPtr,
+    ldc: usize,
+    accumulate: bool,
+}
+
+impl DotJob<'_> {
+    fn run<T: Src>(&self, w: &[T], j0: usize, j1: usize) {
+        // Fewer A rows leave registers for more lanes, hiding FMA latency.
+        macro_rules! go {
+            ($m:literal, $l:literal) => {
+                match self.isa {
+                    #[cfg(target_arch = "x86_64")]
+                    // SAFETY: `isa` was resolved, so the CPU has AVX2 and FMA.
+                    Isa::Avx2Fma => unsafe { dot_cols_avx2::<T, $m, { $l / 8 }>(self, w, j0, j1) },
+                    _ => dot_cols::<T, $m, $l, false>(self, w, j0, j1),
+                }
+            };
+        }
+        match self.m {
+            1 => go!(1, 32),
+            2 => go!(2, 32),
+            3 => go!(3, 16),
+            4 => go!(4, 16),
+            m => unreachable!("dot path with m = {m}"),
+        }
+    }
+}
+
+/// AVX2 version of [`dot_cols`]: widens B in registers (no staging buffer)
+/// and keeps `M × U` vector accumulators, `U` vectors of 8 per row, so that
+/// enough independent FMAs are in flight to cover their latency.
+///
+/// SAFETY: the CPU must have AVX2, FMA and F16C; columns `j0..j1` of B lie in
+/// `w`; see `gemv_dot` for C.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_cols_avx2<T: Src, const M: usize, const U: usize>(job: &DotJob, w: &[T], j0: usize, j1: usize) {
+    use std::arch::x86_64::*;
+    let k = job.k;
+    let a = job.a.as_ptr();
+    for j in j0..j1 {
+        let col = w[job.off + j * job.cs..job.off + j * job.cs + k].as_ptr();
+        let mut acc = [[_mm256_setzero_ps(); U]; M];
+        let mut p = 0;
+        while p + 8 * U <= k {
+            for u in 0..U {
+                let wv = T::load8(col.add(p + 8 * u));
+                for (i, acc_i) in acc.iter_mut().enumerate() {
+                    acc_i[u] = _mm256_fmadd_ps(_mm256_loadu_ps(a.add(i * k + p + 8 * u)), wv, acc_i[u]);
+                }
+            }
+            p += 8 * U;
+        }
+        while p + 8 <= k {
+            let wv = T::load8(col.add(p));
+            for (i, acc_i) in acc.iter_mut().enumerate() {
+                acc_i[0] = _mm256_fmadd_ps(_mm256_loadu_ps(a.add(i * k + p)), wv, acc_i[0]);
+            }
+            p += 8;
+        }
+        let mut tail = [0f32; 8];
+        let wt = T::as_f32(&w[job.off + j * job.cs + p..job.off + j * job.cs + k], &mut tail);
+        for (i, acc_i) in acc.iter().enumerate() {
+            let mut v = acc_i[0];
+            for &x in &acc_i[1..] {
+                v = _mm256_add_ps(v, x);
+            }
+            let mut lanes = [0f32; 8];
+            _mm256_storeu_ps(lanes.as_mut_ptr(), v);
+            let mut s = hsum(&lanes);
+            for (q, &x) in wt.iter().enumerate() {
+                s = (*a.add(i * k + p + q)).mul_add(x, s);
+            }
+            store_c(job.c, i * job.ldc + j, s, job.accumulate);
+        }
+    }
+}
+
+/// C[i, j] (+)= A[i, :] · B[:, j] for j in j0..j1, B's column j being
+/// `w[off + j*cs ..][..k]`. The portable path.
+#[inline(always)]
+fn dot_cols<T: Src, const M: usize, const L: usize, const FMA: bool>(job: &DotJob, w: &[T], j0: usize, j1: usize) {
+    let k = job.k;
+    let mut buf = [0f32; DOT_CHUNK];
+    for j in j0..j1 {
+        let col = &w[job.off + j * job.cs..job.off + j * job.cs + k];
+        let mut acc = [[0f32; L]; M];
+        let mut p0 = 0;
+        while p0 < k {
+            let len = DOT_CHUNK.min(k - p0);
+            let wv = T::as_f32(&col[p0..p0 + len], &mut buf);
+            dot_chunk::<M, L, FMA>(job.a, k, p0, wv, &mut acc);
+            p0 += len;
+        }
+        for (i, lanes) in acc.iter().enumerate() {
+            // SAFETY: see `gemv_dot`.
+            unsafe { store_c(job.c, i * job.ldc + j, hsum(lanes), job.accumulate) };
+        }
+    }
+}
+
+/// acc[i][l] += Σ_q a[i, p0 + q] * w[q] over lanes l = q mod L.
+#[inline(always)]
+fn dot_chunk<const M: usize, const L: usize, const FMA: bool>(
+    a: &[f32],
+    k: usize,
+    p0: usize,
+    w: &[f32],
+    acc: &mut [[f32; L]; M],
+) {
+    let len = w.len();
+    let full = len - len % L;
+    let mut q = 0;
+    while q < full {
+        let wv: &[f32; L] = w[q..q + L].try_into().unwrap();
+        for (i, acc_i) in acc.iter_mut().enumerate() {
+            let av: &[f32; L] = a[i * k + p0 + q..][..L].try_into().unwrap();
+            for l in 0..L {
+                acc_i[l] = fmadd::<FMA>(av[l], wv[l], acc_i[l]);
+            }
+        }
+        q += L;
+    }
+    for q in full..len {
+        for (i, acc_i) in acc.iter_mut().enumerate() {
+            acc_i[q - full] = fmadd::<FMA>(a[i * k + p0 + q], w[q], acc_i[q - full]);
+        }
+    }
+}
+
+/// Pairwise horizontal sum (the pairing keeps rounding error O(log L)).
+#[inline(always)]
+fn hsum<const L: usize>(v: &[f32; L]) -> f32 {
+    let mut t = *v;
+    let mut w = L;
+    while w > 1 {
+        w /= 2;
+        for l in 0..w {
+            t[l] += t[l + w];
+        }
+    }
+    t[0]
+}
+
+// -------------------------------------------------------------- axpy path
+
+#[allow(clippy::too_many_arguments)]
+fn gemv_axpy(
+    isa: Isa,
+    a: &MatRef,
+    b: &MatRef,
+    c: &mut [f32],
+    ldc: usize,
+    accumulate: bool,
+    parallel: bool,
+    scratch: &mut GemmScratch,
+) {
+    let (m, k, n) = (a.rows, a.cols, b.cols);
+    let arows = widen_a_rows(a, scratch);
+    let cols = cols_per_task(n, m * k, parallel, AXPY_COLS);
+    let cp = SyncPtr(c.as_mut_ptr());
+    let job = AxpyJob { isa, a: arows, m, k, off: b.offset, rs: b.row_stride, c: cp, ldc, accumulate };
+    par_for(n.div_ceil(cols), parallel, |t| {
+        let (j0, j1) = (t * cols, ((t + 1) * cols).min(n));
+        // SAFETY (writes inside): task t owns columns j0..j1 of C.
+        match b.data {
+            Elems::F32(w) => job.run(w, j0, j1),
+            Elems::BF16(w) => job.run(w, j0, j1),
+            Elems::F16(w) => job.run(w, j0, j1),
+        }
+    });
+}
+
+#[derive(Clone, Copy)]
+struct AxpyJob<'a> {
+    isa: Isa,
+    a: &'a [f32],
+    m: usize,
+    k: usize,
+    off: usize,
+    rs: usize,
+    c: SyncPtr,
+    ldc: usize,
+    accumulate: bool,
+}
+
+impl AxpyJob<'_> {
+    fn run<T: Src>(&self, w: &[T], j0: usize, j1: usize) {
+        macro_rules! go {
+            ($m:literal) => {
+                match self.isa {
+                    #[cfg(target_arch = "x86_64")]
+                    // SAFETY: `isa` was resolved, so the CPU has AVX2 and FMA.
+                    Isa::Avx2Fma => unsafe { axpy_cols_avx2::<T, $m>(self, w, j0, j1) },
+                    _ => axpy_cols::<T, $m, false>(self, w, j0, j1),
+                }
+            };
+        }
+        match self.m {
+            1 => go!(1),
+            2 => go!(2),
+            3 => go!(3),
+            4 => go!(4),
+            m => unreachable!("axpy path with m = {m}"),
+        }
+    }
+}
+
+/// AVX2 version of [`axpy_cols`]: register-blocked, `M` rows × 32 columns
+/// of C held in vector registers across the whole k loop (B is read once).
+///
+/// SAFETY: the CPU must have AVX2, FMA and F16C; rows of B over columns
+/// `j0..j1` lie in `w`; see `gemv_axpy` for C.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn axpy_cols_avx2<T: Src, const M: usize>(job: &AxpyJob, w: &[T], j0: usize, j1: usize) {
+    use std::arch::x86_64::*;
+    let k = job.k;
+    if k == 0 {
+        return;
+    }
+    // Bounds of every B element read below, checked once.
+    assert!(job.off + (k - 1) * job.rs + j1 <= w.len());
+    let a = job.a.as_ptr();
+    let base = w.as_ptr().add(job.off);
+    let mut j = j0;
+    // Groups of 4 vectors, then of 1, then a scalar tail.
+    while j + 8 <= j1 {
+        let u = if j + 32 <= j1 { 4 } else { 1 };
+        let mut acc = [[_mm256_setzero_ps(); 4]; M];
+        for p in 0..k {
+            let row = base.add(p * job.rs + j);
+            if u == 4 {
+                let wv = [T::load8(row), T::load8(row.add(8)), T::load8(row.add(16)), T::load8(row.add(24))];
+                for (i, acc_i) in acc.iter_mut().enumerate() {
+                    let av = _mm256_broadcast_ss(&*a.add(i * k + p));
+                    for (x, &wv) in acc_i.iter_mut().zip(&wv) {
+                        *x = _mm256_fmadd_ps(av, wv, *x);
+                    }
+                }
+            } else {
+                let wv = T::load8(row);
+                for (i, acc_i) in acc.iter_mut().enumerate() {
+                    acc_i[0] = _mm256_fmadd_ps(_mm256_broadcast_ss(&*a.add(i * k + p)), wv, acc_i[0]);
+                }
+            }
+        }
+        for (i, acc_i) in acc.iter().enumerate() {
+            let mut lanes = [0f32; 32];
+            for (v, &x) in acc_i.iter().enumerate().take(u) {
+                _mm256_storeu_ps(lanes.as_mut_ptr().add(8 * v), x);
+            }
+            for (jj, &v) in lanes[..8 * u].iter().enumerate() {
+                store_c(job.c, i * job.ldc + j + jj, v, job.accumulate);
+            }
+        }
+        j += 8 * u;
+    }
+    if j < j1 {
+        let job_tail = AxpyJob { isa: Isa::Portable, ..*job };
+        axpy_cols::<T, M, true>(&job_tail, w, j, j1);
+    }
+}
+
+/// C[i, j0..j1] (+)= Σ_p A[i, p] · B[p, j0..j1], B's row p being
+/// `w[off + p*rs ..]` (contiguous columns).
+#[inline(always)]
+fn axpy_cols<T: Src, const M: usize, const FMA: bool>(job: &AxpyJob, w: &[T], j0: usize, j1: usize) {
+    let width = j1 - j0;
+    let mut acc = [[0f32; AXPY_COLS]; M];
+    let mut buf = [0f32; AXPY_COLS];
+    for p in 0..job.k {
+        let start = job.off + p * job.rs + j0;
+        let row = T::as_f32(&w[start..start + width], &mut buf);
+        for (i, acc_i) in acc.iter_mut().enumerate() {
+            let av = job.a[i * job.k + p];
+            for (x, &r) in acc_i[..width].iter_mut().zip(row) {
+                *x = fmadd::<FMA>(av, r, *x);
+            }
+        }
+    }
+    for (i, acc_i) in acc.iter().enumerate() {
+        for (jj, &v) in acc_i[..width].iter().enumerate() {
+            // SAFETY: see `gemv_axpy`.
+            unsafe { store_c(job.c, i * job.ldc + j0 + jj, v, job.accumulate) };
+        }
+    }
+}
+
+// ------------------------------------------------------------ packed path
+
+/// `kernel(kc, a_panel, b_panel, c, ldc, mr, nr, overwrite)`: C[..mr, ..nr]
+/// (+)= A_panel · B_panel over `kc` steps.
+type Kernel = unsafe fn(usize, *const f32, *const f32, *mut f32, usize, usize, usize, bool);
+
+fn kernel_for(isa: Isa) -> Kernel {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2Fma => kernel_avx2,
+        _ => kernel_portable,
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn gemm_packed(
+    isa: Isa,
+    a: &MatRef,
+    b: &MatRef,
+    c: &mut [f32],
+    ldc: usize,
+    accumulate: bool,
+    parallel: bool,
+    scratch: &mut GemmScratch,
+) {
+    let (m, k, n) = (a.rows, a.cols, b.cols);
+    let kc_max = k.min(KC);
+    let mpanels = m.div_ceil(MR);
+    ensure(&mut scratch.a, mpanels * MR * kc_max);
+    ensure(&mut scratch.b, n.min(NC).div_ceil(NR) * NR * kc_max);
+    let kernel = kernel_for(isa);
+    let cp = SyncPtr(c.as_mut_ptr());
+    let mblocks = m.div_ceil(MC);
+    let want_tasks = if parallel { 4 * rayon::current_num_threads() } else { 1 };
+
+    for pc in (0..k).step_by(KC) {
+        let kc = KC.min(k - pc);
+        let ap = &mut scratch.a[..mpanels * MR * kc];
+        pack_a(a, pc, kc, ap, parallel && m * kc >= 1 << 15);
+        let ap: &[f32] = ap;
+        for jc in (0..n).step_by(NC) {
+            let nc = NC.min(n - jc);
+            let npanels = nc.div_ceil(NR);
+            let bp = &mut scratch.b[..npanels * NR * kc];
+            pack_b(b, pc, kc, jc, nc, bp, parallel && nc * kc >= 1 << 15);
+            let bp: &[f32] = bp;
+            let overwrite = pc == 0 && !accumulate;
+            // Split n too when there are fewer row blocks than tasks wanted.
+            let nsplit = if mblocks >= want_tasks { 1 } else { want_tasks.div_ceil(mblocks).min(npanels) };
+            let per_task = npanels.div_ceil(nsplit);
+            let nsplit = npanels.div_ceil(per_task);
+            par_for(mblocks * nsplit, parallel, |t| {
+                let (mb, ns) = (t / nsplit, t % nsplit);
+                let (i_lo, i_hi) = (mb * MC, (mb * MC + MC).min(m));
+                let (jr_lo, jr_hi) = (ns * per_task, (ns * per_task + per_task).min(npanels));
+                for jr in jr_lo..jr_hi {
+                    let j = jr * NR;
+                    let nr = NR.min(nc - j);
+                    let bpanel = bp[jr * NR * kc..][..NR * kc].as_ptr();
+                    for i in (i_lo..i_hi).step_by(MR) {
+                        let mr = MR.min(m - i);
+                        let apanel = ap[(i / MR) * MR * kc..][..MR * kc].as_ptr();
+                        // SAFETY: the panels hold MR*kc and NR*kc floats; C
+                        // covers rows i..i+mr, columns jc+j..jc+j+nr (checked
+                        // in `gemm_strided`), and this task is the only one
+                        // writing that block (tiles partition C). `kernel`
+                        // matches the resolved `isa`.
+                        unsafe { kernel(kc, apanel, bpanel, cp.get().add(i * ldc + jc + j), ldc, mr, nr, overwrite) };
+                    }
+                }
+            });
+        }
+    }
+}
+
+/// Pack `A[:, pc..pc+kc]` into MR-row panels: panel r holds, for each p,
+/// the MR values `A[r*MR + ii, pc + p]` contiguously (zero past row m).
+fn pack_a(a: &MatRef, pc: usize, kc: usize, ap: &mut [f32], parallel: bool) {
+    let m = a.rows;
+    par_chunks(ap, MR * kc, parallel, |pi, panel| {
+        let i0 = pi * MR;
+        let rows = MR.min(m - i0);
+        if a.row_stride == 1 && a.col_stride != 1 {
+            // Columns of A are contiguous (A is a transposed view): read MR at a time.
+            for p in 0..kc {
+                let dst = &mut panel[p * MR..p * MR + MR];
+                gather(&a.data, a.index(i0, pc + p), 1, &mut dst[..rows]);
+                dst[rows..].fill(0.0);
+            }
+        } else {
+            let mut tmp = [0f32; KC];
+            for ii in 0..MR {
+                if ii < rows {
+                    gather(&a.data, a.index(i0 + ii, pc), a.col_stride, &mut tmp[..kc]);
+                    for p in 0..kc {
+                        panel[p * MR + ii] = tmp[p];
+                    }
+                } else {
+                    for p in 0..kc {
+                        panel[p * MR + ii] = 0.0;
+                    }
+                }
+            }
+        }
+    });
+}
+
+/// Pack `B[pc..pc+kc, jc..jc+nc]` into NR-column panels: panel q holds, for
+/// each p, the NR values `B[pc + p, jc + q*NR + jj]` contiguously (zero past nc).
+fn pack_b(b: &MatRef, pc: usize, kc: usize, jc: usize, nc: usize, bp: &mut [f32], parallel: bool) {
+    par_chunks(bp, NR * kc, parallel, |q, panel| {
+        let j0 = jc + q * NR;
+        let cols = NR.min(jc + nc - j0);
+        if b.col_stride == 1 {
+            // Rows of B contiguous (`x · P`): one contiguous read per p.
+            for p in 0..kc {
+                let dst = &mut panel[p * NR..p * NR + NR];
+                gather(&b.data, b.index(pc + p, j0), 1, &mut dst[..cols]);
+                dst[cols..].fill(0.0);
+            }
+        } else {
+            // Columns contiguous (transposed `[out, in]` weights) or general:
+            // read each column along k, then scatter into the panel.
+            let mut tmp = [0f32; KC];
+            for jj in 0..NR {
+                if jj < cols {
+                    gather(&b.data, b.index(pc, j0 + jj), b.row_stride, &mut tmp[..kc]);
+                    for p in 0..kc {
+                        panel[p * NR + jj] = tmp[p];
+                    }
+                } else {
+                    for p in 0..kc {
+                        panel[p * NR + jj] = 0.0;
+                    }
+                }
+            }
+        }
+    });
+}
+
+/// Store (or add) a full MR×NR tile held in `acc`, keeping only `mr×nr`.
+///
+/// SAFETY: C must cover `mr` rows of `nr` elements, `ldc` apart, from `c`.
+#[inline(always)]
+unsafe fn store_tile(acc: &[[f32; NR]; MR], c: *mut f32, ldc: usize, mr: usize, nr: usize, overwrite: bool) {
+    for (i, row) in acc.iter().enumerate().take(mr) {
+        let cr = c.add(i * ldc);
+        for (j, &v) in row.iter().enumerate().take(nr) {
+            if overwrite {
+                *cr.add(j) = v;
+            } else {
+                *cr.add(j) += v;
+            }
+        }
+    }
+}
+
+/// Portable micro-kernel: fixed-size arrays so that LLVM keeps the tile in
+/// vector registers on any target.
+///
+/// SAFETY: `a` holds `MR*kc`, `b` `NR*kc` floats; see [`store_tile`] for `c`.
+#[allow(clippy::too_many_arguments)]
+unsafe fn kernel_portable(
+    kc: usize,
+    a: *const f32,
+    b: *const f32,
+    c: *mut f32,
+    ldc: usize,
+    mr: usize,
+    nr: usize,
+    overwrite: bool,
+) {
+    let a = std::slice::from_raw_parts(a, MR * kc);
+    let b = std::slice::from_raw_parts(b, NR * kc);
+    let mut acc = [[0f32; NR]; MR];
+    for (av, bv) in a.chunks_exact(MR).zip(b.chunks_exact(NR)) {
+        let bv: &[f32; NR] = bv.try_into().unwrap();
+        for i in 0..MR {
+            let ai = av[i];
+            for j in 0..NR {
+                acc[i][j] += ai * bv[j];
+            }
+        }
+    }
+    store_tile(&acc, c, ldc, mr, nr, overwrite);
+}
+
+/// AVX2+FMA micro-kernel: 12 ymm accumulators (6 rows × 2×8 columns), one
+/// broadcast and two B loads per step: the classic 6×16 Haswell-style tile.
+///
+/// SAFETY: as [`kernel_portable`], and the CPU must have AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn kernel_avx2(
+    kc: usize,
+    a: *const f32,
+    b: *const f32,
+    c: *mut f32,
+    ldc: usize,
+    mr: usize,
+    nr: usize,
+    overwrite: bool,
+) {
+    use std::arch::x86_64::*;
+    let mut acc = [[_mm256_setzero_ps(); 2]; MR];
+    let (mut a, mut b) = (a, b);
+    for _ in 0..kc {
+        let b0 = _mm256_loadu_ps(b);
+        let b1 = _mm256_loadu_ps(b.add(8));
+        for (i, acc_i) in acc.iter_mut().enumerate() {
+            let ai = _mm256_broadcast_ss(&*a.add(i));
+            acc_i[0] = _mm256_fmadd_ps(ai, b0, acc_i[0]);
+            acc_i[1] = _mm256_fmadd_ps(ai, b1, acc_i[1]);
+        }
+        a = a.add(MR);
+        b = b.add(NR);
+    }
+    if mr == MR && nr == NR {
+        for (i, acc_i) in acc.iter().enumerate() {
+            let cr = c.add(i * ldc);
+            let (mut v0, mut v1) = (acc_i[0], acc_i[1]);
+            if !overwrite {
+                v0 = _mm256_add_ps(v0, _mm256_loadu_ps(cr));
+                v1 = _mm256_add_ps(v1, _mm256_loadu_ps(cr.add(8)));
+            }
+            _mm256_storeu_ps(cr, v0);
+            _mm256_storeu_ps(cr.add(8), v1);
+        }
+    } else {
+        let mut tile = [[0f32; NR]; MR];
+        for (t, acc_i) in tile.iter_mut().zip(&acc) {
+            _mm256_storeu_ps(t.as_mut_ptr(), acc_i[0]);
+            _mm256_storeu_ps(t.as_mut_ptr().add(8), acc_i[1]);
+        }
+        store_tile(&tile, c, ldc, mr, nr, overwrite);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use half::bf16;
+    use crate::testutil::{rel_l2, Owned, Rng, FLOAT_DTYPES};
+    use proptest::prelude::*;
+
+    /// Storage of a logical `rows×cols` matrix: owned data plus its view geometry.
+    struct Stored {
+        own: Owned,
+        rows: usize,
+        cols: usize,
+        rs: usize,
+        cs: usize,
+        off: usize,
+    }
+
+    impl Stored {
+        /// `layout`: 0 row-major, 1 column-major (a transposed view), 2 both
+        /// strides > 1. `pad` widens the leading stride; junk fills the gaps.
+        fn new(rng: &mut Rng, rows: usize, cols: usize, layout: u8, pad: usize, off: usize, dtype: DType) -> Stored {
+            let (rs, cs) = match layout {
+                0 => (cols + pad, 1),
+                1 => (1, rows + pad),
+                _ => (2 * cols + pad + 1, 2),
+            };
+            let span = if rows > 0 && cols > 0 { (rows - 1) * rs + (cols - 1) * cs + 1 } else { 0 };
+            let data = rng.vec(off + span + 3, 1.0);
+            Stored { own: Owned::from_f32(&data, dtype), rows, cols, rs, cs, off }
+        }
+        fn view(&self) -> MatRef<'_> {
+            MatRef {
+                data: self.own.elems(),
+                rows: self.rows,
+                cols: self.cols,
+                row_stride: self.rs,
+                col_stride: self.cs,
+                offset: self.off,
+            }
+        }
+    }
+
+    const ISAS: [Isa; 2] = [Isa::Portable, Isa::Avx2Fma];
+
+    #[allow(clippy::too_many_arguments)]
+    fn check_case(
+        isa: Isa,
+        (m, n, k): (usize, usize, usize),
+        (la, lb): (u8, u8),
+        (da, db): (DType, DType),
+        pad: usize,
+        off: usize,
+        accumulate: bool,
+        seed: u64,
+    ) -> Result<(), TestCaseError> {
+        let mut rng = Rng::new(seed);
+        let a = Stored::new(&mut rng, m, k, la, pad, off, da);
+        let b = Stored::new(&mut rng, k, n, lb, pad, off + 1, db);
+        let c0 = rng.vec(m * n, 1.0);
+        let (mut fast, mut want) = (c0.clone(), c0);
+        gemm_with_isa(isa, a.view(), b.view(), &mut fast, accumulate);
+        gemm_ref(a.view(), b.view(), &mut want, accumulate);
+        let e = rel_l2(&fast, &want);
+        // Inputs are exact in every dtype after widening, so only f32
+        // accumulation order differs: ~sqrt(k)·2⁻²⁴.
+        prop_assert!(e < 1e-5, "{isa:?} {m}x{n}x{k} layouts {la},{lb} dtypes {da},{db} acc {accumulate}: rel err {e}");
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        /// All three paths' territory, ragged sizes, every layout and dtype.
+        #[test]
+        fn gemm_matches_ref(
+            m in 0usize..=70, n in 0usize..=70, k in 0usize..=70,
+            la in 0u8..3, lb in 0u8..3, da in 0usize..3, db in 0usize..3,
+            pad in 0usize..3, off in 0usize..4, acc: bool, seed: u64, isa in 0usize..2,
+        ) {
+            check_case(ISAS[isa], (m, n, k), (la, lb), (FLOAT_DTYPES[da], FLOAT_DTYPES[db]), pad, off, acc, seed)?;
+        }
+
+        /// Small m (the unpacked dot/axpy paths) with n and k past their chunk sizes.
+        #[test]
+        fn gemm_small_m_matches_ref(
+            m in 0usize..=5, n in 0usize..=600, k in 0usize..=1100,
+            la in 0u8..3, lb in 0u8..3, db in 0usize..3,
+            acc: bool, seed: u64, isa in 0usize..2,
+        ) {
+            check_case(ISAS[isa], (m, n, k), (la, lb), (DType::F32, FLOAT_DTYPES[db]), 1, 2, acc, seed)?;
+        }
+    }
+
+    /// Bigger ragged shapes: several KC slices, more than one MC block, parallel tiles.
+    #[test]
+    fn gemm_bigger_shapes() {
+        let shapes = [(130, 257, 300), (150, 33, 513), (7, 3100, 20), (4, 1000, 700)];
+        for (si, &(m, n, k)) in shapes.iter().enumerate() {
+            for isa in ISAS {
+                for (li, &(la, lb)) in [(0, 1), (0, 0), (1, 2)].iter().enumerate() {
+                    let db = FLOAT_DTYPES[(si + li) % 3];
+                    check_case(isa, (m, n, k), (la, lb), (DType::F32, db), 0, 0, li == 1, si as u64).unwrap();
+                }
+            }
+        }
+    }
+
+    /// bf16 B gives bit-for-bit the result of its f32 widening, on every path.
+    #[test]
+    fn bf16_equals_widened_f32() {
+        let mut rng = Rng::new(7);
+        for &(m, n, k) in &[(1, 300, 700), (3, 300, 200), (50, 70, 300)] {
+            for transposed in [true, false] {
+                let w: Vec<bf16> = rng.vec(n * k, 1.0).into_iter().map(bf16::from_f32).collect();
+                let wf: Vec<f32> = w.iter().map(|x| x.to_f32()).collect();
+                let a = rng.vec(m * k, 1.0);
+                let view = |e| if transposed { MatRef::row_major(e, n, k).transposed() } else { MatRef::row_major(e, k, n) };
+                for isa in ISAS {
+                    let mut c1 = vec![0.0; m * n];
+                    let mut c2 = vec![0.0; m * n];
+                    let am = MatRef::row_major(Elems::F32(&a), m, k);
+                    gemm_with_isa(isa, am, view(Elems::BF16(&w)), &mut c1, false);
+                    gemm_with_isa(isa, am, view(Elems::F32(&wf)), &mut c2, false);
+                    assert_eq!(c1, c2, "{isa:?} {m}x{n}x{k} transposed={transposed}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn empty_and_degenerate() {
+        let one = [2.0f32];
+        let a = MatRef::row_major(Elems::F32(&one), 1, 1);
+        let mut c = [3.0f32];
+        gemm(a, a, &mut c, false);
+        assert_eq!(c, [4.0]);
+        gemm(a, a, &mut c, true);
+        assert_eq!(c, [8.0]);
+        // k = 0: C = 0, or unchanged when accumulating.
+        let e: [f32; 0] = [];
+        let a0 = MatRef::row_major(Elems::F32(&e), 2, 0);
+        let b0 = MatRef::row_major(Elems::F32(&e), 0, 3);
+        let mut c = [1.0f32; 6];
+        gemm(a0, b0, &mut c, true);
+        assert_eq!(c, [1.0; 6]);
+        gemm(a0, b0, &mut c, false);
+        assert_eq!(c, [0.0; 6]);
+        // m = 0 or n = 0: nothing to write.
+        let mut none: [f32; 0] = [];
+        let bk = MatRef::row_major(Elems::F32(&one), 1, 1);
+        gemm(MatRef::row_major(Elems::F32(&e), 0, 1), bk, &mut none, false);
+        gemm(bk, MatRef::row_major(Elems::F32(&e), 1, 0), &mut none, false);
+    }
+
+    #[test]
+    #[should_panic(expected = "reaches element")]
+    fn out_of_bounds_view_panics() {
+        let d = [0.0f32; 5];
+        let a = MatRef::row_major(Elems::F32(&d), 2, 3);
+        let mut c = [0.0f32; 4];
+        gemm(a, MatRef::row_major(Elems::F32(&d), 3, 2), &mut c, false);
+    }
+
+    #[test]
+    fn cost_model() {
+        assert_eq!(gemm_flops(2, 3, 4), 48);
+        assert_eq!(gemm_min_bytes(2, 3, 4, DType::F32, DType::BF16), 2 * 4 * 4 + 4 * 3 * 2 + 2 * 3 * 4);
+    }
+
+    #[test]
+    fn transposed_swaps() {
+        let d = [0.0f32; 12];
+        let t = MatRef { offset: 1, ..MatRef::row_major(Elems::F32(&d), 3, 4) }.transposed();
+        assert_eq!((t.rows, t.cols, t.row_stride, t.col_stride, t.offset), (4, 3, 1, 4, 1));
+    }
+}

@@ -1,0 +1,45 @@
+//! # qvc-kernels: kernel families
+//!
+//! Each family has a fast CPU implementation (multithreaded with rayon, f32
+//! arithmetic, weights read in their stored dtype through [`qvc_ir::Elems`]),
+//! a naive reference written for clarity (f64 accumulation), and a cost model
+//! (flops and minimum bytes moved) for benchmarks. PTX generators join them in
+//! the PTX issue.
+//!
+//! Families (one module each, all re-exported here):
+//! * [`gemm`]: `C = A·B (+C)` for any strides and weight dtypes; packed,
+//!   register-blocked and parallel, with an unpacked memory-bound path for
+//!   m ≤ 4 (decode, lm_head).
+//! * [`norm`]: LayerNorm and RMSNorm over rows.
+//! * [`act`]: GELU (erf form), SiLU, SwiGLU, with the vectorisable
+//!   [`exp_f32`] and [`erf_f32`] they are built on.
+//! * [`softmax`]: row softmax.
+//! * [`rotary`]: rotary position embedding (rotate-half form).
+//! * [`attention`]: multi-head attention (optionally causal) reading q/k/v in
+//!   place through token strides, flash-style (online softmax, blocked).
+//!
+//! Code paths: [`Isa::detect`] picks AVX2+FMA where the CPU has it, else
+//! portable Rust loops; the `*_with_isa` entry points force one, and the tests
+//! run both against the references.
+
+mod common;
+
+pub mod act;
+pub mod attention;
+pub mod gemm;
+pub mod norm;
+pub mod rotary;
+pub mod softmax;
+
+#[cfg(test)]
+mod testutil;
+
+pub use act::{
+    erf_f32, erf_ref, exp_f32, gelu_erf, gelu_erf_ref, silu, silu_ref, swiglu, swiglu_ref,
+};
+pub use attention::{attention, attention_flops, attention_min_bytes, attention_ref, attention_with_isa, AttnArgs, Mask};
+pub use common::Isa;
+pub use gemm::{gemm, gemm_flops, gemm_min_bytes, gemm_ref, gemm_with_isa, MatRef};
+pub use norm::{layer_norm, layer_norm_ref, rms_norm, rms_norm_ref};
+pub use rotary::{rotary, rotary_ref};
+pub use softmax::{softmax_rows, softmax_rows_ref};

@@ -1,0 +1,110 @@
+//! Row softmax over the last axis (`cols`), in place, in f32:
+//! `y_j = exp(x_j − max x) / Σ_k exp(x_k − max x)`.
+//!
+//! Subtracting the row maximum keeps every exponent ≤ 0, so nothing
+//! overflows; `-inf` entries become exactly 0. A row that is all `-inf` gives
+//! NaN, as in PyTorch. Rows are independent: tasks take whole rows.
+
+use crate::act::exp_f32;
+use crate::common::{par_chunks, worth_parallel, Isa};
+
+/// Elements per task (whole rows, at least one).
+const CHUNK: usize = 16 * 1024;
+
+/// Softmax of each row of `cols` elements of `x`, in place.
+pub fn softmax_rows(x: &mut [f32], cols: usize) {
+    softmax_rows_with_isa(Isa::detect(), x, cols)
+}
+
+fn check(x: &[f32], cols: usize) {
+    if cols == 0 {
+        assert!(x.is_empty(), "softmax_rows: cols = 0 with non-empty x");
+    } else {
+        assert_eq!(x.len() % cols, 0, "softmax_rows: x.len() = {} is not a multiple of cols = {cols}", x.len());
+    }
+}
+
+pub(crate) fn softmax_rows_with_isa(isa: Isa, x: &mut [f32], cols: usize) {
+    check(x, cols);
+    if x.is_empty() {
+        return;
+    }
+    let isa = isa.resolve();
+    let chunk = (CHUNK / cols).max(1) * cols;
+    par_chunks(x, chunk, worth_parallel(x.len() * 20), |_, c| {
+        for row in c.chunks_exact_mut(cols) {
+            match isa {
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: `isa` was resolved, so the CPU has AVX2 and FMA.
+                Isa::Avx2Fma => unsafe { softmax_row_avx2(row) },
+                _ => softmax_row(row),
+            }
+        }
+    });
+}
+
+/// Maximum of a row, with 8 lanes so that it vectorises.
+#[inline(always)]
+pub(crate) fn row_max(x: &[f32]) -> f32 {
+    let mut m = [f32::NEG_INFINITY; 8];
+    let mut it = x.chunks_exact(8);
+    for c in &mut it {
+        for l in 0..8 {
+            m[l] = m[l].max(c[l]);
+        }
+    }
+    for (l, &v) in it.remainder().iter().enumerate() {
+        m[l] = m[l].max(v);
+    }
+    m.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b))
+}
+
+/// `x_j = exp(x_j − max)` in place; returns Σ x_j (8 lanes).
+#[inline(always)]
+pub(crate) fn exp_sub_sum(x: &mut [f32], max: f32) -> f32 {
+    let mut s = [0f32; 8];
+    let mut it = x.chunks_exact_mut(8);
+    for c in &mut it {
+        for l in 0..8 {
+            c[l] = exp_f32(c[l] - max);
+            s[l] += c[l];
+        }
+    }
+    for (l, v) in it.into_remainder().iter_mut().enumerate() {
+        *v = exp_f32(*v - max);
+        s[l] += *v;
+    }
+    ((s[0] + s[4]) + (s[1] + s[5])) + ((s[2] + s[6]) + (s[3] + s[7]))
+}
+
+#[inline(always)]
+fn softmax_row(x: &mut [f32]) {
+    let m = row_max(x);
+    let sum = exp_sub_sum(x, m);
+    let inv = 1.0 / sum;
+    for v in x {
+        *v *= inv;
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn softmax_row_avx2(x: &mut [f32]) {
+    softmax_row(x)
+}
+
+/// Reference row softmax in f64.
+pub fn softmax_rows_ref(x: &mut [f32], cols: usize) {
+    check(x, cols);
+    if cols == 0 {
+        return;
+    }
+    for row in x.chunks_exact_mut(cols) {
+        let m = row.iter().fold(f64::NEG_INFINITY, |a, &b| a.max(b as f64));
+        let e: Vec<f64> = row.iter().map(|&v| (v as f64 - m).exp()).collect();
+        let s: f64 = e.iter().sum();
+        for (v, e) in row.iter_mut().zip(e) {
+            *v = (e / s) as f32;
+        }
+    }
+}

@@ -1,0 +1,77 @@
+//! Test helpers: a tiny deterministic RNG (so proptest shrinks seeds, not
+//! megabyte vectors) and error norms.
+
+use half::{bf16, f16};
+use qvc_ir::{DType, Elems};
+
+/// xorshift64*: fast, deterministic, good enough for test data.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+    pub fn next_u64(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.0 = x;
+        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    /// Uniform in [-1, 1).
+    pub fn uniform(&mut self) -> f32 {
+        (self.next_u64() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+    }
+    pub fn vec(&mut self, n: usize, scale: f32) -> Vec<f32> {
+        (0..n).map(|_| self.uniform() * scale).collect()
+    }
+}
+
+/// Owned storage in one of the three weight dtypes.
+pub enum Owned {
+    F32(Vec<f32>),
+    BF16(Vec<bf16>),
+    F16(Vec<f16>),
+}
+
+impl Owned {
+    pub fn from_f32(v: &[f32], dtype: DType) -> Owned {
+        match dtype {
+            DType::F32 => Owned::F32(v.to_vec()),
+            DType::BF16 => Owned::BF16(v.iter().map(|&x| bf16::from_f32(x)).collect()),
+            DType::F16 => Owned::F16(v.iter().map(|&x| f16::from_f32(x)).collect()),
+            DType::I32 => panic!("not a float dtype"),
+        }
+    }
+    pub fn elems(&self) -> Elems<'_> {
+        match self {
+            Owned::F32(v) => Elems::F32(v),
+            Owned::BF16(v) => Elems::BF16(v),
+            Owned::F16(v) => Elems::F16(v),
+        }
+    }
+}
+
+pub const FLOAT_DTYPES: [DType; 3] = [DType::F32, DType::BF16, DType::F16];
+
+/// ‖got − want‖₂ / ‖want‖₂ (0 when both are zero; inf on a NaN).
+pub fn rel_l2(got: &[f32], want: &[f32]) -> f64 {
+    assert_eq!(got.len(), want.len());
+    let (mut num, mut den) = (0.0f64, 0.0f64);
+    for (&g, &w) in got.iter().zip(want) {
+        if g.is_nan() != w.is_nan() {
+            return f64::INFINITY;
+        }
+        if w.is_nan() {
+            continue;
+        }
+        num += (g as f64 - w as f64).powi(2);
+        den += (w as f64).powi(2);
+    }
+    if num == 0.0 {
+        0.0
+    } else {
+        (num / den.max(1e-300)).sqrt()
+    }
+}

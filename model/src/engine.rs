@@ -1,0 +1,359 @@
+//! Loading a checkpoint and running it: [`Model`] owns the config, the
+//! memory-mapped weights, the tokenizer and the folded position tables;
+//! [`Session`] runs vision → prefill → decode on a [`Backend`] and keeps the
+//! KV cache; [`generate`] is the sampling loop with streaming and stop tokens.
+
+use crate::config::{Config, ConfigError, GenerationConfig};
+use crate::graphs::{decoder_graph, logn_scales, rope_tables, vision_graph, DecoderShape, VisionOptions};
+use crate::image::{preprocess, ImageError};
+use crate::posembed::resize_pos_embed;
+use crate::sampling::{sample, Rng, SamplingParams};
+use crate::tokenizer::{QwenTokenizer, TokenizerError};
+use qvc_ir::{ExecError, InputRef, IrError, WeightSource};
+use qvc_runtime::{Backend, KvCache, WeightError, WeightStore};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// The longest prompt plus answer qvc accepts: the reference's logn table
+/// covers positions below 32768.
+pub const MAX_CONTEXT: usize = 32767;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Weights(#[from] WeightError),
+    #[error(transparent)]
+    Tokenizer(#[from] TokenizerError),
+    #[error(transparent)]
+    Image(#[from] ImageError),
+    #[error("running the model failed: {0}")]
+    Exec(#[from] ExecError),
+    #[error("internal error building the model graph: {0}")]
+    Graph(#[from] IrError),
+    #[error("{path} not found: a Qwen-VL checkpoint directory holds config.json, qwen.tiktoken and the safetensors weights")]
+    NotFound { path: PathBuf },
+    #[error("{0}")]
+    Prompt(String),
+    #[error("the tokenizer has {tok} ids but the model's vocab_size is {vocab}: qwen.tiktoken does not belong to this checkpoint")]
+    VocabMismatch { tok: usize, vocab: usize },
+}
+
+/// Where to find the pieces of a checkpoint.
+#[derive(Clone, Debug, Default)]
+pub struct LoadOptions {
+    /// Use this config.json instead of the one in the checkpoint directory.
+    pub config: Option<PathBuf>,
+}
+
+/// A loaded Qwen-VL checkpoint.
+pub struct Model {
+    pub config: Config,
+    pub generation: GenerationConfig,
+    pub weights: WeightStore,
+    pub tokenizer: QwenTokenizer,
+    pub dir: PathBuf,
+    vit_pos: Vec<f32>,
+    pool_pos_k: Vec<f32>,
+}
+
+impl Model {
+    /// Load a checkpoint directory, or a bare `.safetensors` file with
+    /// `config.json` and `qwen.tiktoken` beside it. Every tensor is checked
+    /// for presence and shape before anything runs.
+    pub fn load(path: &Path, opt: &LoadOptions) -> Result<Self, ModelError> {
+        if !path.exists() {
+            return Err(ModelError::NotFound { path: path.into() });
+        }
+        let dir = if path.is_dir() { path.to_path_buf() } else { path.parent().map_or_else(|| PathBuf::from("."), Path::to_path_buf) };
+        let cfg_path = opt.config.clone().unwrap_or_else(|| dir.join("config.json"));
+        let config = Config::from_file(&cfg_path)?;
+        let gen_path = dir.join("generation_config.json");
+        let generation = if gen_path.exists() { GenerationConfig::from_file(&gen_path)? } else { GenerationConfig::default() };
+        let tokenizer = QwenTokenizer::from_file(&dir.join("qwen.tiktoken"))?;
+        let weights = WeightStore::open(path)?;
+        config.validate(&weights)?;
+        if tokenizer.n_vocab() > config.vocab_size {
+            return Err(ModelError::VocabMismatch { tok: tokenizer.n_vocab(), vocab: config.vocab_size });
+        }
+        let v = &config.visual;
+        let table = |name: &str, c: usize| -> Result<Vec<f32>, ModelError> {
+            let w = weights.weight(name).ok_or_else(|| WeightError::Missing { name: name.into(), hint: String::new() })?;
+            Ok(resize_pos_embed(&w.to_f32_vec(), 16, v.grid(), c))
+        };
+        let vit_pos = table("transformer.visual.positional_embedding", v.width)?;
+        let pool_pos_k = table("transformer.visual.attn_pool.pos_embed", v.output_dim)?;
+        Ok(Model { config, generation, weights, tokenizer, dir, vit_pos, pool_pos_k })
+    }
+
+    /// The vision program for this model.
+    pub fn vision_graph(&self, opt: &VisionOptions) -> Result<qvc_ir::Graph, ModelError> {
+        Ok(vision_graph(&self.config, &self.weights, self.vit_pos.clone(), self.pool_pos_k.clone(), opt)?)
+    }
+
+    /// The resized ViT position table (a folded constant).
+    pub fn vit_pos_embed(&self) -> &[f32] {
+        &self.vit_pos
+    }
+    /// The resized adapter key position table (a folded constant).
+    pub fn pool_pos_embed(&self) -> &[f32] {
+        &self.pool_pos_k
+    }
+}
+
+/// Wall-clock time spent in each phase.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct Timings {
+    pub vision_ms: f64,
+    pub prefill_ms: f64,
+    pub decode_ms: f64,
+    pub decode_tokens: usize,
+}
+
+impl Timings {
+    pub fn decode_tokens_per_s(&self) -> f64 {
+        if self.decode_ms > 0.0 {
+            self.decode_tokens as f64 / (self.decode_ms / 1000.0)
+        } else {
+            0.0
+        }
+    }
+}
+
+/// What prefill should return besides the last logits.
+#[derive(Clone, Debug, Default)]
+pub struct PrefillOptions {
+    pub all_logits: bool,
+    pub hidden: bool,
+}
+
+/// Output of [`Session::prefill`]: logits `[rows, vocab]` (one row unless
+/// `all_logits`) and any requested hidden states.
+pub struct PrefillOutput {
+    pub logits: Vec<f32>,
+    pub hidden: HashMap<String, Vec<f32>>,
+}
+
+/// One conversation's state on one backend.
+pub struct Session<'m> {
+    pub model: &'m Model,
+    backend: &'m dyn Backend,
+    cache: KvCache,
+    alpha: f64,
+    images: HashMap<String, Vec<f32>>,
+    image_dir: Option<PathBuf>,
+    pub timings: Timings,
+}
+
+impl<'m> Session<'m> {
+    pub fn new(model: &'m Model, backend: &'m dyn Backend) -> Self {
+        let c = &model.config;
+        Session {
+            model,
+            backend,
+            cache: KvCache::new(c.layers, c.heads * c.head_dim),
+            alpha: 1.0,
+            images: HashMap::new(),
+            image_dir: None,
+            timings: Timings::default(),
+        }
+    }
+
+    /// Resolve relative image paths in prompts against `dir` instead of the
+    /// current directory.
+    pub fn set_image_dir(&mut self, dir: &Path) {
+        self.image_dir = Some(dir.to_path_buf());
+    }
+
+    /// Use `features` (`[256, D]`, e.g. computed from pixels decoded
+    /// elsewhere) for the picture a prompt names `path`, instead of reading it.
+    pub fn provide_image_features(&mut self, path: &str, features: Vec<f32>) {
+        self.images.insert(path.to_string(), features);
+    }
+
+    /// Tokens in the KV cache.
+    pub fn cached_tokens(&self) -> usize {
+        self.cache.len()
+    }
+
+    /// The NTK alpha chosen at the last prefill.
+    pub fn ntk_alpha(&self) -> f64 {
+        self.alpha
+    }
+
+    /// Image features `[256, D]` for the picture at `path` (relative paths
+    /// resolve against the current directory, as in the reference).
+    pub fn encode_image(&mut self, path: &str) -> Result<Vec<f32>, ModelError> {
+        if let Some(f) = self.images.get(path) {
+            return Ok(f.clone());
+        }
+        let t0 = Instant::now();
+        let size = self.model.config.visual.image_size as u32;
+        let full = match &self.image_dir {
+            Some(d) => d.join(path),
+            None => PathBuf::from(path),
+        };
+        let px = preprocess(&full, size)?;
+        let g = self.model.vision_graph(&VisionOptions::default())?;
+        let inputs = HashMap::from([("pixels".to_string(), InputRef::F32(&px))]);
+        let mut out = self.backend.run(&g, &self.model.weights, &inputs)?;
+        let f = out.remove("features").expect("vision graph has a features output");
+        self.timings.vision_ms += t0.elapsed().as_secs_f64() * 1e3;
+        self.images.insert(path.to_string(), f.clone());
+        Ok(f)
+    }
+
+    /// Run a whole prompt from an empty cache; returns its logits.
+    pub fn prefill(&mut self, ids: &[u32], opt: &PrefillOptions) -> Result<PrefillOutput, ModelError> {
+        let cfg = &self.model.config;
+        if ids.is_empty() {
+            return Err(ModelError::Prompt("the prompt is empty".into()));
+        }
+        if ids.len() > MAX_CONTEXT {
+            return Err(ModelError::Prompt(format!("the prompt has {} tokens; qvc accepts at most {MAX_CONTEXT}", ids.len())));
+        }
+        if let Some(&bad) = ids.iter().find(|&&i| i as usize >= cfg.vocab_size) {
+            return Err(ModelError::Prompt(format!("token id {bad} is outside the vocabulary (0..{})", cfg.vocab_size)));
+        }
+        // Images: features overwrite positions a+1 .. b-1 of each <img>…</img> span.
+        let spans = self.model.tokenizer.image_spans(ids)?;
+        let (mut feats, mut rows) = (Vec::new(), Vec::new());
+        for s in &spans {
+            let n = s.end - s.start - 1;
+            if n != self.model.config.visual.queries() {
+                return Err(ModelError::Prompt(format!(
+                    "the image span at token {} holds {n} tokens between <img> and </img>; the model needs {}",
+                    s.start,
+                    self.model.config.visual.queries()
+                )));
+            }
+            feats.extend(self.encode_image(&s.path)?);
+            rows.extend((s.start + 1..s.end).map(|r| r as i32));
+        }
+        let t0 = Instant::now();
+        self.cache.truncate(0);
+        self.alpha = cfg.ntk_alpha(ids.len());
+        let shape = DecoderShape { tokens: ids.len(), past: 0, image_rows: rows.len(), all_logits: opt.all_logits, hidden: opt.hidden };
+        let mut out = self.run_decoder(ids, &shape, &feats, &rows)?;
+        self.timings.prefill_ms += t0.elapsed().as_secs_f64() * 1e3;
+        let logits = out.remove("logits").expect("decoder has logits");
+        let hidden = out.into_iter().filter(|(k, _)| k.starts_with("hidden.")).collect();
+        Ok(PrefillOutput { logits, hidden })
+    }
+
+    /// Feed one token after a prefill; returns its logits.
+    pub fn step(&mut self, id: u32) -> Result<Vec<f32>, ModelError> {
+        let cfg = &self.model.config;
+        if self.cache.is_empty() {
+            return Err(ModelError::Prompt("decode step without a prefill".into()));
+        }
+        if self.cache.len() + 1 > MAX_CONTEXT {
+            return Err(ModelError::Prompt(format!("the conversation reached {MAX_CONTEXT} tokens, the most qvc accepts")));
+        }
+        if id as usize >= cfg.vocab_size {
+            return Err(ModelError::Prompt(format!("token id {id} is outside the vocabulary")));
+        }
+        let t0 = Instant::now();
+        let shape = DecoderShape { tokens: 1, past: self.cache.len(), ..Default::default() };
+        let mut out = self.run_decoder(&[id], &shape, &[], &[])?;
+        self.timings.decode_ms += t0.elapsed().as_secs_f64() * 1e3;
+        self.timings.decode_tokens += 1;
+        Ok(out.remove("logits").expect("decoder has logits"))
+    }
+
+    fn run_decoder(&mut self, ids: &[u32], shape: &DecoderShape, feats: &[f32], rows: &[i32]) -> Result<HashMap<String, Vec<f32>>, ModelError> {
+        let cfg = &self.model.config;
+        let g = decoder_graph(cfg, &self.model.weights, shape)?;
+        let ids_i: Vec<i32> = ids.iter().map(|&i| i as i32).collect();
+        let (cos, sin) = rope_tables(cfg, self.alpha, shape.past, shape.tokens);
+        let logn = logn_scales(cfg, shape.past, shape.tokens);
+        let names: Vec<(String, String)> = (0..cfg.layers).map(|i| (format!("past_k.{i}"), format!("past_v.{i}"))).collect();
+        let mut inputs: HashMap<String, InputRef> = HashMap::from([
+            ("ids".to_string(), InputRef::I32(&ids_i)),
+            ("rope_cos".to_string(), InputRef::F32(&cos)),
+            ("rope_sin".to_string(), InputRef::F32(&sin)),
+            ("logn".to_string(), InputRef::F32(&logn)),
+        ]);
+        if !rows.is_empty() {
+            inputs.insert("image_features".into(), InputRef::F32(feats));
+            inputs.insert("image_rows".into(), InputRef::I32(rows));
+        }
+        if shape.past > 0 {
+            for (i, (kn, vn)) in names.iter().enumerate() {
+                let (k, v) = self.cache.layer(i);
+                inputs.insert(kn.clone(), InputRef::F32(k));
+                inputs.insert(vn.clone(), InputRef::F32(v));
+            }
+        }
+        let mut out = self.backend.run(&g, &self.model.weights, &inputs)?;
+        for i in 0..cfg.layers {
+            let k = out.remove(&format!("k.{i}")).expect("decoder outputs k");
+            let v = out.remove(&format!("v.{i}")).expect("decoder outputs v");
+            self.cache.append(i, &k, &v);
+        }
+        self.cache.commit(shape.tokens);
+        Ok(out)
+    }
+}
+
+/// Why generation ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StopReason {
+    StopToken,
+    MaxTokens,
+}
+
+/// The result of [`generate`].
+#[derive(Clone, Debug)]
+pub struct Generation {
+    /// New token ids, without the stop token.
+    pub tokens: Vec<u32>,
+    pub text: String,
+    pub stop: StopReason,
+}
+
+/// Generation settings.
+#[derive(Clone, Debug)]
+pub struct GenerateOptions {
+    pub max_new_tokens: usize,
+    pub sampling: SamplingParams,
+    pub stop_ids: Vec<u32>,
+}
+
+/// Prefill `prompt`, then sample until a stop token or `max_new_tokens`.
+/// `on_text` receives the text as it becomes printable (a token that ends
+/// inside a multi-byte character is held back until the character completes).
+pub fn generate(session: &mut Session, prompt: &[u32], opt: &GenerateOptions, on_text: &mut dyn FnMut(&str)) -> Result<Generation, ModelError> {
+    let tok = &session.model.tokenizer;
+    let mut logits = session.prefill(prompt, &PrefillOptions::default())?.logits;
+    let mut rng = Rng::new(opt.sampling.seed);
+    let mut seen: Vec<u32> = prompt.to_vec();
+    let mut tokens = Vec::new();
+    let mut printed = 0usize;
+    let mut stop = StopReason::MaxTokens;
+    for n in 0..opt.max_new_tokens {
+        let next = sample(&logits, &seen, &opt.sampling, &mut rng);
+        if opt.stop_ids.contains(&next) {
+            stop = StopReason::StopToken;
+            break;
+        }
+        tokens.push(next);
+        seen.push(next);
+        let text = tok.decode(&tokens, false);
+        if !text.ends_with('\u{FFFD}') && text.len() > printed {
+            on_text(&text[printed..]);
+            printed = text.len();
+        }
+        if n + 1 < opt.max_new_tokens {
+            logits = session.step(next)?;
+        }
+    }
+    let text = tok.decode(&tokens, false);
+    if text.len() > printed {
+        on_text(&text[printed..]);
+    }
+    Ok(Generation { tokens, text, stop })
+}

@@ -1,0 +1,254 @@
+//! The three Qwen-VL programs as IR graphs (QWEN-VL.md §4 and §6):
+//! `vision` (pixels → 256 feature vectors), and the decoder, built for a
+//! prompt (prefill) or for one token over a KV cache (decode). Shapes are
+//! concrete; building a graph is cheap (about thirty nodes a layer), so the
+//! session builds one per step shape.
+
+use crate::config::Config;
+use qvc_ir::{DType, Graph, IrError, Mask, NodeId};
+use qvc_runtime::WeightStore;
+
+/// Graph plus the checkpoint it reads params from (for their stored dtypes).
+struct B<'a> {
+    g: Graph,
+    w: &'a WeightStore,
+}
+
+impl B<'_> {
+    fn p(&mut self, name: &str) -> NodeId {
+        let (dtype, shape) = match self.w.info(name) {
+            Some((d, s)) => (d, s.0.clone()),
+            // Validation runs before graphs are built; an absent tensor here
+            // would be caught again by the backend with its name.
+            None => (DType::F32, vec![0]),
+        };
+        self.g.param(name, dtype, shape)
+    }
+    fn ln(&mut self, x: NodeId, prefix: &str, eps: f32) -> Result<NodeId, IrError> {
+        let w = self.p(&format!("{prefix}.weight"));
+        let b = self.p(&format!("{prefix}.bias"));
+        self.g.layer_norm(x, w, b, eps)
+    }
+    fn lin(&mut self, x: NodeId, prefix: &str, bias: bool) -> Result<NodeId, IrError> {
+        let w = self.p(&format!("{prefix}.weight"));
+        let b = if bias { Some(self.p(&format!("{prefix}.bias"))) } else { None };
+        self.g.linear(x, w, b)
+    }
+}
+
+/// Options for [`vision_graph`].
+#[derive(Clone, Debug, Default)]
+pub struct VisionOptions {
+    /// Also output the intermediates `patch_embed`, `ln_pre`, `block_{j}`,
+    /// `resampler`, `ln_post` (for parity tests and debugging).
+    pub intermediates: bool,
+}
+
+/// `pixels [3, S, S]` → `features [256, D]`. `vit_pos` is the ViT position
+/// table resized to the grid, `pool_pos_k` the adapter's key position table
+/// resized likewise (both folded constants, see [`crate::posembed`]).
+pub fn vision_graph(cfg: &Config, w: &WeightStore, vit_pos: Vec<f32>, pool_pos_k: Vec<f32>, opt: &VisionOptions) -> Result<Graph, IrError> {
+    let v = &cfg.visual;
+    let (width, heads, hd, t, d) = (v.width, v.heads, v.head_dim(), v.grid() * v.grid(), v.output_dim);
+    let eps = 1e-6;
+    let mut b = B { g: Graph::new(), w };
+    let px = b.g.input("pixels", DType::F32, vec![3, v.image_size, v.image_size]);
+    let conv = b.p("transformer.visual.conv1.weight");
+    let mut x = b.g.conv2d_patch(px, conv, v.patch_size)?;
+    if opt.intermediates {
+        b.g.set_output("patch_embed", x);
+    }
+    let pos = b.g.constant(vit_pos, vec![t, width])?;
+    x = b.g.add(x, pos)?;
+    x = b.ln(x, "transformer.visual.ln_pre", eps)?;
+    if opt.intermediates {
+        b.g.set_output("ln_pre", x);
+    }
+    for j in 0..v.layers {
+        let pre = format!("transformer.visual.transformer.resblocks.{j}");
+        let h = b.ln(x, &format!("{pre}.ln_1"), eps)?;
+        let qkv = b.lin(h, &format!("{pre}.attn.in_proj"), true)?;
+        // The ViT's in_proj output is interleaved per head: [T, heads, q|k|v].
+        let qkv = b.g.reshape(qkv, vec![t, heads, 3 * hd])?;
+        let q = b.g.slice(qkv, 2, 0, hd)?;
+        let k = b.g.slice(qkv, 2, hd, 2 * hd)?;
+        let vv = b.g.slice(qkv, 2, 2 * hd, 3 * hd)?;
+        let a = b.g.attention(q, k, vv, Mask::None, 1.0 / (hd as f32).sqrt())?;
+        let a = b.g.reshape(a, vec![t, width])?;
+        let o = b.lin(a, &format!("{pre}.attn.out_proj"), true)?;
+        x = b.g.add(x, o)?;
+        let h = b.ln(x, &format!("{pre}.ln_2"), eps)?;
+        let m = b.lin(h, &format!("{pre}.mlp.c_fc"), true)?;
+        let m = b.g.gelu(m)?;
+        let m = b.lin(m, &format!("{pre}.mlp.c_proj"), true)?;
+        x = b.g.add(x, m)?;
+        if opt.intermediates {
+            b.g.set_output(&format!("block_{j}"), x);
+        }
+    }
+    // The adapter: 256 learned queries cross-attend to the 1024 patches.
+    let ap = "transformer.visual.attn_pool";
+    let kv = b.lin(x, &format!("{ap}.kv_proj"), false)?;
+    let kv = b.ln(kv, &format!("{ap}.ln_kv"), eps)?;
+    let query = b.p(&format!("{ap}.query"));
+    let q = b.ln(query, &format!("{ap}.ln_q"), eps)?;
+    let qpos = b.p(&format!("{ap}.pos_embed"));
+    let q = b.g.add(q, qpos)?;
+    let kpos = b.g.constant(pool_pos_k, vec![t, d])?;
+    let kk = b.g.add(kv, kpos)?;
+    let w_in = b.p(&format!("{ap}.attn.in_proj_weight"));
+    let b_in = b.p(&format!("{ap}.attn.in_proj_bias"));
+    let (nh, phd, nq) = (v.pool_heads(), d / v.pool_heads(), v.queries());
+    let mut proj = |x: NodeId, i: usize, rows: usize| -> Result<NodeId, IrError> {
+        let wi = b.g.slice(w_in, 0, i * d, (i + 1) * d)?;
+        let bi = b.g.slice(b_in, 0, i * d, (i + 1) * d)?;
+        let y = b.g.linear(x, wi, Some(bi))?;
+        b.g.reshape(y, vec![rows, nh, phd])
+    };
+    let qh = proj(q, 0, nq)?;
+    let kh = proj(kk, 1, t)?;
+    let vh = proj(kv, 2, t)?;
+    let a = b.g.attention(qh, kh, vh, Mask::None, 1.0 / (phd as f32).sqrt())?;
+    let a = b.g.reshape(a, vec![nq, d])?;
+    let o = b.lin(a, &format!("{ap}.attn.out_proj"), true)?;
+    if opt.intermediates {
+        b.g.set_output("resampler", o);
+    }
+    let o = b.ln(o, "transformer.visual.ln_post", eps)?;
+    if opt.intermediates {
+        b.g.set_output("ln_post", o);
+    }
+    let pw = b.p("transformer.visual.proj");
+    let f = b.g.matmul(o, pw)?;
+    b.g.set_output("features", f);
+    Ok(b.g)
+}
+
+/// The shape of one decoder step.
+#[derive(Clone, Debug, Default)]
+pub struct DecoderShape {
+    /// New tokens in this step (the prompt at prefill, 1 at decode).
+    pub tokens: usize,
+    /// Tokens already in the KV cache.
+    pub past: usize,
+    /// Rows of image features to write over the embeddings (256 per image).
+    pub image_rows: usize,
+    /// Logits for every new position instead of only the last.
+    pub all_logits: bool,
+    /// Also output the residual stream: `hidden.embeds`, `hidden.block_{i}`, `hidden.final_norm`.
+    pub hidden: bool,
+}
+
+/// The decoder. Inputs: `ids [T]` (i32); `image_features [R, H]` and
+/// `image_rows [R]` (i32) when R > 0; `rope_cos`, `rope_sin [T, d]`;
+/// `logn [T, 1, 1]` when logn attention is on; `past_k.{i}`, `past_v.{i}
+/// [P, heads, d]` when P > 0. Outputs: `logits [1 or T, V]` and the new cache
+/// rows `k.{i}`, `v.{i} [T, heads, d]`.
+pub fn decoder_graph(cfg: &Config, w: &WeightStore, s: &DecoderShape) -> Result<Graph, IrError> {
+    let (h, nh, hd, t) = (cfg.hidden_size, cfg.heads, cfg.head_dim, s.tokens);
+    let mut b = B { g: Graph::new(), w };
+    let ids = b.g.input("ids", DType::I32, vec![t]);
+    let wte = b.p("transformer.wte.weight");
+    let mut x = b.g.gather(wte, ids)?;
+    if s.image_rows > 0 {
+        let f = b.g.input("image_features", DType::F32, vec![s.image_rows, h]);
+        let rows = b.g.input("image_rows", DType::I32, vec![s.image_rows]);
+        x = b.g.scatter_rows(x, f, rows)?;
+    }
+    if s.hidden {
+        b.g.set_output("hidden.embeds", x);
+    }
+    let cos = b.g.input("rope_cos", DType::F32, vec![t, hd]);
+    let sin = b.g.input("rope_sin", DType::F32, vec![t, hd]);
+    let logn = if cfg.use_logn_attn { Some(b.g.input("logn", DType::F32, vec![t, 1, 1])) } else { None };
+    for i in 0..cfg.layers {
+        let pre = format!("transformer.h.{i}");
+        let ln1 = b.p(&format!("{pre}.ln_1.weight"));
+        let y = b.g.rms_norm(x, ln1, cfg.eps)?;
+        let qkv = b.lin(y, &format!("{pre}.attn.c_attn"), true)?;
+        // Unlike the ViT, c_attn's output is contiguous q | k | v.
+        let part = |b: &mut B, j: usize| -> Result<NodeId, IrError> {
+            let p = b.g.slice(qkv, 1, j * h, (j + 1) * h)?;
+            b.g.reshape(p, vec![t, nh, hd])
+        };
+        let (q, k, v) = (part(&mut b, 0)?, part(&mut b, 1)?, part(&mut b, 2)?);
+        let mut q = b.g.rotary(q, cos, sin)?;
+        let k = b.g.rotary(k, cos, sin)?;
+        if let Some(l) = logn {
+            q = b.g.mul(q, l)?;
+        }
+        b.g.set_output(&format!("k.{i}"), k);
+        b.g.set_output(&format!("v.{i}"), v);
+        let scale = 1.0 / (hd as f32).sqrt();
+        let a = if s.past > 0 {
+            let pk = b.g.input(&format!("past_k.{i}"), DType::F32, vec![s.past, nh, hd]);
+            let pv = b.g.input(&format!("past_v.{i}"), DType::F32, vec![s.past, nh, hd]);
+            b.g.attention_cached(q, k, v, pk, pv, scale)?
+        } else {
+            b.g.attention(q, k, v, Mask::Causal, scale)?
+        };
+        let a = b.g.reshape(a, vec![t, h])?;
+        let o = b.lin(a, &format!("{pre}.attn.c_proj"), false)?;
+        x = b.g.add(x, o)?;
+        let ln2 = b.p(&format!("{pre}.ln_2.weight"));
+        let y = b.g.rms_norm(x, ln2, cfg.eps)?;
+        let a1 = b.lin(y, &format!("{pre}.mlp.w1"), false)?;
+        let a2 = b.lin(y, &format!("{pre}.mlp.w2"), false)?;
+        // silu applies to w2's output (QWEN-VL.md §6.2).
+        let g2 = b.g.silu(a2)?;
+        let m = b.g.mul(a1, g2)?;
+        let m = b.lin(m, &format!("{pre}.mlp.c_proj"), false)?;
+        x = b.g.add(x, m)?;
+        if s.hidden {
+            b.g.set_output(&format!("hidden.block_{i}"), x);
+        }
+    }
+    let last = if s.all_logits || t == 1 { x } else { b.g.slice(x, 0, t - 1, t)? };
+    let lnf = b.p("transformer.ln_f.weight");
+    if s.hidden {
+        let all = b.g.rms_norm(x, lnf, cfg.eps)?;
+        b.g.set_output("hidden.final_norm", all);
+    }
+    let y = b.g.rms_norm(last, lnf, cfg.eps)?;
+    let lm = b.p("lm_head.weight");
+    let logits = b.g.matmul_t(y, lm)?;
+    b.g.set_output("logits", logits);
+    Ok(b.g)
+}
+
+/// Rotary tables for absolute positions `start..start + n`, with the NTK
+/// `alpha` chosen at prefill, computed in f32 like the reference:
+/// `inv_freq = 1 / base^(2i/d)`, angle = `pos · inv_freq`, halves repeated.
+pub fn rope_tables(cfg: &Config, alpha: f64, start: usize, n: usize) -> (Vec<f32>, Vec<f32>) {
+    let d = cfg.head_dim;
+    let base = (cfg.rotary_base * alpha.powf(d as f64 / (d as f64 - 2.0))) as f32;
+    let inv: Vec<f32> = (0..d / 2).map(|i| 1.0 / base.powf((2 * i) as f32 / d as f32)).collect();
+    let (mut cos, mut sin) = (vec![0f32; n * d], vec![0f32; n * d]);
+    for p in 0..n {
+        let pos = (start + p) as f32;
+        for (i, &f) in inv.iter().enumerate() {
+            let a = pos * f;
+            let (s, c) = a.sin_cos();
+            for j in [i, i + d / 2] {
+                cos[p * d + j] = c;
+                sin[p * d + j] = s;
+            }
+        }
+    }
+    (cos, sin)
+}
+
+/// logn query scale for absolute positions `start..start + n`:
+/// `log(p + 1) / log(seq_length)` once `p + 1 > seq_length`, else 1.
+pub fn logn_scales(cfg: &Config, start: usize, n: usize) -> Vec<f32> {
+    (start..start + n)
+        .map(|p| {
+            let i = p + 1;
+            if i > cfg.seq_length {
+                ((i as f64).ln() / (cfg.seq_length as f64).ln()) as f32
+            } else {
+                1.0
+            }
+        })
+        .collect()
+}

@@ -1,0 +1,18 @@
+//! # qvc-model: Qwen-VL
+//!
+//! Everything that knows it is Qwen-VL: the config and tensor names, the IR
+//! graphs of the vision tower, prefill and decode, the tokenizer, image
+//! preprocessing, ChatML, sampling and grounding.
+
+pub mod chat;
+pub mod grounding;
+pub mod image;
+pub mod tokenizer;
+pub mod config;
+pub mod engine;
+pub mod graphs;
+pub mod posembed;
+pub mod sampling;
+
+pub use config::{Config, GenerationConfig};
+pub use engine::{generate, GenerateOptions, Generation, LoadOptions, Model, ModelError, PrefillOptions, Session, Timings};

@@ -1,0 +1,58 @@
+//! The KV cache: per layer, the keys and values of every token seen so far,
+//! as `[len, heads, head_dim]` rows. Programs read it as inputs and return
+//! the new rows as outputs; the session appends them after each step, so the
+//! graphs stay pure functions.
+
+/// Keys and values of all layers for one sequence.
+#[derive(Clone, Debug)]
+pub struct KvCache {
+    k: Vec<Vec<f32>>,
+    v: Vec<Vec<f32>>,
+    row: usize,
+    len: usize,
+}
+
+impl KvCache {
+    /// An empty cache for `layers` layers of `row` = heads × head_dim floats per token.
+    pub fn new(layers: usize, row: usize) -> Self {
+        KvCache { k: vec![Vec::new(); layers], v: vec![Vec::new(); layers], row, len: 0 }
+    }
+    /// Tokens cached.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    pub fn layers(&self) -> usize {
+        self.k.len()
+    }
+    /// Cached keys and values of `layer`, `len × row` floats each.
+    pub fn layer(&self, layer: usize) -> (&[f32], &[f32]) {
+        (&self.k[layer], &self.v[layer])
+    }
+    /// Append the rows of one step. Every layer must get the same number of
+    /// rows; `commit` then advances the length.
+    pub fn append(&mut self, layer: usize, k: &[f32], v: &[f32]) {
+        assert_eq!(k.len(), v.len(), "keys and values of one step differ in length");
+        assert_eq!(k.len() % self.row, 0, "rows of {} floats expected", self.row);
+        self.k[layer].extend_from_slice(k);
+        self.v[layer].extend_from_slice(v);
+    }
+    /// Record that every layer received `n` more rows.
+    pub fn commit(&mut self, n: usize) {
+        self.len += n;
+        debug_assert!(self.k.iter().all(|k| k.len() == self.len * self.row));
+    }
+    /// Forget everything after the first `len` tokens.
+    pub fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+        for l in self.k.iter_mut().chain(self.v.iter_mut()) {
+            l.truncate(self.len * self.row);
+        }
+    }
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        2 * self.k.iter().map(|l| l.len() * 4).sum::<usize>()
+    }
+}

@@ -1,0 +1,65 @@
+//! # qvc-runtime: running programs
+//!
+//! Start with [`Backend`]: the one interface the model code uses to run a
+//! [`qvc_ir::Graph`] with its weights and inputs. Two backends exist today:
+//! [`Cpu`] (fast multithreaded kernels, weights read in place from the memory
+//! map) and [`Reference`] (the naive interpreter of `qvc-ir`, for tests).
+//! [`WeightStore`] maps checkpoints; [`KvCache`] holds decoder state between
+//! steps. The CUDA and PTX-emulator backends of the later issues implement
+//! the same trait.
+
+pub mod cpu;
+pub mod kv;
+pub mod weights;
+
+pub use kv::KvCache;
+pub use weights::{WeightError, WeightStore};
+
+use qvc_ir::{ExecError, Graph, InputRef, WeightSource};
+use std::collections::HashMap;
+
+/// Named run-time inputs of a program.
+pub type Inputs<'a> = HashMap<String, InputRef<'a>>;
+
+/// Something that can run a graph.
+pub trait Backend: Sync {
+    fn name(&self) -> &'static str;
+    /// Run `graph` and return all its named outputs as f32.
+    fn run(&self, graph: &Graph, weights: &dyn WeightSource, inputs: &Inputs<'_>) -> Result<HashMap<String, Vec<f32>>, ExecError>;
+}
+
+/// The fast CPU backend.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Cpu;
+
+impl Backend for Cpu {
+    fn name(&self) -> &'static str {
+        "cpu"
+    }
+    fn run(&self, graph: &Graph, weights: &dyn WeightSource, inputs: &Inputs<'_>) -> Result<HashMap<String, Vec<f32>>, ExecError> {
+        cpu::run(graph, weights, inputs)
+    }
+}
+
+/// The naive reference interpreter as a backend (slow; for tests).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Reference;
+
+impl Backend for Reference {
+    fn name(&self) -> &'static str {
+        "reference"
+    }
+    fn run(&self, graph: &Graph, weights: &dyn WeightSource, inputs: &Inputs<'_>) -> Result<HashMap<String, Vec<f32>>, ExecError> {
+        let outs = qvc_ir::run_reference(graph, weights, inputs)?;
+        Ok(outs
+            .into_iter()
+            .map(|(k, v)| {
+                let v = match v {
+                    qvc_ir::Value::F32(v) => v,
+                    qvc_ir::Value::I32(v) => v.into_iter().map(|x| x as f32).collect(),
+                };
+                (k, v)
+            })
+            .collect())
+    }
+}

@@ -1,0 +1,550 @@
+//! Flags, commands and output formatting.
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use qvc_model::chat::{format_query, make_context, stop_ids, Turn, DEFAULT_SYSTEM};
+use qvc_model::grounding::{draw_groundings, parse_groundings, to_pixels, Grounding};
+use qvc_model::image::{load_rgb, save_png};
+use qvc_model::sampling::SamplingParams;
+use qvc_model::tokenizer::Specials;
+use qvc_model::{generate, GenerateOptions, LoadOptions, Model, PrefillOptions, Session};
+use qvc_runtime::Cpu;
+use std::io::{BufRead, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Instant;
+
+#[derive(Parser)]
+#[command(
+    name = "qvc",
+    version,
+    about = "Run Qwen-VL / Qwen-VL-Chat: describe pictures, answer questions about them, read text, locate things as boxes.",
+    long_about = "qvc runs Qwen-VL-Chat checkpoints (the Hugging Face directory: config.json, generation_config.json, \
+qwen.tiktoken and the safetensors weights) on the CPU, in f32, with the weights memory-mapped.\n\n\
+Start with `qvc demo` (no download needed: a tiny random-weight model), then\n  \
+qvc generate --model ./Qwen-VL-Chat --image cat.jpg --prompt 'What is in the picture?'\n  \
+qvc chat --model ./Qwen-VL-Chat --image street.png"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// One chat turn: picture(s) and a question in, the answer streamed out.
+    #[command(after_help = "Examples:\n  qvc generate --model ./Qwen-VL-Chat --image dog.jpg --prompt 'Where is the dog?' --draw-boxes out.png\n  \
+qvc generate --model ./Qwen-VL-Chat --image a.png --image b.png --prompt 'What differs?' --temperature 0\n  \
+qvc generate --model ./Qwen-VL-Chat --raw-prompt-file prompt.txt --json")]
+    Generate(GenerateArgs),
+    /// Interactive multi-turn chat (`/image PATH`, `/reset`, `/quit`).
+    Chat(ChatArgs),
+    /// Write the logits of a prompt to a safetensors file (tensor `logits`, f32 [positions, vocab]).
+    Logits(LogitsArgs),
+    /// Print the token ids of a text as JSON: {"ids": [...]}.
+    Tokenize(TokenizeArgs),
+    /// Write a tiny random-weight checkpoint and a picture to a temporary folder and run one turn on it.
+    Demo(DemoArgs),
+    /// Time the vision tower, prefill and decode on this machine.
+    Bench(BenchArgs),
+    /// Print a checkpoint's configuration, tensor count and program sizes.
+    Inspect(ModelArgs),
+}
+
+#[derive(Args, Clone)]
+struct ModelArgs {
+    /// Checkpoint directory (config.json, qwen.tiktoken, model.safetensors or shards + index), or a .safetensors file with those beside it.
+    #[arg(long, short = 'm', env = "QVC_MODEL", value_name = "DIR")]
+    model: PathBuf,
+    /// Use this config.json instead of the checkpoint's own.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+}
+
+#[derive(Args, Clone)]
+struct PromptArgs {
+    /// A picture to ask about (PNG, JPEG, WebP, GIF, BMP). Repeat for several: they become "Picture 1:", "Picture 2:", ...
+    #[arg(long, short = 'i', value_name = "PATH")]
+    image: Vec<PathBuf>,
+    /// The question or instruction.
+    #[arg(long, short = 'p', value_name = "TEXT")]
+    prompt: Option<String>,
+    /// The system message.
+    #[arg(long, default_value = DEFAULT_SYSTEM, value_name = "TEXT")]
+    system: String,
+    /// A file holding a complete prompt (ChatML written out); tokenized with every special token allowed. Image paths in it resolve against the current directory.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["prompt", "image", "prompt_tokens"])]
+    raw_prompt_file: Option<PathBuf>,
+    /// A JSON array of token ids used as the prompt as is (images come from its <img> spans).
+    #[arg(long, value_name = "FILE.json", conflicts_with_all = ["prompt", "image"])]
+    prompt_tokens: Option<PathBuf>,
+}
+
+#[derive(Args, Clone)]
+struct SamplingArgs {
+    /// Most tokens to generate [default: generation_config.json's max_new_tokens, 512].
+    #[arg(long, value_name = "N")]
+    max_new_tokens: Option<usize>,
+    /// Sampling temperature; 0 = greedy [default: 1, or greedy if generation_config.json has do_sample false].
+    #[arg(long, short = 't', value_name = "T")]
+    temperature: Option<f32>,
+    /// Nucleus sampling mass [default: generation_config.json's top_p].
+    #[arg(long, value_name = "P")]
+    top_p: Option<f32>,
+    /// Keep only the K likeliest tokens; 0 = off [default: generation_config.json's top_k].
+    #[arg(long, value_name = "K")]
+    top_k: Option<usize>,
+    /// Penalise tokens already seen; 1 = off.
+    #[arg(long, value_name = "R")]
+    repetition_penalty: Option<f32>,
+    /// Random seed for sampling.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    prompt: PromptArgs,
+    #[command(flatten)]
+    sampling: SamplingArgs,
+    /// Print one JSON object (prompt_tokens, tokens, text, boxes, timings) instead of streaming text.
+    #[arg(long)]
+    json: bool,
+    /// Draw the answer's boxes and labels on the picture they refer to and save it here (PNG). An existing file is not overwritten unless --force.
+    #[arg(long, value_name = "OUT.png")]
+    draw_boxes: Option<PathBuf>,
+    /// Allow --draw-boxes to overwrite an existing file.
+    #[arg(long)]
+    force: bool,
+}
+
+#[derive(Args)]
+struct ChatArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Pictures for the first question.
+    #[arg(long, short = 'i', value_name = "PATH")]
+    image: Vec<PathBuf>,
+    /// The system message.
+    #[arg(long, default_value = DEFAULT_SYSTEM)]
+    system: String,
+    #[command(flatten)]
+    sampling: SamplingArgs,
+}
+
+#[derive(Args)]
+struct LogitsArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    prompt: PromptArgs,
+    /// Output safetensors file. Not overwritten unless --force.
+    #[arg(long, value_name = "OUT.safetensors")]
+    out: PathBuf,
+    /// Logits for every prompt position, not just the last.
+    #[arg(long)]
+    all_positions: bool,
+    /// Allow overwriting --out.
+    #[arg(long)]
+    force: bool,
+}
+
+#[derive(Args)]
+struct TokenizeArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// The text.
+    #[arg(long, conflicts_with = "text_file", required_unless_present = "text_file")]
+    text: Option<String>,
+    /// A file whose bytes are the text, exactly (no newline trimmed).
+    #[arg(long, value_name = "FILE")]
+    text_file: Option<PathBuf>,
+    /// Tokenize as chat content: only <img> <ref> <box> <quad> tags are special, <|im_start|> is plain text.
+    #[arg(long)]
+    chat: bool,
+}
+
+#[derive(Args)]
+struct DemoArgs {
+    /// Where to write the demo checkpoint [default: a folder in the system temp dir].
+    #[arg(long, value_name = "DIR")]
+    dir: Option<PathBuf>,
+    /// The question to ask about the demo picture.
+    #[arg(long, default_value = "What is in this picture? Outline the red square.")]
+    prompt: String,
+    /// Tokens to generate.
+    #[arg(long, default_value_t = 24)]
+    max_new_tokens: usize,
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Prompt length for the prefill measurement.
+    #[arg(long, default_value_t = 300)]
+    prompt_len: usize,
+    /// Decode steps to time.
+    #[arg(long, default_value_t = 32)]
+    decode_tokens: usize,
+}
+
+/// Entry point of both binaries; `forced` is the subcommand the `generate` binary implies.
+pub fn main_with(forced: Option<&str>) -> ExitCode {
+    let mut args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if let Some(cmd) = forced {
+        args.insert(1, cmd.into());
+    }
+    let cli = match Cli::try_parse_from(args) {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() { ExitCode::from(2) } else { ExitCode::SUCCESS };
+        }
+    };
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            for cause in e.chain().skip(1) {
+                eprintln!("  caused by: {cause}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.cmd {
+        Cmd::Generate(a) => cmd_generate(a),
+        Cmd::Chat(a) => cmd_chat(a),
+        Cmd::Logits(a) => cmd_logits(a),
+        Cmd::Tokenize(a) => cmd_tokenize(a),
+        Cmd::Demo(a) => crate::demo::run(a.dir, &a.prompt, a.max_new_tokens),
+        Cmd::Bench(a) => cmd_bench(a),
+        Cmd::Inspect(a) => cmd_inspect(a),
+    }
+}
+
+fn load(m: &ModelArgs) -> Result<Model> {
+    let t0 = Instant::now();
+    let model = Model::load(&m.model, &LoadOptions { config: m.config.clone() })?;
+    eprintln!(
+        "[qvc] loaded {} ({:.2} GB of weights, {} decoder layers, {} vision layers) in {:.2} s",
+        m.model.display(),
+        model.weights.total_bytes() as f64 / 1e9,
+        model.config.layers,
+        model.config.visual.layers,
+        t0.elapsed().as_secs_f64()
+    );
+    Ok(model)
+}
+
+fn path_str(p: &Path) -> Result<String> {
+    p.to_str().map(str::to_string).with_context(|| format!("image path {} is not valid UTF-8", p.display()))
+}
+
+/// Token ids for the prompt flags, plus the pictures it mentions.
+fn prompt_ids(model: &Model, p: &PromptArgs, history: &[Turn]) -> Result<Vec<u32>> {
+    let tok = &model.tokenizer;
+    if let Some(f) = &p.raw_prompt_file {
+        let bytes = std::fs::read(f).with_context(|| format!("cannot read --raw-prompt-file {}", f.display()))?;
+        let text = String::from_utf8(bytes).with_context(|| format!("{} is not UTF-8 text", f.display()))?;
+        return Ok(tok.encode(&text, Specials::All)?);
+    }
+    if let Some(f) = &p.prompt_tokens {
+        let text = std::fs::read_to_string(f).with_context(|| format!("cannot read --prompt-tokens {}", f.display()))?;
+        let ids: Vec<u32> = serde_json::from_str(&text)
+            .with_context(|| format!("{} must hold a JSON array of non-negative token ids, like [151644, 8948]", f.display()))?;
+        return Ok(ids);
+    }
+    let Some(question) = &p.prompt else {
+        bail!("nothing to ask: give --prompt TEXT (with --image PATH for pictures), --raw-prompt-file or --prompt-tokens");
+    };
+    for img in &p.image {
+        if !img.exists() {
+            bail!("--image {}: no such file", img.display());
+        }
+    }
+    let images: Vec<String> = p.image.iter().map(|i| path_str(i)).collect::<Result<_>>()?;
+    let query = format_query(&images, question);
+    Ok(make_context(tok, &p.system, history, &query, model.generation.max_window_size)?)
+}
+
+fn sampling_params(model: &Model, s: &SamplingArgs) -> Result<(SamplingParams, usize)> {
+    let g = &model.generation;
+    let default_t = if g.do_sample { g.temperature } else { 0.0 };
+    let p = SamplingParams {
+        temperature: s.temperature.unwrap_or(default_t),
+        top_p: s.top_p.unwrap_or(g.top_p),
+        top_k: s.top_k.unwrap_or(g.top_k),
+        repetition_penalty: s.repetition_penalty.unwrap_or(g.repetition_penalty),
+        seed: s.seed,
+    };
+    p.validate().map_err(anyhow::Error::msg)?;
+    Ok((p, s.max_new_tokens.unwrap_or(g.max_new_tokens)))
+}
+
+fn refuse_overwrite(path: &Path, force: bool, flag: &str) -> Result<()> {
+    if path.exists() && !force {
+        bail!("{} already exists; pass --force to overwrite it or choose another {flag}", path.display());
+    }
+    Ok(())
+}
+
+#[derive(serde::Serialize)]
+struct BoxOut {
+    #[serde(rename = "ref")]
+    label: Option<String>,
+    shape: qvc_model::grounding::Shape,
+    box_1000: Vec<(i64, i64)>,
+    box_px: Option<Vec<(i64, i64)>>,
+    image: Option<String>,
+}
+
+/// The boxes of an answer, in pixels of the last picture of the prompt (the
+/// reference draws on the latest picture too).
+fn boxes_for(model: &Model, prompt: &[u32], text: &str) -> Result<(Vec<Grounding>, Vec<BoxOut>, Option<String>)> {
+    let items = parse_groundings(text);
+    let spans = model.tokenizer.image_spans(prompt)?;
+    let image = spans.last().map(|s| s.path.clone());
+    let dims = match &image {
+        Some(p) if !items.is_empty() => Some(load_rgb(Path::new(p)).map(|i| (i.width, i.height))?),
+        _ => None,
+    };
+    let out = items
+        .iter()
+        .map(|g| BoxOut {
+            label: g.label.clone(),
+            shape: g.shape,
+            box_1000: g.points_1000.clone(),
+            box_px: dims.map(|(w, h)| to_pixels(&g.points_1000, w, h)),
+            image: image.clone(),
+        })
+        .collect();
+    Ok((items, out, image))
+}
+
+fn cmd_generate(a: GenerateArgs) -> Result<()> {
+    if let Some(out) = &a.draw_boxes {
+        refuse_overwrite(out, a.force, "--draw-boxes path")?;
+    }
+    let model = load(&a.model)?;
+    let prompt = prompt_ids(&model, &a.prompt, &[])?;
+    let (sampling, max_new) = sampling_params(&model, &a.sampling)?;
+    let backend = Cpu;
+    let mut session = Session::new(&model, &backend);
+    let opt = GenerateOptions { max_new_tokens: max_new, sampling, stop_ids: stop_ids(&model.tokenizer) };
+    let json = a.json;
+    let mut stdout = std::io::stdout();
+    let gen = generate(&mut session, &prompt, &opt, &mut |t| {
+        if !json {
+            let _ = stdout.write_all(t.as_bytes());
+            let _ = stdout.flush();
+        }
+    })?;
+    if !json {
+        println!();
+    }
+    let (items, boxes, image) = boxes_for(&model, &prompt, &gen.text)?;
+    let t = &session.timings;
+    if json {
+        let v = serde_json::json!({
+            "prompt_tokens": prompt,
+            "tokens": gen.tokens,
+            "text": gen.text,
+            "stop": gen.stop,
+            "boxes": boxes,
+            "timings": {
+                "vision_ms": t.vision_ms,
+                "prefill_ms": t.prefill_ms,
+                "decode_tokens_per_s": t.decode_tokens_per_s(),
+                "decode_tokens": t.decode_tokens,
+            },
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        for b in &boxes {
+            eprintln!(
+                "[box] {:?} {:?} (of 1000) -> {} in {}",
+                b.label.as_deref().unwrap_or("(no label)"),
+                b.box_1000,
+                b.box_px.as_ref().map_or("no picture".into(), |p| format!("{p:?} px")),
+                b.image.as_deref().unwrap_or("-")
+            );
+        }
+        eprintln!(
+            "[qvc] {} prompt tokens, {} new; vision {:.0} ms, prefill {:.0} ms, decode {:.2} tokens/s",
+            prompt.len(),
+            gen.tokens.len(),
+            t.vision_ms,
+            t.prefill_ms,
+            t.decode_tokens_per_s()
+        );
+    }
+    if let Some(out) = &a.draw_boxes {
+        let Some(img) = image else { bail!("--draw-boxes: the prompt has no picture to draw on") };
+        let pic = load_rgb(Path::new(&img))?;
+        save_png(&draw_groundings(&pic, &items), out)?;
+        eprintln!("[qvc] drew {} region(s) on {img} -> {}", items.len(), out.display());
+    }
+    Ok(())
+}
+
+fn cmd_chat(a: ChatArgs) -> Result<()> {
+    let model = load(&a.model)?;
+    let (sampling, max_new) = sampling_params(&model, &a.sampling)?;
+    let backend = Cpu;
+    let mut session = Session::new(&model, &backend);
+    let opt = GenerateOptions { max_new_tokens: max_new, sampling, stop_ids: stop_ids(&model.tokenizer) };
+    let mut history: Vec<Turn> = Vec::new();
+    let mut pending: Vec<PathBuf> = a.image.clone();
+    eprintln!("Type a message. Commands: /image PATH (attach a picture to the next message), /reset, /quit.");
+    let stdin = std::io::stdin();
+    let mut line = String::new();
+    loop {
+        eprint!("\n> ");
+        line.clear();
+        if stdin.lock().read_line(&mut line)? == 0 {
+            break;
+        }
+        let msg = line.trim_end_matches(['\n', '\r']);
+        if msg.trim().is_empty() {
+            continue;
+        }
+        if msg == "/quit" || msg == "/exit" {
+            break;
+        }
+        if msg == "/reset" {
+            history.clear();
+            pending.clear();
+            eprintln!("(history cleared)");
+            continue;
+        }
+        if let Some(p) = msg.strip_prefix("/image") {
+            let p = PathBuf::from(p.trim());
+            match load_rgb(&p) {
+                Ok(i) => {
+                    eprintln!("(attached {} {}×{})", p.display(), i.width, i.height);
+                    pending.push(p);
+                }
+                Err(e) => eprintln!("error: {e}"),
+            }
+            continue;
+        }
+        if msg.starts_with('/') {
+            eprintln!("unknown command {msg:?}: use /image PATH, /reset or /quit");
+            continue;
+        }
+        let pa = PromptArgs { image: pending.clone(), prompt: Some(msg.to_string()), system: a.system.clone(), raw_prompt_file: None, prompt_tokens: None };
+        let ids = match prompt_ids(&model, &pa, &history) {
+            Ok(i) => i,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                continue;
+            }
+        };
+        let mut stdout = std::io::stdout();
+        match generate(&mut session, &ids, &opt, &mut |t| {
+            let _ = stdout.write_all(t.as_bytes());
+            let _ = stdout.flush();
+        }) {
+            Ok(g) => {
+                println!();
+                if let Ok((_, boxes, _)) = boxes_for(&model, &ids, &g.text) {
+                    for b in boxes {
+                        eprintln!("[box] {:?} {:?}", b.label.as_deref().unwrap_or("-"), b.box_px.unwrap_or(b.box_1000));
+                    }
+                }
+                let images: Vec<String> = pending.iter().filter_map(|p| p.to_str().map(str::to_string)).collect();
+                history.push(Turn { query: format_query(&images, msg), response: g.text });
+                pending.clear();
+            }
+            Err(e) => eprintln!("error: {e}"),
+        }
+    }
+    Ok(())
+}
+
+fn cmd_logits(a: LogitsArgs) -> Result<()> {
+    refuse_overwrite(&a.out, a.force, "--out path")?;
+    let model = load(&a.model)?;
+    let prompt = prompt_ids(&model, &a.prompt, &[])?;
+    let backend = Cpu;
+    let mut session = Session::new(&model, &backend);
+    let out = session.prefill(&prompt, &PrefillOptions { all_logits: a.all_positions, hidden: false })?;
+    let v = model.config.vocab_size;
+    let rows = out.logits.len() / v;
+    let bytes: &[u8] = bytemuck::cast_slice(&out.logits);
+    let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![rows, v], bytes)?;
+    safetensors::tensor::serialize_to_file([("logits", view)], None, &a.out)
+        .with_context(|| format!("cannot write {}", a.out.display()))?;
+    eprintln!("[qvc] wrote logits [{rows}, {v}] of {} prompt tokens to {}", prompt.len(), a.out.display());
+    Ok(())
+}
+
+fn cmd_tokenize(a: TokenizeArgs) -> Result<()> {
+    let dir = if a.model.model.is_dir() { a.model.model.clone() } else { a.model.model.parent().map(Path::to_path_buf).unwrap_or_default() };
+    let tok = qvc_model::tokenizer::QwenTokenizer::from_file(&dir.join("qwen.tiktoken"))?;
+    let text = match (&a.text, &a.text_file) {
+        (Some(t), _) => t.clone(),
+        (None, Some(f)) => {
+            let b = std::fs::read(f).with_context(|| format!("cannot read --text-file {}", f.display()))?;
+            String::from_utf8(b).with_context(|| format!("{} is not UTF-8 text", f.display()))?
+        }
+        (None, None) => bail!("give --text or --text-file"),
+    };
+    let ids = tok.encode(&text, if a.chat { Specials::ImageTags } else { Specials::All })?;
+    println!("{}", serde_json::json!({ "ids": ids }));
+    Ok(())
+}
+
+fn cmd_inspect(a: ModelArgs) -> Result<()> {
+    let model = load(&a)?;
+    let c = &model.config;
+    println!("decoder: hidden {} × {} layers, {} heads of {}, MLP {}, vocab {}", c.hidden_size, c.layers, c.heads, c.head_dim, c.mlp_width, c.vocab_size);
+    println!("  seq_length {}, dynamic NTK {}, logn {}", c.seq_length, c.use_dynamic_ntk, c.use_logn_attn);
+    let v = &c.visual;
+    println!("vision: width {} × {} layers, {} heads, MLP {}, {}px / {}px patches, output {}", v.width, v.layers, v.heads, v.mlp_width, v.image_size, v.patch_size, v.output_dim);
+    println!("tensors: {} ({:.3} GB)", model.weights.names().len(), model.weights.total_bytes() as f64 / 1e9);
+    let vg = model.vision_graph(&Default::default())?;
+    let pg = qvc_model::graphs::decoder_graph(c, &model.weights, &qvc_model::graphs::DecoderShape { tokens: 300, ..Default::default() })?;
+    println!("programs: vision {} nodes, prefill(300) {} nodes", vg.nodes.len(), pg.nodes.len());
+    Ok(())
+}
+
+fn cmd_bench(a: BenchArgs) -> Result<()> {
+    let model = load(&a.model)?;
+    let c = &model.config;
+    let backend = Cpu;
+    let mut session = Session::new(&model, &backend);
+    let dir = std::env::temp_dir().join(format!("qvc-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let pic = dir.join("bench.png");
+    crate::demo::write_picture(&pic)?;
+    session.encode_image(&path_str(&pic)?)?;
+    let vision_ms = session.timings.vision_ms;
+    let ids: Vec<u32> = (0..a.prompt_len as u32).map(|i| 1000 + (i * 7919) % 20000).collect();
+    session.prefill(&ids, &PrefillOptions::default())?;
+    let prefill_ms = session.timings.prefill_ms;
+    for i in 0..a.decode_tokens {
+        session.step(100 + i as u32)?;
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    let t = &session.timings;
+    let dec_params = (c.layers * (4 * c.hidden_size * c.hidden_size + 3 * c.hidden_size * c.mlp_width) + c.vocab_size * c.hidden_size) as f64;
+    let vis_params = (c.visual.layers * (4 * c.visual.width * c.visual.width + 2 * c.visual.width * c.visual.mlp_width)) as f64;
+    let grid = (c.visual.grid() * c.visual.grid()) as f64;
+    println!("machine: {} threads (rayon)", rayon::current_num_threads());
+    println!("vision encode:   {vision_ms:>9.1} ms   {:>7.1} GFLOP/s (matmuls)", 2.0 * vis_params * grid / vision_ms / 1e6);
+    println!("prefill {:>5} tok: {prefill_ms:>8.1} ms   {:>7.1} GFLOP/s (matmuls)", a.prompt_len, 2.0 * dec_params * a.prompt_len as f64 / prefill_ms / 1e6);
+    println!(
+        "decode:          {:>9.2} tokens/s  ({:.1} GB/s of weights read)",
+        t.decode_tokens_per_s(),
+        t.decode_tokens_per_s() * model.weights.total_bytes() as f64 / 1e9
+    );
+    Ok(())
+}

@@ -1,0 +1,3 @@
+fn main() -> std::process::ExitCode {
+    qvc::cli::main_with(None)
+}

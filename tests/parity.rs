@@ -1,0 +1,185 @@
+//! Parity with the official PyTorch Qwen-VL on `../shared/fixtures/tiny-qwen-vl`:
+//! vision features and intermediates, prompt logits, hidden states, greedy
+//! continuations through the KV cache, and the long-context (dynamic NTK +
+//! logn) cases. Tolerance: relative error ‖Δ‖/‖ref‖ below 1e-4 (DESIGN.md's
+//! CPU f32 target; the issue allows 1e-3), identical greedy tokens.
+
+mod common;
+use common::{check, fixtures, Expected};
+use qvc_model::graphs::VisionOptions;
+use qvc_model::image::preprocess;
+use qvc_model::sampling::argmax;
+use qvc_model::{LoadOptions, Model, PrefillOptions, Session};
+use qvc_runtime::{Backend, Cpu};
+use std::collections::HashMap;
+use std::path::Path;
+
+const TOL: f64 = 1e-4;
+
+fn model(dir: &Path, config: Option<&str>) -> Model {
+    Model::load(dir, &LoadOptions { config: config.map(|c| dir.join(c)) }).expect("fixture model loads")
+}
+
+fn vision(m: &Model, pixels: &[f32], intermediates: bool) -> HashMap<String, Vec<f32>> {
+    let g = m.vision_graph(&VisionOptions { intermediates }).unwrap();
+    let inputs = HashMap::from([("pixels".to_string(), qvc_ir::InputRef::F32(pixels))]);
+    Cpu.run(&g, &m.weights, &inputs).unwrap()
+}
+
+#[test]
+fn position_tables_match_torch_bicubic() {
+    let Some(dir) = fixtures() else { return };
+    let (m, e) = (model(&dir, None), Expected::load(&dir));
+    check("vit/pos_embed_resized", m.vit_pos_embed(), &e.f32("vit/pos_embed_resized"), 1e-6);
+    check("resampler/pos_embed_resized", m.pool_pos_embed(), &e.f32("resampler/pos_embed_resized"), 1e-6);
+}
+
+#[test]
+fn vision_tower_matches_reference() {
+    let Some(dir) = fixtures() else { return };
+    let (m, e) = (model(&dir, None), Expected::load(&dir));
+    let out = vision(&m, &e.f32("pixels/shapes.png"), true);
+    for name in ["patch_embed", "ln_pre", "block_0", "block_1", "resampler", "ln_post"] {
+        check(&format!("vit/shapes.png/{name}"), &out[name], &e.f32(&format!("vit/shapes.png/{name}")), TOL);
+    }
+    for img in ["shapes.png", "photo.jpg", "icon_rgba.png", "grey.png"] {
+        let out = vision(&m, &e.f32(&format!("pixels/{img}")), false);
+        check(&format!("vision/{img}"), &out["features"], &e.f32(&format!("vision/{img}")), TOL);
+    }
+    // End to end from the PNG files (preprocessing included).
+    let px = preprocess(&dir.join("grey.png"), 448).unwrap();
+    check("vision/grey.png from file", &vision(&m, &px, false)["features"], &e.f32("vision/grey.png"), TOL);
+}
+
+fn chat_case(m: &Model, e: &Expected, dir: &Path, case: &str) {
+    let c = &e.json["chat"][case];
+    let ids = e.ids(&c["input_ids"]);
+    let backend = Cpu;
+    let mut s = Session::new(m, &backend);
+    s.set_image_dir(dir);
+    // JPEG decoders differ by a few levels (see jpeg_prompt_within_decoder_difference):
+    // feed the reference's own pixels for JPEG pictures so that the model is compared exactly.
+    for span in c["image_spans"].as_array().unwrap() {
+        let path = span["path"].as_str().unwrap();
+        if path.ends_with(".jpg") {
+            s.provide_image_features(path, vision(m, &e.f32(&format!("pixels/{path}")), false).remove("features").unwrap());
+        }
+    }
+    let has_hidden = c.get("hidden").is_some();
+    let all = c.get("all_logits").is_some();
+    let out = s.prefill(&ids, &PrefillOptions { all_logits: all, hidden: has_hidden }).unwrap();
+    let v = m.config.vocab_size;
+    let last = &out.logits[out.logits.len() - v..];
+    check(&format!("chat/{case}/last_logits"), last, &e.f32(&format!("chat/{case}/last_logits")), TOL);
+    if all {
+        check(&format!("chat/{case}/all_logits"), &out.logits, &e.f32(&format!("chat/{case}/all_logits")), TOL);
+    }
+    if has_hidden {
+        for (ours, theirs) in [("hidden.embeds", "embeds"), ("hidden.block_0", "block_0"), ("hidden.block_1", "block_1"), ("hidden.final_norm", "final_norm")] {
+            check(&format!("chat/{case}/hidden/{theirs}"), &out.hidden[ours], &e.f32(&format!("chat/{case}/hidden/{theirs}")), TOL);
+        }
+    }
+    // Greedy continuation through the KV cache.
+    let want = e.ids(&c["greedy"]["ids"]);
+    let step_logits = c["greedy"].get("step_logits").and_then(|n| n.as_str()).map(|n| e.f32(n));
+    let mut logits = last.to_vec();
+    let mut got = Vec::new();
+    for k in 0..want.len() {
+        if let Some(sl) = &step_logits {
+            check(&format!("chat/{case}/greedy_step_logits[{k}]"), &logits, &sl[k * v..(k + 1) * v], TOL);
+        }
+        let t = argmax(&logits) as u32;
+        got.push(t);
+        if k + 1 < want.len() {
+            logits = s.step(t).unwrap();
+        }
+    }
+    assert_eq!(got, want, "chat/{case}: greedy tokens differ");
+}
+
+#[test]
+fn chat_prompts_match_reference() {
+    let Some(dir) = fixtures() else { return };
+    let (m, e) = (model(&dir, None), Expected::load(&dir));
+    for case in ["text", "img1", "img2", "ground"] {
+        chat_case(&m, &e, &dir, case);
+    }
+}
+
+/// The same two-picture prompt with our own JPEG decoding: the decoder
+/// differs from Pillow's libjpeg-turbo by up to 4 levels on photo.jpg, which
+/// moves the logits by about 3e-3 relative (measured 2.9e-3); bound 1e-2.
+#[test]
+fn jpeg_prompt_within_decoder_difference() {
+    let Some(dir) = fixtures() else { return };
+    let (m, e) = (model(&dir, None), Expected::load(&dir));
+    let ids = e.ids(&e.json["chat"]["img2"]["input_ids"]);
+    let backend = Cpu;
+    let mut s = Session::new(&m, &backend);
+    s.set_image_dir(&dir);
+    let out = s.prefill(&ids, &PrefillOptions::default()).unwrap();
+    check("chat/img2/last_logits (own JPEG decoder)", &out.logits, &e.f32("chat/img2/last_logits"), 1e-2);
+}
+
+fn long_case(m: &Model, e: &Expected, case: &str) {
+    let c = &e.json["long"][case];
+    let ids = e.ids(&c["input_ids"]);
+    let backend = Cpu;
+    let mut s = Session::new(m, &backend);
+    let out = s.prefill(&ids, &PrefillOptions::default()).unwrap();
+    assert_eq!(s.ntk_alpha(), c["ntk_alpha"].as_f64().unwrap(), "long/{case}: NTK alpha");
+    check(&format!("long/{case}/last_logits"), &out.logits, &e.f32(&format!("long/{case}/last_logits")), TOL);
+    let want = e.ids(&c["greedy"]["ids"]);
+    let v = m.config.vocab_size;
+    let step_logits = c["greedy"].get("step_logits").and_then(|n| n.as_str()).map(|n| e.f32(n));
+    let mut logits = out.logits;
+    let mut got = Vec::new();
+    for k in 0..want.len() {
+        if let Some(sl) = &step_logits {
+            check(&format!("long/{case}/greedy_step_logits[{k}]"), &logits, &sl[k * v..(k + 1) * v], TOL);
+        }
+        let t = argmax(&logits) as u32;
+        got.push(t);
+        if k + 1 < want.len() {
+            logits = s.step(t).unwrap();
+        }
+    }
+    assert_eq!(got, want, "long/{case}: greedy tokens differ");
+}
+
+#[test]
+fn long_context_ntk_and_logn_match_reference() {
+    let Some(dir) = fixtures() else { return };
+    let e = Expected::load(&dir);
+    let m64 = model(&dir, Some("config_seq64.json"));
+    for case in ["s64_cross", "s64_text_1p5x", "s64_text_3x"] {
+        long_case(&m64, &e, case);
+    }
+    long_case(&model(&dir, None), &e, "long2200");
+}
+
+#[test]
+fn long_context_with_image_matches_reference() {
+    let Some(dir) = fixtures() else { return };
+    let e = Expected::load(&dir);
+    let m64 = model(&dir, Some("config_seq64.json"));
+    let c = &e.json["long"]["s64_chat_img1"];
+    let ids = e.ids(&c["input_ids"]);
+    let backend = Cpu;
+    let mut s = Session::new(&m64, &backend);
+    s.set_image_dir(&dir);
+    let out = s.prefill(&ids, &PrefillOptions::default()).unwrap();
+    assert_eq!(s.ntk_alpha(), 15.0);
+    check("long/s64_chat_img1/last_logits", &out.logits, &e.f32("long/s64_chat_img1/last_logits"), TOL);
+    let want = e.ids(&c["greedy"]["ids"]);
+    let mut logits = out.logits;
+    let mut got = Vec::new();
+    for k in 0..want.len() {
+        let t = argmax(&logits) as u32;
+        got.push(t);
+        if k + 1 < want.len() {
+            logits = s.step(t).unwrap();
+        }
+    }
+    assert_eq!(got, want);
+}
