@@ -365,7 +365,7 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
                 "decode_tokens": t.decode_tokens,
             },
         });
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        println!("{}", serde_json::to_string(&v)?);
     } else {
         for b in &boxes {
             eprintln!(

@@ -29,7 +29,7 @@ const ERF_SMALL: [f32; 8] = [
     -2.686_595_8e-2,
     1.128_379e-1,
     -3.761_263_9e-1,
-    1.128_379_2,
+    std::f32::consts::FRAC_2_SQRT_PI,
 ];
 
 /// Coefficients (highest degree first) of `H(t) = erfc(x)·exp(x²)/t` with
@@ -39,12 +39,12 @@ const ERF_SMALL: [f32; 8] = [
 const ERFC_LARGE: [f32; 12] = [
     10.693_609,
     -35.667_027,
-    49.637_568,
+    49.637_57,
     -35.260_36,
     11.361_982,
     -0.129_236_7,
     0.073_941_52,
-    -0.722_150_95,
+    -0.722_150_9,
     -0.281_290_46,
     0.282_074_3,
     0.564_189_8,
@@ -75,8 +75,8 @@ pub fn exp_f32(x: f32) -> f32 {
     const LN2_HI: f32 = 355.0 / 512.0; // 9 significant bits, so n·LN2_HI is exact
     const LN2_LO: f32 = -2.121_944_4e-4; // ln 2 − LN2_HI
     const MAGIC: f32 = 12_582_912.0; // 1.5·2²³: adding it rounds to an integer
-    // e^-104 < half the smallest subnormal and e^89 > f32::MAX, so clamping
-    // there changes no result; `clamp` keeps NaN.
+                                     // e^-104 < half the smallest subnormal and e^89 > f32::MAX, so clamping
+                                     // there changes no result; `clamp` keeps NaN.
     let x = x.clamp(-104.0, 89.0);
     let t = x * LOG2E + MAGIC;
     let n = t.to_bits() as i32 - MAGIC.to_bits() as i32; // round(x / ln 2)
@@ -86,7 +86,8 @@ pub fn exp_f32(x: f32) -> f32 {
         + r * (1.0
             + r * (0.5
                 + r * (1.0 / 6.0
-                    + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
+                    + r * (1.0 / 24.0
+                        + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
     // n ∈ [-150, 129]: each half is a normal power of two.
     let n1 = n >> 1;
     let n2 = n - n1;
@@ -166,7 +167,10 @@ pub(crate) fn silu_with_isa(isa: Isa, x: &mut [f32]) {
 }
 
 pub(crate) fn swiglu_with_isa(isa: Isa, a: &[f32], b: &[f32], out: &mut [f32]) {
-    assert!(a.len() == out.len() && b.len() == out.len(), "swiglu: a, b and out must have the same length");
+    assert!(
+        a.len() == out.len() && b.len() == out.len(),
+        "swiglu: a, b and out must have the same length"
+    );
     let isa = isa.resolve();
     // ~25 operations per element.
     par_chunks(out, CHUNK, worth_parallel(out.len() * 25), |ci, o| {
@@ -259,7 +263,11 @@ pub fn gelu_erf_ref(x: &mut [f32]) {
     for v in x {
         let xd = *v as f64;
         let z = xd * std::f64::consts::FRAC_1_SQRT_2;
-        let phi = if z <= -3.0 { 0.5 * erfc_cf(-z) } else { 0.5 * (1.0 + erf_ref(z)) };
+        let phi = if z <= -3.0 {
+            0.5 * erfc_cf(-z)
+        } else {
+            0.5 * (1.0 + erf_ref(z))
+        };
         *v = (xd * phi) as f32;
     }
 }
@@ -274,9 +282,167 @@ pub fn silu_ref(x: &mut [f32]) {
 
 /// Reference SwiGLU in f64: `out = a · silu(b)`.
 pub fn swiglu_ref(a: &[f32], b: &[f32], out: &mut [f32]) {
-    assert!(a.len() == out.len() && b.len() == out.len(), "swiglu_ref: length mismatch");
+    assert!(
+        a.len() == out.len() && b.len() == out.len(),
+        "swiglu_ref: length mismatch"
+    );
     for ((o, &a), &b) in out.iter_mut().zip(a).zip(b) {
         let bd = b as f64;
         *o = (a as f64 * bd / (1.0 + (-bd).exp())) as f32;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testutil::Rng;
+    use proptest::prelude::*;
+
+    /// Distance in ulps between an f32 and the exact value (for normal results).
+    fn ulps(got: f32, want: f64) -> f64 {
+        let ulp = (want.abs() as f32).max(f32::MIN_POSITIVE);
+        let ulp = (f32::from_bits(ulp.to_bits() + 1) - ulp) as f64;
+        (got as f64 - want).abs() / ulp
+    }
+
+    #[test]
+    fn exp_is_within_2_ulp() {
+        let mut worst = 0.0f64;
+        let mut x = -87.0f32;
+        while x < 88.7 {
+            worst = worst.max(ulps(exp_f32(x), (x as f64).exp()));
+            x += 0.000_731;
+        }
+        assert!(worst <= 2.0, "exp_f32: {worst} ulp");
+        // Subnormal results: absolute error within a couple of the smallest subnormals.
+        for i in 0..2000 {
+            let x = -87.5 - i as f32 * 0.008;
+            let d = (exp_f32(x) as f64 - (x as f64).exp()).abs();
+            assert!(d <= 2.0 * 1.4013e-45, "exp_f32({x}) off by {d}");
+        }
+        assert_eq!(exp_f32(f32::NEG_INFINITY), 0.0);
+        assert_eq!(exp_f32(-200.0), 0.0);
+        assert_eq!(exp_f32(0.0), 1.0);
+        assert_eq!(exp_f32(89.0), f32::INFINITY);
+        assert_eq!(exp_f32(f32::INFINITY), f32::INFINITY);
+        assert!(exp_f32(f32::NAN).is_nan());
+    }
+
+    #[test]
+    fn erf_ref_is_accurate() {
+        // Values from the defining integral (mpmath, 30 digits).
+        let table = [
+            (0.1, 0.112_462_916_018_284_9),
+            (0.5, 0.520_499_877_813_046_5),
+            (1.0, 0.842_700_792_949_714_9),
+            (2.0, 0.995_322_265_018_952_7),
+            (3.5, 0.999_999_256_901_627_7),
+        ];
+        for (x, want) in table {
+            assert!((erf_ref(x) - want).abs() < 1e-15, "erf_ref({x})");
+            assert!((erf_ref(-x) + want).abs() < 1e-15, "erf_ref(-{x})");
+        }
+        // erfc(5) = 1.5374597944280348502e-12 through the continued fraction.
+        assert!((erfc_cf(5.0) / 1.537_459_794_428_035e-12 - 1.0).abs() < 1e-13);
+    }
+
+    #[test]
+    fn erf_relative_error() {
+        let mut worst = 0.0f64;
+        let mut x = -6.0f32;
+        while x < 6.0 {
+            let want = erf_ref(x as f64);
+            if want != 0.0 {
+                worst = worst.max(((erf_f32(x) as f64 - want) / want).abs());
+            }
+            x += 0.000_37;
+        }
+        for x in [1e-30f32, -1e-20, 1e-6, 0.874_999_9, 0.875, 3.9, 4.0, 10.0] {
+            let want = erf_ref(x as f64);
+            worst = worst.max(((erf_f32(x) as f64 - want) / want).abs());
+        }
+        assert!(worst < 2.5e-7, "erf_f32 relative error {worst}");
+        assert_eq!(erf_f32(0.0), 0.0);
+        assert_eq!(erf_f32(f32::INFINITY), 1.0);
+        assert_eq!(erf_f32(f32::NEG_INFINITY), -1.0);
+        assert!(erf_f32(f32::NAN).is_nan());
+    }
+
+    /// `|got − want| ≤ rel·|want| + 1e-9·scale`: relative, except where the
+    /// result underflows toward 0 (deep negative tails), where an absolute
+    /// error far below one f32 ulp of the input scale is allowed.
+    fn check_close(
+        got: &[f32],
+        want: &[f32],
+        scale: &[f32],
+        rel: f64,
+        what: &str,
+    ) -> Result<(), TestCaseError> {
+        for ((&g, &w), &sc) in got.iter().zip(want).zip(scale) {
+            let tol = rel * w.abs() as f64 + 1e-9 * sc.abs() as f64;
+            prop_assert!(
+                ((g - w) as f64).abs() <= tol,
+                "{what}: got {g}, want {w} (scale {sc})"
+            );
+        }
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(48))]
+
+        #[test]
+        fn elementwise_match_ref(len in 0usize..3000, scale in prop::sample::select(vec![1.0f32, 4.0, 12.0, 40.0]), seed: u64, portable: bool) {
+            let isa = if portable { Isa::Portable } else { Isa::Avx2Fma };
+            let mut rng = Rng::new(seed);
+            let x = rng.vec(len, scale);
+            let b = rng.vec(len, scale);
+
+            let (mut g, mut w) = (x.clone(), x.clone());
+            gelu_erf_with_isa(isa, &mut g);
+            gelu_erf_ref(&mut w);
+            check_close(&g, &w, &x, 1e-6, "gelu")?;
+
+            let (mut g, mut w) = (x.clone(), x.clone());
+            silu_with_isa(isa, &mut g);
+            silu_ref(&mut w);
+            check_close(&g, &w, &x, 1e-6, "silu")?;
+
+            let (mut g, mut w) = (vec![0.0; len], vec![0.0; len]);
+            swiglu_with_isa(isa, &x, &b, &mut g);
+            swiglu_ref(&x, &b, &mut w);
+            let ab: Vec<f32> = x.iter().zip(&b).map(|(a, b)| a * b).collect();
+            check_close(&g, &w, &ab, 1e-6, "swiglu")?;
+        }
+    }
+
+    #[test]
+    fn paths_are_bit_identical() {
+        let x = Rng::new(3).vec(70_000, 8.0);
+        let (mut a, mut b) = (x.clone(), x.clone());
+        gelu_erf_with_isa(Isa::Portable, &mut a);
+        gelu_erf_with_isa(Isa::Avx2Fma, &mut b);
+        assert_eq!(a, b);
+        let (mut a, mut b) = (x.clone(), x);
+        silu_with_isa(Isa::Portable, &mut a);
+        silu_with_isa(Isa::Avx2Fma, &mut b);
+        assert_eq!(a, b);
+    }
+
+    #[test]
+    fn empty_and_special() {
+        gelu_erf(&mut []);
+        silu(&mut []);
+        swiglu(&[], &[], &mut []);
+        let mut v = [0.0f32, 1.0, -1.0, 30.0, -30.0, f32::INFINITY];
+        gelu_erf(&mut v);
+        assert_eq!(v[0], 0.0);
+        assert!((v[1] - 0.841_344_7).abs() < 1e-7 && (v[2] + 0.158_655_26).abs() < 1e-7);
+        assert_eq!(v[3], 30.0);
+        assert!(v[4] == 0.0 || v[4].abs() < 1e-37);
+        assert_eq!(v[5], f32::INFINITY);
+        let mut s = [0.0f32, -100.0, 100.0];
+        silu(&mut s);
+        assert_eq!(s, [0.0, -0.0, 100.0]);
     }
 }

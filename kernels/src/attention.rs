@@ -69,17 +69,30 @@ impl AttnArgs<'_> {
 
     fn check(&self, out: &[f32]) {
         let hd = self.heads * self.d;
-        assert_eq!(out.len(), self.tq * hd, "attention: out must be [tq, heads, d]");
-        assert!(self.q_stride >= hd && self.kv_stride >= hd, "attention: token strides must be ≥ heads·d = {hd}");
+        assert_eq!(
+            out.len(),
+            self.tq * hd,
+            "attention: out must be [tq, heads, d]"
+        );
+        assert!(
+            self.q_stride >= hd && self.kv_stride >= hd,
+            "attention: token strides must be ≥ heads·d = {hd}"
+        );
         if hd == 0 {
             return;
         }
         if self.tq > 0 {
-            assert!(self.q.len() >= (self.tq - 1) * self.q_stride + hd, "attention: q is too short");
+            assert!(
+                self.q.len() >= (self.tq - 1) * self.q_stride + hd,
+                "attention: q is too short"
+            );
         }
         if self.tk > 0 {
             let need = (self.tk - 1) * self.kv_stride + hd;
-            assert!(self.k.len() >= need && self.v.len() >= need, "attention: k or v is too short");
+            assert!(
+                self.k.len() >= need && self.v.len() >= need,
+                "attention: k or v is too short"
+            );
         }
     }
 }
@@ -129,12 +142,26 @@ unsafe fn attend_block(isa: Isa, a: &AttnArgs, h: usize, i0: usize, rows: usize,
     let mut m = vec![f32::NEG_INFINITY; rows];
     let mut l = vec![0f32; rows];
     let mut gs = GemmScratch::default();
-    let q = MatRef { data: Elems::F32(a.q), rows, cols: d, row_stride: a.q_stride, col_stride: 1, offset: i0 * a.q_stride + h * d };
+    let q = MatRef {
+        data: Elems::F32(a.q),
+        rows,
+        cols: d,
+        row_stride: a.q_stride,
+        col_stride: 1,
+        offset: i0 * a.q_stride + h * d,
+    };
     for j0 in (0..keys).step_by(KB) {
         let kb = KB.min(keys - j0);
         let s = &mut s[..rows * kb];
         // S = Q · K_blockᵀ: Kᵀ is d×kb with the d values of a key contiguous.
-        let kt = MatRef { data: Elems::F32(a.k), rows: d, cols: kb, row_stride: 1, col_stride: a.kv_stride, offset: j0 * a.kv_stride + h * d };
+        let kt = MatRef {
+            data: Elems::F32(a.k),
+            rows: d,
+            cols: kb,
+            row_stride: 1,
+            col_stride: a.kv_stride,
+            offset: j0 * a.kv_stride + h * d,
+        };
         gemm_strided(isa, &q, &kt, s, kb, false, false, &mut gs);
         for (r, srow) in s.chunks_exact_mut(kb).enumerate() {
             let vis = a.visible(i0 + r).saturating_sub(j0).min(kb);
@@ -161,8 +188,22 @@ unsafe fn attend_block(isa: Isa, a: &AttnArgs, h: usize, i0: usize, rows: usize,
             m[r] = m_new;
         }
         // O += P · V_block.
-        let p = MatRef { data: Elems::F32(s), rows, cols: kb, row_stride: kb, col_stride: 1, offset: 0 };
-        let vb = MatRef { data: Elems::F32(a.v), rows: kb, cols: d, row_stride: a.kv_stride, col_stride: 1, offset: j0 * a.kv_stride + h * d };
+        let p = MatRef {
+            data: Elems::F32(s),
+            rows,
+            cols: kb,
+            row_stride: kb,
+            col_stride: 1,
+            offset: 0,
+        };
+        let vb = MatRef {
+            data: Elems::F32(a.v),
+            rows: kb,
+            cols: d,
+            row_stride: a.kv_stride,
+            col_stride: 1,
+            offset: j0 * a.kv_stride + h * d,
+        };
         gemm_strided(isa, &p, &vb, &mut o, d, true, false, &mut gs);
     }
     let hd = a.heads * d;
@@ -186,7 +227,11 @@ pub fn attention_ref(args: &AttnArgs, out: &mut [f32]) {
             let scores: Vec<f64> = (0..vis)
                 .map(|j| {
                     let kv = &args.k[j * args.kv_stride + h * d..][..d];
-                    qv.iter().zip(kv).map(|(&x, &y)| x as f64 * y as f64).sum::<f64>() * args.scale as f64
+                    qv.iter()
+                        .zip(kv)
+                        .map(|(&x, &y)| x as f64 * y as f64)
+                        .sum::<f64>()
+                        * args.scale as f64
                 })
                 .collect();
             let mx = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
@@ -194,7 +239,11 @@ pub fn attention_ref(args: &AttnArgs, out: &mut [f32]) {
             let total: f64 = p.iter().sum();
             let dst = &mut out[(i * heads + h) * d..][..d];
             for (c, o) in dst.iter_mut().enumerate() {
-                let acc: f64 = p.iter().enumerate().map(|(j, &pj)| pj * args.v[j * args.kv_stride + h * d + c] as f64).sum();
+                let acc: f64 = p
+                    .iter()
+                    .enumerate()
+                    .map(|(j, &pj)| pj * args.v[j * args.kv_stride + h * d + c] as f64)
+                    .sum();
                 *o = if vis == 0 { 0.0 } else { (acc / total) as f32 };
             }
         }
@@ -205,7 +254,9 @@ pub fn attention_ref(args: &AttnArgs, out: &mut [f32]) {
 fn visible_pairs(tq: usize, tk: usize, mask: Mask) -> u64 {
     match mask {
         Mask::None => tq as u64 * tk as u64,
-        Mask::Causal => (0..tq as u64).map(|i| (tk as u64 + i + 1).saturating_sub(tq as u64).min(tk as u64)).sum(),
+        Mask::Causal => (0..tq as u64)
+            .map(|i| (tk as u64 + i + 1).saturating_sub(tq as u64).min(tk as u64))
+            .sum(),
     }
 }
 
@@ -217,4 +268,155 @@ pub fn attention_flops(tq: usize, tk: usize, heads: usize, d: usize, mask: Mask)
 /// Bytes attention must move at least: read q, k, v and write out once (f32).
 pub fn attention_min_bytes(tq: usize, tk: usize, heads: usize, d: usize) -> u64 {
     4 * (2 * tq as u64 + 2 * tk as u64) * heads as u64 * d as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testutil::{rel_l2, Rng};
+    use proptest::prelude::*;
+
+    /// q, k, v storage: separate padded buffers, or one interleaved `[t, 3, heads, d]` qkv buffer.
+    #[allow(clippy::too_many_arguments)]
+    fn run(
+        tq: usize,
+        tk: usize,
+        heads: usize,
+        d: usize,
+        mask: Mask,
+        interleaved: bool,
+        pad: usize,
+        seed: u64,
+        isa: Isa,
+    ) -> Result<(), TestCaseError> {
+        let mut rng = Rng::new(seed);
+        let hd = heads * d;
+        let scale = 1.0 / (d as f32).sqrt() * (1.0 + rng.uniform());
+        let (qbuf, kbuf, vbuf, q_stride, kv_stride, koff, voff);
+        if interleaved {
+            let t = tq.max(tk);
+            qbuf = rng.vec(t * 3 * hd, 2.0);
+            kbuf = Vec::new();
+            vbuf = Vec::new();
+            (q_stride, kv_stride, koff, voff) = (3 * hd, 3 * hd, hd, 2 * hd);
+        } else {
+            q_stride = hd + pad;
+            kv_stride = hd + 2 * pad;
+            qbuf = rng.vec(tq * q_stride, 2.0);
+            kbuf = rng.vec(tk * kv_stride, 2.0);
+            vbuf = rng.vec(tk * kv_stride, 2.0);
+            (koff, voff) = (0, 0);
+        }
+        let (k, v): (&[f32], &[f32]) = if interleaved {
+            (&qbuf[koff..], &qbuf[voff..])
+        } else {
+            (&kbuf, &vbuf)
+        };
+        let args = AttnArgs {
+            q: &qbuf,
+            q_stride,
+            k,
+            v,
+            kv_stride,
+            tq,
+            tk,
+            heads,
+            d,
+            scale,
+            mask,
+        };
+        let mut got = vec![f32::NAN; tq * hd];
+        let mut want = vec![f32::NAN; tq * hd];
+        attention_with_isa(isa, &args, &mut got);
+        attention_ref(&args, &mut want);
+        let e = rel_l2(&got, &want);
+        prop_assert!(
+            e < 2e-5,
+            "{isa:?} tq {tq} tk {tk} heads {heads} d {d} {mask:?}: rel err {e}"
+        );
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(48))]
+
+        #[test]
+        fn attention_matches_ref(
+            tq in 1usize..=70, extra in 0usize..=280, heads in 1usize..=3,
+            d in prop::sample::select(vec![1usize, 3, 7, 16, 32, 40]),
+            causal: bool, interleaved: bool, pad in 0usize..3, seed: u64, portable: bool,
+        ) {
+            let mask = if causal { Mask::Causal } else { Mask::None };
+            let isa = if portable { Isa::Portable } else { Isa::Avx2Fma };
+            run(tq, tq + extra, heads, d, mask, interleaved, pad, seed, isa)?;
+        }
+
+        /// Decode: one query against a long cache.
+        #[test]
+        fn decode_matches_ref(tk in 1usize..=700, d in prop::sample::select(vec![16usize, 128]), seed: u64, portable: bool) {
+            let isa = if portable { Isa::Portable } else { Isa::Avx2Fma };
+            run(1, tk, 2, d, Mask::Causal, false, 1, seed, isa)?;
+        }
+    }
+
+    #[test]
+    fn bigger_blocks() {
+        // Several query blocks and key blocks, d = 128.
+        for isa in [Isa::Portable, Isa::Avx2Fma] {
+            run(130, 300, 2, 128, Mask::Causal, false, 0, 1, isa).unwrap();
+            run(100, 100, 2, 104, Mask::None, true, 0, 2, isa).unwrap();
+        }
+    }
+
+    #[test]
+    fn more_queries_than_keys() {
+        // Causal with tq > tk: the first tq − tk queries see nothing → zeros.
+        for isa in [Isa::Portable, Isa::Avx2Fma] {
+            run(9, 4, 2, 8, Mask::Causal, false, 0, 3, isa).unwrap();
+        }
+        let q = [1.0f32; 3 * 2];
+        let kv = [1.0f32; 2];
+        let args = AttnArgs {
+            q: &q,
+            q_stride: 2,
+            k: &kv,
+            v: &kv,
+            kv_stride: 2,
+            tq: 3,
+            tk: 1,
+            heads: 1,
+            d: 2,
+            scale: 1.0,
+            mask: Mask::Causal,
+        };
+        let mut out = [f32::NAN; 6];
+        attention(&args, &mut out);
+        assert_eq!(out, [0.0, 0.0, 0.0, 0.0, 1.0, 1.0]);
+    }
+
+    #[test]
+    fn empty() {
+        let args = AttnArgs {
+            q: &[],
+            q_stride: 4,
+            k: &[],
+            v: &[],
+            kv_stride: 4,
+            tq: 0,
+            tk: 0,
+            heads: 1,
+            d: 4,
+            scale: 1.0,
+            mask: Mask::None,
+        };
+        attention(&args, &mut []);
+    }
+
+    #[test]
+    fn cost_model() {
+        assert_eq!(attention_flops(2, 3, 1, 1, Mask::None), 24);
+        // Causal, tq = 2, tk = 3: the queries see 2 and 3 keys.
+        assert_eq!(attention_flops(2, 3, 1, 1, Mask::Causal), 20);
+        assert_eq!(attention_min_bytes(1, 2, 1, 1), 4 * 6);
+    }
 }

@@ -41,7 +41,9 @@ impl Isa {
             Isa::Portable => true,
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2Fma => {
-                is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c")
+                is_x86_feature_detected!("avx2")
+                    && is_x86_feature_detected!("fma")
+                    && is_x86_feature_detected!("f16c")
             }
             #[cfg(not(target_arch = "x86_64"))]
             Isa::Avx2Fma => false,
@@ -208,7 +210,9 @@ pub(crate) fn par_chunks(
 ) {
     let chunk = chunk.max(1);
     if parallel && buf.len() > chunk {
-        buf.par_chunks_mut(chunk).enumerate().for_each(|(i, c)| f(i, c));
+        buf.par_chunks_mut(chunk)
+            .enumerate()
+            .for_each(|(i, c)| f(i, c));
     } else {
         buf.chunks_mut(chunk).enumerate().for_each(|(i, c)| f(i, c));
     }

@@ -37,7 +37,10 @@ mod testutil;
 pub use act::{
     erf_f32, erf_ref, exp_f32, gelu_erf, gelu_erf_ref, silu, silu_ref, swiglu, swiglu_ref,
 };
-pub use attention::{attention, attention_flops, attention_min_bytes, attention_ref, attention_with_isa, AttnArgs, Mask};
+pub use attention::{
+    attention, attention_flops, attention_min_bytes, attention_ref, attention_with_isa, AttnArgs,
+    Mask,
+};
 pub use common::Isa;
 pub use gemm::{gemm, gemm_flops, gemm_min_bytes, gemm_ref, gemm_with_isa, MatRef};
 pub use norm::{layer_norm, layer_norm_ref, rms_norm, rms_norm_ref};

@@ -15,11 +15,22 @@ use qvc_ir::Elems;
 const CHUNK: usize = 16 * 1024;
 
 fn check(x: &[f32], out: &[f32], cols: usize, what: &str) {
-    assert_eq!(out.len(), x.len(), "{what}: out has {} elements, x has {}", out.len(), x.len());
+    assert_eq!(
+        out.len(),
+        x.len(),
+        "{what}: out has {} elements, x has {}",
+        out.len(),
+        x.len()
+    );
     if cols == 0 {
         assert!(x.is_empty(), "{what}: cols = 0 with non-empty x");
     } else {
-        assert_eq!(x.len() % cols, 0, "{what}: x.len() = {} is not a multiple of cols = {cols}", x.len());
+        assert_eq!(
+            x.len() % cols,
+            0,
+            "{what}: x.len() = {} is not a multiple of cols = {cols}",
+            x.len()
+        );
     }
 }
 
@@ -33,9 +44,20 @@ pub fn rms_norm(x: &[f32], w: Elems, eps: f32, cols: usize, out: &mut [f32]) {
     rms_norm_with_isa(Isa::detect(), x, w, eps, cols, out)
 }
 
-pub(crate) fn layer_norm_with_isa(isa: Isa, x: &[f32], w: Elems, b: Elems, eps: f32, cols: usize, out: &mut [f32]) {
+pub(crate) fn layer_norm_with_isa(
+    isa: Isa,
+    x: &[f32],
+    w: Elems,
+    b: Elems,
+    eps: f32,
+    cols: usize,
+    out: &mut [f32],
+) {
     check(x, out, cols, "layer_norm");
-    assert!(w.len() == cols && b.len() == cols, "layer_norm: w and b must have cols = {cols} elements");
+    assert!(
+        w.len() == cols && b.len() == cols,
+        "layer_norm: w and b must have cols = {cols} elements"
+    );
     if x.is_empty() {
         return;
     }
@@ -55,9 +77,20 @@ pub(crate) fn layer_norm_with_isa(isa: Isa, x: &[f32], w: Elems, b: Elems, eps: 
     });
 }
 
-pub(crate) fn rms_norm_with_isa(isa: Isa, x: &[f32], w: Elems, eps: f32, cols: usize, out: &mut [f32]) {
+pub(crate) fn rms_norm_with_isa(
+    isa: Isa,
+    x: &[f32],
+    w: Elems,
+    eps: f32,
+    cols: usize,
+    out: &mut [f32],
+) {
     check(x, out, cols, "rms_norm");
-    assert_eq!(w.len(), cols, "rms_norm: w must have cols = {cols} elements");
+    assert_eq!(
+        w.len(),
+        cols,
+        "rms_norm: w must have cols = {cols} elements"
+    );
     if x.is_empty() {
         return;
     }
@@ -154,5 +187,73 @@ pub fn rms_norm_ref(x: &[f32], w: Elems, eps: f32, cols: usize, out: &mut [f32])
         for (j, (o, &v)) in or.iter_mut().zip(xr).enumerate() {
             *o = (v as f64 * r * w.get(j) as f64) as f32;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testutil::{rel_l2, Owned, Rng, FLOAT_DTYPES};
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(48))]
+
+        #[test]
+        fn norms_match_ref(
+            rows in 0usize..=9, cols in 1usize..=700, dw in 0usize..3,
+            shift in prop::sample::select(vec![0.0f32, 3.0, -50.0]),
+            eps in prop::sample::select(vec![1e-6f32, 1e-5]),
+            seed: u64, portable: bool,
+        ) {
+            let isa = if portable { Isa::Portable } else { Isa::Avx2Fma };
+            let mut rng = Rng::new(seed);
+            // A shifted mean checks that the variance is taken around the mean.
+            let x: Vec<f32> = rng.vec(rows * cols, 2.0).into_iter().map(|v| v + shift).collect();
+            let w = Owned::from_f32(&rng.vec(cols, 1.5), FLOAT_DTYPES[dw]);
+            let b = Owned::from_f32(&rng.vec(cols, 0.5), FLOAT_DTYPES[dw]);
+
+            let (mut got, mut want) = (vec![0.0; x.len()], vec![0.0; x.len()]);
+            layer_norm_with_isa(isa, &x, w.elems(), b.elems(), eps, cols, &mut got);
+            layer_norm_ref(&x, w.elems(), b.elems(), eps, cols, &mut want);
+            for r in 0..rows {
+                let e = rel_l2(&got[r * cols..(r + 1) * cols], &want[r * cols..(r + 1) * cols]);
+                prop_assert!(e < 1e-5, "layer_norm row {r}: rel err {e}");
+            }
+
+            rms_norm_with_isa(isa, &x, w.elems(), eps, cols, &mut got);
+            rms_norm_ref(&x, w.elems(), eps, cols, &mut want);
+            for r in 0..rows {
+                let e = rel_l2(&got[r * cols..(r + 1) * cols], &want[r * cols..(r + 1) * cols]);
+                prop_assert!(e < 1e-5, "rms_norm row {r}: rel err {e}");
+            }
+        }
+    }
+
+    #[test]
+    fn edge_cases() {
+        let w = [1.0f32; 4];
+        let b = [0.0f32; 4];
+        // No rows.
+        layer_norm(&[], Elems::F32(&w), Elems::F32(&b), 1e-5, 4, &mut []);
+        rms_norm(&[], Elems::F32(&w), 1e-5, 4, &mut []);
+        // A constant row normalises to the bias.
+        let x = [3.0f32; 4];
+        let mut out = [9.0f32; 4];
+        layer_norm(&x, Elems::F32(&w), Elems::F32(&[0.5; 4]), 1e-5, 4, &mut out);
+        assert_eq!(out, [0.5; 4]);
+        // One row: [1, -1, 1, -1] has mean 0, variance 1, rms 1.
+        let x = [1.0f32, -1.0, 1.0, -1.0];
+        rms_norm(&x, Elems::F32(&w), 0.0, 4, &mut out);
+        assert_eq!(out, x);
+        layer_norm(&x, Elems::F32(&w), Elems::F32(&b), 0.0, 4, &mut out);
+        assert_eq!(out, x);
+    }
+
+    #[test]
+    #[should_panic(expected = "not a multiple")]
+    fn ragged_input_panics() {
+        let w = [1.0f32; 3];
+        rms_norm(&[1.0; 4], Elems::F32(&w), 1e-5, 3, &mut [0.0; 4]);
     }
 }

@@ -20,7 +20,12 @@ fn check(x: &[f32], cols: usize) {
     if cols == 0 {
         assert!(x.is_empty(), "softmax_rows: cols = 0 with non-empty x");
     } else {
-        assert_eq!(x.len() % cols, 0, "softmax_rows: x.len() = {} is not a multiple of cols = {cols}", x.len());
+        assert_eq!(
+            x.len() % cols,
+            0,
+            "softmax_rows: x.len() = {} is not a multiple of cols = {cols}",
+            x.len()
+        );
     }
 }
 
@@ -106,5 +111,60 @@ pub fn softmax_rows_ref(x: &mut [f32], cols: usize) {
         for (v, e) in row.iter_mut().zip(e) {
             *v = (e / s) as f32;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testutil::{rel_l2, Rng};
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(48))]
+
+        #[test]
+        fn softmax_matches_ref(
+            rows in 0usize..=9, cols in 1usize..=700,
+            scale in prop::sample::select(vec![0.1f32, 3.0, 30.0]),
+            masked in 0usize..4, seed: u64, portable: bool,
+        ) {
+            let isa = if portable { Isa::Portable } else { Isa::Avx2Fma };
+            let mut rng = Rng::new(seed);
+            let mut x = rng.vec(rows * cols, scale);
+            // Some -inf entries (never a whole row).
+            for r in 0..rows {
+                for j in 0..masked.min(cols - 1) {
+                    x[r * cols + (j * 7) % cols] = f32::NEG_INFINITY;
+                }
+            }
+            let (mut got, mut want) = (x.clone(), x);
+            softmax_rows_with_isa(isa, &mut got, cols);
+            softmax_rows_ref(&mut want, cols);
+            for r in 0..rows {
+                let (g, w) = (&got[r * cols..(r + 1) * cols], &want[r * cols..(r + 1) * cols]);
+                let e = rel_l2(g, w);
+                prop_assert!(e < 1e-5, "row {r}: rel err {e}");
+                let s: f64 = g.iter().map(|&v| v as f64).sum();
+                prop_assert!((s - 1.0).abs() < 1e-5, "row {r} sums to {s}");
+            }
+        }
+    }
+
+    #[test]
+    fn edge_cases() {
+        softmax_rows(&mut [], 5);
+        let mut one = [42.0f32];
+        softmax_rows(&mut one, 1);
+        assert_eq!(one, [1.0]);
+        let mut x = [0.0f32, f32::NEG_INFINITY, 0.0];
+        softmax_rows(&mut x, 3);
+        assert_eq!(x, [0.5, 0.0, 0.5]);
+        let mut x = [f32::NEG_INFINITY; 2];
+        softmax_rows(&mut x, 2);
+        assert!(
+            x[0].is_nan() && x[1].is_nan(),
+            "all -inf gives NaN, as in PyTorch"
+        );
     }
 }

@@ -131,6 +131,7 @@ pub struct PrefillOptions {
 
 /// Output of [`Session::prefill`]: logits `[rows, vocab]` (one row unless
 /// `all_logits`) and any requested hidden states.
+#[derive(Debug)]
 pub struct PrefillOutput {
     pub logits: Vec<f32>,
     pub hidden: HashMap<String, Vec<f32>>,

@@ -451,8 +451,9 @@ impl QwenTokenizer {
                     }
                     out.push(self.specials.img_start);
                     out.extend(path.bytes().map(u32::from));
-                    out.extend(
-                        std::iter::repeat(self.specials.img_pad).take(IMG_TOKEN_SPAN - path.len()),
+                    out.resize(
+                        out.len() + IMG_TOKEN_SPAN - path.len(),
+                        self.specials.img_pad,
                     );
                     out.push(self.specials.img_end);
                     i = j;
@@ -807,7 +808,8 @@ const B64_ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrst
 /// Strict standard base64 (with `=` padding) into `out`.
 fn base64_decode(s: &str, out: &mut Vec<u8>) -> Result<(), String> {
     let b = s.as_bytes();
-    if b.len() % 4 != 0 {
+    let chunks = b.chunks_exact(4);
+    if !chunks.remainder().is_empty() {
         return Err(format!("length {} is not a multiple of 4", b.len()));
     }
     let val = |c: u8, at: usize| -> Result<u32, String> {
@@ -820,8 +822,8 @@ fn base64_decode(s: &str, out: &mut Vec<u8>) -> Result<(), String> {
             _ => Err(format!("invalid character {:?} at {at}", c as char)),
         }
     };
-    let n_chunks = b.len() / 4;
-    for (k, chunk) in b.chunks_exact(4).enumerate() {
+    let n_chunks = chunks.len();
+    for (k, chunk) in chunks.enumerate() {
         let last = k + 1 == n_chunks;
         let pad = chunk.iter().rev().take_while(|&&c| c == b'=').count();
         if pad > 2 || (pad > 0 && !last) {
@@ -863,135 +865,17 @@ fn base64_encode(data: &[u8]) -> String {
     s
 }
 
-/// Common English words for the demo vocabulary (each also with a leading space).
-const DEMO_WORDS: &[&str] = &[
-    "the",
-    "of",
-    "and",
-    "to",
-    "in",
-    "is",
-    "it",
-    "that",
-    "for",
-    "on",
-    "with",
-    "as",
-    "was",
-    "are",
-    "this",
-    "be",
-    "at",
-    "by",
-    "from",
-    "or",
-    "an",
-    "have",
-    "not",
-    "but",
-    "what",
-    "all",
-    "were",
-    "when",
-    "we",
-    "there",
-    "can",
-    "which",
-    "their",
-    "if",
-    "do",
-    "will",
-    "each",
-    "about",
-    "how",
-    "up",
-    "out",
-    "them",
-    "then",
-    "she",
-    "many",
-    "some",
-    "so",
-    "these",
-    "would",
-    "other",
-    "into",
-    "has",
-    "more",
-    "two",
-    "like",
-    "him",
-    "see",
-    "time",
-    "could",
-    "no",
-    "make",
-    "than",
-    "first",
-    "been",
-    "its",
-    "who",
-    "now",
-    "people",
-    "my",
-    "made",
-    "over",
-    "did",
-    "down",
-    "only",
-    "way",
-    "find",
-    "use",
-    "may",
-    "water",
-    "long",
-    "little",
-    "very",
-    "after",
-    "words",
-    "called",
-    "just",
-    "where",
-    "most",
-    "know",
-    "picture",
-    "image",
-    "color",
-    "red",
-    "green",
-    "blue",
-    "white",
-    "black",
-    "dog",
-    "cat",
-    "box",
-    "left",
-    "right",
-    "top",
-    "bottom",
-    "you",
-    "are",
-    "helpful",
-    "assistant",
-    "user",
-    "system",
-    "what",
-    "describe",
-    "in",
-    "hello",
-    "world",
-    "question",
-    "answer",
-    "circle",
-    "square",
-    "line",
-    "text",
-    "there",
-    "here",
-    "one",
-    "three",
-    "four",
-];
+/// Common English words for the demo vocabulary (each also with a leading
+/// space), separated by whitespace.
+const DEMO_WORDS: &str = "\
+    the of and to in is it that for on with as was are this be at by from or an have not \
+    but what all were when we there can which their if do will each about how up out them \
+    then she many some so these would other into has more two like him see time could no \
+    make than first been its who now people my made over did down only way find use may \
+    water long little very after words called just where most know picture image color red \
+    green blue white black dog cat box left right top bottom you are helpful assistant user \
+    system what describe in hello world question answer circle square line text there here \
+    one three four";
 
 /// Common English letter pairs, merged before the words.
 const DEMO_PAIRS: &[&str] = &[
@@ -1020,7 +904,7 @@ pub fn demo_tiktoken() -> String {
     for p in DEMO_PAIRS {
         add(&mut tokens, p.as_bytes());
     }
-    for w in DEMO_WORDS {
+    for w in DEMO_WORDS.split_ascii_whitespace() {
         for word in [w.to_string(), format!(" {w}")] {
             let b = word.as_bytes();
             for len in 2..=b.len() {

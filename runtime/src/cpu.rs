@@ -168,7 +168,9 @@ fn eval<'a>(
             let (sa, sb) = (shp(0), shp(1));
             let rhs = a.remove(1);
             let y = rhs.elems();
-            if sa == out && (sb == out || sb.numel() == out.last() || sb.numel() == 1) {
+            // A row vector: all dims but the last are 1 and the last matches.
+            let row = sb.numel() == out.last() && sb.last() == out.last();
+            if sa == out && (sb == out || row || sb.numel() == 1) {
                 // The common cases: same shape, a row vector (bias, norm
                 // weight) or a scalar on the right: reuse the left buffer.
                 let same = sb == out;

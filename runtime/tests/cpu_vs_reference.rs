@@ -1,0 +1,165 @@
+//! The CPU backend against the reference interpreter, op by op, on random
+//! shapes (ragged ones included) and random bf16/f32 weights.
+
+use half::bf16;
+use proptest::prelude::*;
+use qvc_ir::{BinaryOp, DType, Elems, Graph, InputRef, Mask, ReduceOp, UnaryOp, WeightSource};
+use qvc_runtime::{Backend, Cpu, Reference};
+use std::collections::HashMap;
+
+/// Weights for tests: bf16 params, as checkpoints store them.
+struct W(HashMap<String, Vec<bf16>>);
+impl WeightSource for W {
+    fn weight(&self, name: &str) -> Option<Elems<'_>> {
+        self.0.get(name).map(|v| Elems::BF16(v))
+    }
+}
+
+fn vals(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    (0..n)
+        .map(|_| {
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+fn rel(a: &[f32], b: &[f32]) -> f64 {
+    let n: f64 = a.iter().zip(b).map(|(x, y)| (*x as f64 - *y as f64).powi(2)).sum();
+    let d: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
+    (n / d.max(1e-30)).sqrt()
+}
+
+/// Run on both backends and compare every output.
+fn agree(g: &Graph, w: &W, inputs: &HashMap<String, Vec<f32>>) {
+    let ins: HashMap<String, InputRef> = inputs.iter().map(|(k, v)| (k.clone(), InputRef::F32(v))).collect();
+    let a = Cpu.run(g, w, &ins).unwrap();
+    let b = Reference.run(g, w, &ins).unwrap();
+    for (name, want) in &b {
+        let r = rel(&a[name], want);
+        assert!(r < 2e-6, "{name}: relative error {r:e}\n{g}");
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+    #[test]
+    fn linear_norm_act_softmax(m in 1usize..20, k in 1usize..40, n in 1usize..40, seed in 0u64..1000) {
+        let mut g = Graph::new();
+        let x = g.input("x", DType::F32, vec![m, k]);
+        let w = g.param("w", DType::BF16, vec![n, k]);
+        let b = g.param("b", DType::BF16, vec![n]);
+        let lw = g.param("lw", DType::BF16, vec![n]);
+        let y = g.linear(x, w, Some(b)).unwrap();
+        let ln = g.layer_norm(y, lw, b, 1e-6).unwrap();
+        let rn = g.rms_norm(y, lw, 1e-6).unwrap();
+        let ge = g.gelu(ln).unwrap();
+        let si = g.silu(rn).unwrap();
+        let sm = g.softmax(ge).unwrap();
+        let e = g.unary(UnaryOp::Tanh, si).unwrap();
+        let mx = g.reduce(ReduceOp::Max, e, 1).unwrap();
+        let su = g.reduce(ReduceOp::Sum, sm, 0).unwrap();
+        // Divide by something bounded away from zero: a quotient by a
+        // near-zero max would measure conditioning, not the backend.
+        let one = g.scalar(2.0);
+        let den = g.add(mx, one).unwrap();
+        let d = g.binary(BinaryOp::Div, e, den).unwrap();
+        for (name, id) in [("ln", ln), ("rn", rn), ("ge", ge), ("si", si), ("sm", sm), ("su", su), ("d", d)] {
+            g.set_output(name, id);
+        }
+        let wts = W(HashMap::from([
+            ("w".to_string(), vals(n * k, seed).into_iter().map(bf16::from_f32).collect()),
+            ("b".to_string(), vals(n, seed + 1).into_iter().map(bf16::from_f32).collect()),
+            ("lw".to_string(), vals(n, seed + 2).into_iter().map(|v| bf16::from_f32(1.0 + 0.2 * v)).collect()),
+        ]));
+        agree(&g, &wts, &HashMap::from([("x".to_string(), vals(m * k, seed + 3))]));
+    }
+
+    #[test]
+    fn layout_ops(a in 1usize..6, b in 1usize..7, c in 1usize..9, seed in 0u64..1000) {
+        let mut g = Graph::new();
+        let x = g.input("x", DType::F32, vec![a, b, c]);
+        let p = g.permute(x, vec![2, 0, 1]).unwrap();
+        let s = g.slice(x, 2, c / 3, c).unwrap();
+        let cat = g.concat(&[x, s], 2).unwrap();
+        let r = g.reshape(cat, vec![a * b, c + c - c / 3]).unwrap();
+        let bm = g.input("y", DType::F32, vec![b, 1]);
+        let bc = g.add(x, bm).unwrap();
+        let mm = g.matmul(x, p).unwrap_or(x);
+        for (name, id) in [("p", p), ("s", s), ("r", r), ("bc", bc), ("mm", mm)] {
+            g.set_output(name, id);
+        }
+        let ins = HashMap::from([("x".to_string(), vals(a * b * c, seed)), ("y".to_string(), vals(b, seed + 9))]);
+        agree(&g, &W(HashMap::new()), &ins);
+    }
+
+    #[test]
+    fn attention_rotary_cache(t in 1usize..12, past in 0usize..10, h in 1usize..4, half_d in 1usize..9, causal in any::<bool>(), seed in 0u64..1000) {
+        let d = 2 * half_d;
+        let mut g = Graph::new();
+        let q = g.input("q", DType::F32, vec![t, h, d]);
+        let k = g.input("k", DType::F32, vec![t, h, d]);
+        let v = g.input("v", DType::F32, vec![t, h, d]);
+        let cs = g.input("cos", DType::F32, vec![t, d]);
+        let sn = g.input("sin", DType::F32, vec![t, d]);
+        let qr = g.rotary(q, cs, sn).unwrap();
+        let kr = g.rotary(k, cs, sn).unwrap();
+        let scale = 1.0 / (d as f32).sqrt();
+        let a = if past > 0 {
+            let pk = g.input("pk", DType::F32, vec![past, h, d]);
+            let pv = g.input("pv", DType::F32, vec![past, h, d]);
+            g.attention_cached(qr, kr, v, pk, pv, scale).unwrap()
+        } else {
+            g.attention(qr, kr, v, if causal { Mask::Causal } else { Mask::None }, scale).unwrap()
+        };
+        g.set_output("a", a);
+        let n = t * h * d;
+        let ins = HashMap::from([
+            ("q".to_string(), vals(n, seed)), ("k".to_string(), vals(n, seed + 1)), ("v".to_string(), vals(n, seed + 2)),
+            ("cos".to_string(), vals(t * d, seed + 3)), ("sin".to_string(), vals(t * d, seed + 4)),
+            ("pk".to_string(), vals(past * h * d, seed + 5)), ("pv".to_string(), vals(past * h * d, seed + 6)),
+        ]);
+        agree(&g, &W(HashMap::new()), &ins);
+    }
+
+    #[test]
+    fn conv_patch_gather_scatter(c in 1usize..4, p in 1usize..5, gh in 1usize..4, gw in 1usize..4, o in 1usize..6, seed in 0u64..1000) {
+        let mut g = Graph::new();
+        let x = g.input("x", DType::F32, vec![c, gh * p, gw * p]);
+        let w = g.param("w", DType::BF16, vec![o, c, p, p]);
+        let y = g.conv2d_patch(x, w, p).unwrap();
+        g.set_output("y", y);
+        let wts = W(HashMap::from([("w".to_string(), vals(o * c * p * p, seed).into_iter().map(bf16::from_f32).collect())]));
+        agree(&g, &wts, &HashMap::from([("x".to_string(), vals(c * gh * p * gw * p, seed + 1))]));
+    }
+}
+
+#[test]
+fn gather_and_scatter_rows_agree() {
+    let mut g = Graph::new();
+    let t = g.param("t", DType::BF16, vec![7, 3]);
+    let ids = g.input("ids", DType::I32, vec![4]);
+    let x = g.gather(t, ids).unwrap();
+    let f = g.input("f", DType::F32, vec![2, 3]);
+    let rows = g.input("rows", DType::I32, vec![2]);
+    let y = g.scatter_rows(x, f, rows).unwrap();
+    g.set_output("y", y);
+    let w = W(HashMap::from([("t".to_string(), vals(21, 5).into_iter().map(bf16::from_f32).collect())]));
+    let fv = vals(6, 6);
+    let (idv, rv) = ([6, 0, 3, 3], [1, 3]);
+    let ins = HashMap::from([
+        ("ids".to_string(), InputRef::I32(&idv)),
+        ("f".to_string(), InputRef::F32(&fv)),
+        ("rows".to_string(), InputRef::I32(&rv)),
+    ]);
+    let a = Cpu.run(&g, &w, &ins).unwrap();
+    let b = Reference.run(&g, &w, &ins).unwrap();
+    assert_eq!(a["y"], b["y"]);
+    assert_eq!(&a["y"][3..6], &fv[..3]);
+    let bad = [1, 9];
+    let ins = HashMap::from([("ids".to_string(), InputRef::I32(&idv)), ("f".to_string(), InputRef::F32(&fv)), ("rows".to_string(), InputRef::I32(&bad))]);
+    let err = Cpu.run(&g, &w, &ins).unwrap_err();
+    assert!(err.to_string().contains("out of range"), "{err}");
+}

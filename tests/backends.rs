@@ -1,0 +1,44 @@
+//! The whole model on two backends: the fast CPU backend and the naive
+//! reference interpreter must agree on the vision program, a prefill and
+//! decode steps through the KV cache. Runs on the demo checkpoint (random
+//! weights, written to a temp dir), so it needs no fixtures.
+
+use qvc_model::chat::{format_query, make_context, DEFAULT_SYSTEM};
+use qvc_model::{LoadOptions, Model, PrefillOptions, Session};
+use qvc_runtime::{Cpu, Reference};
+
+fn rel(a: &[f32], b: &[f32]) -> f64 {
+    let n: f64 = a.iter().zip(b).map(|(x, y)| (*x as f64 - *y as f64).powi(2)).sum();
+    let d: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
+    (n / d).sqrt()
+}
+
+#[test]
+fn cpu_backend_agrees_with_reference_interpreter_on_the_model() {
+    let dir = std::env::temp_dir().join(format!("qvc-backends-{}", std::process::id()));
+    qvc::demo::write_checkpoint(&dir).unwrap();
+    let model = Model::load(&dir, &LoadOptions::default()).unwrap();
+    let pic = dir.join("demo.png").to_str().unwrap().to_string();
+    let query = format_query(&[pic], "Where is the red square?");
+    let ids = make_context(&model.tokenizer, DEFAULT_SYSTEM, &[], &query, 6144).unwrap();
+    let (cpu, reference) = (Cpu, Reference);
+    let mut a = Session::new(&model, &cpu);
+    let mut b = Session::new(&model, &reference);
+    let opt = PrefillOptions { all_logits: true, hidden: true };
+    let (pa, pb) = (a.prefill(&ids, &opt).unwrap(), b.prefill(&ids, &opt).unwrap());
+    let r = rel(&pa.logits, &pb.logits);
+    eprintln!("prefill logits ({} positions): rel err {r:.2e}", ids.len());
+    assert!(r < 1e-5, "prefill logits differ: {r:e}");
+    for (name, v) in &pb.hidden {
+        let r = rel(&pa.hidden[name], v);
+        assert!(r < 1e-5, "{name} differs: {r:e}");
+    }
+    for t in [5u32, 77, 300] {
+        let (la, lb) = (a.step(t).unwrap(), b.step(t).unwrap());
+        let r = rel(&la, &lb);
+        eprintln!("decode step after {t}: rel err {r:.2e}");
+        assert!(r < 1e-5, "decode logits differ: {r:e}");
+    }
+    assert_eq!(a.cached_tokens(), ids.len() + 3);
+    let _ = std::fs::remove_dir_all(&dir);
+}
