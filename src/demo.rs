@@ -61,7 +61,10 @@ fn write_weights(cfg: &Config, path: &Path, seed: u64) -> Result<()> {
             let fan_in = if shape.len() >= 2 { shape[1..].iter().product::<usize>() } else { 1 } as f64;
             let norm = name.contains("ln_") && name.ends_with("weight");
             let bias = name.ends_with("bias");
-            let embed = name.ends_with("wte.weight") || name.contains("positional") || name.contains("pos_embed") || name.ends_with("query");
+            let embed = name.ends_with("wte.weight")
+                || name.contains("positional")
+                || name.contains("pos_embed")
+                || name.ends_with("query");
             let mut bytes = Vec::with_capacity(n * 2);
             for _ in 0..n {
                 let u = rng.next_f64() * 2.0 - 1.0;
@@ -83,7 +86,8 @@ fn write_weights(cfg: &Config, path: &Path, seed: u64) -> Result<()> {
         .iter()
         .map(|(n, s, b)| Ok((n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::BF16, s.clone(), b)?)))
         .collect::<Result<_>>()?;
-    safetensors::tensor::serialize_to_file(views, None, path).with_context(|| format!("cannot write {}", path.display()))?;
+    safetensors::tensor::serialize_to_file(views, None, path)
+        .with_context(|| format!("cannot write {}", path.display()))?;
     Ok(())
 }
 
@@ -111,7 +115,7 @@ pub fn run(dir: Option<PathBuf>, question: &str, max_new_tokens: usize) -> Resul
     let model = Model::load(&dir, &LoadOptions::default())?;
     let picture = dir.join("demo.png");
     let pic = picture.to_str().context("temp dir path is not UTF-8")?.to_string();
-    let query = format_query(&[pic.clone()], question);
+    let query = format_query(std::slice::from_ref(&pic), question);
     let prompt = make_context(&model.tokenizer, DEFAULT_SYSTEM, &[], &query, model.generation.max_window_size)?;
     eprintln!("[demo] picture: {pic}");
     eprintln!("[demo] question: {question}");

@@ -106,7 +106,8 @@ fn sharded_checkpoints_load_and_broken_indexes_are_named() {
     let mut map = serde_json::Map::new();
     for (i, part) in [a, b].iter().enumerate() {
         let file = format!("model-0000{}-of-00002.safetensors", i + 1);
-        let views: Vec<(String, safetensors::tensor::TensorView)> = part.iter().map(|n| (n.clone(), st.tensor(n).unwrap())).collect();
+        let views: Vec<(String, safetensors::tensor::TensorView)> =
+            part.iter().map(|n| (n.clone(), st.tensor(n).unwrap())).collect();
         safetensors::tensor::serialize_to_file(views, None, &dir.join(&file)).unwrap();
         for n in part.iter() {
             map.insert(n.clone(), serde_json::json!(file));

@@ -62,7 +62,10 @@ fn chat_case(m: &Model, e: &Expected, dir: &Path, case: &str) {
     for span in c["image_spans"].as_array().unwrap() {
         let path = span["path"].as_str().unwrap();
         if path.ends_with(".jpg") {
-            s.provide_image_features(path, vision(m, &e.f32(&format!("pixels/{path}")), false).remove("features").unwrap());
+            s.provide_image_features(
+                path,
+                vision(m, &e.f32(&format!("pixels/{path}")), false).remove("features").unwrap(),
+            );
         }
     }
     let has_hidden = c.get("hidden").is_some();
@@ -75,8 +78,18 @@ fn chat_case(m: &Model, e: &Expected, dir: &Path, case: &str) {
         check(&format!("chat/{case}/all_logits"), &out.logits, &e.f32(&format!("chat/{case}/all_logits")), TOL);
     }
     if has_hidden {
-        for (ours, theirs) in [("hidden.embeds", "embeds"), ("hidden.block_0", "block_0"), ("hidden.block_1", "block_1"), ("hidden.final_norm", "final_norm")] {
-            check(&format!("chat/{case}/hidden/{theirs}"), &out.hidden[ours], &e.f32(&format!("chat/{case}/hidden/{theirs}")), TOL);
+        for (ours, theirs) in [
+            ("hidden.embeds", "embeds"),
+            ("hidden.block_0", "block_0"),
+            ("hidden.block_1", "block_1"),
+            ("hidden.final_norm", "final_norm"),
+        ] {
+            check(
+                &format!("chat/{case}/hidden/{theirs}"),
+                &out.hidden[ours],
+                &e.f32(&format!("chat/{case}/hidden/{theirs}")),
+                TOL,
+            );
         }
     }
     // Greedy continuation through the KV cache.

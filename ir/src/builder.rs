@@ -10,11 +10,7 @@ type R = Result<NodeId, IrError>;
 impl Graph {
     fn leaf(&mut self, op: Op, dtype: DType, shape: Shape) -> NodeId {
         let id = NodeId(self.nodes.len() as u32);
-        self.nodes.push(crate::graph::Node {
-            op,
-            inputs: vec![],
-            ty: TensorType { dtype, shape },
-        });
+        self.nodes.push(crate::graph::Node { op, inputs: vec![], ty: TensorType { dtype, shape } });
         id
     }
     /// A run-time input.
@@ -124,7 +120,15 @@ impl Graph {
         self.push(Op::Attention { mask, scale }, &[q, k, v])
     }
     /// Attention over a KV cache: keys are `past_k` rows, then `k`.
-    pub fn attention_cached(&mut self, q: NodeId, k: NodeId, v: NodeId, past_k: NodeId, past_v: NodeId, scale: f32) -> R {
+    pub fn attention_cached(
+        &mut self,
+        q: NodeId,
+        k: NodeId,
+        v: NodeId,
+        past_k: NodeId,
+        past_v: NodeId,
+        scale: f32,
+    ) -> R {
         self.push(Op::Attention { mask: Mask::Causal, scale }, &[q, k, v, past_k, past_v])
     }
     pub fn conv2d_patch(&mut self, x: NodeId, w: NodeId, patch: usize) -> R {

@@ -80,28 +80,46 @@ pub enum Op {
     /// Elementwise with numpy broadcasting.
     Binary(BinaryOp),
     /// Reduction over one axis; the axis is kept with size 1.
-    Reduce { op: ReduceOp, axis: usize },
+    Reduce {
+        op: ReduceOp,
+        axis: usize,
+    },
     /// `a[..., m, k] · b[..., k, n]`, or `b[..., n, k]` read transposed when
     /// `transpose_b` (a Linear weight stored `[out, in]`). A rank-2 `b` is
     /// shared by every batch of `a`.
-    MatMul { transpose_b: bool },
+    MatMul {
+        transpose_b: bool,
+    },
     Reshape(Shape),
     Permute(Vec<usize>),
-    Slice { axis: usize, start: usize, end: usize },
-    Concat { axis: usize },
+    Slice {
+        axis: usize,
+        start: usize,
+        end: usize,
+    },
+    Concat {
+        axis: usize,
+    },
     /// `table[V, H]`, `ids[T]` (i32) → `[T, H]`.
     Gather,
     /// `dst[T, H]`, `src[R, H]`, `rows[R]` (i32) → `dst` with row `rows[i]` replaced by `src[i]`.
     ScatterRows,
     /// The index along `axis` of every element of `shape`, as f32.
-    Iota { shape: Shape, axis: usize },
+    Iota {
+        shape: Shape,
+        axis: usize,
+    },
     /// `cond != 0 ? a : b`, broadcasting.
     Where,
 
     /// `(x - mean) / sqrt(var + eps) * w + b` over the last axis.
-    LayerNorm { eps: f32 },
+    LayerNorm {
+        eps: f32,
+    },
     /// `x / sqrt(mean(x²) + eps) * w` over the last axis.
-    RmsNorm { eps: f32 },
+    RmsNorm {
+        eps: f32,
+    },
     /// Exact (erf) GELU.
     Gelu,
     /// `x · sigmoid(x)`.
@@ -114,9 +132,14 @@ pub enum Op {
     /// inputs the last two are a KV cache `past_k[P, H, d]`, `past_v[P, H, d]`
     /// whose rows come before `k` and `v` (the kernel reads them in place;
     /// the expansion concatenates).
-    Attention { mask: Mask, scale: f32 },
+    Attention {
+        mask: Mask,
+        scale: f32,
+    },
     /// Non-overlapping patches: `x[C, Hpx, Wpx]`, `w[O, C, p, p]` → `[(Hpx/p)·(Wpx/p), O]`, row-major grid.
-    Conv2dPatch { patch: usize },
+    Conv2dPatch {
+        patch: usize,
+    },
 }
 
 impl Op {
@@ -187,10 +210,7 @@ pub enum IrError {
 }
 
 fn type_err(op: &Op, detail: impl Into<String>) -> IrError {
-    IrError::Type {
-        op: op.name(),
-        detail: detail.into(),
-    }
+    IrError::Type { op: op.name(), detail: detail.into() }
 }
 
 /// A program: nodes in topological order plus named outputs.
@@ -284,11 +304,7 @@ impl Graph {
 
     fn push_typed(&mut self, op: Op, inputs: &[NodeId], ty: TensorType) -> Result<NodeId, IrError> {
         let id = NodeId(self.nodes.len() as u32);
-        self.nodes.push(Node {
-            op,
-            inputs: inputs.to_vec(),
-            ty,
-        });
+        self.nodes.push(Node { op, inputs: inputs.to_vec(), ty });
         Ok(id)
     }
 
@@ -306,7 +322,13 @@ impl Graph {
             Op::Binary(_) | Op::MatMul { .. } | Op::Gather | Op::RmsNorm { .. } | Op::Conv2dPatch { .. } => 2,
             Op::ScatterRows | Op::Where | Op::LayerNorm { .. } | Op::Rotary => 3,
             // q, k, v and optionally a KV cache: past_k, past_v
-            Op::Attention { .. } => if inputs.len() == 5 { 5 } else { 3 },
+            Op::Attention { .. } => {
+                if inputs.len() == 5 {
+                    5
+                } else {
+                    3
+                }
+            }
             Op::Concat { .. } => inputs.len().max(1),
         };
         if inputs.len() != arity {
@@ -342,15 +364,18 @@ impl Graph {
             Op::Binary(_) => {
                 need_float(0)?;
                 need_float(1)?;
-                f32t(broadcast_shapes(s(0), s(1)).ok_or_else(|| {
-                    type_err(op, format!("cannot broadcast {} with {}", s(0), s(1)))
-                })?)
+                f32t(
+                    broadcast_shapes(s(0), s(1))
+                        .ok_or_else(|| type_err(op, format!("cannot broadcast {} with {}", s(0), s(1))))?,
+                )
             }
             Op::Where => {
                 let ab = broadcast_shapes(s(1), s(2))
                     .ok_or_else(|| type_err(op, format!("cannot broadcast {} with {}", s(1), s(2))))?;
-                f32t(broadcast_shapes(s(0), &ab)
-                    .ok_or_else(|| type_err(op, format!("cannot broadcast {} with {}", s(0), ab)))?)
+                f32t(
+                    broadcast_shapes(s(0), &ab)
+                        .ok_or_else(|| type_err(op, format!("cannot broadcast {} with {}", s(0), ab)))?,
+                )
             }
             Op::Reduce { axis, .. } => {
                 need_float(0)?;
@@ -369,11 +394,8 @@ impl Graph {
                     return Err(type_err(op, format!("needs rank >= 2, got {a} and {b}")));
                 }
                 let (m, k) = (a.dim(a.rank() - 2), a.last());
-                let (kb, n) = if *transpose_b {
-                    (b.last(), b.dim(b.rank() - 2))
-                } else {
-                    (b.dim(b.rank() - 2), b.last())
-                };
+                let (kb, n) =
+                    if *transpose_b { (b.last(), b.dim(b.rank() - 2)) } else { (b.dim(b.rank() - 2), b.last()) };
                 if k != kb {
                     return Err(type_err(op, format!("inner dimensions differ: {a} · {b}")));
                 }
@@ -397,10 +419,7 @@ impl Graph {
                 if p.len() != s(0).rank() || p.iter().any(|&i| i >= p.len() || std::mem::replace(&mut seen[i], true)) {
                     return Err(type_err(op, format!("{p:?} is not a permutation of {}", s(0))));
                 }
-                TensorType {
-                    dtype: self.ty(inputs[0]).dtype,
-                    shape: Shape(p.iter().map(|&i| s(0).dim(i)).collect()),
-                }
+                TensorType { dtype: self.ty(inputs[0]).dtype, shape: Shape(p.iter().map(|&i| s(0).dim(i)).collect()) }
             }
             Op::Slice { axis, start, end } => {
                 if *axis >= s(0).rank() || start > end || *end > s(0).dim(*axis) {
@@ -418,8 +437,8 @@ impl Graph {
                 let mut d = first.0.clone();
                 for i in 1..inputs.len() {
                     let si = s(i);
-                    let same = si.rank() == first.rank()
-                        && (0..first.rank()).all(|j| j == *axis || si.dim(j) == first.dim(j));
+                    let same =
+                        si.rank() == first.rank() && (0..first.rank()).all(|j| j == *axis || si.dim(j) == first.dim(j));
                     if !same {
                         return Err(type_err(op, format!("cannot concatenate {first} and {si}")));
                     }
@@ -437,10 +456,16 @@ impl Graph {
             }
             Op::ScatterRows => {
                 need_i32(2)?;
-                let ok = s(0).rank() == 2 && s(1).rank() == 2 && s(2).rank() == 1
-                    && s(0).dim(1) == s(1).dim(1) && s(1).dim(0) == s(2).dim(0);
+                let ok = s(0).rank() == 2
+                    && s(1).rank() == 2
+                    && s(2).rank() == 1
+                    && s(0).dim(1) == s(1).dim(1)
+                    && s(1).dim(0) == s(2).dim(0);
                 if !ok {
-                    return Err(type_err(op, format!("wants dst [T, H], src [R, H], rows [R]; got {}, {}, {}", s(0), s(1), s(2))));
+                    return Err(type_err(
+                        op,
+                        format!("wants dst [T, H], src [R, H], rows [R]; got {}, {}, {}", s(0), s(1), s(2)),
+                    ));
                 }
                 f32t(s(0).clone())
             }
@@ -463,7 +488,10 @@ impl Graph {
                 let x = s(0);
                 let ok = x.rank() == 3 && x.last() % 2 == 0 && s(1).0 == [x.dim(0), x.dim(2)] && s(2) == s(1);
                 if !ok {
-                    return Err(type_err(op, format!("wants x [T, H, d] (d even), cos/sin [T, d]; got {x}, {}, {}", s(1), s(2))));
+                    return Err(type_err(
+                        op,
+                        format!("wants x [T, H, d] (d even), cos/sin [T, d]; got {x}, {}, {}", s(1), s(2)),
+                    ));
                 }
                 f32t(x.clone())
             }
@@ -484,10 +512,19 @@ impl Graph {
             Op::Conv2dPatch { patch } => {
                 let (x, w) = (s(0), s(1));
                 let p = *patch;
-                let ok = x.rank() == 3 && w.rank() == 4 && w.dim(1) == x.dim(0) && w.dim(2) == p && w.dim(3) == p
-                    && p > 0 && x.dim(1) % p == 0 && x.dim(2) % p == 0;
+                let ok = x.rank() == 3
+                    && w.rank() == 4
+                    && w.dim(1) == x.dim(0)
+                    && w.dim(2) == p
+                    && w.dim(3) == p
+                    && p > 0
+                    && x.dim(1) % p == 0
+                    && x.dim(2) % p == 0;
                 if !ok {
-                    return Err(type_err(op, format!("wants x [C, H, W] (H, W multiples of {p}), w [O, C, {p}, {p}]; got {x}, {w}")));
+                    return Err(type_err(
+                        op,
+                        format!("wants x [C, H, W] (H, W multiples of {p}), w [O, C, {p}, {p}]; got {x}, {w}"),
+                    ));
                 }
                 f32t(Shape(vec![(x.dim(1) / p) * (x.dim(2) / p), w.dim(0)]))
             }

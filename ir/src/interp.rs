@@ -72,10 +72,9 @@ pub fn broadcast_offsets(out: &Shape, inp: &Shape) -> Vec<usize> {
     let r = out.rank();
     let istr = inp.strides();
     let mut strides = vec![0usize; r];
-    for i in 0..inp.rank() {
-        let o = r - inp.rank() + i;
-        if inp.dim(i) != 1 {
-            strides[o] = istr[i];
+    for (i, (&d, &st)) in inp.dims().iter().zip(&istr).enumerate() {
+        if d != 1 {
+            strides[r - inp.rank() + i] = st;
         }
     }
     strided_offsets(out, &strides)
@@ -187,7 +186,13 @@ fn eval(
     Ok(match &n.op {
         Op::Input(name) => {
             let want = out.numel();
-            let bad = |got, got_dtype| ExecError::BadInput { name: name.clone(), got, got_dtype, want, want_dtype: n.ty.dtype };
+            let bad = |got, got_dtype| ExecError::BadInput {
+                name: name.clone(),
+                got,
+                got_dtype,
+                want,
+                want_dtype: n.ty.dtype,
+            };
             match (inputs.get(name), n.ty.dtype) {
                 (None, _) => return Err(ExecError::MissingInput { name: name.clone() }),
                 (Some(InputRef::I32(v)), DType::I32) if v.len() == want => Value::I32(v.to_vec()),
@@ -200,7 +205,13 @@ fn eval(
             let w = weights.weight(name);
             match w {
                 Some(w) if w.len() == out.numel() => Value::F32(w.to_f32_vec()),
-                _ => return Err(ExecError::BadWeight { name: name.clone(), got: w.map_or(0, |w| w.len()), want: out.numel() }),
+                _ => {
+                    return Err(ExecError::BadWeight {
+                        name: name.clone(),
+                        got: w.map_or(0, |w| w.len()),
+                        want: out.numel(),
+                    })
+                }
             }
         }
         Op::Const(d) => Value::F32(d.to_vec()),
@@ -212,13 +223,15 @@ fn eval(
         }
         Op::Where => {
             let (c, a, b) = (arg(0).as_f32(), arg(1).as_f32(), arg(2).as_f32());
-            let (oc, oa, ob) = (broadcast_offsets(out, shp(0)), broadcast_offsets(out, shp(1)), broadcast_offsets(out, shp(2)));
+            let (oc, oa, ob) =
+                (broadcast_offsets(out, shp(0)), broadcast_offsets(out, shp(1)), broadcast_offsets(out, shp(2)));
             Value::F32((0..out.numel()).map(|e| if c[oc[e]] != 0.0 { a[oa[e]] } else { b[ob[e]] }).collect())
         }
         Op::Reduce { op, axis } => {
             let x = arg(0).as_f32();
             let s = shp(0);
-            let (outer, len, inner) = (s.0[..*axis].iter().product::<usize>(), s.dim(*axis), s.0[axis + 1..].iter().product::<usize>());
+            let (outer, len, inner) =
+                (s.0[..*axis].iter().product::<usize>(), s.dim(*axis), s.0[axis + 1..].iter().product::<usize>());
             let mut r = vec![0f32; outer * inner];
             for o in 0..outer {
                 for i in 0..inner {

@@ -92,7 +92,8 @@ fn cached_attention_equals_full_causal_attention() {
     let a = step.attention_cached(qi, ki, vi, pk, pv, 0.5).unwrap();
     step.set_output("a", a);
     let last = (t - 1) * h * d;
-    let ins: &[(&str, &[f32])] = &[("q", &q[last..]), ("k", &k[last..]), ("v", &v[last..]), ("pk", &k[..last]), ("pv", &v[..last])];
+    let ins: &[(&str, &[f32])] =
+        &[("q", &q[last..]), ("k", &k[last..]), ("v", &v[last..]), ("pk", &k[..last]), ("pv", &v[..last])];
     let got = run1(&step, ins, "a");
     for (g, w) in got.iter().zip(&want[last..]) {
         assert!((g - w).abs() < 1e-6);
@@ -128,17 +129,24 @@ fn reference_reports_missing_inputs_and_bad_ids() {
     g.set_output("y", y);
     let w: HashMap<String, Vec<f32>> = HashMap::new();
     let table = [0.0f32; 6];
-    let err = qvc_ir::run_reference(&g, &w, &HashMap::from([("table".to_string(), InputRef::F32(&table))])).unwrap_err();
+    let err =
+        qvc_ir::run_reference(&g, &w, &HashMap::from([("table".to_string(), InputRef::F32(&table))])).unwrap_err();
     assert!(err.to_string().contains("\"ids\""), "{err}");
     let bad = [0i32, 3];
-    let inputs = HashMap::from([("table".to_string(), InputRef::F32(&table)), ("ids".to_string(), InputRef::I32(&bad))]);
+    let inputs =
+        HashMap::from([("table".to_string(), InputRef::F32(&table)), ("ids".to_string(), InputRef::I32(&bad))]);
     let err = qvc_ir::run_reference(&g, &w, &inputs).unwrap_err();
     assert!(err.to_string().contains("out of range"), "{err}");
 }
 
 #[test]
 fn erf_is_accurate() {
-    for (x, want) in [(0.5, 0.520_499_877_813_046_5), (1.0, 0.842_700_792_949_714_9), (2.5, 0.999_593_047_982_555), (3.5, 0.999_999_256_901_627_7)] {
+    for (x, want) in [
+        (0.5, 0.520_499_877_813_046_5),
+        (1.0, 0.842_700_792_949_714_9),
+        (2.5, 0.999_593_047_982_555),
+        (3.5, 0.999_999_256_901_627_7),
+    ] {
         assert!((qvc_ir::interp::erf_f64(x) - want).abs() < 1e-12, "erf({x})");
         assert!((qvc_ir::interp::erf_f64(-x) + want).abs() < 1e-12);
     }

@@ -21,20 +21,12 @@ fn best(reps: usize, mut f: impl FnMut()) -> f64 {
 fn data(n: usize, seed: u32) -> Vec<f32> {
     // Cheap deterministic values in [-1, 1].
     (0..n)
-        .map(|i| {
-            ((i as u32).wrapping_mul(2654435761).wrapping_add(seed) >> 8) as f32
-                / (1u32 << 23) as f32
-                - 1.0
-        })
+        .map(|i| ((i as u32).wrapping_mul(2654435761).wrapping_add(seed) >> 8) as f32 / (1u32 << 23) as f32 - 1.0)
         .collect()
 }
 
 fn main() {
-    println!(
-        "threads: {}, isa: {:?}",
-        rayon::current_num_threads(),
-        Isa::detect()
-    );
+    println!("threads: {}, isa: {:?}", rayon::current_num_threads(), Isa::detect());
     for isa in [Isa::detect(), Isa::Portable] {
         // 512³ f32, both row-major.
         let (m, n, k) = (512, 512, 512);
@@ -49,10 +41,7 @@ fn main() {
                 false,
             )
         });
-        println!(
-            "{isa:?} gemm 512x512x512 f32: {:.1} GFLOP/s",
-            gemm_flops(m, n, k) as f64 / t / 1e9
-        );
+        println!("{isa:?} gemm 512x512x512 f32: {:.1} GFLOP/s", gemm_flops(m, n, k) as f64 / t / 1e9);
 
         // Linear layer: 256 tokens × W[4096 out, 4096 in] bf16.
         let (m, n, k) = (256, 4096, 4096);
@@ -68,10 +57,7 @@ fn main() {
                 false,
             )
         });
-        println!(
-            "{isa:?} gemm 256x4096x4096 bf16 W^T: {:.1} GFLOP/s",
-            gemm_flops(m, n, k) as f64 / t / 1e9
-        );
+        println!("{isa:?} gemm 256x4096x4096 bf16 W^T: {:.1} GFLOP/s", gemm_flops(m, n, k) as f64 / t / 1e9);
 
         // Decode GEMV: 1 × W[4096, 4096] bf16.
         let t = best(5, || {
@@ -83,11 +69,7 @@ fn main() {
                 false,
             )
         });
-        println!(
-            "{isa:?} gemv 1x4096x4096 bf16 W^T: {:.2} ms, {:.1} GB/s",
-            t * 1e3,
-            (n * k * 2) as f64 / t / 1e9
-        );
+        println!("{isa:?} gemv 1x4096x4096 bf16 W^T: {:.2} ms, {:.1} GB/s", t * 1e3, (n * k * 2) as f64 / t / 1e9);
 
         // Vision attention: tq = tk = 1024, 16 heads, d 104.
         let (tq, heads, d) = (1024, 16, 104);

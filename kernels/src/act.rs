@@ -85,9 +85,7 @@ pub fn exp_f32(x: f32) -> f32 {
     let p = 1.0
         + r * (1.0
             + r * (0.5
-                + r * (1.0 / 6.0
-                    + r * (1.0 / 24.0
-                        + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
+                + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
     // n ∈ [-150, 129]: each half is a normal power of two.
     let n1 = n >> 1;
     let n2 = n - n1;
@@ -159,18 +157,15 @@ pub fn swiglu(a: &[f32], b: &[f32], out: &mut [f32]) {
 }
 
 pub(crate) fn gelu_erf_with_isa(isa: Isa, x: &mut [f32]) {
-    map_inplace(isa, x, gelu_scalar)
+    map_inplace(isa, x, gelu_kernel)
 }
 
 pub(crate) fn silu_with_isa(isa: Isa, x: &mut [f32]) {
-    map_inplace(isa, x, silu_scalar)
+    map_inplace(isa, x, silu_kernel)
 }
 
 pub(crate) fn swiglu_with_isa(isa: Isa, a: &[f32], b: &[f32], out: &mut [f32]) {
-    assert!(
-        a.len() == out.len() && b.len() == out.len(),
-        "swiglu: a, b and out must have the same length"
-    );
+    assert!(a.len() == out.len() && b.len() == out.len(), "swiglu: a, b and out must have the same length");
     let isa = isa.resolve();
     // ~25 operations per element.
     par_chunks(out, CHUNK, worth_parallel(out.len() * 25), |ci, o| {
@@ -197,28 +192,48 @@ unsafe fn swiglu_chunk_avx2(a: &[f32], b: &[f32], out: &mut [f32]) {
     swiglu_chunk(a, b, out)
 }
 
-/// `x[i] = f(x[i])`, in parallel chunks, on the chosen path.
-fn map_inplace<F: Fn(f32) -> f32 + Copy + Sync + Send>(isa: Isa, x: &mut [f32], f: F) {
-    let isa = isa.resolve();
-    par_chunks(x, CHUNK, worth_parallel(x.len() * 25), |_, c| match isa {
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: `isa` was resolved, so the CPU has AVX2 and FMA.
-        Isa::Avx2Fma => unsafe { map_chunk_avx2(c, f) },
-        _ => map_chunk(c, f),
-    });
+/// A chunk kernel: `x[i] = f(x[i])` for one function `f`.
+type ChunkFn = unsafe fn(&mut [f32]);
+
+/// `fn $name(isa) -> ChunkFn`: the portable or AVX2 chunk kernel of the
+/// scalar function `$f`. Both call `$f` (`#[inline(always)]`) directly, not
+/// through a closure or `Fn` bound, whose call shim LLVM does not inline into
+/// a target-feature function; so the loop is inlined and vectorised.
+macro_rules! chunk_kernel {
+    ($name:ident, $f:ident) => {
+        fn $name(isa: Isa) -> ChunkFn {
+            /// SAFETY: none needed (`unsafe` only to share a type with the AVX2 kernel).
+            unsafe fn portable(x: &mut [f32]) {
+                for v in x {
+                    *v = $f(*v);
+                }
+            }
+            /// SAFETY: the CPU must have AVX2 and FMA.
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = "avx2,fma")]
+            unsafe fn avx2(x: &mut [f32]) {
+                for v in x {
+                    *v = $f(*v);
+                }
+            }
+            match isa {
+                #[cfg(target_arch = "x86_64")]
+                Isa::Avx2Fma => avx2,
+                _ => portable,
+            }
+        }
+    };
 }
 
-#[inline(always)]
-fn map_chunk<F: Fn(f32) -> f32>(x: &mut [f32], f: F) {
-    for v in x {
-        *v = f(*v);
-    }
-}
+chunk_kernel!(gelu_kernel, gelu_scalar);
+chunk_kernel!(silu_kernel, silu_scalar);
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn map_chunk_avx2<F: Fn(f32) -> f32>(x: &mut [f32], f: F) {
-    map_chunk(x, f)
+/// Apply the chunk kernel `pick(isa)` over `x` in parallel chunks.
+fn map_inplace(isa: Isa, x: &mut [f32], pick: fn(Isa) -> ChunkFn) {
+    let kernel = pick(isa.resolve());
+    // SAFETY: an AVX2 kernel is only picked when `resolve` found the CPU
+    // features; the portable one has no requirement.
+    par_chunks(x, CHUNK, worth_parallel(x.len() * 25), |_, c| unsafe { kernel(c) });
 }
 
 // ------------------------------------------------------------- references
@@ -263,11 +278,7 @@ pub fn gelu_erf_ref(x: &mut [f32]) {
     for v in x {
         let xd = *v as f64;
         let z = xd * std::f64::consts::FRAC_1_SQRT_2;
-        let phi = if z <= -3.0 {
-            0.5 * erfc_cf(-z)
-        } else {
-            0.5 * (1.0 + erf_ref(z))
-        };
+        let phi = if z <= -3.0 { 0.5 * erfc_cf(-z) } else { 0.5 * (1.0 + erf_ref(z)) };
         *v = (xd * phi) as f32;
     }
 }
@@ -282,10 +293,7 @@ pub fn silu_ref(x: &mut [f32]) {
 
 /// Reference SwiGLU in f64: `out = a · silu(b)`.
 pub fn swiglu_ref(a: &[f32], b: &[f32], out: &mut [f32]) {
-    assert!(
-        a.len() == out.len() && b.len() == out.len(),
-        "swiglu_ref: length mismatch"
-    );
+    assert!(a.len() == out.len() && b.len() == out.len(), "swiglu_ref: length mismatch");
     for ((o, &a), &b) in out.iter_mut().zip(a).zip(b) {
         let bd = b as f64;
         *o = (a as f64 * bd / (1.0 + (-bd).exp())) as f32;
@@ -371,19 +379,10 @@ mod tests {
     /// `|got − want| ≤ rel·|want| + 1e-9·scale`: relative, except where the
     /// result underflows toward 0 (deep negative tails), where an absolute
     /// error far below one f32 ulp of the input scale is allowed.
-    fn check_close(
-        got: &[f32],
-        want: &[f32],
-        scale: &[f32],
-        rel: f64,
-        what: &str,
-    ) -> Result<(), TestCaseError> {
+    fn check_close(got: &[f32], want: &[f32], scale: &[f32], rel: f64, what: &str) -> Result<(), TestCaseError> {
         for ((&g, &w), &sc) in got.iter().zip(want).zip(scale) {
             let tol = rel * w.abs() as f64 + 1e-9 * sc.abs() as f64;
-            prop_assert!(
-                ((g - w) as f64).abs() <= tol,
-                "{what}: got {g}, want {w} (scale {sc})"
-            );
+            prop_assert!(((g - w) as f64).abs() <= tol, "{what}: got {g}, want {w} (scale {sc})");
         }
         Ok(())
     }

@@ -19,6 +19,7 @@
 //! rescaling the partial output when the max grows) and `O += P·V`. Scratch
 //! is allocated once per task; nothing is allocated per key block.
 
+use crate::act::exp_f32;
 use crate::common::{worth_parallel, Isa, SyncPtr};
 use crate::gemm::{gemm_strided, GemmScratch, MatRef};
 use crate::softmax::{exp_sub_sum, row_max};
@@ -69,30 +70,17 @@ impl AttnArgs<'_> {
 
     fn check(&self, out: &[f32]) {
         let hd = self.heads * self.d;
-        assert_eq!(
-            out.len(),
-            self.tq * hd,
-            "attention: out must be [tq, heads, d]"
-        );
-        assert!(
-            self.q_stride >= hd && self.kv_stride >= hd,
-            "attention: token strides must be ≥ heads·d = {hd}"
-        );
+        assert_eq!(out.len(), self.tq * hd, "attention: out must be [tq, heads, d]");
+        assert!(self.q_stride >= hd && self.kv_stride >= hd, "attention: token strides must be ≥ heads·d = {hd}");
         if hd == 0 {
             return;
         }
         if self.tq > 0 {
-            assert!(
-                self.q.len() >= (self.tq - 1) * self.q_stride + hd,
-                "attention: q is too short"
-            );
+            assert!(self.q.len() >= (self.tq - 1) * self.q_stride + hd, "attention: q is too short");
         }
         if self.tk > 0 {
             let need = (self.tk - 1) * self.kv_stride + hd;
-            assert!(
-                self.k.len() >= need && self.v.len() >= need,
-                "attention: k or v is too short"
-            );
+            assert!(self.k.len() >= need && self.v.len() >= need, "attention: k or v is too short");
         }
     }
 }
@@ -163,39 +151,15 @@ unsafe fn attend_block(isa: Isa, a: &AttnArgs, h: usize, i0: usize, rows: usize,
             offset: j0 * a.kv_stride + h * d,
         };
         gemm_strided(isa, &q, &kt, s, kb, false, false, &mut gs);
-        for (r, srow) in s.chunks_exact_mut(kb).enumerate() {
-            let vis = a.visible(i0 + r).saturating_sub(j0).min(kb);
-            if vis == 0 {
-                // Every key of this block is masked for this query.
-                srow.fill(0.0);
-                continue;
-            }
-            let (live, masked) = srow.split_at_mut(vis);
-            masked.fill(0.0);
-            for x in live.iter_mut() {
-                *x *= a.scale;
-            }
-            let m_new = m[r].max(row_max(live));
-            // exp(−inf) = 0: the first block simply starts the sums.
-            let corr = crate::act::exp_f32(m[r] - m_new);
-            let sum = exp_sub_sum(live, m_new);
-            l[r] = l[r] * corr + sum;
-            if corr != 1.0 {
-                for x in &mut o[r * d..(r + 1) * d] {
-                    *x *= corr;
-                }
-            }
-            m[r] = m_new;
+        let st = SoftmaxStep { a, i0, j0, kb, d };
+        match isa {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `isa` was resolved, so the CPU has AVX2 and FMA.
+            Isa::Avx2Fma => st.run_avx2(s, &mut m, &mut l, &mut o),
+            _ => st.run(s, &mut m, &mut l, &mut o),
         }
         // O += P · V_block.
-        let p = MatRef {
-            data: Elems::F32(s),
-            rows,
-            cols: kb,
-            row_stride: kb,
-            col_stride: 1,
-            offset: 0,
-        };
+        let p = MatRef { data: Elems::F32(s), rows, cols: kb, row_stride: kb, col_stride: 1, offset: 0 };
         let vb = MatRef {
             data: Elems::F32(a.v),
             rows: kb,
@@ -216,6 +180,57 @@ unsafe fn attend_block(isa: Isa, a: &AttnArgs, h: usize, i0: usize, rows: usize,
     }
 }
 
+/// The online-softmax update for one block of scores.
+struct SoftmaxStep<'a, 'b> {
+    a: &'a AttnArgs<'b>,
+    i0: usize,
+    j0: usize,
+    kb: usize,
+    d: usize,
+}
+
+impl SoftmaxStep<'_, '_> {
+    /// For each query row r of `s` (`rows × kb` raw scores): scale, mask,
+    /// fold the block max into `m[r]` (rescaling `l[r]` and the partial output
+    /// row `o[r]` by `exp(m_old − m_new)`), and replace the scores by
+    /// `p = exp(score − m_new)` (0 where masked), adding them to `l[r]`.
+    #[inline(always)]
+    fn run(&self, s: &mut [f32], m: &mut [f32], l: &mut [f32], o: &mut [f32]) {
+        let (a, d) = (self.a, self.d);
+        for (r, srow) in s.chunks_exact_mut(self.kb).enumerate() {
+            let vis = a.visible(self.i0 + r).saturating_sub(self.j0).min(self.kb);
+            if vis == 0 {
+                // Every key of this block is masked for this query.
+                srow.fill(0.0);
+                continue;
+            }
+            let (live, masked) = srow.split_at_mut(vis);
+            masked.fill(0.0);
+            for x in live.iter_mut() {
+                *x *= a.scale;
+            }
+            let m_new = m[r].max(row_max(live));
+            // exp(−inf) = 0: the first block simply starts the sums.
+            let corr = exp_f32(m[r] - m_new);
+            let sum = exp_sub_sum(live, m_new);
+            l[r] = l[r] * corr + sum;
+            if corr != 1.0 {
+                for x in &mut o[r * d..(r + 1) * d] {
+                    *x *= corr;
+                }
+            }
+            m[r] = m_new;
+        }
+    }
+
+    /// SAFETY: the CPU must have AVX2 and FMA.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn run_avx2(&self, s: &mut [f32], m: &mut [f32], l: &mut [f32], o: &mut [f32]) {
+        self.run(s, m, l, o)
+    }
+}
+
 /// Reference attention: per (query, head), f64 scores, max-subtracted softmax, f64 sums.
 pub fn attention_ref(args: &AttnArgs, out: &mut [f32]) {
     args.check(out);
@@ -227,11 +242,7 @@ pub fn attention_ref(args: &AttnArgs, out: &mut [f32]) {
             let scores: Vec<f64> = (0..vis)
                 .map(|j| {
                     let kv = &args.k[j * args.kv_stride + h * d..][..d];
-                    qv.iter()
-                        .zip(kv)
-                        .map(|(&x, &y)| x as f64 * y as f64)
-                        .sum::<f64>()
-                        * args.scale as f64
+                    qv.iter().zip(kv).map(|(&x, &y)| x as f64 * y as f64).sum::<f64>() * args.scale as f64
                 })
                 .collect();
             let mx = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
@@ -239,11 +250,8 @@ pub fn attention_ref(args: &AttnArgs, out: &mut [f32]) {
             let total: f64 = p.iter().sum();
             let dst = &mut out[(i * heads + h) * d..][..d];
             for (c, o) in dst.iter_mut().enumerate() {
-                let acc: f64 = p
-                    .iter()
-                    .enumerate()
-                    .map(|(j, &pj)| pj * args.v[j * args.kv_stride + h * d + c] as f64)
-                    .sum();
+                let acc: f64 =
+                    p.iter().enumerate().map(|(j, &pj)| pj * args.v[j * args.kv_stride + h * d + c] as f64).sum();
                 *o = if vis == 0 { 0.0 } else { (acc / total) as f32 };
             }
         }
@@ -254,9 +262,7 @@ pub fn attention_ref(args: &AttnArgs, out: &mut [f32]) {
 fn visible_pairs(tq: usize, tk: usize, mask: Mask) -> u64 {
     match mask {
         Mask::None => tq as u64 * tk as u64,
-        Mask::Causal => (0..tq as u64)
-            .map(|i| (tk as u64 + i + 1).saturating_sub(tq as u64).min(tk as u64))
-            .sum(),
+        Mask::Causal => (0..tq as u64).map(|i| (tk as u64 + i + 1).saturating_sub(tq as u64).min(tk as u64)).sum(),
     }
 }
 
@@ -307,33 +313,14 @@ mod tests {
             vbuf = rng.vec(tk * kv_stride, 2.0);
             (koff, voff) = (0, 0);
         }
-        let (k, v): (&[f32], &[f32]) = if interleaved {
-            (&qbuf[koff..], &qbuf[voff..])
-        } else {
-            (&kbuf, &vbuf)
-        };
-        let args = AttnArgs {
-            q: &qbuf,
-            q_stride,
-            k,
-            v,
-            kv_stride,
-            tq,
-            tk,
-            heads,
-            d,
-            scale,
-            mask,
-        };
+        let (k, v): (&[f32], &[f32]) = if interleaved { (&qbuf[koff..], &qbuf[voff..]) } else { (&kbuf, &vbuf) };
+        let args = AttnArgs { q: &qbuf, q_stride, k, v, kv_stride, tq, tk, heads, d, scale, mask };
         let mut got = vec![f32::NAN; tq * hd];
         let mut want = vec![f32::NAN; tq * hd];
         attention_with_isa(isa, &args, &mut got);
         attention_ref(&args, &mut want);
         let e = rel_l2(&got, &want);
-        prop_assert!(
-            e < 2e-5,
-            "{isa:?} tq {tq} tk {tk} heads {heads} d {d} {mask:?}: rel err {e}"
-        );
+        prop_assert!(e < 2e-5, "{isa:?} tq {tq} tk {tk} heads {heads} d {d} {mask:?}: rel err {e}");
         Ok(())
     }
 

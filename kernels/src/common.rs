@@ -41,9 +41,7 @@ impl Isa {
             Isa::Portable => true,
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2Fma => {
-                is_x86_feature_detected!("avx2")
-                    && is_x86_feature_detected!("fma")
-                    && is_x86_feature_detected!("f16c")
+                is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c")
             }
             #[cfg(not(target_arch = "x86_64"))]
             Isa::Avx2Fma => false,
@@ -202,17 +200,10 @@ pub(crate) fn par_for(n: usize, parallel: bool, f: impl Fn(usize) + Sync + Send)
 
 /// `f(chunk_index, chunk)` over `chunk`-sized pieces of `buf`, in parallel when asked.
 #[inline]
-pub(crate) fn par_chunks(
-    buf: &mut [f32],
-    chunk: usize,
-    parallel: bool,
-    f: impl Fn(usize, &mut [f32]) + Sync + Send,
-) {
+pub(crate) fn par_chunks(buf: &mut [f32], chunk: usize, parallel: bool, f: impl Fn(usize, &mut [f32]) + Sync + Send) {
     let chunk = chunk.max(1);
     if parallel && buf.len() > chunk {
-        buf.par_chunks_mut(chunk)
-            .enumerate()
-            .for_each(|(i, c)| f(i, c));
+        buf.par_chunks_mut(chunk).enumerate().for_each(|(i, c)| f(i, c));
     } else {
         buf.chunks_mut(chunk).enumerate().for_each(|(i, c)| f(i, c));
     }

@@ -56,25 +56,12 @@ pub struct MatRef<'a> {
 impl<'a> MatRef<'a> {
     /// A dense row-major `rows × cols` matrix.
     pub fn row_major(data: Elems<'a>, rows: usize, cols: usize) -> Self {
-        MatRef {
-            data,
-            rows,
-            cols,
-            row_stride: cols,
-            col_stride: 1,
-            offset: 0,
-        }
+        MatRef { data, rows, cols, row_stride: cols, col_stride: 1, offset: 0 }
     }
 
     /// The transpose, as a view (no copy): swaps rows/cols and the strides.
     pub fn transposed(self) -> Self {
-        MatRef {
-            rows: self.cols,
-            cols: self.rows,
-            row_stride: self.col_stride,
-            col_stride: self.row_stride,
-            ..self
-        }
+        MatRef { rows: self.cols, cols: self.rows, row_stride: self.col_stride, col_stride: self.row_stride, ..self }
     }
 
     /// Index into `data` of element `(i, j)`.
@@ -133,23 +120,9 @@ pub fn gemm(a: MatRef, b: MatRef, c: &mut [f32], accumulate: bool) {
 pub fn gemm_with_isa(isa: Isa, a: MatRef, b: MatRef, c: &mut [f32], accumulate: bool) {
     let (m, k, n) = (a.rows, a.cols, b.cols);
     assert_eq!(b.rows, k, "gemm: A is {m}x{k} but B is {}x{n}", b.rows);
-    assert_eq!(
-        c.len(),
-        m * n,
-        "gemm: C has {} elements, expected {m}x{n}",
-        c.len()
-    );
+    assert_eq!(c.len(), m * n, "gemm: C has {} elements, expected {m}x{n}", c.len());
     let parallel = worth_parallel(m * n * k);
-    gemm_strided(
-        isa.resolve(),
-        &a,
-        &b,
-        c,
-        n,
-        accumulate,
-        parallel,
-        &mut GemmScratch::default(),
-    );
+    gemm_strided(isa.resolve(), &a, &b, c, n, accumulate, parallel, &mut GemmScratch::default());
 }
 
 /// The engine behind [`gemm`]: C element `(i, j)` is `c[i * ldc + j]`.
@@ -170,10 +143,7 @@ pub(crate) fn gemm_strided(
     if m == 0 || n == 0 {
         return;
     }
-    assert!(
-        ldc >= n && c.len() >= (m - 1) * ldc + n,
-        "gemm: C too small for {m}x{n} with ldc {ldc}"
-    );
+    assert!(ldc >= n && c.len() >= (m - 1) * ldc + n, "gemm: C too small for {m}x{n} with ldc {ldc}");
     a.check("A");
     b.check("B");
     if k == 0 {
@@ -250,12 +220,7 @@ fn widen_a_rows<'s>(a: &MatRef, scratch: &'s mut GemmScratch) -> &'s [f32] {
     let (m, k) = (a.rows, a.cols);
     ensure(&mut scratch.a, m * k);
     for i in 0..m {
-        gather(
-            &a.data,
-            a.index(i, 0),
-            a.col_stride,
-            &mut scratch.a[i * k..(i + 1) * k],
-        );
+        gather(&a.data, a.index(i, 0), a.col_stride, &mut scratch.a[i * k..(i + 1) * k]);
     }
     &scratch.a[..m * k]
 }
@@ -288,17 +253,7 @@ fn gemv_dot(
     let arows = widen_a_rows(a, scratch);
     let cols = cols_per_task(n, m * k, parallel, usize::MAX);
     let cp = SyncPtr(c.as_mut_ptr());
-    let job = DotJob {
-        isa,
-        a: arows,
-        m,
-        k,
-        off: b.offset,
-        cs: b.col_stride,
-        c: cp,
-        ldc,
-        accumulate,
-    };
+    let job = DotJob { isa, a: arows, m, k, off: b.offset, cs: b.col_stride, c: cp, ldc, accumulate };
     par_for(n.div_ceil(cols), parallel, |t| {
         let (j0, j1) = (t * cols, ((t + 1) * cols).min(n));
         // SAFETY (for the writes inside): task t owns columns j0..j1 of C, and
@@ -356,12 +311,7 @@ impl DotJob<'_> {
 /// `w`; see `gemv_dot` for C.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dot_cols_avx2<T: Src, const M: usize, const U: usize>(
-    job: &DotJob,
-    w: &[T],
-    j0: usize,
-    j1: usize,
-) {
+unsafe fn dot_cols_avx2<T: Src, const M: usize, const U: usize>(job: &DotJob, w: &[T], j0: usize, j1: usize) {
     use std::arch::x86_64::*;
     let k = job.k;
     let a = job.a.as_ptr();
@@ -373,8 +323,7 @@ unsafe fn dot_cols_avx2<T: Src, const M: usize, const U: usize>(
             for u in 0..U {
                 let wv = T::load8(col.add(p + 8 * u));
                 for (i, acc_i) in acc.iter_mut().enumerate() {
-                    acc_i[u] =
-                        _mm256_fmadd_ps(_mm256_loadu_ps(a.add(i * k + p + 8 * u)), wv, acc_i[u]);
+                    acc_i[u] = _mm256_fmadd_ps(_mm256_loadu_ps(a.add(i * k + p + 8 * u)), wv, acc_i[u]);
                 }
             }
             p += 8 * U;
@@ -387,10 +336,7 @@ unsafe fn dot_cols_avx2<T: Src, const M: usize, const U: usize>(
             p += 8;
         }
         let mut tail = [0f32; 8];
-        let wt = T::as_f32(
-            &w[job.off + j * job.cs + p..job.off + j * job.cs + k],
-            &mut tail,
-        );
+        let wt = T::as_f32(&w[job.off + j * job.cs + p..job.off + j * job.cs + k], &mut tail);
         for (i, acc_i) in acc.iter().enumerate() {
             let mut v = acc_i[0];
             for &x in &acc_i[1..] {
@@ -410,12 +356,7 @@ unsafe fn dot_cols_avx2<T: Src, const M: usize, const U: usize>(
 /// C[i, j] (+)= A[i, :] · B[:, j] for j in j0..j1, B's column j being
 /// `w[off + j*cs ..][..k]`. The portable path.
 #[inline(always)]
-fn dot_cols<T: Src, const M: usize, const L: usize, const FMA: bool>(
-    job: &DotJob,
-    w: &[T],
-    j0: usize,
-    j1: usize,
-) {
+fn dot_cols<T: Src, const M: usize, const L: usize, const FMA: bool>(job: &DotJob, w: &[T], j0: usize, j1: usize) {
     let k = job.k;
     let mut buf = [0f32; DOT_CHUNK];
     for j in j0..j1 {
@@ -495,17 +436,7 @@ fn gemv_axpy(
     let arows = widen_a_rows(a, scratch);
     let cols = cols_per_task(n, m * k, parallel, AXPY_COLS);
     let cp = SyncPtr(c.as_mut_ptr());
-    let job = AxpyJob {
-        isa,
-        a: arows,
-        m,
-        k,
-        off: b.offset,
-        rs: b.row_stride,
-        c: cp,
-        ldc,
-        accumulate,
-    };
+    let job = AxpyJob { isa, a: arows, m, k, off: b.offset, rs: b.row_stride, c: cp, ldc, accumulate };
     par_for(n.div_ceil(cols), parallel, |t| {
         let (j0, j1) = (t * cols, ((t + 1) * cols).min(n));
         // SAFETY (writes inside): task t owns columns j0..j1 of C.
@@ -577,12 +508,7 @@ unsafe fn axpy_cols_avx2<T: Src, const M: usize>(job: &AxpyJob, w: &[T], j0: usi
         for p in 0..k {
             let row = base.add(p * job.rs + j);
             if u == 4 {
-                let wv = [
-                    T::load8(row),
-                    T::load8(row.add(8)),
-                    T::load8(row.add(16)),
-                    T::load8(row.add(24)),
-                ];
+                let wv = [T::load8(row), T::load8(row.add(8)), T::load8(row.add(16)), T::load8(row.add(24))];
                 for (i, acc_i) in acc.iter_mut().enumerate() {
                     let av = _mm256_broadcast_ss(&*a.add(i * k + p));
                     for (x, &wv) in acc_i.iter_mut().zip(&wv) {
@@ -592,8 +518,7 @@ unsafe fn axpy_cols_avx2<T: Src, const M: usize>(job: &AxpyJob, w: &[T], j0: usi
             } else {
                 let wv = T::load8(row);
                 for (i, acc_i) in acc.iter_mut().enumerate() {
-                    acc_i[0] =
-                        _mm256_fmadd_ps(_mm256_broadcast_ss(&*a.add(i * k + p)), wv, acc_i[0]);
+                    acc_i[0] = _mm256_fmadd_ps(_mm256_broadcast_ss(&*a.add(i * k + p)), wv, acc_i[0]);
                 }
             }
         }
@@ -609,10 +534,7 @@ unsafe fn axpy_cols_avx2<T: Src, const M: usize>(job: &AxpyJob, w: &[T], j0: usi
         j += 8 * u;
     }
     if j < j1 {
-        let job_tail = AxpyJob {
-            isa: Isa::Portable,
-            ..*job
-        };
+        let job_tail = AxpyJob { isa: Isa::Portable, ..*job };
         axpy_cols::<T, M, true>(&job_tail, w, j, j1);
     }
 }
@@ -620,12 +542,7 @@ unsafe fn axpy_cols_avx2<T: Src, const M: usize>(job: &AxpyJob, w: &[T], j0: usi
 /// C[i, j0..j1] (+)= Σ_p A[i, p] · B[p, j0..j1], B's row p being
 /// `w[off + p*rs ..]` (contiguous columns).
 #[inline(always)]
-fn axpy_cols<T: Src, const M: usize, const FMA: bool>(
-    job: &AxpyJob,
-    w: &[T],
-    j0: usize,
-    j1: usize,
-) {
+fn axpy_cols<T: Src, const M: usize, const FMA: bool>(job: &AxpyJob, w: &[T], j0: usize, j1: usize) {
     let width = j1 - j0;
     let mut acc = [[0f32; AXPY_COLS]; M];
     let mut buf = [0f32; AXPY_COLS];
@@ -680,11 +597,7 @@ fn gemm_packed(
     let kernel = kernel_for(isa);
     let cp = SyncPtr(c.as_mut_ptr());
     let mblocks = m.div_ceil(MC);
-    let want_tasks = if parallel {
-        4 * rayon::current_num_threads()
-    } else {
-        1
-    };
+    let want_tasks = if parallel { 4 * rayon::current_num_threads() } else { 1 };
 
     for pc in (0..k).step_by(KC) {
         let kc = KC.min(k - pc);
@@ -699,11 +612,7 @@ fn gemm_packed(
             let bp: &[f32] = bp;
             let overwrite = pc == 0 && !accumulate;
             // Split n too when there are fewer row blocks than tasks wanted.
-            let nsplit = if mblocks >= want_tasks {
-                1
-            } else {
-                want_tasks.div_ceil(mblocks).min(npanels)
-            };
+            let nsplit = if mblocks >= want_tasks { 1 } else { want_tasks.div_ceil(mblocks).min(npanels) };
             let per_task = npanels.div_ceil(nsplit);
             let nsplit = npanels.div_ceil(per_task);
             par_for(mblocks * nsplit, parallel, |t| {
@@ -722,18 +631,7 @@ fn gemm_packed(
                         // in `gemm_strided`), and this task is the only one
                         // writing that block (tiles partition C). `kernel`
                         // matches the resolved `isa`.
-                        unsafe {
-                            kernel(
-                                kc,
-                                apanel,
-                                bpanel,
-                                cp.get().add(i * ldc + jc + j),
-                                ldc,
-                                mr,
-                                nr,
-                                overwrite,
-                            )
-                        };
+                        unsafe { kernel(kc, apanel, bpanel, cp.get().add(i * ldc + jc + j), ldc, mr, nr, overwrite) };
                     }
                 }
             });
@@ -776,16 +674,7 @@ fn pack_a(a: &MatRef, pc: usize, kc: usize, ap: &mut [f32], parallel: bool) {
 /// Pack `B[pc..pc+kc, jc..jc+nc]` into NR-column panels: panel q holds, for
 /// each p, the NR values `B[pc + p, jc + q*NR + jj]` contiguously (zero past nc).
 #[allow(clippy::too_many_arguments)]
-fn pack_b(
-    isa: Isa,
-    b: &MatRef,
-    pc: usize,
-    kc: usize,
-    jc: usize,
-    nc: usize,
-    bp: &mut [f32],
-    parallel: bool,
-) {
+fn pack_b(isa: Isa, b: &MatRef, pc: usize, kc: usize, jc: usize, nc: usize, bp: &mut [f32], parallel: bool) {
     par_chunks(bp, NR * kc, parallel, |q, panel| {
         let j0 = jc + q * NR;
         let cols = NR.min(jc + nc - j0);
@@ -805,8 +694,17 @@ fn pack_b(
             return;
         }
         let _ = isa;
-        if b.col_stride == 1 {
-            // Rows of B contiguous (`x · P`): one contiguous read per p.
+        if b.col_stride == 1 && cols == NR {
+            // Rows of B contiguous (`x · P`), full panel: fixed-size copies
+            // (inlined vector moves; a `memcpy` call per 16 floats would
+            // dominate small GEMMs such as attention's P·V).
+            match b.data {
+                Elems::F32(w) => pack_rows_full(w, b, pc, kc, j0, panel),
+                Elems::BF16(w) => pack_rows_full(w, b, pc, kc, j0, panel),
+                Elems::F16(w) => pack_rows_full(w, b, pc, kc, j0, panel),
+            }
+        } else if b.col_stride == 1 {
+            // Rows of B contiguous, ragged last panel: one short read per p.
             for p in 0..kc {
                 let dst = &mut panel[p * NR..p * NR + NR];
                 gather(&b.data, b.index(pc + p, j0), 1, &mut dst[..cols]);
@@ -830,6 +728,20 @@ fn pack_b(
             }
         }
     });
+}
+
+/// Full NR-wide panel of a B with contiguous rows: row p of the panel is
+/// `B[pc + p, j0..j0 + NR]`.
+#[inline(always)]
+fn pack_rows_full<T: Src>(w: &[T], b: &MatRef, pc: usize, kc: usize, j0: usize, panel: &mut [f32]) {
+    for (p, dst) in panel[..kc * NR].chunks_exact_mut(NR).enumerate() {
+        let start = b.index(pc + p, j0);
+        let src: &[T; NR] = w[start..start + NR].try_into().unwrap();
+        let mut buf = [0f32; NR];
+        let vals: &[f32; NR] = T::as_f32(src, &mut buf).try_into().unwrap();
+        let dst: &mut [f32; NR] = dst.try_into().unwrap();
+        *dst = *vals;
+    }
 }
 
 /// Transpose of 8 vectors: output q holds element q of every input.
@@ -872,14 +784,7 @@ unsafe fn transpose8(r: [std::arch::x86_64::__m256; 8]) -> [std::arch::x86_64::_
 /// (`MatRef::check`); `panel` holds `NR * kc` floats.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn pack_b_t_avx2<T: Src>(
-    w: &[T],
-    b: &MatRef,
-    pc: usize,
-    kc: usize,
-    j0: usize,
-    panel: &mut [f32],
-) {
+unsafe fn pack_b_t_avx2<T: Src>(w: &[T], b: &MatRef, pc: usize, kc: usize, j0: usize, panel: &mut [f32]) {
     use std::arch::x86_64::*;
     debug_assert!(panel.len() >= NR * kc);
     let base = w.as_ptr();
@@ -915,14 +820,7 @@ unsafe fn pack_b_t_avx2<T: Src>(
 ///
 /// SAFETY: C must cover `mr` rows of `nr` elements, `ldc` apart, from `c`.
 #[inline(always)]
-unsafe fn store_tile(
-    acc: &[[f32; NR]; MR],
-    c: *mut f32,
-    ldc: usize,
-    mr: usize,
-    nr: usize,
-    overwrite: bool,
-) {
+unsafe fn store_tile(acc: &[[f32; NR]; MR], c: *mut f32, ldc: usize, mr: usize, nr: usize, overwrite: bool) {
     for (i, row) in acc.iter().enumerate().take(mr) {
         let cr = c.add(i * ldc);
         for (j, &v) in row.iter().enumerate().take(nr) {
@@ -1037,34 +935,15 @@ mod tests {
     impl Stored {
         /// `layout`: 0 row-major, 1 column-major (a transposed view), 2 both
         /// strides > 1. `pad` widens the leading stride; junk fills the gaps.
-        fn new(
-            rng: &mut Rng,
-            rows: usize,
-            cols: usize,
-            layout: u8,
-            pad: usize,
-            off: usize,
-            dtype: DType,
-        ) -> Stored {
+        fn new(rng: &mut Rng, rows: usize, cols: usize, layout: u8, pad: usize, off: usize, dtype: DType) -> Stored {
             let (rs, cs) = match layout {
                 0 => (cols + pad, 1),
                 1 => (1, rows + pad),
                 _ => (2 * cols + pad + 1, 2),
             };
-            let span = if rows > 0 && cols > 0 {
-                (rows - 1) * rs + (cols - 1) * cs + 1
-            } else {
-                0
-            };
+            let span = if rows > 0 && cols > 0 { (rows - 1) * rs + (cols - 1) * cs + 1 } else { 0 };
             let data = rng.vec(off + span + 3, 1.0);
-            Stored {
-                own: Owned::from_f32(&data, dtype),
-                rows,
-                cols,
-                rs,
-                cs,
-                off,
-            }
+            Stored { own: Owned::from_f32(&data, dtype), rows, cols, rs, cs, off }
         }
         fn view(&self) -> MatRef<'_> {
             MatRef {
@@ -1101,10 +980,7 @@ mod tests {
         let e = rel_l2(&fast, &want);
         // Inputs are exact in every dtype after widening, so only f32
         // accumulation order differs: ~sqrt(k)·2⁻²⁴.
-        prop_assert!(
-            e < 1e-5,
-            "{isa:?} {m}x{n}x{k} layouts {la},{lb} dtypes {da},{db} acc {accumulate}: rel err {e}"
-        );
+        prop_assert!(e < 1e-5, "{isa:?} {m}x{n}x{k} layouts {la},{lb} dtypes {da},{db} acc {accumulate}: rel err {e}");
         Ok(())
     }
 
@@ -1135,27 +1011,12 @@ mod tests {
     /// Bigger ragged shapes: several KC slices, more than one MC block, parallel tiles.
     #[test]
     fn gemm_bigger_shapes() {
-        let shapes = [
-            (130, 257, 300),
-            (150, 33, 513),
-            (7, 3100, 20),
-            (4, 1000, 700),
-        ];
+        let shapes = [(130, 257, 300), (150, 33, 513), (7, 3100, 20), (4, 1000, 700)];
         for (si, &(m, n, k)) in shapes.iter().enumerate() {
             for isa in ISAS {
                 for (li, &(la, lb)) in [(0, 1), (0, 0), (1, 2)].iter().enumerate() {
                     let db = FLOAT_DTYPES[(si + li) % 3];
-                    check_case(
-                        isa,
-                        (m, n, k),
-                        (la, lb),
-                        (DType::F32, db),
-                        0,
-                        0,
-                        li == 1,
-                        si as u64,
-                    )
-                    .unwrap();
+                    check_case(isa, (m, n, k), (la, lb), (DType::F32, db), 0, 0, li == 1, si as u64).unwrap();
                 }
             }
         }
@@ -1167,11 +1028,7 @@ mod tests {
         let mut rng = Rng::new(7);
         for &(m, n, k) in &[(1, 300, 700), (3, 300, 200), (50, 70, 300)] {
             for transposed in [true, false] {
-                let w: Vec<bf16> = rng
-                    .vec(n * k, 1.0)
-                    .into_iter()
-                    .map(bf16::from_f32)
-                    .collect();
+                let w: Vec<bf16> = rng.vec(n * k, 1.0).into_iter().map(bf16::from_f32).collect();
                 let wf: Vec<f32> = w.iter().map(|x| x.to_f32()).collect();
                 let a = rng.vec(m * k, 1.0);
                 let view = |e| {
@@ -1214,18 +1071,8 @@ mod tests {
         // m = 0 or n = 0: nothing to write.
         let mut none: [f32; 0] = [];
         let bk = MatRef::row_major(Elems::F32(&one), 1, 1);
-        gemm(
-            MatRef::row_major(Elems::F32(&e), 0, 1),
-            bk,
-            &mut none,
-            false,
-        );
-        gemm(
-            bk,
-            MatRef::row_major(Elems::F32(&e), 1, 0),
-            &mut none,
-            false,
-        );
+        gemm(MatRef::row_major(Elems::F32(&e), 0, 1), bk, &mut none, false);
+        gemm(bk, MatRef::row_major(Elems::F32(&e), 1, 0), &mut none, false);
     }
 
     #[test]
@@ -1240,23 +1087,13 @@ mod tests {
     #[test]
     fn cost_model() {
         assert_eq!(gemm_flops(2, 3, 4), 48);
-        assert_eq!(
-            gemm_min_bytes(2, 3, 4, DType::F32, DType::BF16),
-            2 * 4 * 4 + 4 * 3 * 2 + 2 * 3 * 4
-        );
+        assert_eq!(gemm_min_bytes(2, 3, 4, DType::F32, DType::BF16), 2 * 4 * 4 + 4 * 3 * 2 + 2 * 3 * 4);
     }
 
     #[test]
     fn transposed_swaps() {
         let d = [0.0f32; 12];
-        let t = MatRef {
-            offset: 1,
-            ..MatRef::row_major(Elems::F32(&d), 3, 4)
-        }
-        .transposed();
-        assert_eq!(
-            (t.rows, t.cols, t.row_stride, t.col_stride, t.offset),
-            (4, 3, 1, 4, 1)
-        );
+        let t = MatRef { offset: 1, ..MatRef::row_major(Elems::F32(&d), 3, 4) }.transposed();
+        assert_eq!((t.rows, t.cols, t.row_stride, t.col_stride, t.offset), (4, 3, 1, 4, 1));
     }
 }

@@ -15,22 +15,11 @@ use qvc_ir::Elems;
 const CHUNK: usize = 16 * 1024;
 
 fn check(x: &[f32], out: &[f32], cols: usize, what: &str) {
-    assert_eq!(
-        out.len(),
-        x.len(),
-        "{what}: out has {} elements, x has {}",
-        out.len(),
-        x.len()
-    );
+    assert_eq!(out.len(), x.len(), "{what}: out has {} elements, x has {}", out.len(), x.len());
     if cols == 0 {
         assert!(x.is_empty(), "{what}: cols = 0 with non-empty x");
     } else {
-        assert_eq!(
-            x.len() % cols,
-            0,
-            "{what}: x.len() = {} is not a multiple of cols = {cols}",
-            x.len()
-        );
+        assert_eq!(x.len() % cols, 0, "{what}: x.len() = {} is not a multiple of cols = {cols}", x.len());
     }
 }
 
@@ -44,20 +33,9 @@ pub fn rms_norm(x: &[f32], w: Elems, eps: f32, cols: usize, out: &mut [f32]) {
     rms_norm_with_isa(Isa::detect(), x, w, eps, cols, out)
 }
 
-pub(crate) fn layer_norm_with_isa(
-    isa: Isa,
-    x: &[f32],
-    w: Elems,
-    b: Elems,
-    eps: f32,
-    cols: usize,
-    out: &mut [f32],
-) {
+pub(crate) fn layer_norm_with_isa(isa: Isa, x: &[f32], w: Elems, b: Elems, eps: f32, cols: usize, out: &mut [f32]) {
     check(x, out, cols, "layer_norm");
-    assert!(
-        w.len() == cols && b.len() == cols,
-        "layer_norm: w and b must have cols = {cols} elements"
-    );
+    assert!(w.len() == cols && b.len() == cols, "layer_norm: w and b must have cols = {cols} elements");
     if x.is_empty() {
         return;
     }
@@ -77,20 +55,9 @@ pub(crate) fn layer_norm_with_isa(
     });
 }
 
-pub(crate) fn rms_norm_with_isa(
-    isa: Isa,
-    x: &[f32],
-    w: Elems,
-    eps: f32,
-    cols: usize,
-    out: &mut [f32],
-) {
+pub(crate) fn rms_norm_with_isa(isa: Isa, x: &[f32], w: Elems, eps: f32, cols: usize, out: &mut [f32]) {
     check(x, out, cols, "rms_norm");
-    assert_eq!(
-        w.len(),
-        cols,
-        "rms_norm: w must have cols = {cols} elements"
-    );
+    assert_eq!(w.len(), cols, "rms_norm: w must have cols = {cols} elements");
     if x.is_empty() {
         return;
     }

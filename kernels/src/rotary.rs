@@ -16,20 +16,15 @@ pub fn rotary(x: &mut [f32], cos: &[f32], sin: &[f32], heads: usize, d: usize) {
     }
     let hd = heads * d;
     let tokens_per_task = (16 * 1024 / hd).max(1);
-    par_chunks(
-        x,
-        tokens_per_task * hd,
-        worth_parallel(x.len() * 3),
-        |ci, c| {
-            for (ti, tok) in c.chunks_exact_mut(hd).enumerate() {
-                let tt = ci * tokens_per_task + ti;
-                let (cs, sn) = (&cos[tt * d..(tt + 1) * d], &sin[tt * d..(tt + 1) * d]);
-                for v in tok.chunks_exact_mut(d) {
-                    rotate(v, cs, sn);
-                }
+    par_chunks(x, tokens_per_task * hd, worth_parallel(x.len() * 3), |ci, c| {
+        for (ti, tok) in c.chunks_exact_mut(hd).enumerate() {
+            let tt = ci * tokens_per_task + ti;
+            let (cs, sn) = (&cos[tt * d..(tt + 1) * d], &sin[tt * d..(tt + 1) * d]);
+            for v in tok.chunks_exact_mut(d) {
+                rotate(v, cs, sn);
             }
-        },
-    );
+        }
+    });
 }
 
 /// Checks shapes; returns t.
@@ -40,17 +35,9 @@ fn check(x: &[f32], cos: &[f32], sin: &[f32], heads: usize, d: usize) -> usize {
         assert!(x.is_empty(), "rotary: heads * d = 0 with non-empty x");
         return 0;
     }
-    assert_eq!(
-        x.len() % hd,
-        0,
-        "rotary: x.len() = {} is not a multiple of heads * d = {hd}",
-        x.len()
-    );
+    assert_eq!(x.len() % hd, 0, "rotary: x.len() = {} is not a multiple of heads * d = {hd}", x.len());
     let t = x.len() / hd;
-    assert!(
-        cos.len() == t * d && sin.len() == t * d,
-        "rotary: cos and sin must be [t = {t}, d = {d}]"
-    );
+    assert!(cos.len() == t * d && sin.len() == t * d, "rotary: cos and sin must be [t = {t}, d = {d}]");
     t
 }
 
@@ -73,18 +60,10 @@ pub fn rotary_ref(x: &mut [f32], cos: &[f32], sin: &[f32], heads: usize, d: usiz
     for tt in 0..t {
         for h in 0..heads {
             let v = &mut x[(tt * heads + h) * d..][..d];
-            let rot: Vec<f64> = (0..d)
-                .map(|j| {
-                    if j < d / 2 {
-                        -(v[j + d / 2] as f64)
-                    } else {
-                        v[j - d / 2] as f64
-                    }
-                })
-                .collect();
+            let rot: Vec<f64> =
+                (0..d).map(|j| if j < d / 2 { -(v[j + d / 2] as f64) } else { v[j - d / 2] as f64 }).collect();
             for j in 0..d {
-                v[j] =
-                    (v[j] as f64 * cos[tt * d + j] as f64 + rot[j] * sin[tt * d + j] as f64) as f32;
+                v[j] = (v[j] as f64 * cos[tt * d + j] as f64 + rot[j] * sin[tt * d + j] as f64) as f32;
             }
         }
     }

@@ -20,12 +20,7 @@ fn check(x: &[f32], cols: usize) {
     if cols == 0 {
         assert!(x.is_empty(), "softmax_rows: cols = 0 with non-empty x");
     } else {
-        assert_eq!(
-            x.len() % cols,
-            0,
-            "softmax_rows: x.len() = {} is not a multiple of cols = {cols}",
-            x.len()
-        );
+        assert_eq!(x.len() % cols, 0, "softmax_rows: x.len() = {} is not a multiple of cols = {cols}", x.len());
     }
 }
 
@@ -162,9 +157,6 @@ mod tests {
         assert_eq!(x, [0.5, 0.0, 0.5]);
         let mut x = [f32::NEG_INFINITY; 2];
         softmax_rows(&mut x, 2);
-        assert!(
-            x[0].is_nan() && x[1].is_nan(),
-            "all -inf gives NaN, as in PyTorch"
-        );
+        assert!(x[0].is_nan() && x[1].is_nan(), "all -inf gives NaN, as in PyTorch");
     }
 }

@@ -130,10 +130,7 @@ mod tests {
     #[test]
     fn prompt_layout_and_decode() {
         let tok = demo();
-        let history = vec![Turn {
-            query: "Q1".into(),
-            response: "R1".into(),
-        }];
+        let history = vec![Turn { query: "Q1".into(), response: "R1".into() }];
         let ids = make_context(&tok, DEFAULT_SYSTEM, &history, "<|im_start|>Q2", 6144).unwrap();
         assert_eq!(
             tok.decode(&ids, false),
@@ -148,10 +145,7 @@ mod tests {
     #[test]
     fn oldest_turns_are_dropped_to_fit_the_window() {
         let tok = demo();
-        let turn = |q: &str| Turn {
-            query: q.into(),
-            response: "ok".into(),
-        };
+        let turn = |q: &str| Turn { query: q.into(), response: "ok".into() };
         // Queries of equal token length (each digit is its own token).
         let history = vec![turn("q1"), turn("q2"), turn("q3")];
         let full = make_context(&tok, DEFAULT_SYSTEM, &history, "now", 100_000).unwrap();

@@ -112,7 +112,11 @@ impl Obj<'_> {
         ConfigError::Key { path: self.path.into(), key: format!("{}{key}", self.prefix), what }
     }
     fn usize(&self, key: &str) -> Result<usize, ConfigError> {
-        self.v.get(key).and_then(Value::as_u64).map(|x| x as usize).ok_or_else(|| self.err(key, "a non-negative integer"))
+        self.v
+            .get(key)
+            .and_then(Value::as_u64)
+            .map(|x| x as usize)
+            .ok_or_else(|| self.err(key, "a non-negative integer"))
     }
     fn f64(&self, key: &str) -> Result<f64, ConfigError> {
         self.v.get(key).and_then(Value::as_f64).ok_or_else(|| self.err(key, "a number"))
@@ -134,7 +138,9 @@ impl Config {
 
     pub fn from_json(v: &Value, path: &Path) -> Result<Self, ConfigError> {
         let o = Obj { v, path, prefix: "" };
-        let vis = v.get("visual").ok_or_else(|| o.err("visual", "the vision tower's settings (is this a Qwen-VL, not a text-only Qwen, config?)"))?;
+        let vis = v.get("visual").ok_or_else(|| {
+            o.err("visual", "the vision tower's settings (is this a Qwen-VL, not a text-only Qwen, config?)")
+        })?;
         let vo = Obj { v: vis, path, prefix: "visual." };
         let width = vo.usize("width")?;
         let mlp_ratio = vo.f64("mlp_ratio")?;
@@ -180,10 +186,14 @@ impl Config {
             return invalid(format!("num_attention_heads {heads} × kv_channels {head_dim} must equal hidden_size {hidden_size} with an even head size"));
         }
         let vis = &cfg.visual;
-        if vis.heads == 0 || vis.width % vis.heads != 0 || vis.patch_size == 0 || vis.image_size % vis.patch_size != 0 {
+        if vis.heads == 0
+            || !vis.width.is_multiple_of(vis.heads)
+            || vis.patch_size == 0
+            || !vis.image_size.is_multiple_of(vis.patch_size)
+        {
             return invalid("visual: width must be a multiple of heads and image_size a multiple of patch_size".into());
         }
-        if vis.output_dim != hidden_size || vis.output_dim % vis.pool_heads() != 0 {
+        if vis.output_dim != hidden_size || !vis.output_dim.is_multiple_of(vis.pool_heads()) {
             return invalid(format!("visual.output_dim {} must equal hidden_size {hidden_size}", vis.output_dim));
         }
         if cfg.seq_length < 2 {

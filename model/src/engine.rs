@@ -33,7 +33,9 @@ pub enum ModelError {
     Exec(#[from] ExecError),
     #[error("internal error building the model graph: {0}")]
     Graph(#[from] IrError),
-    #[error("{path} not found: a Qwen-VL checkpoint directory holds config.json, qwen.tiktoken and the safetensors weights")]
+    #[error(
+        "{path} not found: a Qwen-VL checkpoint directory holds config.json, qwen.tiktoken and the safetensors weights"
+    )]
     NotFound { path: PathBuf },
     #[error("{0}")]
     Prompt(String),
@@ -67,11 +69,16 @@ impl Model {
         if !path.exists() {
             return Err(ModelError::NotFound { path: path.into() });
         }
-        let dir = if path.is_dir() { path.to_path_buf() } else { path.parent().map_or_else(|| PathBuf::from("."), Path::to_path_buf) };
+        let dir = if path.is_dir() {
+            path.to_path_buf()
+        } else {
+            path.parent().map_or_else(|| PathBuf::from("."), Path::to_path_buf)
+        };
         let cfg_path = opt.config.clone().unwrap_or_else(|| dir.join("config.json"));
         let config = Config::from_file(&cfg_path)?;
         let gen_path = dir.join("generation_config.json");
-        let generation = if gen_path.exists() { GenerationConfig::from_file(&gen_path)? } else { GenerationConfig::default() };
+        let generation =
+            if gen_path.exists() { GenerationConfig::from_file(&gen_path)? } else { GenerationConfig::default() };
         let tokenizer = QwenTokenizer::from_file(&dir.join("qwen.tiktoken"))?;
         let weights = WeightStore::open(path)?;
         config.validate(&weights)?;
@@ -80,7 +87,8 @@ impl Model {
         }
         let v = &config.visual;
         let table = |name: &str, c: usize| -> Result<Vec<f32>, ModelError> {
-            let w = weights.weight(name).ok_or_else(|| WeightError::Missing { name: name.into(), hint: String::new() })?;
+            let w =
+                weights.weight(name).ok_or_else(|| WeightError::Missing { name: name.into(), hint: String::new() })?;
             Ok(resize_pos_embed(&w.to_f32_vec(), 16, v.grid(), c))
         };
         let vit_pos = table("transformer.visual.positional_embedding", v.width)?;
@@ -213,10 +221,16 @@ impl<'m> Session<'m> {
             return Err(ModelError::Prompt("the prompt is empty".into()));
         }
         if ids.len() > MAX_CONTEXT {
-            return Err(ModelError::Prompt(format!("the prompt has {} tokens; qvc accepts at most {MAX_CONTEXT}", ids.len())));
+            return Err(ModelError::Prompt(format!(
+                "the prompt has {} tokens; qvc accepts at most {MAX_CONTEXT}",
+                ids.len()
+            )));
         }
         if let Some(&bad) = ids.iter().find(|&&i| i as usize >= cfg.vocab_size) {
-            return Err(ModelError::Prompt(format!("token id {bad} is outside the vocabulary (0..{})", cfg.vocab_size)));
+            return Err(ModelError::Prompt(format!(
+                "token id {bad} is outside the vocabulary (0..{})",
+                cfg.vocab_size
+            )));
         }
         // Images: features overwrite positions a+1 .. b-1 of each <img>…</img> span.
         let spans = self.model.tokenizer.image_spans(ids)?;
@@ -236,7 +250,13 @@ impl<'m> Session<'m> {
         let t0 = Instant::now();
         self.cache.truncate(0);
         self.alpha = cfg.ntk_alpha(ids.len());
-        let shape = DecoderShape { tokens: ids.len(), past: 0, image_rows: rows.len(), all_logits: opt.all_logits, hidden: opt.hidden };
+        let shape = DecoderShape {
+            tokens: ids.len(),
+            past: 0,
+            image_rows: rows.len(),
+            all_logits: opt.all_logits,
+            hidden: opt.hidden,
+        };
         let mut out = self.run_decoder(ids, &shape, &feats, &rows)?;
         self.timings.prefill_ms += t0.elapsed().as_secs_f64() * 1e3;
         let logits = out.remove("logits").expect("decoder has logits");
@@ -251,7 +271,9 @@ impl<'m> Session<'m> {
             return Err(ModelError::Prompt("decode step without a prefill".into()));
         }
         if self.cache.len() + 1 > MAX_CONTEXT {
-            return Err(ModelError::Prompt(format!("the conversation reached {MAX_CONTEXT} tokens, the most qvc accepts")));
+            return Err(ModelError::Prompt(format!(
+                "the conversation reached {MAX_CONTEXT} tokens, the most qvc accepts"
+            )));
         }
         if id as usize >= cfg.vocab_size {
             return Err(ModelError::Prompt(format!("token id {id} is outside the vocabulary")));
@@ -264,13 +286,20 @@ impl<'m> Session<'m> {
         Ok(out.remove("logits").expect("decoder has logits"))
     }
 
-    fn run_decoder(&mut self, ids: &[u32], shape: &DecoderShape, feats: &[f32], rows: &[i32]) -> Result<HashMap<String, Vec<f32>>, ModelError> {
+    fn run_decoder(
+        &mut self,
+        ids: &[u32],
+        shape: &DecoderShape,
+        feats: &[f32],
+        rows: &[i32],
+    ) -> Result<HashMap<String, Vec<f32>>, ModelError> {
         let cfg = &self.model.config;
         let g = decoder_graph(cfg, &self.model.weights, shape)?;
         let ids_i: Vec<i32> = ids.iter().map(|&i| i as i32).collect();
         let (cos, sin) = rope_tables(cfg, self.alpha, shape.past, shape.tokens);
         let logn = logn_scales(cfg, shape.past, shape.tokens);
-        let names: Vec<(String, String)> = (0..cfg.layers).map(|i| (format!("past_k.{i}"), format!("past_v.{i}"))).collect();
+        let names: Vec<(String, String)> =
+            (0..cfg.layers).map(|i| (format!("past_k.{i}"), format!("past_v.{i}"))).collect();
         let mut inputs: HashMap<String, InputRef> = HashMap::from([
             ("ids".to_string(), InputRef::I32(&ids_i)),
             ("rope_cos".to_string(), InputRef::F32(&cos)),
@@ -327,7 +356,12 @@ pub struct GenerateOptions {
 /// Prefill `prompt`, then sample until a stop token or `max_new_tokens`.
 /// `on_text` receives the text as it becomes printable (a token that ends
 /// inside a multi-byte character is held back until the character completes).
-pub fn generate(session: &mut Session, prompt: &[u32], opt: &GenerateOptions, on_text: &mut dyn FnMut(&str)) -> Result<Generation, ModelError> {
+pub fn generate(
+    session: &mut Session,
+    prompt: &[u32],
+    opt: &GenerateOptions,
+    on_text: &mut dyn FnMut(&str),
+) -> Result<Generation, ModelError> {
     let tok = &session.model.tokenizer;
     let mut logits = session.prefill(prompt, &PrefillOptions::default())?.logits;
     let mut rng = Rng::new(opt.sampling.seed);

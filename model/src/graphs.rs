@@ -47,7 +47,13 @@ pub struct VisionOptions {
 /// `pixels [3, S, S]` → `features [256, D]`. `vit_pos` is the ViT position
 /// table resized to the grid, `pool_pos_k` the adapter's key position table
 /// resized likewise (both folded constants, see [`crate::posembed`]).
-pub fn vision_graph(cfg: &Config, w: &WeightStore, vit_pos: Vec<f32>, pool_pos_k: Vec<f32>, opt: &VisionOptions) -> Result<Graph, IrError> {
+pub fn vision_graph(
+    cfg: &Config,
+    w: &WeightStore,
+    vit_pos: Vec<f32>,
+    pool_pos_k: Vec<f32>,
+    opt: &VisionOptions,
+) -> Result<Graph, IrError> {
     let v = &cfg.visual;
     let (width, heads, hd, t, d) = (v.width, v.heads, v.head_dim(), v.grid() * v.grid(), v.output_dim);
     let eps = 1e-6;

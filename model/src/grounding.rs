@@ -47,8 +47,7 @@ const QUAD_CLOSE: &str = "</quad>";
 /// Text between regions that keeps the current `<ref>` label alive (`<ref>a</ref><box>..</box>,
 /// <box>..</box>` labels both boxes); any other text ends it.
 fn is_separator(text: &str) -> bool {
-    text.chars()
-        .all(|c| c.is_whitespace() || matches!(c, ',' | ';' | '，' | '、' | '；'))
+    text.chars().all(|c| c.is_whitespace() || matches!(c, ',' | ';' | '，' | '、' | '；'))
 }
 
 /// Extracts all regions from decoded model text, in order of appearance.
@@ -86,12 +85,7 @@ pub fn parse_groundings(text: &str) -> Vec<Grounding> {
             continue;
         };
         let body = &body_rest[..end];
-        if [
-            REF_OPEN, BOX_OPEN, QUAD_OPEN, REF_CLOSE, BOX_CLOSE, QUAD_CLOSE,
-        ]
-        .iter()
-        .any(|t| body.contains(t))
-        {
+        if [REF_OPEN, BOX_OPEN, QUAD_OPEN, REF_CLOSE, BOX_CLOSE, QUAD_CLOSE].iter().any(|t| body.contains(t)) {
             // A tag inside the span: this opening tag is stray; rescan from inside it.
             label = None;
             pos = body_start;
@@ -105,20 +99,12 @@ pub fn parse_groundings(text: &str) -> Vec<Grounding> {
             }
             BOX_OPEN => {
                 if let Some(points) = parse_points(body).filter(|p| p.len() == 2) {
-                    out.push(Grounding {
-                        label: label.clone(),
-                        shape: Shape::Box,
-                        points_1000: points,
-                    });
+                    out.push(Grounding { label: label.clone(), shape: Shape::Box, points_1000: points });
                 }
             }
             _ => {
                 if let Some(points) = parse_points(body).filter(|p| p.len() == 4) {
-                    out.push(Grounding {
-                        label: label.clone(),
-                        shape: Shape::Quad,
-                        points_1000: points,
-                    });
+                    out.push(Grounding { label: label.clone(), shape: Shape::Quad, points_1000: points });
                 }
             }
         }
@@ -147,9 +133,7 @@ fn parse_points(s: &str) -> Option<Vec<(i64, i64)>> {
 fn parse_int(s: &str) -> Option<(i64, &str)> {
     let s = s.trim_start();
     let sign_len = usize::from(s.starts_with(['-', '+']));
-    let digits = s[sign_len..]
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(s.len() - sign_len);
+    let digits = s[sign_len..].find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len() - sign_len);
     if digits == 0 {
         return None;
     }
@@ -161,10 +145,7 @@ fn parse_int(s: &str) -> Option<(i64, &str)> {
 /// does: `int(v / 1000 * W)` (float, then truncation toward zero) for x, likewise with H for y.
 pub fn to_pixels(points_1000: &[(i64, i64)], width: u32, height: u32) -> Vec<(i64, i64)> {
     let conv = |v: i64, size: u32| (v as f64 / 1000.0 * size as f64) as i64;
-    points_1000
-        .iter()
-        .map(|&(x, y)| (conv(x, width), conv(y, height)))
-        .collect()
+    points_1000.iter().map(|&(x, y)| (conv(x, width), conv(y, height))).collect()
 }
 
 /// Colours for labels, in order of first appearance (Trubetskoy's distinct colours).
@@ -211,14 +192,8 @@ impl Canvas {
     /// A line `t` pixels thick (square brush), clipped first so huge coordinates cost nothing.
     fn thick_line(&mut self, a: (i64, i64), b: (i64, i64), t: i64, c: [u8; 3]) {
         let m = t as f64 + 1.0;
-        let bounds = (
-            -m,
-            -m,
-            self.img.width as f64 + m,
-            self.img.height as f64 + m,
-        );
-        let Some(((x0, y0), (x1, y1))) =
-            clip_segment((a.0 as f64, a.1 as f64), (b.0 as f64, b.1 as f64), bounds)
+        let bounds = (-m, -m, self.img.width as f64 + m, self.img.height as f64 + m);
+        let Some(((x0, y0), (x1, y1))) = clip_segment((a.0 as f64, a.1 as f64), (b.0 as f64, b.1 as f64), bounds)
         else {
             return;
         };
@@ -251,12 +226,7 @@ type Pt = (f64, f64);
 fn clip_segment(a: Pt, b: Pt, (xmin, ymin, xmax, ymax): (f64, f64, f64, f64)) -> Option<(Pt, Pt)> {
     let (dx, dy) = (b.0 - a.0, b.1 - a.1);
     let (mut t0, mut t1) = (0.0f64, 1.0f64);
-    for (p, q) in [
-        (-dx, a.0 - xmin),
-        (dx, xmax - a.0),
-        (-dy, a.1 - ymin),
-        (dy, ymax - a.1),
-    ] {
+    for (p, q) in [(-dx, a.0 - xmin), (dx, xmax - a.0), (-dy, a.1 - ymin), (dy, ymax - a.1)] {
         if p == 0.0 {
             if q < 0.0 {
                 return None;
@@ -273,10 +243,7 @@ fn clip_segment(a: Pt, b: Pt, (xmin, ymin, xmax, ymax): (f64, f64, f64, f64)) ->
     if t0 > t1 || !t0.is_finite() || !t1.is_finite() {
         return None;
     }
-    Some((
-        (a.0 + t0 * dx, a.1 + t0 * dy),
-        (a.0 + t1 * dx, a.1 + t1 * dy),
-    ))
+    Some(((a.0 + t0 * dx, a.1 + t0 * dy), (a.0 + t1 * dx, a.1 + t1 * dy)))
 }
 
 /// Draws `items` on a copy of `img`: box outlines (2 px thick, 3 px on images at least 400 px
@@ -314,12 +281,8 @@ pub fn draw_groundings(img: &RgbImage, items: &[Grounding]) -> RgbImage {
         if pts.is_empty() {
             continue;
         }
-        let (xmin, ymin) = pts
-            .iter()
-            .fold((i64::MAX, i64::MAX), |(a, b), p| (a.min(p.0), b.min(p.1)));
-        let (xmax, ymax) = pts
-            .iter()
-            .fold((i64::MIN, i64::MIN), |(a, b), p| (a.max(p.0), b.max(p.1)));
+        let (xmin, ymin) = pts.iter().fold((i64::MAX, i64::MAX), |(a, b), p| (a.min(p.0), b.min(p.1)));
+        let (xmax, ymax) = pts.iter().fold((i64::MIN, i64::MIN), |(a, b), p| (a.max(p.0), b.max(p.1)));
         match item.shape {
             Shape::Box => {
                 // Drawn inward from the corners, like PIL's rectangle(width=t).
@@ -361,11 +324,7 @@ fn draw_label(canvas: &mut Canvas, label: &str, x: i64, y: i64, t: i64, s: i64, 
     let left = x.min(w - tag_w).max(0);
     canvas.fill_rect(left, top, left + tag_w - 1, top + tag_h - 1, bg);
     let luma = 299 * bg[0] as u32 + 587 * bg[1] as u32 + 114 * bg[2] as u32;
-    let fg = if luma > 150_000 {
-        [0, 0, 0]
-    } else {
-        [255, 255, 255]
-    };
+    let fg = if luma > 150_000 { [0, 0, 0] } else { [255, 255, 255] };
     for (i, ch) in chars.iter().enumerate() {
         let gx = left + pad + i as i64 * advance;
         let gy = top + pad;
@@ -382,10 +341,7 @@ fn draw_label(canvas: &mut Canvas, label: &str, x: i64, y: i64, t: i64, s: i64, 
             }
             None => {
                 // Placeholder: the outline of the glyph cell.
-                let (x1, y1) = (
-                    gx + font::GLYPH_W as i64 * s - 1,
-                    gy + font::GLYPH_H as i64 * s - 1,
-                );
+                let (x1, y1) = (gx + font::GLYPH_W as i64 * s - 1, gy + font::GLYPH_H as i64 * s - 1);
                 canvas.fill_rect(gx, gy, x1, gy + s - 1, fg);
                 canvas.fill_rect(gx, y1 - s + 1, x1, y1, fg);
                 canvas.fill_rect(gx, gy, gx + s - 1, y1, fg);
@@ -402,11 +358,7 @@ mod tests {
     fn b(label: Option<&str>, pts: &[(i64, i64)]) -> Grounding {
         Grounding {
             label: label.map(str::to_string),
-            shape: if pts.len() == 4 {
-                Shape::Quad
-            } else {
-                Shape::Box
-            },
+            shape: if pts.len() == 4 { Shape::Quad } else { Shape::Box },
             points_1000: pts.to_vec(),
         }
     }
@@ -430,24 +382,14 @@ mod tests {
 
     #[test]
     fn parses_quads_and_unlabelled() {
-        let g = parse_groundings(
-            "<box>(1,1),(2,2)</box><ref>STOP</ref><quad>(10,10),(90,12),(88,40),(9,38)</quad>",
-        );
-        assert_eq!(
-            g,
-            vec![
-                b(None, &[(1, 1), (2, 2)]),
-                b(Some("STOP"), &[(10, 10), (90, 12), (88, 40), (9, 38)]),
-            ]
-        );
+        let g = parse_groundings("<box>(1,1),(2,2)</box><ref>STOP</ref><quad>(10,10),(90,12),(88,40),(9,38)</quad>");
+        assert_eq!(g, vec![b(None, &[(1, 1), (2, 2)]), b(Some("STOP"), &[(10, 10), (90, 12), (88, 40), (9, 38)]),]);
         assert_eq!(g[1].shape, Shape::Quad);
     }
 
     #[test]
     fn chinese_labels() {
-        let g = parse_groundings(
-            "图中<ref>一只狗</ref><box>(100,200),(300,400)</box>，<box>(1,1),(5,5)</box>。",
-        );
+        let g = parse_groundings("图中<ref>一只狗</ref><box>(100,200),(300,400)</box>，<box>(1,1),(5,5)</box>。");
         assert_eq!(g.len(), 2);
         assert_eq!(g[0].label.as_deref(), Some("一只狗"));
         assert_eq!(g[1].label.as_deref(), Some("一只狗"));
@@ -514,10 +456,7 @@ mod tests {
             "<ref>Dog 1</ref><box>(100,300),(500,900)</box><ref>猫</ref><box>(600,500),(900,800)</box>",
         );
         let out = draw_groundings(&img, &items);
-        assert_eq!(
-            (out.width, out.height, out.data.len()),
-            (200, 100, 200 * 100 * 3)
-        );
+        assert_eq!((out.width, out.height, out.data.len()), (200, 100, 200 * 100 * 3));
         // Box 1 spans x 20..=100, y 30..=90.
         let c1 = px(&out, 20, 60);
         assert_ne!(c1, [128, 128, 128]);
@@ -544,35 +483,17 @@ mod tests {
     fn out_of_range_coordinates_are_clipped() {
         let img = RgbImage::new_filled(50, 40, [0, 0, 0]);
         let items = vec![
-            b(
-                Some("far away label that is long"),
-                &[(-5000, -5000), (99_999, 99_999)],
-            ),
+            b(Some("far away label that is long"), &[(-5000, -5000), (99_999, 99_999)]),
             b(None, &[(i64::MIN, i64::MIN), (i64::MAX, i64::MAX)]),
-            b(
-                Some("q"),
-                &[
-                    (-100000, 0),
-                    (3000, 500),
-                    (500, 1_000_000),
-                    (i64::MAX, i64::MIN),
-                ],
-            ),
+            b(Some("q"), &[(-100000, 0), (3000, 500), (500, 1_000_000), (i64::MAX, i64::MIN)]),
             b(Some("x"), &[(2000, 2000), (3000, 3000)]),
             b(Some(""), &[(500, 500), (500, 500)]),
         ];
         let out = draw_groundings(&img, &items);
-        assert_eq!(
-            (out.width, out.height, out.data.len()),
-            (50, 40, 50 * 40 * 3)
-        );
+        assert_eq!((out.width, out.height, out.data.len()), (50, 40, 50 * 40 * 3));
         assert!(out.data.iter().any(|&v| v != 0));
         // Degenerate images do not panic either.
-        let empty = RgbImage {
-            width: 0,
-            height: 0,
-            data: vec![],
-        };
+        let empty = RgbImage { width: 0, height: 0, data: vec![] };
         assert_eq!(draw_groundings(&empty, &items), empty);
         let one = RgbImage::new_filled(1, 1, [9, 9, 9]);
         assert_eq!(draw_groundings(&one, &items).data.len(), 3);

@@ -54,11 +54,7 @@ impl RgbImage {
         for _ in 0..n {
             data.extend_from_slice(&rgb);
         }
-        RgbImage {
-            width,
-            height,
-            data,
-        }
+        RgbImage { width, height, data }
     }
 }
 
@@ -150,9 +146,7 @@ pub enum ImageError {
         height: u32,
     },
     /// Writing an image failed.
-    #[error(
-        "cannot write image {path}: {detail}; check that the directory exists and is writable"
-    )]
+    #[error("cannot write image {path}: {detail}; check that the directory exists and is writable")]
     Write {
         /// Output path.
         path: PathBuf,
@@ -165,11 +159,7 @@ pub enum ImageError {
 pub fn load_rgb(path: &Path) -> Result<RgbImage, ImageError> {
     let meta = std::fs::metadata(path).map_err(|e| io_error(path, e))?;
     if meta.is_file() && meta.len() > MAX_FILE_BYTES {
-        return Err(ImageError::FileTooLarge {
-            path: path.to_path_buf(),
-            bytes: meta.len(),
-            limit: MAX_FILE_BYTES,
-        });
+        return Err(ImageError::FileTooLarge { path: path.to_path_buf(), bytes: meta.len(), limit: MAX_FILE_BYTES });
     }
     let bytes = std::fs::read(path).map_err(|e| io_error(path, e))?;
     decode_rgb(&bytes, &path.display().to_string())
@@ -177,14 +167,9 @@ pub fn load_rgb(path: &Path) -> Result<RgbImage, ImageError> {
 
 fn io_error(path: &Path, e: std::io::Error) -> ImageError {
     if e.kind() == std::io::ErrorKind::NotFound {
-        ImageError::NotFound {
-            path: path.to_path_buf(),
-        }
+        ImageError::NotFound { path: path.to_path_buf() }
     } else {
-        ImageError::Unreadable {
-            path: path.to_path_buf(),
-            source: e,
-        }
+        ImageError::Unreadable { path: path.to_path_buf(), source: e }
     }
 }
 
@@ -209,30 +194,15 @@ fn io_error(path: &Path, e: std::io::Error) -> ImageError {
 /// is ignored, as `Image.open` ignores it. Only the first frame of an animated GIF/WebP is used.
 pub fn decode_rgb(bytes: &[u8], name: &str) -> Result<RgbImage, ImageError> {
     if bytes.is_empty() {
-        return Err(ImageError::Empty {
-            path: name.to_string(),
-        });
+        return Err(ImageError::Empty { path: name.to_string() });
     }
     let reader = |limits: Limits| -> Result<ImageReader<Cursor<&[u8]>>, ImageError> {
         let mut r = ImageReader::new(Cursor::new(bytes))
             .with_guessed_format()
-            .map_err(|e| ImageError::Corrupt {
-                path: name.to_string(),
-                detail: e.to_string(),
-            })?;
+            .map_err(|e| ImageError::Corrupt { path: name.to_string(), detail: e.to_string() })?;
         match r.format() {
-            Some(
-                ImageFormat::Png
-                | ImageFormat::Jpeg
-                | ImageFormat::WebP
-                | ImageFormat::Gif
-                | ImageFormat::Bmp,
-            ) => {}
-            _ => {
-                return Err(ImageError::UnknownFormat {
-                    path: name.to_string(),
-                })
-            }
+            Some(ImageFormat::Png | ImageFormat::Jpeg | ImageFormat::WebP | ImageFormat::Gif | ImageFormat::Bmp) => {}
+            _ => return Err(ImageError::UnknownFormat { path: name.to_string() }),
         }
         r.limits(limits);
         Ok(r)
@@ -241,23 +211,16 @@ pub fn decode_rgb(bytes: &[u8], name: &str) -> Result<RgbImage, ImageError> {
     limits.max_alloc = Some(MAX_DECODER_ALLOC);
 
     // 1. The size from the header only: nothing proportional to the pixel count is allocated.
-    let (width, height) = reader(limits.clone())?
-        .into_dimensions()
-        .map_err(|e| decode_error(name, e, None))?;
+    let (width, height) = reader(limits.clone())?.into_dimensions().map_err(|e| decode_error(name, e, None))?;
     check_size(name, width, height)?;
 
     // 2. The pixels, under the allocation limit.
-    let img = reader(limits)?
-        .decode()
-        .map_err(|e| decode_error(name, e, Some((width, height))))?;
+    let img = reader(limits)?.decode().map_err(|e| decode_error(name, e, Some((width, height))))?;
     let rgb = dynamic_to_rgb(img);
     if rgb.width != width || rgb.height != height {
         return Err(ImageError::Corrupt {
             path: name.to_string(),
-            detail: format!(
-                "header says {width}x{height} but {}x{} pixels were decoded",
-                rgb.width, rgb.height
-            ),
+            detail: format!("header says {width}x{height} but {}x{} pixels were decoded", rgb.width, rgb.height),
         });
     }
     Ok(rgb)
@@ -265,39 +228,23 @@ pub fn decode_rgb(bytes: &[u8], name: &str) -> Result<RgbImage, ImageError> {
 
 fn check_size(name: &str, width: u32, height: u32) -> Result<(), ImageError> {
     if width == 0 || height == 0 {
-        return Err(ImageError::ZeroSize {
-            path: name.to_string(),
-            width,
-            height,
-        });
+        return Err(ImageError::ZeroSize { path: name.to_string(), width, height });
     }
     if width as u64 * height as u64 > MAX_PIXELS {
-        return Err(ImageError::TooLarge {
-            path: name.to_string(),
-            width,
-            height,
-            limit: MAX_PIXELS,
-        });
+        return Err(ImageError::TooLarge { path: name.to_string(), width, height, limit: MAX_PIXELS });
     }
     Ok(())
 }
 
 fn decode_error(name: &str, e: image::ImageError, dims: Option<(u32, u32)>) -> ImageError {
     match (e, dims) {
-        (image::ImageError::Limits(_), Some((width, height))) => ImageError::TooLarge {
-            path: name.to_string(),
-            width,
-            height,
-            limit: MAX_PIXELS,
-        },
-        (image::ImageError::Unsupported(u), _) => ImageError::Corrupt {
-            path: name.to_string(),
-            detail: format!("unsupported variant of the format: {u}"),
-        },
-        (e, _) => ImageError::Corrupt {
-            path: name.to_string(),
-            detail: e.to_string(),
-        },
+        (image::ImageError::Limits(_), Some((width, height))) => {
+            ImageError::TooLarge { path: name.to_string(), width, height, limit: MAX_PIXELS }
+        }
+        (image::ImageError::Unsupported(u), _) => {
+            ImageError::Corrupt { path: name.to_string(), detail: format!("unsupported variant of the format: {u}") }
+        }
+        (e, _) => ImageError::Corrupt { path: name.to_string(), detail: e.to_string() },
     }
 }
 
@@ -346,11 +293,7 @@ fn dynamic_to_rgb(img: DynamicImage) -> RgbImage {
         }
         other => data = other.to_rgb8().into_raw(),
     }
-    RgbImage {
-        width,
-        height,
-        data,
-    }
+    RgbImage { width, height, data }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -399,9 +342,7 @@ fn precompute_coeffs(in_size: u32, out_size: u32) -> Coeffs {
         let center = (xx as f64 + 0.5) * scale;
         // C `(int)` truncates toward zero; negative values are clamped to 0 anyway.
         let xmin = ((center - support + 0.5) as i64).max(0) as usize;
-        let xmax = ((center + support + 0.5) as i64)
-            .min(in_size as i64)
-            .max(xmin as i64) as usize;
+        let xmax = ((center + support + 0.5) as i64).min(in_size as i64).max(xmin as i64) as usize;
         let n = (xmax - xmin).min(ksize);
         let mut ww = 0.0;
         for (x, kx) in k.iter_mut().enumerate().take(n) {
@@ -412,21 +353,12 @@ fn precompute_coeffs(in_size: u32, out_size: u32) -> Coeffs {
         for (kx, q) in k.iter().zip(kk_row.iter_mut()).take(n) {
             let w = if ww != 0.0 { kx / ww } else { *kx };
             let f = w * (1u32 << PRECISION_BITS) as f64;
-            *q = if w < 0.0 {
-                (f - 0.5) as i32
-            } else {
-                (f + 0.5) as i32
-            };
+            *q = if w < 0.0 { (f - 0.5) as i32 } else { (f + 0.5) as i32 };
         }
         start.push(xmin);
         len.push(n);
     }
-    Coeffs {
-        ksize,
-        start,
-        len,
-        kk,
-    }
+    Coeffs { ksize, start, len, kk }
 }
 
 /// Pillow's `clip8`: drop the fractional bits and clamp to 0..=255.
@@ -444,25 +376,23 @@ fn resample_horizontal(src: &[u8], in_w: usize, row0: usize, rows: usize, c: &Co
     if out.is_empty() {
         return out;
     }
-    out.par_chunks_mut(out_w * 3)
-        .enumerate()
-        .for_each(|(r, orow)| {
-            let irow = &src[(row0 + r) * in_w * 3..(row0 + r + 1) * in_w * 3];
-            for (xx, o) in orow.chunks_exact_mut(3).enumerate() {
-                let xmin = c.start[xx];
-                let k = &c.kk[xx * c.ksize..xx * c.ksize + c.len[xx]];
-                let px = &irow[xmin * 3..(xmin + k.len()) * 3];
-                let (mut s0, mut s1, mut s2) = (ROUND_HALF, ROUND_HALF, ROUND_HALF);
-                for (p, &w) in px.chunks_exact(3).zip(k) {
-                    s0 += p[0] as i32 * w;
-                    s1 += p[1] as i32 * w;
-                    s2 += p[2] as i32 * w;
-                }
-                o[0] = clip8(s0);
-                o[1] = clip8(s1);
-                o[2] = clip8(s2);
+    out.par_chunks_mut(out_w * 3).enumerate().for_each(|(r, orow)| {
+        let irow = &src[(row0 + r) * in_w * 3..(row0 + r + 1) * in_w * 3];
+        for (xx, o) in orow.chunks_exact_mut(3).enumerate() {
+            let xmin = c.start[xx];
+            let k = &c.kk[xx * c.ksize..xx * c.ksize + c.len[xx]];
+            let px = &irow[xmin * 3..(xmin + k.len()) * 3];
+            let (mut s0, mut s1, mut s2) = (ROUND_HALF, ROUND_HALF, ROUND_HALF);
+            for (p, &w) in px.chunks_exact(3).zip(k) {
+                s0 += p[0] as i32 * w;
+                s1 += p[1] as i32 * w;
+                s2 += p[2] as i32 * w;
             }
-        });
+            o[0] = clip8(s0);
+            o[1] = clip8(s1);
+            o[2] = clip8(s2);
+        }
+    });
     out
 }
 
@@ -511,20 +441,12 @@ pub fn resize_bicubic(img: &RgbImage, width: u32, height: u32) -> RgbImage {
         (true, false) => {
             let ch = precompute_coeffs(img.width, width);
             let data = resample_horizontal(&img.data, in_w, 0, in_h, &ch);
-            RgbImage {
-                width,
-                height,
-                data,
-            }
+            RgbImage { width, height, data }
         }
         (false, true) => {
             let cv = precompute_coeffs(img.height, height);
             let data = resample_vertical(&img.data, in_w, 0, &cv);
-            RgbImage {
-                width,
-                height,
-                data,
-            }
+            RgbImage { width, height, data }
         }
         (true, true) => {
             let ch = precompute_coeffs(img.width, width);
@@ -534,11 +456,7 @@ pub fn resize_bicubic(img: &RgbImage, width: u32, height: u32) -> RgbImage {
             let last = cv.start[cv.start.len() - 1] + cv.len[cv.len.len() - 1];
             let tmp = resample_horizontal(&img.data, in_w, first, last - first, &ch);
             let data = resample_vertical(&tmp, width as usize, first, &cv);
-            RgbImage {
-                width,
-                height,
-                data,
-            }
+            RgbImage { width, height, data }
         }
     }
 }
@@ -578,10 +496,7 @@ pub fn preprocess(path: &Path, size: u32) -> Result<Vec<f32>, ImageError> {
 
 /// Writes an RGB image as PNG.
 pub fn save_png(img: &RgbImage, path: &Path) -> Result<(), ImageError> {
-    let write_err = |detail: String| ImageError::Write {
-        path: path.to_path_buf(),
-        detail,
-    };
+    let write_err = |detail: String| ImageError::Write { path: path.to_path_buf(), detail };
     if img.data.len() != img.width as usize * img.height as usize * 3 {
         return Err(write_err(format!(
             "the pixel buffer has {} bytes, a {}x{} RGB image needs {}",
@@ -592,10 +507,7 @@ pub fn save_png(img: &RgbImage, path: &Path) -> Result<(), ImageError> {
         )));
     }
     if img.width == 0 || img.height == 0 {
-        return Err(write_err(format!(
-            "a PNG cannot be {}x{} (zero size)",
-            img.width, img.height
-        )));
+        return Err(write_err(format!("a PNG cannot be {}x{} (zero size)", img.width, img.height)));
     }
     image::save_buffer_with_format(
         path,
@@ -620,24 +532,11 @@ mod tests {
 
     #[test]
     fn weights_sum_to_one_in_fixed_point() {
-        for (i, o) in [
-            (640, 448),
-            (300, 448),
-            (448, 448),
-            (4000, 448),
-            (7, 3),
-            (1, 5),
-        ] {
+        for (i, o) in [(640, 448), (300, 448), (448, 448), (4000, 448), (7, 3), (1, 5)] {
             let c = precompute_coeffs(i, o);
             for xx in 0..o as usize {
-                let s: i64 = c.kk[xx * c.ksize..xx * c.ksize + c.len[xx]]
-                    .iter()
-                    .map(|&w| w as i64)
-                    .sum();
-                assert!(
-                    (s - (1 << PRECISION_BITS)).abs() <= c.ksize as i64,
-                    "{i}->{o} {xx} {s}"
-                );
+                let s: i64 = c.kk[xx * c.ksize..xx * c.ksize + c.len[xx]].iter().map(|&w| w as i64).sum();
+                assert!((s - (1 << PRECISION_BITS)).abs() <= c.ksize as i64, "{i}->{o} {xx} {s}");
                 assert!(c.start[xx] + c.len[xx] <= i as usize);
             }
         }
@@ -657,79 +556,43 @@ mod tests {
         }
         assert_eq!(resize_bicubic(&ramp, 16, 8), ramp);
         assert_eq!(resize_bicubic(&ramp, 0, 8).data.len(), 0);
-        let empty = RgbImage {
-            width: 0,
-            height: 0,
-            data: vec![],
-        };
+        let empty = RgbImage { width: 0, height: 0, data: vec![] };
         assert_eq!(resize_bicubic(&empty, 2, 2).data, vec![0; 12]);
     }
 
     #[test]
     fn conversions_follow_pillow() {
         // 16-bit grey: clamped (Pillow I;16 -> RGB), not scaled.
-        let g16 = image::ImageBuffer::<image::Luma<u16>, _>::from_raw(3, 1, vec![7u16, 255, 40000])
-            .unwrap();
+        let g16 = image::ImageBuffer::<image::Luma<u16>, _>::from_raw(3, 1, vec![7u16, 255, 40000]).unwrap();
         let rgb = decode_rgb(&encode_png(DynamicImage::ImageLuma16(g16)), "g16").unwrap();
         assert_eq!(rgb.data, vec![7, 7, 7, 255, 255, 255, 255, 255, 255]);
         // 16-bit RGBA: high byte, alpha dropped.
-        let c16 = image::ImageBuffer::<image::Rgba<u16>, _>::from_raw(
-            1,
-            1,
-            vec![0x12ffu16, 0xab00, 0x0001, 0],
-        )
-        .unwrap();
+        let c16 =
+            image::ImageBuffer::<image::Rgba<u16>, _>::from_raw(1, 1, vec![0x12ffu16, 0xab00, 0x0001, 0]).unwrap();
         let rgb = decode_rgb(&encode_png(DynamicImage::ImageRgba16(c16)), "c16").unwrap();
         assert_eq!(rgb.data, vec![0x12, 0xab, 0x00]);
         // 8-bit grey + alpha: replicated, alpha dropped (not composited).
-        let la = image::ImageBuffer::<image::LumaA<u8>, _>::from_raw(2, 1, vec![9u8, 0, 200, 128])
-            .unwrap();
+        let la = image::ImageBuffer::<image::LumaA<u8>, _>::from_raw(2, 1, vec![9u8, 0, 200, 128]).unwrap();
         let rgb = decode_rgb(&encode_png(DynamicImage::ImageLumaA8(la)), "la").unwrap();
         assert_eq!(rgb.data, vec![9, 9, 9, 200, 200, 200]);
     }
 
     #[test]
     fn normalize_matches_formula_order() {
-        let img = RgbImage {
-            width: 2,
-            height: 1,
-            data: vec![0, 128, 255, 1, 2, 3],
-        };
+        let img = RgbImage { width: 2, height: 1, data: vec![0, 128, 255, 1, 2, 3] };
         let t = normalize_chw(&img);
         assert_eq!(t.len(), 6);
-        assert_eq!(
-            t[0],
-            (0.0f32 / 255.0 - 0.48145466f64 as f32) / 0.26862954f64 as f32
-        );
-        assert_eq!(
-            t[1],
-            (1.0f32 / 255.0 - 0.48145466f64 as f32) / 0.26862954f64 as f32
-        );
-        assert_eq!(
-            t[2],
-            (128.0f32 / 255.0 - 0.4578275f64 as f32) / 0.26130258f64 as f32
-        );
-        assert_eq!(
-            t[5],
-            (3.0f32 / 255.0 - 0.40821073f64 as f32) / 0.27577711f64 as f32
-        );
+        assert_eq!(t[0], (0.0f32 / 255.0 - 0.48145466f64 as f32) / 0.26862954f64 as f32);
+        assert_eq!(t[1], (1.0f32 / 255.0 - 0.48145466f64 as f32) / 0.26862954f64 as f32);
+        assert_eq!(t[2], (128.0f32 / 255.0 - 0.4578275f64 as f32) / 0.26130258f64 as f32);
+        assert_eq!(t[5], (3.0f32 / 255.0 - 0.40821073f64 as f32) / 0.27577711f64 as f32);
     }
 
     #[test]
     fn bad_buffers_are_errors() {
-        assert!(matches!(
-            decode_rgb(&[], "x"),
-            Err(ImageError::Empty { .. })
-        ));
-        assert!(matches!(
-            decode_rgb(b"hello world, not an image", "x"),
-            Err(ImageError::UnknownFormat { .. })
-        ));
-        let bad = RgbImage {
-            width: 3,
-            height: 3,
-            data: vec![0; 5],
-        };
+        assert!(matches!(decode_rgb(&[], "x"), Err(ImageError::Empty { .. })));
+        assert!(matches!(decode_rgb(b"hello world, not an image", "x"), Err(ImageError::UnknownFormat { .. })));
+        let bad = RgbImage { width: 3, height: 3, data: vec![0; 5] };
         let p = std::env::temp_dir().join(format!("qvc_img_bad_{}.png", std::process::id()));
         assert!(matches!(save_png(&bad, &p), Err(ImageError::Write { .. })));
     }

@@ -5,14 +5,16 @@
 //! preprocessing, ChatML, sampling and grounding.
 
 pub mod chat;
-pub mod grounding;
-pub mod image;
-pub mod tokenizer;
 pub mod config;
 pub mod engine;
 pub mod graphs;
+pub mod grounding;
+pub mod image;
 pub mod posembed;
 pub mod sampling;
+pub mod tokenizer;
 
 pub use config::{Config, GenerationConfig};
-pub use engine::{generate, GenerateOptions, Generation, LoadOptions, Model, ModelError, PrefillOptions, Session, Timings};
+pub use engine::{
+    generate, GenerateOptions, Generation, LoadOptions, Model, ModelError, PrefillOptions, Session, Timings,
+};

@@ -41,7 +41,10 @@ pub fn resize_pos_embed(table: &[f32], src: usize, dst: usize, c: usize) -> Vec<
                 let mut rows = [0f32; 4];
                 for (r, row) in rows.iter_mut().enumerate() {
                     let y = iy - 1 + r as i64;
-                    *row = at(y, ix - 1, ch) * wx[0] + at(y, ix, ch) * wx[1] + at(y, ix + 1, ch) * wx[2] + at(y, ix + 2, ch) * wx[3];
+                    *row = at(y, ix - 1, ch) * wx[0]
+                        + at(y, ix, ch) * wx[1]
+                        + at(y, ix + 1, ch) * wx[2]
+                        + at(y, ix + 2, ch) * wx[3];
                 }
                 out[(oy * dst + ox) * c + ch] = rows[0] * wy[0] + rows[1] * wy[1] + rows[2] * wy[2] + rows[3] * wy[3];
             }

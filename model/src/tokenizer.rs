@@ -36,7 +36,8 @@ use tokenizers::utils::SysRegex;
 use tokenizers::NormalizedString;
 
 /// The Qwen pre-tokenizer regex (tiktoken `pat_str` of `tokenization_qwen.py`).
-pub const QWEN_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+pub const QWEN_PATTERN: &str =
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 /// Number of token slots between `<img>` and `</img>` (path bytes, then pads).
 pub const IMG_TOKEN_SPAN: usize = 256;
@@ -45,9 +46,8 @@ pub const IMG_TOKEN_SPAN: usize = 256;
 const N_EXTRA: usize = 205;
 
 /// The image and grounding tags, in id order, after the `<|...|>` tokens.
-const IMAGE_TAGS: [&str; 9] = [
-    "<ref>", "</ref>", "<box>", "</box>", "<quad>", "</quad>", "<img>", "</img>", "<imgpad>",
-];
+const IMAGE_TAGS: [&str; 9] =
+    ["<ref>", "</ref>", "<box>", "</box>", "<quad>", "</quad>", "<img>", "</img>", "<imgpad>"];
 
 /// Pieces at least this long are merged with the heap algorithm.
 const HEAP_THRESHOLD: usize = 128;
@@ -74,11 +74,7 @@ pub enum TokenizerError {
         source: std::io::Error,
     },
     #[error("{path}:{line}: {msg} (a tiktoken vocabulary has one `BASE64TOKEN RANK` pair per line; is this the checkpoint's qwen.tiktoken?)")]
-    Parse {
-        path: String,
-        line: usize,
-        msg: String,
-    },
+    Parse { path: String, line: usize, msg: String },
     #[error("invalid tokenizer vocabulary {path}: {msg}")]
     Vocab { path: String, msg: String },
     #[error("unclosed image tag: the `<img>` at byte {offset} of the (NFC-normalised) text has no matching `</img>`; write images as <img>PATH</img>")]
@@ -94,18 +90,12 @@ pub enum TokenizerError {
     #[error("token {pos} is </img> without an <img> before it; build prompts with the tokenizer so each image becomes 258 tokens")]
     UnopenedImageSpan { pos: usize },
     #[error("the image span from <img> at token {start} to </img> at token {end} holds {len} tokens, but the model needs exactly 256 (path bytes, then <imgpad>); build prompts with the tokenizer")]
-    ImageSpanLength {
-        start: usize,
-        end: usize,
-        len: usize,
-    },
+    ImageSpanLength { start: usize, end: usize, len: usize },
     #[error("the image span at token {start} holds id {id} at token {pos}, which is neither a path byte (0-255) nor <imgpad>")]
     ImagePathToken { start: usize, pos: usize, id: u32 },
     #[error("the image span at token {start} has an empty path; write images as <img>PATH</img> with the file's path")]
     EmptyImagePath { start: usize },
-    #[error(
-        "the image span at token {start} holds a path that is not valid UTF-8: {path_lossy:?}"
-    )]
+    #[error("the image span at token {start} holds a path that is not valid UTF-8: {path_lossy:?}")]
     ImagePathUtf8 { start: usize, path_lossy: String },
 }
 
@@ -212,10 +202,8 @@ enum Segment<'a> {
 impl QwenTokenizer {
     /// Reads a tiktoken vocabulary (`qwen.tiktoken`).
     pub fn from_file(path: &Path) -> Result<Self, TokenizerError> {
-        let contents = std::fs::read_to_string(path).map_err(|source| TokenizerError::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let contents =
+            std::fs::read_to_string(path).map_err(|source| TokenizerError::Io { path: path.to_path_buf(), source })?;
         Self::from_tiktoken_str(&contents, &path.display().to_string())
     }
 
@@ -224,14 +212,9 @@ impl QwenTokenizer {
     /// must be exactly `0..N` and every single byte must be a token; special
     /// tokens get ids `N, N+1, …` in the order of the reference.
     pub fn from_tiktoken_str(contents: &str, origin: &str) -> Result<Self, TokenizerError> {
-        let parse_err = |line: usize, msg: String| TokenizerError::Parse {
-            path: origin.to_string(),
-            line,
-            msg,
-        };
+        let parse_err = |line: usize, msg: String| TokenizerError::Parse { path: origin.to_string(), line, msg };
         let n_lines_hint = contents.len() / 12 + 16;
-        let mut encoder: FxMap<Box<[u8]>, u32> =
-            FxMap::with_capacity_and_hasher(n_lines_hint, Default::default());
+        let mut encoder: FxMap<Box<[u8]>, u32> = FxMap::with_capacity_and_hasher(n_lines_hint, Default::default());
         // rank -> (line number, bytes), filled as ranks come.
         let mut by_rank: Vec<Option<(usize, Box<[u8]>)>> = Vec::with_capacity(n_lines_hint);
         let mut scratch = Vec::with_capacity(64);
@@ -242,23 +225,14 @@ impl QwenTokenizer {
             }
             let mut fields = line.split_ascii_whitespace();
             let (Some(b64), rank_str, None) = (fields.next(), fields.next(), fields.next()) else {
-                return Err(parse_err(
-                    lineno,
-                    format!("expected two fields `BASE64TOKEN RANK`, found {line:?}"),
-                ));
+                return Err(parse_err(lineno, format!("expected two fields `BASE64TOKEN RANK`, found {line:?}")));
             };
             let Some(rank_str) = rank_str else {
-                return Err(parse_err(
-                    lineno,
-                    format!("missing rank after the token {b64:?}"),
-                ));
+                return Err(parse_err(lineno, format!("missing rank after the token {b64:?}")));
             };
-            let rank: u32 = rank_str.parse().map_err(|_| {
-                parse_err(
-                    lineno,
-                    format!("rank {rank_str:?} is not a non-negative integer"),
-                )
-            })?;
+            let rank: u32 = rank_str
+                .parse()
+                .map_err(|_| parse_err(lineno, format!("rank {rank_str:?} is not a non-negative integer")))?;
             if rank >= u32::MAX / 2 {
                 return Err(parse_err(lineno, format!("rank {rank} is too large")));
             }
@@ -274,10 +248,7 @@ impl QwenTokenizer {
                 by_rank.resize(r + 1, None);
             }
             if let Some((first, _)) = &by_rank[r] {
-                return Err(parse_err(
-                    lineno,
-                    format!("rank {rank} was already given on line {first}"),
-                ));
+                return Err(parse_err(lineno, format!("rank {rank} was already given on line {first}")));
             }
             if let Some(&other) = encoder.get(&token) {
                 let first = by_rank[other as usize].as_ref().map_or(0, |(l, _)| *l);
@@ -330,11 +301,8 @@ impl QwenTokenizer {
 
     fn with_ranks(encoder: FxMap<Box<[u8]>, u32>, bytes: Vec<u8>, offsets: Vec<u32>) -> Self {
         let n_ranks = (offsets.len() - 1) as u32;
-        let mut special_names: Vec<String> = vec![
-            "<|endoftext|>".to_string(),
-            "<|im_start|>".to_string(),
-            "<|im_end|>".to_string(),
-        ];
+        let mut special_names: Vec<String> =
+            vec!["<|endoftext|>".to_string(), "<|im_start|>".to_string(), "<|im_end|>".to_string()];
         special_names.extend((0..N_EXTRA).map(|i| format!("<|extra_{i}|>")));
         special_names.extend(IMAGE_TAGS.iter().map(|s| s.to_string()));
         let mut special_lookup: FxMap<Box<str>, u32> = FxMap::default();
@@ -362,16 +330,7 @@ impl QwenTokenizer {
             img_pad: tag("<imgpad>"),
         };
         let regex = SysRegex::new(QWEN_PATTERN).expect("the Qwen regex compiles");
-        Self {
-            encoder,
-            bytes,
-            offsets,
-            special_names,
-            special_lookup,
-            special_lens,
-            specials,
-            regex,
-        }
+        Self { encoder, bytes, offsets, special_names, special_lookup, special_lens, specials, regex }
     }
 
     /// Ids of the named special tokens.
@@ -432,13 +391,10 @@ impl QwenTokenizer {
                     loop {
                         match segments.get(j) {
                             None => return Err(TokenizerError::UnclosedImage { offset }),
-                            Some(Segment::Special { id, .. }) if *id == self.specials.img_end => {
-                                break
-                            }
+                            Some(Segment::Special { id, .. }) if *id == self.specials.img_end => break,
                             Some(Segment::Special { id, .. }) => {
                                 return Err(TokenizerError::ImagePathSpecial {
-                                    token: self.special_names[*id as usize - self.n_ranks()]
-                                        .clone(),
+                                    token: self.special_names[*id as usize - self.n_ranks()].clone(),
                                 })
                             }
                             // Text segments are maximal, so there is at most one.
@@ -451,10 +407,7 @@ impl QwenTokenizer {
                     }
                     out.push(self.specials.img_start);
                     out.extend(path.bytes().map(u32::from));
-                    out.resize(
-                        out.len() + IMG_TOKEN_SPAN - path.len(),
-                        self.specials.img_pad,
-                    );
+                    out.resize(out.len() + IMG_TOKEN_SPAN - path.len(), self.specials.img_pad);
                     out.push(self.specials.img_end);
                     i = j;
                 }
@@ -527,10 +480,8 @@ impl QwenTokenizer {
             if pos == text.len() {
                 break;
             }
-            let end = whitespace_run_match(text, pos).ok_or(TokenizerError::Pretokenize {
-                offset: pos,
-                len: text.len(),
-            })?;
+            let end =
+                whitespace_run_match(text, pos).ok_or(TokenizerError::Pretokenize { offset: pos, len: text.len() })?;
             self.bpe(&text.as_bytes()[pos..end], out);
             pos = end;
         }
@@ -567,8 +518,7 @@ impl QwenTokenizer {
         parts.push((piece.len(), u32::MAX));
         let pair_rank = |parts: &[(usize, u32)], i: usize| {
             if i + 3 < parts.len() {
-                self.rank(&piece[parts[i].0..parts[i + 3].0])
-                    .unwrap_or(u32::MAX)
+                self.rank(&piece[parts[i].0..parts[i + 3].0]).unwrap_or(u32::MAX)
             } else {
                 u32::MAX
             }
@@ -591,10 +541,7 @@ impl QwenTokenizer {
             parts.remove(i + 1);
         }
         for w in parts.windows(2) {
-            out.push(
-                self.rank(&piece[w[0].0..w[1].0])
-                    .expect("BPE parts are tokens"),
-            );
+            out.push(self.rank(&piece[w[0].0..w[1].0]).expect("BPE parts are tokens"));
         }
     }
 
@@ -665,10 +612,7 @@ impl QwenTokenizer {
             if id == sp.img_start {
                 if let Some(rel) = ids[i + 1..].iter().position(|&x| x == sp.img_end) {
                     let inner = &ids[i + 1..i + 1 + rel];
-                    let path_len = inner
-                        .iter()
-                        .position(|&x| x == sp.img_pad)
-                        .unwrap_or(inner.len());
+                    let path_len = inner.iter().position(|&x| x == sp.img_pad).unwrap_or(inner.len());
                     let path = &inner[..path_len];
                     if path.iter().all(|&x| x < 256) {
                         if !skip_special {
@@ -719,35 +663,22 @@ impl QwenTokenizer {
                 continue;
             }
             let start = i;
-            let end = match ids[start + 1..]
-                .iter()
-                .position(|&x| x == sp.img_start || x == sp.img_end)
-            {
+            let end = match ids[start + 1..].iter().position(|&x| x == sp.img_start || x == sp.img_end) {
                 Some(rel) if ids[start + 1 + rel] == sp.img_end => start + 1 + rel,
                 _ => return Err(TokenizerError::UnclosedImageSpan { pos: start }),
             };
             let slots = &ids[start + 1..end];
             if slots.len() != IMG_TOKEN_SPAN {
-                return Err(TokenizerError::ImageSpanLength {
-                    start,
-                    end,
-                    len: slots.len(),
-                });
+                return Err(TokenizerError::ImageSpanLength { start, end, len: slots.len() });
             }
-            let path_len = slots
-                .iter()
-                .position(|&x| x == sp.img_pad)
-                .unwrap_or(slots.len());
+            let path_len = slots.iter().position(|&x| x == sp.img_pad).unwrap_or(slots.len());
             if path_len == 0 {
                 return Err(TokenizerError::EmptyImagePath { start });
             }
             let mut path = Vec::with_capacity(path_len);
             for (k, &id) in slots[..path_len].iter().enumerate() {
-                let byte = u8::try_from(id).map_err(|_| TokenizerError::ImagePathToken {
-                    start,
-                    pos: start + 1 + k,
-                    id,
-                })?;
+                let byte =
+                    u8::try_from(id).map_err(|_| TokenizerError::ImagePathToken { start, pos: start + 1 + k, id })?;
                 path.push(byte);
             }
             let path = String::from_utf8(path).map_err(|e| TokenizerError::ImagePathUtf8 {
@@ -848,11 +779,7 @@ fn base64_decode(s: &str, out: &mut Vec<u8>) -> Result<(), String> {
 fn base64_encode(data: &[u8]) -> String {
     let mut s = String::with_capacity(data.len().div_ceil(3) * 4);
     for chunk in data.chunks(3) {
-        let b = [
-            chunk[0],
-            chunk.get(1).copied().unwrap_or(0),
-            chunk.get(2).copied().unwrap_or(0),
-        ];
+        let b = [chunk[0], chunk.get(1).copied().unwrap_or(0), chunk.get(2).copied().unwrap_or(0)];
         let acc = (b[0] as u32) << 16 | (b[1] as u32) << 8 | b[2] as u32;
         for j in 0..4 {
             if j <= chunk.len() {
@@ -879,13 +806,12 @@ const DEMO_WORDS: &str = "\
 
 /// Common English letter pairs, merged before the words.
 const DEMO_PAIRS: &[&str] = &[
-    "th", "he", "in", "er", "an", "re", "on", "at", "en", "nd", "ti", "es", "or", "te", "of", "ed",
-    "is", "it", "al", "ar", "st", "to", "nt", "ng", "se", "ha", "as", "ou", "io", "le", "ve", "co",
-    "me", "de", "hi", "ri", "ro", "ic", "ne", "ea", "ra", "ce", "li", "ch", "ll", "be", "ma", "si",
-    "om", "ur", "ca", "el", "ta", "la", "ns", "di", "fo", "ho", "pe", "ec", "pr", "no", "ct", "us",
-    "ac", "ot", "il", "tr", "ly", "nc", "et", "ut", "ss", "so", "rs", "un", "lo", "wa", "ge", "ie",
-    "wh", "ee", "wi", "em", "ad", "ol", "rt", "po", "we", "na", "ul", "ni", "ts", "mo", "ow", "pa",
-    "im", "mi", "ai", "sh", ". ", ", ", "\n\n", "  ",
+    "th", "he", "in", "er", "an", "re", "on", "at", "en", "nd", "ti", "es", "or", "te", "of", "ed", "is", "it", "al",
+    "ar", "st", "to", "nt", "ng", "se", "ha", "as", "ou", "io", "le", "ve", "co", "me", "de", "hi", "ri", "ro", "ic",
+    "ne", "ea", "ra", "ce", "li", "ch", "ll", "be", "ma", "si", "om", "ur", "ca", "el", "ta", "la", "ns", "di", "fo",
+    "ho", "pe", "ec", "pr", "no", "ct", "us", "ac", "ot", "il", "tr", "ly", "nc", "et", "ut", "ss", "so", "rs", "un",
+    "lo", "wa", "ge", "ie", "wh", "ee", "wi", "em", "ad", "ol", "rt", "po", "we", "na", "ul", "ni", "ts", "mo", "ow",
+    "pa", "im", "mi", "ai", "sh", ". ", ", ", "\n\n", "  ",
 ];
 
 /// A small byte-level vocabulary in tiktoken format for a random-weight demo
@@ -932,15 +858,7 @@ mod tests {
 
     #[test]
     fn base64_round_trip() {
-        for data in [
-            &b""[..],
-            b"a",
-            b"ab",
-            b"abc",
-            b"abcd",
-            b"\xff\x00\x80",
-            b" the",
-        ] {
+        for data in [&b""[..], b"a", b"ab", b"abc", b"abcd", b"\xff\x00\x80", b" the"] {
             let e = base64_encode(data);
             let mut d = Vec::new();
             base64_decode(&e, &mut d).unwrap();
@@ -996,12 +914,7 @@ mod tests {
     fn specials_and_image_spans_with_demo_vocab() {
         let tok = demo();
         let sp = *tok.specials();
-        let ids = tok
-            .encode(
-                "<|im_start|>user\nPicture 1:<img>图/a.png</img>\nhi<|im_end|>",
-                Specials::All,
-            )
-            .unwrap();
+        let ids = tok.encode("<|im_start|>user\nPicture 1:<img>图/a.png</img>\nhi<|im_end|>", Specials::All).unwrap();
         assert_eq!(ids[0], sp.im_start);
         assert_eq!(*ids.last().unwrap(), sp.im_end);
         let spans = tok.image_spans(&ids).unwrap();
@@ -1010,23 +923,16 @@ mod tests {
         assert_eq!(spans[0].end - spans[0].start, 257);
         assert_eq!(ids[spans[0].start], sp.img_start);
         assert_eq!(ids[spans[0].start + 1], "图".as_bytes()[0] as u32);
-        assert_eq!(
-            tok.decode(&ids, false),
-            "<|im_start|>user\nPicture 1:<img>图/a.png</img>\nhi<|im_end|>"
-        );
+        assert_eq!(tok.decode(&ids, false), "<|im_start|>user\nPicture 1:<img>图/a.png</img>\nhi<|im_end|>");
         assert_eq!(tok.decode(&ids, true), "user\nPicture 1:图/a.png\nhi");
         // In chat content <|im_start|> is plain text, image tags stay special.
-        let chat = tok
-            .encode("<|im_start|><ref>x</ref>", Specials::ImageTags)
-            .unwrap();
+        let chat = tok.encode("<|im_start|><ref>x</ref>", Specials::ImageTags).unwrap();
         assert!(!chat.contains(&sp.im_start));
         assert!(chat.contains(&sp.ref_start) && chat.contains(&sp.ref_end));
         assert_eq!(tok.decode(&chat, false), "<|im_start|><ref>x</ref>");
         // A 256-byte path fits; 257 does not.
         let p256 = "p".repeat(256);
-        let ids = tok
-            .encode(&format!("<img>{p256}</img>"), Specials::All)
-            .unwrap();
+        let ids = tok.encode(&format!("<img>{p256}</img>"), Specials::All).unwrap();
         assert_eq!(ids.len(), 258);
         assert_eq!(tok.image_spans(&ids).unwrap()[0].path, p256);
     }
@@ -1035,28 +941,18 @@ mod tests {
     fn encode_errors_say_what_is_wrong() {
         let tok = demo();
         let e = tok.encode("look: <img>a.png", Specials::All).unwrap_err();
-        assert!(
-            matches!(e, TokenizerError::UnclosedImage { offset: 6 }),
-            "{e:?}"
-        );
+        assert!(matches!(e, TokenizerError::UnclosedImage { offset: 6 }), "{e:?}");
         assert!(e.to_string().contains("</img>"), "{e}");
         let long = format!("<img>{}</img>", "é".repeat(129));
         let e = tok.encode(&long, Specials::ImageTags).unwrap_err();
-        assert!(
-            matches!(e, TokenizerError::ImagePathTooLong { len: 258 }),
-            "{e:?}"
-        );
+        assert!(matches!(e, TokenizerError::ImagePathTooLong { len: 258 }), "{e:?}");
         assert!(e.to_string().contains("258 bytes"), "{e}");
         let e = tok.encode("<img>a<ref>b</img>", Specials::All).unwrap_err();
         assert!(e.to_string().contains("<ref>"), "{e}");
         // <|endoftext|> inside a path is plain text when not allowed.
-        let ids = tok
-            .encode("<img>a<|endoftext|></img>", Specials::ImageTags)
-            .unwrap();
+        let ids = tok.encode("<img>a<|endoftext|></img>", Specials::ImageTags).unwrap();
         assert_eq!(tok.image_spans(&ids).unwrap()[0].path, "a<|endoftext|>");
-        assert!(tok
-            .encode("<img>a<|endoftext|></img>", Specials::All)
-            .is_err());
+        assert!(tok.encode("<img>a<|endoftext|></img>", Specials::All).is_err());
     }
 
     #[test]
@@ -1067,36 +963,15 @@ mod tests {
         assert_eq!(tok.image_spans(&good).unwrap()[0].start, 1);
         let unclosed = &good[..good.len() - 2];
         let e = tok.image_spans(unclosed).unwrap_err();
-        assert!(
-            matches!(e, TokenizerError::UnclosedImageSpan { pos: 1 }),
-            "{e:?}"
-        );
+        assert!(matches!(e, TokenizerError::UnclosedImageSpan { pos: 1 }), "{e:?}");
         let e = tok.image_spans(&[5, sp.img_end]).unwrap_err();
-        assert!(
-            matches!(e, TokenizerError::UnopenedImageSpan { pos: 1 }),
-            "{e:?}"
-        );
-        let e = tok
-            .image_spans(&[sp.img_start, 97, sp.img_pad, sp.img_end])
-            .unwrap_err();
-        assert!(
-            matches!(e, TokenizerError::ImageSpanLength { len: 2, .. }),
-            "{e:?}"
-        );
+        assert!(matches!(e, TokenizerError::UnopenedImageSpan { pos: 1 }), "{e:?}");
+        let e = tok.image_spans(&[sp.img_start, 97, sp.img_pad, sp.img_end]).unwrap_err();
+        assert!(matches!(e, TokenizerError::ImageSpanLength { len: 2, .. }), "{e:?}");
         let mut bad = good.clone();
         bad[3] = 300;
         let e = tok.image_spans(&bad).unwrap_err();
-        assert!(
-            matches!(
-                e,
-                TokenizerError::ImagePathToken {
-                    pos: 3,
-                    id: 300,
-                    ..
-                }
-            ),
-            "{e:?}"
-        );
+        assert!(matches!(e, TokenizerError::ImagePathToken { pos: 3, id: 300, .. }), "{e:?}");
         let mut bad = good.clone();
         bad[2] = 0xff;
         let e = tok.image_spans(&bad).unwrap_err();
@@ -1104,10 +979,7 @@ mod tests {
         let empty = tok.encode("<img></img>", Specials::All).unwrap();
         assert_eq!(empty.len(), 258);
         let e = tok.image_spans(&empty).unwrap_err();
-        assert!(
-            matches!(e, TokenizerError::EmptyImagePath { start: 0 }),
-            "{e:?}"
-        );
+        assert!(matches!(e, TokenizerError::EmptyImagePath { start: 0 }), "{e:?}");
     }
 
     #[test]
@@ -1134,27 +1006,18 @@ mod tests {
         let e = QwenTokenizer::from_tiktoken_str(&lines.join("\n"), "v.tiktoken").unwrap_err();
         assert!(matches!(e, TokenizerError::Parse { line: 10, .. }), "{e:?}");
         let msg = e.to_string();
-        assert!(
-            msg.starts_with("v.tiktoken:10:") && msg.contains("base64"),
-            "{msg}"
-        );
+        assert!(msg.starts_with("v.tiktoken:10:") && msg.contains("base64"), "{msg}");
 
         let mut lines: Vec<String> = good.lines().map(str::to_string).collect();
         lines[300] = lines[300].split(' ').next().unwrap().to_string();
         let e = QwenTokenizer::from_tiktoken_str(&lines.join("\n"), "v.tiktoken").unwrap_err();
-        assert!(
-            matches!(e, TokenizerError::Parse { line: 301, .. }),
-            "{e:?}"
-        );
+        assert!(matches!(e, TokenizerError::Parse { line: 301, .. }), "{e:?}");
         assert!(e.to_string().contains("missing rank"), "{e}");
 
         let mut lines: Vec<String> = good.lines().map(str::to_string).collect();
         lines[5] = "Bg== x5".to_string();
         let e = QwenTokenizer::from_tiktoken_str(&lines.join("\n"), "v").unwrap_err();
-        assert!(
-            e.to_string().contains("v:6:") && e.to_string().contains("x5"),
-            "{e}"
-        );
+        assert!(e.to_string().contains("v:6:") && e.to_string().contains("x5"), "{e}");
 
         let mut lines: Vec<String> = good.lines().map(str::to_string).collect();
         lines.remove(7);
@@ -1164,10 +1027,7 @@ mod tests {
         let mut lines: Vec<String> = good.lines().map(str::to_string).collect();
         lines[8] = "Bw== 8".to_string(); // byte 7 again
         let e = QwenTokenizer::from_tiktoken_str(&lines.join("\n"), "v").unwrap_err();
-        assert!(
-            e.to_string().contains("v:9:") && e.to_string().contains("line 8"),
-            "{e}"
-        );
+        assert!(e.to_string().contains("v:9:") && e.to_string().contains("line 8"), "{e}");
 
         let e = QwenTokenizer::from_tiktoken_str("", "v").unwrap_err();
         assert!(e.to_string().contains("no tokens"), "{e}");
@@ -1203,10 +1063,7 @@ mod tests {
         tok.bpe_heap(&piece, &mut b);
         assert_eq!(b.len(), 10001, "pairs of `ee` then one `e`");
         let text = "e".repeat(20001);
-        assert_eq!(
-            tok.decode(&tok.encode(&text, Specials::All).unwrap(), false),
-            text
-        );
+        assert_eq!(tok.decode(&tok.encode(&text, Specials::All).unwrap(), false), text);
     }
 
     #[test]
@@ -1235,10 +1092,9 @@ mod tests {
         assert_eq!(whitespace_run_match(" a", 0), None);
         assert_eq!(whitespace_run_match("a  ", 0), None);
         // Runs long enough to stop fancy-regex still encode and round-trip.
-        for text in [
-            format!("x{}a", " ".repeat(1_100_000)),
-            format!("{}\n {}b", " ".repeat(1_100_000), "\t".repeat(10)),
-        ] {
+        for text in
+            [format!("x{}a", " ".repeat(1_100_000)), format!("{}\n {}b", " ".repeat(1_100_000), "\t".repeat(10))]
+        {
             let ids = tok.encode(&text, Specials::All).unwrap();
             assert_eq!(tok.decode(&ids, false), text);
         }
@@ -1248,8 +1104,7 @@ mod tests {
     /// merge equals the tiktoken loop on every regex piece of varied text.
     #[test]
     fn heap_merge_equals_simple_merge_on_qwen_vocab() {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../../shared/fixtures/tiny-qwen-vl/qwen.tiktoken");
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures/tiny-qwen-vl/qwen.tiktoken");
         if !path.is_file() {
             println!("skipped: ../shared/fixtures not found");
             return;

@@ -15,8 +15,7 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use qvc_model::image::{
-    decode_rgb, load_rgb, normalize_chw, preprocess, resize_bicubic, save_png, ImageError,
-    RgbImage, MAX_PIXELS,
+    decode_rgb, load_rgb, normalize_chw, preprocess, resize_bicubic, save_png, ImageError, RgbImage, MAX_PIXELS,
 };
 use safetensors::{Dtype, SafeTensors};
 
@@ -44,10 +43,7 @@ fn fixture_dir() -> Option<PathBuf> {
         return Some(dir);
     }
     if std::env::var("QVC_REQUIRE_FIXTURES").as_deref() == Ok("1") {
-        panic!(
-            "fixtures not found at {} and QVC_REQUIRE_FIXTURES=1",
-            dir.display()
-        );
+        panic!("fixtures not found at {} and QVC_REQUIRE_FIXTURES=1", dir.display());
     }
     println!("skipped: ../shared/fixtures not found");
     None
@@ -55,11 +51,7 @@ fn fixture_dir() -> Option<PathBuf> {
 
 fn expected_bytes() -> Option<&'static [u8]> {
     static BYTES: OnceLock<Option<Vec<u8>>> = OnceLock::new();
-    BYTES
-        .get_or_init(|| {
-            fixture_dir().map(|d| std::fs::read(d.join("expected.safetensors")).unwrap())
-        })
-        .as_deref()
+    BYTES.get_or_init(|| fixture_dir().map(|d| std::fs::read(d.join("expected.safetensors")).unwrap())).as_deref()
 }
 
 fn tensor_u8(st: &SafeTensors, name: &str) -> (Vec<usize>, Vec<u8>) {
@@ -71,11 +63,7 @@ fn tensor_u8(st: &SafeTensors, name: &str) -> (Vec<usize>, Vec<u8>) {
 fn tensor_f32(st: &SafeTensors, name: &str) -> (Vec<usize>, Vec<f32>) {
     let t = st.tensor(name).unwrap_or_else(|e| panic!("{name}: {e}"));
     assert_eq!(t.dtype(), Dtype::F32, "{name}");
-    let v = t
-        .data()
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-        .collect();
+    let v = t.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
     (t.shape().to_vec(), v)
 }
 
@@ -83,28 +71,17 @@ fn rgb_from_tensor(st: &SafeTensors, name: &str) -> RgbImage {
     let (shape, data) = tensor_u8(st, name);
     assert_eq!(shape.len(), 3);
     assert_eq!(shape[2], 3);
-    RgbImage {
-        width: shape[1] as u32,
-        height: shape[0] as u32,
-        data,
-    }
+    RgbImage { width: shape[1] as u32, height: shape[0] as u32, data }
 }
 
 fn max_level_diff(a: &[u8], b: &[u8]) -> u8 {
     assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| x.abs_diff(*y))
-        .max()
-        .unwrap_or(0)
+    a.iter().zip(b).map(|(x, y)| x.abs_diff(*y)).max().unwrap_or(0)
 }
 
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
 }
 
 #[test]
@@ -136,12 +113,7 @@ fn resize_matches_pillow_exactly() {
         assert_eq!((want.width, want.height), (SIZE, SIZE));
         let got = resize_bicubic(&input, SIZE, SIZE);
         let d = max_level_diff(&got.data, &want.data);
-        let n = got
-            .data
-            .iter()
-            .zip(&want.data)
-            .filter(|(a, b)| a != b)
-            .count();
+        let n = got.data.iter().zip(&want.data).filter(|(a, b)| a != b).count();
         println!("resized_rgb/{name}: max level diff {d}, {n} values differ");
         assert_eq!(d, 0, "{name}");
     }
@@ -158,10 +130,7 @@ fn png_pixels_match_reference() {
         assert_eq!(shape, vec![3, SIZE as usize, SIZE as usize]);
         let got = preprocess(&dir.join(name), SIZE).unwrap();
         let d = max_abs_diff(&got, &want);
-        let bit_exact = got
-            .iter()
-            .zip(&want)
-            .all(|(a, b)| a.to_bits() == b.to_bits());
+        let bit_exact = got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits());
         println!("pixels/{name}: max abs diff {d:e}, bit-exact {bit_exact}");
         assert!(d <= 1e-6, "{name}: {d}");
         // normalize_chw of the reference's resized_rgb is the reference's pixels.
@@ -180,19 +149,9 @@ fn jpeg_decoder_difference_is_bounded() {
     let got = load_rgb(&dir.join(JPEG)).unwrap();
     assert_eq!((got.width, got.height), (300, 500));
     let d = max_level_diff(&got.data, &want.data);
-    let n = got
-        .data
-        .iter()
-        .zip(&want.data)
-        .filter(|(a, b)| a != b)
-        .count();
-    let mean: f64 = got
-        .data
-        .iter()
-        .zip(&want.data)
-        .map(|(a, b)| a.abs_diff(*b) as f64)
-        .sum::<f64>()
-        / got.data.len() as f64;
+    let n = got.data.iter().zip(&want.data).filter(|(a, b)| a != b).count();
+    let mean: f64 =
+        got.data.iter().zip(&want.data).map(|(a, b)| a.abs_diff(*b) as f64).sum::<f64>() / got.data.len() as f64;
     println!(
         "decoded_rgb/{JPEG}: max level diff {d}, {n} of {} values differ, mean abs diff {mean:.4}",
         got.data.len()
@@ -225,10 +184,7 @@ fn resize_of_a_large_photo_is_fast() {
     let t = std::time::Instant::now();
     let out = resize_bicubic(&img, SIZE, SIZE);
     let el = t.elapsed();
-    println!(
-        "resize 4000x3000 -> 448x448: {:.1} ms",
-        el.as_secs_f64() * 1e3
-    );
+    println!("resize 4000x3000 -> 448x448: {:.1} ms", el.as_secs_f64() * 1e3);
     assert_eq!(out.data.len(), (SIZE * SIZE * 3) as usize);
     if !cfg!(debug_assertions) {
         assert!(el.as_secs_f64() < 1.0, "{el:?}");
@@ -251,10 +207,7 @@ fn missing_file() {
     let e = load_rgb(p).unwrap_err();
     assert!(matches!(e, ImageError::NotFound { .. }), "{e:?}");
     let msg = e.to_string();
-    assert!(
-        msg.contains("qvc_missing.png") && msg.contains("not found"),
-        "{msg}"
-    );
+    assert!(msg.contains("qvc_missing.png") && msg.contains("not found"), "{msg}");
     assert!(preprocess(p, SIZE).is_err());
 }
 
@@ -265,10 +218,7 @@ fn empty_file() {
     std::fs::remove_file(&p).ok();
     assert!(matches!(e, ImageError::Empty { .. }), "{e:?}");
     let msg = e.to_string();
-    assert!(
-        msg.contains("empty.png") && msg.contains("0 bytes"),
-        "{msg}"
-    );
+    assert!(msg.contains("empty.png") && msg.contains("0 bytes"), "{msg}");
 }
 
 #[test]
@@ -286,10 +236,7 @@ fn truncated_png() {
     std::fs::remove_file(&p).ok();
     assert!(matches!(e, ImageError::Corrupt { .. }), "{e:?}");
     let msg = e.to_string();
-    assert!(
-        msg.contains("truncated.png") && msg.contains("corrupt"),
-        "{msg}"
-    );
+    assert!(msg.contains("truncated.png") && msg.contains("corrupt"), "{msg}");
 }
 
 #[test]
@@ -297,9 +244,7 @@ fn random_bytes() {
     let mut s = 12345u64;
     let bytes: Vec<u8> = (0..4096)
         .map(|_| {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
             (s >> 56) as u8
         })
         .collect();
@@ -308,25 +253,13 @@ fn random_bytes() {
     std::fs::remove_file(&p).ok();
     assert!(matches!(e, ImageError::UnknownFormat { .. }), "{e:?}");
     let msg = e.to_string();
-    assert!(
-        msg.contains("random.bin") && msg.contains("supported"),
-        "{msg}"
-    );
+    assert!(msg.contains("random.bin") && msg.contains("supported"), "{msg}");
     // Random bytes behind a valid signature are corrupt, not unknown.
-    for sig in [
-        &b"\x89PNG\r\n\x1a\n"[..],
-        b"\xff\xd8\xff\xe0",
-        b"GIF89a",
-        b"BM",
-    ] {
+    for sig in [&b"\x89PNG\r\n\x1a\n"[..], b"\xff\xd8\xff\xe0", b"GIF89a", b"BM"] {
         let mut b = sig.to_vec();
         b.extend_from_slice(&bytes[..200]);
         match decode_rgb(&b, "sig") {
-            Err(
-                ImageError::Corrupt { .. }
-                | ImageError::TooLarge { .. }
-                | ImageError::ZeroSize { .. },
-            ) => {}
+            Err(ImageError::Corrupt { .. } | ImageError::TooLarge { .. } | ImageError::ZeroSize { .. }) => {}
             other => panic!("{:?}: {other:?}", &sig),
         }
     }
@@ -337,11 +270,7 @@ fn crc32(data: &[u8]) -> u32 {
     for &b in data {
         crc ^= b as u32;
         for _ in 0..8 {
-            crc = if crc & 1 != 0 {
-                (crc >> 1) ^ 0xedb8_8320
-            } else {
-                crc >> 1
-            };
+            crc = if crc & 1 != 0 { (crc >> 1) ^ 0xedb8_8320 } else { crc >> 1 };
         }
     }
     !crc
@@ -368,21 +297,13 @@ fn huge_header_is_refused_before_decoding() {
     let e = load_rgb(&p).unwrap_err();
     std::fs::remove_file(&p).ok();
     match &e {
-        ImageError::TooLarge {
-            width,
-            height,
-            limit,
-            ..
-        } => {
+        ImageError::TooLarge { width, height, limit, .. } => {
             assert_eq!((*width, *height, *limit), (20000, 20000, MAX_PIXELS));
         }
         other => panic!("{other:?}"),
     }
     let msg = e.to_string();
-    assert!(
-        msg.contains("huge.png") && msg.contains("20000x20000"),
-        "{msg}"
-    );
+    assert!(msg.contains("huge.png") && msg.contains("20000x20000"), "{msg}");
     // Just under the limit by the header, but the data is a 1x1 image: corrupt, no OOM.
     let e = decode_rgb(&png_claiming(10000, 10000), "big.png").unwrap_err();
     assert!(matches!(e, ImageError::Corrupt { .. }), "{e:?}");

@@ -25,10 +25,7 @@ fn fixture_dir() -> Option<PathBuf> {
         return Some(dir);
     }
     if std::env::var("QVC_REQUIRE_FIXTURES").as_deref() == Ok("1") {
-        panic!(
-            "QVC_REQUIRE_FIXTURES=1 but the fixtures are missing at {}",
-            dir.display()
-        );
+        panic!("QVC_REQUIRE_FIXTURES=1 but the fixtures are missing at {}", dir.display());
     }
     println!("skipped: ../shared/fixtures not found");
     None
@@ -45,14 +42,9 @@ fn fixture() -> Option<&'static Fixture> {
         .get_or_init(|| {
             let dir = fixture_dir()?;
             let t0 = Instant::now();
-            let tok =
-                QwenTokenizer::from_file(&dir.join("qwen.tiktoken")).expect("load qwen.tiktoken");
-            println!(
-                "qwen.tiktoken loaded in {:.3} s",
-                t0.elapsed().as_secs_f64()
-            );
-            let text =
-                std::fs::read_to_string(dir.join("expected.json")).expect("read expected.json");
+            let tok = QwenTokenizer::from_file(&dir.join("qwen.tiktoken")).expect("load qwen.tiktoken");
+            println!("qwen.tiktoken loaded in {:.3} s", t0.elapsed().as_secs_f64());
+            let text = std::fs::read_to_string(dir.join("expected.json")).expect("read expected.json");
             let expected = serde_json::from_str(&text).expect("parse expected.json");
             Some(Fixture { tok, expected })
         })
@@ -68,8 +60,7 @@ fn ids_of(v: &Value) -> Vec<u32> {
 }
 
 fn str_of(v: &Value) -> &str {
-    v.as_str()
-        .unwrap_or_else(|| panic!("expected a string, got {v}"))
+    v.as_str().unwrap_or_else(|| panic!("expected a string, got {v}"))
 }
 
 /// Index of the first difference, for readable failures.
@@ -108,10 +99,7 @@ fn special_ids_and_vocab_size() {
     for (name, id) in got {
         assert_eq!(want[name].as_u64(), Some(id as u64), "special id {name}");
     }
-    assert_eq!(
-        f.tok.n_vocab() as u64,
-        t["n_vocab_tokenizer"].as_u64().unwrap()
-    );
+    assert_eq!(f.tok.n_vocab() as u64, t["n_vocab_tokenizer"].as_u64().unwrap());
     assert_eq!(f.tok.n_ranks(), 151643);
     assert!(f.tok.is_special(151643) && f.tok.is_special(151859));
     assert!(!f.tok.is_special(151642) && !f.tok.is_special(151860));
@@ -131,29 +119,16 @@ fn tokenizer_cases() {
 
         let want_chat = ids_of(&case["ids_chat_content"]);
         let got_chat = f.tok.encode(text, Specials::ImageTags).unwrap();
-        assert_eq!(
-            got_chat,
-            want_chat,
-            "encode as chat content {text:?}: {}",
-            first_diff(&got_chat, &want_chat)
-        );
+        assert_eq!(got_chat, want_chat, "encode as chat content {text:?}: {}", first_diff(&got_chat, &want_chat));
 
-        assert_eq!(
-            f.tok.decode(&want, false),
-            str_of(&case["decoded"]),
-            "decode {text:?}"
-        );
+        assert_eq!(f.tok.decode(&want, false), str_of(&case["decoded"]), "decode {text:?}");
         assert_eq!(
             f.tok.decode(&want, true),
             str_of(&case["decoded_skip_special"]),
             "decode skipping specials {text:?}"
         );
         if let Some(d) = case.get("decoded_chat_content") {
-            assert_eq!(
-                f.tok.decode(&want_chat, false),
-                str_of(d),
-                "decode chat content {text:?}"
-            );
+            assert_eq!(f.tok.decode(&want_chat, false), str_of(d), "decode chat content {text:?}");
         }
     }
 }
@@ -169,15 +144,9 @@ fn tokenizer_errors() {
         for specials in [Specials::All, Specials::ImageTags] {
             let e = f.tok.encode(text, specials).expect_err(reference);
             if reference.contains("Unclosed") {
-                assert!(
-                    matches!(e, TokenizerError::UnclosedImage { .. }),
-                    "{text:?}: {e:?}"
-                );
+                assert!(matches!(e, TokenizerError::UnclosedImage { .. }), "{text:?}: {e:?}");
             } else if reference.contains("too long") {
-                assert!(
-                    matches!(e, TokenizerError::ImagePathTooLong { .. }),
-                    "{text:?}: {e:?}"
-                );
+                assert!(matches!(e, TokenizerError::ImagePathTooLong { .. }), "{text:?}: {e:?}");
             } else {
                 panic!("unknown reference error {reference}");
             }
@@ -190,17 +159,9 @@ fn decode_cases() {
     let Some(f) = fixture() else { return };
     for case in f.expected["tokenizer"]["decode_cases"].as_array().unwrap() {
         let ids = ids_of(&case["ids"]);
-        assert_eq!(
-            f.tok.decode(&ids, false),
-            str_of(&case["decoded"]),
-            "decode {ids:?}"
-        );
+        assert_eq!(f.tok.decode(&ids, false), str_of(&case["decoded"]), "decode {ids:?}");
         if let Some(d) = case.get("decoded_skip_special") {
-            assert_eq!(
-                f.tok.decode(&ids, true),
-                str_of(d),
-                "decode skipping specials {ids:?}"
-            );
+            assert_eq!(f.tok.decode(&ids, true), str_of(d), "decode skipping specials {ids:?}");
         }
     }
 }
@@ -215,47 +176,22 @@ fn chat_prompts() {
             .as_array()
             .unwrap()
             .iter()
-            .map(|t| Turn {
-                query: str_of(&t[0]).to_string(),
-                response: str_of(&t[1]).to_string(),
-            })
+            .map(|t| Turn { query: str_of(&t[0]).to_string(), response: str_of(&t[1]).to_string() })
             .collect();
         let want = ids_of(&p["input_ids"]);
-        let got = make_context(
-            &f.tok,
-            str_of(&p["system"]),
-            &history,
-            str_of(&p["query"]),
-            DEFAULT_MAX_WINDOW_SIZE,
-        )
-        .unwrap();
+        let got =
+            make_context(&f.tok, str_of(&p["system"]), &history, str_of(&p["query"]), DEFAULT_MAX_WINDOW_SIZE).unwrap();
         assert_eq!(got, want, "chat/{name}: {}", first_diff(&got, &want));
-        assert_eq!(
-            got.len() as u64,
-            p["n_tokens"].as_u64().unwrap(),
-            "chat/{name}"
-        );
-        assert_eq!(
-            f.tok.decode(&got, false),
-            str_of(&p["raw_text"]),
-            "chat/{name} decode"
-        );
+        assert_eq!(got.len() as u64, p["n_tokens"].as_u64().unwrap(), "chat/{name}");
+        assert_eq!(f.tok.decode(&got, false), str_of(&p["raw_text"]), "chat/{name} decode");
 
         let spans = f.tok.image_spans(&got).unwrap();
         let want_spans = p["image_spans"].as_array().unwrap();
         assert_eq!(spans.len(), want_spans.len(), "chat/{name} image count");
         for (s, w) in spans.iter().zip(want_spans) {
             assert_eq!(s.path, str_of(&w["path"]), "chat/{name}");
-            assert_eq!(
-                s.start as u64,
-                w["img_start_pos"].as_u64().unwrap(),
-                "chat/{name}"
-            );
-            assert_eq!(
-                s.end as u64,
-                w["img_end_pos"].as_u64().unwrap(),
-                "chat/{name}"
-            );
+            assert_eq!(s.start as u64, w["img_start_pos"].as_u64().unwrap(), "chat/{name}");
+            assert_eq!(s.end as u64, w["img_end_pos"].as_u64().unwrap(), "chat/{name}");
             let rows = ids_of(&w["feature_rows"]);
             assert_eq!(rows, vec![s.start as u32 + 1, s.end as u32], "chat/{name}");
         }
@@ -263,11 +199,7 @@ fn chat_prompts() {
         // The greedy continuation decodes as the reference decoded it.
         if let Some(g) = p.get("greedy") {
             if let (Some(ids), Some(d)) = (g.get("ids"), g.get("decoded_new")) {
-                assert_eq!(
-                    f.tok.decode(&ids_of(ids), false),
-                    str_of(d),
-                    "chat/{name} greedy decode"
-                );
+                assert_eq!(f.tok.decode(&ids_of(ids), false), str_of(d), "chat/{name} greedy decode");
             }
         }
     }
@@ -292,8 +224,7 @@ fn long_prompts() {
     let long = f.expected["long"].as_object().unwrap();
     let recipe = str_of(&long["source_lines_python"]);
     assert!(
-        recipe.contains("crosses the river at dawn; 第%d条记录显示温度为%d度。")
-            && recipe.contains("range(400)"),
+        recipe.contains("crosses the river at dawn; 第%d条记录显示温度为%d度。") && recipe.contains("range(400)"),
         "the long-text recipe changed: {recipe}"
     );
     let colors = ["red", "green", "blue", "grey"];
@@ -311,12 +242,7 @@ fn long_prompts() {
         .join("\n");
     let t0 = Instant::now();
     let all = f.tok.encode(&text, Specials::All).unwrap();
-    println!(
-        "encoded {} bytes into {} ids in {:.4} s",
-        text.len(),
-        all.len(),
-        t0.elapsed().as_secs_f64()
-    );
+    println!("encoded {} bytes into {} ids in {:.4} s", text.len(), all.len(), t0.elapsed().as_secs_f64());
     assert_eq!(f.tok.decode(&all, false), text);
 
     let mut checked = 0;
@@ -328,19 +254,10 @@ fn long_prompts() {
         assert_eq!(want.len(), n, "long/{name}");
         if name.contains("chat") {
             let chat = &f.expected["chat"]["img1"];
-            assert_eq!(
-                want,
-                ids_of(&chat["input_ids"]),
-                "long/{name} is chat/img1's prompt"
-            );
+            assert_eq!(want, ids_of(&chat["input_ids"]), "long/{name} is chat/img1's prompt");
         } else {
             assert!(all.len() >= n, "long/{name}: text too short");
-            assert_eq!(
-                &all[..n],
-                &want[..],
-                "long/{name}: {}",
-                first_diff(&all[..n], &want)
-            );
+            assert_eq!(&all[..n], &want[..], "long/{name}: {}", first_diff(&all[..n], &want));
         }
         checked += 1;
     }

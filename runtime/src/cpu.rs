@@ -8,7 +8,9 @@
 //! [`qvc_ir::run_reference`] on every graph.
 
 use qvc_ir::interp::{broadcast_offsets, strided_offsets};
-use qvc_ir::{BinaryOp, DType, Elems, ExecError, Graph, InputRef, Mask, Node, Op, ReduceOp, Shape, UnaryOp, WeightSource};
+use qvc_ir::{
+    BinaryOp, DType, Elems, ExecError, Graph, InputRef, Mask, Node, Op, ReduceOp, Shape, UnaryOp, WeightSource,
+};
 use qvc_kernels as k;
 use rayon::prelude::*;
 use std::collections::HashMap;
@@ -144,7 +146,13 @@ fn eval<'a>(
     Ok(match &n.op {
         Op::Input(name) => {
             let want = out.numel();
-            let bad = |got, got_dtype| ExecError::BadInput { name: name.clone(), got, got_dtype, want, want_dtype: n.ty.dtype };
+            let bad = |got, got_dtype| ExecError::BadInput {
+                name: name.clone(),
+                got,
+                got_dtype,
+                want,
+                want_dtype: n.ty.dtype,
+            };
             match (inputs.get(name), n.ty.dtype) {
                 (None, _) => return Err(ExecError::MissingInput { name: name.clone() }),
                 (Some(InputRef::I32(v)), DType::I32) if v.len() == want => Buf::Ids(Arc::new(v.to_vec())),
@@ -155,7 +163,13 @@ fn eval<'a>(
         }
         Op::Param(name) => match weights.weight(name) {
             Some(w) if w.len() == out.numel() => Buf::View(w),
-            w => return Err(ExecError::BadWeight { name: name.clone(), got: w.map_or(0, |w| w.len()), want: out.numel() }),
+            w => {
+                return Err(ExecError::BadWeight {
+                    name: name.clone(),
+                    got: w.map_or(0, |w| w.len()),
+                    want: out.numel(),
+                })
+            }
         },
         Op::Const(d) => owned(d.to_vec()),
         Op::Unary(u) => {
@@ -191,13 +205,20 @@ fn eval<'a>(
         }
         Op::Where => {
             let (c, x, y) = (a[0].elems(), a[1].elems(), a[2].elems());
-            let (oc, ox, oy) = (broadcast_offsets(out, shp(0)), broadcast_offsets(out, shp(1)), broadcast_offsets(out, shp(2)));
-            owned((0..out.numel()).into_par_iter().map(|e| if c.get(oc[e]) != 0.0 { x.get(ox[e]) } else { y.get(oy[e]) }).collect())
+            let (oc, ox, oy) =
+                (broadcast_offsets(out, shp(0)), broadcast_offsets(out, shp(1)), broadcast_offsets(out, shp(2)));
+            owned(
+                (0..out.numel())
+                    .into_par_iter()
+                    .map(|e| if c.get(oc[e]) != 0.0 { x.get(ox[e]) } else { y.get(oy[e]) })
+                    .collect(),
+            )
         }
         Op::Reduce { op, axis } => {
             let x = a[0].elems();
             let s = shp(0);
-            let (outer, len, inner) = (s.0[..*axis].iter().product::<usize>(), s.dim(*axis), s.0[axis + 1..].iter().product::<usize>());
+            let (outer, len, inner) =
+                (s.0[..*axis].iter().product::<usize>(), s.dim(*axis), s.0[axis + 1..].iter().product::<usize>());
             let mut r = vec![0f32; outer * inner];
             r.par_iter_mut().enumerate().for_each(|(oi, d)| {
                 let (o, i) = (oi / inner, oi % inner);
@@ -245,7 +266,9 @@ fn eval<'a>(
         Op::Slice { axis, start, .. } => {
             let st = shp(0).strides();
             match &a[0] {
-                Buf::Ids(v) => Buf::Ids(Arc::new(strided_offsets(out, &st).iter().map(|&o| v[start * st[*axis] + o]).collect())),
+                Buf::Ids(v) => {
+                    Buf::Ids(Arc::new(strided_offsets(out, &st).iter().map(|&o| v[start * st[*axis] + o]).collect()))
+                }
                 b => owned(strided_copy(b.elems(), out, &st, start * st[*axis])),
             }
         }

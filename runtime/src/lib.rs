@@ -25,7 +25,12 @@ pub type Inputs<'a> = HashMap<String, InputRef<'a>>;
 pub trait Backend: Sync {
     fn name(&self) -> &'static str;
     /// Run `graph` and return all its named outputs as f32.
-    fn run(&self, graph: &Graph, weights: &dyn WeightSource, inputs: &Inputs<'_>) -> Result<HashMap<String, Vec<f32>>, ExecError>;
+    fn run(
+        &self,
+        graph: &Graph,
+        weights: &dyn WeightSource,
+        inputs: &Inputs<'_>,
+    ) -> Result<HashMap<String, Vec<f32>>, ExecError>;
 }
 
 /// The fast CPU backend.
@@ -36,7 +41,12 @@ impl Backend for Cpu {
     fn name(&self) -> &'static str {
         "cpu"
     }
-    fn run(&self, graph: &Graph, weights: &dyn WeightSource, inputs: &Inputs<'_>) -> Result<HashMap<String, Vec<f32>>, ExecError> {
+    fn run(
+        &self,
+        graph: &Graph,
+        weights: &dyn WeightSource,
+        inputs: &Inputs<'_>,
+    ) -> Result<HashMap<String, Vec<f32>>, ExecError> {
         cpu::run(graph, weights, inputs)
     }
 }
@@ -49,7 +59,12 @@ impl Backend for Reference {
     fn name(&self) -> &'static str {
         "reference"
     }
-    fn run(&self, graph: &Graph, weights: &dyn WeightSource, inputs: &Inputs<'_>) -> Result<HashMap<String, Vec<f32>>, ExecError> {
+    fn run(
+        &self,
+        graph: &Graph,
+        weights: &dyn WeightSource,
+        inputs: &Inputs<'_>,
+    ) -> Result<HashMap<String, Vec<f32>>, ExecError> {
         let outs = qvc_ir::run_reference(graph, weights, inputs)?;
         Ok(outs
             .into_iter()

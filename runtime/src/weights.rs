@@ -116,7 +116,8 @@ impl WeightStore {
             // mapped is outside what any mmap-based loader can defend against.
             let map = unsafe { Mmap::map(&file) }.map_err(|source| WeightError::Open { path: path.clone(), source })?;
             let corrupt = |detail: String| WeightError::Corrupt { path: path.clone(), detail };
-            let (header_len, meta) = safetensors::SafeTensors::read_metadata(&map).map_err(|e| corrupt(e.to_string()))?;
+            let (header_len, meta) =
+                safetensors::SafeTensors::read_metadata(&map).map_err(|e| corrupt(e.to_string()))?;
             let base = 8 + header_len;
             let fi = s.maps.len();
             for (name, info) in meta.tensors() {
@@ -131,7 +132,7 @@ impl WeightStore {
                     return Err(corrupt(format!("tensor {name:?} has inconsistent offsets")));
                 }
                 let entry = Entry { file: fi, dtype, shape, start: base + a, end: base + b };
-                if (map.as_ptr() as usize + entry.start) % dtype.size() != 0 {
+                if !(map.as_ptr() as usize + entry.start).is_multiple_of(dtype.size()) {
                     let e = elems_of(&map[entry.start..entry.end], dtype).to_f32_vec();
                     s.copies.insert(name.clone(), e);
                 }

@@ -159,7 +159,11 @@ fn gather_and_scatter_rows_agree() {
     assert_eq!(a["y"], b["y"]);
     assert_eq!(&a["y"][3..6], &fv[..3]);
     let bad = [1, 9];
-    let ins = HashMap::from([("ids".to_string(), InputRef::I32(&idv)), ("f".to_string(), InputRef::F32(&fv)), ("rows".to_string(), InputRef::I32(&bad))]);
+    let ins = HashMap::from([
+        ("ids".to_string(), InputRef::I32(&idv)),
+        ("f".to_string(), InputRef::F32(&fv)),
+        ("rows".to_string(), InputRef::I32(&bad)),
+    ]);
     let err = Cpu.run(&g, &w, &ins).unwrap_err();
     assert!(err.to_string().contains("out of range"), "{err}");
 }
