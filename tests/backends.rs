@@ -42,3 +42,44 @@ fn cpu_backend_agrees_with_reference_interpreter_on_the_model() {
     assert_eq!(a.cached_tokens(), ids.len() + 3);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A checkpoint stored in f32 or f16 loads and runs like the bf16 one: f32
+/// holds every bf16 value exactly, so its logits are identical.
+#[test]
+fn f32_and_f16_checkpoints_run() {
+    let dir = std::env::temp_dir().join(format!("qvc-dtypes-{}", std::process::id()));
+    qvc::demo::write_checkpoint(&dir).unwrap();
+    let ids: Vec<u32> = (0..40).map(|i| 20 + i * 3).collect();
+    let logits = |d: &std::path::Path| {
+        let m = Model::load(d, &LoadOptions::default()).unwrap();
+        let cpu = Cpu;
+        let mut s = Session::new(&m, &cpu);
+        s.prefill(&ids, &PrefillOptions::default()).unwrap().logits
+    };
+    let base = logits(&dir);
+    let bytes = std::fs::read(dir.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    for (dtype, tol) in [(safetensors::Dtype::F32, 0.0), (safetensors::Dtype::F16, 1e-2)] {
+        let conv: Vec<(String, Vec<usize>, Vec<u8>)> = st
+            .tensors()
+            .into_iter()
+            .map(|(n, t)| {
+                let vals = t.data().chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32());
+                let data: Vec<u8> = match dtype {
+                    safetensors::Dtype::F32 => vals.flat_map(f32::to_le_bytes).collect(),
+                    _ => vals.flat_map(|v| half::f16::from_f32(v).to_le_bytes()).collect(),
+                };
+                (n, t.shape().to_vec(), data)
+            })
+            .collect();
+        let views: Vec<(String, safetensors::tensor::TensorView)> = conv
+            .iter()
+            .map(|(n, s, d)| (n.clone(), safetensors::tensor::TensorView::new(dtype, s.clone(), d).unwrap()))
+            .collect();
+        safetensors::tensor::serialize_to_file(views, None, &dir.join("model.safetensors")).unwrap();
+        let r = rel(&logits(&dir), &base);
+        eprintln!("{dtype:?} checkpoint: rel err vs bf16 {r:.2e}");
+        assert!(r <= tol, "{dtype:?}: {r:e}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
