@@ -7,7 +7,7 @@ use qvc_model::grounding::{draw_groundings, parse_groundings, to_pixels, Groundi
 use qvc_model::image::{load_rgb, save_png};
 use qvc_model::sampling::SamplingParams;
 use qvc_model::tokenizer::Specials;
-use qvc_model::{generate, GenerateOptions, LoadOptions, Model, PrefillOptions, Session};
+use qvc_model::{generate, GenerateOptions, LoadOptions, Model, Phase, PrefillOptions, Session};
 use qvc_runtime::Cpu;
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
@@ -245,6 +245,33 @@ fn load(m: &ModelArgs) -> Result<Model> {
     Ok(model)
 }
 
+/// A spinner on stderr while pictures are encoded and the prompt is read
+/// (minutes for the full model on a CPU); hidden when stderr is not a terminal.
+fn attach_progress(session: &mut Session) {
+    let mut bar: Option<indicatif::ProgressBar> = None;
+    let mut show = move |msg: String| {
+        let b = bar.get_or_insert_with(|| {
+            let b = indicatif::ProgressBar::new_spinner();
+            b.set_style(
+                indicatif::ProgressStyle::with_template("{spinner} {msg} [{elapsed}]").expect("valid template"),
+            );
+            b.enable_steady_tick(std::time::Duration::from_millis(120));
+            b
+        });
+        if msg.is_empty() {
+            b.finish_and_clear();
+            bar = None;
+        } else {
+            b.set_message(msg);
+        }
+    };
+    session.on_phase(move |p| match p {
+        Phase::Vision { index, total, path } => show(format!("encoding picture {}/{total} ({path})", index + 1)),
+        Phase::Prefill { tokens } => show(format!("reading the prompt ({tokens} tokens)")),
+        Phase::Decode => show(String::new()),
+    });
+}
+
 fn path_str(p: &Path) -> Result<String> {
     p.to_str().map(str::to_string).with_context(|| format!("image path {} is not valid UTF-8", p.display()))
 }
@@ -343,6 +370,7 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
     let (sampling, max_new) = sampling_params(&model, &a.sampling)?;
     let backend = Cpu;
     let mut session = Session::new(&model, &backend);
+    attach_progress(&mut session);
     let opt = GenerateOptions { max_new_tokens: max_new, sampling, stop_ids: stop_ids(&model.tokenizer) };
     let json = a.json;
     let mut stdout = std::io::stdout();
@@ -405,6 +433,7 @@ fn cmd_chat(a: ChatArgs) -> Result<()> {
     let (sampling, max_new) = sampling_params(&model, &a.sampling)?;
     let backend = Cpu;
     let mut session = Session::new(&model, &backend);
+    attach_progress(&mut session);
     let opt = GenerateOptions { max_new_tokens: max_new, sampling, stop_ids: stop_ids(&model.tokenizer) };
     let mut history: Vec<Turn> = Vec::new();
     let mut pending: Vec<PathBuf> = a.image.clone();
@@ -487,6 +516,7 @@ fn cmd_logits(a: LogitsArgs) -> Result<()> {
     let prompt = prompt_ids(&model, &a.prompt, &[])?;
     let backend = Cpu;
     let mut session = Session::new(&model, &backend);
+    attach_progress(&mut session);
     let out = session.prefill(&prompt, &PrefillOptions { all_logits: a.all_positions, hidden: false })?;
     let v = model.config.vocab_size;
     let rows = out.logits.len() / v;
@@ -547,6 +577,7 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
     let c = &model.config;
     let backend = Cpu;
     let mut session = Session::new(&model, &backend);
+    attach_progress(&mut session);
     let dir = std::env::temp_dir().join(format!("qvc-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let pic = dir.join("bench.png");

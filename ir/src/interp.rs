@@ -66,6 +66,25 @@ impl Value {
     }
 }
 
+/// Look up input `name` and check it against the graph's type: every
+/// backend binds inputs through this, so they report the same errors.
+pub fn bind_input<'a>(
+    name: &str,
+    ty: &crate::graph::TensorType,
+    inputs: &HashMap<String, InputRef<'a>>,
+) -> Result<InputRef<'a>, ExecError> {
+    let want = ty.shape.numel();
+    let given = *inputs.get(name).ok_or_else(|| ExecError::MissingInput { name: name.into() })?;
+    let (got, got_dtype) = match given {
+        InputRef::F32(v) => (v.len(), DType::F32),
+        InputRef::I32(v) => (v.len(), DType::I32),
+    };
+    if got != want || (got_dtype == DType::I32) != (ty.dtype == DType::I32) {
+        return Err(ExecError::BadInput { name: name.into(), got, got_dtype, want, want_dtype: ty.dtype });
+    }
+    Ok(given)
+}
+
 /// For each element of `out`, the offset of the element of `inp` that
 /// broadcasts onto it.
 pub fn broadcast_offsets(out: &Shape, inp: &Shape) -> Vec<usize> {
@@ -184,23 +203,10 @@ fn eval(
     let shp = |i: usize| g.shape(n.inputs[i]);
     let out = &n.ty.shape;
     Ok(match &n.op {
-        Op::Input(name) => {
-            let want = out.numel();
-            let bad = |got, got_dtype| ExecError::BadInput {
-                name: name.clone(),
-                got,
-                got_dtype,
-                want,
-                want_dtype: n.ty.dtype,
-            };
-            match (inputs.get(name), n.ty.dtype) {
-                (None, _) => return Err(ExecError::MissingInput { name: name.clone() }),
-                (Some(InputRef::I32(v)), DType::I32) if v.len() == want => Value::I32(v.to_vec()),
-                (Some(InputRef::F32(v)), d) if d != DType::I32 && v.len() == want => Value::F32(v.to_vec()),
-                (Some(InputRef::I32(v)), _) => return Err(bad(v.len(), DType::I32)),
-                (Some(InputRef::F32(v)), _) => return Err(bad(v.len(), DType::F32)),
-            }
-        }
+        Op::Input(name) => match bind_input(name, &n.ty, inputs)? {
+            InputRef::F32(v) => Value::F32(v.to_vec()),
+            InputRef::I32(v) => Value::I32(v.to_vec()),
+        },
         Op::Param(name) => {
             let w = weights.weight(name);
             match w {

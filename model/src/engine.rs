@@ -145,6 +145,17 @@ pub struct PrefillOutput {
     pub hidden: HashMap<String, Vec<f32>>,
 }
 
+/// A long step about to start, for progress displays.
+#[derive(Clone, Debug)]
+pub enum Phase<'a> {
+    /// Encoding picture `index` (0-based) of `total`.
+    Vision { index: usize, total: usize, path: &'a str },
+    /// Running the prompt through the decoder.
+    Prefill { tokens: usize },
+    /// Prefill finished; tokens follow.
+    Decode,
+}
+
 /// One conversation's state on one backend.
 pub struct Session<'m> {
     pub model: &'m Model,
@@ -153,6 +164,7 @@ pub struct Session<'m> {
     alpha: f64,
     images: HashMap<String, Vec<f32>>,
     image_dir: Option<PathBuf>,
+    on_phase: Option<Box<dyn FnMut(Phase) + 'm>>,
     pub timings: Timings,
 }
 
@@ -166,6 +178,7 @@ impl<'m> Session<'m> {
             alpha: 1.0,
             images: HashMap::new(),
             image_dir: None,
+            on_phase: None,
             timings: Timings::default(),
         }
     }
@@ -174,6 +187,17 @@ impl<'m> Session<'m> {
     /// current directory.
     pub fn set_image_dir(&mut self, dir: &Path) {
         self.image_dir = Some(dir.to_path_buf());
+    }
+
+    /// Call `f` before each long step (a spinner, a log line).
+    pub fn on_phase(&mut self, f: impl FnMut(Phase) + 'm) {
+        self.on_phase = Some(Box::new(f));
+    }
+
+    fn phase(&mut self, p: Phase) {
+        if let Some(f) = &mut self.on_phase {
+            f(p);
+        }
     }
 
     /// Use `features` (`[256, D]`, e.g. computed from pixels decoded
@@ -235,7 +259,10 @@ impl<'m> Session<'m> {
         // Images: features overwrite positions a+1 .. b-1 of each <img>…</img> span.
         let spans = self.model.tokenizer.image_spans(ids)?;
         let (mut feats, mut rows) = (Vec::new(), Vec::new());
-        for s in &spans {
+        for (index, s) in spans.iter().enumerate() {
+            if !self.images.contains_key(&s.path) {
+                self.phase(Phase::Vision { index, total: spans.len(), path: &s.path });
+            }
             let n = s.end - s.start - 1;
             if n != self.model.config.visual.queries() {
                 return Err(ModelError::Prompt(format!(
@@ -247,6 +274,7 @@ impl<'m> Session<'m> {
             feats.extend(self.encode_image(&s.path)?);
             rows.extend((s.start + 1..s.end).map(|r| r as i32));
         }
+        self.phase(Phase::Prefill { tokens: ids.len() });
         let t0 = Instant::now();
         self.cache.truncate(0);
         self.alpha = cfg.ntk_alpha(ids.len());
@@ -261,6 +289,7 @@ impl<'m> Session<'m> {
         self.timings.prefill_ms += t0.elapsed().as_secs_f64() * 1e3;
         let logits = out.remove("logits").expect("decoder has logits");
         let hidden = out.into_iter().filter(|(k, _)| k.starts_with("hidden.")).collect();
+        self.phase(Phase::Decode);
         Ok(PrefillOutput { logits, hidden })
     }
 

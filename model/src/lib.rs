@@ -16,5 +16,5 @@ pub mod tokenizer;
 
 pub use config::{Config, GenerationConfig};
 pub use engine::{
-    generate, GenerateOptions, Generation, LoadOptions, Model, ModelError, PrefillOptions, Session, Timings,
+    generate, GenerateOptions, Generation, LoadOptions, Model, ModelError, Phase, PrefillOptions, Session, Timings,
 };

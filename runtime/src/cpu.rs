@@ -7,10 +7,8 @@
 //! reader; `Reshape` is free. The result must agree with
 //! [`qvc_ir::run_reference`] on every graph.
 
-use qvc_ir::interp::{broadcast_offsets, strided_offsets};
-use qvc_ir::{
-    BinaryOp, DType, Elems, ExecError, Graph, InputRef, Mask, Node, Op, ReduceOp, Shape, UnaryOp, WeightSource,
-};
+use qvc_ir::interp::{bind_input, broadcast_offsets, strided_offsets};
+use qvc_ir::{BinaryOp, Elems, ExecError, Graph, InputRef, Mask, Node, Op, ReduceOp, Shape, UnaryOp, WeightSource};
 use qvc_kernels as k;
 use rayon::prelude::*;
 use std::collections::HashMap;
@@ -144,23 +142,10 @@ fn eval<'a>(
     let shp = |i: usize| g.shape(n.inputs[i]);
     let owned = |v: Vec<f32>| Buf::Owned(Arc::new(v));
     Ok(match &n.op {
-        Op::Input(name) => {
-            let want = out.numel();
-            let bad = |got, got_dtype| ExecError::BadInput {
-                name: name.clone(),
-                got,
-                got_dtype,
-                want,
-                want_dtype: n.ty.dtype,
-            };
-            match (inputs.get(name), n.ty.dtype) {
-                (None, _) => return Err(ExecError::MissingInput { name: name.clone() }),
-                (Some(InputRef::I32(v)), DType::I32) if v.len() == want => Buf::Ids(Arc::new(v.to_vec())),
-                (Some(InputRef::F32(v)), d) if d != DType::I32 && v.len() == want => Buf::View(Elems::F32(v)),
-                (Some(InputRef::I32(v)), _) => return Err(bad(v.len(), DType::I32)),
-                (Some(InputRef::F32(v)), _) => return Err(bad(v.len(), DType::F32)),
-            }
-        }
+        Op::Input(name) => match bind_input(name, &n.ty, inputs)? {
+            InputRef::F32(v) => Buf::View(Elems::F32(v)),
+            InputRef::I32(v) => Buf::Ids(Arc::new(v.to_vec())),
+        },
         Op::Param(name) => match weights.weight(name) {
             Some(w) if w.len() == out.numel() => Buf::View(w),
             w => {
@@ -183,17 +168,22 @@ fn eval<'a>(
             let rhs = a.remove(1);
             let y = rhs.elems();
             // A row vector: all dims but the last are 1 and the last matches.
+            // Fast cases, reusing the left buffer: the right side is the
+            // same shape, a row vector (bias, norm weight: repeats every
+            // `w`), a scalar, or a column block (logn scale [T, 1, 1]: each
+            // value covers `block` consecutive elements).
             let row = sb.numel() == out.last() && sb.last() == out.last();
-            if sa == out && (sb == out || row || sb.numel() == 1) {
-                // The common cases: same shape, a row vector (bias, norm
-                // weight) or a scalar on the right: reuse the left buffer.
-                let same = sb == out;
+            let lead = out.rank() - sb.rank();
+            let split = (0..=sb.rank()).find(|&i| sb.0[i..].iter().all(|&d| d == 1)).unwrap_or(sb.rank());
+            let column = lead == 0 && sb.0[..split] == out.0[..split];
+            if sa == out && (sb == out || row || sb.numel() == 1 || column) {
                 let w = sb.numel().max(1);
+                let block = if column && !row { out.numel() / w } else { 1 };
+                let index = move |idx: usize| if block > 1 { idx / block } else { idx % w };
                 let mut x = a.remove(0).into_vec();
                 x.par_chunks_mut(PAR_CHUNK).enumerate().for_each(|(ci, c)| {
                     for (e, v) in c.iter_mut().enumerate() {
-                        let idx = ci * PAR_CHUNK + e;
-                        *v = f(*v, y.get(if same { idx } else { idx % w }));
+                        *v = f(*v, y.get(index(ci * PAR_CHUNK + e)));
                     }
                 });
                 owned(x)

@@ -88,10 +88,19 @@ proptest! {
         let bm = g.input("y", DType::F32, vec![b, 1]);
         let bc = g.add(x, bm).unwrap();
         let mm = g.matmul(x, p).unwrap_or(x);
-        for (name, id) in [("p", p), ("s", s), ("r", r), ("bc", bc), ("mm", mm)] {
+        let z = g.input("z", DType::F32, vec![a, 1, 1]);
+        let col = g.mul(x, z).unwrap();
+        let z2 = g.input("z2", DType::F32, vec![a, b, 1]);
+        let col2 = g.sub(x, z2).unwrap();
+        for (name, id) in [("p", p), ("s", s), ("r", r), ("bc", bc), ("mm", mm), ("col", col), ("col2", col2)] {
             g.set_output(name, id);
         }
-        let ins = HashMap::from([("x".to_string(), vals(a * b * c, seed)), ("y".to_string(), vals(b, seed + 9))]);
+        let ins = HashMap::from([
+            ("x".to_string(), vals(a * b * c, seed)),
+            ("y".to_string(), vals(b, seed + 9)),
+            ("z".to_string(), vals(a, seed + 10)),
+            ("z2".to_string(), vals(a * b, seed + 11)),
+        ]);
         agree(&g, &W(HashMap::new()), &ins);
     }
 
