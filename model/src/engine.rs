@@ -156,6 +156,9 @@ pub enum Phase<'a> {
     Decode,
 }
 
+/// A progress callback, see [`Session::on_phase`].
+pub type PhaseHook<'m> = Box<dyn FnMut(Phase) + 'm>;
+
 /// One conversation's state on one backend.
 pub struct Session<'m> {
     pub model: &'m Model,
@@ -164,7 +167,7 @@ pub struct Session<'m> {
     alpha: f64,
     images: HashMap<String, Vec<f32>>,
     image_dir: Option<PathBuf>,
-    on_phase: Option<Box<dyn FnMut(Phase) + 'm>>,
+    on_phase: Option<PhaseHook<'m>>,
     pub timings: Timings,
 }
 
