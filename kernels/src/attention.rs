@@ -12,6 +12,9 @@
 //! position (decode: `tq = 1` sees everything). A query that sees no key
 //! (only possible when `tq > tk`) gets a zero output.
 //!
+//! [`attention_with_past`] reads a KV cache and the new keys as two
+//! segments, so a decode step never copies the cache.
+//!
 //! Fast path (flash-attention style): tasks are (head, block of `QB` queries),
 //! in parallel. Each walks the visible keys in blocks of `KB`: scores
 //! `S = Q·Kᵀ` by the crate's GEMM (reading q and k in place), scaled and
@@ -93,6 +96,33 @@ pub fn attention(args: &AttnArgs, out: &mut [f32]) {
 /// [`attention`] on a chosen code path (for tests and benchmarks).
 pub fn attention_with_isa(isa: Isa, args: &AttnArgs, out: &mut [f32]) {
     args.check(out);
+    run(isa, args, Past { k: &[], v: &[], len: 0 }, out)
+}
+
+/// Attention over a KV cache without concatenating it: the keys are the
+/// `past_k`/`past_v` rows (`[P, heads, d]`, contiguous) followed by the `tk`
+/// keys of `args`, and `args.mask` applies to all `P + tk` of them (causal:
+/// query `i` sits at absolute position `P + tk − tq + i`).
+pub fn attention_with_past(args: &AttnArgs, past_k: &[f32], past_v: &[f32], out: &mut [f32]) {
+    args.check(out);
+    let hd = args.heads * args.d;
+    assert_eq!(past_k.len(), past_v.len(), "attention: past keys and values differ in length");
+    let len = if hd == 0 { 0 } else { past_k.len() / hd };
+    assert_eq!(len * hd, past_k.len(), "attention: the past is not whole [heads, d] rows");
+    let full = AttnArgs { tk: len + args.tk, ..*args };
+    run(Isa::detect(), &full, Past { k: past_k, v: past_v, len }, out)
+}
+
+/// KV-cache rows that come before `args.k` (stride heads·d).
+#[derive(Clone, Copy)]
+struct Past<'a> {
+    k: &'a [f32],
+    v: &'a [f32],
+    len: usize,
+}
+
+/// `args.tk` counts the past rows too; keys `j < past.len` come from `past`.
+fn run(isa: Isa, args: &AttnArgs, past: Past, out: &mut [f32]) {
     let (tq, heads, d) = (args.tq, args.heads, args.d);
     if tq == 0 || heads == 0 || d == 0 {
         return;
@@ -108,7 +138,7 @@ pub fn attention_with_isa(isa: Isa, args: &AttnArgs, out: &mut [f32]) {
         let rows = QB.min(tq - i0);
         // SAFETY: this task writes only out[i0..i0+rows, h, :], and tasks
         // differ in (h, query block); `check` sized `out`.
-        unsafe { attend_block(isa, args, h, i0, rows, op) };
+        unsafe { attend_block(isa, args, past, h, i0, rows, op) };
     };
     if parallel {
         use rayon::prelude::*;
@@ -122,8 +152,10 @@ pub fn attention_with_isa(isa: Isa, args: &AttnArgs, out: &mut [f32]) {
 ///
 /// SAFETY: `out` points at the `[tq, heads, d]` output and no other task
 /// writes rows `i0..i0+rows` of head `h`.
-unsafe fn attend_block(isa: Isa, a: &AttnArgs, h: usize, i0: usize, rows: usize, out: SyncPtr) {
+#[allow(clippy::too_many_arguments)]
+unsafe fn attend_block(isa: Isa, a: &AttnArgs, past: Past, h: usize, i0: usize, rows: usize, out: SyncPtr) {
     let d = a.d;
+    let hd = a.heads * d;
     let keys = a.visible(i0 + rows - 1); // the last query sees the most
     let mut s = vec![0f32; rows * KB.min(keys.max(1))];
     let mut o = vec![0f32; rows * d];
@@ -138,17 +170,24 @@ unsafe fn attend_block(isa: Isa, a: &AttnArgs, h: usize, i0: usize, rows: usize,
         col_stride: 1,
         offset: i0 * a.q_stride + h * d,
     };
-    for j0 in (0..keys).step_by(KB) {
-        let kb = KB.min(keys - j0);
+    let mut j0 = 0;
+    while j0 < keys {
+        // Blocks never straddle the cache boundary: each reads one buffer.
+        let (kbuf, vbuf, stride, local, seg_end) = if j0 < past.len {
+            (past.k, past.v, hd, j0, past.len.min(keys))
+        } else {
+            (a.k, a.v, a.kv_stride, j0 - past.len, keys)
+        };
+        let kb = KB.min(seg_end - j0);
         let s = &mut s[..rows * kb];
         // S = Q · K_blockᵀ: Kᵀ is d×kb with the d values of a key contiguous.
         let kt = MatRef {
-            data: Elems::F32(a.k),
+            data: Elems::F32(kbuf),
             rows: d,
             cols: kb,
             row_stride: 1,
-            col_stride: a.kv_stride,
-            offset: j0 * a.kv_stride + h * d,
+            col_stride: stride,
+            offset: local * stride + h * d,
         };
         gemm_strided(isa, &q, &kt, s, kb, false, false, &mut gs);
         let st = SoftmaxStep { a, i0, j0, kb, d };
@@ -161,16 +200,16 @@ unsafe fn attend_block(isa: Isa, a: &AttnArgs, h: usize, i0: usize, rows: usize,
         // O += P · V_block.
         let p = MatRef { data: Elems::F32(s), rows, cols: kb, row_stride: kb, col_stride: 1, offset: 0 };
         let vb = MatRef {
-            data: Elems::F32(a.v),
+            data: Elems::F32(vbuf),
             rows: kb,
             cols: d,
-            row_stride: a.kv_stride,
+            row_stride: stride,
             col_stride: 1,
-            offset: j0 * a.kv_stride + h * d,
+            offset: local * stride + h * d,
         };
         gemm_strided(isa, &p, &vb, &mut o, d, true, false, &mut gs);
+        j0 += kb;
     }
-    let hd = a.heads * d;
     for r in 0..rows {
         let inv = if l[r] > 0.0 { 1.0 / l[r] } else { 0.0 };
         let dst = out.get().add((i0 + r) * hd + h * d);
@@ -324,8 +363,44 @@ mod tests {
         Ok(())
     }
 
+    /// The cache-reading entry point equals attention over the concatenation.
+    fn run_past(past: usize, tk: usize, tq: usize, heads: usize, d: usize, seed: u64) -> Result<(), TestCaseError> {
+        let mut rng = Rng::new(seed);
+        let hd = heads * d;
+        let (k, v) = (rng.vec((past + tk) * hd, 2.0), rng.vec((past + tk) * hd, 2.0));
+        let q = rng.vec(tq * hd, 2.0);
+        let scale = 1.0 / (d as f32).sqrt();
+        let full = AttnArgs {
+            q: &q,
+            q_stride: hd,
+            k: &k,
+            v: &v,
+            kv_stride: hd,
+            tq,
+            tk: past + tk,
+            heads,
+            d,
+            scale,
+            mask: Mask::Causal,
+        };
+        let mut want = vec![f32::NAN; tq * hd];
+        attention_ref(&full, &mut want);
+        let new = AttnArgs { k: &k[past * hd..], v: &v[past * hd..], tk, ..full };
+        let mut got = vec![f32::NAN; tq * hd];
+        attention_with_past(&new, &k[..past * hd], &v[..past * hd], &mut got);
+        let e = rel_l2(&got, &want);
+        prop_assert!(e < 2e-5, "past {past} tk {tk} tq {tq} heads {heads} d {d}: rel err {e}");
+        Ok(())
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(48))]
+
+        #[test]
+        fn with_past_matches_concatenation(past in 0usize..600, tk in 1usize..5, heads in 1usize..4, d in 1usize..40, seed in any::<u64>()) {
+            run_past(past, tk, tk, heads, d, seed)?;
+            run_past(past, tk + 3, 1, heads, d, seed)?;
+        }
 
         #[test]
         fn attention_matches_ref(

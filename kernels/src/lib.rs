@@ -36,7 +36,8 @@ mod testutil;
 
 pub use act::{erf_f32, erf_ref, exp_f32, gelu_erf, gelu_erf_ref, silu, silu_ref, swiglu, swiglu_ref};
 pub use attention::{
-    attention, attention_flops, attention_min_bytes, attention_ref, attention_with_isa, AttnArgs, Mask,
+    attention, attention_flops, attention_min_bytes, attention_ref, attention_with_isa, attention_with_past, AttnArgs,
+    Mask,
 };
 pub use common::Isa;
 pub use gemm::{gemm, gemm_flops, gemm_min_bytes, gemm_ref, gemm_with_isa, MatRef};

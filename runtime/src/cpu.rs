@@ -341,22 +341,7 @@ fn eval<'a>(
         }
         Op::Attention { mask, scale } => {
             let (tq, heads, d) = (out.dim(0), out.dim(1), out.dim(2));
-            let q = f32s(&a[0]);
-            // With a KV cache (inputs 3 and 4) the keys are the cache rows
-            // followed by the new ones.
-            let (kk, v) = if a.len() == 5 {
-                let cat = |past: &Buf, new: &Buf| {
-                    let (p, nw) = (past.elems(), new.elems());
-                    let mut c = vec![0f32; p.len() + nw.len()];
-                    p.read_into(0, &mut c[..p.len()]);
-                    nw.read_into(0, &mut c[p.len()..]);
-                    std::borrow::Cow::Owned(c)
-                };
-                (cat(&a[3], &a[1]), cat(&a[4], &a[2]))
-            } else {
-                (f32s(&a[1]), f32s(&a[2]))
-            };
-            let tk = kk.len() / (heads * d).max(1);
+            let (q, kk, v) = (f32s(&a[0]), f32s(&a[1]), f32s(&a[2]));
             let mut o = vec![0f32; out.numel()];
             let args = k::attention::AttnArgs {
                 q: &q,
@@ -365,7 +350,7 @@ fn eval<'a>(
                 v: &v,
                 kv_stride: heads * d,
                 tq,
-                tk,
+                tk: shp(1).dim(0),
                 heads,
                 d,
                 scale: *scale,
@@ -374,7 +359,13 @@ fn eval<'a>(
                     Mask::Causal => k::attention::Mask::Causal,
                 },
             };
-            k::attention::attention(&args, &mut o);
+            if a.len() == 5 {
+                // The KV cache (inputs 3 and 4) is read in place, not concatenated.
+                let (pk, pv) = (f32s(&a[3]), f32s(&a[4]));
+                k::attention::attention_with_past(&args, &pk, &pv, &mut o);
+            } else {
+                k::attention::attention(&args, &mut o);
+            }
             owned(o)
         }
         Op::Conv2dPatch { patch } => {
