@@ -107,7 +107,7 @@ pub fn attention_with_past(args: &AttnArgs, past_k: &[f32], past_v: &[f32], out:
     args.check(out);
     let hd = args.heads * args.d;
     assert_eq!(past_k.len(), past_v.len(), "attention: past keys and values differ in length");
-    let len = if hd == 0 { 0 } else { past_k.len() / hd };
+    let len = past_k.len().checked_div(hd).unwrap_or(0);
     assert_eq!(len * hd, past_k.len(), "attention: the past is not whole [heads, d] rows");
     let full = AttnArgs { tk: len + args.tk, ..*args };
     run(Isa::detect(), &full, Past { k: past_k, v: past_v, len }, out)
