@@ -307,15 +307,14 @@ fn eval<'a>(
             owned((0..shape.numel()).map(|e| ((e / st[*axis]) % shape.dim(*axis)) as f32).collect())
         }
         Op::LayerNorm { eps } => {
+            // Norms write a new buffer, so the input is only borrowed.
             let mut y = vec![0f32; out.numel()];
-            let x = a.remove(0).into_vec();
-            k::norm::layer_norm(&x, a[0].elems(), a[1].elems(), *eps, out.last(), &mut y);
+            k::norm::layer_norm(&f32s(&a[0]), a[1].elems(), a[2].elems(), *eps, out.last(), &mut y);
             owned(y)
         }
         Op::RmsNorm { eps } => {
             let mut y = vec![0f32; out.numel()];
-            let x = a.remove(0).into_vec();
-            k::norm::rms_norm(&x, a[0].elems(), *eps, out.last(), &mut y);
+            k::norm::rms_norm(&f32s(&a[0]), a[1].elems(), *eps, out.last(), &mut y);
             owned(y)
         }
         Op::Gelu => {
