@@ -93,12 +93,19 @@ fn write_weights(cfg: &Config, path: &Path, seed: u64) -> Result<()> {
 
 /// Write the demo checkpoint into `dir` (created if needed).
 pub fn write_checkpoint(dir: &Path) -> Result<()> {
+    write_checkpoint_with(dir, |_| {})
+}
+
+/// Write a demo checkpoint whose config.json is first changed by `edit`
+/// (other shapes for tests; the weights follow the edited config).
+pub fn write_checkpoint_with(dir: &Path, edit: impl FnOnce(&mut serde_json::Value)) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let vocab_text = demo_tiktoken();
     let tok = QwenTokenizer::from_tiktoken_str(&vocab_text, "demo vocabulary")?;
     let vocab = tok.n_vocab().div_ceil(64) * 64;
     std::fs::write(dir.join("qwen.tiktoken"), vocab_text)?;
-    let cfg_json = demo_config(vocab, tok.specials().img_start);
+    let mut cfg_json = demo_config(vocab, tok.specials().img_start);
+    edit(&mut cfg_json);
     let cfg = Config::from_json(&cfg_json, &dir.join("config.json"))?;
     std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(&cfg_json)?)?;
     let gen = serde_json::json!({ "chat_format": "chatml", "eos_token_id": tok.specials().endoftext, "max_window_size": 6144,

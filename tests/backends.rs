@@ -111,3 +111,35 @@ fn streamed_text_adds_up_and_seeds_reproduce() {
     assert_ne!(run(12).0.tokens, g1.tokens);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Shapes the fixture does not cover: an adapter with two heads (output_dim
+/// 256), a ViT head size that is not a power of two (width 78, 3 heads of
+/// 26), an odd MLP width. Both backends must still agree.
+#[test]
+fn other_shapes_agree_across_backends() {
+    let dir = std::env::temp_dir().join(format!("qvc-shapes-{}", std::process::id()));
+    qvc::demo::write_checkpoint_with(&dir, |v| {
+        v["hidden_size"] = serde_json::json!(256);
+        v["num_attention_heads"] = serde_json::json!(8);
+        v["intermediate_size"] = serde_json::json!(398);
+        v["visual"]["width"] = serde_json::json!(78);
+        v["visual"]["heads"] = serde_json::json!(3);
+        v["visual"]["layers"] = serde_json::json!(1);
+        v["visual"]["output_dim"] = serde_json::json!(256);
+    })
+    .unwrap();
+    let model = Model::load(&dir, &LoadOptions::default()).unwrap();
+    assert_eq!(model.config.visual.pool_heads(), 2);
+    let pic = dir.join("demo.png").to_str().unwrap().to_string();
+    let ids = make_context(&model.tokenizer, DEFAULT_SYSTEM, &[], &format_query(&[pic], "Hi"), 6144).unwrap();
+    let (cpu, reference) = (Cpu, Reference);
+    let mut a = Session::new(&model, &cpu);
+    let mut b = Session::new(&model, &reference);
+    let (la, lb) =
+        (a.prefill(&ids, &PrefillOptions::default()).unwrap(), b.prefill(&ids, &PrefillOptions::default()).unwrap());
+    let r = rel(&la.logits, &lb.logits);
+    assert!(r < 1e-5, "prefill: {r:e}");
+    let r = rel(&a.step(9).unwrap(), &b.step(9).unwrap());
+    assert!(r < 1e-5, "decode: {r:e}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
