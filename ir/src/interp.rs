@@ -256,7 +256,6 @@ fn eval(
             let (sa, sb) = (shp(0), shp(1));
             let (m, k) = (sa.dim(sa.rank() - 2), sa.last());
             let n_ = out.last();
-            let batches = sa.numel() / (m * k).max(1);
             let b_batched = sb.rank() > 2;
             let mut r = vec![0f32; out.numel()];
             r.par_chunks_mut(n_.max(1)).enumerate().for_each(|(row, dst)| {
@@ -271,7 +270,6 @@ fn eval(
                     *d = acc as f32;
                 }
             });
-            let _ = batches;
             Value::F32(r)
         }
         Op::Reshape(_) => arg(0).clone(),

@@ -87,12 +87,15 @@ proptest! {
         let r = g.reshape(cat, vec![a * b, c + c - c / 3]).unwrap();
         let bm = g.input("y", DType::F32, vec![b, 1]);
         let bc = g.add(x, bm).unwrap();
-        let mm = g.matmul(x, p).unwrap_or(x);
+        // Batched matmul: x [a, b, c] · xᵀ [a, c, b], and the transposed-flag form.
+        let xt = g.permute(x, vec![0, 2, 1]).unwrap();
+        let mm = g.matmul(x, xt).unwrap();
+        let mmt = g.matmul_t(x, x).unwrap();
         let z = g.input("z", DType::F32, vec![a, 1, 1]);
         let col = g.mul(x, z).unwrap();
         let z2 = g.input("z2", DType::F32, vec![a, b, 1]);
         let col2 = g.sub(x, z2).unwrap();
-        for (name, id) in [("p", p), ("s", s), ("r", r), ("bc", bc), ("mm", mm), ("col", col), ("col2", col2)] {
+        for (name, id) in [("p", p), ("s", s), ("r", r), ("bc", bc), ("mm", mm), ("mmt", mmt), ("col", col), ("col2", col2)] {
             g.set_output(name, id);
         }
         let ins = HashMap::from([
