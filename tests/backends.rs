@@ -3,15 +3,11 @@
 //! decode steps through the KV cache. Runs on the demo checkpoint (random
 //! weights, written to a temp dir), so it needs no fixtures.
 
+mod common;
+use common::rel_err as rel;
 use qvc_model::chat::{format_query, make_context, DEFAULT_SYSTEM};
 use qvc_model::{LoadOptions, Model, PrefillOptions, Session};
 use qvc_runtime::{Cpu, Reference};
-
-fn rel(a: &[f32], b: &[f32]) -> f64 {
-    let n: f64 = a.iter().zip(b).map(|(x, y)| (*x as f64 - *y as f64).powi(2)).sum();
-    let d: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
-    (n / d).sqrt()
-}
 
 #[test]
 fn cpu_backend_agrees_with_reference_interpreter_on_the_model() {

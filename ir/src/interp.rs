@@ -52,6 +52,13 @@ pub enum Value {
 }
 
 impl Value {
+    /// The values as f32 (ids converted exactly: they are below 2^24).
+    pub fn into_f32(self) -> Vec<f32> {
+        match self {
+            Value::F32(v) => v,
+            Value::I32(v) => v.into_iter().map(|x| x as f32).collect(),
+        }
+    }
     pub fn as_f32(&self) -> &[f32] {
         match self {
             Value::F32(v) => v,
@@ -344,8 +351,7 @@ pub fn run_reference_output(
 ) -> Result<Vec<f32>, ExecError> {
     let mut outs = run_reference(graph, weights, inputs)?;
     match outs.remove(name) {
-        Some(Value::F32(v)) => Ok(v),
-        Some(Value::I32(v)) => Ok(v.into_iter().map(|x| x as f32).collect()),
+        Some(v) => Ok(v.into_f32()),
         None => Err(IrError::UnknownOutput(name.into()).into()),
     }
 }

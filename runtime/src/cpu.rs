@@ -333,9 +333,8 @@ fn eval<'a>(
             owned(x)
         }
         Op::Rotary => {
-            let (cos, sin) = (a[1].elems().to_f32_vec(), a[2].elems().to_f32_vec());
             let mut x = a.remove(0).into_vec();
-            k::rotary::rotary(&mut x, &cos, &sin, out.dim(1), out.dim(2));
+            k::rotary::rotary(&mut x, &f32s(&a[0]), &f32s(&a[1]), out.dim(1), out.dim(2));
             owned(x)
         }
         Op::Attention { mask, scale } => {

@@ -66,15 +66,6 @@ impl Backend for Reference {
         inputs: &Inputs<'_>,
     ) -> Result<HashMap<String, Vec<f32>>, ExecError> {
         let outs = qvc_ir::run_reference(graph, weights, inputs)?;
-        Ok(outs
-            .into_iter()
-            .map(|(k, v)| {
-                let v = match v {
-                    qvc_ir::Value::F32(v) => v,
-                    qvc_ir::Value::I32(v) => v.into_iter().map(|x| x as f32).collect(),
-                };
-                (k, v)
-            })
-            .collect())
+        Ok(outs.into_iter().map(|(k, v)| (k, v.into_f32())).collect())
     }
 }
