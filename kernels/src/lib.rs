@@ -30,6 +30,7 @@ pub mod gemm;
 pub mod norm;
 pub mod rotary;
 pub mod softmax;
+pub mod spec;
 
 #[cfg(test)]
 mod testutil;
@@ -44,3 +45,4 @@ pub use gemm::{gemm, gemm_flops, gemm_min_bytes, gemm_ref, gemm_with_isa, MatRef
 pub use norm::{layer_norm, layer_norm_ref, rms_norm, rms_norm_ref};
 pub use rotary::{rotary, rotary_ref};
 pub use softmax::{softmax_rows, softmax_rows_ref};
+pub use spec::{Cost, KernelSpec, Launch};
