@@ -27,6 +27,7 @@ mod common;
 pub mod act;
 pub mod attention;
 pub mod gemm;
+pub mod gpu;
 pub mod norm;
 pub mod rotary;
 pub mod softmax;

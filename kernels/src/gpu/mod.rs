@@ -1,0 +1,12 @@
+//! GPU kernel families: for each, a spec (static shapes, dtypes, options) that
+//! implements [`crate::KernelSpec`] (PTX generator, launch geometry, cost
+//! model) and carries the family's fast CPU implementation and naive
+//! reference, so one value describes the kernel on every backend.
+//!
+//! Conventions shared by all families (the compiler relies on them):
+//! * weights are bf16, Linear weights `[out, in]` row-major as in the checkpoint;
+//! * the residual stream is f32; GEMM inputs (norm outputs) are bf16;
+//! * tensors are row-major with explicit row strides where a kernel reads a
+//!   slice of a wider buffer (q/k/v inside a fused QKV output);
+//! * every kernel guards ragged edges itself: any shape is valid, not only
+//!   multiples of its tiles.
