@@ -26,4 +26,6 @@ pub mod ptx;
 pub mod ptxas;
 
 pub use builder::{is_float, Cmp, KernelBuilder, Label, Space};
-pub use ptx::{Addr, AddrBase, Guard, Instr, Kernel, Module, Operand, Param, Reg, RegClass, Shared, Sreg, Stmt, Target, Ty};
+pub use ptx::{
+    Addr, AddrBase, Guard, Instr, Kernel, Module, Operand, Param, Reg, RegClass, Shared, Sreg, Stmt, Target, Ty,
+};

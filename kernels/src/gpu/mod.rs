@@ -10,3 +10,15 @@
 //!   slice of a wider buffer (q/k/v inside a fused QKV output);
 //! * every kernel guards ragged edges itself: any shape is valid, not only
 //!   multiples of its tiles.
+
+pub mod attention;
+pub mod catalog;
+pub mod decode_attention;
+pub mod embed;
+pub mod gemm;
+pub mod gemv;
+pub mod norm;
+pub mod patch;
+pub mod rotary;
+pub mod sample;
+pub mod softmax;
