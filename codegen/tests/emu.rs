@@ -1539,3 +1539,53 @@ fn float_special_cases_and_ftz() {
         }
     }
 }
+
+/// Two groups of `cp.async` copies (one 16-byte chunk per thread each), then
+/// `cp.async.wait_group wait`, a barrier, and every thread reads both chunks
+/// of its neighbour. With `wait` = 0 both groups have landed; with 1 the
+/// second group is still in flight, which on a GPU is a race and here an error.
+fn two_group_copy(wait: u32) -> Kernel {
+    let mut b = KernelBuilder::new(format!("cp_async_wait{wait}"));
+    let src = b.ptr_param("src");
+    let out = b.ptr_param("out");
+    let tid = b.special(Sreg::TidX);
+    let s = b.shared("s", 2 * 32 * 16, 16);
+    let so = b.shl(Ty::B32, tid, 4u32);
+    let sa = b.add(Ty::U32, s, so);
+    let ga = b.index_addr(src, tid, 16);
+    b.cp_async16(Addr::reg(sa, 0), Addr::reg(ga, 0), 16u32);
+    b.cp_async_commit();
+    b.cp_async16(Addr::reg(sa, 512), Addr::reg(ga, 512), 16u32);
+    b.cp_async_commit();
+    b.cp_async_wait(wait);
+    b.bar_sync();
+    let nb = b.add(Ty::U32, tid, 1u32);
+    let nb = b.and(Ty::B32, nb, 31u32);
+    let no = b.shl(Ty::B32, nb, 4u32);
+    let na = b.add(Ty::U32, s, no);
+    let first = b.ld(Space::Shared, Ty::U32, Addr::reg(na, 0));
+    let second = b.ld(Space::Shared, Ty::U32, Addr::reg(na, 512));
+    let sum = b.add(Ty::U32, first, second);
+    let oa = b.index_addr(out, tid, 4);
+    b.st(Space::Global, Ty::U32, Addr::reg(oa, 0), sum);
+    b.ret();
+    b.finish()
+}
+
+#[test]
+fn cp_async_lands_only_after_its_wait_group() {
+    let words: Vec<u32> = (0..256u32).map(|i| i * 7 + 1).collect();
+    let mut dev = Device::new();
+    let src = dev.upload_u32(&words);
+    let out = dev.alloc_poisoned(32 * 4);
+    go(&two_group_copy(0), 1, 32, &[Arg::Ptr(src), Arg::Ptr(out)], &mut dev);
+    let got = dev.download_u32(out, 32);
+    for (t, &g) in got.iter().enumerate() {
+        let n = (t + 1) % 32;
+        assert_eq!(g, words[n * 4] + words[128 + n * 4], "thread {t}");
+    }
+    // wait_group 1 leaves the second group in flight: reading it is caught.
+    let e = err(&two_group_copy(1), 1, 32, &[Arg::Ptr(src), Arg::Ptr(out)], &mut dev);
+    assert!(matches!(e.kind, EmuErrorKind::UninitShared { addr } if addr >= 512), "{e}");
+    assert!(e.to_string().contains("cp.async.wait_group"), "{e}");
+}

@@ -370,6 +370,14 @@ pub(crate) enum Op {
         src: DAddr,
         src_size: Src,
     },
+    /// `cp.async.commit_group`: closes the thread's open group of copies.
+    CpCommit,
+    /// `cp.async.wait_group n` (`wait_all` is a commit then `n = 0`):
+    /// completes every committed group but the `n` most recent.
+    CpWait {
+        n: u32,
+        commit: bool,
+    },
     Nop,
     Bar {
         id: u32,
@@ -1173,12 +1181,16 @@ fn decode_atom(cx: &Ctx, i: &Instr, p: &[&str]) -> R<Op> {
 fn decode_cp(cx: &Ctx, i: &Instr, p: &[&str]) -> R<Op> {
     // `parts` dropped `.ca`/`.cg`: what is left is the instruction proper.
     match p[1..] {
-        ["async", "commit_group"] | ["async", "wait_all"] => {
+        ["async", "commit_group"] => {
             nargs(i, 0)?;
-            Ok(Op::Nop)
+            Ok(Op::CpCommit)
+        }
+        ["async", "wait_all"] => {
+            nargs(i, 0)?;
+            Ok(Op::CpWait { n: 0, commit: true })
         }
         ["async", "wait_group"] => match i.args.as_slice() {
-            [Operand::Imm(_)] => Ok(Op::Nop),
+            [Operand::Imm(n)] if (0..=8).contains(n) => Ok(Op::CpWait { n: *n as u32, commit: false }),
             _ => unsup("cp.async.wait_group takes one immediate"),
         },
         ["async", "shared", "global"] => {

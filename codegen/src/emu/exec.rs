@@ -58,8 +58,51 @@ fn tid_of(t: usize, ntid: [u32; 3]) -> [u32; 3] {
 struct Mem<'a> {
     dev: &'a mut Device,
     smem: &'a mut [u8],
+    /// Per shared byte: 0 never written, 1 written, 2 the target of a
+    /// `cp.async` that its thread has not waited for yet.
     written: &'a mut [u8],
     params: &'a [u8],
+    /// Per thread: its `cp.async` copies not yet completed.
+    inflight: &'a mut [InFlight],
+}
+
+/// One thread's asynchronous copies. The source is read at issue (so a bad
+/// address faults at the `cp.async`), the shared destination is written
+/// when a `wait_group` completes its group: a read before that is an error,
+/// which is how a missing or too-weak `cp.async.wait_group` is caught.
+#[derive(Default, Clone)]
+struct InFlight {
+    /// Groups committed so far by this thread.
+    committed: u32,
+    copies: Vec<Copy>,
+}
+
+#[derive(Clone)]
+struct Copy {
+    /// The group it belongs to (`committed` at issue: the open group).
+    group: u32,
+    dst: usize,
+    len: u8,
+    data: [u8; 16],
+}
+
+impl Mem<'_> {
+    /// Completes thread `t`'s copies in groups `< upto`.
+    fn complete(&mut self, t: usize, upto: u32) {
+        let f = &mut self.inflight[t];
+        let smem = &mut *self.smem;
+        let written = &mut *self.written;
+        f.copies.retain(|c| {
+            if c.group < upto {
+                let n = c.len as usize;
+                smem[c.dst..c.dst + n].copy_from_slice(&c.data[..n]);
+                written[c.dst..c.dst + n].fill(1);
+                false
+            } else {
+                true
+            }
+        });
+    }
 }
 
 fn space_name(s: MSpace) -> Space {
@@ -95,11 +138,17 @@ impl Mem<'_> {
                 if addr > self.smem.len() as u64 || a + n > self.smem.len() {
                     return Err(self.oob(space, addr, n));
                 }
-                if let Some(i) = self.written[a..a + n].iter().position(|&w| w == 0) {
-                    return Err(fault(
-                        EmuErrorKind::UninitShared { addr: addr + i as u64 },
-                        format!("no thread of this block wrote byte {:#x} before this read", addr + i as u64),
-                    ));
+                if let Some(i) = self.written[a..a + n].iter().position(|&w| w != 1) {
+                    let at = addr + i as u64;
+                    let detail = if self.written[a + i] == 2 {
+                        format!(
+                            "byte {at:#x} is the target of a cp.async its thread has not waited for \
+                             (a missing or too-weak cp.async.wait_group)"
+                        )
+                    } else {
+                        format!("no thread of this block wrote byte {at:#x} before this read")
+                    };
+                    return Err(fault(EmuErrorKind::UninitShared { addr: at }, detail));
                 }
                 out.copy_from_slice(&self.smem[a..a + n]);
             }
@@ -321,15 +370,27 @@ fn run_thread(
                 if let Err(f) = check_align(da, n).and_then(|_| check_align(sa, n)) {
                     break Err(f);
                 }
-                let mut buf = [0u8; 16];
+                let mut data = [0u8; 16];
                 if ss > 0 {
-                    if let Err(f) = m.read(MSpace::Global, sa, &mut buf[..ss as usize]) {
+                    if let Err(f) = m.read(MSpace::Global, sa, &mut data[..ss as usize]) {
                         break Err(f);
                     }
                 }
-                if let Err(f) = m.write(MSpace::Shared, da, &buf[..n]) {
-                    break Err(f);
+                let d = da as usize;
+                if da > m.smem.len() as u64 || d + n > m.smem.len() {
+                    break Err(m.oob(MSpace::Shared, da, n));
                 }
+                m.written[d..d + n].fill(2);
+                let f = &mut m.inflight[t];
+                f.copies.push(Copy { group: f.committed, dst: d, len: n as u8, data });
+            }
+            Op::CpCommit => m.inflight[t].committed += 1,
+            Op::CpWait { n, commit } => {
+                if commit {
+                    m.inflight[t].committed += 1;
+                }
+                let upto = m.inflight[t].committed.saturating_sub(n);
+                m.complete(t, upto);
             }
             Op::Nop => {}
             Op::Bar { id } => {
@@ -996,6 +1057,7 @@ pub(crate) fn launch(
     let mut state = vec![TState::Ready; nt];
     let mut smem = vec![0u8; dec.shared_bytes];
     let mut written = vec![0u8; dec.shared_bytes];
+    let mut inflight = vec![InFlight::default(); nt];
     let mut budget = dev.step_limit;
     let mut stats = LaunchStats { blocks: nblocks, threads: nblocks * nthreads, ..Default::default() };
 
@@ -1007,7 +1069,9 @@ pub(crate) fn launch(
                 pcs.fill(0);
                 state.fill(TState::Ready);
                 written.fill(0);
-                let mut mem = Mem { dev, smem: &mut smem, written: &mut written, params: &params };
+                inflight.fill(InFlight::default());
+                let mut mem =
+                    Mem { dev, smem: &mut smem, written: &mut written, params: &params, inflight: &mut inflight };
                 run_block(&l, &mut regs, &mut pcs, &mut state, &mut mem, &mut budget, &mut stats)?;
             }
         }

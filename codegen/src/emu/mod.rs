@@ -26,7 +26,10 @@
 //!   GPU would count exited threads as arrived, but that is a latent bug in a
 //!   generated kernel, so it is refused here), naming a waiting and the
 //!   missing thread.
-//! * `cp.async` copies at issue time; `commit_group`/`wait_group` are no-ops.
+//! * `cp.async` reads its global source at issue and lands in shared memory
+//!   when a `cp.async.wait_group` of its thread completes its group; until
+//!   then its destination bytes read as an error, so a missing or too-weak
+//!   wait is caught (the GPU would race).
 //! * Atomics are trivially atomic and `membar`/`fence` are no-ops (one
 //!   thread runs at a time, so every access is already ordered).
 //! * A launch stops with `StepLimit` after [`Device::set_step_limit`]
