@@ -153,3 +153,28 @@ fn boxes_in_the_answer_come_back_in_pixels_and_are_drawn() {
     assert_eq!((drawn.width, drawn.height), (img.width, img.height));
     assert_ne!(drawn.data, img.data);
 }
+
+#[test]
+fn kernels_lists_writes_ptx_and_never_overwrites() {
+    let o = qvc(&["kernels", "--filter", "rmsnorm"], None);
+    let out = text(&o.stdout);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    assert!(out.lines().filter(|l| l.starts_with("norm")).count() >= 2, "{out}");
+    assert!(out.contains("floor µs"), "{out}");
+    let o = qvc(&["kernels", "--filter", "no-such-kernel"], None);
+    assert!(!o.status.success() && text(&o.stderr).contains("no kernel matches"));
+
+    let dir = std::env::temp_dir().join(format!("qvc-cli-kernels-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let ptx = dir.join("k.ptx");
+    let path = ptx.to_str().unwrap();
+    let o = qvc(&["kernels", "--filter", "embed", "--target", "sm_80", "--ptx", path], None);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let written = std::fs::read_to_string(&ptx).unwrap();
+    assert!(written.contains(".target sm_80") && written.contains(".entry embed_"), "{written}");
+    std::fs::write(&ptx, "mine").unwrap();
+    let o = qvc(&["kernels", "--filter", "embed", "--ptx", path], None);
+    assert!(!o.status.success() && text(&o.stderr).contains("--force"));
+    assert_eq!(std::fs::read_to_string(&ptx).unwrap(), "mine", "an existing file is not overwritten");
+    let _ = std::fs::remove_dir_all(dir);
+}
