@@ -914,17 +914,18 @@ pub fn model_specs() -> Vec<FlashSpec> {
     // `[1024, 2·4096]` projection of the image features (k then v per token).
     let aq = Strides { token: 4096, head: 128 };
     let akv = Strides { token: 2 * 4096, head: 128 };
-    // Decoder: q from the contiguous c_attn output `[t, 3·4096]`, k/v from the
-    // KV cache `[32, 2048, 128]` after the new tokens were appended (rotary applied).
-    let dq = Strides { token: 3 * 4096, head: 128 };
-    let cache = Strides { token: 128, head: 2048 * 128 };
+    // Decoder: q as the rotary kernel writes it (`gpu::rotary`: head-major
+    // `[32, t, 128]`), k/v from the KV cache `[32, 8192, 128]` (the rotary
+    // kernel's cache) after the new tokens were appended.
+    let dq = |t: u32| Strides { token: 128, head: t * 128 };
+    let cache = Strides { token: 128, head: 8192 * 128 };
     vec![
         vit_spec(1024, FlashMask::None),
         vit_spec(4096, FlashMask::None),
         vit_spec(4096, FlashMask::Window { grid: (64, 64), window: 16 }),
         vit_spec(4096, FlashMask::Window { grid: (64, 64), window: 8 }),
         FlashSpec::new(256, 1024, 32, 128, aq, akv, akv, FlashMask::None),
-        FlashSpec::new(300, 300, 32, 128, dq, cache, cache, FlashMask::Causal { q_offset: 0 }),
-        FlashSpec::new(64, 364, 32, 128, dq, cache, cache, FlashMask::Causal { q_offset: 300 }),
+        FlashSpec::new(300, 300, 32, 128, dq(300), cache, cache, FlashMask::Causal { q_offset: 0 }),
+        FlashSpec::new(64, 364, 32, 128, dq(64), cache, cache, FlashMask::Causal { q_offset: 300 }),
     ]
 }
