@@ -6,7 +6,7 @@
 //! graphs, so every native composite kernel is checked against these
 //! definitions.
 
-use crate::graph::{BinaryOp, Graph, IrError, Mask, NodeId, Op, ReduceOp, UnaryOp};
+use crate::graph::{Act, BinaryOp, Graph, IrError, Mask, NodeId, Op, ReduceOp, UnaryOp};
 
 /// Write the primitive definition of composite `op` applied to `x` into `g`.
 /// Primitive ops are copied as they are.
@@ -82,6 +82,18 @@ pub fn expand(g: &mut Graph, op: &Op, x: &[NodeId]) -> Result<NodeId, IrError> {
             let s = g.matmul_t(q, k)?;
             let sc = g.scalar(*scale);
             let mut s = g.mul(s, sc)?;
+            if let Mask::Window { grid_w, window, .. } = *mask {
+                // Same window ⇔ window(i) >= window(j) and window(j) >= window(i);
+                // the window index of each token is a folded constant.
+                let ids: Vec<f32> = (0..tq).map(|t| Mask::window_of(grid_w, window, t) as f32).collect();
+                let wq = g.constant(ids.clone(), vec![tq, 1])?;
+                let wk = g.constant(ids, vec![1, tk])?;
+                let a = g.binary(BinaryOp::Ge, wq, wk)?;
+                let b = g.binary(BinaryOp::Ge, wk, wq)?;
+                let same = g.mul(a, b)?;
+                let neg = g.scalar(f32::MIN);
+                s = g.where_(same, s, neg)?;
+            }
             if *mask == Mask::Causal {
                 // key j is visible to query i when (tk - tq + i) >= j
                 let qi = g.iota(vec![tq, 1], 0)?;
@@ -108,6 +120,47 @@ pub fn expand(g: &mut Graph, op: &Op, x: &[NodeId]) -> Result<NodeId, IrError> {
             let cols = g.reshape(t, vec![(h / p) * (w / p), c * p * p])?;
             let wf = g.reshape(x[1], vec![o, c * p * p])?;
             g.matmul_t(cols, wf)
+        }
+        Op::Linear { bias, act, residual } => {
+            let mut i = 2;
+            let mut y = g.matmul_t(x[0], x[1])?;
+            if *act == Act::SiluMul {
+                let gate = g.matmul_t(x[0], x[i])?;
+                i += 1;
+                let s = expand(g, &Op::Silu, &[gate])?;
+                y = g.mul(y, s)?;
+            }
+            if *bias {
+                y = g.add(y, x[i])?;
+                i += 1;
+            }
+            if *act == Act::Gelu {
+                y = expand(g, &Op::Gelu, &[y])?;
+            }
+            if *residual {
+                y = g.add(x[i], y)?;
+            }
+            Ok(y)
+        }
+        Op::AddNorm { rms, eps } => {
+            let sum = g.add(x[0], x[1])?;
+            if *rms {
+                expand(g, &Op::RmsNorm { eps: *eps }, &[sum, x[2]])
+            } else {
+                expand(g, &Op::LayerNorm { eps: *eps }, &[sum, x[2], x[3]])
+            }
+        }
+        Op::QkvRotary { offset, heads, logn } => {
+            let t = g.shape(x[0]).dim(0);
+            let d = g.shape(x[1]).last();
+            let part = g.slice(x[0], 1, *offset, offset + heads * d)?;
+            let part = g.reshape(part, vec![t, *heads, d])?;
+            let r = expand(g, &Op::Rotary, &[part, x[1], x[2]])?;
+            if *logn {
+                g.mul(r, x[3])
+            } else {
+                Ok(r)
+            }
         }
         _ => g.push(op.clone(), x),
     }

@@ -63,6 +63,30 @@ pub enum Mask {
     /// `0..=tk - tq + i`. With a KV cache the keys are the cache plus the new
     /// tokens, so the same rule covers prefill and decode.
     Causal,
+    /// Window attention over a `grid_h × grid_w` patch grid (tokens in
+    /// row-major grid order, `Tq = Tk = grid_h·grid_w`, no KV cache): a query
+    /// sees exactly the keys in its own `window × window` square; edge
+    /// windows are smaller when the grid is not a multiple of the window.
+    Window { grid_h: usize, grid_w: usize, window: usize },
+}
+
+impl Mask {
+    /// The window (row-major index of the square) that token `t` belongs to.
+    pub fn window_of(grid_w: usize, window: usize, t: usize) -> usize {
+        let (r, c) = (t / grid_w, t % grid_w);
+        (r / window) * grid_w.div_ceil(window) + c / window
+    }
+}
+
+/// The activation a fused [`Op::Linear`] applies before its residual add.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Act {
+    None,
+    /// Exact (erf) GELU.
+    Gelu,
+    /// SwiGLU as Qwen writes it: `(x·w1ᵀ) * silu(x·w2ᵀ)`; the op then has
+    /// a second weight input.
+    SiluMul,
 }
 
 /// An operation. Leaves first, then primitives, then composites (which
@@ -140,6 +164,31 @@ pub enum Op {
     Conv2dPatch {
         patch: usize,
     },
+
+    // ---- fused nodes: made by the fusion pass, one kernel each; every one
+    // expands back to the primitives it replaced ----
+    /// `act(x·wᵀ (+ b)) (+ residual)`. Inputs: `x[.., K]`, `w[N, K]`, then
+    /// `w2[N, K]` when `act` is [`Act::SiluMul`], then `b[N]` when `bias`,
+    /// then `residual[.., N]` when `residual`.
+    Linear {
+        bias: bool,
+        act: Act,
+        residual: bool,
+    },
+    /// `norm(a + b)`: a LayerNorm (inputs `a, b, w, bias`) or, when `rms`,
+    /// an RMSNorm (inputs `a, b, w`) of a sum nothing else reads.
+    AddNorm {
+        rms: bool,
+        eps: f32,
+    },
+    /// The decoder's QKV split + rotary + logn: from `qkv[T, C]` take
+    /// columns `offset .. offset + heads·d` as `[T, heads, d]`, apply rotary
+    /// with `cos, sin [T, d]`, and, when `logn`, scale by `logn[T, 1, 1]`.
+    QkvRotary {
+        offset: usize,
+        heads: usize,
+        logn: bool,
+    },
 }
 
 impl Op {
@@ -154,7 +203,15 @@ impl Op {
                 | Op::Rotary
                 | Op::Attention { .. }
                 | Op::Conv2dPatch { .. }
+                | Op::Linear { .. }
+                | Op::AddNorm { .. }
+                | Op::QkvRotary { .. }
         )
+    }
+
+    /// Whether the fusion pass made this node (see [`Op::Linear`] and below).
+    pub fn is_fused(&self) -> bool {
+        matches!(self, Op::Linear { .. } | Op::AddNorm { .. } | Op::QkvRotary { .. })
     }
     /// A short name for listings and errors.
     pub fn name(&self) -> String {
@@ -188,6 +245,25 @@ impl Op {
             Op::Rotary => "rotary".into(),
             Op::Attention { mask, .. } => format!("attention({mask:?})").to_lowercase(),
             Op::Conv2dPatch { patch } => format!("conv2d_patch({patch})"),
+            Op::Linear { bias, act, residual } => {
+                let mut n = "linear".to_string();
+                if *bias {
+                    n += "+bias";
+                }
+                match act {
+                    Act::None => {}
+                    Act::Gelu => n += "+gelu",
+                    Act::SiluMul => n += "+silu_mul",
+                }
+                if *residual {
+                    n += "+residual";
+                }
+                n
+            }
+            Op::AddNorm { rms, .. } => if *rms { "add_rms_norm" } else { "add_layer_norm" }.into(),
+            Op::QkvRotary { offset, heads, logn } => {
+                format!("qkv_rotary({offset}, {heads}{})", if *logn { ", logn" } else { "" })
+            }
         }
     }
 }
@@ -330,6 +406,17 @@ impl Graph {
                 }
             }
             Op::Concat { .. } => inputs.len().max(1),
+            Op::Linear { bias, act, residual } => {
+                2 + (*act == Act::SiluMul) as usize + *bias as usize + *residual as usize
+            }
+            Op::AddNorm { rms, .. } => {
+                if *rms {
+                    3
+                } else {
+                    4
+                }
+            }
+            Op::QkvRotary { logn, .. } => 3 + *logn as usize,
         };
         if inputs.len() != arity {
             return Err(type_err(op, format!("expects {arity} inputs, got {}", inputs.len())));
@@ -495,8 +582,17 @@ impl Graph {
                 }
                 f32t(x.clone())
             }
-            Op::Attention { .. } => {
+            Op::Attention { mask, .. } => {
                 let (q, k, v) = (s(0), s(1), s(2));
+                if let Mask::Window { grid_h, grid_w, window } = mask {
+                    let t = grid_h * grid_w;
+                    if *window == 0 || inputs.len() != 3 || q.dim(0) != t || k.dim(0) != t {
+                        return Err(type_err(
+                            op,
+                            format!("window attention wants {t} queries and keys, no cache, window > 0; got {q}, {k}"),
+                        ));
+                    }
+                }
                 let ok = q.rank() == 3 && k.rank() == 3 && k == v && q.dim(1) == k.dim(1) && q.dim(2) == k.dim(2);
                 if !ok {
                     return Err(type_err(op, format!("wants q [Tq, H, d], k = v [Tk, H, d]; got {q}, {k}, {v}")));
@@ -527,6 +623,62 @@ impl Graph {
                     ));
                 }
                 f32t(Shape(vec![(x.dim(1) / p) * (x.dim(2) / p), w.dim(0)]))
+            }
+            Op::Linear { bias, act, residual } => {
+                let (x, w) = (s(0), s(1));
+                if x.rank() < 1 || w.rank() != 2 || x.last() != w.dim(1) {
+                    return Err(type_err(op, format!("wants x [.., K], w [N, K]; got {x}, {w}")));
+                }
+                let n = w.dim(0);
+                let mut out = x.0.clone();
+                *out.last_mut().unwrap() = n;
+                let mut i = 2;
+                if *act == Act::SiluMul {
+                    if s(i) != w {
+                        return Err(type_err(op, format!("w2 {} differs from w {w}", s(i))));
+                    }
+                    i += 1;
+                }
+                if *bias {
+                    if s(i).0 != [n] {
+                        return Err(type_err(op, format!("bias {} is not [{n}]", s(i))));
+                    }
+                    i += 1;
+                }
+                if *residual && s(i).0 != out {
+                    return Err(type_err(op, format!("residual {} is not {}", s(i), Shape(out.clone()))));
+                }
+                f32t(Shape(out))
+            }
+            Op::AddNorm { .. } => {
+                let c = s(0).last();
+                if broadcast_shapes(s(0), s(1)).as_ref() != Some(s(0)) {
+                    return Err(type_err(op, format!("{} + {} must keep the shape {}", s(0), s(1), s(0))));
+                }
+                for i in 2..inputs.len() {
+                    if s(i).0 != [c] {
+                        return Err(type_err(op, format!("weight {} does not match {}", s(i), s(0))));
+                    }
+                }
+                f32t(s(0).clone())
+            }
+            Op::QkvRotary { offset, heads, logn } => {
+                let (x, cos) = (s(0), s(1));
+                let d = cos.last();
+                let t = x.dim(0);
+                let ok = x.rank() == 2
+                    && d % 2 == 0
+                    && cos.0 == [t, d]
+                    && s(2) == cos
+                    && offset + heads * d <= x.dim(1)
+                    && (!*logn || s(3).0 == [t, 1, 1]);
+                if !ok {
+                    return Err(type_err(
+                        op,
+                        format!("wants qkv [T, C] with columns {offset}+{heads}·d, cos/sin [T, d] (d even), logn [T, 1, 1]; got {x}, {cos}"),
+                    ));
+                }
+                f32t(Shape(vec![t, *heads, d]))
             }
         })
     }

@@ -16,9 +16,12 @@ pub mod builder;
 pub mod expand;
 pub mod graph;
 pub mod interp;
+pub mod passes;
 pub mod tensor;
 
 pub use expand::{expand, expand_all};
-pub use graph::{broadcast_shapes, BinaryOp, Graph, IrError, Mask, Node, NodeId, Op, ReduceOp, TensorType, UnaryOp};
+pub use graph::{
+    broadcast_shapes, Act, BinaryOp, Graph, IrError, Mask, Node, NodeId, Op, ReduceOp, TensorType, UnaryOp,
+};
 pub use interp::{run_reference, run_reference_output, ExecError, InputRef, Value, WeightSource};
 pub use tensor::{DType, Elems, Shape};
