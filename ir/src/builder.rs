@@ -131,6 +131,22 @@ impl Graph {
     ) -> R {
         self.push(Op::Attention { mask: Mask::Causal, scale }, &[q, k, v, past_k, past_v])
     }
+    /// Attention over a padded KV-cache bucket `past_k/past_v [P, H, d]` of
+    /// which only the first `past_len` rows (f32 `[1, 1]`, a run-time input)
+    /// are keys; see [`Op::Attention`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention_padded(
+        &mut self,
+        q: NodeId,
+        k: NodeId,
+        v: NodeId,
+        past_k: NodeId,
+        past_v: NodeId,
+        past_len: NodeId,
+        scale: f32,
+    ) -> R {
+        self.push(Op::Attention { mask: Mask::Causal, scale }, &[q, k, v, past_k, past_v, past_len])
+    }
     pub fn conv2d_patch(&mut self, x: NodeId, w: NodeId, patch: usize) -> R {
         self.push(Op::Conv2dPatch { patch }, &[x, w])
     }

@@ -71,7 +71,7 @@ pub fn expand(g: &mut Graph, op: &Op, x: &[NodeId]) -> Result<NodeId, IrError> {
         }
         Op::Attention { mask, scale } => {
             let (mut kx, mut vx) = (x[1], x[2]);
-            if x.len() == 5 {
+            if x.len() >= 5 {
                 kx = g.concat(&[x[3], x[1]], 0)?;
                 vx = g.concat(&[x[4], x[2]], 0)?;
             }
@@ -94,7 +94,23 @@ pub fn expand(g: &mut Graph, op: &Op, x: &[NodeId]) -> Result<NodeId, IrError> {
                 let neg = g.scalar(f32::MIN);
                 s = g.where_(same, s, neg)?;
             }
-            if *mask == Mask::Causal {
+            if x.len() == 6 {
+                // Padded cache: cache row j is a key when past_len >= j + 1;
+                // new key m is visible to query i when i >= m.
+                let p = g.shape(x[3]).dim(0);
+                let j = g.iota(vec![1, p], 1)?;
+                let one = g.scalar(1.0);
+                let j1 = g.add(j, one)?;
+                let in_cache = g.binary(BinaryOp::Ge, x[5], j1)?;
+                let ones = g.constant(vec![1.0; tq], vec![tq, 1])?;
+                let in_cache = g.mul(in_cache, ones)?;
+                let qi = g.iota(vec![tq, 1], 0)?;
+                let m = g.iota(vec![1, tk - p], 1)?;
+                let causal = g.binary(BinaryOp::Ge, qi, m)?;
+                let visible = g.concat(&[in_cache, causal], 1)?;
+                let neg = g.scalar(f32::MIN);
+                s = g.where_(visible, s, neg)?;
+            } else if *mask == Mask::Causal {
                 // key j is visible to query i when (tk - tq + i) >= j
                 let qi = g.iota(vec![tq, 1], 0)?;
                 let off = g.scalar((tk - tq) as f32);

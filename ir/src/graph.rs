@@ -155,7 +155,10 @@ pub enum Op {
     /// `q[Tq, H, d]`, `k[Tk, H, d]`, `v[Tk, H, d]` → `[Tq, H, d]`. With five
     /// inputs the last two are a KV cache `past_k[P, H, d]`, `past_v[P, H, d]`
     /// whose rows come before `k` and `v` (the kernel reads them in place;
-    /// the expansion concatenates).
+    /// the expansion concatenates). With six, the cache is a padded bucket:
+    /// only its first `past_len` rows (input 6, f32 `[1, 1]`, a run-time
+    /// value) are keys, so one compiled program serves every cache length up
+    /// to `P`; the new tokens sit at positions `past_len + i` (causal).
     Attention {
         mask: Mask,
         scale: f32,
@@ -398,13 +401,10 @@ impl Graph {
             Op::Binary(_) | Op::MatMul { .. } | Op::Gather | Op::RmsNorm { .. } | Op::Conv2dPatch { .. } => 2,
             Op::ScatterRows | Op::Where | Op::LayerNorm { .. } | Op::Rotary => 3,
             // q, k, v and optionally a KV cache: past_k, past_v
-            Op::Attention { .. } => {
-                if inputs.len() == 5 {
-                    5
-                } else {
-                    3
-                }
-            }
+            Op::Attention { .. } => match inputs.len() {
+                n @ (5 | 6) => n,
+                _ => 3,
+            },
             Op::Concat { .. } => inputs.len().max(1),
             Op::Linear { bias, act, residual } => {
                 2 + (*act == Act::SiluMul) as usize + *bias as usize + *residual as usize
@@ -597,11 +597,14 @@ impl Graph {
                 if !ok {
                     return Err(type_err(op, format!("wants q [Tq, H, d], k = v [Tk, H, d]; got {q}, {k}, {v}")));
                 }
-                if inputs.len() == 5 {
+                if inputs.len() >= 5 {
                     let (pk, pv) = (s(3), s(4));
                     if pk != pv || pk.rank() != 3 || pk.dim(1) != k.dim(1) || pk.dim(2) != k.dim(2) {
                         return Err(type_err(op, format!("wants past_k = past_v [P, H, d]; got {pk}, {pv}")));
                     }
+                }
+                if inputs.len() == 6 && (s(5).0 != [1, 1] || *mask != Mask::Causal) {
+                    return Err(type_err(op, format!("a padded KV cache wants past_len f32 [1, 1] and a causal mask; got {}", s(5))));
                 }
                 f32t(q.clone())
             }

@@ -358,10 +358,27 @@ fn eval<'a>(
                     Mask::Window { .. } => return run_expanded(g, n, a, weights),
                 },
             };
-            if a.len() == 5 {
+            if a.len() >= 5 {
                 // The KV cache (inputs 3 and 4) is read in place, not concatenated.
                 let (pk, pv) = (f32s(&a[3]), f32s(&a[4]));
-                k::attention::attention_with_past(&args, &pk, &pv, &mut o);
+                // A padded cache bucket: only the first past_len rows are keys.
+                let rows = match a.get(5) {
+                    Some(len) => {
+                        let l = f32s(len)[0];
+                        let cap = shp(3).dim(0);
+                        if !(l >= 0.0 && l <= cap as f32 && l.fract() == 0.0) {
+                            return Err(ExecError::IndexOutOfRange {
+                                op: "attention past_len".into(),
+                                index: l as i64,
+                                len: cap + 1,
+                            });
+                        }
+                        l as usize
+                    }
+                    None => shp(3).dim(0),
+                };
+                let hd = heads * d;
+                k::attention::attention_with_past(&args, &pk[..rows * hd], &pv[..rows * hd], &mut o);
             } else {
                 k::attention::attention(&args, &mut o);
             }

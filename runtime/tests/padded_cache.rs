@@ -1,0 +1,119 @@
+//! Attention over a padded KV-cache bucket (six inputs: the cache is `P`
+//! rows of which only the first `past_len` are keys, a run-time value) must
+//! equal attention over an exact-length cache, on both backends; rows past
+//! `past_len` hold garbage and must not matter.
+
+use proptest::prelude::*;
+use qvc_ir::{DType, Graph, InputRef, WeightSource};
+use qvc_runtime::{Backend, Cpu, Reference};
+use std::collections::HashMap;
+
+struct NoWeights;
+impl WeightSource for NoWeights {
+    fn weight(&self, _: &str) -> Option<qvc_ir::Elems<'_>> {
+        None
+    }
+}
+
+fn vals(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    (0..n)
+        .map(|_| {
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+fn rel(a: &[f32], b: &[f32]) -> f64 {
+    let n: f64 = a.iter().zip(b).map(|(x, y)| (*x as f64 - *y as f64).powi(2)).sum();
+    let d: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
+    (n / d.max(1e-30)).sqrt()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+
+    #[test]
+    fn padded_cache_equals_exact_cache(t in 1usize..4, past in 0usize..20, pad in 0usize..9, heads in 1usize..3,
+                                       d in 1usize..9, seed in 0u64..1000) {
+        let cap = past + pad;
+        let scale = 1.0 / (d as f32).sqrt();
+        let q = vals(t * heads * d, seed);
+        let k = vals(t * heads * d, seed + 1);
+        let v = vals(t * heads * d, seed + 2);
+        // The bucket: `past` real rows, then garbage the mask must hide.
+        let mut ck = vals(cap * heads * d, seed + 3);
+        let mut cv = vals(cap * heads * d, seed + 4);
+        for x in ck[past * heads * d..].iter_mut().chain(cv[past * heads * d..].iter_mut()) {
+            *x *= 1e3;
+        }
+        let exact_k = ck[..past * heads * d].to_vec();
+        let exact_v = cv[..past * heads * d].to_vec();
+        let len = [past as f32];
+
+        let mut gp = Graph::new();
+        let (iq, ik, iv) = (
+            gp.input("q", DType::F32, vec![t, heads, d]),
+            gp.input("k", DType::F32, vec![t, heads, d]),
+            gp.input("v", DType::F32, vec![t, heads, d]),
+        );
+        let pk = gp.input("ck", DType::F32, vec![cap, heads, d]);
+        let pv = gp.input("cv", DType::F32, vec![cap, heads, d]);
+        let pl = gp.input("past_len", DType::F32, vec![1, 1]);
+        let o = gp.attention_padded(iq, ik, iv, pk, pv, pl, scale).unwrap();
+        gp.set_output("o", o);
+
+        let mut ge = Graph::new();
+        let (eq, ek, ev) = (
+            ge.input("q", DType::F32, vec![t, heads, d]),
+            ge.input("k", DType::F32, vec![t, heads, d]),
+            ge.input("v", DType::F32, vec![t, heads, d]),
+        );
+        let o = if past > 0 {
+            let xk = ge.input("ck", DType::F32, vec![past, heads, d]);
+            let xv = ge.input("cv", DType::F32, vec![past, heads, d]);
+            ge.attention_cached(eq, ek, ev, xk, xv, scale).unwrap()
+        } else {
+            ge.attention(eq, ek, ev, qvc_ir::Mask::Causal, scale).unwrap()
+        };
+        ge.set_output("o", o);
+
+        let mut ins: HashMap<String, InputRef> = HashMap::new();
+        ins.insert("q".into(), InputRef::F32(&q));
+        ins.insert("k".into(), InputRef::F32(&k));
+        ins.insert("v".into(), InputRef::F32(&v));
+        let mut exact = ins.clone();
+        exact.insert("ck".into(), InputRef::F32(&exact_k));
+        exact.insert("cv".into(), InputRef::F32(&exact_v));
+        ins.insert("ck".into(), InputRef::F32(&ck));
+        ins.insert("cv".into(), InputRef::F32(&cv));
+        ins.insert("past_len".into(), InputRef::F32(&len));
+
+        let want = Reference.run(&ge, &NoWeights, &exact).unwrap().remove("o").unwrap();
+        for b in [&Reference as &dyn Backend, &Cpu] {
+            let got = b.run(&gp, &NoWeights, &ins).unwrap().remove("o").unwrap();
+            let r = rel(&got, &want);
+            prop_assert!(r < 1e-5, "{}: relative error {r:e} (t {t}, past {past}, pad {pad})", b.name());
+        }
+    }
+}
+
+#[test]
+fn past_len_outside_the_bucket_is_an_error() {
+    let mut g = Graph::new();
+    let q = g.input("q", DType::F32, vec![1, 1, 2]);
+    let ck = g.input("ck", DType::F32, vec![4, 1, 2]);
+    let pl = g.input("past_len", DType::F32, vec![1, 1]);
+    let o = g.attention_padded(q, q, q, ck, ck, pl, 1.0).unwrap();
+    g.set_output("o", o);
+    let (x, c, len) = ([1.0f32, 2.0], [0.5f32; 8], [5.0f32]);
+    let ins: HashMap<String, InputRef> = [
+        ("q".to_string(), InputRef::F32(&x)),
+        ("ck".to_string(), InputRef::F32(&c)),
+        ("past_len".to_string(), InputRef::F32(&len)),
+    ]
+    .into();
+    let e = Cpu.run(&g, &NoWeights, &ins).unwrap_err();
+    assert!(e.to_string().contains("past_len"), "{e}");
+}
