@@ -49,8 +49,17 @@ qvc generate --model ./Qwen-VL-Chat --raw-prompt-file prompt.txt --json"
     Demo(DemoArgs),
     /// Time the vision tower, prefill and decode on this machine.
     Bench(BenchArgs),
-    /// Print a checkpoint's configuration, tensor count and program sizes.
-    Inspect(ModelArgs),
+    /// Print a checkpoint's configuration, tensor count and program sizes, or (given OUT.qvc) a compiled artifact's programs, kernels and memory plans.
+    #[command(
+        after_help = "Examples:\n  qvc inspect --model ./Qwen-VL-Chat\n  qvc inspect model.qvc            # programs, fused nodes, launches, memory\n  \
+qvc inspect model.qvc --verify   # also check the weights checksum (reads the whole file)"
+    )]
+    Inspect(InspectArgs),
+    /// Compile a checkpoint into an artifact directory (OUT.qvc): optimised programs, memory plans, kernels, repacked weights.
+    #[command(after_help = "Examples:\n  qvc compile ./Qwen-VL-Chat -o chat.qvc\n  \
+qvc compile ./Qwen-VL-Chat -o chat-h100.qvc --target sm_90 --image-size 896 --vit-attention window:16,global-every:8\n  \
+qvc compile --synthetic qwen-vl-chat --dry-run --target sm_90   # full-size plan, no checkpoint needed")]
+    Compile(CompileArgs),
     /// List the GPU kernels the full-size model uses, write their PTX, check them with ptxas.
     #[command(
         after_help = "Examples:\n  qvc kernels                          # every kernel: launch, work, H100 time floor\n  \
@@ -79,11 +88,72 @@ struct KernelsArgs {
     ptxas: bool,
 }
 
+#[derive(Args)]
+struct InspectArgs {
+    /// A compiled artifact directory (OUT.qvc) to describe.
+    #[arg(value_name = "OUT.qvc", conflicts_with = "model")]
+    artifact: Option<PathBuf>,
+    /// Checkpoint directory (or a compiled artifact directory).
+    #[arg(long, short = 'm', env = "QVC_MODEL", value_name = "DIR")]
+    model: Option<PathBuf>,
+    /// Use this config.json instead of the checkpoint's own.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// For an artifact: read the whole weights file and check its checksum.
+    #[arg(long)]
+    verify: bool,
+}
+
+#[derive(Args)]
+struct CompileArgs {
+    /// Checkpoint directory, or a .safetensors file with config.json and qwen.tiktoken beside it.
+    #[arg(value_name = "SRC", required_unless_present = "synthetic", conflicts_with = "synthetic")]
+    src: Option<PathBuf>,
+    /// The artifact directory to write (e.g. model.qvc). Not replaced unless --force.
+    #[arg(short = 'o', long = "out", value_name = "OUT.qvc", required_unless_present = "dry_run")]
+    out: Option<PathBuf>,
+    /// What the artifact runs on. There is no GPU detection yet: the default is cpu; name sm_80 (A100) or sm_90 (H100) for GPU kernels.
+    #[arg(long, default_value = "cpu", value_parser = ["cpu", "sm_80", "sm_90"])]
+    target: String,
+    /// Stored dtype of the weights in the artifact.
+    #[arg(long, default_value = "bf16", value_parser = ["bf16", "f16", "f32"])]
+    dtype: String,
+    /// Picture size the vision program is compiled for (a multiple of the 14-pixel patch, e.g. 448 or 896) [default: the config's].
+    #[arg(long, value_name = "N")]
+    image_size: Option<usize>,
+    /// ViT attention: `global`, `window:W` or `window:W,global-every:N`.
+    #[arg(long, default_value = "global", value_name = "MODE")]
+    vit_attention: String,
+    /// Longest prompt + answer the programs and the KV cache are sized for.
+    #[arg(long, default_value_t = 2048, value_name = "N")]
+    max_seq: usize,
+    /// Sequences decoded together (sizes the KV cache and the decode kernels).
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    max_batch: usize,
+    /// Pictures per prompt the prefill programs are compiled for.
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    max_images: usize,
+    /// Replace an existing artifact at -o.
+    #[arg(long)]
+    force: bool,
+    /// Run the whole pipeline and print the summary without writing anything.
+    #[arg(long)]
+    dry_run: bool,
+    /// Compile a full-size model from its published shapes instead of a checkpoint (with --dry-run): qwen-vl-chat.
+    #[arg(long, value_name = "NAME")]
+    synthetic: Option<String>,
+}
+
 #[derive(Args, Clone)]
 struct ModelArgs {
-    /// Checkpoint directory (config.json, qwen.tiktoken, model.safetensors or shards + index), or a .safetensors file with those beside it.
+    /// The model: a `qvc compile` artifact (OUT.qvc), a checkpoint directory, or a .safetensors file with config.json
+    /// and qwen.tiktoken beside it. The same as --model.
+    #[arg(value_name = "MODEL")]
+    path: Option<PathBuf>,
+    /// Checkpoint directory (config.json, qwen.tiktoken, model.safetensors or shards + index), a .safetensors file
+    /// with those beside it, or a `qvc compile` artifact.
     #[arg(long, short = 'm', env = "QVC_MODEL", value_name = "DIR")]
-    model: PathBuf,
+    model: Option<PathBuf>,
     /// Use this config.json instead of the checkpoint's own.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
@@ -255,15 +325,34 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Bench(a) => cmd_bench(a),
         Cmd::Inspect(a) => cmd_inspect(a),
         Cmd::Kernels(a) => cmd_kernels(a),
+        Cmd::Compile(a) => cmd_compile(a),
+    }
+}
+
+impl ModelArgs {
+    /// The model path, given as MODEL or --model (or $QVC_MODEL).
+    fn path(&self) -> Result<&Path> {
+        match (&self.path, &self.model) {
+            (Some(p), Some(m)) if p != m => {
+                bail!("two models given: {} and --model {}; give one", p.display(), m.display())
+            }
+            (Some(p), _) | (None, Some(p)) => Ok(p),
+            (None, None) => bail!(
+                "no model given: pass a checkpoint directory or a compiled OUT.qvc, as `--model DIR` or as the first \
+                 argument (or set QVC_MODEL)"
+            ),
+        }
     }
 }
 
 fn load(m: &ModelArgs) -> Result<Model> {
     let t0 = Instant::now();
-    let model = Model::load(&m.model, &LoadOptions { config: m.config.clone() })?;
+    let path = m.path()?;
+    let model = Model::load(path, &LoadOptions { config: m.config.clone(), ..Default::default() })?;
+    let kind = if model.compiled().is_some() { "compiled model" } else { "checkpoint" };
     eprintln!(
-        "[qvc] loaded {} ({:.2} GB of weights, {} decoder layers, {} vision layers) in {:.2} s",
-        m.model.display(),
+        "[qvc] loaded {kind} {} ({:.2} GB of weights, {} decoder layers, {} vision layers) in {:.2} s",
+        path.display(),
         model.weights.total_bytes() as f64 / 1e9,
         model.config.layers,
         model.config.visual.layers,
@@ -556,11 +645,8 @@ fn cmd_logits(a: LogitsArgs) -> Result<()> {
 }
 
 fn cmd_tokenize(a: TokenizeArgs) -> Result<()> {
-    let dir = if a.model.model.is_dir() {
-        a.model.model.clone()
-    } else {
-        a.model.model.parent().map(Path::to_path_buf).unwrap_or_default()
-    };
+    let path = a.model.path()?;
+    let dir = if path.is_dir() { path.to_path_buf() } else { path.parent().map(Path::to_path_buf).unwrap_or_default() };
     let tok = qvc_model::tokenizer::QwenTokenizer::from_file(&dir.join("qwen.tiktoken"))?;
     let text = match (&a.text, &a.text_file) {
         (Some(t), _) => t.clone(),
@@ -575,7 +661,50 @@ fn cmd_tokenize(a: TokenizeArgs) -> Result<()> {
     Ok(())
 }
 
-fn cmd_inspect(a: ModelArgs) -> Result<()> {
+fn cmd_compile(a: CompileArgs) -> Result<()> {
+    use crate::compile::{compile, CompileOptions, SourceSpec, Target};
+    use qvc_ir::DType;
+    let src = match (&a.src, &a.synthetic) {
+        (_, Some(name)) => SourceSpec::Synthetic(name.clone()),
+        (Some(p), None) => SourceSpec::Checkpoint(p.clone()),
+        (None, None) => bail!("give the checkpoint to compile (SRC) or --synthetic qwen-vl-chat --dry-run"),
+    };
+    let opt = CompileOptions {
+        target: Target::parse(&a.target).context("unknown --target")?,
+        dtype: match a.dtype.as_str() {
+            "f32" => DType::F32,
+            "f16" => DType::F16,
+            _ => DType::BF16,
+        },
+        image_size: a.image_size,
+        vit_attention: a.vit_attention.clone(),
+        max_seq: a.max_seq,
+        max_batch: a.max_batch,
+        max_images: a.max_images,
+        force: a.force,
+        dry_run: a.dry_run,
+    };
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{spinner} [{bar:30}] {pos}/{len} {msg} [{elapsed}]")
+            .expect("valid template"),
+    );
+    bar.enable_steady_tick(std::time::Duration::from_millis(120));
+    let report = compile(&src, a.out.as_deref(), &opt, &bar);
+    bar.finish_and_clear();
+    print!("{}", report?);
+    Ok(())
+}
+
+fn cmd_inspect(a: InspectArgs) -> Result<()> {
+    let path = a.artifact.clone().or_else(|| a.model.clone().filter(|m| qvc_runtime::artifact::is_artifact(m)));
+    if let Some(dir) = path {
+        return inspect_artifact(&dir, a.verify);
+    }
+    let Some(model) = a.model else {
+        bail!("give a compiled artifact (qvc inspect OUT.qvc) or a checkpoint (--model DIR)");
+    };
+    let a = ModelArgs { path: None, model: Some(model), config: a.config };
     let model = load(&a)?;
     let c = &model.config;
     println!(
@@ -596,6 +725,80 @@ fn cmd_inspect(a: ModelArgs) -> Result<()> {
         &qvc_model::graphs::DecoderShape { tokens: 300, ..Default::default() },
     )?;
     println!("programs: vision {} nodes, prefill(300) {} nodes", vg.nodes.len(), pg.nodes.len());
+    Ok(())
+}
+
+fn inspect_artifact(dir: &Path, verify: bool) -> Result<()> {
+    use qvc_runtime::artifact::{Artifact, CPU_FALLBACK};
+    let t0 = Instant::now();
+    let art = if verify { Artifact::open_verified(dir)? } else { Artifact::open(dir)? };
+    let m = &art.manifest;
+    let o = &m.options;
+    println!("artifact {} (format {}, qvc {})", dir.display(), m.format_version, m.qvc_version);
+    println!(
+        "source: {} (config fnv64 {}, checkpoint fingerprint {}, {:.3} GB)",
+        m.source.path,
+        m.source.config_fnv64,
+        m.source.checkpoint_fingerprint,
+        m.source.checkpoint_bytes as f64 / 1e9
+    );
+    println!(
+        "options: target {}, dtype {}, image {}px, vit attention {}, max seq {}, max batch {}, max images {}",
+        o.target, o.dtype, o.image_size, o.vit_attention, o.max_seq, o.max_batch, o.max_images
+    );
+    println!(
+        "weights: {} ({} tensors, {:.1} MiB, fnv64 {}{})",
+        m.weights.file,
+        m.weights.tensors,
+        m.weights.bytes as f64 / 1048576.0,
+        m.weights.fnv64,
+        if verify { ", verified" } else { ", not verified: pass --verify" }
+    );
+    println!("KV cache: {:.1} MiB; kernels: {}", m.kv_cache_bytes as f64 / 1048576.0, m.kernels.len());
+    for f in &m.files {
+        println!("  file {} ({} bytes)", f.name, f.bytes);
+    }
+    for (name, p) in &m.programs {
+        println!(
+            "program {name} ({}, tokens {}, past {}, image rows {}): {} nodes ({} before the passes), {} fused, {} unfused",
+            p.kind, p.tokens, p.past, p.image_rows, p.stats.nodes_after, p.stats.nodes_before, p.stats.fused, p.stats.unfused
+        );
+        let sig = |v: &[qvc_runtime::artifact::TensorSig]| {
+            v.iter().map(|t| format!("{} {}{}", t.name, t.dtype, t.shape)).collect::<Vec<_>>().join(", ")
+        };
+        println!("  inputs: {}", sig(&p.inputs));
+        println!("  outputs: {}", sig(&p.outputs));
+        let fs = qvc_ir::passes::fusion_stats(&p.graph);
+        let kinds: Vec<String> = fs
+            .by_kind
+            .iter()
+            .filter(|(k, _)| {
+                k.starts_with("linear") || k.starts_with("add_") || k.starts_with("attention") || k.starts_with("qkv")
+            })
+            .map(|(k, n)| format!("{k} ×{n}"))
+            .collect();
+        println!("  fused: {}", if kinds.is_empty() { "none".into() } else { kinds.join(", ") });
+        if let Some(mem) = &p.memory {
+            println!(
+                "  memory: peak {:.2} MiB, arena {:.2} MiB, naive {:.2} MiB, {} in place",
+                mem.peak_bytes as f64 / 1048576.0,
+                mem.arena_bytes as f64 / 1048576.0,
+                mem.naive_bytes as f64 / 1048576.0,
+                mem.in_place
+            );
+        }
+        let fallback = p.launches.iter().filter(|l| l.family == CPU_FALLBACK).count();
+        if !p.launches.is_empty() {
+            println!("  launches: {} GPU kernels, {fallback} cpu-fallback", p.launches.len() - fallback);
+        }
+        for l in p.launches.iter().filter(|l| l.family != CPU_FALLBACK) {
+            println!(
+                "    %{:<5} {:<18} {:<44} grid {}x{}x{} block {}x{}x{}",
+                l.node, l.family, l.kernel, l.grid[0], l.grid[1], l.grid[2], l.block[0], l.block[1], l.block[2]
+            );
+        }
+    }
+    eprintln!("[qvc] opened in {:.2} s", t0.elapsed().as_secs_f64());
     Ok(())
 }
 

@@ -6,4 +6,5 @@
 //! turns flags into calls and results into text, JSON, PNG or safetensors.
 
 pub mod cli;
+pub mod compile;
 pub mod demo;

@@ -17,11 +17,12 @@ use std::path::Path;
 const TOL: f64 = 1e-4;
 
 fn model(dir: &Path, config: Option<&str>) -> Model {
-    Model::load(dir, &LoadOptions { config: config.map(|c| dir.join(c)) }).expect("fixture model loads")
+    Model::load(dir, &LoadOptions { config: config.map(|c| dir.join(c)), ..Default::default() })
+        .expect("fixture model loads")
 }
 
 fn vision(m: &Model, pixels: &[f32], intermediates: bool) -> HashMap<String, Vec<f32>> {
-    let g = m.vision_graph(&VisionOptions { intermediates }).unwrap();
+    let g = m.vision_graph(&VisionOptions { intermediates, ..Default::default() }).unwrap();
     let inputs = HashMap::from([("pixels".to_string(), qvc_ir::InputRef::F32(pixels))]);
     Cpu.run(&g, &m.weights, &inputs).unwrap()
 }

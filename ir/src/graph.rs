@@ -7,7 +7,7 @@ use std::fmt;
 use std::sync::Arc;
 
 /// Index of a node in its graph. Inputs always point to earlier nodes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
 pub struct NodeId(pub u32);
 
 impl NodeId {
@@ -17,13 +17,13 @@ impl NodeId {
 }
 
 /// The output type of a node.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct TensorType {
     pub dtype: DType,
     pub shape: Shape,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum UnaryOp {
     Neg,
     Exp,
@@ -36,7 +36,7 @@ pub enum UnaryOp {
     Sigmoid,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum BinaryOp {
     Add,
     Sub,
@@ -47,7 +47,7 @@ pub enum BinaryOp {
     Ge,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum ReduceOp {
     Sum,
     Max,
@@ -55,7 +55,7 @@ pub enum ReduceOp {
 }
 
 /// Which keys a query may see in [`Op::Attention`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum Mask {
     /// Every query sees every key (the ViT, the resampler).
     None,
@@ -79,7 +79,7 @@ impl Mask {
 }
 
 /// The activation a fused [`Op::Linear`] applies before its residual add.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum Act {
     None,
     /// Exact (erf) GELU.
@@ -91,7 +91,7 @@ pub enum Act {
 
 /// An operation. Leaves first, then primitives, then composites (which
 /// [`crate::expand`] rewrites into primitives).
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum Op {
     /// A run-time input, bound by name.
     Input(String),
@@ -271,7 +271,7 @@ impl Op {
     }
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct Node {
     pub op: Op,
     pub inputs: Vec<NodeId>,
@@ -293,7 +293,7 @@ fn type_err(op: &Op, detail: impl Into<String>) -> IrError {
 }
 
 /// A program: nodes in topological order plus named outputs.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct Graph {
     pub nodes: Vec<Node>,
     pub outputs: Vec<(String, NodeId)>,
@@ -604,7 +604,10 @@ impl Graph {
                     }
                 }
                 if inputs.len() == 6 && (s(5).0 != [1, 1] || *mask != Mask::Causal) {
-                    return Err(type_err(op, format!("a padded KV cache wants past_len f32 [1, 1] and a causal mask; got {}", s(5))));
+                    return Err(type_err(
+                        op,
+                        format!("a padded KV cache wants past_len f32 [1, 1] and a causal mask; got {}", s(5)),
+                    ));
                 }
                 f32t(q.clone())
             }
@@ -629,8 +632,8 @@ impl Graph {
             }
             Op::Linear { bias, act, residual } => {
                 let (x, w) = (s(0), s(1));
-                if x.rank() < 1 || w.rank() != 2 || x.last() != w.dim(1) {
-                    return Err(type_err(op, format!("wants x [.., K], w [N, K]; got {x}, {w}")));
+                if x.rank() < 2 || w.rank() != 2 || x.last() != w.dim(1) {
+                    return Err(type_err(op, format!("wants x [.., M, K], w [N, K]; got {x}, {w}")));
                 }
                 let n = w.dim(0);
                 let mut out = x.0.clone();

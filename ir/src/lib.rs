@@ -17,6 +17,7 @@ pub mod expand;
 pub mod graph;
 pub mod interp;
 pub mod passes;
+pub mod plan;
 pub mod tensor;
 
 pub use expand::{expand, expand_all};

@@ -4,7 +4,7 @@ use half::{bf16, f16};
 use std::fmt;
 
 /// Element type of a tensor.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum DType {
     F32,
     BF16,
@@ -38,7 +38,7 @@ impl fmt::Display for DType {
 }
 
 /// A concrete tensor shape, outermost dimension first (row-major).
-#[derive(Clone, Debug, PartialEq, Eq, Hash, Default)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Default, serde::Serialize, serde::Deserialize)]
 pub struct Shape(pub Vec<usize>);
 
 impl Shape {

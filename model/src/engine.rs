@@ -4,12 +4,15 @@
 //! KV cache; [`generate`] is the sampling loop with streaming and stop tokens.
 
 use crate::config::{Config, ConfigError, GenerationConfig};
-use crate::graphs::{decoder_graph, logn_scales, rope_tables, vision_graph, DecoderShape, VisionOptions};
+use crate::graphs::{
+    decoder_graph, logn_scales, rope_tables, vision_graph, DecoderShape, VisionOptions, VitAttention, VitAttentionError,
+};
 use crate::image::{preprocess, ImageError};
 use crate::posembed::resize_pos_embed;
 use crate::sampling::{sample, Rng, SamplingParams};
 use crate::tokenizer::{QwenTokenizer, TokenizerError};
 use qvc_ir::{ExecError, InputRef, IrError, WeightSource};
+use qvc_runtime::artifact::{Artifact, ArtifactError, Manifest, Program};
 use qvc_runtime::{Backend, KvCache, WeightError, WeightStore};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -41,13 +44,30 @@ pub enum ModelError {
     Prompt(String),
     #[error("the tokenizer has {tok} ids but the model's vocab_size is {vocab}: qwen.tiktoken does not belong to this checkpoint")]
     VocabMismatch { tok: usize, vocab: usize },
+    #[error("image size {size} is not a positive multiple of the vision tower's patch size {patch}")]
+    ImageSize { size: usize, patch: usize },
+    #[error(transparent)]
+    VitAttention(#[from] VitAttentionError),
+    #[error(transparent)]
+    Artifact(#[from] ArtifactError),
+    /// A request a compiled model cannot serve (a shape outside its buckets,
+    /// an option it was not compiled with).
+    #[error("{0}")]
+    Compiled(String),
 }
 
-/// Where to find the pieces of a checkpoint.
+/// Where to find the pieces of a checkpoint, and how to build its vision
+/// program.
 #[derive(Clone, Debug, Default)]
 pub struct LoadOptions {
     /// Use this config.json instead of the one in the checkpoint directory.
     pub config: Option<PathBuf>,
+    /// Encode pictures at this size instead of `config.visual.image_size`
+    /// (a multiple of the patch size, e.g. 896): the position tables are
+    /// resized to the new grid and [`Model::config`] reports the new size.
+    pub image_size: Option<usize>,
+    /// Attention in the ViT blocks for [`Session::encode_image`].
+    pub vit_attention: VitAttention,
 }
 
 /// A loaded Qwen-VL checkpoint.
@@ -59,15 +79,23 @@ pub struct Model {
     pub dir: PathBuf,
     vit_pos: Vec<f32>,
     pool_pos_k: Vec<f32>,
+    vit_attention: VitAttention,
+    /// Set when loaded from a `qvc compile` artifact: the programs come from
+    /// its manifest (shape buckets) instead of being built per step.
+    compiled: Option<Manifest>,
 }
 
 impl Model {
     /// Load a checkpoint directory, or a bare `.safetensors` file with
     /// `config.json` and `qwen.tiktoken` beside it. Every tensor is checked
-    /// for presence and shape before anything runs.
+    /// for presence and shape before anything runs, and the options before
+    /// the weights are opened.
     pub fn load(path: &Path, opt: &LoadOptions) -> Result<Self, ModelError> {
         if !path.exists() {
             return Err(ModelError::NotFound { path: path.into() });
+        }
+        if path.is_dir() && path.join(qvc_runtime::artifact::MANIFEST).is_file() {
+            return Self::load_compiled(path, opt);
         }
         let dir = if path.is_dir() {
             path.to_path_buf()
@@ -75,7 +103,17 @@ impl Model {
             path.parent().map_or_else(|| PathBuf::from("."), Path::to_path_buf)
         };
         let cfg_path = opt.config.clone().unwrap_or_else(|| dir.join("config.json"));
-        let config = Config::from_file(&cfg_path)?;
+        let mut config = Config::from_file(&cfg_path)?;
+        if let Some(size) = opt.image_size {
+            let patch = config.visual.patch_size;
+            if size == 0 || !size.is_multiple_of(patch) {
+                return Err(ModelError::ImageSize { size, patch });
+            }
+            // Everything downstream (grid, preprocessing, graph shapes) reads
+            // the size from the config, so overriding it here keeps them in step.
+            config.visual.image_size = size;
+        }
+        opt.vit_attention.validate()?;
         let gen_path = dir.join("generation_config.json");
         let generation =
             if gen_path.exists() { GenerationConfig::from_file(&gen_path)? } else { GenerationConfig::default() };
@@ -93,12 +131,119 @@ impl Model {
         };
         let vit_pos = table("transformer.visual.positional_embedding", v.width)?;
         let pool_pos_k = table("transformer.visual.attn_pool.pos_embed", v.output_dim)?;
-        Ok(Model { config, generation, weights, tokenizer, dir, vit_pos, pool_pos_k })
+        Ok(Model {
+            config,
+            generation,
+            weights,
+            tokenizer,
+            dir,
+            vit_pos,
+            pool_pos_k,
+            vit_attention: opt.vit_attention,
+            compiled: None,
+        })
     }
 
-    /// The vision program for this model.
+    /// Load a `qvc compile` artifact: its config, tokenizer and weights, and
+    /// the compiled programs. Options must be the ones it was compiled with.
+    fn load_compiled(dir: &Path, opt: &LoadOptions) -> Result<Self, ModelError> {
+        let art = Artifact::open(dir)?;
+        let o = &art.manifest.options;
+        let vit_attention: VitAttention = o.vit_attention.parse()?;
+        if opt.image_size.is_some_and(|s| s != o.image_size) {
+            return Err(ModelError::Compiled(format!(
+                "{} was compiled for {}-pixel images; compile again with `qvc compile --image-size {}`",
+                dir.display(),
+                o.image_size,
+                opt.image_size.unwrap_or_default()
+            )));
+        }
+        if opt.vit_attention != VitAttention::Global && opt.vit_attention != vit_attention {
+            return Err(ModelError::Compiled(format!(
+                "{} was compiled with --vit-attention {}; compile again with `--vit-attention {}`",
+                dir.display(),
+                o.vit_attention,
+                opt.vit_attention
+            )));
+        }
+        let mut config = Config::from_file(&opt.config.clone().unwrap_or_else(|| dir.join("config.json")))?;
+        config.visual.image_size = o.image_size;
+        let gen_path = dir.join("generation_config.json");
+        let generation =
+            if gen_path.exists() { GenerationConfig::from_file(&gen_path)? } else { GenerationConfig::default() };
+        let tokenizer = QwenTokenizer::from_file(&dir.join("qwen.tiktoken"))?;
+        if tokenizer.n_vocab() > config.vocab_size {
+            return Err(ModelError::VocabMismatch { tok: tokenizer.n_vocab(), vocab: config.vocab_size });
+        }
+        let Artifact { manifest, weights, .. } = art;
+        Ok(Model {
+            config,
+            generation,
+            weights,
+            tokenizer,
+            dir: dir.to_path_buf(),
+            vit_pos: vec![],
+            pool_pos_k: vec![],
+            vit_attention,
+            compiled: Some(manifest),
+        })
+    }
+
+    /// The artifact's manifest when this model was loaded from `qvc compile` output.
+    pub fn compiled(&self) -> Option<&Manifest> {
+        self.compiled.as_ref()
+    }
+
+    /// The compiled program of `kind` ("prefill" or "decode") with the
+    /// smallest bucket that holds `tokens` new tokens, `past` cached ones and
+    /// `image_rows` feature rows.
+    fn bucket(&self, kind: &str, tokens: usize, past: usize, image_rows: usize) -> Result<&Program, ModelError> {
+        let m = self.compiled.as_ref().ok_or_else(|| ModelError::Compiled("not a compiled model".into()))?;
+        m.programs
+            .values()
+            .filter(|p| p.kind == kind && p.tokens >= tokens && p.past >= past && p.image_rows == image_rows)
+            .min_by_key(|p| (p.tokens, p.past))
+            .ok_or_else(|| {
+                let images = image_rows / self.config.visual.queries().max(1);
+                ModelError::Compiled(format!(
+                    "{} has no {kind} program for {tokens} new tokens after {past} cached ones with {images} image(s) \
+                     (compiled with --max-seq {}, up to {} image(s)); compile again with larger limits",
+                    self.dir.display(),
+                    m.options.max_seq,
+                    m.options.max_images
+                ))
+            })
+    }
+
+    /// The vision program for this model with the given options (their
+    /// attention, not the one the model was loaded with).
     pub fn vision_graph(&self, opt: &VisionOptions) -> Result<qvc_ir::Graph, ModelError> {
+        opt.attention.validate()?;
+        if let Some(m) = &self.compiled {
+            if opt.intermediates || opt.attention != self.vit_attention {
+                return Err(ModelError::Compiled(
+                    "a compiled model has one vision program (no intermediates, its own attention); \
+                     use the checkpoint directory for other variants"
+                        .into(),
+                ));
+            }
+            let p = m.programs.values().find(|p| p.kind == "vision");
+            return p
+                .map(|p| p.graph.clone())
+                .ok_or_else(|| ModelError::Compiled("the artifact has no vision program".into()));
+        }
         Ok(vision_graph(&self.config, &self.weights, self.vit_pos.clone(), self.pool_pos_k.clone(), opt)?)
+    }
+
+    /// The options [`Session::encode_image`] builds the vision program with:
+    /// the loaded [`LoadOptions::vit_attention`], no intermediates.
+    pub fn vision_options(&self) -> VisionOptions {
+        VisionOptions { attention: self.vit_attention, ..Default::default() }
+    }
+
+    /// The ViT attention chosen at load time.
+    pub fn vit_attention(&self) -> VitAttention {
+        self.vit_attention
     }
 
     /// The resized ViT position table (a folded constant).
@@ -232,7 +377,7 @@ impl<'m> Session<'m> {
             None => PathBuf::from(path),
         };
         let px = preprocess(&full, size)?;
-        let g = self.model.vision_graph(&VisionOptions::default())?;
+        let g = self.model.vision_graph(&self.model.vision_options())?;
         let inputs = HashMap::from([("pixels".to_string(), InputRef::F32(&px))]);
         let mut out = self.backend.run(&g, &self.model.weights, &inputs)?;
         let f = out.remove("features").expect("vision graph has a features output");
@@ -287,6 +432,7 @@ impl<'m> Session<'m> {
             image_rows: rows.len(),
             all_logits: opt.all_logits,
             hidden: opt.hidden,
+            bucketed: false,
         };
         let mut out = self.run_decoder(ids, &shape, &feats, &rows)?;
         self.timings.prefill_ms += t0.elapsed().as_secs_f64() * 1e3;
@@ -325,6 +471,9 @@ impl<'m> Session<'m> {
         feats: &[f32],
         rows: &[i32],
     ) -> Result<HashMap<String, Vec<f32>>, ModelError> {
+        if self.model.compiled.is_some() {
+            return self.run_compiled(ids, shape, feats, rows);
+        }
         let cfg = &self.model.config;
         let g = decoder_graph(cfg, &self.model.weights, shape)?;
         let ids_i: Vec<i32> = ids.iter().map(|&i| i as i32).collect();
@@ -356,6 +505,69 @@ impl<'m> Session<'m> {
             self.cache.append(i, &k, &v);
         }
         self.cache.commit(shape.tokens);
+        Ok(out)
+    }
+
+    /// [`run_decoder`](Self::run_decoder) on a compiled model: pick the
+    /// smallest shape bucket, pad the step into it (ids at the end, rotary and
+    /// logn tables for the whole bucket, the KV cache as a padded bucket with
+    /// its real length), run, and keep only the real rows of the new cache.
+    fn run_compiled(
+        &mut self,
+        ids: &[u32],
+        shape: &DecoderShape,
+        feats: &[f32],
+        rows: &[i32],
+    ) -> Result<HashMap<String, Vec<f32>>, ModelError> {
+        if shape.all_logits || shape.hidden {
+            return Err(ModelError::Compiled(
+                "a compiled model returns the last position's logits only; use the checkpoint directory for \
+                 all-position logits or hidden states"
+                    .into(),
+            ));
+        }
+        let model = self.model;
+        let cfg = &model.config;
+        let (n, past) = (ids.len(), shape.past);
+        let kind = if past == 0 { "prefill" } else { "decode" };
+        let prog = model.bucket(kind, n, past, rows.len())?;
+        let (tb, pb) = (prog.tokens, prog.past);
+        let mut ids_i: Vec<i32> = ids.iter().map(|&i| i as i32).collect();
+        ids_i.resize(tb, 0);
+        let (cos, sin) = rope_tables(cfg, self.alpha, past, tb);
+        let logn = logn_scales(cfg, past, tb);
+        let last = [n as i32 - 1];
+        let past_len = [past as f32];
+        let names: Vec<(String, String)> =
+            (0..cfg.layers).map(|i| (format!("past_k.{i}"), format!("past_v.{i}"))).collect();
+        self.cache.reserve_rows(pb);
+        let mut inputs: HashMap<String, InputRef> = HashMap::from([
+            ("ids".to_string(), InputRef::I32(&ids_i)),
+            ("rope_cos".to_string(), InputRef::F32(&cos)),
+            ("rope_sin".to_string(), InputRef::F32(&sin)),
+            ("logn".to_string(), InputRef::F32(&logn)),
+            ("last_index".to_string(), InputRef::I32(&last)),
+            ("past_len".to_string(), InputRef::F32(&past_len)),
+        ]);
+        if !rows.is_empty() {
+            inputs.insert("image_features".into(), InputRef::F32(feats));
+            inputs.insert("image_rows".into(), InputRef::I32(rows));
+        }
+        if pb > 0 {
+            for (i, (kn, vn)) in names.iter().enumerate() {
+                let (k, v) = self.cache.bucket(i, pb);
+                inputs.insert(kn.clone(), InputRef::F32(k));
+                inputs.insert(vn.clone(), InputRef::F32(v));
+            }
+        }
+        let mut out = self.backend.run(&prog.graph, &model.weights, &inputs)?;
+        let row = cfg.heads * cfg.head_dim;
+        for i in 0..cfg.layers {
+            let k = out.remove(&format!("k.{i}")).expect("decoder outputs k");
+            let v = out.remove(&format!("v.{i}")).expect("decoder outputs v");
+            self.cache.append(i, &k[..n * row], &v[..n * row]);
+        }
+        self.cache.commit(n);
         Ok(out)
     }
 }

@@ -36,17 +36,115 @@ impl B<'_> {
     }
 }
 
+/// How the ViT blocks attend (`qvc compile --vit-attention`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum VitAttention {
+    /// Every block attends over the whole patch grid: what the released
+    /// checkpoints were trained with, and the parity target.
+    #[default]
+    Global,
+    /// The paper's appendix E.3 variant: block `j` attends inside
+    /// `window × window` squares of patches, except that it attends globally
+    /// when `global_every > 0 && (j + 1) % global_every == 0` (0 = never).
+    Window { window: usize, global_every: usize },
+}
+
+/// A malformed `--vit-attention` value; each variant names the bad part.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum VitAttentionError {
+    #[error("vit attention {0:?}: expected `global`, `window:W` or `window:W,global-every:N`")]
+    Syntax(String),
+    #[error("vit attention: the window {0:?} is not a positive whole number of patches")]
+    Window(String),
+    #[error("vit attention: global-every {0:?} is not a whole number (0 = never)")]
+    GlobalEvery(String),
+    #[error("vit attention: unknown part {0:?} after the window (expected `global-every:N`)")]
+    UnknownPart(String),
+    #[error("vit attention: the window must be at least one patch, got 0")]
+    ZeroWindow,
+}
+
+impl VitAttention {
+    /// The attention mask of block `j` on a `grid × grid` patch grid.
+    pub fn mask(&self, j: usize, grid: usize) -> Mask {
+        match *self {
+            VitAttention::Global => Mask::None,
+            VitAttention::Window { global_every, .. } if global_every > 0 && (j + 1).is_multiple_of(global_every) => {
+                Mask::None
+            }
+            VitAttention::Window { window, .. } => Mask::Window { grid_h: grid, grid_w: grid, window },
+        }
+    }
+
+    /// Reject settings no graph can be built for (a zero window).
+    pub fn validate(&self) -> Result<(), VitAttentionError> {
+        match self {
+            VitAttention::Window { window: 0, .. } => Err(VitAttentionError::ZeroWindow),
+            _ => Ok(()),
+        }
+    }
+}
+
+impl std::str::FromStr for VitAttention {
+    type Err = VitAttentionError;
+
+    /// `global`, `window:W` or `window:W,global-every:N`.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let t = s.trim();
+        if t == "global" {
+            return Ok(VitAttention::Global);
+        }
+        let mut parts = t.split(',');
+        let first = parts.next().unwrap_or_default();
+        let Some(w) = first.strip_prefix("window:") else {
+            return Err(VitAttentionError::Syntax(s.into()));
+        };
+        let window: usize = w.trim().parse().map_err(|_| VitAttentionError::Window(w.into()))?;
+        if window == 0 {
+            return Err(VitAttentionError::ZeroWindow);
+        }
+        let mut global_every = 0;
+        match (parts.next(), parts.next()) {
+            (None, _) => {}
+            (Some(p), None) => {
+                let Some(n) = p.trim().strip_prefix("global-every:") else {
+                    return Err(VitAttentionError::UnknownPart(p.into()));
+                };
+                global_every = n.trim().parse().map_err(|_| VitAttentionError::GlobalEvery(n.into()))?;
+            }
+            (Some(_), Some(extra)) => return Err(VitAttentionError::UnknownPart(extra.into())),
+        }
+        Ok(VitAttention::Window { window, global_every })
+    }
+}
+
+impl std::fmt::Display for VitAttention {
+    /// The form [`VitAttention::from_str`] reads back (for manifests and summaries).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            VitAttention::Global => write!(f, "global"),
+            VitAttention::Window { window, global_every: 0 } => write!(f, "window:{window}"),
+            VitAttention::Window { window, global_every } => write!(f, "window:{window},global-every:{global_every}"),
+        }
+    }
+}
+
 /// Options for [`vision_graph`].
 #[derive(Clone, Debug, Default)]
 pub struct VisionOptions {
     /// Also output the intermediates `patch_embed`, `ln_pre`, `block_{j}`,
     /// `resampler`, `ln_post` (for parity tests and debugging).
     pub intermediates: bool,
+    /// Global (default) or window attention in the ViT blocks.
+    pub attention: VitAttention,
 }
 
-/// `pixels [3, S, S]` → `features [256, D]`. `vit_pos` is the ViT position
-/// table resized to the grid, `pool_pos_k` the adapter's key position table
-/// resized likewise (both folded constants, see [`crate::posembed`]).
+/// `pixels [3, S, S]` → `features [256, D]`, with `S = cfg.visual.image_size`
+/// (any multiple of the patch size: the grid has `(S/p)²` tokens and the
+/// adapter still makes 256 vectors). `vit_pos` is the ViT position table
+/// resized to the grid, `pool_pos_k` the adapter's key position table resized
+/// likewise (both folded constants, see [`crate::posembed`]). Block `j` uses
+/// the mask [`VitAttention::mask`] gives it.
 pub fn vision_graph(
     cfg: &Config,
     w: &WeightStore,
@@ -57,6 +155,9 @@ pub fn vision_graph(
     let v = &cfg.visual;
     let (width, heads, hd, t, d) = (v.width, v.heads, v.head_dim(), v.grid() * v.grid(), v.output_dim);
     let eps = 1e-6;
+    if let Err(e) = opt.attention.validate() {
+        return Err(IrError::Type { op: "vision_graph".into(), detail: e.to_string() });
+    }
     let mut b = B { g: Graph::new(), w };
     let px = b.g.input("pixels", DType::F32, vec![3, v.image_size, v.image_size]);
     let conv = b.p("transformer.visual.conv1.weight");
@@ -79,7 +180,7 @@ pub fn vision_graph(
         let q = b.g.slice(qkv, 2, 0, hd)?;
         let k = b.g.slice(qkv, 2, hd, 2 * hd)?;
         let vv = b.g.slice(qkv, 2, 2 * hd, 3 * hd)?;
-        let a = b.g.attention(q, k, vv, Mask::None, 1.0 / (hd as f32).sqrt())?;
+        let a = b.g.attention(q, k, vv, opt.attention.mask(j, v.grid()), 1.0 / (hd as f32).sqrt())?;
         let a = b.g.reshape(a, vec![t, width])?;
         let o = b.lin(a, &format!("{pre}.attn.out_proj"), true)?;
         x = b.g.add(x, o)?;
@@ -92,7 +193,8 @@ pub fn vision_graph(
             b.g.set_output(&format!("block_{j}"), x);
         }
     }
-    // The adapter: 256 learned queries cross-attend to the 1024 patches.
+    // The adapter: 256 learned queries cross-attend to the grid's patches
+    // (1024 at 448), so the output size does not depend on the resolution.
     let ap = "transformer.visual.attn_pool";
     let kv = b.lin(x, &format!("{ap}.kv_proj"), false)?;
     let kv = b.ln(kv, &format!("{ap}.ln_kv"), eps)?;
@@ -143,12 +245,20 @@ pub struct DecoderShape {
     pub all_logits: bool,
     /// Also output the residual stream: `hidden.embeds`, `hidden.block_{i}`, `hidden.final_norm`.
     pub hidden: bool,
+    /// A shape bucket, compiled once and run for many lengths: `tokens` and
+    /// `past` are capacities. The prompt is padded at the end to `tokens`
+    /// (causal attention keeps the padding out of the real positions) and the
+    /// logits row is picked by the input `last_index [1]` (i32); the cache
+    /// inputs hold `past` rows of which the input `past_len [1, 1]` (f32) are
+    /// real (padded-cache attention, see `qvc_ir::Op::Attention`).
+    pub bucketed: bool,
 }
 
 /// The decoder. Inputs: `ids [T]` (i32); `image_features [R, H]` and
 /// `image_rows [R]` (i32) when R > 0; `rope_cos`, `rope_sin [T, d]`;
 /// `logn [T, 1, 1]` when logn attention is on; `past_k.{i}`, `past_v.{i}
-/// [P, heads, d]` when P > 0. Outputs: `logits [1 or T, V]` and the new cache
+/// [P, heads, d]` when P > 0; `past_len [1, 1]` and `last_index [1]` for
+/// [`DecoderShape::bucketed`] programs. Outputs: `logits [1 or T, V]` and the new cache
 /// rows `k.{i}`, `v.{i} [T, heads, d]`.
 pub fn decoder_graph(cfg: &Config, w: &WeightStore, s: &DecoderShape) -> Result<Graph, IrError> {
     let (h, nh, hd, t) = (cfg.hidden_size, cfg.heads, cfg.head_dim, s.tokens);
@@ -167,6 +277,7 @@ pub fn decoder_graph(cfg: &Config, w: &WeightStore, s: &DecoderShape) -> Result<
     let cos = b.g.input("rope_cos", DType::F32, vec![t, hd]);
     let sin = b.g.input("rope_sin", DType::F32, vec![t, hd]);
     let logn = if cfg.use_logn_attn { Some(b.g.input("logn", DType::F32, vec![t, 1, 1])) } else { None };
+    let past_len = (s.bucketed && s.past > 0).then(|| b.g.input("past_len", DType::F32, vec![1, 1]));
     for i in 0..cfg.layers {
         let pre = format!("transformer.h.{i}");
         let ln1 = b.p(&format!("{pre}.ln_1.weight"));
@@ -189,7 +300,10 @@ pub fn decoder_graph(cfg: &Config, w: &WeightStore, s: &DecoderShape) -> Result<
         let a = if s.past > 0 {
             let pk = b.g.input(&format!("past_k.{i}"), DType::F32, vec![s.past, nh, hd]);
             let pv = b.g.input(&format!("past_v.{i}"), DType::F32, vec![s.past, nh, hd]);
-            b.g.attention_cached(q, k, v, pk, pv, scale)?
+            match past_len {
+                Some(len) => b.g.attention_padded(q, k, v, pk, pv, len, scale)?,
+                None => b.g.attention_cached(q, k, v, pk, pv, scale)?,
+            }
         } else {
             b.g.attention(q, k, v, Mask::Causal, scale)?
         };
@@ -209,7 +323,14 @@ pub fn decoder_graph(cfg: &Config, w: &WeightStore, s: &DecoderShape) -> Result<
             b.g.set_output(&format!("hidden.block_{i}"), x);
         }
     }
-    let last = if s.all_logits || t == 1 { x } else { b.g.slice(x, 0, t - 1, t)? };
+    let last = if s.all_logits || t == 1 {
+        x
+    } else if s.bucketed {
+        let at = b.g.input("last_index", DType::I32, vec![1]);
+        b.g.gather(x, at)?
+    } else {
+        b.g.slice(x, 0, t - 1, t)?
+    };
     let lnf = b.p("transformer.ln_f.weight");
     if s.hidden {
         let all = b.g.rms_norm(x, lnf, cfg.eps)?;

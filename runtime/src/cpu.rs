@@ -8,7 +8,9 @@
 //! [`qvc_ir::run_reference`] on every graph.
 
 use qvc_ir::interp::{bind_input, broadcast_offsets, strided_offsets};
-use qvc_ir::{BinaryOp, Elems, ExecError, Graph, InputRef, Mask, Node, Op, ReduceOp, Shape, UnaryOp, WeightSource};
+use qvc_ir::{
+    Act, BinaryOp, Elems, ExecError, Graph, InputRef, Mask, Node, Op, ReduceOp, Shape, UnaryOp, WeightSource,
+};
 use qvc_kernels as k;
 use rayon::prelude::*;
 use std::collections::HashMap;
@@ -355,7 +357,10 @@ fn eval<'a>(
                 mask: match mask {
                     Mask::None => k::attention::Mask::None,
                     Mask::Causal => k::attention::Mask::Causal,
-                    Mask::Window { .. } => return run_expanded(g, n, a, weights),
+                    Mask::Window { grid_h, grid_w, window } => {
+                        window_attention(&q, &kk, &v, (*grid_h, *grid_w, *window), heads, d, *scale, &mut o);
+                        return Ok(owned(o));
+                    }
                 },
             };
             if a.len() >= 5 {
@@ -384,7 +389,101 @@ fn eval<'a>(
             }
             owned(o)
         }
-        Op::Linear { .. } | Op::AddNorm { .. } | Op::QkvRotary { .. } => return run_expanded(g, n, a, weights),
+        Op::Linear { bias, act, residual } => {
+            let (kd, nn) = (shp(1).dim(1), shp(1).dim(0));
+            let m = out.numel() / nn.max(1);
+            let x = a[0].elems();
+            let gemm = |w: Elems<'_>| {
+                let mut c = vec![0f32; out.numel()];
+                if m > 0 && nn > 0 {
+                    k::gemm(
+                        k::MatRef::row_major(x, m, kd),
+                        k::MatRef::row_major(w, nn, kd).transposed(),
+                        &mut c,
+                        false,
+                    );
+                }
+                c
+            };
+            let mut y = gemm(a[1].elems());
+            let mut i = 2;
+            if *act == Act::SiluMul {
+                let gate = gemm(a[2].elems());
+                let mut prod = vec![0f32; y.len()];
+                k::act::swiglu(&y, &gate, &mut prod);
+                y = prod;
+                i += 1;
+            }
+            // The epilogue in the expansion's order: bias, activation, residual.
+            if *bias {
+                let b = a[i].elems().to_f32_vec();
+                if nn > 0 {
+                    y.par_chunks_mut(nn).for_each(|row| row.iter_mut().zip(&b).for_each(|(v, bv)| *v += bv));
+                }
+                i += 1;
+            }
+            if *act == Act::Gelu {
+                k::act::gelu_erf(&mut y);
+            }
+            if *residual {
+                let r = a[i].elems();
+                y.par_chunks_mut(PAR_CHUNK).enumerate().for_each(|(ci, c)| {
+                    for (e, v) in c.iter_mut().enumerate() {
+                        *v += r.get(ci * PAR_CHUNK + e);
+                    }
+                });
+            }
+            owned(y)
+        }
+        Op::AddNorm { rms, eps } => {
+            // The sum reuses the first operand's buffer when this is its last reader.
+            let (sa, sb) = (shp(0).clone(), shp(1).clone());
+            let rhs = a.remove(1);
+            let y = rhs.elems();
+            let mut s = a.remove(0).into_vec();
+            if sb == sa {
+                s.par_chunks_mut(PAR_CHUNK).enumerate().for_each(|(ci, c)| {
+                    for (e, v) in c.iter_mut().enumerate() {
+                        *v += y.get(ci * PAR_CHUNK + e);
+                    }
+                });
+            } else {
+                let ob = broadcast_offsets(&sa, &sb);
+                s.par_chunks_mut(PAR_CHUNK).zip(ob.par_chunks(PAR_CHUNK)).for_each(|(c, o)| {
+                    for (v, &j) in c.iter_mut().zip(o) {
+                        *v += y.get(j);
+                    }
+                });
+            }
+            let mut o = vec![0f32; out.numel()];
+            if *rms {
+                k::norm::rms_norm(&s, a[0].elems(), *eps, out.last(), &mut o);
+            } else {
+                k::norm::layer_norm(&s, a[0].elems(), a[1].elems(), *eps, out.last(), &mut o);
+            }
+            owned(o)
+        }
+        Op::QkvRotary { offset, heads, logn } => {
+            // Copy the column block out of qkv, rotate it in place, scale by logn.
+            let (c, d) = (shp(0).dim(1), out.dim(2));
+            let hd = heads * d;
+            let x = a[0].elems();
+            let mut y = vec![0f32; out.numel()];
+            if hd > 0 {
+                y.par_chunks_mut(hd).enumerate().for_each(|(ti, row)| x.read_into(ti * c + offset, row));
+            }
+            k::rotary::rotary(&mut y, &f32s(&a[1]), &f32s(&a[2]), *heads, d);
+            if *logn {
+                let l = a[3].elems();
+                if hd > 0 {
+                    y.par_chunks_mut(hd).enumerate().for_each(|(ti, row)| {
+                        let s = l.get(ti);
+                        row.iter_mut().for_each(|v| *v *= s);
+                    });
+                }
+            }
+            owned(y)
+        }
         Op::Conv2dPatch { patch } => {
             // im2col then one GEMM against the weight viewed as [O, C·p·p].
             let p = *patch;
@@ -415,9 +514,59 @@ fn eval<'a>(
     })
 }
 
+/// Window attention over a `grid_h × grid_w` grid: each `window × window`
+/// square (smaller at ragged edges) is gathered into contiguous q, k, v and
+/// runs as one unmasked attention, in parallel over windows; the outputs are
+/// scattered back to their tokens' rows.
+#[allow(clippy::too_many_arguments)]
+fn window_attention(
+    q: &[f32],
+    kk: &[f32],
+    v: &[f32],
+    (grid_h, grid_w, window): (usize, usize, usize),
+    heads: usize,
+    d: usize,
+    scale: f32,
+    out: &mut [f32],
+) {
+    let hd = heads * d;
+    let windows = k::gpu::attention::window_tokens((grid_h as u32, grid_w as u32), window as u32);
+    let gather = |x: &[f32], toks: &[usize]| -> Vec<f32> {
+        toks.iter().flat_map(|&t| x[t * hd..(t + 1) * hd].iter().copied()).collect()
+    };
+    let results: Vec<Vec<f32>> = windows
+        .par_iter()
+        .map(|toks| {
+            let (qw, kw, vw) = (gather(q, toks), gather(kk, toks), gather(v, toks));
+            let mut o = vec![0f32; toks.len() * hd];
+            let args = k::attention::AttnArgs {
+                q: &qw,
+                q_stride: hd,
+                k: &kw,
+                v: &vw,
+                kv_stride: hd,
+                tq: toks.len(),
+                tk: toks.len(),
+                heads,
+                d,
+                scale,
+                mask: k::attention::Mask::None,
+            };
+            k::attention::attention(&args, &mut o);
+            o
+        })
+        .collect();
+    for (toks, o) in windows.iter().zip(&results) {
+        for (r, &t) in toks.iter().enumerate() {
+            out[t * hd..(t + 1) * hd].copy_from_slice(&o[r * hd..(r + 1) * hd]);
+        }
+    }
+}
+
 /// Runs one node by expanding it into its primitive subgraph on this backend.
-/// Correct for every op (expansion is the definition), used where no fused
-/// CPU kernel exists.
+/// Correct for every op (expansion is the definition): the fallback for a
+/// composite without a native CPU kernel (every composite has one today).
+#[allow(dead_code)]
 fn run_expanded<'a>(g: &Graph, n: &Node, a: Vec<Buf<'a>>, weights: &'a dyn WeightSource) -> Result<Buf<'a>, ExecError> {
     let mut sub = Graph::new();
     let mut xs = Vec::with_capacity(a.len());

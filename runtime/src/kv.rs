@@ -29,30 +29,50 @@ impl KvCache {
     }
     /// Cached keys and values of `layer`, `len × row` floats each.
     pub fn layer(&self, layer: usize) -> (&[f32], &[f32]) {
-        (&self.k[layer], &self.v[layer])
+        let n = self.len * self.row;
+        (&self.k[layer][..n], &self.v[layer][..n])
     }
-    /// Append the rows of one step. Every layer must get the same number of
-    /// rows; `commit` then advances the length.
+    /// Append the rows of one step at the current length. Every layer must
+    /// get the same number of rows; `commit` then advances the length.
     pub fn append(&mut self, layer: usize, k: &[f32], v: &[f32]) {
         assert_eq!(k.len(), v.len(), "keys and values of one step differ in length");
         assert_eq!(k.len() % self.row, 0, "rows of {} floats expected", self.row);
-        self.k[layer].extend_from_slice(k);
-        self.v[layer].extend_from_slice(v);
+        let (at, end) = (self.len * self.row, self.len * self.row + k.len());
+        for (dst, src) in [(&mut self.k[layer], k), (&mut self.v[layer], v)] {
+            if dst.len() < end {
+                dst.resize(end, 0.0);
+            }
+            dst[at..end].copy_from_slice(src);
+        }
     }
     /// Record that every layer received `n` more rows.
     pub fn commit(&mut self, n: usize) {
         self.len += n;
-        debug_assert!(self.k.iter().all(|k| k.len() == self.len * self.row));
+        debug_assert!(self.k.iter().all(|k| k.len() >= self.len * self.row));
     }
-    /// Forget everything after the first `len` tokens.
+    /// Forget everything after the first `len` tokens. The storage is kept:
+    /// rows past the length are never read as keys.
     pub fn truncate(&mut self, len: usize) {
         self.len = self.len.min(len);
+    }
+    /// Make every layer hold at least `rows` rows (zeros past the length), so
+    /// [`bucket`](Self::bucket) can hand out a shape bucket of that size.
+    pub fn reserve_rows(&mut self, rows: usize) {
         for l in self.k.iter_mut().chain(self.v.iter_mut()) {
-            l.truncate(self.len * self.row);
+            if l.len() < rows * self.row {
+                l.resize(rows * self.row, 0.0);
+            }
         }
     }
-    /// Bytes held.
+    /// The first `rows` rows of `layer` (keys, values) for a program compiled
+    /// for a padded cache of `rows` rows: only the first [`len`](Self::len)
+    /// are real. Call [`reserve_rows`](Self::reserve_rows) first.
+    pub fn bucket(&self, layer: usize, rows: usize) -> (&[f32], &[f32]) {
+        let n = rows * self.row;
+        (&self.k[layer][..n], &self.v[layer][..n])
+    }
+    /// Bytes of cached rows (the real ones, not the padding).
     pub fn bytes(&self) -> usize {
-        2 * self.k.iter().map(|l| l.len() * 4).sum::<usize>()
+        2 * self.k.len() * self.len * self.row * 4
     }
 }

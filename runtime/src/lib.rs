@@ -8,6 +8,7 @@
 //! steps. The CUDA and PTX-emulator backends of the later issues implement
 //! the same trait.
 
+pub mod artifact;
 pub mod cpu;
 pub mod kv;
 pub mod weights;

@@ -121,6 +121,11 @@ impl WeightStore {
             let base = 8 + header_len;
             let fi = s.maps.len();
             for (name, info) in meta.tensors() {
+                // Alignment padding of compiled artifacts (`runtime::artifact`):
+                // U8 filler that keeps the data section contiguous, not a weight.
+                if name.starts_with("__pad.") && info.dtype == safetensors::Dtype::U8 {
+                    continue;
+                }
                 let dtype = parse_dtype(info.dtype).ok_or_else(|| WeightError::UnsupportedDtype {
                     name: name.clone(),
                     dtype: format!("{:?}", info.dtype),
@@ -142,6 +147,19 @@ impl WeightStore {
             s.paths.push(path.clone());
         }
         Ok(s)
+    }
+
+    /// A store that knows tensor names, dtypes and shapes but holds no data
+    /// (`weight` answers `None`): enough to build graphs and plan them, as
+    /// `qvc compile --synthetic --dry-run` does for the full-size model.
+    pub fn shapes_only(tensors: impl IntoIterator<Item = (String, DType, Shape)>) -> Self {
+        let mut s = WeightStore { maps: vec![], paths: vec![], entries: HashMap::new(), copies: HashMap::new() };
+        for (name, dtype, shape) in tensors {
+            let end = shape.numel() * dtype.size();
+            // file index usize::MAX: no map backs it (see `weight`).
+            s.entries.insert(name, Entry { file: usize::MAX, dtype, shape, start: 0, end });
+        }
+        s
     }
 
     /// Stored dtype and shape of `name`.
@@ -197,6 +215,7 @@ impl WeightSource for WeightStore {
             return Some(Elems::F32(c));
         }
         let e = self.entries.get(name)?;
-        Some(elems_of(&self.maps[e.file][e.start..e.end], e.dtype))
+        let map = self.maps.get(e.file)?;
+        Some(elems_of(&map[e.start..e.end], e.dtype))
     }
 }

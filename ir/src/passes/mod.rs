@@ -12,6 +12,19 @@
 
 use crate::graph::{Graph, IrError, Node, NodeId, Op};
 
+pub mod fuse;
+pub use fuse::{fusion_stats, Fuse, FusionStats};
+pub mod canon;
+pub mod cse;
+pub mod dce;
+pub mod fold;
+pub mod verify;
+pub use canon::Canonicalize;
+pub use cse::Cse;
+pub use dce::Dce;
+pub use fold::{ConstFold, FoldedData, FoldedParam, WithFolded, FOLD_CAP_ELEMS};
+pub use verify::{verify, Verify};
+
 /// One graph pass.
 pub trait Pass {
     fn name(&self) -> &'static str;

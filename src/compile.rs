@@ -1,0 +1,910 @@
+//! The compiler driver behind `qvc compile`: checkpoint → programs → passes →
+//! memory plans → kernel launches → the artifact directory
+//! ([`qvc_runtime::artifact`] describes its format).
+//!
+//! Programs, one graph each: `vision`; `prefill.{T}.img{n}` for the prompt
+//! buckets `T` (powers of two from 16, plus `max_seq` itself, up to
+//! `max_seq`) and `n` images (0..=`max_images`, only where `n` image spans fit
+//! in `T` tokens); `decode.{P}` for the same buckets of cached tokens. Each
+//! runs `Canonicalize → ConstFold(with weights) → Fuse → Cse → Dce`, is
+//! verified, and gets a memory plan. Running a prompt in a larger bucket
+//! needs padding and masking, which the executor (the next step) does; the
+//! buckets are recorded, not yet used, and the graphs are single-sequence
+//! (`max_batch` only sizes the KV cache and the decode kernels).
+//!
+//! Invariants: nothing is written when any step fails, and an existing output
+//! is replaced only with `force` and only if it is an artifact (or empty):
+//! the artifact is assembled in a sibling directory and renamed into place.
+//! Every `Param` of every compiled graph names a tensor of the weights file
+//! with exactly the graph's dtype and shape; large constants (over
+//! [`CONST_INLINE_MAX`] elements, or non-finite, which JSON cannot hold) are
+//! moved from the graph JSON into the weights file as f32 `const.{k}` params.
+//!
+//! Weight dtypes: checkpoint tensors are stored in `--dtype`. Weights made by
+//! folding keep their folded dtype when it is narrower than f32 or when
+//! `--dtype` is f32; folded f32 results of arithmetic are kept f32 (rounding
+//! them would add an error the uncompiled path does not have). Constants stay f32.
+
+use indicatif::ProgressBar;
+use qvc_ir::passes::{run_pipeline, verify, Canonicalize, ConstFold, Cse, Dce, FoldedParam, Fuse, Pass};
+use qvc_ir::plan::{kv_cache_bytes, plan_memory, PlanOptions};
+use qvc_ir::{DType, Elems, Graph, IrError, Mask, Op, Shape, WeightSource};
+use qvc_kernels::gpu::attention::{FlashMask, FlashSpec, OutDtype, Strides};
+use qvc_kernels::gpu::decode_attention::DecodeAttnSpec;
+use qvc_kernels::gpu::gemm::{Act as KAct, Epilogue, GemmSpec};
+use qvc_kernels::gpu::gemv::GemvSpec;
+use qvc_kernels::gpu::norm::{NormKind, NormSpec};
+use qvc_kernels::KernelSpec;
+use qvc_model::config::Config;
+use qvc_model::graphs::{decoder_graph, vision_graph, DecoderShape, VisionOptions, VitAttention};
+use qvc_model::{LoadOptions, Model, ModelError};
+use qvc_runtime::artifact::ArtifactError;
+use qvc_runtime::artifact::{
+    self, checkpoint_fingerprint, FileRec, Fnv64, Launch, Manifest, MemoryRec, Program, ProgramStats, SlotRec,
+    TensorEntry, TensorSig, CPU_FALLBACK,
+};
+use qvc_runtime::WeightStore;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// Constants with more elements than this leave the graph JSON for the weights file.
+pub const CONST_INLINE_MAX: usize = 4096;
+/// Smallest prompt bucket.
+pub const MIN_BUCKET: usize = 16;
+/// Streaming multiprocessors assumed when splitting decode attention (an H100 SXM).
+const SMS: usize = 132;
+
+/// What the artifact runs on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Target {
+    Cpu,
+    Gpu(qvc_codegen::Target),
+}
+
+impl Target {
+    pub fn parse(s: &str) -> Option<Target> {
+        if s == "cpu" {
+            return Some(Target::Cpu);
+        }
+        qvc_codegen::Target::parse(s).map(Target::Gpu)
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            Target::Cpu => "cpu",
+            Target::Gpu(t) => t.name(),
+        }
+    }
+}
+
+/// Where the model comes from.
+#[derive(Clone, Debug)]
+pub enum SourceSpec {
+    /// A checkpoint directory, or a `.safetensors` file with its config beside it.
+    Checkpoint(PathBuf),
+    /// A full-size model built from its published shapes, without weights
+    /// (only with `dry_run`): `qwen-vl-chat`.
+    Synthetic(String),
+}
+
+/// `qvc compile`'s options.
+#[derive(Clone, Debug)]
+pub struct CompileOptions {
+    pub target: Target,
+    /// Stored dtype of the model's weights in the artifact.
+    pub dtype: DType,
+    /// Picture size the vision program is compiled for [default: the config's].
+    pub image_size: Option<usize>,
+    /// `global` or `window:W[,global-every:N]`.
+    pub vit_attention: String,
+    pub max_seq: usize,
+    pub max_batch: usize,
+    pub max_images: usize,
+    /// Replace an existing output artifact.
+    pub force: bool,
+    /// Run the pipeline and report, write nothing.
+    pub dry_run: bool,
+}
+
+impl Default for CompileOptions {
+    fn default() -> Self {
+        CompileOptions {
+            target: Target::Cpu,
+            dtype: DType::BF16,
+            image_size: None,
+            vit_attention: "global".into(),
+            max_seq: 2048,
+            max_batch: 1,
+            max_images: 1,
+            force: false,
+            dry_run: false,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CompileError {
+    #[error("{path} already exists; pass --force to replace it, or choose another -o")]
+    OutExists { path: PathBuf },
+    #[error("{path} exists and is not a qvc artifact (no manifest.json); qvc will not replace it even with --force: remove it or choose another -o")]
+    OutNotArtifact { path: PathBuf },
+    #[error("give an output directory with -o OUT.qvc (or --dry-run to write nothing)")]
+    NoOutput,
+    #[error("--synthetic {0:?}: the only synthetic model is qwen-vl-chat")]
+    UnknownSynthetic(String),
+    #[error("--synthetic has no weights to write: add --dry-run")]
+    SyntheticNeedsDryRun,
+    #[error("--image-size {size}: must be a positive multiple of the patch size {patch}")]
+    ImageSize { size: usize, patch: usize },
+    #[error("--vit-attention: {0}")]
+    VitAttention(String),
+    #[error("--{flag} {value}: {why}")]
+    Option { flag: &'static str, value: usize, why: String },
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error("compiling program {program}: {source}")]
+    Graph { program: String, source: IrError },
+    #[error("weights: tensor {name:?} is not in the checkpoint nor made by the passes")]
+    MissingWeight { name: String },
+    #[error("cannot write {path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error(transparent)]
+    Artifact(#[from] ArtifactError),
+    /// An I/O error not yet tied to a path (only inside `compile`).
+    #[error("{0}")]
+    UnnamedIo(#[from] std::io::Error),
+    #[error("ptxas failed on {ptx}: {log}")]
+    Ptxas { ptx: PathBuf, log: String },
+}
+
+/// The figures `qvc compile` prints for one program.
+#[derive(Clone, Debug)]
+pub struct ProgramSummary {
+    pub name: String,
+    pub nodes_before: usize,
+    pub nodes_after: usize,
+    pub fused: usize,
+    pub unfused: usize,
+    pub launches: usize,
+    pub fallbacks: usize,
+    pub naive_bytes: u64,
+    pub arena_bytes: u64,
+    pub peak_bytes: u64,
+}
+
+/// What a compile did.
+#[derive(Clone, Debug)]
+pub struct CompileReport {
+    pub target: Target,
+    pub programs: Vec<ProgramSummary>,
+    /// Distinct GPU kernels (0 for cpu).
+    pub kernels: usize,
+    pub weight_tensors: usize,
+    pub weight_bytes: u64,
+    pub kv_cache_bytes: u64,
+    /// Whether a cubin was assembled.
+    pub cubin: bool,
+    pub seconds: f64,
+    /// The artifact written (None for a dry run).
+    pub out: Option<PathBuf>,
+    /// Remarks about what was skipped (synthetic weights, no ptxas, ...).
+    pub notes: Vec<String>,
+}
+
+fn mib(b: u64) -> f64 {
+    b as f64 / (1024.0 * 1024.0)
+}
+
+impl fmt::Display for CompileReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "{:<22} {:>6} {:>6} {:>6} {:>8} {:>9} {:>11} {:>11} {:>11}",
+            "program", "nodes", "after", "fused", "unfused", "launches", "naive MiB", "arena MiB", "peak MiB"
+        )?;
+        for p in &self.programs {
+            let launches = if self.target == Target::Cpu {
+                "-".to_string()
+            } else {
+                format!("{}/{}", p.launches - p.fallbacks, p.launches)
+            };
+            writeln!(
+                f,
+                "{:<22} {:>6} {:>6} {:>6} {:>8} {:>9} {:>11.2} {:>11.2} {:>11.2}",
+                p.name,
+                p.nodes_before,
+                p.nodes_after,
+                p.fused,
+                p.unfused,
+                launches,
+                mib(p.naive_bytes),
+                mib(p.arena_bytes),
+                mib(p.peak_bytes)
+            )?;
+        }
+        if self.target != Target::Cpu {
+            writeln!(f, "launches: GPU kernels / all compute nodes (the rest are cpu-fallback)")?;
+        }
+        writeln!(
+            f,
+            "{} programs for {}; {} kernels generated{}; weights {} tensors, {:.1} MiB; KV cache at --max-seq {:.1} MiB; compiled in {:.2} s",
+            self.programs.len(),
+            self.target.name(),
+            self.kernels,
+            if self.cubin { " (cubin assembled)" } else { "" },
+            self.weight_tensors,
+            mib(self.weight_bytes),
+            mib(self.kv_cache_bytes),
+            self.seconds
+        )?;
+        for n in &self.notes {
+            writeln!(f, "note: {n}")?;
+        }
+        match &self.out {
+            Some(p) => writeln!(f, "wrote {}", p.display()),
+            None => writeln!(f, "dry run: nothing written"),
+        }
+    }
+}
+
+/// One program to build.
+#[derive(Clone, Debug)]
+struct ProgramSpec {
+    name: String,
+    kind: &'static str,
+    tokens: usize,
+    past: usize,
+    image_rows: usize,
+}
+
+/// The token buckets: powers of two from [`MIN_BUCKET`] below `max_seq`, then `max_seq`.
+pub fn buckets(max_seq: usize) -> Vec<usize> {
+    let mut v = vec![];
+    let mut t = MIN_BUCKET;
+    while t < max_seq {
+        v.push(t);
+        t *= 2;
+    }
+    v.push(max_seq);
+    v
+}
+
+fn program_specs(cfg: &Config, opt: &CompileOptions) -> Vec<ProgramSpec> {
+    let q = cfg.visual.queries();
+    let mut v = vec![ProgramSpec { name: "vision".into(), kind: "vision", tokens: 0, past: 0, image_rows: 0 }];
+    for t in buckets(opt.max_seq) {
+        // An image span is <img> + 256 feature rows + </img>.
+        for n in (0..=opt.max_images).filter(|n| n * (q + 2) <= t) {
+            let name = format!("prefill.{t}.img{n}");
+            v.push(ProgramSpec { name, kind: "prefill", tokens: t, past: 0, image_rows: n * q });
+        }
+    }
+    for p in buckets(opt.max_seq) {
+        v.push(ProgramSpec { name: format!("decode.{p}"), kind: "decode", tokens: 1, past: p, image_rows: 0 });
+    }
+    v
+}
+
+/// Qwen-VL-Chat's `config.json` values (QWEN-VL.md §1–2).
+pub fn qwen_vl_chat_config() -> Config {
+    let v = serde_json::json!({
+        "hidden_size": 4096, "num_attention_heads": 32, "kv_channels": 128, "num_hidden_layers": 32,
+        "intermediate_size": 22016, "layer_norm_epsilon": 1e-6, "rotary_emb_base": 10000,
+        "rotary_pct": 1.0, "seq_length": 2048, "use_dynamic_ntk": true, "use_logn_attn": true,
+        "vocab_size": 151936,
+        "visual": {"heads": 16, "image_size": 448, "image_start_id": 151857, "layers": 48,
+                   "mlp_ratio": 4.9231, "output_dim": 4096, "patch_size": 14, "width": 1664}
+    });
+    Config::from_json(&v, Path::new("synthetic:qwen-vl-chat")).expect("the built-in config is valid")
+}
+
+/// The model being compiled: its config, weights and folded position tables.
+struct Loaded {
+    cfg: Config,
+    weights: WeightStore,
+    vit_pos: Vec<f32>,
+    pool_pos: Vec<f32>,
+    /// Files to copy into the artifact, and the checkpoint's safetensors files.
+    dir: Option<PathBuf>,
+    weight_files: Vec<PathBuf>,
+}
+
+fn load(src: &SourceSpec, opt: &CompileOptions, attention: VitAttention) -> Result<Loaded, CompileError> {
+    match src {
+        SourceSpec::Checkpoint(path) => {
+            let lo = LoadOptions { config: None, image_size: opt.image_size, vit_attention: attention };
+            let model = Model::load(path, &lo).map_err(|e| match e {
+                ModelError::ImageSize { size, patch } => CompileError::ImageSize { size, patch },
+                e => e.into(),
+            })?;
+            let weight_files = safetensors_files(path, &model.dir);
+            let (vit_pos, pool_pos) = (model.vit_pos_embed().to_vec(), model.pool_pos_embed().to_vec());
+            let Model { config, weights, dir, .. } = model;
+            Ok(Loaded { cfg: config, weights, vit_pos, pool_pos, dir: Some(dir), weight_files })
+        }
+        SourceSpec::Synthetic(name) => {
+            if name != "qwen-vl-chat" {
+                return Err(CompileError::UnknownSynthetic(name.clone()));
+            }
+            if !opt.dry_run {
+                return Err(CompileError::SyntheticNeedsDryRun);
+            }
+            let mut cfg = qwen_vl_chat_config();
+            if let Some(size) = opt.image_size {
+                let patch = cfg.visual.patch_size;
+                if size == 0 || !size.is_multiple_of(patch) {
+                    return Err(CompileError::ImageSize { size, patch });
+                }
+                cfg.visual.image_size = size;
+            }
+            let tensors = cfg.expected_tensors().into_iter().map(|(n, s)| (n, DType::BF16, Shape::new(s)));
+            let weights = WeightStore::shapes_only(tensors);
+            // Shapes only: the tables' values do not change the plan.
+            let t = cfg.visual.grid() * cfg.visual.grid();
+            let vit_pos = vec![0.0; t * cfg.visual.width];
+            let pool_pos = vec![0.0; t * cfg.visual.output_dim];
+            Ok(Loaded { cfg, weights, vit_pos, pool_pos, dir: None, weight_files: vec![] })
+        }
+    }
+}
+
+/// The checkpoint's safetensors files (for the source fingerprint).
+fn safetensors_files(path: &Path, dir: &Path) -> Vec<PathBuf> {
+    if path.is_file() {
+        return vec![path.to_path_buf()];
+    }
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().and_then(|e| e.to_str()) == Some("safetensors"))
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+fn check_options(opt: &CompileOptions) -> Result<VitAttention, CompileError> {
+    let attention: VitAttention = opt
+        .vit_attention
+        .parse()
+        .map_err(|e: qvc_model::graphs::VitAttentionError| CompileError::VitAttention(e.to_string()))?;
+    attention.validate().map_err(|e| CompileError::VitAttention(e.to_string()))?;
+    let max = qvc_model::engine::MAX_CONTEXT;
+    if opt.max_seq < 2 || opt.max_seq > max {
+        return Err(CompileError::Option { flag: "max-seq", value: opt.max_seq, why: format!("must be in 2..={max}") });
+    }
+    if opt.max_batch == 0 || opt.max_batch > 8 {
+        return Err(CompileError::Option {
+            flag: "max-batch",
+            value: opt.max_batch,
+            why: "must be in 1..=8 (the decode kernels' batch)".into(),
+        });
+    }
+    if opt.max_images > 16 {
+        return Err(CompileError::Option { flag: "max-images", value: opt.max_images, why: "at most 16".into() });
+    }
+    Ok(attention)
+}
+
+/// Refuse to clobber: an existing `out` is replaced only with `force`, and
+/// only when it is an artifact or an empty directory.
+fn check_out(out: &Path, force: bool) -> Result<(), CompileError> {
+    if !out.exists() {
+        return Ok(());
+    }
+    if !force {
+        return Err(CompileError::OutExists { path: out.into() });
+    }
+    let empty_dir = out.is_dir() && std::fs::read_dir(out).map(|mut d| d.next().is_none()).unwrap_or(false);
+    if !artifact::is_artifact(out) && !empty_dir {
+        return Err(CompileError::OutNotArtifact { path: out.into() });
+    }
+    Ok(())
+}
+
+/// Where a weights-file tensor's data comes from.
+enum Data<'a> {
+    Checkpoint(&'a str),
+    Folded(&'a FoldedParam),
+    Const(std::sync::Arc<[f32]>),
+}
+
+fn to_bytes(e: Elems<'_>, dtype: DType, out: &mut Vec<u8>) {
+    use half::{bf16, f16};
+    match (e, dtype) {
+        (Elems::F32(s), DType::F32) => out.extend_from_slice(bytemuck::cast_slice(s)),
+        (Elems::BF16(s), DType::BF16) => out.extend_from_slice(bytemuck::cast_slice(s)),
+        (Elems::F16(s), DType::F16) => out.extend_from_slice(bytemuck::cast_slice(s)),
+        (e, DType::BF16) => (0..e.len()).for_each(|i| out.extend(bf16::from_f32(e.get(i)).to_le_bytes())),
+        (e, DType::F16) => (0..e.len()).for_each(|i| out.extend(f16::from_f32(e.get(i)).to_le_bytes())),
+        (e, _) => (0..e.len()).for_each(|i| out.extend(e.get(i).to_le_bytes())),
+    }
+}
+
+/// Compile `src` into the artifact `out` (see the module docs). `bar` shows
+/// progress (pass `ProgressBar::hidden()` for none).
+pub fn compile(
+    src: &SourceSpec,
+    out: Option<&Path>,
+    opt: &CompileOptions,
+    bar: &ProgressBar,
+) -> Result<CompileReport, CompileError> {
+    let t0 = Instant::now();
+    let attention = check_options(opt)?;
+    if !opt.dry_run {
+        check_out(out.ok_or(CompileError::NoOutput)?, opt.force)?;
+    }
+    bar.set_message("loading the checkpoint");
+    let m = load(src, opt, attention)?;
+    let cfg = &m.cfg;
+    let specs = program_specs(cfg, opt);
+    let gpu = matches!(opt.target, Target::Gpu(_));
+    bar.set_length(specs.len() as u64 + 2);
+    let mut notes = vec![];
+
+    // Weight folding reads the weights; a synthetic model has none, so its
+    // layout ops over weights stay in the graph.
+    let fold = match src {
+        SourceSpec::Checkpoint(_) => ConstFold::with_weights(&m.weights),
+        SourceSpec::Synthetic(_) => {
+            notes.push("synthetic model: weights not read, weight folding skipped".into());
+            ConstFold::new()
+        }
+    };
+    let mut programs: BTreeMap<String, Program> = BTreeMap::new();
+    let mut order = vec![];
+    for s in &specs {
+        bar.set_message(format!("compiling {}", s.name));
+        let gerr = |source: IrError| CompileError::Graph { program: s.name.clone(), source };
+        let mut g = if s.kind == "vision" {
+            let vo = VisionOptions { attention, ..Default::default() };
+            vision_graph(cfg, &m.weights, m.vit_pos.clone(), m.pool_pos.clone(), &vo).map_err(gerr)?
+        } else {
+            // Buckets: the session pads a step into the smallest program that
+            // holds it (see `DecoderShape::bucketed` and `Session::run_compiled`).
+            let shape = DecoderShape {
+                tokens: s.tokens,
+                past: s.past,
+                image_rows: s.image_rows,
+                bucketed: true,
+                ..Default::default()
+            };
+            decoder_graph(cfg, &m.weights, &shape).map_err(gerr)?
+        };
+        let before = g.nodes.len();
+        let passes: [&dyn Pass; 5] = [&Canonicalize, &fold, &Fuse, &Cse, &Dce];
+        let stats = run_pipeline(&mut g, &passes).map_err(gerr)?;
+        verify(&g).map_err(gerr)?;
+        let fs = qvc_ir::passes::fusion_stats(&g);
+        let stats = ProgramStats {
+            nodes_before: before,
+            nodes_after: g.nodes.len(),
+            fused: fs.fused,
+            unfused: fs.unfused_compute,
+            passes: stats.iter().map(|p| (p.pass.to_string(), p.rewrites, p.nodes_after)).collect(),
+        };
+        let sig =
+            |(n, t): (&str, &qvc_ir::TensorType)| TensorSig { name: n.into(), dtype: t.dtype, shape: t.shape.clone() };
+        let inputs = g.inputs().into_iter().map(sig).collect();
+        let outputs = g.outputs.iter().map(|(n, id)| sig((n.as_str(), g.ty(*id)))).collect();
+        programs.insert(
+            s.name.clone(),
+            Program {
+                kind: s.kind.into(),
+                tokens: s.tokens,
+                past: s.past,
+                image_rows: s.image_rows,
+                inputs,
+                outputs,
+                stats,
+                memory: None,
+                launches: vec![],
+                graph: g,
+            },
+        );
+        order.push(s.name.clone());
+        bar.inc(1);
+    }
+    let folded = fold.take_folded();
+    let folded_by_name: HashMap<&str, &FoldedParam> = folded.iter().map(|f| (f.name.as_str(), f)).collect();
+
+    // Large constants → `const.{k}` params, identical data shared.
+    let mut consts: Vec<(String, std::sync::Arc<[f32]>, Shape)> = vec![];
+    let mut const_by_key: HashMap<(String, Shape), String> = HashMap::new();
+    for p in programs.values_mut() {
+        for n in p.graph.nodes.iter_mut() {
+            let Op::Const(d) = &n.op else { continue };
+            if d.len() <= CONST_INLINE_MAX && d.iter().all(|x| x.is_finite()) {
+                continue;
+            }
+            let bytes: &[u8] = bytemuck::cast_slice(d);
+            let key = (Fnv64::of(bytes), n.ty.shape.clone());
+            let name = const_by_key.entry(key).or_insert_with(|| {
+                let name = format!("const.{}", consts.len());
+                consts.push((name.clone(), d.clone(), n.ty.shape.clone()));
+                name
+            });
+            n.op = Op::Param(name.clone());
+        }
+    }
+    let const_data: HashMap<&str, &std::sync::Arc<[f32]>> = consts.iter().map(|(n, d, _)| (n.as_str(), d)).collect();
+
+    // The weights file: every param any program reads, in its artifact dtype.
+    let stored = |name: &str, graph_dtype: DType| -> DType {
+        if const_data.contains_key(name) {
+            DType::F32
+        } else if folded_by_name.contains_key(name) {
+            if graph_dtype == DType::F32 || opt.dtype == DType::F32 {
+                DType::F32
+            } else {
+                graph_dtype
+            }
+        } else {
+            opt.dtype
+        }
+    };
+    let mut entries: BTreeMap<String, TensorEntry> = BTreeMap::new();
+    for p in programs.values_mut() {
+        for n in p.graph.nodes.iter_mut() {
+            let Op::Param(name) = &n.op else { continue };
+            n.ty.dtype = stored(name, n.ty.dtype);
+            entries.entry(name.clone()).or_insert_with(|| TensorEntry {
+                name: name.clone(),
+                dtype: n.ty.dtype,
+                shape: n.ty.shape.clone(),
+            });
+        }
+    }
+    let entries: Vec<TensorEntry> = entries.into_values().collect();
+    let weight_bytes_est: u64 = entries.iter().map(|e| e.bytes() as u64).sum();
+
+    // Memory plans and kernel launches.
+    let kv_dtype = if gpu { DType::BF16 } else { DType::F32 };
+    let kv_bytes = kv_cache_bytes(cfg.layers, cfg.heads, cfg.head_dim, opt.max_seq, opt.max_batch, kv_dtype);
+    let mut kernels: BTreeMap<String, Box<dyn KernelSpec>> = BTreeMap::new();
+    for p in programs.values_mut() {
+        let plan = plan_memory(&p.graph, &PlanOptions::default());
+        p.memory = Some(MemoryRec {
+            peak_bytes: plan.peak_bytes,
+            naive_bytes: plan.naive_bytes,
+            arena_bytes: plan.arena_bytes,
+            in_place: plan.in_place,
+            slots: plan.values.iter().map(|s| s.map(|s| SlotRec { offset: s.offset, bytes: s.bytes })).collect(),
+        });
+        if gpu {
+            let (launches, specs) = launches(&p.graph, opt);
+            p.launches = launches;
+            for s in specs {
+                kernels.entry(s.name()).or_insert(s);
+            }
+        }
+    }
+    bar.inc(1);
+
+    let summaries: Vec<ProgramSummary> = order
+        .iter()
+        .map(|name| {
+            let p = &programs[name];
+            let mem = p.memory.clone().unwrap_or_default();
+            ProgramSummary {
+                name: name.clone(),
+                nodes_before: p.stats.nodes_before,
+                nodes_after: p.stats.nodes_after,
+                fused: p.stats.fused,
+                unfused: p.stats.unfused,
+                launches: p.launches.len(),
+                fallbacks: p.launches.iter().filter(|l| l.family == CPU_FALLBACK).count(),
+                naive_bytes: mem.naive_bytes,
+                arena_bytes: mem.arena_bytes,
+                peak_bytes: mem.peak_bytes,
+            }
+        })
+        .collect();
+    let mut report = CompileReport {
+        target: opt.target,
+        programs: summaries,
+        kernels: kernels.len(),
+        weight_tensors: entries.len(),
+        weight_bytes: weight_bytes_est,
+        kv_cache_bytes: kv_bytes,
+        cubin: false,
+        seconds: 0.0,
+        out: None,
+        notes,
+    };
+    if opt.dry_run {
+        bar.inc(1);
+        report.seconds = t0.elapsed().as_secs_f64();
+        return Ok(report);
+    }
+    let out = out.ok_or(CompileError::NoOutput)?;
+
+    // Assemble in a sibling directory, then rename into place.
+    bar.set_message("writing weights");
+    let tmp = sibling(out, "partial");
+    let _ = std::fs::remove_dir_all(&tmp);
+    let ioerr = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| CompileError::Io { path, source }
+    };
+    std::fs::create_dir_all(&tmp).map_err(ioerr(&tmp))?;
+    let result = (|| -> Result<Manifest, CompileError> {
+        let wpath = tmp.join(artifact::WEIGHTS);
+        let sources: Vec<Data> = entries
+            .iter()
+            .map(|e| {
+                if let Some(d) = const_data.get(e.name.as_str()) {
+                    Data::Const((*d).clone())
+                } else if let Some(f) = folded_by_name.get(e.name.as_str()) {
+                    Data::Folded(f)
+                } else {
+                    Data::Checkpoint(e.name.as_str())
+                }
+            })
+            .collect();
+        let weights_rec = artifact::write_weights::<CompileError>(&wpath, &entries, |i, buf| {
+            let e = &entries[i];
+            match &sources[i] {
+                Data::Const(d) => to_bytes(Elems::F32(d), e.dtype, buf),
+                Data::Folded(f) => to_bytes(f.data.elems(), e.dtype, buf),
+                Data::Checkpoint(name) => {
+                    let w =
+                        m.weights.weight(name).ok_or_else(|| CompileError::MissingWeight { name: name.to_string() })?;
+                    to_bytes(w, e.dtype, buf)
+                }
+            }
+            Ok(())
+        })
+        .map_err(|e| match e {
+            CompileError::UnnamedIo(source) => CompileError::Io { path: wpath.clone(), source },
+            e => e,
+        })?;
+        let mut files = vec![];
+        let add_file = |name: &str, files: &mut Vec<FileRec>| -> Result<(), CompileError> {
+            let p = tmp.join(name);
+            let bytes = std::fs::metadata(&p).map_err(ioerr(&p))?.len();
+            files.push(FileRec { name: name.into(), bytes });
+            Ok(())
+        };
+        if let Target::Gpu(t) = opt.target {
+            bar.set_message("generating PTX");
+            let module = qvc_codegen::Module::new(t, kernels.values().map(|k| k.build()).collect());
+            let ppath = tmp.join(artifact::PTX);
+            std::fs::write(&ppath, module.print()).map_err(ioerr(&ppath))?;
+            add_file(artifact::PTX, &mut files)?;
+            if let Some(ptxas) = qvc_codegen::ptxas::find_ptxas() {
+                let name = format!("kernels.{}.cubin", t.name());
+                let o = std::process::Command::new(&ptxas)
+                    .arg(format!("-arch={}", t.name()))
+                    .arg("-o")
+                    .arg(tmp.join(&name))
+                    .arg(&ppath)
+                    .output()
+                    .map_err(ioerr(&ptxas))?;
+                if !o.status.success() {
+                    let log = String::from_utf8_lossy(&o.stderr).into_owned();
+                    return Err(CompileError::Ptxas { ptx: out.join(artifact::PTX), log });
+                }
+                add_file(&name, &mut files)?;
+                report.cubin = true;
+            } else {
+                report.notes.push("ptxas not found: kernels.ptx written, no cubin".into());
+            }
+        }
+        let dir = m.dir.as_deref().expect("checkpoints have a directory");
+        for name in ["config.json", "generation_config.json", "qwen.tiktoken"] {
+            let from = dir.join(name);
+            if from.is_file() {
+                std::fs::copy(&from, tmp.join(name)).map_err(ioerr(&from))?;
+                add_file(name, &mut files)?;
+            }
+        }
+        let config_bytes = std::fs::read(dir.join("config.json")).map_err(ioerr(&dir.join("config.json")))?;
+        let (fingerprint, ck_bytes) = checkpoint_fingerprint(&m.weight_files)?;
+        let SourceSpec::Checkpoint(src_path) = src else { unreachable!("synthetic sources are dry runs") };
+        let manifest = Manifest {
+            format_version: artifact::FORMAT_VERSION,
+            qvc_version: env!("CARGO_PKG_VERSION").into(),
+            source: artifact::Source {
+                path: src_path.display().to_string(),
+                config_fnv64: Fnv64::of(&config_bytes),
+                checkpoint_fingerprint: fingerprint,
+                checkpoint_bytes: ck_bytes,
+            },
+            options: artifact::Options {
+                target: opt.target.name().into(),
+                dtype: opt.dtype.to_string(),
+                image_size: cfg.visual.image_size,
+                vit_attention: opt.vit_attention.trim().into(),
+                max_seq: opt.max_seq,
+                max_batch: opt.max_batch,
+                max_images: opt.max_images,
+            },
+            kv_cache_bytes: kv_bytes,
+            kernels: kernels.keys().cloned().collect(),
+            programs: std::mem::take(&mut programs),
+            weights: weights_rec,
+            files,
+        };
+        bar.set_message("writing the manifest");
+        let mpath = tmp.join(artifact::MANIFEST);
+        let text =
+            serde_json::to_vec(&manifest).map_err(|e| CompileError::Io { path: mpath.clone(), source: e.into() })?;
+        std::fs::write(&mpath, text).map_err(ioerr(&mpath))?;
+        Ok(manifest)
+    })();
+    let manifest = match result {
+        Ok(m) => m,
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&tmp);
+            return Err(e);
+        }
+    };
+    if out.exists() {
+        // check_out allowed it: an artifact or an empty directory, and --force.
+        let old = sibling(out, "old");
+        std::fs::rename(out, &old).map_err(ioerr(out))?;
+        std::fs::rename(&tmp, out).map_err(ioerr(out))?;
+        let _ = std::fs::remove_dir_all(&old);
+    } else {
+        std::fs::rename(&tmp, out).map_err(ioerr(out))?;
+    }
+    bar.inc(1);
+    report.weight_bytes = manifest.weights.bytes;
+    report.out = Some(out.to_path_buf());
+    report.seconds = t0.elapsed().as_secs_f64();
+    Ok(report)
+}
+
+fn sibling(out: &Path, what: &str) -> PathBuf {
+    let name = out.file_name().map_or_else(|| "out".into(), |n| n.to_string_lossy().into_owned());
+    out.with_file_name(format!(".{name}.{what}-{}", std::process::id()))
+}
+
+/// Kernel launches of `g` for a GPU target: one per compute node (leaves and
+/// reshapes are free), a family kernel where one matches, else `cpu-fallback`
+/// with the reason. Also returns the specs used.
+pub fn launches(g: &Graph, opt: &CompileOptions) -> (Vec<Launch>, Vec<Box<dyn KernelSpec>>) {
+    let mut out = vec![];
+    let mut specs: Vec<Box<dyn KernelSpec>> = vec![];
+    for (i, n) in g.nodes.iter().enumerate() {
+        if matches!(n.op, Op::Input(_) | Op::Param(_) | Op::Const(_) | Op::Reshape(_)) {
+            continue;
+        }
+        let found = match_kernel(g, n, opt);
+        let mut push = |family: &str, s: Option<&dyn KernelSpec>, note: Option<String>| {
+            let (kernel, grid, block) = match s {
+                Some(s) => {
+                    let l = s.launch();
+                    (s.name(), l.grid, l.block)
+                }
+                None => (String::new(), [0; 3], [0; 3]),
+            };
+            out.push(Launch { node: i as u32, op: n.op.name(), family: family.into(), kernel, grid, block, note });
+        };
+        match found {
+            Ok((family, ks)) => {
+                for k in ks {
+                    push(family, Some(k.as_ref()), None);
+                    specs.push(k);
+                }
+            }
+            Err(why) => push(CPU_FALLBACK, None, Some(why)),
+        }
+    }
+    (out, specs)
+}
+
+type Found = Result<(&'static str, Vec<Box<dyn KernelSpec>>), String>;
+
+fn match_kernel(g: &Graph, n: &qvc_ir::Node, opt: &CompileOptions) -> Found {
+    let s = |i: usize| g.shape(n.inputs[i]);
+    let rows = |x: &Shape| x.numel() / x.last().max(1);
+    // Activations enter GEMMs as bf16 and leave as f32 (kernels/src/gpu/mod.rs conventions).
+    let gemm = |x: &Shape, w: &Shape, epi: Epilogue| -> Found {
+        let (m, nn, k) = (rows(x), w.dim(0), w.dim(1));
+        if m <= 8 {
+            let sp = GemvSpec::new(m, nn, k, DType::BF16, DType::F32, epi).map_err(|e| format!("gemv: {e:?}"))?;
+            Ok(("gemv", vec![Box::new(sp)]))
+        } else {
+            let sp = GemmSpec::new(m, nn, k, DType::BF16, DType::F32, epi).map_err(|e| format!("gemm: {e:?}"))?;
+            Ok(("gemm", vec![Box::new(sp)]))
+        }
+    };
+    match &n.op {
+        Op::Linear { bias, act, residual } => {
+            let act = match act {
+                qvc_ir::Act::None => KAct::None,
+                qvc_ir::Act::Gelu => KAct::Gelu,
+                qvc_ir::Act::SiluMul => KAct::SiluMul,
+            };
+            gemm(s(0), s(1), Epilogue::new(*bias, act, *residual))
+        }
+        Op::MatMul { transpose_b: true } if s(1).rank() == 2 && matches!(g.node(n.inputs[1]).op, Op::Param(_)) => {
+            gemm(s(0), s(1), Epilogue::NONE)
+        }
+        Op::LayerNorm { eps } | Op::RmsNorm { eps } | Op::AddNorm { eps, .. } => {
+            let rms = matches!(n.op, Op::RmsNorm { .. } | Op::AddNorm { rms: true, .. });
+            let residual = matches!(n.op, Op::AddNorm { .. });
+            if residual && s(1) != s(0) {
+                return Err(format!("the norm kernel adds a residual of the same shape, got {} + {}", s(0), s(1)));
+            }
+            let kind = if rms { NormKind::RmsNorm } else { NormKind::LayerNorm { bias: true } };
+            let sp = NormSpec { kind, rows: rows(s(0)), cols: s(0).last(), eps: *eps, residual, out: DType::F32 };
+            sp.validate().map_err(|e| e.to_string())?;
+            Ok(("norm", vec![Box::new(sp)]))
+        }
+        Op::Attention { mask, scale } if n.inputs.len() == 3 => {
+            let (q, k) = (s(0), s(1));
+            let (tq, tk, h, d) = (q.dim(0), k.dim(0), q.dim(1), q.dim(2));
+            let dense = Strides { token: (h * d) as u32, head: d as u32 };
+            let fm = match *mask {
+                Mask::None => FlashMask::None,
+                Mask::Causal => FlashMask::Causal { q_offset: (tk - tq) as u32 },
+                Mask::Window { grid_h, grid_w, window } => {
+                    FlashMask::Window { grid: (grid_h as u32, grid_w as u32), window: window as u32 }
+                }
+            };
+            let mut sp = FlashSpec::new(tq as u32, tk as u32, h as u32, d as u32, dense, dense, dense, fm);
+            sp.scale = *scale;
+            sp.out = OutDtype::F32;
+            sp.validate().map_err(|e| e.to_string())?;
+            Ok(("attention", vec![Box::new(sp)]))
+        }
+        Op::Attention { scale, .. } => {
+            let (q, k) = (s(0), s(1));
+            if q.dim(0) != 1 {
+                return Err("attention over a KV cache with more than one new token has no kernel yet".into());
+            }
+            let (h, d) = (k.dim(1), k.dim(2));
+            let splits = DecodeAttnSpec::splits_for(opt.max_batch, h, opt.max_seq, SMS);
+            let sp = DecodeAttnSpec::new(opt.max_batch, h, d, opt.max_seq, splits, *scale, DType::F32)
+                .map_err(|e| format!("{e:?}"))?;
+            Ok(("decode_attention", vec![Box::new(sp.partial()), Box::new(sp.combine())]))
+        }
+        op => Err(format!("no GPU kernel for {} yet", op.name())),
+    }
+}
+
+/// Every param name the compiled programs of `m` read (for tests and `inspect`).
+pub fn params_of(m: &Manifest) -> BTreeSet<String> {
+    m.programs.values().flat_map(|p| p.graph.params().into_iter().map(|(n, _)| n.to_string())).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buckets_cover_every_length_up_to_max_seq() {
+        assert_eq!(buckets(2048), [16, 32, 64, 128, 256, 512, 1024, 2048]);
+        assert_eq!(buckets(100), [16, 32, 64, 100]);
+        assert_eq!(buckets(16), [16]);
+        assert_eq!(buckets(5), [5]);
+    }
+
+    #[test]
+    fn image_programs_only_where_the_spans_fit() {
+        let cfg = qwen_vl_chat_config();
+        let opt = CompileOptions { max_seq: 600, max_images: 2, ..Default::default() };
+        let names: Vec<String> = program_specs(&cfg, &opt).into_iter().map(|p| p.name).collect();
+        // One image span is 258 tokens, two are 516.
+        assert!(names.contains(&"prefill.512.img1".to_string()) && !names.contains(&"prefill.256.img1".to_string()));
+        assert!(names.contains(&"prefill.600.img2".to_string()) && !names.contains(&"prefill.512.img2".to_string()));
+        assert_eq!(names.iter().filter(|n| n.starts_with("decode.")).count(), buckets(600).len());
+        assert_eq!(names[0], "vision");
+    }
+
+    #[test]
+    fn bad_options_are_rejected_before_any_work() {
+        let bad = |o: CompileOptions| check_options(&o).unwrap_err().to_string();
+        assert!(bad(CompileOptions { max_seq: 1, ..Default::default() }).contains("--max-seq 1"));
+        assert!(bad(CompileOptions { max_batch: 0, ..Default::default() }).contains("--max-batch 0"));
+        assert!(
+            bad(CompileOptions { vit_attention: "window:0".into(), ..Default::default() }).contains("--vit-attention")
+        );
+        assert!(check_options(&CompileOptions::default()).is_ok());
+    }
+}

@@ -1,0 +1,68 @@
+//! A compiled model runs: `qvc compile` the fixture for the CPU, load the
+//! artifact with `Model::load`, and the chat prompts give the same logits
+//! (1e-3 relative, the bound; measured far below) and the same
+//! greedy tokens as the uncompiled checkpoint, through the shape buckets
+//! (padded prompts, padded KV-cache buckets with a run-time length).
+
+mod common;
+use common::{fixtures, rel_err, Expected};
+use qvc::compile::{compile, CompileOptions, SourceSpec};
+use qvc_model::sampling::argmax;
+use qvc_model::{LoadOptions, Model, ModelError, PrefillOptions, Session};
+use qvc_runtime::Cpu;
+use std::path::Path;
+
+fn greedy(m: &Model, dir: &Path, ids: &[u32], steps: usize) -> (Vec<f32>, Vec<u32>, Vec<Vec<f32>>) {
+    let backend = Cpu;
+    let mut s = Session::new(m, &backend);
+    s.set_image_dir(dir);
+    let first = s.prefill(ids, &PrefillOptions::default()).unwrap().logits;
+    let (mut logits, mut toks, mut all) = (first.clone(), vec![], vec![]);
+    for _ in 0..steps {
+        let t = argmax(&logits) as u32;
+        toks.push(t);
+        logits = s.step(t).unwrap();
+        all.push(logits.clone());
+    }
+    (first, toks, all)
+}
+
+#[test]
+fn compiled_fixture_matches_the_checkpoint() {
+    let Some(dir) = fixtures() else { return };
+    let out = std::env::temp_dir().join(format!("qvc-compiled-model-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out);
+    let opt = CompileOptions { max_seq: 512, force: true, ..Default::default() };
+    compile(&SourceSpec::Checkpoint(dir.clone()), Some(&out), &opt, &indicatif::ProgressBar::hidden()).unwrap();
+
+    let plain = Model::load(&dir, &LoadOptions::default()).unwrap();
+    let compiled = Model::load(&out, &LoadOptions::default()).unwrap();
+    assert!(compiled.compiled().is_some() && plain.compiled().is_none());
+    let e = Expected::load(&dir);
+    for case in ["text", "img1", "ground"] {
+        let ids = e.ids(&e.json["chat"][case]["input_ids"]);
+        let (a0, at, al) = greedy(&plain, &dir, &ids, 6);
+        let (b0, bt, bl) = greedy(&compiled, &dir, &ids, 6);
+        let r = rel_err(&b0, &a0);
+        assert!(r < 1e-3, "{case}: prefill logits differ by {r:e}");
+        assert_eq!(bt, at, "{case}: greedy tokens differ");
+        for (k, (x, y)) in bl.iter().zip(&al).enumerate() {
+            let r = rel_err(x, y);
+            assert!(r < 1e-3, "{case}: step {k} logits differ by {r:e}");
+        }
+        eprintln!("{case}: {} prompt tokens, prefill logits rel err {r:.1e}, tokens {bt:?}", ids.len());
+    }
+
+    // A prompt longer than the largest bucket is a clear error, not a crash.
+    let backend = Cpu;
+    let mut s = Session::new(&compiled, &backend);
+    let long = vec![100u32; 600];
+    match s.prefill(&long, &PrefillOptions::default()) {
+        Err(ModelError::Compiled(msg)) => assert!(msg.contains("--max-seq"), "{msg}"),
+        other => panic!("expected a bucket error, got {:?}", other.map(|o| o.logits.len())),
+    }
+    // So is asking a compiled model for what it was not compiled with.
+    let e = Model::load(&out, &LoadOptions { image_size: Some(896), ..Default::default() }).err().unwrap();
+    assert!(e.to_string().contains("--image-size"), "{e}");
+    let _ = std::fs::remove_dir_all(&out);
+}
