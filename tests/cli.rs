@@ -178,3 +178,43 @@ fn kernels_lists_writes_ptx_and_never_overwrites() {
     assert_eq!(std::fs::read_to_string(&ptx).unwrap(), "mine", "an existing file is not overwritten");
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[test]
+fn generate_runs_a_compiled_artifact_given_as_first_argument() {
+    let Some(dir) = common::fixtures() else { return };
+    let e = common::Expected::load(&dir);
+    let case = &e.json["chat"]["ground"];
+    let tmp = std::env::temp_dir().join(format!("qvc-gen-compiled-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).unwrap();
+    let out = tmp.join("tiny.qvc");
+    let o = qvc(&["compile", dir.to_str().unwrap(), "-o", out.to_str().unwrap(), "--max-seq", "512"], None);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let toks = tmp.join("prompt.json");
+    std::fs::write(&toks, case["input_ids"].to_string()).unwrap();
+    let args = [
+        "generate",
+        out.to_str().unwrap(),
+        "--prompt-tokens",
+        toks.to_str().unwrap(),
+        "--temperature",
+        "0",
+        "--max-new-tokens",
+        "12",
+        "--json",
+    ];
+    let o = qvc(&args, Some(&dir));
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    assert!(text(&o.stderr).contains("compiled model"), "{}", text(&o.stderr));
+    let v: serde_json::Value = serde_json::from_str(&text(&o.stdout)).unwrap();
+    assert_eq!(e.ids(&v["tokens"]), e.ids(&case["greedy"]["ids"]));
+    // The `generate` binary takes the same arguments.
+    let o = Command::new(env!("CARGO_BIN_EXE_generate")).args(&args[1..]).current_dir(&dir).output().unwrap();
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let v: serde_json::Value = serde_json::from_str(&text(&o.stdout)).unwrap();
+    assert_eq!(e.ids(&v["tokens"]), e.ids(&case["greedy"]["ids"]));
+    // Neither MODEL nor --model: a clear error that names both.
+    let o = qvc(&["generate", "--prompt", "hi"], None);
+    assert!(!o.status.success() && text(&o.stderr).contains("--model"), "{}", text(&o.stderr));
+    let _ = std::fs::remove_dir_all(&tmp);
+}

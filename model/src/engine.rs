@@ -189,6 +189,21 @@ impl Model {
         })
     }
 
+    /// A graph built from a raw checkpoint, compiled in memory: fusion into
+    /// the kernels' fused nodes (GEMM epilogues, SwiGLU, QKV split + rotary,
+    /// norm + add), then CSE and DCE. Weight repacking (canonicalisation and
+    /// weight folding) needs somewhere to keep the repacked weights, so it
+    /// happens only in `qvc compile`. Compiled models' graphs are already
+    /// optimised and pass through unchanged.
+    pub fn optimized(&self, mut g: qvc_ir::Graph) -> Result<qvc_ir::Graph, ModelError> {
+        if self.compiled.is_none() {
+            use qvc_ir::passes::{run_pipeline, Cse, Dce, Fuse, Pass};
+            let passes: [&dyn Pass; 3] = [&Fuse, &Cse, &Dce];
+            run_pipeline(&mut g, &passes)?;
+        }
+        Ok(g)
+    }
+
     /// The artifact's manifest when this model was loaded from `qvc compile` output.
     pub fn compiled(&self) -> Option<&Manifest> {
         self.compiled.as_ref()
@@ -377,7 +392,7 @@ impl<'m> Session<'m> {
             None => PathBuf::from(path),
         };
         let px = preprocess(&full, size)?;
-        let g = self.model.vision_graph(&self.model.vision_options())?;
+        let g = self.model.optimized(self.model.vision_graph(&self.model.vision_options())?)?;
         let inputs = HashMap::from([("pixels".to_string(), InputRef::F32(&px))]);
         let mut out = self.backend.run(&g, &self.model.weights, &inputs)?;
         let f = out.remove("features").expect("vision graph has a features output");
@@ -475,7 +490,7 @@ impl<'m> Session<'m> {
             return self.run_compiled(ids, shape, feats, rows);
         }
         let cfg = &self.model.config;
-        let g = decoder_graph(cfg, &self.model.weights, shape)?;
+        let g = self.model.optimized(decoder_graph(cfg, &self.model.weights, shape)?)?;
         let ids_i: Vec<i32> = ids.iter().map(|&i| i as i32).collect();
         let (cos, sin) = rope_tables(cfg, self.alpha, shape.past, shape.tokens);
         let logn = logn_scales(cfg, shape.past, shape.tokens);
