@@ -288,6 +288,10 @@ struct BenchArgs {
     /// Decode steps to time.
     #[arg(long, default_value_t = 32)]
     decode_tokens: usize,
+    /// Also time decoding this many sequences together (one program run per
+    /// step reads the weights once for all); a compiled model needs --max-batch of at least this.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
+    batch: u16,
 }
 
 /// Entry point of both binaries; `forced` is the subcommand the `generate` binary implies.
@@ -858,6 +862,28 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
         t.decode_tokens_per_s(),
         100.0 * dec_gbs / peak_gbs
     );
+    if a.batch > 1 {
+        // The same prompt in every sequence, decoded together: weights are read
+        // once per step for all of them, so the floor is per step, not per token.
+        let b = a.batch as usize;
+        let mut sessions: Vec<Session> = (0..b).map(|_| Session::new(&model, &backend)).collect();
+        for s in sessions.iter_mut() {
+            s.prefill(&ids, &PrefillOptions::default())?;
+        }
+        let t0 = Instant::now();
+        for i in 0..a.decode_tokens {
+            let toks: Vec<u32> = (0..b).map(|j| 100 + (i * b + j) as u32).collect();
+            qvc_model::step_batch(&mut sessions, &toks)?;
+        }
+        let secs = t0.elapsed().as_secs_f64();
+        let steps_per_s = a.decode_tokens as f64 / secs;
+        let gbs = steps_per_s * per_token as f64 / 1e9;
+        println!(
+            "decode batch {b:<4} {:>9.2} tok/s {gbs:>7.1} GB/s     ({:.0}% of bandwidth; {steps_per_s:.1} steps/s)",
+            steps_per_s * b as f64,
+            100.0 * gbs / peak_gbs
+        );
+    }
     Ok(())
 }
 

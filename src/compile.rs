@@ -256,6 +256,8 @@ struct ProgramSpec {
     tokens: usize,
     past: usize,
     image_rows: usize,
+    /// Sequences decoded together (decode programs; 1 otherwise).
+    batch: usize,
 }
 
 /// The token buckets: powers of two from [`MIN_BUCKET`] below `max_seq`, then `max_seq`.
@@ -272,16 +274,22 @@ pub fn buckets(max_seq: usize) -> Vec<usize> {
 
 fn program_specs(cfg: &Config, opt: &CompileOptions) -> Vec<ProgramSpec> {
     let q = cfg.visual.queries();
-    let mut v = vec![ProgramSpec { name: "vision".into(), kind: "vision", tokens: 0, past: 0, image_rows: 0 }];
+    let mut v =
+        vec![ProgramSpec { name: "vision".into(), kind: "vision", tokens: 0, past: 0, image_rows: 0, batch: 1 }];
     for t in buckets(opt.max_seq) {
         // An image span is <img> + 256 feature rows + </img>.
         for n in (0..=opt.max_images).filter(|n| n * (q + 2) <= t) {
             let name = format!("prefill.{t}.img{n}");
-            v.push(ProgramSpec { name, kind: "prefill", tokens: t, past: 0, image_rows: n * q });
+            v.push(ProgramSpec { name, kind: "prefill", tokens: t, past: 0, image_rows: n * q, batch: 1 });
         }
     }
-    for p in buckets(opt.max_seq) {
-        v.push(ProgramSpec { name: format!("decode.{p}"), kind: "decode", tokens: 1, past: p, image_rows: 0 });
+    // Decode: one program per cache bucket, and per batch size up to
+    // --max-batch (sequences are prefilled one at a time, then decoded together).
+    for batch in 1..=opt.max_batch.max(1) {
+        for p in buckets(opt.max_seq) {
+            let name = if batch == 1 { format!("decode.{p}") } else { format!("decode.b{batch}.{p}") };
+            v.push(ProgramSpec { name, kind: "decode", tokens: 1, past: p, image_rows: 0, batch });
+        }
     }
     v
 }
@@ -469,6 +477,7 @@ pub fn compile(
                 past: s.past,
                 image_rows: s.image_rows,
                 bucketed: true,
+                batch: s.batch,
                 ..Default::default()
             };
             decoder_graph(cfg, &m.weights, &shape).map_err(gerr)?
@@ -496,6 +505,7 @@ pub fn compile(
                 tokens: s.tokens,
                 past: s.past,
                 image_rows: s.image_rows,
+                batch: s.batch,
                 inputs,
                 outputs,
                 stats,

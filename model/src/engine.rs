@@ -213,19 +213,34 @@ impl Model {
     /// smallest bucket that holds `tokens` new tokens, `past` cached ones and
     /// `image_rows` feature rows.
     fn bucket(&self, kind: &str, tokens: usize, past: usize, image_rows: usize) -> Result<&Program, ModelError> {
+        self.bucket_batch(kind, tokens, past, image_rows, 1)
+    }
+
+    fn bucket_batch(
+        &self,
+        kind: &str,
+        tokens: usize,
+        past: usize,
+        image_rows: usize,
+        batch: usize,
+    ) -> Result<&Program, ModelError> {
         let m = self.compiled.as_ref().ok_or_else(|| ModelError::Compiled("not a compiled model".into()))?;
         m.programs
             .values()
-            .filter(|p| p.kind == kind && p.tokens >= tokens && p.past >= past && p.image_rows == image_rows)
+            .filter(|p| {
+                p.kind == kind && p.tokens >= tokens && p.past >= past && p.image_rows == image_rows && p.batch == batch
+            })
             .min_by_key(|p| (p.tokens, p.past))
             .ok_or_else(|| {
                 let images = image_rows / self.config.visual.queries().max(1);
                 ModelError::Compiled(format!(
                     "{} has no {kind} program for {tokens} new tokens after {past} cached ones with {images} image(s) \
-                     (compiled with --max-seq {}, up to {} image(s)); compile again with larger limits",
+                     and {batch} sequence(s) (compiled with --max-seq {}, up to {} image(s), --max-batch {}); \
+                     compile again with larger limits",
                     self.dir.display(),
                     m.options.max_seq,
-                    m.options.max_images
+                    m.options.max_images,
+                    m.options.max_batch
                 ))
             })
     }
@@ -448,6 +463,7 @@ impl<'m> Session<'m> {
             all_logits: opt.all_logits,
             hidden: opt.hidden,
             bucketed: false,
+            batch: 1,
         };
         let mut out = self.run_decoder(ids, &shape, &feats, &rows)?;
         self.timings.prefill_ms += t0.elapsed().as_secs_f64() * 1e3;
@@ -585,6 +601,95 @@ impl<'m> Session<'m> {
         self.cache.commit(n);
         Ok(out)
     }
+}
+
+/// Decode one token for each of several sessions in one program run, so the
+/// weights are read once for all of them (decode is bound by reading the
+/// weights: batching multiplies tokens per second). The sessions must share
+/// one model and backend; each keeps its own KV cache and NTK alpha, and their
+/// caches may hold different lengths. Returns each session's logits, in order.
+pub fn step_batch(sessions: &mut [Session<'_>], ids: &[u32]) -> Result<Vec<Vec<f32>>, ModelError> {
+    let n = sessions.len();
+    if n == 0 || n != ids.len() {
+        return Err(ModelError::Prompt(format!("step_batch got {n} sessions and {} tokens", ids.len())));
+    }
+    if n == 1 {
+        return Ok(vec![sessions[0].step(ids[0])?]);
+    }
+    let (model, backend) = (sessions[0].model, sessions[0].backend);
+    let cfg = &model.config;
+    for (s, &id) in sessions.iter().zip(ids) {
+        if !std::ptr::eq(s.model, model) {
+            return Err(ModelError::Prompt("step_batch needs sessions of one model".into()));
+        }
+        if s.cache.is_empty() {
+            return Err(ModelError::Prompt("decode step without a prefill".into()));
+        }
+        if s.cache.len() + 1 > MAX_CONTEXT {
+            return Err(ModelError::Prompt(format!(
+                "a conversation reached {MAX_CONTEXT} tokens, the most qvc accepts"
+            )));
+        }
+        if id as usize >= cfg.vocab_size {
+            return Err(ModelError::Prompt(format!("token id {id} is outside the vocabulary")));
+        }
+    }
+    let t0 = Instant::now();
+    let lens: Vec<usize> = sessions.iter().map(|s| s.cache.len()).collect();
+    let longest = *lens.iter().max().expect("n > 1");
+    let built;
+    let (graph, pb) = if model.compiled.is_some() {
+        let p = model.bucket_batch("decode", 1, longest, 0, n)?;
+        (&p.graph, p.past)
+    } else {
+        let shape = DecoderShape { tokens: 1, past: longest, bucketed: true, batch: n, ..Default::default() };
+        built = model.optimized(decoder_graph(cfg, &model.weights, &shape)?)?;
+        (&built, longest)
+    };
+    for s in sessions.iter_mut() {
+        s.cache.reserve_rows(pb);
+    }
+    let ids_i: Vec<i32> = ids.iter().map(|&i| i as i32).collect();
+    let (mut cos, mut sin, mut logn) = (vec![], vec![], vec![]);
+    for (s, &len) in sessions.iter().zip(&lens) {
+        let (c, si) = rope_tables(cfg, s.alpha, len, 1);
+        cos.extend(c);
+        sin.extend(si);
+        logn.extend(logn_scales(cfg, len, 1));
+    }
+    let past_lens: Vec<[f32; 1]> = lens.iter().map(|&l| [l as f32]).collect();
+    let mut inputs: HashMap<String, InputRef> = HashMap::from([
+        ("ids".to_string(), InputRef::I32(&ids_i)),
+        ("rope_cos".to_string(), InputRef::F32(&cos)),
+        ("rope_sin".to_string(), InputRef::F32(&sin)),
+        ("logn".to_string(), InputRef::F32(&logn)),
+    ]);
+    for (bi, s) in sessions.iter().enumerate() {
+        inputs.insert(format!("past_len.{bi}"), InputRef::F32(&past_lens[bi]));
+        for i in 0..cfg.layers {
+            let (k, v) = s.cache.bucket(i, pb);
+            inputs.insert(format!("past_k.{i}.{bi}"), InputRef::F32(k));
+            inputs.insert(format!("past_v.{i}.{bi}"), InputRef::F32(v));
+        }
+    }
+    let mut out = backend.run(graph, &model.weights, &inputs)?;
+    let row = cfg.heads * cfg.head_dim;
+    for i in 0..cfg.layers {
+        let k = out.remove(&format!("k.{i}")).expect("decoder outputs k");
+        let v = out.remove(&format!("v.{i}")).expect("decoder outputs v");
+        for (bi, s) in sessions.iter_mut().enumerate() {
+            s.cache.append(i, &k[bi * row..(bi + 1) * row], &v[bi * row..(bi + 1) * row]);
+        }
+    }
+    let ms = t0.elapsed().as_secs_f64() * 1e3;
+    for s in sessions.iter_mut() {
+        s.cache.commit(1);
+        s.timings.decode_ms += ms;
+        s.timings.decode_tokens += 1;
+    }
+    let logits = out.remove("logits").expect("decoder has logits");
+    let v = cfg.vocab_size;
+    Ok((0..n).map(|bi| logits[bi * v..(bi + 1) * v].to_vec()).collect())
 }
 
 /// Why generation ended.

@@ -252,6 +252,12 @@ pub struct DecoderShape {
     /// inputs hold `past` rows of which the input `past_len [1, 1]` (f32) are
     /// real (padded-cache attention, see `qvc_ir::Op::Attention`).
     pub bucketed: bool,
+    /// Decode several sequences in one step (0 and 1 mean one): one new token
+    /// each (`tokens` must be 1), each with its own padded cache inputs
+    /// `past_k.{i}.{b}`, `past_v.{i}.{b} [past, heads, d]` and length
+    /// `past_len.{b} [1, 1]`; rows of `ids`, the rotary/logn tables and the
+    /// outputs are the sequences. The GEMMs read each weight once for all.
+    pub batch: usize,
 }
 
 /// The decoder. Inputs: `ids [T]` (i32); `image_features [R, H]` and
@@ -261,7 +267,15 @@ pub struct DecoderShape {
 /// [`DecoderShape::bucketed`] programs. Outputs: `logits [1 or T, V]` and the new cache
 /// rows `k.{i}`, `v.{i} [T, heads, d]`.
 pub fn decoder_graph(cfg: &Config, w: &WeightStore, s: &DecoderShape) -> Result<Graph, IrError> {
-    let (h, nh, hd, t) = (cfg.hidden_size, cfg.heads, cfg.head_dim, s.tokens);
+    let batch = s.batch.max(1);
+    if batch > 1 && (s.tokens != 1 || s.past == 0 || !s.bucketed || s.image_rows > 0 || s.hidden || s.all_logits) {
+        return Err(IrError::Type {
+            op: "decoder".into(),
+            detail: format!("a batch of {batch} decodes one token per sequence over bucketed caches; got {s:?}"),
+        });
+    }
+    // Rows of the step: the new tokens of one sequence, or one token per sequence.
+    let (h, nh, hd, t) = (cfg.hidden_size, cfg.heads, cfg.head_dim, if batch > 1 { batch } else { s.tokens });
     let mut b = B { g: Graph::new(), w };
     let ids = b.g.input("ids", DType::I32, vec![t]);
     let wte = b.p("transformer.wte.weight");
@@ -277,7 +291,12 @@ pub fn decoder_graph(cfg: &Config, w: &WeightStore, s: &DecoderShape) -> Result<
     let cos = b.g.input("rope_cos", DType::F32, vec![t, hd]);
     let sin = b.g.input("rope_sin", DType::F32, vec![t, hd]);
     let logn = if cfg.use_logn_attn { Some(b.g.input("logn", DType::F32, vec![t, 1, 1])) } else { None };
-    let past_len = (s.bucketed && s.past > 0).then(|| b.g.input("past_len", DType::F32, vec![1, 1]));
+    let past_len = (s.bucketed && s.past > 0 && batch == 1).then(|| b.g.input("past_len", DType::F32, vec![1, 1]));
+    let past_lens: Vec<NodeId> = if batch > 1 {
+        (0..batch).map(|bi| b.g.input(&format!("past_len.{bi}"), DType::F32, vec![1, 1])).collect()
+    } else {
+        vec![]
+    };
     for i in 0..cfg.layers {
         let pre = format!("transformer.h.{i}");
         let ln1 = b.p(&format!("{pre}.ln_1.weight"));
@@ -297,7 +316,19 @@ pub fn decoder_graph(cfg: &Config, w: &WeightStore, s: &DecoderShape) -> Result<
         b.g.set_output(&format!("k.{i}"), k);
         b.g.set_output(&format!("v.{i}"), v);
         let scale = 1.0 / (hd as f32).sqrt();
-        let a = if s.past > 0 {
+        let a = if batch > 1 {
+            // Attention per sequence (each has its own cache and length); the
+            // projections around it run on all rows at once.
+            let mut outs = Vec::with_capacity(batch);
+            for (bi, &len) in past_lens.iter().enumerate() {
+                let (qb, kb, vb) =
+                    (b.g.slice(q, 0, bi, bi + 1)?, b.g.slice(k, 0, bi, bi + 1)?, b.g.slice(v, 0, bi, bi + 1)?);
+                let pk = b.g.input(&format!("past_k.{i}.{bi}"), DType::F32, vec![s.past, nh, hd]);
+                let pv = b.g.input(&format!("past_v.{i}.{bi}"), DType::F32, vec![s.past, nh, hd]);
+                outs.push(b.g.attention_padded(qb, kb, vb, pk, pv, len, scale)?);
+            }
+            b.g.concat(&outs, 0)?
+        } else if s.past > 0 {
             let pk = b.g.input(&format!("past_k.{i}"), DType::F32, vec![s.past, nh, hd]);
             let pv = b.g.input(&format!("past_v.{i}"), DType::F32, vec![s.past, nh, hd]);
             match past_len {
@@ -323,7 +354,7 @@ pub fn decoder_graph(cfg: &Config, w: &WeightStore, s: &DecoderShape) -> Result<
             b.g.set_output(&format!("hidden.block_{i}"), x);
         }
     }
-    let last = if s.all_logits || t == 1 {
+    let last = if s.all_logits || t == 1 || batch > 1 {
         x
     } else if s.bucketed {
         let at = b.g.input("last_index", DType::I32, vec![1]);

@@ -16,5 +16,6 @@ pub mod tokenizer;
 
 pub use config::{Config, GenerationConfig};
 pub use engine::{
-    generate, GenerateOptions, Generation, LoadOptions, Model, ModelError, Phase, PrefillOptions, Session, Timings,
+    generate, step_batch, GenerateOptions, Generation, LoadOptions, Model, ModelError, Phase, PrefillOptions, Session,
+    Timings,
 };

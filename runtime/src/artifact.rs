@@ -170,6 +170,10 @@ pub struct Launch {
     pub note: Option<String>,
 }
 
+fn one() -> usize {
+    1
+}
+
 /// One compiled program.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Program {
@@ -181,6 +185,9 @@ pub struct Program {
     pub past: usize,
     /// Image feature rows written into the prompt.
     pub image_rows: usize,
+    /// Sequences decoded together (decode programs; 1 otherwise).
+    #[serde(default = "one")]
+    pub batch: usize,
     pub inputs: Vec<TensorSig>,
     pub outputs: Vec<TensorSig>,
     pub stats: ProgramStats,

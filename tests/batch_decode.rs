@@ -1,0 +1,82 @@
+//! Decoding several conversations together (`step_batch`: one program run,
+//! every weight read once for all) gives each the logits it gets alone, with
+//! caches of different lengths, on the checkpoint and on a compiled artifact
+//! (`--max-batch`).
+
+mod common;
+use common::{fixtures, rel_err, Expected};
+use qvc::compile::{compile, CompileOptions, SourceSpec};
+use qvc_model::sampling::argmax;
+use qvc_model::{step_batch, LoadOptions, Model, PrefillOptions, Session};
+use qvc_runtime::Cpu;
+use std::path::Path;
+
+fn prompts(e: &Expected) -> Vec<Vec<u32>> {
+    ["text", "img1", "ground"].iter().map(|c| e.ids(&e.json["chat"][*c]["input_ids"])).collect()
+}
+
+/// Greedy tokens and step logits for each prompt alone, then the same
+/// sessions decoded as one batch.
+fn check(m: &Model, dir: &Path, prompts: &[Vec<u32>], steps: usize) {
+    let backend = Cpu;
+    let mut alone = vec![];
+    for p in prompts {
+        let mut s = Session::new(m, &backend);
+        s.set_image_dir(dir);
+        let mut logits = s.prefill(p, &PrefillOptions::default()).unwrap().logits;
+        let mut trace = vec![];
+        for _ in 0..steps {
+            let t = argmax(&logits) as u32;
+            logits = s.step(t).unwrap();
+            trace.push((t, logits.clone()));
+        }
+        alone.push(trace);
+    }
+    let mut sessions: Vec<Session> = prompts.iter().map(|_| Session::new(m, &backend)).collect();
+    let mut last = vec![];
+    for (s, p) in sessions.iter_mut().zip(prompts) {
+        s.set_image_dir(dir);
+        last.push(s.prefill(p, &PrefillOptions::default()).unwrap().logits);
+    }
+    for k in 0..steps {
+        let ids: Vec<u32> = last.iter().map(|l| argmax(l) as u32).collect();
+        for (b, &t) in ids.iter().enumerate() {
+            assert_eq!(t, alone[b][k].0, "sequence {b}, step {k}: greedy token differs");
+        }
+        last = step_batch(&mut sessions, &ids).unwrap();
+        for (b, l) in last.iter().enumerate() {
+            let r = rel_err(l, &alone[b][k].1);
+            assert!(r < 1e-5, "sequence {b}, step {k}: batched logits differ by {r:e}");
+        }
+    }
+    for (s, p) in sessions.iter().zip(prompts) {
+        assert_eq!(s.cached_tokens(), p.len() + steps);
+    }
+}
+
+#[test]
+fn batched_decode_matches_one_at_a_time() {
+    let Some(dir) = fixtures() else { return };
+    let e = Expected::load(&dir);
+    let prompts = prompts(&e);
+    let plain = Model::load(&dir, &LoadOptions::default()).unwrap();
+    check(&plain, &dir, &prompts, 4);
+
+    let out = std::env::temp_dir().join(format!("qvc-batch-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out);
+    let opt = CompileOptions { max_seq: 512, max_batch: 3, force: true, ..Default::default() };
+    compile(&SourceSpec::Checkpoint(dir.clone()), Some(&out), &opt, &indicatif::ProgressBar::hidden()).unwrap();
+    let compiled = Model::load(&out, &LoadOptions::default()).unwrap();
+    check(&compiled, &dir, &prompts, 4);
+    // Two of the three: the b2 programs.
+    check(&compiled, &dir, &prompts[..2], 2);
+    // More sequences than --max-batch: a clear error.
+    let backend = Cpu;
+    let mut four: Vec<Session> = (0..4).map(|_| Session::new(&compiled, &backend)).collect();
+    for s in four.iter_mut() {
+        s.prefill(&prompts[0], &PrefillOptions::default()).unwrap();
+    }
+    let err = step_batch(&mut four, &[1, 2, 3, 4]).unwrap_err();
+    assert!(err.to_string().contains("--max-batch"), "{err}");
+    let _ = std::fs::remove_dir_all(&out);
+}
