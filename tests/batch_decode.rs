@@ -17,6 +17,7 @@ fn prompts(e: &Expected) -> Vec<Vec<u32>> {
 
 /// Greedy tokens and step logits for each prompt alone, then the same
 /// sessions decoded as one batch.
+#[allow(clippy::needless_range_loop)] // `k` indexes every sequence's trace
 fn check(m: &Model, dir: &Path, prompts: &[Vec<u32>], steps: usize) {
     let backend = Cpu;
     let mut alone = vec![];
