@@ -562,34 +562,3 @@ fn window_attention(
         }
     }
 }
-
-/// Runs one node by expanding it into its primitive subgraph on this backend.
-/// Correct for every op (expansion is the definition): the fallback for a
-/// composite without a native CPU kernel (every composite has one today).
-#[allow(dead_code)]
-fn run_expanded<'a>(g: &Graph, n: &Node, a: Vec<Buf<'a>>, weights: &'a dyn WeightSource) -> Result<Buf<'a>, ExecError> {
-    let mut sub = Graph::new();
-    let mut xs = Vec::with_capacity(a.len());
-    let mut vecs: Vec<(String, Vec<f32>)> = vec![];
-    let mut ids: Vec<(String, Vec<i32>)> = vec![];
-    for (i, (inp, b)) in n.inputs.iter().zip(&a).enumerate() {
-        let ty = g.ty(*inp);
-        let name = format!("x{i}");
-        xs.push(sub.input(&name, ty.dtype, ty.shape.0.clone()));
-        match b {
-            Buf::Ids(v) => ids.push((name, v.to_vec())),
-            other => vecs.push((name, f32s(other).into_owned())),
-        }
-    }
-    let y = qvc_ir::expand(&mut sub, &n.op, &xs)?;
-    sub.set_output("y", y);
-    let mut bound: HashMap<String, InputRef<'_>> = HashMap::new();
-    for (name, v) in &vecs {
-        bound.insert(name.clone(), InputRef::F32(v));
-    }
-    for (name, v) in &ids {
-        bound.insert(name.clone(), InputRef::I32(v));
-    }
-    let mut out = run(&sub, weights, &bound)?;
-    Ok(Buf::Owned(Arc::new(out.remove("y").expect("the subgraph's output"))))
-}
