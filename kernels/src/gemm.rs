@@ -6,10 +6,10 @@
 //!
 //! Three paths, chosen by shape and layout (all give the same result to f32
 //! rounding, and all are tested against [`gemm_ref`]):
-//! * **dot** (m ≤ 4 and B's columns contiguous, the decode / lm_head case):
+//! * **dot** (m ≤ 8 and B's columns contiguous, the decode / lm_head case):
 //!   memory-bound, so no packing; parallel over column chunks of B, each
 //!   column widened in L1-sized pieces and dotted with the (≤ 4) rows of A.
-//! * **axpy** (m ≤ 4 and B's rows contiguous, `x · P`): parallel over column
+//! * **axpy** (m ≤ 8 and B's rows contiguous, `x · P`): parallel over column
 //!   chunks; each row of B is scaled into a small accumulator per A row.
 //! * **packed** (everything else): BLIS-style. For each `KC` slice of k, A is
 //!   packed into `MR`-row panels and, per `NC` block of n, B into `NR`-column
@@ -35,7 +35,7 @@ const MC: usize = 144;
 /// Columns packed at once: bounds the packed-B buffer to `KC×NC` floats (3 MiB).
 const NC: usize = 3072;
 /// Largest m the unpacked (dot/axpy) paths take.
-const SMALL_M: usize = 4;
+const SMALL_M: usize = 8;
 /// k-elements of a B column widened at a time in the dot path.
 const DOT_CHUNK: usize = 512;
 /// Columns per task in the axpy path (its accumulators live on the stack).
@@ -298,6 +298,12 @@ impl DotJob<'_> {
             2 => go!(2, 32),
             3 => go!(3, 16),
             4 => go!(4, 16),
+            // Batched decode (up to 8 sequences): one vector per row keeps
+            // the M accumulators within the 16 AVX2 registers.
+            5 => go!(5, 8),
+            6 => go!(6, 8),
+            7 => go!(7, 8),
+            8 => go!(8, 8),
             m => unreachable!("dot path with m = {m}"),
         }
     }
@@ -478,6 +484,10 @@ impl AxpyJob<'_> {
             2 => go!(2),
             3 => go!(3),
             4 => go!(4),
+            5 => go!(5),
+            6 => go!(6),
+            7 => go!(7),
+            8 => go!(8),
             m => unreachable!("axpy path with m = {m}"),
         }
     }
@@ -1000,7 +1010,7 @@ mod tests {
         /// Small m (the unpacked dot/axpy paths) with n and k past their chunk sizes.
         #[test]
         fn gemm_small_m_matches_ref(
-            m in 0usize..=5, n in 0usize..=600, k in 0usize..=1100,
+            m in 0usize..=9, n in 0usize..=600, k in 0usize..=1100,
             la in 0u8..3, lb in 0u8..3, db in 0usize..3,
             acc: bool, seed: u64, isa in 0usize..2,
         ) {
@@ -1026,7 +1036,7 @@ mod tests {
     #[test]
     fn bf16_equals_widened_f32() {
         let mut rng = Rng::new(7);
-        for &(m, n, k) in &[(1, 300, 700), (3, 300, 200), (50, 70, 300)] {
+        for &(m, n, k) in &[(1, 300, 700), (3, 300, 200), (7, 90, 300), (50, 70, 300)] {
             for transposed in [true, false] {
                 let w: Vec<bf16> = rng.vec(n * k, 1.0).into_iter().map(bf16::from_f32).collect();
                 let wf: Vec<f32> = w.iter().map(|x| x.to_f32()).collect();

@@ -9,7 +9,7 @@
 //! Families (one module each, all re-exported here):
 //! * [`gemm`]: `C = A·B (+C)` for any strides and weight dtypes; packed,
 //!   register-blocked and parallel, with an unpacked memory-bound path for
-//!   m ≤ 4 (decode, lm_head).
+//!   m ≤ 8 (decode at batch 1..8, lm_head).
 //! * [`norm`]: LayerNorm and RMSNorm over rows.
 //! * [`act`]: GELU (erf form), SiLU, SwiGLU, with the vectorisable
 //!   [`exp_f32`] and [`erf_f32`] they are built on.
