@@ -475,18 +475,7 @@ impl<'m> Session<'m> {
 
     /// Feed one token after a prefill; returns its logits.
     pub fn step(&mut self, id: u32) -> Result<Vec<f32>, ModelError> {
-        let cfg = &self.model.config;
-        if self.cache.is_empty() {
-            return Err(ModelError::Prompt("decode step without a prefill".into()));
-        }
-        if self.cache.len() + 1 > MAX_CONTEXT {
-            return Err(ModelError::Prompt(format!(
-                "the conversation reached {MAX_CONTEXT} tokens, the most qvc accepts"
-            )));
-        }
-        if id as usize >= cfg.vocab_size {
-            return Err(ModelError::Prompt(format!("token id {id} is outside the vocabulary")));
-        }
+        self.check_step(id)?;
         let t0 = Instant::now();
         let shape = DecoderShape { tokens: 1, past: self.cache.len(), ..Default::default() };
         let mut out = self.run_decoder(&[id], &shape, &[], &[])?;
@@ -495,6 +484,28 @@ impl<'m> Session<'m> {
         Ok(out.remove("logits").expect("decoder has logits"))
     }
 
+    /// Whether `id` can be fed as the next token of this conversation.
+    fn check_step(&self, id: u32) -> Result<(), ModelError> {
+        if self.cache.is_empty() {
+            return Err(ModelError::Prompt("decode step without a prefill".into()));
+        }
+        if self.cache.len() + 1 > MAX_CONTEXT {
+            return Err(ModelError::Prompt(format!(
+                "the conversation reached {MAX_CONTEXT} tokens, the most qvc accepts"
+            )));
+        }
+        if id as usize >= self.model.config.vocab_size {
+            return Err(ModelError::Prompt(format!("token id {id} is outside the vocabulary")));
+        }
+        Ok(())
+    }
+
+    /// Runs one decoder step: a prompt (`past` 0) or one token after the cache.
+    /// From a checkpoint the graph is built for the exact shape (and fused);
+    /// from an artifact the smallest shape bucket is picked and the step padded
+    /// into it (ids at the end, rotary and logn tables for the whole bucket,
+    /// the KV cache as a padded bucket with its real length). Either way only
+    /// the real rows of the new keys and values join the cache.
     fn run_decoder(
         &mut self,
         ids: &[u32],
@@ -502,71 +513,30 @@ impl<'m> Session<'m> {
         feats: &[f32],
         rows: &[i32],
     ) -> Result<HashMap<String, Vec<f32>>, ModelError> {
-        if self.model.compiled.is_some() {
-            return self.run_compiled(ids, shape, feats, rows);
-        }
-        let cfg = &self.model.config;
-        let g = self.model.optimized(decoder_graph(cfg, &self.model.weights, shape)?)?;
-        let ids_i: Vec<i32> = ids.iter().map(|&i| i as i32).collect();
-        let (cos, sin) = rope_tables(cfg, self.alpha, shape.past, shape.tokens);
-        let logn = logn_scales(cfg, shape.past, shape.tokens);
-        let names: Vec<(String, String)> =
-            (0..cfg.layers).map(|i| (format!("past_k.{i}"), format!("past_v.{i}"))).collect();
-        let mut inputs: HashMap<String, InputRef> = HashMap::from([
-            ("ids".to_string(), InputRef::I32(&ids_i)),
-            ("rope_cos".to_string(), InputRef::F32(&cos)),
-            ("rope_sin".to_string(), InputRef::F32(&sin)),
-            ("logn".to_string(), InputRef::F32(&logn)),
-        ]);
-        if !rows.is_empty() {
-            inputs.insert("image_features".into(), InputRef::F32(feats));
-            inputs.insert("image_rows".into(), InputRef::I32(rows));
-        }
-        if shape.past > 0 {
-            for (i, (kn, vn)) in names.iter().enumerate() {
-                let (k, v) = self.cache.layer(i);
-                inputs.insert(kn.clone(), InputRef::F32(k));
-                inputs.insert(vn.clone(), InputRef::F32(v));
-            }
-        }
-        let mut out = self.backend.run(&g, &self.model.weights, &inputs)?;
-        for i in 0..cfg.layers {
-            let k = out.remove(&format!("k.{i}")).expect("decoder outputs k");
-            let v = out.remove(&format!("v.{i}")).expect("decoder outputs v");
-            self.cache.append(i, &k, &v);
-        }
-        self.cache.commit(shape.tokens);
-        Ok(out)
-    }
-
-    /// [`run_decoder`](Self::run_decoder) on a compiled model: pick the
-    /// smallest shape bucket, pad the step into it (ids at the end, rotary and
-    /// logn tables for the whole bucket, the KV cache as a padded bucket with
-    /// its real length), run, and keep only the real rows of the new cache.
-    fn run_compiled(
-        &mut self,
-        ids: &[u32],
-        shape: &DecoderShape,
-        feats: &[f32],
-        rows: &[i32],
-    ) -> Result<HashMap<String, Vec<f32>>, ModelError> {
-        if shape.all_logits || shape.hidden {
-            return Err(ModelError::Compiled(
-                "a compiled model returns the last position's logits only; use the checkpoint directory for \
-                 all-position logits or hidden states"
-                    .into(),
-            ));
-        }
         let model = self.model;
         let cfg = &model.config;
         let (n, past) = (ids.len(), shape.past);
-        let kind = if past == 0 { "prefill" } else { "decode" };
-        let prog = model.bucket(kind, n, past, rows.len())?;
-        let (tb, pb) = (prog.tokens, prog.past);
+        let built;
+        let (graph, tb, pb) = if model.compiled.is_some() {
+            if shape.all_logits || shape.hidden {
+                return Err(ModelError::Compiled(
+                    "a compiled model returns the last position's logits only; use the checkpoint directory for \
+                     all-position logits or hidden states"
+                        .into(),
+                ));
+            }
+            let kind = if past == 0 { "prefill" } else { "decode" };
+            let prog = model.bucket(kind, n, past, rows.len())?;
+            (&prog.graph, prog.tokens, prog.past)
+        } else {
+            built = model.optimized(decoder_graph(cfg, &model.weights, shape)?)?;
+            (&built, n, past)
+        };
         let mut ids_i: Vec<i32> = ids.iter().map(|&i| i as i32).collect();
         ids_i.resize(tb, 0);
         let (cos, sin) = rope_tables(cfg, self.alpha, past, tb);
         let logn = logn_scales(cfg, past, tb);
+        // Read only by bucketed programs (graphs ignore inputs they do not declare).
         let last = [n as i32 - 1];
         let past_len = [past as f32];
         let names: Vec<(String, String)> =
@@ -591,7 +561,7 @@ impl<'m> Session<'m> {
                 inputs.insert(vn.clone(), InputRef::F32(v));
             }
         }
-        let mut out = self.backend.run(&prog.graph, &model.weights, &inputs)?;
+        let mut out = self.backend.run(graph, &model.weights, &inputs)?;
         let row = cfg.heads * cfg.head_dim;
         for i in 0..cfg.layers {
             let k = out.remove(&format!("k.{i}")).expect("decoder outputs k");
@@ -622,17 +592,7 @@ pub fn step_batch(sessions: &mut [Session<'_>], ids: &[u32]) -> Result<Vec<Vec<f
         if !std::ptr::eq(s.model, model) {
             return Err(ModelError::Prompt("step_batch needs sessions of one model".into()));
         }
-        if s.cache.is_empty() {
-            return Err(ModelError::Prompt("decode step without a prefill".into()));
-        }
-        if s.cache.len() + 1 > MAX_CONTEXT {
-            return Err(ModelError::Prompt(format!(
-                "a conversation reached {MAX_CONTEXT} tokens, the most qvc accepts"
-            )));
-        }
-        if id as usize >= cfg.vocab_size {
-            return Err(ModelError::Prompt(format!("token id {id} is outside the vocabulary")));
-        }
+        s.check_step(id)?;
     }
     let t0 = Instant::now();
     let lens: Vec<usize> = sessions.iter().map(|s| s.cache.len()).collect();
