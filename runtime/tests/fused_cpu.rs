@@ -4,38 +4,15 @@
 //! unfused subgraph the fusion pass replaced. Random shapes (ragged ones
 //! included), bf16 weights read in place as checkpoints store them.
 
+mod common;
+use common::*;
+
 use half::bf16;
 use proptest::prelude::*;
 use qvc_ir::passes::{Fuse, Pass};
-use qvc_ir::{Act, DType, Elems, Graph, InputRef, Mask, Op, WeightSource};
+use qvc_ir::{Act, DType, Graph, InputRef, Mask, Op};
 use qvc_runtime::{Backend, Cpu, Reference};
 use std::collections::HashMap;
-
-/// Weights for tests: bf16 params, as checkpoints store them.
-struct W(HashMap<String, Vec<bf16>>);
-impl WeightSource for W {
-    fn weight(&self, name: &str) -> Option<Elems<'_>> {
-        self.0.get(name).map(|v| Elems::BF16(v))
-    }
-}
-
-fn vals(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-    (0..n)
-        .map(|_| {
-            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        })
-        .collect()
-}
-
-/// ‖a − b‖ / ‖b‖ in f64.
-fn rel(a: &[f32], b: &[f32]) -> f64 {
-    assert_eq!(a.len(), b.len());
-    let n: f64 = a.iter().zip(b).map(|(x, y)| (*x as f64 - *y as f64).powi(2)).sum();
-    let d: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
-    (n / d.max(1e-30)).sqrt()
-}
 
 /// Random data for every input and param of `g`: params as bf16 (norm
 /// weights near 1), `logn` positive.

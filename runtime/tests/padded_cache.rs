@@ -3,6 +3,9 @@
 //! equal attention over an exact-length cache, on both backends; rows past
 //! `past_len` hold garbage and must not matter.
 
+mod common;
+use common::*;
+
 use proptest::prelude::*;
 use qvc_ir::{DType, Graph, InputRef, WeightSource};
 use qvc_runtime::{Backend, Cpu, Reference};
@@ -13,22 +16,6 @@ impl WeightSource for NoWeights {
     fn weight(&self, _: &str) -> Option<qvc_ir::Elems<'_>> {
         None
     }
-}
-
-fn vals(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-    (0..n)
-        .map(|_| {
-            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        })
-        .collect()
-}
-
-fn rel(a: &[f32], b: &[f32]) -> f64 {
-    let n: f64 = a.iter().zip(b).map(|(x, y)| (*x as f64 - *y as f64).powi(2)).sum();
-    let d: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
-    (n / d.max(1e-30)).sqrt()
 }
 
 proptest! {
