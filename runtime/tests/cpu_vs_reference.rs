@@ -26,12 +26,30 @@ proptest! {
 
     #[test]
     fn linear_norm_act_softmax(m in 1usize..20, k in 1usize..40, n in 1usize..40, seed in 0u64..1000) {
+        let wts = W(HashMap::from([
+            ("w".to_string(), vals(n * k, seed).into_iter().map(bf16::from_f32).collect()),
+            ("b".to_string(), vals(n, seed + 1).into_iter().map(bf16::from_f32).collect()),
+            ("lw".to_string(), vals(n, seed + 2).into_iter().map(|v| bf16::from_f32(1.0 + 0.2 * v)).collect()),
+        ]));
+        // The linear layer, then everything after it fed with the CPU's own
+        // linear output: a norm of a row that cancels (n = 1: x/|x|; n = 2:
+        // two nearly equal values) amplifies the linear's f32 rounding far
+        // past the tolerance (seen: 3e-6 to 6e-6), which measures the data's
+        // conditioning, not the backend. Each stage gets identical inputs.
         let mut g = Graph::new();
         let x = g.input("x", DType::F32, vec![m, k]);
         let w = g.param("w", DType::BF16, vec![n, k]);
         let b = g.param("b", DType::BF16, vec![n]);
-        let lw = g.param("lw", DType::BF16, vec![n]);
         let y = g.linear(x, w, Some(b)).unwrap();
+        g.set_output("y", y);
+        let xv = vals(m * k, seed + 3);
+        agree(&g, &wts, &HashMap::from([("x".to_string(), xv.clone())]));
+        let yv = Cpu.run(&g, &wts, &HashMap::from([("x".to_string(), InputRef::F32(&xv))])).unwrap().remove("y").unwrap();
+
+        let mut g = Graph::new();
+        let y = g.input("y", DType::F32, vec![m, n]);
+        let b = g.param("b", DType::BF16, vec![n]);
+        let lw = g.param("lw", DType::BF16, vec![n]);
         let ln = g.layer_norm(y, lw, b, 1e-6).unwrap();
         let rn = g.rms_norm(y, lw, 1e-6).unwrap();
         let ge = g.gelu(ln).unwrap();
@@ -48,12 +66,7 @@ proptest! {
         for (name, id) in [("ln", ln), ("rn", rn), ("ge", ge), ("si", si), ("sm", sm), ("su", su), ("d", d)] {
             g.set_output(name, id);
         }
-        let wts = W(HashMap::from([
-            ("w".to_string(), vals(n * k, seed).into_iter().map(bf16::from_f32).collect()),
-            ("b".to_string(), vals(n, seed + 1).into_iter().map(bf16::from_f32).collect()),
-            ("lw".to_string(), vals(n, seed + 2).into_iter().map(|v| bf16::from_f32(1.0 + 0.2 * v)).collect()),
-        ]));
-        agree(&g, &wts, &HashMap::from([("x".to_string(), vals(m * k, seed + 3))]));
+        agree(&g, &wts, &HashMap::from([("y".to_string(), yv)]));
     }
 
     #[test]
