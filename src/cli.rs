@@ -60,6 +60,8 @@ qvc inspect model.qvc --verify   # also check the weights checksum (reads the wh
 qvc compile ./Qwen-VL-Chat -o chat-h100.qvc --target sm_90 --image-size 896 --vit-attention window:16,global-every:8\n  \
 qvc compile --synthetic qwen-vl-chat --dry-run --target sm_90   # full-size plan, no checkpoint needed")]
     Compile(CompileArgs),
+    /// List the GPUs the NVIDIA driver sees (and the compile target each gets), or say there is none.
+    Devices,
     /// List the GPU kernels the full-size model uses, write their PTX, check them with ptxas.
     #[command(
         after_help = "Examples:\n  qvc kernels                          # every kernel: launch, work, H100 time floor\n  \
@@ -112,9 +114,9 @@ struct CompileArgs {
     /// The artifact directory to write (e.g. model.qvc). Not replaced unless --force.
     #[arg(short = 'o', long = "out", value_name = "OUT.qvc", required_unless_present = "dry_run")]
     out: Option<PathBuf>,
-    /// What the artifact runs on. There is no GPU detection yet: the default is cpu; name sm_80 (A100) or sm_90 (H100) for GPU kernels.
-    #[arg(long, default_value = "cpu", value_parser = ["cpu", "sm_80", "sm_90"])]
-    target: String,
+    /// What the artifact runs on: cpu, sm_80 (A100, Ada) or sm_90 (H100) [default: the first GPU's, else cpu].
+    #[arg(long, value_parser = ["cpu", "sm_80", "sm_90"])]
+    target: Option<String>,
     /// Stored dtype of the weights in the artifact.
     #[arg(long, default_value = "bf16", value_parser = ["bf16", "f16", "f32"])]
     dtype: String,
@@ -329,6 +331,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Bench(a) => cmd_bench(a),
         Cmd::Inspect(a) => cmd_inspect(a),
         Cmd::Kernels(a) => cmd_kernels(a),
+        Cmd::Devices => cmd_devices(),
         Cmd::Compile(a) => cmd_compile(a),
     }
 }
@@ -674,7 +677,10 @@ fn cmd_compile(a: CompileArgs) -> Result<()> {
         (None, None) => bail!("give the checkpoint to compile (SRC) or --synthetic qwen-vl-chat --dry-run"),
     };
     let opt = CompileOptions {
-        target: Target::parse(&a.target).context("unknown --target")?,
+        target: match &a.target {
+            Some(t) => Target::parse(t).context("unknown --target")?,
+            None => default_target(),
+        },
         dtype: match a.dtype.as_str() {
             "f32" => DType::F32,
             "f16" => DType::F16,
@@ -1014,5 +1020,47 @@ fn cmd_kernels(a: KernelsArgs) -> Result<()> {
         H100_BYTES_PER_S / 1e9,
         total_floor
     );
+    Ok(())
+}
+
+/// `qvc compile`'s target when none is named: the first GPU's, else the CPU.
+fn default_target() -> crate::compile::Target {
+    use crate::compile::Target;
+    match qvc_runtime::cuda::gpus() {
+        Ok(gpus) => match gpus.first().and_then(|g| g.target()) {
+            Some(t) => {
+                eprintln!(
+                    "[qvc] compiling for {} ({}, the first GPU); pass --target to choose",
+                    t.name(),
+                    gpus[0].name
+                );
+                Target::Gpu(t)
+            }
+            None => Target::Cpu,
+        },
+        Err(_) => Target::Cpu,
+    }
+}
+
+fn cmd_devices() -> Result<()> {
+    println!("cpu: {} threads (the default device)", rayon::current_num_threads());
+    match qvc_runtime::cuda::gpus() {
+        Ok(gpus) if gpus.is_empty() => println!("cuda: the NVIDIA driver is present but sees no GPU"),
+        Ok(gpus) => {
+            for g in gpus {
+                let target = g.target().map_or("none (qvc generates sm_80 and sm_90)", |t| t.name());
+                println!(
+                    "cuda:{}: {}, compute {}.{}, {} SMs, {:.1} GiB; compile target {target}",
+                    g.ordinal,
+                    g.name,
+                    g.compute.0,
+                    g.compute.1,
+                    g.multiprocessors,
+                    g.memory_bytes as f64 / (1u64 << 30) as f64
+                );
+            }
+        }
+        Err(e) => println!("cuda: {e}"),
+    }
     Ok(())
 }

@@ -218,3 +218,14 @@ fn generate_runs_a_compiled_artifact_given_as_first_argument() {
     assert!(!o.status.success() && text(&o.stderr).contains("--model"), "{}", text(&o.stderr));
     let _ = std::fs::remove_dir_all(&tmp);
 }
+
+#[test]
+fn devices_lists_the_cpu_and_says_what_cuda_has() {
+    let o = qvc(&["devices"], None);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let out = text(&o.stdout);
+    assert!(out.contains("cpu:") && out.contains("cuda"), "{out}");
+    if !qvc_runtime::cuda::driver_present() {
+        assert!(out.contains("no NVIDIA driver found"), "{out}");
+    }
+}

@@ -10,6 +10,7 @@
 
 pub mod artifact;
 pub mod cpu;
+pub mod cuda;
 pub mod kv;
 pub mod weights;
 
