@@ -20,10 +20,12 @@ use std::time::Instant;
     version,
     about = "Run Qwen-VL / Qwen-VL-Chat: describe pictures, answer questions about them, read text, locate things as boxes.",
     long_about = "qvc runs Qwen-VL-Chat checkpoints (the Hugging Face directory: config.json, generation_config.json, \
-qwen.tiktoken and the safetensors weights) on the CPU, in f32, with the weights memory-mapped.\n\n\
+qwen.tiktoken and the safetensors weights) on the CPU, in f32, with the weights memory-mapped, or compiles them \
+once into an artifact (fused programs, memory plans, repacked weights, PTX for NVIDIA GPUs) that runs the same way.\n\n\
 Start with `qvc demo` (no download needed: a tiny random-weight model), then\n  \
 qvc generate --model ./Qwen-VL-Chat --image cat.jpg --prompt 'What is in the picture?'\n  \
-qvc chat --model ./Qwen-VL-Chat --image street.png"
+qvc chat --model ./Qwen-VL-Chat --image street.png\n  \
+qvc compile ./Qwen-VL-Chat -o chat.qvc && qvc generate chat.qvc --image cat.jpg --prompt 'Describe it.'"
 )]
 struct Cli {
     #[command(subcommand)]
