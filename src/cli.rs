@@ -161,6 +161,74 @@ struct ModelArgs {
     /// Use this config.json instead of the checkpoint's own.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
+    /// Where to run: `cpu`, `cuda` or `cuda:N` (an NVIDIA GPU, compute capability 8.0+), `emu` (the GPU code path
+    /// in the PTX emulator: slow, for checking kernels without a GPU), or `auto`: the first GPU when the driver
+    /// finds one and the model can run there, else the CPU.
+    #[arg(long, default_value = "auto", value_name = "DEVICE", env = "QVC_DEVICE")]
+    device: String,
+}
+
+/// Where a model runs (`--device`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeviceChoice {
+    Cpu,
+    Cuda(usize),
+    Emu,
+    Auto,
+}
+
+impl DeviceChoice {
+    pub fn parse(s: &str) -> Result<DeviceChoice> {
+        let s = s.trim().to_ascii_lowercase();
+        Ok(match s.as_str() {
+            "cpu" => DeviceChoice::Cpu,
+            "emu" | "emulator" => DeviceChoice::Emu,
+            "auto" => DeviceChoice::Auto,
+            "cuda" | "gpu" => DeviceChoice::Cuda(0),
+            _ => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
+                Some(Ok(n)) => DeviceChoice::Cuda(n),
+                _ => bail!("--device {s:?}: expected cpu, cuda, cuda:N (e.g. cuda:1), emu or auto"),
+            },
+        })
+    }
+}
+
+/// The backend `--device` asks for: the CPU, or a GPU executor (CUDA or the
+/// emulator) with a device KV cache for `slots` sequences.
+pub fn make_backend(model: &Model, device: &str, slots: usize) -> Result<Box<dyn qvc_runtime::Backend>> {
+    use qvc_runtime::gpu::{CudaDevice, EmuDevice};
+    let choice = DeviceChoice::parse(device)?;
+    let gpu_artifact = model.compiled().is_none_or(|m| m.options.target != "cpu");
+    let max_seq = model.compiled().map_or(2048, |m| m.options.max_seq);
+    let choice = match choice {
+        DeviceChoice::Auto => match qvc_runtime::cuda::gpus() {
+            Ok(g) if gpu_artifact && g.first().and_then(|g| g.target()).is_some() && model.compiled().is_some() => {
+                DeviceChoice::Cuda(0)
+            }
+            _ => DeviceChoice::Cpu,
+        },
+        c => c,
+    };
+    Ok(match choice {
+        DeviceChoice::Cpu | DeviceChoice::Auto => Box::new(Cpu),
+        DeviceChoice::Emu => {
+            let target = model
+                .compiled()
+                .and_then(|m| crate::compile::Target::parse(&m.options.target))
+                .and_then(|t| match t {
+                    crate::compile::Target::Gpu(t) => Some(t),
+                    crate::compile::Target::Cpu => None,
+                })
+                .unwrap_or(qvc_codegen::Target::Sm80);
+            eprintln!("[qvc] running on the PTX emulator ({}): slow, for checking the GPU path", target.name());
+            Box::new(model.gpu_backend(Box::new(EmuDevice::new(target)), slots, max_seq)?)
+        }
+        DeviceChoice::Cuda(n) => {
+            let dev = CudaDevice::open(n)?;
+            eprintln!("[qvc] running on GPU {n}: {}", qvc_runtime::gpu::Device::name(&dev));
+            Box::new(model.gpu_backend(Box::new(dev), slots, max_seq)?)
+        }
+    })
 }
 
 #[derive(Args, Clone)]
@@ -493,8 +561,8 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
     let model = load(&a.model)?;
     let prompt = prompt_ids(&model, &a.prompt, &[])?;
     let (sampling, max_new) = sampling_params(&model, &a.sampling)?;
-    let backend = Cpu;
-    let mut session = Session::new(&model, &backend);
+    let backend = make_backend(&model, &a.model.device, 1)?;
+    let mut session = Session::new(&model, backend.as_ref());
     attach_progress(&mut session);
     let opt = GenerateOptions { max_new_tokens: max_new, sampling, stop_ids: stop_ids(&model.tokenizer) };
     let json = a.json;
@@ -556,8 +624,8 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
 fn cmd_chat(a: ChatArgs) -> Result<()> {
     let model = load(&a.model)?;
     let (sampling, max_new) = sampling_params(&model, &a.sampling)?;
-    let backend = Cpu;
-    let mut session = Session::new(&model, &backend);
+    let backend = make_backend(&model, &a.model.device, 1)?;
+    let mut session = Session::new(&model, backend.as_ref());
     attach_progress(&mut session);
     let opt = GenerateOptions { max_new_tokens: max_new, sampling, stop_ids: stop_ids(&model.tokenizer) };
     let mut history: Vec<Turn> = Vec::new();
@@ -639,8 +707,8 @@ fn cmd_logits(a: LogitsArgs) -> Result<()> {
     refuse_overwrite(&a.out, a.force, "--out path")?;
     let model = load(&a.model)?;
     let prompt = prompt_ids(&model, &a.prompt, &[])?;
-    let backend = Cpu;
-    let mut session = Session::new(&model, &backend);
+    let backend = make_backend(&model, &a.model.device, 1)?;
+    let mut session = Session::new(&model, backend.as_ref());
     attach_progress(&mut session);
     let out = session.prefill(&prompt, &PrefillOptions { all_logits: a.all_positions, hidden: false })?;
     let v = model.config.vocab_size;
@@ -716,7 +784,7 @@ fn cmd_inspect(a: InspectArgs) -> Result<()> {
     let Some(model) = a.model else {
         bail!("give a compiled artifact (qvc inspect OUT.qvc) or a checkpoint (--model DIR)");
     };
-    let a = ModelArgs { path: None, model: Some(model), config: a.config };
+    let a = ModelArgs { path: None, model: Some(model), config: a.config, device: "cpu".into() };
     let model = load(&a)?;
     let c = &model.config;
     println!(
@@ -817,8 +885,8 @@ fn inspect_artifact(dir: &Path, verify: bool) -> Result<()> {
 fn cmd_bench(a: BenchArgs) -> Result<()> {
     let model = load(&a.model)?;
     let c = &model.config;
-    let backend = Cpu;
-    let mut session = Session::new(&model, &backend);
+    let backend = make_backend(&model, &a.model.device, 1)?;
+    let mut session = Session::new(&model, backend.as_ref());
     attach_progress(&mut session);
     let dir = std::env::temp_dir().join(format!("qvc-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
@@ -874,7 +942,14 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
         // The same prompt in every sequence, decoded together: weights are read
         // once per step for all of them, so the floor is per step, not per token.
         let b = a.batch as usize;
-        let mut sessions: Vec<Session> = (0..b).map(|_| Session::new(&model, &backend)).collect();
+        let backend = make_backend(&model, &a.model.device, b)?;
+        let mut sessions: Vec<Session> = (0..b)
+            .map(|i| {
+                let mut s = Session::new(&model, backend.as_ref());
+                s.set_kv_slot(i);
+                s
+            })
+            .collect();
         for s in sessions.iter_mut() {
             s.prefill(&ids, &PrefillOptions::default())?;
         }

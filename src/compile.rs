@@ -28,12 +28,7 @@
 use indicatif::ProgressBar;
 use qvc_ir::passes::{run_pipeline, verify, Canonicalize, ConstFold, Cse, Dce, FoldedParam, Fuse, Pass};
 use qvc_ir::plan::{kv_cache_bytes, plan_memory, PlanOptions};
-use qvc_ir::{DType, Elems, Graph, IrError, Mask, Op, Shape, WeightSource};
-use qvc_kernels::gpu::attention::{FlashMask, FlashSpec, OutDtype, Strides};
-use qvc_kernels::gpu::decode_attention::DecodeAttnSpec;
-use qvc_kernels::gpu::gemm::{Act as KAct, Epilogue, GemmSpec};
-use qvc_kernels::gpu::gemv::GemvSpec;
-use qvc_kernels::gpu::norm::{NormKind, NormSpec};
+use qvc_ir::{DType, Elems, Graph, IrError, Op, Shape, WeightSource};
 use qvc_kernels::KernelSpec;
 use qvc_model::config::Config;
 use qvc_model::graphs::{decoder_graph, vision_graph, DecoderShape, VisionOptions, VitAttention};
@@ -584,7 +579,7 @@ pub fn compile(
             slots: plan.values.iter().map(|s| s.map(|s| SlotRec { offset: s.offset, bytes: s.bytes })).collect(),
         });
         if gpu {
-            let (launches, specs) = launches(&p.graph, opt);
+            let (launches, specs) = launches(&p.graph, cfg, opt);
             p.launches = launches;
             for s in specs {
                 kernels.entry(s.name()).or_insert(s);
@@ -773,109 +768,64 @@ fn sibling(out: &Path, what: &str) -> PathBuf {
     out.with_file_name(format!(".{name}.{what}-{}", std::process::id()))
 }
 
-/// Kernel launches of `g` for a GPU target: one per compute node (leaves and
-/// reshapes are free), a family kernel where one matches, else `cpu-fallback`
-/// with the reason. Also returns the specs used.
-pub fn launches(g: &Graph, opt: &CompileOptions) -> (Vec<Launch>, Vec<Box<dyn KernelSpec>>) {
-    let mut out = vec![];
-    let mut specs: Vec<Box<dyn KernelSpec>> = vec![];
-    for (i, n) in g.nodes.iter().enumerate() {
-        if matches!(n.op, Op::Input(_) | Op::Param(_) | Op::Const(_) | Op::Reshape(_)) {
-            continue;
-        }
-        let found = match_kernel(g, n, opt);
-        let mut push = |family: &str, s: Option<&dyn KernelSpec>, note: Option<String>| {
-            let (kernel, grid, block) = match s {
-                Some(s) => {
-                    let l = s.launch();
-                    (s.name(), l.grid, l.block)
-                }
-                None => (String::new(), [0; 3], [0; 3]),
+/// Kernel launches of `g` for a GPU target, exactly as the GPU runtime will
+/// run them (the same [`qvc_runtime::gpu::lower::lower`]): one entry per
+/// launch, with its node, family (the kernel name's first word) and
+/// geometry, and a `cpu-fallback` entry (with the reason) for each node that
+/// runs on the host. A program the lowering rejects gets one fallback entry
+/// saying why. Also returns the specs used.
+pub fn launches(g: &Graph, cfg: &Config, opt: &CompileOptions) -> (Vec<Launch>, Vec<Box<dyn KernelSpec>>) {
+    use qvc_runtime::gpu::lower::{lower, KvShape, LowerOptions, Step};
+    let kv = KvShape { layers: cfg.layers, heads: cfg.heads, head_dim: cfg.head_dim, max_seq: opt.max_seq };
+    let low = match lower(g, &LowerOptions { kv, sms: SMS }) {
+        Ok(l) => l,
+        Err(e) => {
+            let note = Some(format!("the whole program runs on the CPU: {e}"));
+            let l = Launch {
+                node: 0,
+                op: String::new(),
+                family: CPU_FALLBACK.into(),
+                kernel: String::new(),
+                grid: [0; 3],
+                block: [0; 3],
+                note,
             };
-            out.push(Launch { node: i as u32, op: n.op.name(), family: family.into(), kernel, grid, block, note });
-        };
-        match found {
-            Ok((family, ks)) => {
-                for k in ks {
-                    push(family, Some(k.as_ref()), None);
-                    specs.push(k);
-                }
-            }
-            Err(why) => push(CPU_FALLBACK, None, Some(why)),
-        }
-    }
-    (out, specs)
-}
-
-type Found = Result<(&'static str, Vec<Box<dyn KernelSpec>>), String>;
-
-fn match_kernel(g: &Graph, n: &qvc_ir::Node, opt: &CompileOptions) -> Found {
-    let s = |i: usize| g.shape(n.inputs[i]);
-    let rows = |x: &Shape| x.numel() / x.last().max(1);
-    // Activations enter GEMMs as bf16 and leave as f32 (kernels/src/gpu/mod.rs conventions).
-    let gemm = |x: &Shape, w: &Shape, epi: Epilogue| -> Found {
-        let (m, nn, k) = (rows(x), w.dim(0), w.dim(1));
-        if m <= 8 {
-            let sp = GemvSpec::new(m, nn, k, DType::BF16, DType::F32, epi).map_err(|e| format!("gemv: {e:?}"))?;
-            Ok(("gemv", vec![Box::new(sp)]))
-        } else {
-            let sp = GemmSpec::new(m, nn, k, DType::BF16, DType::F32, epi).map_err(|e| format!("gemm: {e:?}"))?;
-            Ok(("gemm", vec![Box::new(sp)]))
+            return (vec![l], vec![]);
         }
     };
-    match &n.op {
-        Op::Linear { bias, act, residual } => {
-            let act = match act {
-                qvc_ir::Act::None => KAct::None,
-                qvc_ir::Act::Gelu => KAct::Gelu,
-                qvc_ir::Act::SiluMul => KAct::SiluMul,
-            };
-            gemm(s(0), s(1), Epilogue::new(*bias, act, *residual))
-        }
-        Op::MatMul { transpose_b: true } if s(1).rank() == 2 && matches!(g.node(n.inputs[1]).op, Op::Param(_)) => {
-            gemm(s(0), s(1), Epilogue::NONE)
-        }
-        Op::LayerNorm { eps } | Op::RmsNorm { eps } | Op::AddNorm { eps, .. } => {
-            let rms = matches!(n.op, Op::RmsNorm { .. } | Op::AddNorm { rms: true, .. });
-            let residual = matches!(n.op, Op::AddNorm { .. });
-            if residual && s(1) != s(0) {
-                return Err(format!("the norm kernel adds a residual of the same shape, got {} + {}", s(0), s(1)));
+    let mut out = vec![];
+    for st in &low.steps {
+        match st {
+            Step::Launch { node, kernel, grid, block, .. } => {
+                let family = kernel.split('_').next().unwrap_or_default().to_string();
+                let op = g.node(*node).op.name();
+                out.push(Launch {
+                    node: node.0,
+                    op,
+                    family,
+                    kernel: kernel.clone(),
+                    grid: *grid,
+                    block: *block,
+                    note: None,
+                });
             }
-            let kind = if rms { NormKind::RmsNorm } else { NormKind::LayerNorm { bias: true } };
-            let sp = NormSpec { kind, rows: rows(s(0)), cols: s(0).last(), eps: *eps, residual, out: DType::F32 };
-            sp.validate().map_err(|e| e.to_string())?;
-            Ok(("norm", vec![Box::new(sp)]))
-        }
-        Op::Attention { mask, scale } if n.inputs.len() == 3 => {
-            let (q, k) = (s(0), s(1));
-            let (tq, tk, h, d) = (q.dim(0), k.dim(0), q.dim(1), q.dim(2));
-            let dense = Strides { token: (h * d) as u32, head: d as u32 };
-            let fm = match *mask {
-                Mask::None => FlashMask::None,
-                Mask::Causal => FlashMask::Causal { q_offset: (tk - tq) as u32 },
-                Mask::Window { grid_h, grid_w, window } => {
-                    FlashMask::Window { grid: (grid_h as u32, grid_w as u32), window: window as u32 }
-                }
-            };
-            let mut sp = FlashSpec::new(tq as u32, tk as u32, h as u32, d as u32, dense, dense, dense, fm);
-            sp.scale = *scale;
-            sp.out = OutDtype::F32;
-            sp.validate().map_err(|e| e.to_string())?;
-            Ok(("attention", vec![Box::new(sp)]))
-        }
-        Op::Attention { scale, .. } => {
-            let (q, k) = (s(0), s(1));
-            if q.dim(0) != 1 {
-                return Err("attention over a KV cache with more than one new token has no kernel yet".into());
+            Step::Host { node } => {
+                let op = g.node(*node).op.name();
+                let note = Some(format!("no GPU kernel for {op}: runs on the host"));
+                out.push(Launch {
+                    node: node.0,
+                    op,
+                    family: CPU_FALLBACK.into(),
+                    kernel: String::new(),
+                    grid: [0; 3],
+                    block: [0; 3],
+                    note,
+                });
             }
-            let (h, d) = (k.dim(1), k.dim(2));
-            let splits = DecodeAttnSpec::splits_for(opt.max_batch, h, opt.max_seq, SMS);
-            let sp = DecodeAttnSpec::new(opt.max_batch, h, d, opt.max_seq, splits, *scale, DType::F32)
-                .map_err(|e| format!("{e:?}"))?;
-            Ok(("decode_attention", vec![Box::new(sp.partial()), Box::new(sp.combine())]))
+            Step::Zero { .. } | Step::Lens { .. } => {}
         }
-        op => Err(format!("no GPU kernel for {} yet", op.name())),
     }
+    (out, low.kernels.into_values().collect())
 }
 
 /// Every param name the compiled programs of `m` read (for tests and `inspect`).

@@ -42,6 +42,9 @@ pub enum ExecError {
     IndexOutOfRange { op: String, index: i64, len: usize },
     #[error(transparent)]
     Ir(#[from] IrError),
+    /// A device backend failed (the message names the device, kernel or buffer).
+    #[error("{0}")]
+    Device(String),
 }
 
 /// A computed tensor.

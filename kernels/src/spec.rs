@@ -33,7 +33,7 @@ pub struct Cost {
 }
 
 /// One generated kernel.
-pub trait KernelSpec: std::fmt::Debug {
+pub trait KernelSpec: std::fmt::Debug + Send + Sync {
     /// The PTX entry name; it encodes the spec, so distinct specs never collide.
     fn name(&self) -> String;
     /// The generated kernel (built with `qvc_codegen::KernelBuilder`).

@@ -189,6 +189,43 @@ impl Model {
         })
     }
 
+    /// A GPU executor for this model on `dev` (the PTX emulator or a CUDA
+    /// device), with a device KV cache for `slots` sequences of `max_seq`
+    /// rows. An artifact's own settings win: its `--max-seq` and
+    /// `--max-batch` size the cache, and its PTX (with the cubin, when it was
+    /// assembled for this device's target) is loaded instead of generating
+    /// the kernels again. From a checkpoint the kernels are generated on
+    /// first use.
+    pub fn gpu_backend(
+        &self,
+        dev: Box<dyn qvc_runtime::gpu::Device>,
+        slots: usize,
+        max_seq: usize,
+    ) -> Result<qvc_runtime::gpu::GpuBackend, ModelError> {
+        let c = &self.config;
+        let (mut slots, mut max_seq, mut module) = (slots, max_seq, None);
+        if let Some(m) = &self.compiled {
+            if m.options.target == "cpu" {
+                return Err(ModelError::Compiled(format!(
+                    "{} was compiled for the CPU; compile it again with `--target sm_80` or `--target sm_90` to run it on a GPU",
+                    self.dir.display()
+                )));
+            }
+            max_seq = m.options.max_seq;
+            slots = slots.max(m.options.max_batch);
+            let ptx_path = self.dir.join(qvc_runtime::artifact::PTX);
+            if let Ok(ptx) = std::fs::read_to_string(&ptx_path) {
+                let target = dev.target().name();
+                let cubin = (m.options.target == target)
+                    .then(|| std::fs::read(self.dir.join(format!("kernels.{target}.cubin"))).ok())
+                    .flatten();
+                module = Some((ptx, cubin));
+            }
+        }
+        let kv = qvc_runtime::gpu::lower::KvShape { layers: c.layers, heads: c.heads, head_dim: c.head_dim, max_seq };
+        Ok(qvc_runtime::gpu::GpuBackend::new(dev, kv, slots, module))
+    }
+
     /// A graph built from a raw checkpoint, compiled in memory: fusion into
     /// the kernels' fused nodes (GEMM epilogues, SwiGLU, QKV split + rotary,
     /// norm + add), then CSE and DCE. Weight repacking (canonicalisation and
@@ -343,6 +380,8 @@ pub struct Session<'m> {
     images: HashMap<String, Vec<f32>>,
     image_dir: Option<PathBuf>,
     on_phase: Option<PhaseHook<'m>>,
+    /// This conversation's sequence in a device-resident KV cache.
+    kv_slot: usize,
     pub timings: Timings,
 }
 
@@ -357,8 +396,15 @@ impl<'m> Session<'m> {
             images: HashMap::new(),
             image_dir: None,
             on_phase: None,
+            kv_slot: 0,
             timings: Timings::default(),
         }
+    }
+
+    /// Which sequence of the backend's device KV cache this conversation
+    /// uses (sessions decoded together need distinct slots; default 0).
+    pub fn set_kv_slot(&mut self, slot: usize) {
+        self.kv_slot = slot;
     }
 
     /// Resolve relative image paths in prompts against `dir` instead of the
@@ -541,7 +587,11 @@ impl<'m> Session<'m> {
         let past_len = [past as f32];
         let names: Vec<(String, String)> =
             (0..cfg.layers).map(|i| (format!("past_k.{i}"), format!("past_v.{i}"))).collect();
-        self.cache.reserve_rows(pb);
+        let on_device = self.backend.kv_on_device();
+        let slot = [self.kv_slot as i32];
+        if !on_device {
+            self.cache.reserve_rows(pb);
+        }
         let mut inputs: HashMap<String, InputRef> = HashMap::from([
             ("ids".to_string(), InputRef::I32(&ids_i)),
             ("rope_cos".to_string(), InputRef::F32(&cos)),
@@ -554,7 +604,9 @@ impl<'m> Session<'m> {
             inputs.insert("image_features".into(), InputRef::F32(feats));
             inputs.insert("image_rows".into(), InputRef::I32(rows));
         }
-        if pb > 0 {
+        if on_device {
+            inputs.insert("kv_slot".into(), InputRef::I32(&slot));
+        } else if pb > 0 {
             for (i, (kn, vn)) in names.iter().enumerate() {
                 let (k, v) = self.cache.bucket(i, pb);
                 inputs.insert(kn.clone(), InputRef::F32(k));
@@ -562,6 +614,10 @@ impl<'m> Session<'m> {
             }
         }
         let mut out = self.backend.run(graph, &model.weights, &inputs)?;
+        if on_device {
+            self.cache.advance(n);
+            return Ok(out);
+        }
         let row = cfg.heads * cfg.head_dim;
         for i in 0..cfg.layers {
             let k = out.remove(&format!("k.{i}")).expect("decoder outputs k");
@@ -587,6 +643,19 @@ pub fn step_batch(sessions: &mut [Session<'_>], ids: &[u32]) -> Result<Vec<Vec<f
         return Ok(vec![sessions[0].step(ids[0])?]);
     }
     let (model, backend) = (sessions[0].model, sessions[0].backend);
+    if backend.kv_on_device() {
+        // Each sequence has its own slot of the device cache; the batched
+        // programs read host caches, so the steps run one after another.
+        let mut slots: Vec<usize> = sessions.iter().map(|s| s.kv_slot).collect();
+        slots.sort_unstable();
+        slots.dedup();
+        if slots.len() != n {
+            return Err(ModelError::Prompt(
+                "sessions decoded together need distinct KV slots (Session::set_kv_slot)".into(),
+            ));
+        }
+        return sessions.iter_mut().zip(ids).map(|(s, &id)| s.step(id)).collect();
+    }
     let cfg = &model.config;
     for (s, &id) in sessions.iter().zip(ids) {
         if !std::ptr::eq(s.model, model) {

@@ -50,6 +50,11 @@ impl KvCache {
         self.len += n;
         debug_assert!(self.k.iter().all(|k| k.len() >= self.len * self.row));
     }
+    /// Record `n` more rows that live elsewhere (a backend that keeps the
+    /// cache on its device): only the length is tracked here.
+    pub fn advance(&mut self, n: usize) {
+        self.len += n;
+    }
     /// Forget everything after the first `len` tokens. The storage is kept:
     /// rows past the length are never read as keys.
     pub fn truncate(&mut self, len: usize) {

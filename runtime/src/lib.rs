@@ -11,6 +11,7 @@
 pub mod artifact;
 pub mod cpu;
 pub mod cuda;
+pub mod gpu;
 pub mod kv;
 pub mod weights;
 
@@ -33,6 +34,13 @@ pub trait Backend: Sync {
         weights: &dyn WeightSource,
         inputs: &Inputs<'_>,
     ) -> Result<HashMap<String, Vec<f32>>, ExecError>;
+    /// Whether the backend keeps the KV cache itself (a GPU's device memory).
+    /// Then sessions pass `past_len` (and `kv_slot`, the sequence) instead of
+    /// `past_k.*` / `past_v.*` inputs, and the backend returns no `k.*` /
+    /// `v.*` outputs: the new rows went into its cache at row `past_len`.
+    fn kv_on_device(&self) -> bool {
+        false
+    }
 }
 
 /// The fast CPU backend.

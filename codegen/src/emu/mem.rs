@@ -106,6 +106,21 @@ impl Device {
         self.push(v.iter().flat_map(|x| x.to_le_bytes()).collect())
     }
 
+    /// Releases an allocation's bytes (its address range stays reserved, so a
+    /// stale pointer is reported as out of bounds, never aliased). Freeing a
+    /// pointer that is not an allocation's base does nothing.
+    pub fn free(&mut self, ptr: u64) {
+        let idx = (ptr >> SHIFT) as usize;
+        if ptr & OFF_MASK == 0 && idx >= 1 && idx <= self.allocs.len() {
+            self.allocs[idx - 1] = Vec::new();
+        }
+    }
+
+    /// Whether `[ptr, ptr + bytes)` lies inside one allocation.
+    pub fn contains(&self, ptr: u64, bytes: usize) -> bool {
+        self.locate(ptr, bytes).is_some()
+    }
+
     /// Number of bytes in the allocation `ptr` points into (from its base).
     pub fn alloc_len(&self, ptr: u64) -> Option<usize> {
         let idx = (ptr >> SHIFT) as usize;

@@ -17,6 +17,7 @@ pub mod decode_attention;
 pub mod embed;
 pub mod gemm;
 pub mod gemv;
+pub mod generic;
 pub mod norm;
 pub mod patch;
 pub mod rotary;

@@ -1,0 +1,134 @@
+//! [`EmuDevice`]: the [`Device`] interface over `qvc-codegen`'s PTX emulator.
+//!
+//! Every launch is parsed PTX run thread by thread, with the emulator's
+//! checks (out-of-bounds, misalignment, uninitialised shared memory, barrier
+//! divergence) turning a kernel bug into an error that names the kernel,
+//! instruction and thread. Slow (about 10⁸ instructions per second), so tests
+//! run the fixture model, not the full-size one. Host-side misuse (a copy
+//! outside an allocation) is a [`DeviceError::BadAddress`], not a panic.
+
+use super::device::{DevPtr, Device, DeviceError, KArg, MemInfo};
+use qvc_codegen::emu::{self, Arg, Program};
+use qvc_codegen::Target;
+use std::collections::HashMap;
+
+/// The PTX emulator as a device.
+pub struct EmuDevice {
+    mem: emu::Device,
+    target: Target,
+    modules: Vec<Program>,
+    /// Kernel name → index of the module that defines it.
+    kernels: HashMap<String, usize>,
+    sizes: HashMap<DevPtr, u64>,
+    used: u64,
+    peak: u64,
+    /// Thread-instructions executed by all launches so far.
+    pub instructions: u64,
+    pub launches: u64,
+}
+
+impl EmuDevice {
+    pub fn new(target: Target) -> EmuDevice {
+        EmuDevice {
+            mem: emu::Device::new(),
+            target,
+            modules: vec![],
+            kernels: HashMap::new(),
+            sizes: HashMap::new(),
+            used: 0,
+            peak: 0,
+            instructions: 0,
+            launches: 0,
+        }
+    }
+
+    fn check(&self, ptr: DevPtr, bytes: usize, what: &str) -> Result<(), DeviceError> {
+        if bytes == 0 || self.mem.contains(ptr, bytes) {
+            Ok(())
+        } else {
+            Err(DeviceError::BadAddress { ptr, bytes, what: what.into() })
+        }
+    }
+}
+
+impl Device for EmuDevice {
+    fn name(&self) -> String {
+        format!("PTX emulator ({})", self.target.name())
+    }
+    fn target(&self) -> Target {
+        self.target
+    }
+    fn load_module(&mut self, ptx: &str, _cubin: Option<&[u8]>) -> Result<(), DeviceError> {
+        let p =
+            Program::parse(ptx).map_err(|e| DeviceError::ModuleLoad { detail: e.to_string(), log: String::new() })?;
+        let idx = self.modules.len();
+        for name in p.kernel_names() {
+            self.kernels.entry(name.to_string()).or_insert(idx);
+        }
+        self.modules.push(p);
+        Ok(())
+    }
+    fn has_kernel(&self, name: &str) -> bool {
+        self.kernels.contains_key(name)
+    }
+    fn alloc(&mut self, bytes: usize, _what: &str) -> Result<DevPtr, DeviceError> {
+        // Poisoned (NaN) contents: a value the executor forgets to write shows.
+        let p = self.mem.alloc_poisoned(bytes.max(1));
+        self.sizes.insert(p, bytes as u64);
+        self.used += bytes as u64;
+        self.peak = self.peak.max(self.used);
+        Ok(p)
+    }
+    fn free(&mut self, ptr: DevPtr) {
+        if let Some(b) = self.sizes.remove(&ptr) {
+            self.used -= b;
+            self.mem.free(ptr);
+        }
+    }
+    fn upload(&mut self, dst: DevPtr, bytes: &[u8]) -> Result<(), DeviceError> {
+        self.check(dst, bytes.len(), "an upload")?;
+        if !bytes.is_empty() {
+            self.mem.write(dst, bytes);
+        }
+        Ok(())
+    }
+    fn download(&mut self, src: DevPtr, out: &mut [u8]) -> Result<(), DeviceError> {
+        self.check(src, out.len(), "a download")?;
+        if !out.is_empty() {
+            out.copy_from_slice(&self.mem.download(src, out.len()));
+        }
+        Ok(())
+    }
+    fn memset_zero(&mut self, dst: DevPtr, bytes: usize) -> Result<(), DeviceError> {
+        self.check(dst, bytes, "a memset")?;
+        if bytes > 0 {
+            self.mem.write(dst, &vec![0; bytes]);
+        }
+        Ok(())
+    }
+    fn launch(&mut self, kernel: &str, grid: [u32; 3], block: [u32; 3], args: &[KArg]) -> Result<(), DeviceError> {
+        let &m = self.kernels.get(kernel).ok_or_else(|| DeviceError::UnknownKernel { kernel: kernel.into() })?;
+        let args: Vec<Arg> = args
+            .iter()
+            .map(|a| match *a {
+                KArg::Ptr(p) => Arg::Ptr(p),
+                KArg::U32(v) => Arg::U32(v),
+                KArg::S32(v) => Arg::S32(v),
+                KArg::U64(v) => Arg::U64(v),
+                KArg::F32(v) => Arg::F32(v),
+            })
+            .collect();
+        let stats = self.modules[m]
+            .launch(kernel, grid, block, &args, &mut self.mem)
+            .map_err(|e| DeviceError::Launch { kernel: kernel.into(), detail: e.to_string() })?;
+        self.instructions += stats.instructions;
+        self.launches += 1;
+        Ok(())
+    }
+    fn synchronize(&mut self) -> Result<(), DeviceError> {
+        Ok(())
+    }
+    fn memory(&self) -> MemInfo {
+        MemInfo { used: self.used, peak: self.peak, total: 0 }
+    }
+}

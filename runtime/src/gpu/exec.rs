@@ -1,0 +1,448 @@
+//! [`GpuBackend`]: runs graphs on a [`Device`] through [`lower`].
+//!
+//! Per program (recognised by a structural fingerprint, so an artifact's
+//! programs are lowered once): one lowering, one device allocation sized by
+//! its memory plan, its kernels loaded once. Weights are uploaded on first
+//! use in the dtype and layout their kernel wants and shared by all programs.
+//! The KV cache lives on the device ([`Backend::kv_on_device`]): sessions
+//! pass `past_len` (and `kv_slot` for the sequence) instead of cache inputs,
+//! and the backend returns every output except the new K/V rows.
+
+use super::device::{DevPtr, Device, DeviceError, KArg};
+use super::lower::{lower, resolve, Arg, Buf, HostArg, KvShape, Layout, LowerOptions, Lowered, Step, WeightKey};
+use crate::{Backend, Inputs};
+use half::bf16;
+use qvc_codegen::Module;
+use qvc_ir::{DType, Elems, ExecError, Graph, InputRef, Op, WeightSource};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+fn dev_err(e: DeviceError) -> ExecError {
+    ExecError::Device(e.to_string())
+}
+
+/// Counters of what the backend did (for `qvc bench` and tests).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ExecStats {
+    pub runs: u64,
+    pub launches: u64,
+    pub host_nodes: u64,
+    pub programs: usize,
+    pub kernels_loaded: usize,
+    pub weight_bytes: u64,
+}
+
+struct Program {
+    low: Lowered,
+    mem: DevPtr,
+}
+
+struct State {
+    dev: Box<dyn Device>,
+    weights: HashMap<WeightKey, DevPtr>,
+    programs: HashMap<u64, Program>,
+    /// Per layer: K and V caches, `[slots, heads, max_seq, head_dim]` bf16.
+    kv: Vec<[DevPtr; 2]>,
+    stats: ExecStats,
+    /// The artifact's module, loaded before generating any kernel.
+    module: Option<(String, Option<Vec<u8>>)>,
+}
+
+/// A graph executor on one device (the PTX emulator or a CUDA GPU).
+pub struct GpuBackend {
+    state: Mutex<State>,
+    kv: KvShape,
+    slots: usize,
+    sms: usize,
+    label: &'static str,
+}
+
+impl GpuBackend {
+    /// A backend on `dev` whose KV cache holds `slots` sequences of `kv`.
+    /// `module`: an artifact's PTX (and cubin for this device), loaded first;
+    /// kernels it lacks are generated on demand.
+    pub fn new(
+        dev: Box<dyn Device>,
+        kv: KvShape,
+        slots: usize,
+        module: Option<(String, Option<Vec<u8>>)>,
+    ) -> GpuBackend {
+        let label = if dev.name().starts_with("PTX emulator") { "emu" } else { "cuda" };
+        GpuBackend {
+            state: Mutex::new(State {
+                dev,
+                weights: HashMap::new(),
+                programs: HashMap::new(),
+                kv: vec![],
+                stats: ExecStats::default(),
+                module,
+            }),
+            kv,
+            slots: slots.max(1),
+            sms: 132,
+            label,
+        }
+    }
+
+    pub fn stats(&self) -> ExecStats {
+        self.state.lock().map(|s| s.stats.clone()).unwrap_or_default()
+    }
+
+    /// The device's name and memory in use.
+    pub fn device_info(&self) -> (String, super::MemInfo) {
+        match self.state.lock() {
+            Ok(s) => (s.dev.name(), s.dev.memory()),
+            Err(_) => ("poisoned".into(), Default::default()),
+        }
+    }
+
+    /// Run `f` with the device (benchmarks time work on it directly).
+    pub fn with_device<T>(&self, f: impl FnOnce(&mut dyn Device) -> T) -> T {
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        f(s.dev.as_mut())
+    }
+
+    /// The lowering of `g` (lowered now if new): launches, host nodes, bytes.
+    pub fn lowered_summary(&self, g: &Graph) -> Result<(usize, usize, u64), ExecError> {
+        let mut s = self.state.lock().map_err(|_| ExecError::Device("device state poisoned".into()))?;
+        let key = fingerprint(g);
+        self.prepare(&mut s, g, key)?;
+        let p = &s.programs[&key];
+        Ok((p.low.launches, p.low.host_nodes, p.low.bytes))
+    }
+
+    fn prepare(&self, s: &mut State, g: &Graph, key: u64) -> Result<(), ExecError> {
+        if s.programs.contains_key(&key) {
+            return Ok(());
+        }
+        let low =
+            lower(g, &LowerOptions { kv: self.kv, sms: self.sms }).map_err(|e| ExecError::Device(e.to_string()))?;
+        if let Some((ptx, cubin)) = s.module.take() {
+            s.dev.load_module(&ptx, cubin.as_deref()).map_err(dev_err)?;
+        }
+        let missing: Vec<_> =
+            low.kernels.iter().filter(|(n, _)| !s.dev.has_kernel(n)).map(|(_, k)| k.build()).collect();
+        if !missing.is_empty() {
+            s.stats.kernels_loaded += missing.len();
+            let text = Module::new(s.dev.target(), missing).print();
+            s.dev.load_module(&text, None).map_err(dev_err)?;
+        }
+        let mem = s.dev.alloc(low.bytes as usize, "a program's buffers").map_err(dev_err)?;
+        s.stats.programs += 1;
+        s.programs.insert(key, Program { low, mem });
+        Ok(())
+    }
+
+    fn ensure_kv(&self, s: &mut State) -> Result<(), ExecError> {
+        if !s.kv.is_empty() || self.kv.layers == 0 {
+            return Ok(());
+        }
+        let bytes = self.slots * self.kv.heads * self.kv.max_seq * self.kv.head_dim * 2;
+        for _ in 0..self.kv.layers {
+            let k = s.dev.alloc(bytes, "the KV cache").map_err(dev_err)?;
+            let v = s.dev.alloc(bytes, "the KV cache").map_err(dev_err)?;
+            // Zeroed: padded rows of a bucket are finite (masked, never NaN·0).
+            s.dev.memset_zero(k, bytes).map_err(dev_err)?;
+            s.dev.memset_zero(v, bytes).map_err(dev_err)?;
+            s.kv.push([k, v]);
+        }
+        Ok(())
+    }
+
+    fn ensure_weights(&self, s: &mut State, key: u64, weights: &dyn WeightSource) -> Result<(), ExecError> {
+        let p = &s.programs[&key];
+        let mut want: Vec<WeightKey> = vec![];
+        let mut note = |b: &Buf| {
+            if let Buf::Weight(k, _) = b {
+                want.push(k.clone());
+            }
+        };
+        for st in &p.low.steps {
+            if let Step::Launch { args, .. } = st {
+                args.iter().for_each(|a| {
+                    if let Arg::Buf(b) = a {
+                        note(b)
+                    }
+                });
+            }
+        }
+        for (_, l) in &p.low.outputs {
+            note(&l.buf);
+        }
+        for args in p.low.host_inputs.values() {
+            for a in args {
+                if let HostArg::Device(l) = a {
+                    note(&l.buf);
+                }
+            }
+        }
+        let mut seen = std::collections::HashSet::new();
+        want.retain(|k| !s.weights.contains_key(k) && seen.insert(k.clone()));
+        for k in want {
+            let bytes = if let Some(c) = s.programs[&key].low.consts.get(&k.name) {
+                convert(Elems::F32(c), k.dtype)
+            } else {
+                let e = weights.weight(&k.name).ok_or_else(|| ExecError::BadWeight {
+                    name: k.name.clone(),
+                    got: 0,
+                    want: 1,
+                })?;
+                let shape = s.programs[&key].low.params.get(&k.name).cloned().unwrap_or_default();
+                layout(e, &shape, &k)?
+            };
+            let ptr = s.dev.alloc(bytes.len(), &format!("weight {}", k.name)).map_err(dev_err)?;
+            s.dev.upload(ptr, &bytes).map_err(dev_err)?;
+            s.stats.weight_bytes += bytes.len() as u64;
+            s.weights.insert(k, ptr);
+        }
+        Ok(())
+    }
+}
+
+/// Elements of `e` as little-endian bytes of `dtype` (F32 or BF16).
+fn convert(e: Elems<'_>, dtype: DType) -> Vec<u8> {
+    let n = e.len();
+    match (e, dtype) {
+        (Elems::F32(v), DType::F32) => bytemuck::cast_slice(v).to_vec(),
+        (Elems::BF16(v), DType::BF16) => bytemuck::cast_slice(v).to_vec(),
+        (e, DType::BF16) => (0..n).flat_map(|i| bf16::from_f32(e.get(i)).to_le_bytes()).collect(),
+        (e, _) => (0..n).flat_map(|i| e.get(i).to_le_bytes()).collect(),
+    }
+}
+
+/// A weight in the layout its kernel reads (see [`Layout`]).
+fn layout(e: Elems<'_>, shape: &[usize], k: &WeightKey) -> Result<Vec<u8>, ExecError> {
+    let rows_cols = || -> Result<(usize, usize), ExecError> {
+        match shape {
+            [r, c] if r * c == e.len() => Ok((*r, *c)),
+            _ => Err(ExecError::BadWeight { name: k.name.clone(), got: e.len(), want: shape.iter().product() }),
+        }
+    };
+    let es = k.dtype.size();
+    Ok(match k.layout {
+        Layout::AsIs => convert(e, k.dtype),
+        Layout::PadCols(cols) => {
+            let (r, c) = rows_cols()?;
+            let src = convert(e, k.dtype);
+            let mut out = vec![0u8; r * cols * es];
+            for i in 0..r {
+                out[i * cols * es..(i * cols + c) * es].copy_from_slice(&src[i * c * es..(i + 1) * c * es]);
+            }
+            out
+        }
+        Layout::Transposed => {
+            let (r, c) = rows_cols()?;
+            let src = convert(e, k.dtype);
+            let mut out = vec![0u8; r * c * es];
+            for i in 0..r {
+                for j in 0..c {
+                    out[(j * r + i) * es..(j * r + i + 1) * es]
+                        .copy_from_slice(&src[(i * c + j) * es..(i * c + j + 1) * es]);
+                }
+            }
+            out
+        }
+    })
+}
+
+/// A structural hash of `g`: ops, wiring, types and constant data.
+pub fn fingerprint(g: &Graph) -> u64 {
+    let mut h: u64 = 0xcbf29ce484222325;
+    let mut eat = |b: &[u8]| {
+        for &x in b {
+            h = (h ^ x as u64).wrapping_mul(0x100000001b3);
+        }
+    };
+    for n in &g.nodes {
+        eat(format!("{:?}|{:?}|{}|{}", std::mem::discriminant(&n.op), n.inputs, n.ty.shape, n.ty.dtype).as_bytes());
+        match &n.op {
+            Op::Const(d) => eat(bytemuck::cast_slice(d)),
+            op => eat(format!("{op:?}").as_bytes()),
+        }
+    }
+    for (name, id) in &g.outputs {
+        eat(format!("{name}={}", id.0).as_bytes());
+    }
+    h
+}
+
+impl Backend for GpuBackend {
+    fn name(&self) -> &'static str {
+        self.label
+    }
+
+    fn kv_on_device(&self) -> bool {
+        true
+    }
+
+    fn run(
+        &self,
+        graph: &Graph,
+        weights: &dyn WeightSource,
+        inputs: &Inputs<'_>,
+    ) -> Result<HashMap<String, Vec<f32>>, ExecError> {
+        let mut guard = self.state.lock().map_err(|_| ExecError::Device("device state poisoned".into()))?;
+        let s = &mut *guard;
+        let key = fingerprint(graph);
+        self.prepare(s, graph, key)?;
+        self.ensure_kv(s)?;
+        self.ensure_weights(s, key, weights)?;
+        let past = match inputs.get("past_len") {
+            Some(InputRef::F32(v)) if v.len() == 1 => v[0] as usize,
+            _ => 0,
+        };
+        let slot = match inputs.get("kv_slot") {
+            Some(InputRef::I32(v)) if v.len() == 1 && v[0] >= 0 => v[0] as usize,
+            _ => 0,
+        };
+        let State { dev, weights: wmap, programs, kv, stats, .. } = s;
+        let p = &programs[&key];
+        if p.low.kv_rows > 0 {
+            if slot >= self.slots {
+                return Err(ExecError::Device(format!(
+                    "sequence slot {slot} is outside the KV cache ({} slots)",
+                    self.slots
+                )));
+            }
+            if past + p.low.kv_rows > self.kv.max_seq {
+                return Err(ExecError::Device(format!(
+                    "{past} cached + {} new tokens exceed the device KV cache of {} rows (compile with a larger --max-seq)",
+                    p.low.kv_rows, self.kv.max_seq
+                )));
+            }
+        }
+        for i in &p.low.inputs {
+            let bytes: &[u8] = match (inputs.get(&i.name), i.dtype) {
+                (Some(InputRef::F32(v)), DType::F32) if v.len() == i.numel => bytemuck::cast_slice(v),
+                (Some(InputRef::I32(v)), DType::I32) if v.len() == i.numel => bytemuck::cast_slice(v),
+                (None, _) => return Err(ExecError::MissingInput { name: i.name.clone() }),
+                (Some(r), _) => {
+                    let (got, got_dtype) = match r {
+                        InputRef::F32(v) => (v.len(), DType::F32),
+                        InputRef::I32(v) => (v.len(), DType::I32),
+                    };
+                    return Err(ExecError::BadInput {
+                        name: i.name.clone(),
+                        got,
+                        got_dtype,
+                        want: i.numel,
+                        want_dtype: i.dtype,
+                    });
+                }
+            };
+            dev.upload(p.mem + i.offset, bytes).map_err(dev_err)?;
+        }
+        let layer_bytes = (self.kv.heads * self.kv.max_seq * self.kv.head_dim * 2) as u64;
+        let row_bytes = (self.kv.head_dim * 2) as u64;
+        let wlook = |k: &WeightKey| wmap.get(k).copied();
+        let kvlook = |layer: usize, v: bool, at_past: bool| {
+            kv.get(layer)
+                .map(|c| c[v as usize] + slot as u64 * layer_bytes + if at_past { past as u64 * row_bytes } else { 0 })
+        };
+        let ptr = |b: &Buf| {
+            resolve(b, p.mem, &wlook, &kvlook).ok_or_else(|| ExecError::Device(format!("no device buffer for {b:?}")))
+        };
+        for st in &p.low.steps {
+            match st {
+                Step::Launch { kernel, grid, block, args, node } => {
+                    let mut ka = Vec::with_capacity(args.len());
+                    for a in args {
+                        ka.push(match a {
+                            Arg::Buf(b) => KArg::Ptr(ptr(b)?),
+                            Arg::U32(v) => KArg::U32(*v),
+                            Arg::F32(v) => KArg::F32(*v),
+                        });
+                    }
+                    dev.launch(kernel, *grid, *block, &ka).map_err(|e| {
+                        ExecError::Device(format!("node {} ({}): {e}", node.0, graph.node(*node).op.name()))
+                    })?;
+                    stats.launches += 1;
+                }
+                Step::Zero { at, bytes } => dev.memset_zero(p.mem + at, *bytes as usize).map_err(dev_err)?,
+                Step::Lens { at } => dev.upload(p.mem + at, &(past as u32 + 1).to_le_bytes()).map_err(dev_err)?,
+                Step::Host { node } => {
+                    host_node(
+                        dev.as_mut(),
+                        graph,
+                        *node,
+                        &p.low.host_inputs[node],
+                        weights,
+                        p.mem + p.low.plan.values[node.index()].map_or(0, |s| s.offset),
+                        &ptr,
+                    )?;
+                    stats.host_nodes += 1;
+                }
+            }
+        }
+        let mut out = HashMap::new();
+        for (name, l) in &p.low.outputs {
+            let mut b = vec![0u8; l.numel * 4];
+            dev.download(ptr(&l.buf)?, &mut b).map_err(dev_err)?;
+            let v: Vec<f32> = match l.dtype {
+                DType::I32 => b.chunks_exact(4).map(|c| i32::from_le_bytes(c.try_into().unwrap()) as f32).collect(),
+                _ => b.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect(),
+            };
+            out.insert(name.clone(), v);
+        }
+        stats.runs += 1;
+        Ok(out)
+    }
+}
+
+/// Run one node on the host: download its inputs, interpret, upload.
+fn host_node(
+    dev: &mut dyn Device,
+    g: &Graph,
+    node: qvc_ir::NodeId,
+    args: &[HostArg],
+    weights: &dyn WeightSource,
+    out: DevPtr,
+    ptr: &dyn Fn(&Buf) -> Result<DevPtr, ExecError>,
+) -> Result<(), ExecError> {
+    let n = g.node(node);
+    let mut mini = Graph::new();
+    let mut data: Vec<(String, Vec<f32>, Vec<i32>)> = vec![];
+    let mut ids = vec![];
+    for (i, (a, &inp)) in args.iter().zip(&n.inputs).enumerate() {
+        let ty = g.ty(inp);
+        let name = format!("in{i}");
+        let (f, iv) = match a {
+            HostArg::Device(l) => {
+                let mut b = vec![0u8; l.numel * 4];
+                dev.download(ptr(&l.buf)?, &mut b).map_err(dev_err)?;
+                if l.dtype == DType::I32 {
+                    (vec![], bytemuck::cast_slice::<u8, i32>(&b).to_vec())
+                } else {
+                    (bytemuck::cast_slice::<u8, f32>(&b).to_vec(), vec![])
+                }
+            }
+            HostArg::Param(p) => {
+                let e = weights.weight(p).ok_or_else(|| ExecError::BadWeight { name: p.clone(), got: 0, want: 1 })?;
+                ((0..e.len()).map(|i| e.get(i)).collect(), vec![])
+            }
+            HostArg::Const(c) => (c.to_vec(), vec![]),
+        };
+        let dtype = if iv.is_empty() { DType::F32 } else { DType::I32 };
+        ids.push(mini.input(&name, dtype, ty.shape.0.clone()));
+        data.push((name, f, iv));
+    }
+    let y = mini.push(n.op.clone(), &ids)?;
+    mini.set_output("y", y);
+    let inputs: HashMap<String, InputRef> = data
+        .iter()
+        .map(|(n, f, i)| (n.clone(), if i.is_empty() { InputRef::F32(f) } else { InputRef::I32(i) }))
+        .collect();
+    let mut res = qvc_ir::run_reference(&mini, &NoWeights, &inputs)?;
+    let v = res.remove("y").map(|v| v.into_f32()).unwrap_or_default();
+    dev.upload(out, bytemuck::cast_slice(&v)).map_err(dev_err)
+}
+
+struct NoWeights;
+impl WeightSource for NoWeights {
+    fn weight(&self, _: &str) -> Option<Elems<'_>> {
+        None
+    }
+}
+
+/// A shared handle, so a model and its sessions can hold one backend.
+pub type SharedGpu = Arc<GpuBackend>;

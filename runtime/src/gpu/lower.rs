@@ -1,0 +1,881 @@
+//! Lowering: an IR [`Graph`] → a list of kernel launches over one arena.
+//!
+//! Invariants the executor relies on:
+//! - every computed value lives as **f32, contiguous** at its memory-plan
+//!   slot ([`plan_memory`] without in-place updates, so no kernel needs to be
+//!   alias-safe); a view (`Reshape`, a contiguous `Slice`) is its base's bytes;
+//! - a node's steps read only values live at that node, and write only its
+//!   own slot and the *scratch* region, which belongs to the current node
+//!   (casts to bf16 for the tensor-core kernels, padded GEMM operands,
+//!   attention workspaces): scratch is reused by the next node;
+//! - weights are read through [`WeightKey`] views (dtype and layout the
+//!   kernel wants: bf16 `[N, K]`, transposed, K padded to a multiple of 8,
+//!   or f32), which the executor uploads once and shares across programs;
+//! - the KV cache is the device's, bf16 `[slots, heads, max_seq, head_dim]`
+//!   per layer and K/V: inputs named `past_k.{l}` / `past_v.{l}` *are* that
+//!   cache (never uploaded), the new rows of outputs `k.{l}` / `v.{l}` are
+//!   written into it at row `past`, and attention over a cache reads it in place.
+//!
+//! Ops without a device kernel run on the host ([`Step::Host`]): the executor
+//! downloads their inputs, runs the reference interpreter on that one node
+//! and uploads the result. Correct for any graph; [`Lowered::host_nodes`]
+//! counts them so `qvc inspect` and the benchmarks can show what is left.
+
+use crate::gpu::device::DevPtr;
+use qvc_ir::plan::{plan_memory, MemoryPlan, PlanOptions};
+use qvc_ir::{Act as IrAct, DType, Graph, Mask, NodeId, Op, Shape};
+use qvc_kernels::gpu::attention::{FlashMask, FlashSpec, OutDtype, Strides};
+use qvc_kernels::gpu::decode_attention::DecodeAttnSpec;
+use qvc_kernels::gpu::gemm::{Act, Epilogue, GemmSpec};
+use qvc_kernels::gpu::gemv::GemvSpec;
+use qvc_kernels::gpu::generic::{
+    CopySpec, EltOp, EltwiseSpec, GatherSpec, MatMulSpec, ReduceSpec, RopeSpec, ScatterRowsSpec,
+};
+use qvc_kernels::gpu::norm::{NormKind, NormSpec};
+use qvc_kernels::gpu::softmax::SoftmaxSpec;
+use qvc_kernels::KernelSpec;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+/// Buffers start on this many bytes (cp.async and vector loads need 16).
+pub const ALIGN: u64 = 256;
+
+fn align(x: u64) -> u64 {
+    x.div_ceil(ALIGN) * ALIGN
+}
+
+/// How a weight is laid out on the device for the kernel that reads it.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Layout {
+    /// As stored (row-major, the checkpoint's shape).
+    AsIs,
+    /// A rank-2 `[K, N]` weight stored as `[N, K]` (a `MatMul` without
+    /// `transpose_b` becomes a Linear).
+    Transposed,
+    /// A rank-2 `[N, K]` weight with rows zero-padded to `cols` (GEMM needs K % 8 == 0).
+    PadCols(usize),
+}
+
+/// One device copy of a weight (or of a constant of the graph).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct WeightKey {
+    /// The param's name, or `#const.{hash}` for a graph constant.
+    pub name: String,
+    /// F32 or BF16.
+    pub dtype: DType,
+    pub layout: Layout,
+}
+
+/// Where a kernel argument points.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Buf {
+    /// Byte offset in the program's allocation.
+    Arena(u64),
+    /// A weight view, plus a byte offset.
+    Weight(WeightKey, u64),
+    /// Layer `layer`'s key (or value) cache of the running sequence, at row
+    /// `past` when `at_past` (where new rows go), else at row 0.
+    Kv { layer: usize, v: bool, at_past: bool },
+}
+
+/// A kernel argument.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Arg {
+    Buf(Buf),
+    U32(u32),
+    F32(f32),
+}
+
+/// One thing the executor does, in order.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Step {
+    Launch {
+        node: NodeId,
+        kernel: String,
+        grid: [u32; 3],
+        block: [u32; 3],
+        args: Vec<Arg>,
+    },
+    /// Zero `bytes` at an arena offset (padding columns of a GEMM operand).
+    Zero {
+        at: u64,
+        bytes: u64,
+    },
+    /// Write `past + 1` as a u32 at an arena offset (decode attention's key count).
+    Lens {
+        at: u64,
+    },
+    /// Run this node on the host (no device kernel covers it).
+    Host {
+        node: NodeId,
+    },
+}
+
+/// Where a graph input is uploaded.
+#[derive(Clone, Debug, PartialEq)]
+pub struct InputSlot {
+    pub name: String,
+    pub offset: u64,
+    pub dtype: DType,
+    pub numel: usize,
+}
+
+/// A value the executor reads back or writes: where, which dtype, how many.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Loc {
+    pub buf: Buf,
+    pub dtype: DType,
+    pub numel: usize,
+}
+
+/// Host-side needs of the KV cache, checked against the device's cache.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KvShape {
+    pub layers: usize,
+    pub heads: usize,
+    pub head_dim: usize,
+    pub max_seq: usize,
+}
+
+/// A graph lowered for a device.
+#[derive(Debug)]
+pub struct Lowered {
+    pub steps: Vec<Step>,
+    /// Bytes of the one allocation: plan arena, inputs, lens, scratch.
+    pub bytes: u64,
+    pub inputs: Vec<InputSlot>,
+    /// Outputs to download (the KV outputs are not among them: they are
+    /// written into the device cache).
+    pub outputs: Vec<(String, Loc)>,
+    /// Every kernel the steps launch, by name.
+    pub kernels: BTreeMap<String, Box<dyn KernelSpec>>,
+    /// Constant data (graph constants, iotas) behind `#const` weight keys.
+    pub consts: HashMap<String, Arc<[f32]>>,
+    /// For each host step's node: where its inputs are.
+    pub host_inputs: HashMap<NodeId, Vec<HostArg>>,
+    /// Nodes that run on the host.
+    pub host_nodes: usize,
+    /// Launches per program run.
+    pub launches: usize,
+    /// New cache rows each run writes (the program's token count), 0 when
+    /// it touches no cache.
+    pub kv_rows: usize,
+    pub plan: MemoryPlan,
+    /// Shape of every param the graph reads (weight layouts need it).
+    pub params: HashMap<String, Vec<usize>>,
+}
+
+/// A host step's input: a device value, or a weight read on the host.
+#[derive(Clone, Debug, PartialEq)]
+pub enum HostArg {
+    Device(Loc),
+    Param(String),
+    Const(Arc<[f32]>),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LowerError {
+    #[error("node {node} ({op}): {why}")]
+    Unsupported { node: usize, op: String, why: String },
+}
+
+/// What the lowering needs to know beyond the graph.
+#[derive(Clone, Copy, Debug)]
+pub struct LowerOptions {
+    /// The device cache (heads, head dim, rows) the program's KV inputs and
+    /// outputs map to.
+    pub kv: KvShape,
+    /// Streaming multiprocessors (sizes the decode-attention split).
+    pub sms: usize,
+}
+
+/// Which layer a `past_k.{l}` / `k.{l}` name refers to.
+fn kv_layer(name: &str, prefix: &str) -> Option<usize> {
+    name.strip_prefix(prefix)?.parse().ok()
+}
+
+fn fnv(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf29ce484222325;
+    for &b in bytes {
+        h = (h ^ b as u64).wrapping_mul(0x100000001b3);
+    }
+    h
+}
+
+fn contiguous_strides(s: &[usize]) -> Vec<usize> {
+    let mut st = vec![1; s.len()];
+    for i in (0..s.len().saturating_sub(1)).rev() {
+        st[i] = st[i + 1] * s[i + 1];
+    }
+    st
+}
+
+/// Strides that broadcast `src` (right-aligned) to `out`: 0 on stretched axes.
+fn broadcast_strides(src: &Shape, out: &Shape) -> Vec<usize> {
+    let cs = contiguous_strides(&src.0);
+    let off = out.rank() - src.rank();
+    (0..out.rank()).map(|i| if i < off || src.dim(i - off) == 1 { 0 } else { cs[i - off] }).collect()
+}
+
+struct Lower<'g> {
+    g: &'g Graph,
+    plan: MemoryPlan,
+    opt: LowerOptions,
+    steps: Vec<Step>,
+    kernels: BTreeMap<String, Box<dyn KernelSpec>>,
+    consts: HashMap<String, Arc<[f32]>>,
+    inputs: HashMap<NodeId, u64>,
+    input_slots: Vec<InputSlot>,
+    host_inputs: HashMap<NodeId, Vec<HostArg>>,
+    host_nodes: usize,
+    lens_at: u64,
+    scratch_base: u64,
+    scratch_cur: u64,
+    scratch_max: u64,
+    node: NodeId,
+    /// Layers whose new K/V rows a decode attention already wrote.
+    kv_written: Vec<(usize, bool)>,
+    kv_rows: usize,
+}
+
+type R<T> = Result<T, LowerError>;
+
+/// A Linear's optional operands: SwiGLU's second weight, bias, residual.
+#[derive(Default)]
+struct Extra {
+    w2: Option<NodeId>,
+    bias: Option<NodeId>,
+    res: Option<NodeId>,
+}
+
+impl<'g> Lower<'g> {
+    fn err(&self, why: impl Into<String>) -> LowerError {
+        LowerError::Unsupported { node: self.node.index(), op: self.g.node(self.node).op.name(), why: why.into() }
+    }
+
+    fn launch(&mut self, spec: Box<dyn KernelSpec>, args: Vec<Arg>) {
+        let l = spec.launch();
+        let kernel = spec.name();
+        self.kernels.entry(kernel.clone()).or_insert(spec);
+        self.steps.push(Step::Launch { node: self.node, kernel, grid: l.grid, block: l.block, args });
+    }
+
+    fn scratch(&mut self, bytes: u64) -> u64 {
+        let at = self.scratch_base + self.scratch_cur;
+        self.scratch_cur += align(bytes.max(1));
+        self.scratch_max = self.scratch_max.max(self.scratch_cur);
+        at
+    }
+
+    /// Follow views (Reshape, contiguous Slice) down to a leaf: the leaf and
+    /// the byte offset into it.
+    fn leaf_of(&self, mut id: NodeId) -> Option<(NodeId, u64)> {
+        let mut off = 0u64;
+        loop {
+            let n = self.g.node(id);
+            match &n.op {
+                Op::Input(_) | Op::Param(_) | Op::Const(_) => return Some((id, off)),
+                Op::Reshape(_) => id = n.inputs[0],
+                Op::Slice { axis, start, .. } => {
+                    let s = self.g.shape(n.inputs[0]);
+                    if s.0[..*axis].iter().any(|&d| d != 1) {
+                        return None;
+                    }
+                    let inner: usize = s.0[axis + 1..].iter().product();
+                    off += (start * inner * 4) as u64;
+                    id = n.inputs[0];
+                }
+                _ => return None,
+            }
+        }
+    }
+
+    fn const_key(&mut self, data: Arc<[f32]>, shape: &Shape) -> WeightKey {
+        let h = fnv(bytemuck::cast_slice(&data)) ^ fnv(format!("{shape}").as_bytes());
+        let name = format!("#const.{h:016x}");
+        self.consts.entry(name.clone()).or_insert(data);
+        WeightKey { name, dtype: DType::F32, layout: Layout::AsIs }
+    }
+
+    /// Where value `id` lives as f32 (i32 for integer inputs), contiguous.
+    fn val(&mut self, id: NodeId) -> R<Buf> {
+        if let Some(slot) = self.plan.values[id.index()] {
+            return Ok(Buf::Arena(slot.offset));
+        }
+        let (leaf, off) = self.leaf_of(id).ok_or_else(|| self.err(format!("value {} has no location", id.0)))?;
+        match &self.g.node(leaf).op {
+            Op::Input(name) => {
+                if name.starts_with("past_") {
+                    return Err(self.err(format!("reads the KV cache input {name} outside attention")));
+                }
+                Ok(Buf::Arena(self.inputs[&leaf] + off))
+            }
+            Op::Param(name) => {
+                Ok(Buf::Weight(WeightKey { name: name.clone(), dtype: DType::F32, layout: Layout::AsIs }, off))
+            }
+            Op::Const(d) => {
+                let key = self.const_key(d.clone(), &self.g.ty(leaf).shape.clone());
+                Ok(Buf::Weight(key, off))
+            }
+            _ => unreachable!("leaf_of returns leaves"),
+        }
+    }
+
+    /// A weight for a tensor-core or GEMV kernel: bf16 in `layout`.
+    fn weight(&self, id: NodeId, dtype: DType, layout: Layout) -> R<Buf> {
+        match self.leaf_of(id) {
+            Some((leaf, 0)) => match &self.g.node(leaf).op {
+                Op::Param(name) => Ok(Buf::Weight(WeightKey { name: name.clone(), dtype, layout }, 0)),
+                _ => Err(self.err("the weight operand is not a checkpoint tensor")),
+            },
+            _ => Err(self.err("the weight operand is not a checkpoint tensor")),
+        }
+    }
+
+    fn is_param(&self, id: NodeId) -> bool {
+        matches!(self.leaf_of(id), Some((l, 0)) if matches!(self.g.node(l).op, Op::Param(_)))
+    }
+
+    fn out(&self) -> R<u64> {
+        match self.plan.values[self.node.index()] {
+            Some(s) if s.alias_of.is_none() => Ok(s.offset),
+            _ => Err(self.err("no buffer planned for the output")),
+        }
+    }
+
+    /// Copy (and cast) a contiguous f32 value of `shape` into scratch as `dtype`, rows padded to `ld`.
+    fn cast(&mut self, src: Buf, shape: &[usize], dtype: DType, ld: usize) -> R<u64> {
+        let cols = *shape.last().unwrap_or(&1);
+        let rows: usize = shape.iter().product::<usize>() / cols.max(1);
+        let at = self.scratch((rows * ld * dtype.size()) as u64);
+        if ld != cols {
+            self.steps.push(Step::Zero { at, bytes: (rows * ld * dtype.size()) as u64 });
+        }
+        let spec = CopySpec {
+            shape: vec![rows, cols],
+            src_strides: vec![cols, 1],
+            dst_strides: vec![ld, 1],
+            src: DType::F32,
+            dst: dtype,
+        };
+        spec.validate().map_err(|e| self.err(e.to_string()))?;
+        self.launch(Box::new(spec), vec![Arg::Buf(src), Arg::Buf(Buf::Arena(at))]);
+        Ok(at)
+    }
+
+    fn host(&mut self) -> R<()> {
+        let n = self.g.node(self.node);
+        let mut args = vec![];
+        for &i in &n.inputs {
+            let a = match self.leaf_of(i) {
+                Some((l, 0)) if matches!(self.g.node(l).op, Op::Param(_)) => {
+                    let Op::Param(name) = &self.g.node(l).op else { unreachable!() };
+                    if self.g.ty(i).shape.numel() != self.g.ty(l).shape.numel() {
+                        return Err(self.err("host fallback over a slice of a weight"));
+                    }
+                    HostArg::Param(name.clone())
+                }
+                Some((l, 0)) if matches!(self.g.node(l).op, Op::Const(_)) => {
+                    let Op::Const(d) = &self.g.node(l).op else { unreachable!() };
+                    HostArg::Const(d.clone())
+                }
+                _ => {
+                    let t = self.g.ty(i);
+                    let dtype = if t.dtype == DType::I32 { DType::I32 } else { DType::F32 };
+                    HostArg::Device(Loc { buf: self.val(i)?, dtype, numel: t.shape.numel() })
+                }
+            };
+            args.push(a);
+        }
+        self.out()?;
+        self.host_inputs.insert(self.node, args);
+        self.host_nodes += 1;
+        self.steps.push(Step::Host { node: self.node });
+        Ok(())
+    }
+
+    /// `x·wᵀ` with the GEMM epilogue; `transposed`: `w` is stored `[K, N]`.
+    fn linear(&mut self, x: NodeId, w: NodeId, extra: Extra, act: Act, transposed: bool) -> R<()> {
+        let Extra { w2, bias, res } = extra;
+        let xs = self.g.shape(x).clone();
+        let k = xs.last();
+        let m = xs.numel() / k.max(1);
+        let ws = self.g.shape(w);
+        let n = if transposed { ws.dim(1) } else { ws.dim(0) };
+        let epi = Epilogue::new(bias.is_some(), act, res.is_some());
+        let out = self.out()?;
+        let layout = |pad: usize| {
+            if transposed {
+                Layout::Transposed
+            } else if pad != k {
+                Layout::PadCols(pad)
+            } else {
+                Layout::AsIs
+            }
+        };
+        // Decode rows (M ≤ 8) stream the weight with any K; the tensor-core
+        // GEMM needs K % 8 == 0, so A and W get zero-padded columns.
+        let gemv = m <= 8;
+        let kp = if gemv { k } else { k.next_multiple_of(8) };
+        if transposed && kp != k {
+            return Err(self.err(format!("a transposed weight needs K % 8 == 0, K = {k}")));
+        }
+        let (spec, a): (Box<dyn KernelSpec>, Buf) = if gemv {
+            let s = GemvSpec::new(m, n, k, DType::F32, DType::F32, epi).map_err(|e| self.err(format!("{e:?}")))?;
+            (Box::new(s), self.val(x)?)
+        } else {
+            let src = self.val(x)?;
+            let a = self.cast(src, &xs.0, DType::BF16, kp)?;
+            let s = GemmSpec::new(m, n, kp, DType::BF16, DType::F32, epi).map_err(|e| self.err(format!("{e:?}")))?;
+            (Box::new(s), Buf::Arena(a))
+        };
+        let mut args = vec![Arg::Buf(a), Arg::Buf(self.weight(w, DType::BF16, layout(kp))?)];
+        if let Some(w2) = w2 {
+            args.push(Arg::Buf(self.weight(w2, DType::BF16, layout(kp))?));
+        }
+        if let Some(b) = bias {
+            args.push(Arg::Buf(self.weight(b, DType::F32, Layout::AsIs)?));
+        }
+        if let Some(r) = res {
+            args.push(Arg::Buf(self.val(r)?));
+        }
+        args.push(Arg::Buf(Buf::Arena(out)));
+        self.launch(spec, args);
+        Ok(())
+    }
+
+    fn norm(&mut self, x: Buf, rows: usize, cols: usize, w: NodeId, b: Option<NodeId>, eps: f32) -> R<()> {
+        let kind = if b.is_some() { NormKind::LayerNorm { bias: true } } else { NormKind::RmsNorm };
+        let spec = NormSpec { kind, rows, cols, eps, residual: false, out: DType::F32 };
+        spec.validate().map_err(|e| self.err(e.to_string()))?;
+        let mut args = vec![Arg::Buf(x), Arg::Buf(self.weight(w, DType::BF16, Layout::AsIs)?)];
+        if let Some(b) = b {
+            args.push(Arg::Buf(self.weight(b, DType::BF16, Layout::AsIs)?));
+        }
+        args.push(Arg::Buf(Buf::Arena(self.out()?)));
+        self.launch(Box::new(spec), args);
+        Ok(())
+    }
+
+    /// The KV-cache input behind attention input `i` (`past_k.{l}`), if any.
+    fn kv_input(&self, id: NodeId) -> Option<(usize, bool)> {
+        let (leaf, _) = self.leaf_of(id)?;
+        let Op::Input(name) = &self.g.node(leaf).op else { return None };
+        kv_layer(name, "past_k.").map(|l| (l, false)).or_else(|| kv_layer(name, "past_v.").map(|l| (l, true)))
+    }
+
+    /// Copy `[t, heads, hd]` f32 rows into the bf16 cache of `layer` at row `past`.
+    fn kv_write(&mut self, src: Buf, t: usize, layer: usize, v: bool) -> R<()> {
+        let kv = self.opt.kv;
+        if layer >= kv.layers {
+            return Err(self.err(format!("layer {layer} is outside the KV cache ({} layers)", kv.layers)));
+        }
+        let spec = CopySpec {
+            shape: vec![t, kv.heads, kv.head_dim],
+            src_strides: vec![kv.heads * kv.head_dim, kv.head_dim, 1],
+            dst_strides: vec![kv.head_dim, kv.max_seq * kv.head_dim, 1],
+            src: DType::F32,
+            dst: DType::BF16,
+        };
+        spec.validate().map_err(|e| self.err(e.to_string()))?;
+        self.launch(Box::new(spec), vec![Arg::Buf(src), Arg::Buf(Buf::Kv { layer, v, at_past: true })]);
+        self.kv_rows = self.kv_rows.max(t);
+        Ok(())
+    }
+
+    fn attention(&mut self, mask: Mask, scale: f32) -> R<()> {
+        let n = self.g.node(self.node).clone();
+        let (q, k) = (self.g.shape(n.inputs[0]).clone(), self.g.shape(n.inputs[1]).clone());
+        let (tq, tk, h, d) = (q.dim(0), k.dim(0), q.dim(1), q.dim(2));
+        let out = self.out()?;
+        if n.inputs.len() == 3 {
+            let mut ptr = vec![];
+            for i in 0..3 {
+                let s = self.g.shape(n.inputs[i]).clone();
+                let src = self.val(n.inputs[i])?;
+                ptr.push(self.cast(src, &s.0, DType::BF16, s.last())?);
+            }
+            let dense = Strides { token: (h * d) as u32, head: d as u32 };
+            let fm = match mask {
+                Mask::None => FlashMask::None,
+                Mask::Causal => FlashMask::Causal { q_offset: (tk - tq) as u32 },
+                Mask::Window { grid_h, grid_w, window } => {
+                    FlashMask::Window { grid: (grid_h as u32, grid_w as u32), window: window as u32 }
+                }
+            };
+            let mut sp = FlashSpec::new(tq as u32, tk as u32, h as u32, d as u32, dense, dense, dense, fm);
+            sp.scale = scale;
+            sp.out = OutDtype::F32;
+            sp.validate().map_err(|e| self.err(e.to_string()))?;
+            let args = vec![
+                Arg::Buf(Buf::Arena(ptr[0])),
+                Arg::Buf(Buf::Arena(ptr[1])),
+                Arg::Buf(Buf::Arena(ptr[2])),
+                Arg::Buf(Buf::Arena(out)),
+            ];
+            self.launch(Box::new(sp), args);
+            return Ok(());
+        }
+        // Over the device KV cache: new rows go in at `past`, then one query
+        // per head attends to the cache's first `past + 1` rows.
+        if tq != 1 || !matches!(mask, Mask::Causal) {
+            return Err(self.err("attention over a KV cache runs one causal query token at a time on the GPU"));
+        }
+        let (Some((lk, false)), Some((lv, true))) = (self.kv_input(n.inputs[3]), self.kv_input(n.inputs[4])) else {
+            return Err(self.err("the cache inputs are not past_k.{l} / past_v.{l}"));
+        };
+        if lk != lv {
+            return Err(self.err("key and value caches of different layers"));
+        }
+        for (i, v) in [(1, false), (2, true)] {
+            let src = self.val(n.inputs[i])?;
+            self.kv_write(src, 1, lk, v)?;
+            self.kv_written.push((lk, v));
+        }
+        let kv = self.opt.kv;
+        let qsrc = self.val(n.inputs[0])?;
+        let qb = self.cast(qsrc, &q.0, DType::BF16, d)?;
+        let splits = DecodeAttnSpec::splits_for(1, h, kv.max_seq, self.opt.sms);
+        let sp = DecodeAttnSpec::new(1, h, d, kv.max_seq, splits, scale, DType::F32)
+            .map_err(|e| self.err(format!("{e:?}")))?;
+        let ws = self.scratch((h * splits * (d + 2) * 4) as u64);
+        self.steps.push(Step::Lens { at: self.lens_at });
+        let cache = |v| Arg::Buf(Buf::Kv { layer: lk, v, at_past: false });
+        let args = vec![
+            Arg::Buf(Buf::Arena(qb)),
+            cache(false),
+            cache(true),
+            Arg::Buf(Buf::Arena(self.lens_at)),
+            Arg::Buf(Buf::Arena(ws)),
+        ];
+        self.launch(Box::new(sp.partial()), args);
+        self.launch(Box::new(sp.combine()), vec![Arg::Buf(Buf::Arena(ws)), Arg::Buf(Buf::Arena(out))]);
+        Ok(())
+    }
+
+    fn node(&mut self) -> R<()> {
+        let n = self.g.node(self.node).clone();
+        let shape = n.ty.shape.clone();
+        let s = |i: usize| self.g.shape(n.inputs[i]).clone();
+        match &n.op {
+            Op::Input(_) | Op::Param(_) | Op::Const(_) | Op::Reshape(_) => Ok(()),
+            Op::Slice { .. } if self.plan.values[self.node.index()].is_none_or(|s| s.alias_of.is_some()) => Ok(()),
+            Op::Slice { axis, start, .. } => {
+                let src = s(0);
+                let mut st = contiguous_strides(&src.0);
+                let base = self.val(n.inputs[0])?;
+                let off = (start * st[*axis] * 4) as u64;
+                let base = match base {
+                    Buf::Arena(o) => Buf::Arena(o + off),
+                    Buf::Weight(k, o) => Buf::Weight(k, o + off),
+                    kv => kv,
+                };
+                st.truncate(src.rank());
+                self.copy(base, shape.0.clone(), st)
+            }
+            Op::Permute(p) => {
+                let src = s(0);
+                let cs = contiguous_strides(&src.0);
+                let st = p.iter().map(|&a| cs[a]).collect();
+                let base = self.val(n.inputs[0])?;
+                self.copy(base, shape.0.clone(), st)
+            }
+            Op::Concat { axis } => {
+                let out = self.out()?;
+                let ost = contiguous_strides(&shape.0);
+                let mut at = 0usize;
+                for &i in &n.inputs {
+                    let is = self.g.shape(i).clone();
+                    let src = self.val(i)?;
+                    let spec = CopySpec {
+                        shape: is.0.clone(),
+                        src_strides: contiguous_strides(&is.0),
+                        dst_strides: ost.clone(),
+                        src: DType::F32,
+                        dst: DType::F32,
+                    };
+                    spec.validate().map_err(|e| self.err(e.to_string()))?;
+                    let dst = Buf::Arena(out + (at * ost[*axis] * 4) as u64);
+                    self.launch(Box::new(spec), vec![Arg::Buf(src), Arg::Buf(dst)]);
+                    at += is.dim(*axis);
+                }
+                Ok(())
+            }
+            Op::Unary(_) | Op::Binary(_) | Op::Where | Op::Gelu | Op::Silu => {
+                let op = match &n.op {
+                    Op::Unary(u) => EltOp::Unary(*u),
+                    Op::Binary(b) => EltOp::Binary(*b),
+                    Op::Where => EltOp::Where,
+                    Op::Gelu => EltOp::Gelu,
+                    _ => EltOp::Silu,
+                };
+                let strides = n.inputs.iter().map(|&i| broadcast_strides(self.g.shape(i), &shape)).collect();
+                let spec = EltwiseSpec { shape: shape.0.clone(), op, strides };
+                spec.validate().map_err(|e| self.err(e.to_string()))?;
+                let mut args = vec![];
+                for &i in &n.inputs {
+                    if self.g.ty(i).dtype == DType::I32 {
+                        return Err(self.err("integer operand"));
+                    }
+                    args.push(Arg::Buf(self.val(i)?));
+                }
+                args.push(Arg::Buf(Buf::Arena(self.out()?)));
+                self.launch(Box::new(spec), args);
+                Ok(())
+            }
+            Op::Reduce { op, axis } => {
+                let x = s(0);
+                let spec = ReduceSpec {
+                    outer: x.0[..*axis].iter().product(),
+                    len: x.dim(*axis),
+                    inner: x.0[axis + 1..].iter().product(),
+                    op: *op,
+                };
+                spec.validate().map_err(|e| self.err(e.to_string()))?;
+                let args = vec![Arg::Buf(self.val(n.inputs[0])?), Arg::Buf(Buf::Arena(self.out()?))];
+                self.launch(Box::new(spec), args);
+                Ok(())
+            }
+            Op::Softmax => {
+                let x = s(0);
+                let spec =
+                    SoftmaxSpec::new(x.numel() / x.last().max(1), x.last()).map_err(|e| self.err(format!("{e:?}")))?;
+                let args = vec![Arg::Buf(self.val(n.inputs[0])?), Arg::Buf(Buf::Arena(self.out()?))];
+                self.launch(Box::new(spec), args);
+                Ok(())
+            }
+            Op::MatMul { transpose_b } => {
+                let (a, b) = (s(0), s(1));
+                let rows = a.numel() / a.last().max(1);
+                let linear_ok = *transpose_b || rows <= 8 || a.last().is_multiple_of(8);
+                if b.rank() == 2 && self.is_param(n.inputs[1]) && linear_ok {
+                    return self.linear(n.inputs[0], n.inputs[1], Extra::default(), Act::None, !transpose_b);
+                }
+                let (m, k) = (a.dim(a.rank() - 2), a.last());
+                let nn = if *transpose_b { b.dim(b.rank() - 2) } else { b.last() };
+                let batch = shape.numel() / (m * nn).max(1);
+                let bb = b.numel() / (b.dim(b.rank() - 2) * b.last()).max(1);
+                let b_batch = if bb == 1 { 0 } else { k * nn };
+                let b_strides = if *transpose_b { [b_batch, 1, k] } else { [b_batch, nn, 1] };
+                let bdt = if self.is_param(n.inputs[1]) { self.g.ty(n.inputs[1]).dtype } else { DType::F32 };
+                let bdt = if bdt == DType::BF16 { DType::BF16 } else { DType::F32 };
+                let spec = MatMulSpec { batch, m, n: nn, k, a_strides: [m * k, k, 1], b_strides, b: bdt };
+                spec.validate().map_err(|e| self.err(e.to_string()))?;
+                let bbuf = if bdt == DType::BF16 {
+                    self.weight(n.inputs[1], DType::BF16, Layout::AsIs)?
+                } else {
+                    self.val(n.inputs[1])?
+                };
+                let args = vec![Arg::Buf(self.val(n.inputs[0])?), Arg::Buf(bbuf), Arg::Buf(Buf::Arena(self.out()?))];
+                self.launch(Box::new(spec), args);
+                Ok(())
+            }
+            Op::Gather => {
+                let (t, ids) = (s(0), s(1));
+                let table_dt = if self.is_param(n.inputs[0]) && self.g.ty(n.inputs[0]).dtype == DType::BF16 {
+                    DType::BF16
+                } else {
+                    DType::F32
+                };
+                let spec = GatherSpec { rows: ids.numel(), cols: t.last(), vocab: t.dim(0), table: table_dt };
+                spec.validate().map_err(|e| self.err(e.to_string()))?;
+                let table = if table_dt == DType::BF16 {
+                    self.weight(n.inputs[0], DType::BF16, Layout::AsIs)?
+                } else {
+                    self.val(n.inputs[0])?
+                };
+                let args = vec![Arg::Buf(table), Arg::Buf(self.val(n.inputs[1])?), Arg::Buf(Buf::Arena(self.out()?))];
+                self.launch(Box::new(spec), args);
+                Ok(())
+            }
+            Op::ScatterRows => {
+                let (dst, src) = (s(0), s(1));
+                let out = self.out()?;
+                let cols = dst.last();
+                let all = contiguous_strides(&dst.0);
+                let base = self.val(n.inputs[0])?;
+                self.copy_to(base, dst.0.clone(), all, Buf::Arena(out))?;
+                let spec =
+                    ScatterRowsSpec { rows: src.numel() / cols.max(1), cols, dst_rows: dst.numel() / cols.max(1) };
+                spec.validate().map_err(|e| self.err(e.to_string()))?;
+                let args =
+                    vec![Arg::Buf(self.val(n.inputs[1])?), Arg::Buf(self.val(n.inputs[2])?), Arg::Buf(Buf::Arena(out))];
+                self.launch(Box::new(spec), args);
+                Ok(())
+            }
+            Op::Iota { shape: is, axis } => {
+                let cs = contiguous_strides(&is.0);
+                let data: Arc<[f32]> = (0..is.numel()).map(|i| ((i / cs[*axis]) % is.dim(*axis)) as f32).collect();
+                let key = self.const_key(data, is);
+                self.copy_to(Buf::Weight(key, 0), is.0.clone(), cs, Buf::Arena(self.out()?))
+            }
+            Op::LayerNorm { eps } | Op::RmsNorm { eps } => {
+                let x = s(0);
+                let b = matches!(n.op, Op::LayerNorm { .. }).then(|| n.inputs[2]);
+                let xb = self.val(n.inputs[0])?;
+                self.norm(xb, x.numel() / x.last().max(1), x.last(), n.inputs[1], b, *eps)
+            }
+            Op::AddNorm { rms, eps } => {
+                let x = s(0);
+                let spec = EltwiseSpec {
+                    shape: x.0.clone(),
+                    op: EltOp::Binary(qvc_ir::BinaryOp::Add),
+                    strides: vec![broadcast_strides(&x, &x), broadcast_strides(&s(1), &x)],
+                };
+                spec.validate().map_err(|e| self.err(e.to_string()))?;
+                let sum = self.scratch((x.numel() * 4) as u64);
+                let args =
+                    vec![Arg::Buf(self.val(n.inputs[0])?), Arg::Buf(self.val(n.inputs[1])?), Arg::Buf(Buf::Arena(sum))];
+                self.launch(Box::new(spec), args);
+                let b = (!rms).then(|| n.inputs[3]);
+                self.norm(Buf::Arena(sum), x.numel() / x.last().max(1), x.last(), n.inputs[2], b, *eps)
+            }
+            Op::Rotary | Op::QkvRotary { .. } => {
+                let (offset, heads, d, row, logn) = match n.op {
+                    Op::QkvRotary { offset, heads, logn } => (offset, heads, shape.last(), s(0).last(), logn),
+                    _ => (0, s(0).dim(1), s(0).dim(2), s(0).dim(1) * s(0).dim(2), false),
+                };
+                let t = shape.dim(0);
+                let spec = RopeSpec { tokens: t, heads, head_dim: d, token_stride: row, head_stride: d, logn };
+                spec.validate().map_err(|e| self.err(e.to_string()))?;
+                let x = match self.val(n.inputs[0])? {
+                    Buf::Arena(o) => Buf::Arena(o + offset as u64 * 4),
+                    Buf::Weight(k, o) => Buf::Weight(k, o + offset as u64 * 4),
+                    kv => kv,
+                };
+                let mut args = vec![Arg::Buf(x), Arg::Buf(self.val(n.inputs[1])?), Arg::Buf(self.val(n.inputs[2])?)];
+                if logn {
+                    args.push(Arg::Buf(self.val(n.inputs[3])?));
+                }
+                args.push(Arg::Buf(Buf::Arena(self.out()?)));
+                self.launch(Box::new(spec), args);
+                Ok(())
+            }
+            Op::Linear { bias, act, residual } => {
+                let act_k = match act {
+                    IrAct::None => Act::None,
+                    IrAct::Gelu => Act::Gelu,
+                    IrAct::SiluMul => Act::SiluMul,
+                };
+                let mut i = 2;
+                let w2 = (*act == IrAct::SiluMul).then(|| {
+                    i += 1;
+                    n.inputs[i - 1]
+                });
+                let b = bias.then(|| {
+                    i += 1;
+                    n.inputs[i - 1]
+                });
+                let r = residual.then(|| n.inputs[i]);
+                self.linear(n.inputs[0], n.inputs[1], Extra { w2, bias: b, res: r }, act_k, false)
+            }
+            Op::Attention { mask, scale } => self.attention(*mask, *scale),
+            _ => self.host(),
+        }
+    }
+
+    fn copy(&mut self, src: Buf, shape: Vec<usize>, src_strides: Vec<usize>) -> R<()> {
+        let out = self.out()?;
+        self.copy_to(src, shape, src_strides, Buf::Arena(out))
+    }
+
+    fn copy_to(&mut self, src: Buf, shape: Vec<usize>, src_strides: Vec<usize>, dst: Buf) -> R<()> {
+        let dst_strides = contiguous_strides(&shape);
+        let spec = CopySpec { shape, src_strides, dst_strides, src: DType::F32, dst: DType::F32 };
+        spec.validate().map_err(|e| self.err(e.to_string()))?;
+        self.launch(Box::new(spec), vec![Arg::Buf(src), Arg::Buf(dst)]);
+        Ok(())
+    }
+}
+
+/// Lower `g` for a device (see the module docs).
+pub fn lower(g: &Graph, opt: &LowerOptions) -> Result<Lowered, LowerError> {
+    let plan = plan_memory(g, &PlanOptions { align: ALIGN, in_place: false, reuse: true });
+    let mut at = align(plan.arena_bytes);
+    let mut inputs = HashMap::new();
+    let mut input_slots = vec![];
+    for (i, n) in g.nodes.iter().enumerate() {
+        let Op::Input(name) = &n.op else { continue };
+        if name.starts_with("past_k.") || name.starts_with("past_v.") {
+            continue;
+        }
+        inputs.insert(NodeId(i as u32), at);
+        let numel = n.ty.shape.numel();
+        input_slots.push(InputSlot { name: name.clone(), offset: at, dtype: n.ty.dtype, numel });
+        at += align((numel * n.ty.dtype.size()) as u64);
+    }
+    let lens_at = at;
+    at += ALIGN;
+    let mut lw = Lower {
+        g,
+        plan,
+        opt: *opt,
+        steps: vec![],
+        kernels: BTreeMap::new(),
+        consts: HashMap::new(),
+        inputs,
+        input_slots,
+        host_inputs: HashMap::new(),
+        host_nodes: 0,
+        lens_at,
+        scratch_base: at,
+        scratch_cur: 0,
+        scratch_max: 0,
+        node: NodeId(0),
+        kv_written: vec![],
+        kv_rows: 0,
+    };
+    for i in 0..g.nodes.len() {
+        lw.node = NodeId(i as u32);
+        lw.scratch_cur = 0;
+        lw.node()?;
+    }
+    // New K/V rows of the outputs go into the cache (a decode attention
+    // wrote its own already).
+    let mut outputs = vec![];
+    for (name, id) in &g.outputs {
+        let kv = kv_layer(name, "k.").map(|l| (l, false)).or_else(|| kv_layer(name, "v.").map(|l| (l, true)));
+        lw.node = *id;
+        if let Some((layer, v)) = kv {
+            if !lw.kv_written.contains(&(layer, v)) {
+                let t = g.shape(*id).dim(0);
+                let src = lw.val(*id)?;
+                lw.kv_write(src, t, layer, v)?;
+            }
+            continue;
+        }
+        let t = g.ty(*id);
+        let dtype = if t.dtype == DType::I32 { DType::I32 } else { DType::F32 };
+        outputs.push((name.clone(), Loc { buf: lw.val(*id)?, dtype, numel: t.shape.numel() }));
+    }
+    let bytes = lw.scratch_base + lw.scratch_max;
+    let launches = lw.steps.iter().filter(|s| matches!(s, Step::Launch { .. })).count();
+    Ok(Lowered {
+        steps: lw.steps,
+        bytes,
+        inputs: lw.input_slots,
+        outputs,
+        kernels: lw.kernels,
+        consts: lw.consts,
+        host_inputs: lw.host_inputs,
+        host_nodes: lw.host_nodes,
+        launches,
+        kv_rows: lw.kv_rows,
+        plan: lw.plan,
+        params: g.params().into_iter().map(|(n, t)| (n.to_string(), t.shape.0.clone())).collect(),
+    })
+}
+
+/// Device pointer of `buf` given the program allocation, a weight lookup and the cache.
+pub fn resolve(
+    buf: &Buf,
+    arena: DevPtr,
+    weight: &dyn Fn(&WeightKey) -> Option<DevPtr>,
+    kv: &dyn Fn(usize, bool, bool) -> Option<DevPtr>,
+) -> Option<DevPtr> {
+    match buf {
+        Buf::Arena(o) => Some(arena + o),
+        Buf::Weight(k, o) => weight(k).map(|p| p + o),
+        Buf::Kv { layer, v, at_past } => kv(*layer, *v, *at_past),
+    }
+}

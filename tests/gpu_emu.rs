@@ -1,0 +1,113 @@
+//! The GPU code path end to end, without a GPU: the fixture compiled for
+//! sm_80, run by the GPU executor on the PTX emulator (every kernel launch
+//! is the PTX a GPU would run; the KV cache lives in emulated device memory),
+//! against the reference's logits (bf16 tolerance, 2e-2 relative: weights
+//! and the tensor-core operands are bf16 on the GPU) and against the CPU
+//! backend on the same artifact.
+
+mod common;
+use common::{fixtures, rel_err, Expected};
+use qvc::compile::{compile, CompileOptions, SourceSpec, Target};
+use qvc_model::sampling::argmax;
+use qvc_model::{LoadOptions, Model, PrefillOptions, Session};
+use qvc_runtime::gpu::{EmuDevice, GpuBackend};
+use qvc_runtime::{Backend, Cpu};
+use std::path::{Path, PathBuf};
+
+/// bf16 weights and tensor-core operands against an f32 reference.
+const TOL: f64 = 2e-2;
+
+fn artifact(dir: &Path, name: &str, image_size: Option<usize>) -> PathBuf {
+    let out = std::env::temp_dir().join(format!("qvc-gpu-emu-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out);
+    let opt = CompileOptions {
+        target: Target::Gpu(qvc_codegen::Target::Sm80),
+        max_seq: 320,
+        image_size,
+        force: true,
+        ..Default::default()
+    };
+    compile(&SourceSpec::Checkpoint(dir.to_path_buf()), Some(&out), &opt, &indicatif::ProgressBar::hidden()).unwrap();
+    out
+}
+
+fn emu(m: &Model) -> GpuBackend {
+    m.gpu_backend(Box::new(EmuDevice::new(qvc_codegen::Target::Sm80)), 1, 0).unwrap()
+}
+
+/// Prefill logits, the greedy tokens and each step's logits, feeding `forced`
+/// tokens when given (so two backends walk the same path).
+fn run(
+    m: &Model,
+    b: &dyn Backend,
+    dir: &Path,
+    ids: &[u32],
+    steps: usize,
+    forced: Option<&[u32]>,
+) -> (Vec<f32>, Vec<u32>, Vec<Vec<f32>>) {
+    let mut s = Session::new(m, b);
+    s.set_image_dir(dir);
+    let first = s.prefill(ids, &PrefillOptions::default()).unwrap().logits;
+    let (mut logits, mut toks, mut all) = (first.clone(), vec![], vec![]);
+    for k in 0..steps {
+        let t = forced.map_or_else(|| argmax(&logits) as u32, |f| f[k]);
+        toks.push(t);
+        logits = s.step(t).unwrap();
+        all.push(logits.clone());
+    }
+    (first, toks, all)
+}
+
+#[test]
+fn text_chat_on_the_emulated_gpu_matches_the_reference() {
+    let Some(dir) = fixtures() else { return };
+    let out = artifact(&dir, "text", None);
+    let m = Model::load(&out, &LoadOptions::default()).unwrap();
+    let e = Expected::load(&dir);
+    let ids = e.ids(&e.json["chat"]["text"]["input_ids"]);
+    let want = e.f32("chat/text/all_logits");
+    let v = m.config.vocab_size;
+    let last = &want[want.len() - v..];
+    let gpu = emu(&m);
+    let (g0, gt, gl) = run(&m, &gpu, &dir, &ids, 3, None);
+    let r = rel_err(&g0, last);
+    eprintln!("text: {} tokens, emu prefill logits vs reference: rel err {r:.2e}", ids.len());
+    assert!(r < TOL, "emulated GPU prefill logits differ from the reference by {r:e}");
+    // The CPU backend on the same artifact, fed the same tokens.
+    let (c0, _, cl) = run(&m, &Cpu, &dir, &ids, 3, Some(&gt));
+    let r = rel_err(&g0, &c0);
+    assert!(r < TOL, "emu vs CPU prefill logits: {r:e}");
+    for (k, (x, y)) in gl.iter().zip(&cl).enumerate() {
+        let r = rel_err(x, y);
+        eprintln!("text: decode step {k} emu vs cpu rel err {r:.2e}");
+        assert!(r < TOL, "decode step {k}: emu vs CPU logits differ by {r:e}");
+    }
+    let st = gpu.stats();
+    eprintln!("emu: {st:?}");
+    assert_eq!(st.host_nodes, 0, "every node of the decoder should run as a kernel");
+    let _ = std::fs::remove_dir_all(&out);
+}
+
+#[test]
+fn image_chat_on_the_emulated_gpu_matches_the_cpu_backend() {
+    let Some(dir) = fixtures() else { return };
+    // 224 px (256 patches) keeps the emulated ViT quick; the path is the same.
+    let out = artifact(&dir, "img", Some(224));
+    let m = Model::load(&out, &LoadOptions::default()).unwrap();
+    let e = Expected::load(&dir);
+    let ids = e.ids(&e.json["chat"]["img1"]["input_ids"]);
+    let gpu = emu(&m);
+    let (g0, gt, gl) = run(&m, &gpu, &dir, &ids, 2, None);
+    let (c0, _, cl) = run(&m, &Cpu, &dir, &ids, 2, Some(&gt));
+    let r = rel_err(&g0, &c0);
+    eprintln!("img1 at 224 px: {} tokens, emu vs cpu prefill logits rel err {r:.2e}", ids.len());
+    assert!(r < TOL, "emu vs CPU prefill logits with an image: {r:e}");
+    for (k, (x, y)) in gl.iter().zip(&cl).enumerate() {
+        let r = rel_err(x, y);
+        assert!(r < TOL, "decode step {k}: emu vs CPU logits differ by {r:e}");
+    }
+    let st = gpu.stats();
+    eprintln!("emu: {st:?}");
+    assert_eq!(st.host_nodes, 0, "every node of vision and decoder should run as a kernel");
+    let _ = std::fs::remove_dir_all(&out);
+}
