@@ -202,7 +202,10 @@ impl fmt::Display for CompileReport {
             let launches = if self.target == Target::Cpu {
                 "-".to_string()
             } else {
-                format!("{}/{}", p.launches - p.fallbacks, p.launches)
+                match p.fallbacks {
+                    0 => format!("{}", p.launches),
+                    f => format!("{}+{f}host", p.launches - f),
+                }
             };
             writeln!(
                 f,
@@ -219,7 +222,7 @@ impl fmt::Display for CompileReport {
             )?;
         }
         if self.target != Target::Cpu {
-            writeln!(f, "launches: GPU kernels / all compute nodes (the rest are cpu-fallback)")?;
+            writeln!(f, "launches: kernel launches per run (+N host: nodes with no GPU kernel, run on the CPU)")?;
         }
         writeln!(
             f,
@@ -797,7 +800,7 @@ pub fn launches(g: &Graph, cfg: &Config, opt: &CompileOptions) -> (Vec<Launch>, 
     for st in &low.steps {
         match st {
             Step::Launch { node, kernel, grid, block, .. } => {
-                let family = kernel.split('_').next().unwrap_or_default().to_string();
+                let family = family_of(kernel).to_string();
                 let op = g.node(*node).op.name();
                 out.push(Launch {
                     node: node.0,
@@ -822,10 +825,24 @@ pub fn launches(g: &Graph, cfg: &Config, opt: &CompileOptions) -> (Vec<Launch>, 
                     note,
                 });
             }
-            Step::Zero { .. } | Step::Lens { .. } => {}
+            Step::Zero { .. } => {}
         }
     }
     (out, low.kernels.into_values().collect())
+}
+
+/// The kernel family a generated kernel belongs to, from its entry name.
+pub fn family_of(kernel: &str) -> &'static str {
+    match kernel.split('_').next().unwrap_or_default() {
+        "gemm" => "gemm",
+        "gemv" => "gemv",
+        "layernorm" | "rmsnorm" => "norm",
+        "flash" => "attention",
+        "decode" => "decode_attention",
+        "softmax" => "softmax",
+        "argmax" | "top" => "sample",
+        _ => "generic",
+    }
 }
 
 /// Every param name the compiled programs of `m` read (for tests and `inspect`).

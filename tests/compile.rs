@@ -210,9 +210,11 @@ fn gpu_target_writes_ptx_and_kernel_launches() {
     assert_eq!(m.files.iter().any(|f| f.name == "kernels.sm_90.cubin"), have_ptxas);
     let families: std::collections::BTreeSet<&str> =
         m.programs.values().flat_map(|p| p.launches.iter().map(|l| l.family.as_str())).collect();
-    for f in ["gemm", "gemv", "norm", "attention", "decode_attention", CPU_FALLBACK] {
+    for f in ["gemm", "gemv", "norm", "attention", "decode_attention", "generic"] {
         assert!(families.contains(f), "no {f} launch: {families:?}");
     }
+    // Every node of the fixture's programs has a device kernel.
+    assert!(!families.contains(CPU_FALLBACK), "host fallbacks: {families:?}");
     for p in m.programs.values() {
         for l in &p.launches {
             let node = &p.graph.nodes[l.node as usize];

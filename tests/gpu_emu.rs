@@ -18,11 +18,16 @@ use std::path::{Path, PathBuf};
 const TOL: f64 = 2e-2;
 
 fn artifact(dir: &Path, name: &str, image_size: Option<usize>) -> PathBuf {
+    artifact_with(dir, name, image_size, 1)
+}
+
+fn artifact_with(dir: &Path, name: &str, image_size: Option<usize>, max_batch: usize) -> PathBuf {
     let out = std::env::temp_dir().join(format!("qvc-gpu-emu-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&out);
     let opt = CompileOptions {
         target: Target::Gpu(qvc_codegen::Target::Sm80),
         max_seq: 320,
+        max_batch,
         image_size,
         force: true,
         ..Default::default()
@@ -109,5 +114,59 @@ fn image_chat_on_the_emulated_gpu_matches_the_cpu_backend() {
     let st = gpu.stats();
     eprintln!("emu: {st:?}");
     assert_eq!(st.host_nodes, 0, "every node of vision and decoder should run as a kernel");
+    let _ = std::fs::remove_dir_all(&out);
+}
+
+/// Three conversations of different lengths decoded together on the
+/// emulated GPU (one batched program per step: each sequence in its own
+/// slot of the device cache, appended at its own row) give each one's CPU
+/// logits; the decode steps are captured as a device graph after their
+/// first run and replayed, with the same results as running them directly.
+#[test]
+fn batched_decode_and_graph_replay_on_the_emulated_gpu() {
+    let Some(dir) = fixtures() else { return };
+    let out = artifact_with(&dir, "batch", None, 3);
+    let m = Model::load(&out, &LoadOptions::default()).unwrap();
+    let e = Expected::load(&dir);
+    let text = e.ids(&e.json["chat"]["text"]["input_ids"]);
+    let prompts = [text.clone(), text[..20].to_vec(), text[5..].to_vec()];
+    let steps = 3;
+    let feed = |k: usize, b: usize| 100 + 37 * k as u32 + 1000 * b as u32;
+    // CPU: one conversation at a time.
+    let mut want = vec![];
+    for (b, p) in prompts.iter().enumerate() {
+        let forced: Vec<u32> = (0..steps).map(|k| feed(k, b)).collect();
+        want.push(run(&m, &Cpu, &dir, p, steps, Some(&forced)).2);
+    }
+    let dev = EmuDevice::with_graphs(qvc_codegen::Target::Sm80);
+    let gpu = m.gpu_backend(Box::new(dev), 3, 0).unwrap();
+    let mut sessions: Vec<Session> = (0..3)
+        .map(|b| {
+            let mut s = Session::new(&m, &gpu);
+            s.set_kv_slot(b);
+            s
+        })
+        .collect();
+    for (s, p) in sessions.iter_mut().zip(&prompts) {
+        s.prefill(p, &PrefillOptions::default()).unwrap();
+    }
+    for k in 0..steps {
+        let ids: Vec<u32> = (0..3).map(|b| feed(k, b)).collect();
+        let got = qvc_model::step_batch(&mut sessions, &ids).unwrap();
+        for (b, g) in got.iter().enumerate() {
+            let r = rel_err(g, &want[b][k]);
+            eprintln!("batched step {k}, sequence {b}: emu vs cpu rel err {r:.2e}");
+            assert!(r < TOL, "batched step {k}, sequence {b}: {r:e}");
+        }
+    }
+    let st = gpu.stats();
+    eprintln!("emu: {st:?}");
+    assert!(st.captures >= 1 && st.replays >= 1, "decode steps should be captured and replayed: {st:?}");
+    // Sessions that share a slot are refused, not silently mixed.
+    let mut two: Vec<Session> = (0..2).map(|_| Session::new(&m, &gpu)).collect();
+    for s in two.iter_mut() {
+        s.prefill(&prompts[1], &PrefillOptions::default()).unwrap();
+    }
+    assert!(qvc_model::step_batch(&mut two, &[1, 2]).is_err());
     let _ = std::fs::remove_dir_all(&out);
 }

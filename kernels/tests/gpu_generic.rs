@@ -21,8 +21,8 @@ use qvc_codegen::emu::{run, Arg, Device};
 use qvc_codegen::{Module, Target};
 use qvc_ir::{run_reference_output, BinaryOp, DType, Elems, Graph, InputRef, Op, ReduceOp, UnaryOp};
 use qvc_kernels::gpu::generic::{
-    contiguous_strides, CopySpec, EltOp, EltwiseSpec, GatherSpec, GenericError, MatMulSpec, ReduceSpec, RopeSpec,
-    ScatterRowsSpec,
+    contiguous_strides, CopySpec, EltOp, EltwiseSpec, GatherSpec, GenericError, KvAppendSpec, MatMulSpec, ReduceSpec,
+    RopeSpec, ScatterRowsSpec,
 };
 use qvc_kernels::KernelSpec;
 
@@ -860,6 +860,7 @@ fn sample_specs() -> Vec<Box<dyn KernelSpec>> {
         head_stride: 128,
         logn: true,
     }));
+    v.push(Box::new(KvAppendSpec { batch: 8, heads: 32, head_dim: 128, max_seq: 2048, cache_stride: 32 * 2048 * 128 }));
     v
 }
 
@@ -918,4 +919,44 @@ fn ptxas_representative_specs() {
             }
         }
     }
+}
+
+// ---- KV-cache append ---------------------------------------------------------
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(32))]
+
+    /// Each sequence's row lands at `lens[b] − 1` of its own cache, bit for
+    /// bit (f32 → bf16 round to nearest even); a length of 0 or past
+    /// `max_seq` writes nothing; nothing else in the caches changes.
+    #[test]
+    fn kv_append_matches_ref(
+        batch in 1usize..=4, heads in 1usize..=5, head_dim in 1usize..=40, max_seq in 1usize..=9,
+        pad in 0usize..=17, seed: u64,
+    ) {
+        let mut rng = Rng::new(seed);
+        let spec = KvAppendSpec { batch, heads, head_dim, max_seq, cache_stride: heads * max_seq * head_dim + pad };
+        let lens: Vec<u32> = (0..batch).map(|_| rng.below(max_seq + 3) as u32).collect();
+        let src = rng.vec(batch * heads * head_dim, 3.0);
+        let n = batch * spec.cache_stride;
+        let cache0: Vec<bf16> = rng.vec(n, 1.0).into_iter().map(bf16::from_f32).collect();
+        let mut want = cache0.clone();
+        spec.run_ref(&src, &lens, &mut want).unwrap();
+        let mut dev = Device::new();
+        let sp = dev.upload_f32(&src);
+        let lp = dev.upload_u32(&lens);
+        let cp = dev.upload_bf16(&cache0);
+        launch(&spec, &[Arg::Ptr(sp), Arg::Ptr(lp), Arg::Ptr(cp)], &mut dev)?;
+        let got = dev.download_bf16(cp, n);
+        let bits = |v: &[bf16]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        prop_assert_eq!(bits(&got), bits(&want), "{}", spec.name());
+    }
+}
+
+#[test]
+fn kv_append_validates() {
+    let ok = KvAppendSpec { batch: 2, heads: 2, head_dim: 8, max_seq: 4, cache_stride: 64 };
+    assert!(ok.validate().is_ok());
+    assert!(KvAppendSpec { cache_stride: 63, ..ok.clone() }.validate().is_err());
+    assert!(KvAppendSpec { heads: 0, ..ok }.validate().is_err());
 }

@@ -643,19 +643,6 @@ pub fn step_batch(sessions: &mut [Session<'_>], ids: &[u32]) -> Result<Vec<Vec<f
         return Ok(vec![sessions[0].step(ids[0])?]);
     }
     let (model, backend) = (sessions[0].model, sessions[0].backend);
-    if backend.kv_on_device() {
-        // Each sequence has its own slot of the device cache; the batched
-        // programs read host caches, so the steps run one after another.
-        let mut slots: Vec<usize> = sessions.iter().map(|s| s.kv_slot).collect();
-        slots.sort_unstable();
-        slots.dedup();
-        if slots.len() != n {
-            return Err(ModelError::Prompt(
-                "sessions decoded together need distinct KV slots (Session::set_kv_slot)".into(),
-            ));
-        }
-        return sessions.iter_mut().zip(ids).map(|(s, &id)| s.step(id)).collect();
-    }
     let cfg = &model.config;
     for (s, &id) in sessions.iter().zip(ids) {
         if !std::ptr::eq(s.model, model) {
@@ -675,8 +662,20 @@ pub fn step_batch(sessions: &mut [Session<'_>], ids: &[u32]) -> Result<Vec<Vec<f
         built = model.optimized(decoder_graph(cfg, &model.weights, &shape)?)?;
         (&built, longest)
     };
-    for s in sessions.iter_mut() {
-        s.cache.reserve_rows(pb);
+    let on_device = backend.kv_on_device();
+    if on_device {
+        let mut slots: Vec<usize> = sessions.iter().map(|s| s.kv_slot).collect();
+        slots.sort_unstable();
+        slots.dedup();
+        if slots.len() != n {
+            return Err(ModelError::Prompt(
+                "sessions decoded together need distinct KV slots (Session::set_kv_slot)".into(),
+            ));
+        }
+    } else {
+        for s in sessions.iter_mut() {
+            s.cache.reserve_rows(pb);
+        }
     }
     let ids_i: Vec<i32> = ids.iter().map(|&i| i as i32).collect();
     let (mut cos, mut sin, mut logn) = (vec![], vec![], vec![]);
@@ -693,8 +692,13 @@ pub fn step_batch(sessions: &mut [Session<'_>], ids: &[u32]) -> Result<Vec<Vec<f
         ("rope_sin".to_string(), InputRef::F32(&sin)),
         ("logn".to_string(), InputRef::F32(&logn)),
     ]);
+    let slots: Vec<[i32; 1]> = sessions.iter().map(|s| [s.kv_slot as i32]).collect();
     for (bi, s) in sessions.iter().enumerate() {
         inputs.insert(format!("past_len.{bi}"), InputRef::F32(&past_lens[bi]));
+        if on_device {
+            inputs.insert(format!("kv_slot.{bi}"), InputRef::I32(&slots[bi]));
+            continue;
+        }
         for i in 0..cfg.layers {
             let (k, v) = s.cache.bucket(i, pb);
             inputs.insert(format!("past_k.{i}.{bi}"), InputRef::F32(k));
@@ -704,6 +708,9 @@ pub fn step_batch(sessions: &mut [Session<'_>], ids: &[u32]) -> Result<Vec<Vec<f
     let mut out = backend.run(graph, &model.weights, &inputs)?;
     let row = cfg.heads * cfg.head_dim;
     for i in 0..cfg.layers {
+        if on_device {
+            break;
+        }
         let k = out.remove(&format!("k.{i}")).expect("decoder outputs k");
         let v = out.remove(&format!("v.{i}")).expect("decoder outputs v");
         for (bi, s) in sessions.iter_mut().enumerate() {
@@ -712,7 +719,11 @@ pub fn step_batch(sessions: &mut [Session<'_>], ids: &[u32]) -> Result<Vec<Vec<f
     }
     let ms = t0.elapsed().as_secs_f64() * 1e3;
     for s in sessions.iter_mut() {
-        s.cache.commit(1);
+        if on_device {
+            s.cache.advance(1);
+        } else {
+            s.cache.commit(1);
+        }
         s.timings.decode_ms += ms;
         s.timings.decode_tokens += 1;
     }

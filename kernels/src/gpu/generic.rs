@@ -1456,3 +1456,113 @@ impl KernelSpec for RopeSpec {
         Cost { flops, bytes }
     }
 }
+
+// ---- 8. KV-cache append ------------------------------------------------------
+
+/// One decode step's new key (or value) rows into the bf16 cache of each
+/// sequence, at the row the device says: for sequence `b`,
+/// `cache[b][h, lens[b] − 1, :] = bf16(src[b, h, :])` with `src` f32
+/// `[batch, heads, head_dim]`, `lens` u32 `[batch]` (the key counts decode
+/// attention reads next, so the new row is the last one) and each cache
+/// `[heads, max_seq, head_dim]`, sequence `b`'s at `cache + b·cache_stride`
+/// elements. A length of 0 or above `max_seq` writes nothing.
+///
+/// Reading the row from device memory (instead of offsetting the pointer on
+/// the host) keeps every kernel argument of a decode step fixed, so the
+/// step can be captured once as a CUDA graph and replayed. Params
+/// `src, lens, cache`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct KvAppendSpec {
+    pub batch: usize,
+    pub heads: usize,
+    pub head_dim: usize,
+    pub max_seq: usize,
+    /// Elements between two sequences' caches (≥ heads·max_seq·head_dim).
+    pub cache_stride: usize,
+}
+
+impl KvAppendSpec {
+    pub fn validate(&self) -> Result<(), GenericError> {
+        const S: &str = "kv_append";
+        nonzero(S, &[self.batch, self.heads, self.head_dim, self.max_seq])?;
+        let per = count(S, "heads·max_seq·head_dim", &[self.heads, self.max_seq, self.head_dim])?;
+        at_least("cache_stride", per, self.cache_stride)?;
+        count(S, "batch·cache_stride", &[self.batch, self.cache_stride])?;
+        Ok(())
+    }
+
+    /// Reference on host slices (`cache` holds all `batch` caches, bf16 bits).
+    pub fn run_ref(&self, src: &[f32], lens: &[u32], cache: &mut [half::bf16]) -> Result<(), GenericError> {
+        self.validate()?;
+        let (h, d) = (self.heads, self.head_dim);
+        exactly("src", self.batch * h * d, src.len())?;
+        exactly("lens", self.batch, lens.len())?;
+        at_least("cache", (self.batch - 1) * self.cache_stride + h * self.max_seq * d, cache.len())?;
+        for (b, &len) in lens.iter().enumerate() {
+            if len == 0 || len as usize > self.max_seq {
+                continue;
+            }
+            let row = len as usize - 1;
+            for hh in 0..h {
+                for i in 0..d {
+                    cache[b * self.cache_stride + (hh * self.max_seq + row) * d + i] =
+                        half::bf16::from_f32(src[(b * h + hh) * d + i]);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub fn param_names(&self) -> Vec<&'static str> {
+        vec!["src", "lens", "cache"]
+    }
+}
+
+impl KernelSpec for KvAppendSpec {
+    fn name(&self) -> String {
+        format!(
+            "kv_append_b{}_h{}_d{}_s{}_st{}",
+            self.batch, self.heads, self.head_dim, self.max_seq, self.cache_stride
+        )
+    }
+
+    fn build(&self) -> Kernel {
+        self.validate().expect("KvAppendSpec");
+        let (h, d) = (self.heads, self.head_dim);
+        let mut b = new_kernel(self.name());
+        let src = b.ptr_param("src");
+        let lens = b.ptr_param("lens");
+        let cache = b.ptr_param("cache");
+        let end = b.label("end");
+        let idx = thread_index(&mut b, self.batch * h * d, &end);
+        let (bh, i) = divmod(&mut b, idx, d);
+        let (seq, hh) = divmod(&mut b, bh, h);
+        let la = b.index_addr(lens, seq, 4);
+        let len = b.ld(Space::GlobalNc, Ty::U32, Addr::reg(la, 0));
+        // row = len − 1 as unsigned: len 0 wraps to 2^32 − 1 ≥ max_seq.
+        let row = b.sub(Ty::U32, len, 1u32);
+        let bad = b.setp(Cmp::Ge, Ty::U32, row, self.max_seq as u32);
+        b.if_then(bad, true, |b| {
+            let sa = b.index_addr(src, idx, 4);
+            let v = b.ld(Space::GlobalNc, Ty::F32, Addr::reg(sa, 0));
+            let hv = b.cvt(Ty::BF16, Ty::F32, v);
+            let r = b.mad(Ty::U32, hh, self.max_seq as u32, row);
+            let e = b.mad(Ty::U32, r, d as u32, i);
+            let off = b.mad(Ty::U32, seq, self.cache_stride as u32, e);
+            let ca = b.index_addr(cache, off, 2);
+            b.st(Space::Global, Ty::B16, Addr::reg(ca, 0), hv);
+        });
+        b.place(&end);
+        b.ret();
+        b.finish()
+    }
+
+    fn launch(&self) -> Launch {
+        grid_for(self.batch * self.heads * self.head_dim)
+    }
+
+    fn cost(&self) -> Cost {
+        let n = (self.batch * self.heads * self.head_dim) as u64;
+        Cost { flops: 0, bytes: 4 * self.batch as u64 + n * 6 }
+    }
+}

@@ -245,6 +245,8 @@ pub struct CudaDevice {
     pending_error: Option<DeviceError>,
     cubins_loaded: usize,
     ptx_jitted: usize,
+    /// Graphs captured through the `Device` trait, by id.
+    graphs: Vec<Option<CapturedGraph>>,
     // Declared last: dropped after `Drop::drop` freed what lives in them.
     stream: Arc<CudaStream>,
     ctx: Arc<CudaContext>,
@@ -355,6 +357,7 @@ impl CudaDevice {
             pending_error: None,
             cubins_loaded: 0,
             ptx_jitted: 0,
+            graphs: vec![],
             stream,
             ctx,
         })
@@ -860,6 +863,25 @@ impl Device for CudaDevice {
 
     fn memory(&self) -> MemInfo {
         MemInfo { used: self.used, peak: self.peak, total: self.total }
+    }
+    fn capture_begin(&mut self) -> Result<bool, DeviceError> {
+        self.begin_capture()?;
+        Ok(true)
+    }
+    fn capture_end(&mut self) -> Result<usize, DeviceError> {
+        let g = self.end_capture()?;
+        self.graphs.push(Some(g));
+        Ok(self.graphs.len() - 1)
+    }
+    fn replay(&mut self, graph: usize) -> Result<(), DeviceError> {
+        // Taken out for the call (replay borrows the device mutably).
+        let g = self.graphs.get_mut(graph).and_then(Option::take).ok_or_else(|| DeviceError::Driver {
+            what: "replaying a CUDA graph".into(),
+            detail: format!("no graph {graph}"),
+        })?;
+        let r = CudaDevice::replay(self, &g);
+        self.graphs[graph] = Some(g);
+        r
     }
 }
 

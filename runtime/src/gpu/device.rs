@@ -72,6 +72,21 @@ pub trait Device: Send {
     /// Wait for everything issued so far; reports asynchronous launch errors.
     fn synchronize(&mut self) -> Result<(), DeviceError>;
     fn memory(&self) -> MemInfo;
+
+    /// Start recording launches and memsets instead of running them (a CUDA
+    /// graph). `Ok(false)`: this device cannot, and nothing changed.
+    fn capture_begin(&mut self) -> Result<bool, DeviceError> {
+        Ok(false)
+    }
+    /// Stop recording; the recording's id for [`Device::replay`]. Pointers
+    /// and arguments are frozen at capture time.
+    fn capture_end(&mut self) -> Result<usize, DeviceError> {
+        Err(DeviceError::Driver { what: "ending a capture".into(), detail: "this device does not capture".into() })
+    }
+    /// Run a recording again.
+    fn replay(&mut self, _graph: usize) -> Result<(), DeviceError> {
+        Err(DeviceError::Driver { what: "replaying a capture".into(), detail: "this device does not capture".into() })
+    }
 }
 
 impl fmt::Debug for dyn Device {

@@ -30,6 +30,9 @@ pub struct ExecStats {
     pub programs: usize,
     pub kernels_loaded: usize,
     pub weight_bytes: u64,
+    /// Programs recorded as device graphs, and runs replayed from one.
+    pub captures: u64,
+    pub replays: u64,
 }
 
 struct Program {
@@ -44,6 +47,8 @@ struct State {
     /// Per layer: K and V caches, `[slots, heads, max_seq, head_dim]` bf16.
     kv: Vec<[DevPtr; 2]>,
     stats: ExecStats,
+    /// Captured runs by (program, sequence slots).
+    graphs: HashMap<(u64, Vec<usize>), GraphState>,
     /// The artifact's module, loaded before generating any kernel.
     module: Option<(String, Option<Vec<u8>>)>,
 }
@@ -55,6 +60,8 @@ pub struct GpuBackend {
     slots: usize,
     sms: usize,
     label: &'static str,
+    /// Capture capturable programs (decode steps) as device graphs.
+    graphs: bool,
 }
 
 impl GpuBackend {
@@ -75,13 +82,21 @@ impl GpuBackend {
                 programs: HashMap::new(),
                 kv: vec![],
                 stats: ExecStats::default(),
+                graphs: HashMap::new(),
                 module,
             }),
             kv,
             slots: slots.max(1),
             sms: 132,
             label,
+            graphs: std::env::var("QVC_CUDA_GRAPHS").map_or(true, |v| v != "0"),
         }
+    }
+
+    /// Turn device-graph capture of decode steps on or off (on by default;
+    /// `QVC_CUDA_GRAPHS=0` turns it off).
+    pub fn set_graphs(&mut self, on: bool) {
+        self.graphs = on;
     }
 
     pub fn stats(&self) -> ExecStats {
@@ -266,6 +281,34 @@ pub fn fingerprint(g: &Graph) -> u64 {
     h
 }
 
+/// One sequence of a run: its cache slot and cached length.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct Seq {
+    slot: usize,
+    past: usize,
+}
+
+/// The run-time sequence context: `past_len` / `kv_slot` for a single
+/// sequence, `past_len.{b}` / `kv_slot.{b}` for a batched step (slot `b`
+/// when not given).
+fn sequences(inputs: &Inputs<'_>, n: usize) -> Vec<Seq> {
+    let f = |name: &str| match inputs.get(name) {
+        Some(InputRef::F32(v)) if v.len() == 1 && v[0] >= 0.0 => Some(v[0] as usize),
+        _ => None,
+    };
+    let i = |name: &str| match inputs.get(name) {
+        Some(InputRef::I32(v)) if v.len() == 1 && v[0] >= 0 => Some(v[0] as usize),
+        _ => None,
+    };
+    (0..n)
+        .map(|b| {
+            let past = f(&format!("past_len.{b}")).or_else(|| (b == 0).then(|| f("past_len")).flatten()).unwrap_or(0);
+            let slot = i(&format!("kv_slot.{b}")).or_else(|| (b == 0).then(|| i("kv_slot")).flatten()).unwrap_or(b);
+            Seq { slot, past }
+        })
+        .collect()
+}
+
 impl Backend for GpuBackend {
     fn name(&self) -> &'static str {
         self.label
@@ -287,28 +330,26 @@ impl Backend for GpuBackend {
         self.prepare(s, graph, key)?;
         self.ensure_kv(s)?;
         self.ensure_weights(s, key, weights)?;
-        let past = match inputs.get("past_len") {
-            Some(InputRef::F32(v)) if v.len() == 1 => v[0] as usize,
-            _ => 0,
-        };
-        let slot = match inputs.get("kv_slot") {
-            Some(InputRef::I32(v)) if v.len() == 1 && v[0] >= 0 => v[0] as usize,
-            _ => 0,
-        };
-        let State { dev, weights: wmap, programs, kv, stats, .. } = s;
+        let State { dev, weights: wmap, programs, kv, stats, graphs, .. } = s;
         let p = &programs[&key];
+        let seqs = sequences(inputs, p.low.seqs);
         if p.low.kv_rows > 0 {
-            if slot >= self.slots {
-                return Err(ExecError::Device(format!(
-                    "sequence slot {slot} is outside the KV cache ({} slots)",
-                    self.slots
-                )));
-            }
-            if past + p.low.kv_rows > self.kv.max_seq {
-                return Err(ExecError::Device(format!(
-                    "{past} cached + {} new tokens exceed the device KV cache of {} rows (compile with a larger --max-seq)",
-                    p.low.kv_rows, self.kv.max_seq
-                )));
+            for (b, q) in seqs.iter().enumerate() {
+                if q.slot >= self.slots {
+                    return Err(ExecError::Device(format!(
+                        "sequence slot {} is outside the device KV cache ({} slots; compile with a larger --max-batch)",
+                        q.slot, self.slots
+                    )));
+                }
+                if q.past + p.low.kv_rows > self.kv.max_seq {
+                    return Err(ExecError::Device(format!(
+                        "{} cached + {} new tokens exceed the device KV cache of {} rows (compile with a larger --max-seq)",
+                        q.past, p.low.kv_rows, self.kv.max_seq
+                    )));
+                }
+                if seqs[..b].iter().any(|o| o.slot == q.slot) {
+                    return Err(ExecError::Device(format!("two sequences of one step share KV slot {}", q.slot)));
+                }
             }
         }
         for i in &p.low.inputs {
@@ -332,47 +373,52 @@ impl Backend for GpuBackend {
             };
             dev.upload(p.mem + i.offset, bytes).map_err(dev_err)?;
         }
+        // Key counts: the new token of each sequence is key `past`.
+        let lens: Vec<u8> = seqs.iter().flat_map(|q| (q.past as u32 + 1).to_le_bytes()).collect();
+        dev.upload(p.mem + p.low.lens_at, &lens).map_err(dev_err)?;
+
         let layer_bytes = (self.kv.heads * self.kv.max_seq * self.kv.head_dim * 2) as u64;
         let row_bytes = (self.kv.head_dim * 2) as u64;
         let wlook = |k: &WeightKey| wmap.get(k).copied();
-        let kvlook = |layer: usize, v: bool, at_past: bool| {
-            kv.get(layer)
-                .map(|c| c[v as usize] + slot as u64 * layer_bytes + if at_past { past as u64 * row_bytes } else { 0 })
+        let kvlook = |layer: usize, v: bool, at_past: bool, seq: usize| {
+            let q = seqs.get(seq)?;
+            let row = if at_past { q.past as u64 * row_bytes } else { 0 };
+            kv.get(layer).map(|c| c[v as usize] + q.slot as u64 * layer_bytes + row)
         };
         let ptr = |b: &Buf| {
             resolve(b, p.mem, &wlook, &kvlook).ok_or_else(|| ExecError::Device(format!("no device buffer for {b:?}")))
         };
-        for st in &p.low.steps {
-            match st {
-                Step::Launch { kernel, grid, block, args, node } => {
-                    let mut ka = Vec::with_capacity(args.len());
-                    for a in args {
-                        ka.push(match a {
-                            Arg::Buf(b) => KArg::Ptr(ptr(b)?),
-                            Arg::U32(v) => KArg::U32(*v),
-                            Arg::F32(v) => KArg::F32(*v),
-                        });
-                    }
-                    dev.launch(kernel, *grid, *block, &ka).map_err(|e| {
-                        ExecError::Device(format!("node {} ({}): {e}", node.0, graph.node(*node).op.name()))
-                    })?;
-                    stats.launches += 1;
-                }
-                Step::Zero { at, bytes } => dev.memset_zero(p.mem + at, *bytes as usize).map_err(dev_err)?,
-                Step::Lens { at } => dev.upload(p.mem + at, &(past as u32 + 1).to_le_bytes()).map_err(dev_err)?,
-                Step::Host { node } => {
-                    host_node(
-                        dev.as_mut(),
-                        graph,
-                        *node,
-                        &p.low.host_inputs[node],
-                        weights,
-                        p.mem + p.low.plan.values[node.index()].map_or(0, |s| s.offset),
-                        &ptr,
-                    )?;
-                    stats.host_nodes += 1;
+        // A capturable step runs from a recording after its first run (one
+        // graph launch instead of one launch per kernel).
+        let gkey = (key, seqs.iter().map(|q| q.slot).collect::<Vec<_>>());
+        let replay = match graphs.get(&gkey) {
+            Some(GraphState::Captured(id)) => Some(*id),
+            Some(GraphState::Seen) if self.graphs && p.low.capturable => {
+                if dev.capture_begin().map_err(dev_err)? {
+                    let issued = issue(dev.as_mut(), graph, p, weights, &ptr, stats);
+                    let id = dev.capture_end().map_err(dev_err);
+                    issued?;
+                    let id = id?;
+                    graphs.insert(gkey.clone(), GraphState::Captured(id));
+                    stats.captures += 1;
+                    Some(id)
+                } else {
+                    graphs.insert(gkey.clone(), GraphState::Never);
+                    None
                 }
             }
+            Some(_) => None,
+            None => {
+                graphs.insert(gkey.clone(), GraphState::Seen);
+                None
+            }
+        };
+        match replay {
+            Some(id) => {
+                dev.replay(id).map_err(dev_err)?;
+                stats.replays += 1;
+            }
+            None => issue(dev.as_mut(), graph, p, weights, &ptr, stats)?,
         }
         let mut out = HashMap::new();
         for (name, l) in &p.low.outputs {
@@ -387,6 +433,52 @@ impl Backend for GpuBackend {
         stats.runs += 1;
         Ok(out)
     }
+}
+
+/// Whether a (program, slots) pair has a CUDA graph.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum GraphState {
+    /// Ran once: capture on the next run.
+    Seen,
+    Captured(usize),
+    /// The device does not capture.
+    Never,
+}
+
+/// Issue a program's steps in order.
+fn issue(
+    dev: &mut dyn Device,
+    graph: &Graph,
+    p: &Program,
+    weights: &dyn WeightSource,
+    ptr: &dyn Fn(&Buf) -> Result<DevPtr, ExecError>,
+    stats: &mut ExecStats,
+) -> Result<(), ExecError> {
+    for st in &p.low.steps {
+        match st {
+            Step::Launch { kernel, grid, block, args, node } => {
+                let mut ka = Vec::with_capacity(args.len());
+                for a in args {
+                    ka.push(match a {
+                        Arg::Buf(b) => KArg::Ptr(ptr(b)?),
+                        Arg::U32(v) => KArg::U32(*v),
+                        Arg::F32(v) => KArg::F32(*v),
+                    });
+                }
+                dev.launch(kernel, *grid, *block, &ka).map_err(|e| {
+                    ExecError::Device(format!("node {} ({}): {e}", node.0, graph.node(*node).op.name()))
+                })?;
+                stats.launches += 1;
+            }
+            Step::Zero { at, bytes } => dev.memset_zero(p.mem + at, *bytes as usize).map_err(dev_err)?,
+            Step::Host { node } => {
+                let out = p.mem + p.low.plan.values[node.index()].map_or(0, |s| s.offset);
+                host_node(dev, graph, *node, &p.low.host_inputs[node], weights, out, ptr)?;
+                stats.host_nodes += 1;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Run one node on the host: download its inputs, interpret, upload.

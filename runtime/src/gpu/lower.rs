@@ -29,7 +29,7 @@ use qvc_kernels::gpu::decode_attention::DecodeAttnSpec;
 use qvc_kernels::gpu::gemm::{Act, Epilogue, GemmSpec};
 use qvc_kernels::gpu::gemv::GemvSpec;
 use qvc_kernels::gpu::generic::{
-    CopySpec, EltOp, EltwiseSpec, GatherSpec, MatMulSpec, ReduceSpec, RopeSpec, ScatterRowsSpec,
+    CopySpec, EltOp, EltwiseSpec, GatherSpec, KvAppendSpec, MatMulSpec, ReduceSpec, RopeSpec, ScatterRowsSpec,
 };
 use qvc_kernels::gpu::norm::{NormKind, NormSpec};
 use qvc_kernels::gpu::softmax::SoftmaxSpec;
@@ -73,9 +73,10 @@ pub enum Buf {
     Arena(u64),
     /// A weight view, plus a byte offset.
     Weight(WeightKey, u64),
-    /// Layer `layer`'s key (or value) cache of the running sequence, at row
-    /// `past` when `at_past` (where new rows go), else at row 0.
-    Kv { layer: usize, v: bool, at_past: bool },
+    /// Layer `layer`'s key (or value) cache of the program's sequence `seq`
+    /// (its slot is a run-time input), at row `past` of that sequence when
+    /// `at_past` (where a prompt's rows go), else at row 0.
+    Kv { layer: usize, v: bool, at_past: bool, seq: usize },
 }
 
 /// A kernel argument.
@@ -100,10 +101,6 @@ pub enum Step {
     Zero {
         at: u64,
         bytes: u64,
-    },
-    /// Write `past + 1` as a u32 at an arena offset (decode attention's key count).
-    Lens {
-        at: u64,
     },
     /// Run this node on the host (no device kernel covers it).
     Host {
@@ -163,6 +160,15 @@ pub struct Lowered {
     pub plan: MemoryPlan,
     /// Shape of every param the graph reads (weight layouts need it).
     pub params: HashMap<String, Vec<usize>>,
+    /// Sequences the program decodes (1, or the batch of a batched decode step).
+    pub seqs: usize,
+    /// Arena offset of the u32 key counts (`past + 1` per sequence) that
+    /// decode attention and the KV append read; written before every run.
+    pub lens_at: u64,
+    /// Whether every argument is fixed given the sequences' slots (no host
+    /// steps, no host-offset cache pointers): the run can be captured once
+    /// (a CUDA graph) and replayed.
+    pub capturable: bool,
 }
 
 /// A host step's input: a device value, or a weight read on the host.
@@ -236,6 +242,7 @@ struct Lower<'g> {
     /// Layers whose new K/V rows a decode attention already wrote.
     kv_written: Vec<(usize, bool)>,
     kv_rows: usize,
+    seqs: usize,
 }
 
 type R<T> = Result<T, LowerError>;
@@ -457,15 +464,24 @@ impl<'g> Lower<'g> {
         Ok(())
     }
 
-    /// The KV-cache input behind attention input `i` (`past_k.{l}`), if any.
-    fn kv_input(&self, id: NodeId) -> Option<(usize, bool)> {
+    /// The KV-cache input behind attention input `i` (`past_k.{l}`, or
+    /// `past_k.{l}.{seq}` in a batched step): layer, K or V, sequence.
+    fn kv_input(&self, id: NodeId) -> Option<(usize, bool, usize)> {
         let (leaf, _) = self.leaf_of(id)?;
         let Op::Input(name) = &self.g.node(leaf).op else { return None };
-        kv_layer(name, "past_k.").map(|l| (l, false)).or_else(|| kv_layer(name, "past_v.").map(|l| (l, true)))
+        let (rest, v) = match (name.strip_prefix("past_k."), name.strip_prefix("past_v.")) {
+            (Some(r), _) => (r, false),
+            (_, Some(r)) => (r, true),
+            _ => return None,
+        };
+        let mut it = rest.split('.');
+        let layer = it.next()?.parse().ok()?;
+        let seq = it.next().map_or(Some(0), |s| s.parse().ok())?;
+        it.next().is_none().then_some((layer, v, seq))
     }
 
     /// Copy `[t, heads, hd]` f32 rows into the bf16 cache of `layer` at row `past`.
-    fn kv_write(&mut self, src: Buf, t: usize, layer: usize, v: bool) -> R<()> {
+    fn kv_write(&mut self, src: Buf, t: usize, layer: usize, v: bool, seq: usize) -> R<()> {
         let kv = self.opt.kv;
         if layer >= kv.layers {
             return Err(self.err(format!("layer {layer} is outside the KV cache ({} layers)", kv.layers)));
@@ -478,8 +494,9 @@ impl<'g> Lower<'g> {
             dst: DType::BF16,
         };
         spec.validate().map_err(|e| self.err(e.to_string()))?;
-        self.launch(Box::new(spec), vec![Arg::Buf(src), Arg::Buf(Buf::Kv { layer, v, at_past: true })]);
+        self.launch(Box::new(spec), vec![Arg::Buf(src), Arg::Buf(Buf::Kv { layer, v, at_past: true, seq })]);
         self.kv_rows = self.kv_rows.max(t);
+        self.seqs = self.seqs.max(seq + 1);
         Ok(())
     }
 
@@ -521,33 +538,39 @@ impl<'g> Lower<'g> {
         if tq != 1 || !matches!(mask, Mask::Causal) {
             return Err(self.err("attention over a KV cache runs one causal query token at a time on the GPU"));
         }
-        let (Some((lk, false)), Some((lv, true))) = (self.kv_input(n.inputs[3]), self.kv_input(n.inputs[4])) else {
+        let (Some((lk, false, sk)), Some((lv, true, sv))) = (self.kv_input(n.inputs[3]), self.kv_input(n.inputs[4]))
+        else {
             return Err(self.err("the cache inputs are not past_k.{l} / past_v.{l}"));
         };
-        if lk != lv {
-            return Err(self.err("key and value caches of different layers"));
-        }
-        for (i, v) in [(1, false), (2, true)] {
-            let src = self.val(n.inputs[i])?;
-            self.kv_write(src, 1, lk, v)?;
-            self.kv_written.push((lk, v));
+        if lk != lv || sk != sv {
+            return Err(self.err("key and value caches of different layers or sequences"));
         }
         let kv = self.opt.kv;
+        if lk >= kv.layers || h != kv.heads || d != kv.head_dim {
+            return Err(self.err(format!("layer {lk} with {h}×{d} heads does not fit the device cache {kv:?}")));
+        }
+        let seq = sk;
+        self.seqs = self.seqs.max(seq + 1);
+        self.kv_rows = self.kv_rows.max(1);
+        let lens = Buf::Arena(self.lens_at + 4 * seq as u64);
+        // The new row goes in at `lens − 1` (read on the device: see KvAppendSpec).
+        let append =
+            KvAppendSpec { batch: 1, heads: h, head_dim: d, max_seq: kv.max_seq, cache_stride: h * kv.max_seq * d };
+        append.validate().map_err(|e| self.err(e.to_string()))?;
+        for (i, v) in [(1, false), (2, true)] {
+            let src = self.val(n.inputs[i])?;
+            let cache = Buf::Kv { layer: lk, v, at_past: false, seq };
+            self.launch(Box::new(append.clone()), vec![Arg::Buf(src), Arg::Buf(lens.clone()), Arg::Buf(cache)]);
+            self.kv_written.push((lk, v));
+        }
         let qsrc = self.val(n.inputs[0])?;
         let qb = self.cast(qsrc, &q.0, DType::BF16, d)?;
         let splits = DecodeAttnSpec::splits_for(1, h, kv.max_seq, self.opt.sms);
         let sp = DecodeAttnSpec::new(1, h, d, kv.max_seq, splits, scale, DType::F32)
             .map_err(|e| self.err(format!("{e:?}")))?;
         let ws = self.scratch((h * splits * (d + 2) * 4) as u64);
-        self.steps.push(Step::Lens { at: self.lens_at });
-        let cache = |v| Arg::Buf(Buf::Kv { layer: lk, v, at_past: false });
-        let args = vec![
-            Arg::Buf(Buf::Arena(qb)),
-            cache(false),
-            cache(true),
-            Arg::Buf(Buf::Arena(self.lens_at)),
-            Arg::Buf(Buf::Arena(ws)),
-        ];
+        let cache = |v| Arg::Buf(Buf::Kv { layer: lk, v, at_past: false, seq });
+        let args = vec![Arg::Buf(Buf::Arena(qb)), cache(false), cache(true), Arg::Buf(lens), Arg::Buf(Buf::Arena(ws))];
         self.launch(Box::new(sp.partial()), args);
         self.launch(Box::new(sp.combine()), vec![Arg::Buf(Buf::Arena(ws)), Arg::Buf(Buf::Arena(out))]);
         Ok(())
@@ -805,7 +828,7 @@ pub fn lower(g: &Graph, opt: &LowerOptions) -> Result<Lowered, LowerError> {
         at += align((numel * n.ty.dtype.size()) as u64);
     }
     let lens_at = at;
-    at += ALIGN;
+    at += ALIGN; // room for 64 sequences' u32 key counts
     let mut lw = Lower {
         g,
         plan,
@@ -824,6 +847,7 @@ pub fn lower(g: &Graph, opt: &LowerOptions) -> Result<Lowered, LowerError> {
         node: NodeId(0),
         kv_written: vec![],
         kv_rows: 0,
+        seqs: 1,
     };
     for i in 0..g.nodes.len() {
         lw.node = NodeId(i as u32);
@@ -840,7 +864,7 @@ pub fn lower(g: &Graph, opt: &LowerOptions) -> Result<Lowered, LowerError> {
             if !lw.kv_written.contains(&(layer, v)) {
                 let t = g.shape(*id).dim(0);
                 let src = lw.val(*id)?;
-                lw.kv_write(src, t, layer, v)?;
+                lw.kv_write(src, t, layer, v, 0)?;
             }
             continue;
         }
@@ -850,6 +874,18 @@ pub fn lower(g: &Graph, opt: &LowerOptions) -> Result<Lowered, LowerError> {
     }
     let bytes = lw.scratch_base + lw.scratch_max;
     let launches = lw.steps.iter().filter(|s| matches!(s, Step::Launch { .. })).count();
+    if lw.seqs > 64 {
+        return Err(LowerError::Unsupported {
+            node: 0,
+            op: "program".into(),
+            why: format!("{} sequences (at most 64)", lw.seqs),
+        });
+    }
+    let capturable = lw.steps.iter().all(|s| match s {
+        Step::Host { .. } => false,
+        Step::Launch { args, .. } => !args.iter().any(|a| matches!(a, Arg::Buf(Buf::Kv { at_past: true, .. }))),
+        Step::Zero { .. } => true,
+    });
     Ok(Lowered {
         steps: lw.steps,
         bytes,
@@ -863,19 +899,23 @@ pub fn lower(g: &Graph, opt: &LowerOptions) -> Result<Lowered, LowerError> {
         kv_rows: lw.kv_rows,
         plan: lw.plan,
         params: g.params().into_iter().map(|(n, t)| (n.to_string(), t.shape.0.clone())).collect(),
+        seqs: lw.seqs,
+        lens_at: lw.lens_at,
+        capturable,
     })
 }
 
-/// Device pointer of `buf` given the program allocation, a weight lookup and the cache.
+/// Device pointer of `buf` given the program allocation, a weight lookup and
+/// the cache (`kv(layer, v, at_past, seq)`).
 pub fn resolve(
     buf: &Buf,
     arena: DevPtr,
     weight: &dyn Fn(&WeightKey) -> Option<DevPtr>,
-    kv: &dyn Fn(usize, bool, bool) -> Option<DevPtr>,
+    kv: &dyn Fn(usize, bool, bool, usize) -> Option<DevPtr>,
 ) -> Option<DevPtr> {
     match buf {
         Buf::Arena(o) => Some(arena + o),
         Buf::Weight(k, o) => weight(k).map(|p| p + o),
-        Buf::Kv { layer, v, at_past } => kv(*layer, *v, *at_past),
+        Buf::Kv { layer, v, at_past, seq } => kv(*layer, *v, *at_past, *seq),
     }
 }
