@@ -780,7 +780,7 @@ fn sibling(out: &Path, what: &str) -> PathBuf {
 pub fn launches(g: &Graph, cfg: &Config, opt: &CompileOptions) -> (Vec<Launch>, Vec<Box<dyn KernelSpec>>) {
     use qvc_runtime::gpu::lower::{lower, KvShape, LowerOptions, Step};
     let kv = KvShape { layers: cfg.layers, heads: cfg.heads, head_dim: cfg.head_dim, max_seq: opt.max_seq };
-    let low = match lower(g, &LowerOptions { kv, sms: SMS }) {
+    let low = match lower(g, &LowerOptions { kv, sms: SMS, sampling: Default::default() }) {
         Ok(l) => l,
         Err(e) => {
             let note = Some(format!("the whole program runs on the CPU: {e}"));

@@ -368,6 +368,14 @@ pub enum Phase<'a> {
     Decode,
 }
 
+/// Sampling inputs of a device-sampled step (see [`Session::step_token`]).
+struct DeviceSample {
+    temperature: [f32; 1],
+    top_p: [f32; 1],
+    top_k: [i32; 1],
+    u: [f32; 1],
+}
+
 /// A progress callback, see [`Session::on_phase`].
 pub type PhaseHook<'m> = Box<dyn FnMut(Phase) + 'm>;
 
@@ -511,7 +519,7 @@ impl<'m> Session<'m> {
             bucketed: false,
             batch: 1,
         };
-        let mut out = self.run_decoder(ids, &shape, &feats, &rows)?;
+        let mut out = self.run_decoder(ids, &shape, &feats, &rows, None)?;
         self.timings.prefill_ms += t0.elapsed().as_secs_f64() * 1e3;
         let logits = out.remove("logits").expect("decoder has logits");
         let hidden = out.into_iter().filter(|(k, _)| k.starts_with("hidden.")).collect();
@@ -524,10 +532,38 @@ impl<'m> Session<'m> {
         self.check_step(id)?;
         let t0 = Instant::now();
         let shape = DecoderShape { tokens: 1, past: self.cache.len(), ..Default::default() };
-        let mut out = self.run_decoder(&[id], &shape, &[], &[])?;
+        let mut out = self.run_decoder(&[id], &shape, &[], &[], None)?;
         self.timings.decode_ms += t0.elapsed().as_secs_f64() * 1e3;
         self.timings.decode_tokens += 1;
         Ok(out.remove("logits").expect("decoder has logits"))
+    }
+
+    /// Feed one token and let the backend pick the next one on its device,
+    /// so only the id leaves it (the logits stay there). `u` is the uniform
+    /// draw for sampling (ignored when greedy). `None` when the backend
+    /// cannot, or when the settings need the whole logits on the host (a
+    /// repetition penalty): then call [`Session::step`] and sample there.
+    pub fn step_token(&mut self, id: u32, p: &SamplingParams, u: f64) -> Result<Option<u32>, ModelError> {
+        if !self.backend.samples_on_device() || p.repetition_penalty != 1.0 {
+            return Ok(None);
+        }
+        self.check_step(id)?;
+        let t0 = Instant::now();
+        let shape = DecoderShape { tokens: 1, past: self.cache.len(), ..Default::default() };
+        let d = DeviceSample {
+            temperature: [if p.is_greedy() { 0.0 } else { p.temperature }],
+            top_p: [p.top_p],
+            top_k: [p.top_k.min(i32::MAX as usize) as i32],
+            u: [u as f32],
+        };
+        let out = self.run_decoder(&[id], &shape, &[], &[], Some(&d))?;
+        self.timings.decode_ms += t0.elapsed().as_secs_f64() * 1e3;
+        self.timings.decode_tokens += 1;
+        let tok = out
+            .get("token")
+            .and_then(|t| t.first())
+            .ok_or_else(|| ModelError::Compiled("the backend returned no token for a device-sampled step".into()))?;
+        Ok(Some(*tok as u32))
     }
 
     /// Whether `id` can be fed as the next token of this conversation.
@@ -558,6 +594,7 @@ impl<'m> Session<'m> {
         shape: &DecoderShape,
         feats: &[f32],
         rows: &[i32],
+        sample: Option<&DeviceSample>,
     ) -> Result<HashMap<String, Vec<f32>>, ModelError> {
         let model = self.model;
         let cfg = &model.config;
@@ -603,6 +640,12 @@ impl<'m> Session<'m> {
         if !rows.is_empty() {
             inputs.insert("image_features".into(), InputRef::F32(feats));
             inputs.insert("image_rows".into(), InputRef::I32(rows));
+        }
+        if let Some(d) = sample {
+            inputs.insert("sample.temperature".into(), InputRef::F32(&d.temperature));
+            inputs.insert("sample.top_p".into(), InputRef::F32(&d.top_p));
+            inputs.insert("sample.top_k".into(), InputRef::I32(&d.top_k));
+            inputs.insert("sample.u".into(), InputRef::F32(&d.u));
         }
         if on_device {
             inputs.insert("kv_slot".into(), InputRef::I32(&slot));
@@ -773,8 +816,14 @@ pub fn generate(
     let mut tokens = Vec::new();
     let mut printed = 0usize;
     let mut stop = StopReason::MaxTokens;
+    // After the first token, a backend that samples on its device returns
+    // the next id directly (`device_next`); otherwise logits come back.
+    let mut device_next: Option<u32> = None;
     for n in 0..opt.max_new_tokens {
-        let next = sample(&logits, &seen, &opt.sampling, &mut rng);
+        let next = match device_next.take() {
+            Some(t) => t,
+            None => sample(&logits, &seen, &opt.sampling, &mut rng),
+        };
         if opt.stop_ids.contains(&next) {
             stop = StopReason::StopToken;
             break;
@@ -787,7 +836,17 @@ pub fn generate(
             printed = text.len();
         }
         if n + 1 < opt.max_new_tokens {
-            logits = session.step(next)?;
+            // The same draw the host sampler would take (greedy takes none).
+            let u = if opt.sampling.is_greedy() { 0.0 } else { rng.clone().next_f64() };
+            match session.step_token(next, &opt.sampling, u)? {
+                Some(t) => {
+                    if !opt.sampling.is_greedy() {
+                        rng.next_f64();
+                    }
+                    device_next = Some(t);
+                }
+                None => logits = session.step(next)?,
+            }
         }
     }
     let text = tok.decode(&tokens, false);

@@ -41,6 +41,14 @@ pub trait Backend: Sync {
     fn kv_on_device(&self) -> bool {
         false
     }
+    /// Whether the backend can pick the next token itself: given inputs
+    /// `sample.temperature` (0 = greedy), `sample.top_p`, `sample.top_k` and
+    /// `sample.u` (one uniform in [0, 1) per row), it returns an output
+    /// `token` (ids as f32, one per row) instead of `logits`, so only token
+    /// ids leave the device.
+    fn samples_on_device(&self) -> bool {
+        false
+    }
 }
 
 /// The fast CPU backend.

@@ -9,7 +9,9 @@
 //! and the backend returns every output except the new K/V rows.
 
 use super::device::{DevPtr, Device, DeviceError, KArg};
-use super::lower::{lower, resolve, Arg, Buf, HostArg, KvShape, Layout, LowerOptions, Lowered, Step, WeightKey};
+use super::lower::{
+    lower, resolve, Arg, Buf, HostArg, KvShape, Layout, LowerOptions, Lowered, SampleArg, Sampling, Step, WeightKey,
+};
 use crate::{Backend, Inputs};
 use half::bf16;
 use qvc_codegen::Module;
@@ -48,7 +50,7 @@ struct State {
     kv: Vec<[DevPtr; 2]>,
     stats: ExecStats,
     /// Captured runs by (program, sequence slots).
-    graphs: HashMap<(u64, Vec<usize>), GraphState>,
+    graphs: HashMap<(u64, Vec<u64>), GraphState>,
     /// The artifact's module, loaded before generating any kernel.
     module: Option<(String, Option<Vec<u8>>)>,
 }
@@ -121,17 +123,17 @@ impl GpuBackend {
     pub fn lowered_summary(&self, g: &Graph) -> Result<(usize, usize, u64), ExecError> {
         let mut s = self.state.lock().map_err(|_| ExecError::Device("device state poisoned".into()))?;
         let key = fingerprint(g);
-        self.prepare(&mut s, g, key)?;
+        self.prepare(&mut s, g, key, Sampling::Off)?;
         let p = &s.programs[&key];
         Ok((p.low.launches, p.low.host_nodes, p.low.bytes))
     }
 
-    fn prepare(&self, s: &mut State, g: &Graph, key: u64) -> Result<(), ExecError> {
+    fn prepare(&self, s: &mut State, g: &Graph, key: u64, sampling: Sampling) -> Result<(), ExecError> {
         if s.programs.contains_key(&key) {
             return Ok(());
         }
-        let low =
-            lower(g, &LowerOptions { kv: self.kv, sms: self.sms }).map_err(|e| ExecError::Device(e.to_string()))?;
+        let opt = LowerOptions { kv: self.kv, sms: self.sms, sampling };
+        let low = lower(g, &opt).map_err(|e| ExecError::Device(e.to_string()))?;
         if let Some((ptx, cubin)) = s.module.take() {
             s.dev.load_module(&ptx, cubin.as_deref()).map_err(dev_err)?;
         }
@@ -281,6 +283,47 @@ pub fn fingerprint(g: &Graph) -> u64 {
     h
 }
 
+/// Device sampling asked for by a run's inputs: `sample.temperature` (0 =
+/// greedy), `sample.top_p`, `sample.top_k`, and `sample.u` (one uniform per
+/// row, top-p only).
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct SampleSettings {
+    temperature: f32,
+    top_p: f32,
+    top_k: u32,
+}
+
+impl SampleSettings {
+    fn of(inputs: &Inputs<'_>) -> Result<Option<SampleSettings>, ExecError> {
+        let Some(t) = inputs.get("sample.temperature") else { return Ok(None) };
+        let f = |name: &str, default: f32| match inputs.get(name) {
+            Some(InputRef::F32(v)) if v.len() == 1 => v[0],
+            _ => default,
+        };
+        let temperature = match t {
+            InputRef::F32(v) if v.len() == 1 => v[0],
+            _ => return Err(ExecError::Device("sample.temperature must be one f32".into())),
+        };
+        let top_k = match inputs.get("sample.top_k") {
+            Some(InputRef::I32(v)) if v.len() == 1 && v[0] >= 0 => v[0] as u32,
+            _ => 0,
+        };
+        let s = SampleSettings { temperature, top_p: f("sample.top_p", 1.0), top_k };
+        if !(s.temperature >= 0.0 && s.temperature.is_finite() && s.top_p > 0.0 && s.top_p <= 1.0) {
+            return Err(ExecError::Device(format!("bad sampling settings {s:?}")));
+        }
+        Ok(Some(s))
+    }
+
+    fn mode(&self) -> Sampling {
+        if self.temperature > 0.0 {
+            Sampling::TopP
+        } else {
+            Sampling::Greedy
+        }
+    }
+}
+
 /// One sequence of a run: its cache slot and cached length.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 struct Seq {
@@ -318,6 +361,10 @@ impl Backend for GpuBackend {
         true
     }
 
+    fn samples_on_device(&self) -> bool {
+        true
+    }
+
     fn run(
         &self,
         graph: &Graph,
@@ -326,8 +373,11 @@ impl Backend for GpuBackend {
     ) -> Result<HashMap<String, Vec<f32>>, ExecError> {
         let mut guard = self.state.lock().map_err(|_| ExecError::Device("device state poisoned".into()))?;
         let s = &mut *guard;
-        let key = fingerprint(graph);
-        self.prepare(s, graph, key)?;
+        let sample = SampleSettings::of(inputs)?;
+        let sampling = sample.map_or(Sampling::Off, |x| x.mode());
+        // One lowering per program and sampling mode.
+        let key = fingerprint(graph) ^ (sampling as u64).wrapping_mul(0x9e3779b97f4a7c15);
+        self.prepare(s, graph, key, sampling)?;
         self.ensure_kv(s)?;
         self.ensure_weights(s, key, weights)?;
         let State { dev, weights: wmap, programs, kv, stats, graphs, .. } = s;
@@ -390,12 +440,16 @@ impl Backend for GpuBackend {
         };
         // A capturable step runs from a recording after its first run (one
         // graph launch instead of one launch per kernel).
-        let gkey = (key, seqs.iter().map(|q| q.slot).collect::<Vec<_>>());
+        let mut gslots: Vec<u64> = seqs.iter().map(|q| q.slot as u64).collect();
+        if let Some(x) = sample {
+            gslots.extend([x.temperature.to_bits() as u64, x.top_p.to_bits() as u64, x.top_k as u64]);
+        }
+        let gkey = (key, gslots);
         let replay = match graphs.get(&gkey) {
             Some(GraphState::Captured(id)) => Some(*id),
             Some(GraphState::Seen) if self.graphs && p.low.capturable => {
                 if dev.capture_begin().map_err(dev_err)? {
-                    let issued = issue(dev.as_mut(), graph, p, weights, &ptr, stats);
+                    let issued = issue(dev.as_mut(), graph, p, weights, &ptr, sample, stats);
                     let id = dev.capture_end().map_err(dev_err);
                     issued?;
                     let id = id?;
@@ -418,7 +472,7 @@ impl Backend for GpuBackend {
                 dev.replay(id).map_err(dev_err)?;
                 stats.replays += 1;
             }
-            None => issue(dev.as_mut(), graph, p, weights, &ptr, stats)?,
+            None => issue(dev.as_mut(), graph, p, weights, &ptr, sample, stats)?,
         }
         let mut out = HashMap::new();
         for (name, l) in &p.low.outputs {
@@ -452,6 +506,7 @@ fn issue(
     p: &Program,
     weights: &dyn WeightSource,
     ptr: &dyn Fn(&Buf) -> Result<DevPtr, ExecError>,
+    sample: Option<SampleSettings>,
     stats: &mut ExecStats,
 ) -> Result<(), ExecError> {
     for st in &p.low.steps {
@@ -463,6 +518,14 @@ fn issue(
                         Arg::Buf(b) => KArg::Ptr(ptr(b)?),
                         Arg::U32(v) => KArg::U32(*v),
                         Arg::F32(v) => KArg::F32(*v),
+                        Arg::Sample(a) => {
+                            let x = sample.ok_or_else(|| ExecError::Device("sampling settings missing".into()))?;
+                            match a {
+                                SampleArg::Temperature => KArg::F32(x.temperature),
+                                SampleArg::TopP => KArg::F32(x.top_p),
+                                SampleArg::TopK => KArg::U32(x.top_k),
+                            }
+                        }
                     });
                 }
                 dev.launch(kernel, *grid, *block, &ka).map_err(|e| {

@@ -32,6 +32,7 @@ use qvc_kernels::gpu::generic::{
     CopySpec, EltOp, EltwiseSpec, GatherSpec, KvAppendSpec, MatMulSpec, ReduceSpec, RopeSpec, ScatterRowsSpec,
 };
 use qvc_kernels::gpu::norm::{NormKind, NormSpec};
+use qvc_kernels::gpu::sample::{ArgmaxSpec, TopPSpec};
 use qvc_kernels::gpu::softmax::SoftmaxSpec;
 use qvc_kernels::KernelSpec;
 use std::collections::{BTreeMap, HashMap};
@@ -85,6 +86,29 @@ pub enum Arg {
     Buf(Buf),
     U32(u32),
     F32(f32),
+    /// A sampling setting of the run ([`Sampling`]).
+    Sample(SampleArg),
+}
+
+/// The run-time sampling settings a top-p kernel takes as params.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SampleArg {
+    Temperature,
+    TopP,
+    TopK,
+}
+
+/// How the logits output becomes tokens on the device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub enum Sampling {
+    /// Return the logits.
+    #[default]
+    Off,
+    /// Argmax per row (greedy).
+    Greedy,
+    /// Temperature, top-k and top-p with one host uniform per row (input
+    /// `sample.u`), see `qvc_kernels::gpu::sample`.
+    TopP,
 }
 
 /// One thing the executor does, in order.
@@ -193,6 +217,8 @@ pub struct LowerOptions {
     pub kv: KvShape,
     /// Streaming multiprocessors (sizes the decode-attention split).
     pub sms: usize,
+    /// Replace the `logits` output by a `token` output (i32 per row).
+    pub sampling: Sampling,
 }
 
 /// Which layer a `past_k.{l}` / `k.{l}` name refers to.
@@ -829,6 +855,15 @@ pub fn lower(g: &Graph, opt: &LowerOptions) -> Result<Lowered, LowerError> {
     }
     let lens_at = at;
     at += ALIGN; // room for 64 sequences' u32 key counts
+                 // Sampling: the uniforms in, the chosen tokens out (64 rows at most).
+    let (u_at, token_at) = (at, at + ALIGN);
+    if opt.sampling != Sampling::Off {
+        at += 2 * ALIGN;
+    }
+    if opt.sampling == Sampling::TopP {
+        // Its length (the logits rows) is set where the sampler is lowered.
+        input_slots.push(InputSlot { name: "sample.u".into(), offset: u_at, dtype: DType::F32, numel: 0 });
+    }
     let mut lw = Lower {
         g,
         plan,
@@ -870,7 +905,35 @@ pub fn lower(g: &Graph, opt: &LowerOptions) -> Result<Lowered, LowerError> {
         }
         let t = g.ty(*id);
         let dtype = if t.dtype == DType::I32 { DType::I32 } else { DType::F32 };
-        outputs.push((name.clone(), Loc { buf: lw.val(*id)?, dtype, numel: t.shape.numel() }));
+        let x = lw.val(*id)?;
+        if name == "logits" && opt.sampling != Sampling::Off {
+            let (rows, cols) = (t.shape.numel() / t.shape.last().max(1), t.shape.last());
+            if rows > 64 {
+                return Err(lw.err("device sampling takes at most 64 rows of logits"));
+            }
+            let out = Arg::Buf(Buf::Arena(token_at));
+            if opt.sampling == Sampling::Greedy {
+                let sp = ArgmaxSpec::new(rows, cols).map_err(|e| lw.err(format!("{e:?}")))?;
+                lw.launch(Box::new(sp), vec![Arg::Buf(x), out]);
+            } else {
+                let sp = TopPSpec::new(rows, cols).map_err(|e| lw.err(format!("{e:?}")))?;
+                let args = vec![
+                    Arg::Buf(x),
+                    Arg::Buf(Buf::Arena(u_at)),
+                    out,
+                    Arg::Sample(SampleArg::Temperature),
+                    Arg::Sample(SampleArg::TopP),
+                    Arg::Sample(SampleArg::TopK),
+                ];
+                lw.launch(Box::new(sp), args);
+                if let Some(slot) = lw.input_slots.iter_mut().find(|i| i.name == "sample.u") {
+                    slot.numel = rows;
+                }
+            }
+            outputs.push(("token".into(), Loc { buf: Buf::Arena(token_at), dtype: DType::I32, numel: rows }));
+            continue;
+        }
+        outputs.push((name.clone(), Loc { buf: x, dtype, numel: t.shape.numel() }));
     }
     let bytes = lw.scratch_base + lw.scratch_max;
     let launches = lw.steps.iter().filter(|s| matches!(s, Step::Launch { .. })).count();
