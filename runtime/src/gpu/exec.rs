@@ -64,7 +64,12 @@ pub struct GpuBackend {
     label: &'static str,
     /// Capture capturable programs (decode steps) as device graphs.
     graphs: bool,
+    /// Called as weights upload: (bytes done, bytes of this batch).
+    progress: Option<Progress>,
 }
+
+/// A weight-upload progress callback: (bytes done, bytes to do).
+pub type Progress = Box<dyn Fn(u64, u64) + Send + Sync>;
 
 impl GpuBackend {
     /// A backend on `dev` whose KV cache holds `slots` sequences of `kv`.
@@ -92,7 +97,14 @@ impl GpuBackend {
             sms: 132,
             label,
             graphs: std::env::var("QVC_CUDA_GRAPHS").map_or(true, |v| v != "0"),
+            progress: None,
         }
+    }
+
+    /// Report weight uploads (a progress bar: they take seconds for the
+    /// full model). Weights upload when a program first needs them.
+    pub fn set_progress(&mut self, f: Progress) {
+        self.progress = Some(f);
     }
 
     /// Turn device-graph capture of decode steps on or off (on by default;
@@ -195,22 +207,47 @@ impl GpuBackend {
         }
         let mut seen = std::collections::HashSet::new();
         want.retain(|k| !s.weights.contains_key(k) && seen.insert(k.clone()));
+        let size = |k: &WeightKey| -> u64 {
+            let p = &s.programs[&key].low;
+            let n: usize = match (p.consts.get(&k.name), p.params.get(&k.name)) {
+                (Some(c), _) => c.len(),
+                (_, Some(shape)) => match (&k.layout, shape.as_slice()) {
+                    (Layout::PadCols(c), [r, _]) => r * c,
+                    _ => shape.iter().product(),
+                },
+                _ => 0,
+            };
+            (n * k.dtype.size()) as u64
+        };
+        let total: u64 = want.iter().map(size).sum();
+        let mut done = 0u64;
         for k in want {
-            let bytes = if let Some(c) = s.programs[&key].low.consts.get(&k.name) {
-                convert(Elems::F32(c), k.dtype)
+            let bytes: std::borrow::Cow<[u8]> = if let Some(c) = s.programs[&key].low.consts.get(&k.name) {
+                convert(Elems::F32(c), k.dtype).into()
             } else {
                 let e = weights.weight(&k.name).ok_or_else(|| ExecError::BadWeight {
                     name: k.name.clone(),
                     got: 0,
                     want: 1,
                 })?;
-                let shape = s.programs[&key].low.params.get(&k.name).cloned().unwrap_or_default();
-                layout(e, &shape, &k)?
+                match (&k.layout, e, k.dtype) {
+                    // Straight from the memory map: no host copy.
+                    (Layout::AsIs, Elems::BF16(v), DType::BF16) => bytemuck::cast_slice(v).into(),
+                    (Layout::AsIs, Elems::F32(v), DType::F32) => bytemuck::cast_slice(v).into(),
+                    (_, e, _) => {
+                        let shape = s.programs[&key].low.params.get(&k.name).cloned().unwrap_or_default();
+                        layout(e, &shape, &k)?.into()
+                    }
+                }
             };
             let ptr = s.dev.alloc(bytes.len(), &format!("weight {}", k.name)).map_err(dev_err)?;
             s.dev.upload(ptr, &bytes).map_err(dev_err)?;
             s.stats.weight_bytes += bytes.len() as u64;
             s.weights.insert(k, ptr);
+            done += bytes.len() as u64;
+            if let Some(f) = &self.progress {
+                f(done, total);
+            }
         }
         Ok(())
     }
