@@ -49,7 +49,10 @@ qvc generate --model ./Qwen-VL-Chat --raw-prompt-file prompt.txt --json"
     Tokenize(TokenizeArgs),
     /// Write a tiny random-weight checkpoint and a picture to a temporary folder and run one turn on it.
     Demo(DemoArgs),
-    /// Time the vision tower, prefill and decode on this machine.
+    /// Time the vision tower, time to first token, prefill and decode against the device's measured ceilings.
+    #[command(after_help = "Examples:\n  qvc bench chat.qvc --device cuda\n  \
+qvc bench --synthetic qwen-vl-chat --device cuda   # full size, random weights, no download\n  \
+qvc bench --synthetic tiny --device emu --prompt-len 8 --decode-tokens 2")]
     Bench(BenchArgs),
     /// Print a checkpoint's configuration, tensor count and program sizes, or (given OUT.qvc) a compiled artifact's programs, kernels and memory plans.
     #[command(
@@ -71,6 +74,25 @@ qvc kernels --filter attn --ptxas     # registers, spills and shared memory from
 qvc kernels --ptx kernels.ptx --target sm_80"
     )]
     Kernels(KernelsArgs),
+    /// Check every GPU kernel family on the device against its CPU reference (random ragged shapes).
+    #[command(hide = true)]
+    Selftest(SelftestArgs),
+}
+
+#[derive(Args)]
+struct SelftestArgs {
+    /// `emu` (the PTX emulator), `cuda` or `cuda:N`.
+    #[arg(long, default_value = "emu", value_name = "DEVICE")]
+    device: String,
+    /// Random cases per family.
+    #[arg(long, default_value_t = 4, value_name = "N")]
+    cases: usize,
+    /// Small shapes only (quick on the emulator).
+    #[arg(long)]
+    small: bool,
+    /// Seed of the random shapes and data.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
 }
 
 #[derive(Args)]
@@ -360,10 +382,18 @@ struct BenchArgs {
     /// Decode steps to time.
     #[arg(long, default_value_t = 32)]
     decode_tokens: usize,
-    /// Also time decoding this many sequences together (one program run per
-    /// step reads the weights once for all); a compiled model needs --max-batch of at least this.
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
-    batch: u16,
+    /// Also time decoding this many sequences together, each in its own KV slot [default: 8 on a GPU, 1 on the
+    /// CPU]; a compiled model on the CPU needs --max-batch of at least this.
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=64))]
+    batch: Option<u16>,
+    /// Random weights with published shapes instead of a model: qwen-vl-chat (full size, GPU only) or tiny (the
+    /// test fixture's shapes, runs anywhere in seconds).
+    #[arg(long, value_name = "NAME")]
+    synthetic: Option<String>,
+    /// Picture sizes the vision tower is timed at (comma-separated) [default: 448,896 with --synthetic, else the
+    /// model's].
+    #[arg(long, value_delimiter = ',', value_name = "N,...")]
+    image_sizes: Vec<usize>,
 }
 
 /// Entry point of both binaries; `forced` is the subcommand the `generate` binary implies.
@@ -403,6 +433,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Kernels(a) => cmd_kernels(a),
         Cmd::Devices => cmd_devices(),
         Cmd::Compile(a) => cmd_compile(a),
+        Cmd::Selftest(a) => cmd_selftest(a),
     }
 }
 
@@ -883,130 +914,23 @@ fn inspect_artifact(dir: &Path, verify: bool) -> Result<()> {
 }
 
 fn cmd_bench(a: BenchArgs) -> Result<()> {
-    let model = load(&a.model)?;
-    let c = &model.config;
-    let backend = make_backend(&model, &a.model.device, 1)?;
-    let mut session = Session::new(&model, backend.as_ref());
-    attach_progress(&mut session);
-    let dir = std::env::temp_dir().join(format!("qvc-bench-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    let pic = dir.join("bench.png");
-    crate::demo::write_picture(&pic)?;
-    session.encode_image(&path_str(&pic)?)?;
-    let vision_ms = session.timings.vision_ms;
-    let ids: Vec<u32> = (0..a.prompt_len as u32).map(|i| 1000 + (i * 7919) % 20000).collect();
-    session.prefill(&ids, &PrefillOptions::default())?;
-    let prefill_ms = session.timings.prefill_ms;
-    for i in 0..a.decode_tokens {
-        session.step(100 + i as u32)?;
-    }
-    let _ = std::fs::remove_dir_all(&dir);
-    let t = &session.timings;
-    let layer_params = (c.layers * (4 * c.hidden_size * c.hidden_size + 3 * c.hidden_size * c.mlp_width)) as f64;
-    let head_params = (c.vocab_size * c.hidden_size) as f64;
-    let vis_params =
-        (c.visual.layers * (4 * c.visual.width * c.visual.width + 2 * c.visual.width * c.visual.mlp_width)) as f64;
-    let grid = (c.visual.grid() * c.visual.grid()) as f64;
-    let (peak_gflops, peak_gbs) = ceilings();
-    // Matmuls plus global attention (q·kᵀ and p·v: 4·T²·W per layer).
-    let vis_flops = 2.0 * vis_params * grid + 4.0 * grid * grid * (c.visual.width * c.visual.layers) as f64;
-    let vis_gflops = vis_flops / vision_ms / 1e6;
-    // Prefill runs the layers on every token and lm_head on the last one.
-    let pre_gflops = 2.0 * (layer_params * a.prompt_len as f64 + head_params) / prefill_ms / 1e6;
-    // Decode reads every decoder weight once per token except the embedding
-    // table, of which it reads one row.
-    let per_token: usize = model
-        .weights
-        .names()
-        .iter()
-        .filter(|n| n.starts_with("transformer.h.") || n.starts_with("lm_head") || n.starts_with("transformer.ln_f"))
-        .filter_map(|n| model.weights.info(n).map(|(d, s)| d.size() * s.numel()))
-        .sum();
-    let dec_gbs = t.decode_tokens_per_s() * per_token as f64 / 1e9;
-    println!("machine: {} threads; ceilings: {peak_gflops:.0} GFLOP/s f32 (cores × clock × 32), {peak_gbs:.1} GB/s (measured read)", rayon::current_num_threads());
-    println!(
-        "vision encode     {vision_ms:>9.1} ms    {vis_gflops:>7.1} GFLOP/s  ({:.0}% of peak; matmuls + attention)",
-        100.0 * vis_gflops / peak_gflops
-    );
-    println!(
-        "prefill {:>5} tok {prefill_ms:>9.1} ms    {pre_gflops:>7.1} GFLOP/s  ({:.0}% of peak)",
-        a.prompt_len,
-        100.0 * pre_gflops / peak_gflops
-    );
-    println!(
-        "decode            {:>9.2} tok/s {dec_gbs:>7.1} GB/s     ({:.0}% of bandwidth)",
-        t.decode_tokens_per_s(),
-        100.0 * dec_gbs / peak_gbs
-    );
-    if a.batch > 1 {
-        // The same prompt in every sequence, decoded together: weights are read
-        // once per step for all of them, so the floor is per step, not per token.
-        let b = a.batch as usize;
-        let backend = make_backend(&model, &a.model.device, b)?;
-        let mut sessions: Vec<Session> = (0..b)
-            .map(|i| {
-                let mut s = Session::new(&model, backend.as_ref());
-                s.set_kv_slot(i);
-                s
-            })
-            .collect();
-        for s in sessions.iter_mut() {
-            s.prefill(&ids, &PrefillOptions::default())?;
+    use crate::bench::{BenchError, BenchOptions, Synthetic};
+    let opt = BenchOptions {
+        device: a.model.device.clone(),
+        prompt_len: a.prompt_len,
+        decode_tokens: a.decode_tokens,
+        batch: a.batch.map(usize::from),
+        image_sizes: a.image_sizes.clone(),
+    };
+    let has_model = a.model.path.is_some() || a.model.model.is_some();
+    match &a.synthetic {
+        Some(_) if has_model => Err(BenchError::ModelAndSynthetic.into()),
+        Some(name) => crate::bench::run(None, Some(Synthetic::parse(name)?), &opt),
+        None => {
+            let model = load(&a.model)?;
+            crate::bench::run(Some(&model), None, &opt)
         }
-        let t0 = Instant::now();
-        for i in 0..a.decode_tokens {
-            let toks: Vec<u32> = (0..b).map(|j| 100 + (i * b + j) as u32).collect();
-            qvc_model::step_batch(&mut sessions, &toks)?;
-        }
-        let secs = t0.elapsed().as_secs_f64();
-        let steps_per_s = a.decode_tokens as f64 / secs;
-        let gbs = steps_per_s * per_token as f64 / 1e9;
-        println!(
-            "decode batch {b:<4} {:>9.2} tok/s {gbs:>7.1} GB/s     ({:.0}% of bandwidth; {steps_per_s:.1} steps/s)",
-            steps_per_s * b as f64,
-            100.0 * gbs / peak_gbs
-        );
     }
-    Ok(())
-}
-
-/// The machine's f32 FLOP/s ceiling (cores × clock × 32: two 8-wide FMA
-/// pipes, as on AVX2/AVX-512 x86 cores) and a measured memory read bandwidth.
-fn ceilings() -> (f64, f64) {
-    let mhz = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("cpu MHz"))
-                .and_then(|l| l.split(':').nth(1))
-                .and_then(|v| v.trim().parse::<f64>().ok())
-        })
-        .unwrap_or(2500.0);
-    let cores = rayon::current_num_threads() as f64;
-    let gflops = cores * mhz / 1000.0 * 32.0;
-    use rayon::prelude::*;
-    let buf = vec![1.0f32; 64 << 20];
-    let mut best = f64::MAX;
-    for _ in 0..3 {
-        let t0 = Instant::now();
-        // Eight independent lanes so the sum vectorises and memory, not the
-        // add latency, is the limit.
-        let s: f32 = buf
-            .par_chunks(1 << 16)
-            .map(|c| {
-                let mut acc = [0f32; 8];
-                for ch in c.chunks_exact(8) {
-                    for (a, v) in acc.iter_mut().zip(ch) {
-                        *a += v;
-                    }
-                }
-                acc.iter().sum::<f32>()
-            })
-            .sum();
-        std::hint::black_box(s);
-        best = best.min(t0.elapsed().as_secs_f64());
-    }
-    (gflops, (buf.len() * 4) as f64 / best / 1e9)
 }
 
 /// H100 ceilings measured on a lent H100 80GB HBM3 (TOOLCHAIN.md): the best
@@ -1117,6 +1041,23 @@ fn default_target() -> crate::compile::Target {
         },
         Err(_) => Target::Cpu,
     }
+}
+
+fn cmd_selftest(a: SelftestArgs) -> Result<()> {
+    use qvc_runtime::gpu::{CudaDevice, Device, EmuDevice};
+    let mut dev: Box<dyn Device> = match DeviceChoice::parse(&a.device)? {
+        DeviceChoice::Emu => Box::new(EmuDevice::new(qvc_codegen::Target::Sm80)),
+        DeviceChoice::Cuda(n) => Box::new(CudaDevice::open(n)?),
+        DeviceChoice::Cpu | DeviceChoice::Auto => {
+            bail!("qvc selftest checks the GPU kernels: give --device emu, cuda or cuda:N")
+        }
+    };
+    let name = dev.name();
+    let results = crate::selftest::run(dev.as_mut(), a.cases.max(1), a.small, a.seed);
+    if !crate::selftest::print(&name, &results) {
+        bail!("some kernel families failed");
+    }
+    Ok(())
 }
 
 fn cmd_devices() -> Result<()> {

@@ -5,6 +5,8 @@
 //! model logic lives in the workspace crates (see `DESIGN.md`); this crate
 //! turns flags into calls and results into text, JSON, PNG or safetensors.
 
+pub mod bench;
 pub mod cli;
 pub mod compile;
 pub mod demo;
+pub mod selftest;

@@ -266,9 +266,12 @@ fn convert(e: Elems<'_>, dtype: DType) -> Vec<u8> {
 
 /// A weight in the layout its kernel reads (see [`Layout`]).
 fn layout(e: Elems<'_>, shape: &[usize], k: &WeightKey) -> Result<Vec<u8>, ExecError> {
+    // A weight of rank > 2 (a conv kernel `[O, C, p, p]`) is read as `[O, C·p·p]`.
     let rows_cols = || -> Result<(usize, usize), ExecError> {
         match shape {
-            [r, c] if r * c == e.len() => Ok((*r, *c)),
+            [r, rest @ ..] if !rest.is_empty() && r * rest.iter().product::<usize>() == e.len() => {
+                Ok((*r, rest.iter().product()))
+            }
             _ => Err(ExecError::BadWeight { name: k.name.clone(), got: e.len(), want: shape.iter().product() }),
         }
     };

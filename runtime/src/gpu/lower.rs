@@ -32,6 +32,7 @@ use qvc_kernels::gpu::generic::{
     CopySpec, EltOp, EltwiseSpec, GatherSpec, KvAppendSpec, MatMulSpec, ReduceSpec, RopeSpec, ScatterRowsSpec,
 };
 use qvc_kernels::gpu::norm::{NormKind, NormSpec};
+use qvc_kernels::gpu::patch::PatchSpec;
 use qvc_kernels::gpu::sample::{ArgmaxSpec, TopPSpec};
 use qvc_kernels::gpu::softmax::SoftmaxSpec;
 use qvc_kernels::KernelSpec;
@@ -269,6 +270,8 @@ struct Lower<'g> {
     kv_written: Vec<(usize, bool)>,
     kv_rows: usize,
     seqs: usize,
+    /// Per node: stored as bf16 (see [`bf16_values`]).
+    bf16: Vec<bool>,
 }
 
 type R<T> = Result<T, LowerError>;
@@ -330,9 +333,39 @@ impl<'g> Lower<'g> {
         WeightKey { name, dtype: DType::F32, layout: Layout::AsIs }
     }
 
-    /// Where value `id` lives as f32 (i32 for integer inputs), contiguous.
+    /// The value whose buffer `id` views (itself when it is not a view).
+    fn root(&self, mut id: NodeId) -> NodeId {
+        while let Some(a) = self.plan.values[id.index()].and_then(|s| s.alias_of) {
+            id = a;
+        }
+        id
+    }
+
+    /// The dtype value `id` is stored in: bf16 where [`bf16_values`] chose
+    /// it, i32 for integer inputs, else f32.
+    fn dt(&self, id: NodeId) -> DType {
+        if self.plan.values[id.index()].is_some() {
+            if self.bf16[self.root(id).index()] {
+                return DType::BF16;
+            }
+            return DType::F32;
+        }
+        if self.g.ty(id).dtype == DType::I32 {
+            DType::I32
+        } else {
+            DType::F32
+        }
+    }
+
+    /// Where value `id` lives (in [`Lower::dt`]), contiguous.
     fn val(&mut self, id: NodeId) -> R<Buf> {
         if let Some(slot) = self.plan.values[id.index()] {
+            let root = self.root(id);
+            if root != id && self.bf16[root.index()] {
+                // The plan placed views with 4-byte elements.
+                let r = self.plan.values[root.index()].map_or(0, |s| s.offset);
+                return Ok(Buf::Arena(r + (slot.offset - r) / 2));
+            }
             return Ok(Buf::Arena(slot.offset));
         }
         let (leaf, off) = self.leaf_of(id).ok_or_else(|| self.err(format!("value {} has no location", id.0)))?;
@@ -354,15 +387,19 @@ impl<'g> Lower<'g> {
         }
     }
 
-    /// A weight for a tensor-core or GEMV kernel: bf16 in `layout`.
+    /// A weight operand as `dtype` in `layout`: a checkpoint tensor, or a
+    /// contiguous part of one (a checkpoint's fused `in_proj` sliced into
+    /// q, k and v), read in place.
     fn weight(&self, id: NodeId, dtype: DType, layout: Layout) -> R<Buf> {
-        match self.leaf_of(id) {
-            Some((leaf, 0)) => match &self.g.node(leaf).op {
-                Op::Param(name) => Ok(Buf::Weight(WeightKey { name: name.clone(), dtype, layout }, 0)),
-                _ => Err(self.err("the weight operand is not a checkpoint tensor")),
-            },
-            _ => Err(self.err("the weight operand is not a checkpoint tensor")),
+        let not = || self.err("the weight operand is not a checkpoint tensor (compile the model to fold its layout)");
+        let (leaf, off) = self.leaf_of(id).ok_or_else(not)?;
+        let Op::Param(name) = &self.g.node(leaf).op else { return Err(not()) };
+        if off != 0 && layout != Layout::AsIs {
+            return Err(self.err("a relaid-out weight must be a whole checkpoint tensor"));
         }
+        // leaf_of counts 4-byte elements.
+        let off = off / 4 * dtype.size() as u64;
+        Ok(Buf::Weight(WeightKey { name: name.clone(), dtype, layout }, off))
     }
 
     fn is_param(&self, id: NodeId) -> bool {
@@ -376,10 +413,16 @@ impl<'g> Lower<'g> {
         }
     }
 
-    /// Copy (and cast) a contiguous f32 value of `shape` into scratch as `dtype`, rows padded to `ld`.
-    fn cast(&mut self, src: Buf, shape: &[usize], dtype: DType, ld: usize) -> R<u64> {
+    /// Value `id` as `dtype` with rows of `ld` elements: itself when it is
+    /// stored that way, else a copy (and cast) into scratch, padding zeroed.
+    fn cast(&mut self, id: NodeId, dtype: DType, ld: usize) -> R<Buf> {
+        let shape = self.g.shape(id).0.clone();
         let cols = *shape.last().unwrap_or(&1);
         let rows: usize = shape.iter().product::<usize>() / cols.max(1);
+        let (src, from) = (self.val(id)?, self.dt(id));
+        if from == dtype && ld == cols {
+            return Ok(src);
+        }
         let at = self.scratch((rows * ld * dtype.size()) as u64);
         if ld != cols {
             self.steps.push(Step::Zero { at, bytes: (rows * ld * dtype.size()) as u64 });
@@ -388,12 +431,12 @@ impl<'g> Lower<'g> {
             shape: vec![rows, cols],
             src_strides: vec![cols, 1],
             dst_strides: vec![ld, 1],
-            src: DType::F32,
+            src: from,
             dst: dtype,
         };
         spec.validate().map_err(|e| self.err(e.to_string()))?;
         self.launch(Box::new(spec), vec![Arg::Buf(src), Arg::Buf(Buf::Arena(at))]);
-        Ok(at)
+        Ok(Buf::Arena(at))
     }
 
     fn host(&mut self) -> R<()> {
@@ -430,8 +473,8 @@ impl<'g> Lower<'g> {
     /// `x·wᵀ` with the GEMM epilogue; `transposed`: `w` is stored `[K, N]`.
     fn linear(&mut self, x: NodeId, w: NodeId, extra: Extra, act: Act, transposed: bool) -> R<()> {
         let Extra { w2, bias, res } = extra;
+        let k = self.g.shape(x).last();
         let xs = self.g.shape(x).clone();
-        let k = xs.last();
         let m = xs.numel() / k.max(1);
         let ws = self.g.shape(w);
         let n = if transposed { ws.dim(1) } else { ws.dim(0) };
@@ -453,14 +496,14 @@ impl<'g> Lower<'g> {
         if transposed && kp != k {
             return Err(self.err(format!("a transposed weight needs K % 8 == 0, K = {k}")));
         }
+        let od = self.dt(self.node);
         let (spec, a): (Box<dyn KernelSpec>, Buf) = if gemv {
-            let s = GemvSpec::new(m, n, k, DType::F32, DType::F32, epi).map_err(|e| self.err(format!("{e:?}")))?;
+            let s = GemvSpec::new(m, n, k, self.dt(x), od, epi).map_err(|e| self.err(format!("{e:?}")))?;
             (Box::new(s), self.val(x)?)
         } else {
-            let src = self.val(x)?;
-            let a = self.cast(src, &xs.0, DType::BF16, kp)?;
-            let s = GemmSpec::new(m, n, kp, DType::BF16, DType::F32, epi).map_err(|e| self.err(format!("{e:?}")))?;
-            (Box::new(s), Buf::Arena(a))
+            let a = self.cast(x, DType::BF16, kp)?;
+            let s = GemmSpec::new(m, n, kp, DType::BF16, od, epi).map_err(|e| self.err(format!("{e:?}")))?;
+            (Box::new(s), a)
         };
         let mut args = vec![Arg::Buf(a), Arg::Buf(self.weight(w, DType::BF16, layout(kp))?)];
         if let Some(w2) = w2 {
@@ -479,7 +522,7 @@ impl<'g> Lower<'g> {
 
     fn norm(&mut self, x: Buf, rows: usize, cols: usize, w: NodeId, b: Option<NodeId>, eps: f32) -> R<()> {
         let kind = if b.is_some() { NormKind::LayerNorm { bias: true } } else { NormKind::RmsNorm };
-        let spec = NormSpec { kind, rows, cols, eps, residual: false, out: DType::F32 };
+        let spec = NormSpec { kind, rows, cols, eps, residual: false, out: self.dt(self.node) };
         spec.validate().map_err(|e| self.err(e.to_string()))?;
         let mut args = vec![Arg::Buf(x), Arg::Buf(self.weight(w, DType::BF16, Layout::AsIs)?)];
         if let Some(b) = b {
@@ -533,10 +576,9 @@ impl<'g> Lower<'g> {
         let out = self.out()?;
         if n.inputs.len() == 3 {
             let mut ptr = vec![];
-            for i in 0..3 {
-                let s = self.g.shape(n.inputs[i]).clone();
-                let src = self.val(n.inputs[i])?;
-                ptr.push(self.cast(src, &s.0, DType::BF16, s.last())?);
+            for &i in &n.inputs[..3] {
+                let cols = self.g.shape(i).last();
+                ptr.push(self.cast(i, DType::BF16, cols)?);
             }
             let dense = Strides { token: (h * d) as u32, head: d as u32 };
             let fm = match mask {
@@ -548,12 +590,12 @@ impl<'g> Lower<'g> {
             };
             let mut sp = FlashSpec::new(tq as u32, tk as u32, h as u32, d as u32, dense, dense, dense, fm);
             sp.scale = scale;
-            sp.out = OutDtype::F32;
+            sp.out = if self.dt(self.node) == DType::BF16 { OutDtype::Bf16 } else { OutDtype::F32 };
             sp.validate().map_err(|e| self.err(e.to_string()))?;
             let args = vec![
-                Arg::Buf(Buf::Arena(ptr[0])),
-                Arg::Buf(Buf::Arena(ptr[1])),
-                Arg::Buf(Buf::Arena(ptr[2])),
+                Arg::Buf(ptr[0].clone()),
+                Arg::Buf(ptr[1].clone()),
+                Arg::Buf(ptr[2].clone()),
                 Arg::Buf(Buf::Arena(out)),
             ];
             self.launch(Box::new(sp), args);
@@ -589,14 +631,13 @@ impl<'g> Lower<'g> {
             self.launch(Box::new(append.clone()), vec![Arg::Buf(src), Arg::Buf(lens.clone()), Arg::Buf(cache)]);
             self.kv_written.push((lk, v));
         }
-        let qsrc = self.val(n.inputs[0])?;
-        let qb = self.cast(qsrc, &q.0, DType::BF16, d)?;
+        let qb = self.cast(n.inputs[0], DType::BF16, d)?;
         let splits = DecodeAttnSpec::splits_for(1, h, kv.max_seq, self.opt.sms);
-        let sp = DecodeAttnSpec::new(1, h, d, kv.max_seq, splits, scale, DType::F32)
+        let sp = DecodeAttnSpec::new(1, h, d, kv.max_seq, splits, scale, self.dt(self.node))
             .map_err(|e| self.err(format!("{e:?}")))?;
         let ws = self.scratch((h * splits * (d + 2) * 4) as u64);
         let cache = |v| Arg::Buf(Buf::Kv { layer: lk, v, at_past: false, seq });
-        let args = vec![Arg::Buf(Buf::Arena(qb)), cache(false), cache(true), Arg::Buf(lens), Arg::Buf(Buf::Arena(ws))];
+        let args = vec![Arg::Buf(qb), cache(false), cache(true), Arg::Buf(lens), Arg::Buf(Buf::Arena(ws))];
         self.launch(Box::new(sp.partial()), args);
         self.launch(Box::new(sp.combine()), vec![Arg::Buf(Buf::Arena(ws)), Arg::Buf(Buf::Arena(out))]);
         Ok(())
@@ -613,7 +654,7 @@ impl<'g> Lower<'g> {
                 let src = s(0);
                 let mut st = contiguous_strides(&src.0);
                 let base = self.val(n.inputs[0])?;
-                let off = (start * st[*axis] * 4) as u64;
+                let off = (start * st[*axis] * self.dt(n.inputs[0]).size()) as u64;
                 let base = match base {
                     Buf::Arena(o) => Buf::Arena(o + off),
                     Buf::Weight(k, o) => Buf::Weight(k, o + off),
@@ -743,7 +784,7 @@ impl<'g> Lower<'g> {
                 let cols = dst.last();
                 let all = contiguous_strides(&dst.0);
                 let base = self.val(n.inputs[0])?;
-                self.copy_to(base, dst.0.clone(), all, Buf::Arena(out))?;
+                self.copy_to(base, dst.0.clone(), all, Buf::Arena(out), (DType::F32, DType::F32))?;
                 let spec =
                     ScatterRowsSpec { rows: src.numel() / cols.max(1), cols, dst_rows: dst.numel() / cols.max(1) };
                 spec.validate().map_err(|e| self.err(e.to_string()))?;
@@ -756,7 +797,7 @@ impl<'g> Lower<'g> {
                 let cs = contiguous_strides(&is.0);
                 let data: Arc<[f32]> = (0..is.numel()).map(|i| ((i / cs[*axis]) % is.dim(*axis)) as f32).collect();
                 let key = self.const_key(data, is);
-                self.copy_to(Buf::Weight(key, 0), is.0.clone(), cs, Buf::Arena(self.out()?))
+                self.copy_to(Buf::Weight(key, 0), is.0.clone(), cs, Buf::Arena(self.out()?), (DType::F32, DType::F32))
             }
             Op::LayerNorm { eps } | Op::RmsNorm { eps } => {
                 let x = s(0);
@@ -819,22 +860,103 @@ impl<'g> Lower<'g> {
                 self.linear(n.inputs[0], n.inputs[1], Extra { w2, bias: b, res: r }, act_k, false)
             }
             Op::Attention { mask, scale } => self.attention(*mask, *scale),
-            _ => self.host(),
+            Op::Conv2dPatch { patch } => {
+                // im2col into scratch (rows padded to a multiple of 8 with
+                // zeros), then the GEMM against the kernel read as
+                // `[O, C·p·p]`, zero-padded the same way.
+                let (x, w) = (s(0), s(1));
+                let spec = PatchSpec::new(x.dim(0), (x.dim(1), x.dim(2)), *patch)
+                    .and_then(|p| p.with_ld(p.cols().next_multiple_of(8)))
+                    .map_err(|e| self.err(format!("{e:?}")))?;
+                let a = self.scratch((spec.patches() * spec.ld * 2) as u64);
+                let px = self.val(n.inputs[0])?;
+                self.launch(Box::new(spec), vec![Arg::Buf(px), Arg::Buf(Buf::Arena(a))]);
+                let g = GemmSpec::new(spec.patches(), w.dim(0), spec.ld, DType::BF16, DType::F32, Epilogue::NONE)
+                    .map_err(|e| self.err(format!("{e:?}")))?;
+                let wb = self.weight(n.inputs[1], DType::BF16, Layout::PadCols(spec.ld))?;
+                self.launch(
+                    Box::new(g),
+                    vec![Arg::Buf(Buf::Arena(a)), Arg::Buf(wb), Arg::Buf(Buf::Arena(self.out()?))],
+                );
+                Ok(())
+            }
         }
     }
 
+    /// This node's value as a (strided) copy of its input 0's buffer `src`.
     fn copy(&mut self, src: Buf, shape: Vec<usize>, src_strides: Vec<usize>) -> R<()> {
         let out = self.out()?;
-        self.copy_to(src, shape, src_strides, Buf::Arena(out))
+        let from = self.dt(self.g.node(self.node).inputs[0]);
+        let to = self.dt(self.node);
+        self.copy_to(src, shape, src_strides, Buf::Arena(out), (from, to))
     }
 
-    fn copy_to(&mut self, src: Buf, shape: Vec<usize>, src_strides: Vec<usize>, dst: Buf) -> R<()> {
+    fn copy_to(&mut self, src: Buf, shape: Vec<usize>, src_strides: Vec<usize>, dst: Buf, dt: (DType, DType)) -> R<()> {
         let dst_strides = contiguous_strides(&shape);
-        let spec = CopySpec { shape, src_strides, dst_strides, src: DType::F32, dst: DType::F32 };
+        let spec = CopySpec { shape, src_strides, dst_strides, src: dt.0, dst: dt.1 };
         spec.validate().map_err(|e| self.err(e.to_string()))?;
         self.launch(Box::new(spec), vec![Arg::Buf(src), Arg::Buf(dst)]);
         Ok(())
     }
+}
+
+/// Which computed values to store as bf16: those whose producer can write
+/// bf16 (a GEMM without residual, a norm, attention, a copy) and whose every
+/// reader takes bf16 anyway (a GEMM's activation operand, attention's
+/// q/k/v, or a view or copy all of whose readers do). The bf16 rounding then happens
+/// once, where the producer writes, instead of in a separate cast before
+/// each tensor-core kernel: the same numbers with one pass (and half the
+/// bytes) less per operand. Graph outputs stay f32.
+pub fn bf16_values(g: &Graph, plan: &MemoryPlan) -> Vec<bool> {
+    let n = g.nodes.len();
+    let mut readers: Vec<Vec<(usize, usize)>> = vec![vec![]; n];
+    for (i, node) in g.nodes.iter().enumerate() {
+        for (p, inp) in node.inputs.iter().enumerate() {
+            readers[inp.index()].push((i, p));
+        }
+    }
+    let output: Vec<bool> = (0..n).map(|i| g.outputs.iter().any(|(_, o)| o.index() == i)).collect();
+    let is_view = |i: usize| plan.values[i].is_some_and(|s| s.alias_of.is_some());
+    fn accepts(
+        i: usize,
+        g: &Graph,
+        readers: &[Vec<(usize, usize)>],
+        output: &[bool],
+        is_view: &dyn Fn(usize) -> bool,
+    ) -> bool {
+        if output[i] || readers[i].is_empty() {
+            return false;
+        }
+        readers[i].iter().all(|&(c, p)| {
+            if is_view(c) {
+                return accepts(c, g, readers, output, is_view);
+            }
+            let node = &g.nodes[c];
+            match &node.op {
+                Op::Linear { .. } if p == 0 => {
+                    let x = g.shape(node.inputs[0]);
+                    let (k, m) = (x.last(), x.numel() / x.last().max(1));
+                    m <= 8 || k.is_multiple_of(8)
+                }
+                Op::Attention { .. } => node.inputs.len() == 3 || p == 0,
+                // A copy may read bf16 only if it writes bf16 (else the
+                // rounding would reach readers that want f32).
+                Op::Slice { .. } | Op::Permute(_) => accepts(c, g, readers, output, is_view),
+                _ => false,
+            }
+        })
+    }
+    (0..n)
+        .map(|i| {
+            let emits = match &g.nodes[i].op {
+                Op::Linear { residual, .. } => !residual,
+                Op::LayerNorm { .. } | Op::RmsNorm { .. } | Op::Attention { .. } => true,
+                Op::Slice { .. } | Op::Permute(_) => plan.values[i].is_some() && !is_view(i),
+                _ => false,
+            };
+            emits && plan.values[i].is_some() && !is_view(i) && accepts(i, g, &readers, &output, &is_view)
+        })
+        .collect()
 }
 
 /// Lower `g` for a device (see the module docs).
@@ -883,11 +1005,21 @@ pub fn lower(g: &Graph, opt: &LowerOptions) -> Result<Lowered, LowerError> {
         kv_written: vec![],
         kv_rows: 0,
         seqs: 1,
+        bf16: vec![],
     };
+    lw.bf16 = bf16_values(g, &lw.plan);
     for i in 0..g.nodes.len() {
         lw.node = NodeId(i as u32);
         lw.scratch_cur = 0;
-        lw.node()?;
+        // A node no kernel accepts (a shape outside a spec's limits) runs on
+        // the host instead; if the host cannot run it either (it reads the
+        // device's KV cache), the kernel's reason is the error.
+        let mark = lw.steps.len();
+        if let Err(e) = lw.node() {
+            lw.steps.truncate(mark);
+            lw.scratch_cur = 0;
+            lw.host().map_err(|_| e)?;
+        }
     }
     // New K/V rows of the outputs go into the cache (a decode attention
     // wrote its own already).

@@ -1,0 +1,1052 @@
+//! `qvc bench`: device ceilings, vision latency, time to first token,
+//! prefill and decode throughput, each next to its floor, printed as one table.
+//!
+//! The programs are driven directly (no tokenizer, no [`qvc_model::Session`]):
+//! the vision graph on random pixels and the decoder on arbitrary token ids,
+//! so a checkpoint, a compiled artifact and a synthetic model (random weights,
+//! `--synthetic qwen-vl-chat|tiny`) are measured the same way.
+//!
+//! Invariants:
+//! - graphs are built and optimised (Canonicalize, weight-aware ConstFold,
+//!   Fuse, Cse, Dce, as `qvc compile` does) *before* any timing, and one
+//!   [`ConstFold`] serves every graph of a run, so folded weight names are
+//!   unique and a GPU backend's weight cache (keyed by name) never mixes them;
+//! - on a GPU every measured graph has run once before it is timed (the first
+//!   run lowers it, loads its kernels and uploads its weights); the executor's
+//!   output downloads synchronise, so wall-clock time around a run is valid;
+//! - one backend serves all sequences: it is created with `slots = batch`,
+//!   and each sequence uses its own KV slot (device cache) or host cache;
+//! - floors are `flops / best GEMM FLOP/s` (vision, prefill, TTFT) and
+//!   `bytes read per decode step / measured copy bandwidth` (decode); the
+//!   fraction printed is floor / measured, so 100% would be the ceiling.
+
+use crate::cli::DeviceChoice;
+use anyhow::{bail, Context, Result};
+use half::bf16;
+use qvc_ir::passes::{run_pipeline, Canonicalize, ConstFold, Cse, Dce, FoldedParam, Fuse, Pass, WithFolded};
+use qvc_ir::{DType, Elems, Graph, InputRef, Shape, WeightSource};
+use qvc_model::config::Config;
+use qvc_model::graphs::{
+    decoder_graph, logn_scales, rope_tables, vision_graph, DecoderShape, VisionOptions, VitAttention,
+};
+use qvc_model::posembed::resize_pos_embed;
+use qvc_model::Model;
+use qvc_runtime::artifact::Manifest;
+use qvc_runtime::gpu::{CudaDevice, Device, EmuDevice, GpuBackend, KArg};
+use qvc_runtime::{Backend, Cpu, KvCache, WeightStore};
+use rayon::prelude::*;
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::Instant;
+
+/// NVIDIA's H100 SXM datasheet figures, printed next to the measured ceilings.
+pub const H100_DATASHEET_BF16_TFLOPS: f64 = 989.0;
+pub const H100_DATASHEET_TBS: f64 = 3.35;
+
+/// A model with published shapes and random weights (`--synthetic`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Synthetic {
+    /// Qwen-VL-Chat's full shapes (9.6 B params, 19 GB of bf16).
+    QwenVlChat,
+    /// The test fixture's shapes (hidden 128, two layers each side) with a
+    /// 4096-token vocabulary instead of 151936: there is no tokenizer to
+    /// match, and the emulator then runs the whole bench in seconds.
+    Tiny,
+}
+
+/// Why `qvc bench` refused to start (the user's flags, not a failure).
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    #[error("--synthetic {0:?}: the synthetic models are qwen-vl-chat (full size, GPU only) and tiny (the fixture's shapes)")]
+    UnknownSynthetic(String),
+    #[error("--synthetic qwen-vl-chat on the {0}: 19 GB of random weights is not a benchmark there; use --device cuda (or --synthetic tiny to check the pipeline)")]
+    TooBig(&'static str),
+    #[error("give a model (a checkpoint or a compiled artifact) or --synthetic, not both")]
+    ModelAndSynthetic,
+    #[error("nothing to bench: give a model (a checkpoint directory or OUT.qvc) or --synthetic qwen-vl-chat|tiny")]
+    NoModel,
+    #[error("--image-sizes applies to --synthetic and to checkpoints; {0} was compiled for {1}-pixel images only")]
+    CompiledImageSize(String, usize),
+}
+
+impl Synthetic {
+    pub fn parse(name: &str) -> Result<Synthetic, BenchError> {
+        match name {
+            "qwen-vl-chat" => Ok(Synthetic::QwenVlChat),
+            "tiny" => Ok(Synthetic::Tiny),
+            other => Err(BenchError::UnknownSynthetic(other.into())),
+        }
+    }
+
+    pub fn config(self) -> Config {
+        match self {
+            Synthetic::QwenVlChat => crate::compile::qwen_vl_chat_config(),
+            Synthetic::Tiny => {
+                // ../shared/fixtures/tiny-qwen-vl/config.json's values, but the vocabulary.
+                let v = serde_json::json!({
+                    "hidden_size": 128, "num_attention_heads": 4, "kv_channels": 32, "num_hidden_layers": 2,
+                    "intermediate_size": 688, "layer_norm_epsilon": 1e-6, "rotary_emb_base": 10000,
+                    "rotary_pct": 1.0, "seq_length": 2048, "use_dynamic_ntk": true, "use_logn_attn": true,
+                    "vocab_size": 4096,
+                    "visual": {"heads": 4, "image_size": 448, "image_start_id": 4000, "layers": 2,
+                               "mlp_ratio": 4.9231, "output_dim": 128, "patch_size": 14, "width": 64}
+                });
+                Config::from_json(&v, Path::new("synthetic:tiny")).expect("the built-in config is valid")
+            }
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Synthetic::QwenVlChat => "qwen-vl-chat",
+            Synthetic::Tiny => "tiny",
+        }
+    }
+}
+
+/// Random bf16 weights for every tensor a config's graphs read: N(0, 0.02)
+/// (Irwin–Hall of four 16-bit uniforms), norm weights 1 + N(0, 0.02), biases
+/// N(0, 0.002), so activations stay finite through every layer. Deterministic
+/// in the seed; generated on the host, in parallel.
+pub struct SyntheticWeights {
+    tensors: HashMap<String, Vec<bf16>>,
+}
+
+fn splitmix(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+fn fnv(s: &str) -> u64 {
+    s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3))
+}
+
+impl SyntheticWeights {
+    pub fn generate(cfg: &Config, seed: u64) -> SyntheticWeights {
+        const CHUNK: usize = 1 << 16;
+        let tensors = cfg
+            .expected_tensors()
+            .into_iter()
+            .map(|(name, shape)| {
+                let n: usize = shape.iter().product();
+                let last = name.rsplit('.').next().unwrap_or_default();
+                let norm = name.split('.').any(|p| p.starts_with("ln")) && last == "weight";
+                let (mean, std) = match (norm, last) {
+                    (true, _) => (1.0f32, 0.02f32),
+                    (false, "bias") => (0.0, 0.002),
+                    _ => (0.0, 0.02),
+                };
+                // sqrt(3): four U(0,1) sum to variance 1/3.
+                let scale = std * 3f32.sqrt();
+                let base = splitmix(seed ^ fnv(&name));
+                let mut v = vec![bf16::ZERO; n];
+                v.par_chunks_mut(CHUNK).enumerate().for_each(|(c, out)| {
+                    let mut s = splitmix(base ^ (c as u64).wrapping_mul(0xA24B_AED4_963E_E407));
+                    for x in out {
+                        s = splitmix(s);
+                        let u = (s & 0xFFFF) + ((s >> 16) & 0xFFFF) + ((s >> 32) & 0xFFFF) + (s >> 48);
+                        let z = u as f32 / 65536.0 - 2.0;
+                        *x = bf16::from_f32(mean + scale * z);
+                    }
+                });
+                (name, v)
+            })
+            .collect();
+        SyntheticWeights { tensors }
+    }
+
+    pub fn bytes(&self) -> u64 {
+        self.tensors.values().map(|v| v.len() as u64 * 2).sum()
+    }
+
+    /// The shapes (bf16) the graph builders read.
+    pub fn shapes(cfg: &Config) -> WeightStore {
+        WeightStore::shapes_only(cfg.expected_tensors().into_iter().map(|(n, s)| (n, DType::BF16, Shape::new(s))))
+    }
+}
+
+impl WeightSource for SyntheticWeights {
+    fn weight(&self, name: &str) -> Option<Elems<'_>> {
+        self.tensors.get(name).map(|v| Elems::BF16(v))
+    }
+}
+
+/// What `qvc bench` measures.
+#[derive(Clone, Debug)]
+pub struct BenchOptions {
+    /// `--device`: cpu, cuda, cuda:N, emu or auto.
+    pub device: String,
+    /// Prompt length of the prefill measurement.
+    pub prompt_len: usize,
+    /// Decode steps timed (batch 1, and per sequence in the batch).
+    pub decode_tokens: usize,
+    /// Sequences decoded together [default: 8 on a GPU, 1 elsewhere].
+    pub batch: Option<usize>,
+    /// Vision sizes for `--synthetic` and checkpoints [default: 448 and 896
+    /// for synthetic models, the model's own size otherwise].
+    pub image_sizes: Vec<usize>,
+}
+
+/// Tokens of the time-to-first-token prompt around the picture: a system
+/// prompt and a 20-word question (~30 tokens) plus `<img>` `</img>`.
+const TTFT_TEXT_TOKENS: usize = 32;
+
+/// Where the bench runs, resolved from `--device`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Where {
+    Cpu,
+    Cuda(usize),
+    Emu,
+}
+
+impl Where {
+    fn label(self) -> String {
+        match self {
+            Where::Cpu => "cpu".into(),
+            Where::Cuda(n) => format!("cuda:{n}"),
+            Where::Emu => "emu".into(),
+        }
+    }
+}
+
+fn resolve(device: &str, cpu_artifact: bool) -> Result<Where> {
+    Ok(match DeviceChoice::parse(device)? {
+        DeviceChoice::Cpu => Where::Cpu,
+        DeviceChoice::Emu => Where::Emu,
+        DeviceChoice::Cuda(n) => Where::Cuda(n),
+        // The bench measures the GPU whenever one can run the model.
+        DeviceChoice::Auto => match qvc_runtime::cuda::gpus() {
+            Ok(g) if !cpu_artifact && g.first().and_then(|g| g.target()).is_some() => Where::Cuda(0),
+            _ => Where::Cpu,
+        },
+    })
+}
+
+/// Measured (or, on the CPU, computed) ceilings of the machine.
+struct Ceilings {
+    /// FLOP/s the floors divide by.
+    flops: f64,
+    /// Bytes/s the decode floor divides by.
+    bytes_per_s: f64,
+    /// Table rows describing them.
+    rows: Vec<Row>,
+}
+
+/// One line of the table.
+struct Row {
+    what: String,
+    value: String,
+    unit: &'static str,
+    floor: String,
+    frac: String,
+    note: String,
+}
+
+impl Row {
+    fn text(what: impl Into<String>, note: impl Into<String>) -> Row {
+        Row {
+            what: what.into(),
+            value: String::new(),
+            unit: "",
+            floor: String::new(),
+            frac: String::new(),
+            note: note.into(),
+        }
+    }
+    fn num(what: impl Into<String>, value: f64, unit: &'static str, note: impl Into<String>) -> Row {
+        Row { value: fmt_num(value), unit, ..Row::text(what, note) }
+    }
+    /// A timing against its floor (both in ms; `None` without ceilings).
+    fn timed(mut self, measured_ms: f64, floor_ms: Option<f64>) -> Row {
+        if let Some(f) = floor_ms {
+            self.floor = format!("{} ms", fmt_num(f));
+            self.frac = format!("{:.1}%", 100.0 * f / measured_ms);
+        } else {
+            self.floor = "n/a".into();
+            self.frac = "n/a".into();
+        }
+        self
+    }
+}
+
+fn fmt_num(x: f64) -> String {
+    if !x.is_finite() {
+        format!("{x}")
+    } else if x.abs() >= 100.0 {
+        format!("{x:.0}")
+    } else if x.abs() >= 10.0 {
+        format!("{x:.1}")
+    } else {
+        format!("{x:.3}")
+    }
+}
+
+fn print_table(rows: &[Row]) {
+    let w = rows.iter().map(|r| r.what.len()).max().unwrap_or(10).max(10);
+    println!("{:<w$}  {:>12} {:<7} {:>12} {:>8}  note", "measure", "value", "unit", "floor", "of floor");
+    for r in rows {
+        let line = format!("{:<w$}  {:>12} {:<7} {:>12} {:>8}  {}", r.what, r.value, r.unit, r.floor, r.frac, r.note);
+        println!("{}", line.trim_end());
+    }
+}
+
+/// The CPU's f32 FLOP/s ceiling (cores × clock × 32: two 8-wide FMA pipes,
+/// as on AVX2/AVX-512 x86 cores) and a measured memory read bandwidth.
+fn cpu_ceilings() -> Ceilings {
+    let mhz = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("cpu MHz"))
+                .and_then(|l| l.split(':').nth(1))
+                .and_then(|v| v.trim().parse::<f64>().ok())
+        })
+        .unwrap_or(2500.0);
+    let cores = rayon::current_num_threads() as f64;
+    let flops = cores * mhz * 1e6 * 32.0;
+    let buf = vec![1.0f32; 64 << 20];
+    let mut best = f64::MAX;
+    for _ in 0..3 {
+        let t0 = Instant::now();
+        // Eight independent lanes so the sum vectorises and memory, not the
+        // add latency, is the limit.
+        let s: f32 = buf
+            .par_chunks(1 << 16)
+            .map(|c| {
+                let mut acc = [0f32; 8];
+                for ch in c.chunks_exact(8) {
+                    for (a, v) in acc.iter_mut().zip(ch) {
+                        *a += v;
+                    }
+                }
+                acc.iter().sum::<f32>()
+            })
+            .sum();
+        std::hint::black_box(s);
+        best = best.min(t0.elapsed().as_secs_f64());
+    }
+    let bytes_per_s = (buf.len() * 4) as f64 / best;
+    Ceilings {
+        flops,
+        bytes_per_s,
+        rows: vec![
+            Row::num(
+                "ceiling: f32 compute",
+                flops / 1e9,
+                "GFLOP/s",
+                format!("{cores} threads × clock × 32 (computed)"),
+            ),
+            Row::num("ceiling: memory read", bytes_per_s / 1e9, "GB/s", "measured, 256 MiB sum"),
+        ],
+    }
+}
+
+/// A GEMM shape timed for the compute ceiling.
+#[derive(Clone, Debug)]
+struct GemmShape {
+    label: String,
+    m: usize,
+    n: usize,
+    k: usize,
+}
+
+/// The square reference shape plus the model's big GEMMs.
+fn gemm_shapes(cfg: &Config, prompt_len: usize) -> Vec<GemmShape> {
+    let (h, f) = (cfg.hidden_size, cfg.mlp_width);
+    let v = &cfg.visual;
+    let t = v.grid() * v.grid();
+    let mut s = vec![GemmShape { label: "square".into(), m: 8192, n: 8192, k: 8192 }];
+    for (label, m, n, k) in [
+        ("prefill qkv", prompt_len, 3 * h, h),
+        ("prefill mlp w1", prompt_len, f, h),
+        ("prefill mlp c_proj", prompt_len, h, f),
+        ("vit qkv", t, 3 * v.width, v.width),
+        ("vit mlp c_fc", t, v.mlp_width, v.width),
+    ] {
+        if k.is_multiple_of(8) && m > 0 && n > 0 {
+            s.push(GemmShape { label: label.into(), m, n, k });
+        }
+    }
+    s
+}
+
+/// Device copy bandwidth and the best GEMM FLOP/s on CUDA GPU `ordinal`.
+/// Runs on its own device handle, freed before the model's backend opens.
+fn cuda_ceilings(ordinal: usize, shapes: &[GemmShape]) -> Result<Ceilings> {
+    use qvc_kernels::gpu::gemm::{Epilogue, GemmSpec};
+    use qvc_kernels::KernelSpec;
+    let mut dev = CudaDevice::open(ordinal)?;
+    let mut rows = vec![];
+    // Copy: 1 GiB each way, best of five; read + write bytes count.
+    let n: usize = 1 << 30;
+    let a = dev.alloc(n, "the copy benchmark's source")?;
+    let b = dev.alloc(n, "the copy benchmark's destination")?;
+    dev.memset_zero(a, n)?;
+    dev.copy_d2d(b, a, n)?;
+    let mut best_ms = f64::MAX;
+    for _ in 0..5 {
+        best_ms = best_ms.min(dev.elapsed_ms(|d| d.copy_d2d(b, a, n))?);
+    }
+    dev.free(a);
+    dev.free(b);
+    let bytes_per_s = 2.0 * n as f64 / (best_ms * 1e-3);
+    rows.push(Row::num(
+        "ceiling: device copy",
+        bytes_per_s / 1e9,
+        "GB/s",
+        format!("1 GiB d2d, best of 5, read + write; H100 datasheet {:.0} GB/s", H100_DATASHEET_TBS * 1e3),
+    ));
+    let mut best = 0f64;
+    let mut rng = 0x5eed_u64;
+    for s in shapes {
+        let spec = GemmSpec::new(s.m, s.n, s.k, DType::BF16, DType::BF16, Epilogue::NONE)
+            .map_err(|e| anyhow::anyhow!("GEMM {}x{}x{}: {e}", s.m, s.n, s.k))?;
+        let ptx = qvc_codegen::Module::new(dev.target(), vec![spec.build()]).print();
+        dev.load_module(&ptx, None)?;
+        let l = spec.launch();
+        let (ab, wb, ob) = (s.m * s.k * 2, s.n * s.k * 2, s.m * s.n * 2);
+        let (pa, pw, po) = (dev.alloc(ab, "GEMM A")?, dev.alloc(wb, "GEMM W")?, dev.alloc(ob, "GEMM out")?);
+        // Random operands: zeros would flatter the tensor cores' power draw.
+        for (p, bytes) in [(pa, ab), (pw, wb)] {
+            let host: Vec<bf16> = (0..bytes / 2)
+                .map(|_| {
+                    rng = splitmix(rng);
+                    bf16::from_f32((rng >> 40) as f32 / (1u64 << 24) as f32 - 0.5)
+                })
+                .collect();
+            dev.upload(p, bytemuck::cast_slice(&host))?;
+        }
+        let name = spec.name();
+        let args = [KArg::Ptr(pa), KArg::Ptr(pw), KArg::Ptr(po)];
+        dev.launch(&name, l.grid, l.block, &args)?;
+        dev.synchronize()?;
+        let flops = 2.0 * (s.m * s.n * s.k) as f64;
+        // Repeat small shapes inside one timing so launch gaps do not dominate.
+        let reps = ((2e12 / flops).ceil() as usize).clamp(1, 50);
+        let mut ms = f64::MAX;
+        for _ in 0..3 {
+            let t = dev.elapsed_ms(|d| {
+                for _ in 0..reps {
+                    d.launch(&name, l.grid, l.block, &args)?;
+                }
+                Ok(())
+            })?;
+            ms = ms.min(t / reps as f64);
+        }
+        for p in [pa, pw, po] {
+            dev.free(p);
+        }
+        let tflops = flops / (ms * 1e-3) / 1e12;
+        best = best.max(tflops);
+        rows.push(Row::num(
+            format!("gemm {} {}x{}x{}", s.label, s.m, s.n, s.k),
+            tflops,
+            "TFLOP/s",
+            format!("{ms:.3} ms, bf16 qvc GEMM"),
+        ));
+    }
+    rows.push(Row::num(
+        "ceiling: best GEMM",
+        best,
+        "TFLOP/s",
+        format!("H100 datasheet dense bf16 {H100_DATASHEET_BF16_TFLOPS:.0} TFLOP/s"),
+    ));
+    Ok(Ceilings { flops: best * 1e12, bytes_per_s, rows })
+}
+
+/// Flops of the vision program: matmuls + attention (q·kᵀ and p·v) + the adapter.
+pub fn vision_flops(cfg: &Config, attention: VitAttention) -> f64 {
+    let v = &cfg.visual;
+    let (g, w, m, d, q) = (v.grid(), v.width, v.mlp_width, v.output_dim, v.queries());
+    let t = g * g;
+    let mut f = 2.0 * (t * 3 * v.patch_size * v.patch_size * w) as f64;
+    for j in 0..v.layers {
+        let keys = match attention.mask(j, g) {
+            qvc_ir::Mask::Window { window, .. } => (window * window).min(t),
+            _ => t,
+        };
+        f += 2.0 * (t * (3 * w * w + w * w + 2 * w * m)) as f64 + 4.0 * (t * keys * w) as f64;
+    }
+    // Adapter: kv_proj, k and v projections over the grid, q/out/proj over
+    // the 256 queries, cross-attention.
+    f += 2.0 * (t * w * d + 2 * t * d * d + 3 * q * d * d) as f64 + 4.0 * (q * t * d) as f64;
+    f
+}
+
+/// Flops of a decoder step: `tokens` new rows after `past` cached ones (causal),
+/// `logit_rows` rows of lm_head.
+pub fn decoder_flops(cfg: &Config, tokens: usize, past: usize, logit_rows: usize) -> f64 {
+    let (h, f) = (cfg.hidden_size, cfg.mlp_width);
+    let per_layer = 2.0 * (tokens * (3 * h * h + h * h + 3 * h * f)) as f64;
+    let keys = (tokens * past) as f64 + (tokens * (tokens + 1)) as f64 / 2.0;
+    let attn = 4.0 * keys * h as f64;
+    cfg.layers as f64 * (per_layer + attn) + 2.0 * (logit_rows * h * cfg.vocab_size) as f64
+}
+
+/// Bytes a decode step reads: every decoder weight once (the embedding table
+/// only its rows), the cache of each sequence.
+fn decode_bytes(cfg: &Config, weight_elem: usize, kv_elem: usize, seqs: usize, past: usize) -> f64 {
+    let (h, f) = (cfg.hidden_size, cfg.mlp_width);
+    let layer = 3 * h * h + 3 * h + h * h + 3 * h * f + 2 * h;
+    let params = cfg.layers * layer + h + cfg.vocab_size * h + seqs * h;
+    (params * weight_elem) as f64 + (seqs * 2 * cfg.layers * past * h * kv_elem) as f64
+}
+
+/// The executor the bench runs on.
+enum Exec {
+    Cpu(Cpu),
+    Gpu(Box<GpuBackend>),
+}
+
+impl Exec {
+    fn backend(&self) -> &dyn Backend {
+        match self {
+            Exec::Cpu(c) => c,
+            Exec::Gpu(g) => g.as_ref(),
+        }
+    }
+}
+
+/// One sequence's decoder state: its KV slot (device) or host cache.
+struct Seq {
+    slot: usize,
+    len: usize,
+    alpha: f64,
+    host: KvCache,
+}
+
+/// Builds, optimises and runs the programs of one model on one backend.
+struct Runner<'a> {
+    cfg: Config,
+    shapes: &'a WeightStore,
+    base: &'a dyn WeightSource,
+    fold: ConstFold<'a>,
+    folded: Vec<FoldedParam>,
+    backend: &'a dyn Backend,
+    compiled: Option<&'a Manifest>,
+    graphs: HashMap<String, Graph>,
+}
+
+impl<'a> Runner<'a> {
+    fn optimise(&mut self, mut g: Graph) -> Result<Graph> {
+        if self.compiled.is_none() {
+            let passes: [&dyn Pass; 5] = [&Canonicalize, &self.fold, &Fuse, &Cse, &Dce];
+            run_pipeline(&mut g, &passes)?;
+            self.folded.extend(self.fold.take_folded());
+        }
+        Ok(g)
+    }
+
+    fn run(&self, key: &str, inputs: &qvc_runtime::Inputs<'_>) -> Result<HashMap<String, Vec<f32>>> {
+        let g = &self.graphs[key];
+        let w = WithFolded::new(self.base, &self.folded);
+        Ok(self.backend.run(g, &w, inputs)?)
+    }
+
+    /// The vision program at `size` with `attention`; returns its key.
+    fn vision(&mut self, size: usize, attention: VitAttention) -> Result<String> {
+        let key = format!("vision.{size}.{attention}");
+        if self.graphs.contains_key(&key) {
+            return Ok(key);
+        }
+        let g = match self.compiled {
+            Some(m) => m
+                .programs
+                .values()
+                .find(|p| p.kind == "vision")
+                .map(|p| p.graph.clone())
+                .context("the artifact has no vision program")?,
+            None => {
+                let mut cfg = self.cfg.clone();
+                cfg.visual.image_size = size;
+                let v = &cfg.visual;
+                let table = |name: &str, c: usize| -> Result<Vec<f32>> {
+                    let e = self.base.weight(name).with_context(|| format!("no weight {name}"))?;
+                    Ok(resize_pos_embed(&e.to_f32_vec(), 16, v.grid(), c))
+                };
+                let vit_pos = table("transformer.visual.positional_embedding", v.width)?;
+                let pool_pos = table("transformer.visual.attn_pool.pos_embed", v.output_dim)?;
+                let opt = VisionOptions { attention, ..Default::default() };
+                let g = vision_graph(&cfg, self.shapes, vit_pos, pool_pos, &opt)?;
+                self.optimise(g)?
+            }
+        };
+        self.graphs.insert(key.clone(), g);
+        Ok(key)
+    }
+
+    fn run_vision(&self, key: &str, size: usize) -> Result<Vec<f32>> {
+        let px: Vec<f32> = (0..3 * size * size).map(|i| ((i * 7919 % 4001) as f32 / 1000.0) - 2.0).collect();
+        let inputs = HashMap::from([("pixels".to_string(), InputRef::F32(&px))]);
+        let mut out = self.run(key, &inputs)?;
+        out.remove("features").context("the vision program has no features output")
+    }
+
+    /// The decoder program for `tokens` new rows after a cache of capacity
+    /// `past` (0 = prefill) with `image_rows` feature rows, for `batch` sequences.
+    fn decoder(&mut self, tokens: usize, past: usize, image_rows: usize, batch: usize) -> Result<(String, usize)> {
+        let key = format!("decoder.{tokens}.{past}.{image_rows}.{batch}");
+        if let Some(g) = self.graphs.get(&key) {
+            return Ok((key, g.inputs().iter().find(|(n, _)| *n == "ids").map_or(tokens, |(_, t)| t.shape.0[0])));
+        }
+        let g = match self.compiled {
+            Some(m) => {
+                let kind = if past == 0 { "prefill" } else { "decode" };
+                let p = m
+                    .programs
+                    .values()
+                    .filter(|p| {
+                        p.kind == kind
+                            && p.tokens >= tokens
+                            && p.past >= past
+                            && p.image_rows == image_rows
+                            && p.batch == batch
+                    })
+                    .min_by_key(|p| (p.tokens, p.past))
+                    .with_context(|| {
+                        format!(
+                            "the artifact has no {kind} program for {tokens} tokens after {past} with {image_rows} image rows \
+                             and batch {batch}; compile it with larger --max-seq / --max-batch"
+                        )
+                    })?;
+                p.graph.clone()
+            }
+            None => {
+                let shape = DecoderShape {
+                    tokens,
+                    past,
+                    image_rows,
+                    bucketed: past > 0,
+                    batch: if batch > 1 { batch } else { 0 },
+                    ..Default::default()
+                };
+                let g = decoder_graph(&self.cfg, self.shapes, &shape)?;
+                self.optimise(g)?
+            }
+        };
+        let tb = g.inputs().iter().find(|(n, _)| *n == "ids").map_or(tokens, |(_, t)| t.shape.0[0]);
+        self.graphs.insert(key.clone(), g);
+        Ok((key, tb))
+    }
+
+    /// Prefill `ids` into `seq` (from empty), with picture features at `rows`.
+    fn prefill(&mut self, seq: &mut Seq, ids: &[u32], feats: &[f32], rows: &[i32]) -> Result<()> {
+        let (key, tb) = self.decoder(ids.len(), 0, rows.len(), 1)?;
+        seq.len = 0;
+        seq.host.truncate(0);
+        seq.alpha = self.cfg.ntk_alpha(ids.len());
+        let mut ids_i: Vec<i32> = ids.iter().map(|&i| i as i32).collect();
+        ids_i.resize(tb, 0);
+        let (cos, sin) = rope_tables(&self.cfg, seq.alpha, 0, tb);
+        let logn = logn_scales(&self.cfg, 0, tb);
+        let (last, past_len, slot) = ([ids.len() as i32 - 1], [0f32], [seq.slot as i32]);
+        let mut inputs: qvc_runtime::Inputs = HashMap::from([
+            ("ids".to_string(), InputRef::I32(&ids_i)),
+            ("rope_cos".to_string(), InputRef::F32(&cos)),
+            ("rope_sin".to_string(), InputRef::F32(&sin)),
+            ("logn".to_string(), InputRef::F32(&logn)),
+            ("last_index".to_string(), InputRef::I32(&last)),
+            ("past_len".to_string(), InputRef::F32(&past_len)),
+            ("kv_slot".to_string(), InputRef::I32(&slot)),
+        ]);
+        if !rows.is_empty() {
+            inputs.insert("image_features".into(), InputRef::F32(feats));
+            inputs.insert("image_rows".into(), InputRef::I32(rows));
+        }
+        let out = self.run(&key, &inputs)?;
+        check_logits(&out)?;
+        self.keep(seq, &out, ids.len(), 0);
+        Ok(())
+    }
+
+    /// New K/V rows into host caches (a device cache has them already).
+    /// `n` rows of sequence `b` (the rows of the outputs are the sequences of
+    /// a batched program).
+    fn keep(&self, seq: &mut Seq, out: &HashMap<String, Vec<f32>>, n: usize, b: usize) {
+        if !self.backend.kv_on_device() {
+            let row = self.cfg.heads * self.cfg.head_dim;
+            for i in 0..self.cfg.layers {
+                let (Some(k), Some(v)) = (out.get(&format!("k.{i}")), out.get(&format!("v.{i}"))) else {
+                    continue;
+                };
+                let at = b * n * row;
+                seq.host.append(i, &k[at..at + n * row], &v[at..at + n * row]);
+            }
+            seq.host.commit(n);
+        }
+        seq.len += n;
+    }
+
+    /// One decode step for every sequence in `seqs` with a cache capacity
+    /// `cap`: one batched program for several (each sequence in its own
+    /// device-cache slot, or with its own host cache inputs).
+    fn decode(&mut self, seqs: &mut [Seq], cap: usize, step: usize) -> Result<()> {
+        if seqs.len() == 1 {
+            return self.decode_one(&mut seqs[0], cap, step);
+        }
+        let b = seqs.len();
+        let on_device = self.backend.kv_on_device();
+        let (key, _) = self.decoder(1, cap, 0, b)?;
+        let ids: Vec<i32> = (0..b).map(|j| token(&self.cfg, step * b + j)).collect();
+        let (mut cos, mut sin, mut logn) = (vec![], vec![], vec![]);
+        for s in seqs.iter_mut() {
+            let (c, si) = rope_tables(&self.cfg, s.alpha, s.len, 1);
+            cos.extend(c);
+            sin.extend(si);
+            logn.extend(logn_scales(&self.cfg, s.len, 1));
+            if !on_device {
+                s.host.reserve_rows(cap);
+            }
+        }
+        let lens: Vec<[f32; 1]> = seqs.iter().map(|s| [s.len as f32]).collect();
+        let slots: Vec<[i32; 1]> = seqs.iter().map(|s| [s.slot as i32]).collect();
+        let mut inputs: qvc_runtime::Inputs = HashMap::from([
+            ("ids".to_string(), InputRef::I32(&ids)),
+            ("rope_cos".to_string(), InputRef::F32(&cos)),
+            ("rope_sin".to_string(), InputRef::F32(&sin)),
+            ("logn".to_string(), InputRef::F32(&logn)),
+        ]);
+        for (bi, s) in seqs.iter().enumerate() {
+            inputs.insert(format!("past_len.{bi}"), InputRef::F32(&lens[bi]));
+            if on_device {
+                inputs.insert(format!("kv_slot.{bi}"), InputRef::I32(&slots[bi]));
+                continue;
+            }
+            for i in 0..self.cfg.layers {
+                let (k, v) = s.host.bucket(i, cap);
+                inputs.insert(format!("past_k.{i}.{bi}"), InputRef::F32(k));
+                inputs.insert(format!("past_v.{i}.{bi}"), InputRef::F32(v));
+            }
+        }
+        let out = self.run(&key, &inputs)?;
+        check_logits(&out)?;
+        drop(inputs);
+        for (bi, s) in seqs.iter_mut().enumerate() {
+            self.keep(s, &out, 1, bi);
+        }
+        Ok(())
+    }
+
+    fn decode_one(&mut self, s: &mut Seq, cap: usize, step: usize) -> Result<()> {
+        let (key, _) = self.decoder(1, cap, 0, 1)?;
+        let ids = [token(&self.cfg, step)];
+        let (cos, sin) = rope_tables(&self.cfg, s.alpha, s.len, 1);
+        let logn = logn_scales(&self.cfg, s.len, 1);
+        let (past_len, slot) = ([s.len as f32], [s.slot as i32]);
+        s.host.reserve_rows(cap);
+        let mut inputs: qvc_runtime::Inputs = HashMap::from([
+            ("ids".to_string(), InputRef::I32(&ids)),
+            ("rope_cos".to_string(), InputRef::F32(&cos)),
+            ("rope_sin".to_string(), InputRef::F32(&sin)),
+            ("logn".to_string(), InputRef::F32(&logn)),
+            ("past_len".to_string(), InputRef::F32(&past_len)),
+            ("kv_slot".to_string(), InputRef::I32(&slot)),
+        ]);
+        if !self.backend.kv_on_device() {
+            for i in 0..self.cfg.layers {
+                let (k, v) = s.host.bucket(i, cap);
+                inputs.insert(format!("past_k.{i}"), InputRef::F32(k));
+                inputs.insert(format!("past_v.{i}"), InputRef::F32(v));
+            }
+        }
+        let out = self.run(&key, &inputs)?;
+        check_logits(&out)?;
+        drop(inputs);
+        self.keep(s, &out, 1, 0);
+        Ok(())
+    }
+}
+
+/// Random weights that overflow show up here rather than as odd timings.
+fn check_logits(out: &HashMap<String, Vec<f32>>) -> Result<()> {
+    let l = out.get("logits").context("the decoder has no logits output")?;
+    if let Some(x) = l.iter().find(|x| !x.is_finite()) {
+        bail!("the decoder produced a non-finite logit ({x}): the weights or the kernels are broken");
+    }
+    Ok(())
+}
+
+/// The `i`-th token id of the bench's prompts: spread over the vocabulary.
+fn token(cfg: &Config, i: usize) -> i32 {
+    (1 + (i * 7919) % (cfg.vocab_size - 1)) as i32
+}
+
+/// Wall-clock milliseconds of `f`, best of `reps`.
+fn best_ms(reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    let mut best = f64::MAX;
+    for _ in 0..reps.max(1) {
+        let t0 = Instant::now();
+        f()?;
+        best = best.min(t0.elapsed().as_secs_f64() * 1e3);
+    }
+    Ok(best)
+}
+
+/// Smallest power-of-two bucket (at least 16) holding `n` rows.
+fn bucket(n: usize) -> usize {
+    n.next_power_of_two().max(crate::compile::MIN_BUCKET)
+}
+
+/// Runs the bench: on `model` (a checkpoint or an artifact) or on `synthetic`.
+pub fn run(model: Option<&Model>, synthetic: Option<Synthetic>, opt: &BenchOptions) -> Result<()> {
+    let cpu_artifact = model.and_then(|m| m.compiled()).is_some_and(|m| m.options.target == "cpu");
+    let at = resolve(&opt.device, cpu_artifact)?;
+    if synthetic == Some(Synthetic::QwenVlChat) {
+        match at {
+            Where::Emu => return Err(BenchError::TooBig("PTX emulator").into()),
+            Where::Cpu => return Err(BenchError::TooBig("CPU").into()),
+            Where::Cuda(_) => {}
+        }
+    }
+    let gpu = at != Where::Cpu;
+    let batch = opt.batch.unwrap_or(if gpu { 8 } else { 1 }).max(1);
+    let prompt_len = opt.prompt_len.max(1);
+    let ttft_len = 256 + TTFT_TEXT_TOKENS;
+    // Warm-up steps, then the timed ones, all in one cache bucket.
+    let warm = if matches!(at, Where::Cuda(_)) { 2 } else { 0 };
+    let need = prompt_len.max(ttft_len) + opt.decode_tokens + warm + 1;
+    let cap = bucket(need);
+
+    let synth_cfg = synthetic.map(|s| s.config());
+    let cfg: Config = match (model, &synth_cfg) {
+        (Some(m), _) => m.config.clone(),
+        (None, Some(c)) => c.clone(),
+        (None, None) => return Err(BenchError::NoModel.into()),
+    };
+    let compiled = model.and_then(|m| m.compiled());
+    let sizes: Vec<usize> = match (compiled, synthetic) {
+        (Some(m), _) => {
+            if opt.image_sizes.iter().any(|&s| s != m.options.image_size) {
+                return Err(BenchError::CompiledImageSize(
+                    model.map_or(String::new(), |m| m.dir.display().to_string()),
+                    m.options.image_size,
+                )
+                .into());
+            }
+            vec![m.options.image_size]
+        }
+        _ if !opt.image_sizes.is_empty() => opt.image_sizes.clone(),
+        (None, Some(_)) => vec![448, 896],
+        (None, None) => vec![cfg.visual.image_size],
+    };
+    for &s in &sizes {
+        if s == 0 || !s.is_multiple_of(cfg.visual.patch_size) {
+            bail!("--image-sizes {s}: not a positive multiple of the {}-pixel patch", cfg.visual.patch_size);
+        }
+    }
+    let attentions: Vec<VitAttention> = match (compiled, model) {
+        (Some(_), Some(m)) => vec![m.vit_attention()],
+        (None, Some(m)) => vec![m.vit_attention()],
+        _ => vec![VitAttention::Global, VitAttention::Window { window: 16, global_every: 0 }],
+    };
+
+    let mut rows: Vec<Row> = vec![];
+    // Ceilings first, on a device handle of their own.
+    let mut ceilings = match at {
+        Where::Cpu => Some(cpu_ceilings()),
+        Where::Emu => None,
+        Where::Cuda(n) => Some(cuda_ceilings(n, &gemm_shapes(&cfg, prompt_len))?),
+    };
+
+    // Weights.
+    let t0 = Instant::now();
+    let synth_w = synthetic.map(|_| SyntheticWeights::generate(&cfg, 0x9E11));
+    let synth_shapes = synthetic.map(|_| SyntheticWeights::shapes(&cfg));
+    let (shapes, base): (&WeightStore, &dyn WeightSource) = match (model, &synth_w, &synth_shapes) {
+        (Some(m), _, _) => (&m.weights, &m.weights),
+        (None, Some(w), Some(s)) => (s, w),
+        _ => return Err(BenchError::NoModel.into()),
+    };
+    let weights_note = match (&synth_w, model) {
+        (Some(w), _) => format!(
+            "synthetic {}: {:.2} GB random bf16 generated on the host ({} threads) in {:.1} s{}",
+            synthetic.map_or("", |s| s.name()),
+            w.bytes() as f64 / 1e9,
+            rayon::current_num_threads(),
+            t0.elapsed().as_secs_f64(),
+            if gpu { ", uploaded on first use" } else { "" }
+        ),
+        (None, Some(m)) => format!(
+            "{} {}: {:.2} GB of weights",
+            if m.compiled().is_some() { "artifact" } else { "checkpoint" },
+            m.dir.display(),
+            m.weights.total_bytes() as f64 / 1e9
+        ),
+        (None, None) => String::new(),
+    };
+
+    // The executor, once, with a slot per sequence.
+    let max_seq = compiled.map_or(cap, |m| m.options.max_seq);
+    let exec = match at {
+        Where::Cpu => Exec::Cpu(Cpu),
+        Where::Emu | Where::Cuda(_) => {
+            let target = compiled
+                .and_then(|m| qvc_codegen::Target::parse(&m.options.target))
+                .unwrap_or(qvc_codegen::Target::Sm80);
+            let dev: Box<dyn Device> = match at {
+                Where::Cuda(n) => Box::new(CudaDevice::open(n)?),
+                _ => Box::new(EmuDevice::new(target)),
+            };
+            match model {
+                Some(m) => Exec::Gpu(Box::new(m.gpu_backend(dev, batch, max_seq)?)),
+                None => {
+                    let kv = qvc_runtime::gpu::lower::KvShape {
+                        layers: cfg.layers,
+                        heads: cfg.heads,
+                        head_dim: cfg.head_dim,
+                        max_seq,
+                    };
+                    Exec::Gpu(Box::new(GpuBackend::new(dev, kv, batch, None)))
+                }
+            }
+        }
+    };
+    let device_name = match &exec {
+        Exec::Cpu(_) => format!("cpu ({} threads)", rayon::current_num_threads()),
+        Exec::Gpu(g) => format!("{} ({})", g.device_info().0, at.label()),
+    };
+    rows.push(Row::text("device", device_name));
+    rows.push(Row::text("model", weights_note));
+    match &mut ceilings {
+        Some(c) => rows.append(&mut c.rows),
+        None => rows.push(Row::text("ceilings", "n/a on the emulator")),
+    }
+    let floor = |flops: f64| ceilings.as_ref().map(|c| flops / c.flops * 1e3);
+    let bw_floor = |bytes: f64| ceilings.as_ref().map(|c| bytes / c.bytes_per_s * 1e3);
+
+    let mut r = Runner {
+        cfg: cfg.clone(),
+        shapes,
+        base,
+        fold: ConstFold::with_weights(base),
+        folded: vec![],
+        backend: exec.backend(),
+        compiled,
+        graphs: HashMap::new(),
+    };
+    let reps = if matches!(at, Where::Cuda(_)) { 3 } else { 1 };
+    let warm_up = matches!(at, Where::Cuda(_));
+
+    // Vision.
+    for &size in &sizes {
+        for &att in &attentions {
+            let key = r.vision(size, att)?;
+            if warm_up {
+                r.run_vision(&key, size)?;
+            }
+            let ms = best_ms(reps, || r.run_vision(&key, size).map(|_| ()))?;
+            let mut c = cfg.clone();
+            c.visual.image_size = size;
+            let fl = vision_flops(&c, att);
+            rows.push(
+                Row::num(format!("vision {size} {att}"), ms, "ms", format!("{:.1} GFLOP", fl / 1e9))
+                    .timed(ms, floor(fl)),
+            );
+        }
+    }
+
+    // Time to first token: the picture, then a prompt holding its 256 features.
+    let size0 = sizes[0];
+    let vkey = r.vision(size0, attentions[0])?;
+    let q = cfg.visual.queries();
+    let ttft_ids: Vec<u32> = (0..ttft_len).map(|i| token(&cfg, i) as u32).collect();
+    let img_rows: Vec<i32> = (1..=q as i32).collect();
+    let new_seq =
+        |slot: usize| Seq { slot, len: 0, alpha: 1.0, host: KvCache::new(cfg.layers, cfg.heads * cfg.head_dim) };
+    let mut s0 = new_seq(0);
+    if warm_up {
+        let f = r.run_vision(&vkey, size0)?;
+        r.prefill(&mut s0, &ttft_ids, &f, &img_rows)?;
+    } else {
+        // Build the prompt's program outside the timing.
+        r.decoder(ttft_len, 0, q, 1)?;
+    }
+    let ttft = best_ms(reps, || {
+        let f = r.run_vision(&vkey, size0)?;
+        r.prefill(&mut s0, &ttft_ids, &f, &img_rows)
+    })?;
+    let mut c0 = cfg.clone();
+    c0.visual.image_size = size0;
+    let fl = vision_flops(&c0, attentions[0]) + decoder_flops(&cfg, ttft_len, 0, 1);
+    rows.push(
+        Row::num("time to first token", ttft, "ms", format!("1 picture + {ttft_len}-token prompt (vision + prefill)"))
+            .timed(ttft, floor(fl)),
+    );
+
+    // Prefill.
+    let ids: Vec<u32> = (0..prompt_len).map(|i| token(&cfg, 7 * i + 3) as u32).collect();
+    r.decoder(prompt_len, 0, 0, 1)?;
+    if warm_up {
+        r.prefill(&mut s0, &ids, &[], &[])?;
+    }
+    let pre = best_ms(reps, || r.prefill(&mut s0, &ids, &[], &[]))?;
+    let fl = decoder_flops(&cfg, prompt_len, 0, 1);
+    rows.push(
+        Row::num(
+            format!("prefill {prompt_len} tokens"),
+            prompt_len as f64 / pre * 1e3,
+            "tok/s",
+            format!("{pre:.2} ms"),
+        )
+        .timed(pre, floor(fl)),
+    );
+
+    // Decode, batch 1, then `batch` sequences together; both after a prefill
+    // of `prompt_len`.
+    let welem = if gpu { 2 } else { shapes.info("lm_head.weight").map_or(2, |(d, _)| d.size()) };
+    let kvelem = if gpu { 2 } else { 4 };
+    let batches = if batch > 1 { vec![1, batch] } else { vec![1] };
+    for b in batches {
+        let mut seqs: Vec<Seq> = (0..b).map(new_seq).collect();
+        for s in seqs.iter_mut() {
+            r.prefill(s, &ids, &[], &[])?;
+        }
+        r.decoder(1, cap, 0, b)?;
+        for w in 0..warm {
+            r.decode(&mut seqs, cap, w)?;
+        }
+        if opt.decode_tokens == 0 {
+            continue;
+        }
+        let past = seqs[0].len;
+        let t0 = Instant::now();
+        for i in 0..opt.decode_tokens {
+            r.decode(&mut seqs, cap, warm + i)?;
+        }
+        let step_ms = t0.elapsed().as_secs_f64() * 1e3 / opt.decode_tokens as f64;
+        let bytes = decode_bytes(&cfg, welem, kvelem, b, past + opt.decode_tokens / 2);
+        rows.push(
+            Row::num(
+                format!("decode batch {b}"),
+                b as f64 / step_ms * 1e3,
+                "tok/s",
+                format!("{step_ms:.3} ms/step, {:.2} GB read per step (weights + KV)", bytes / 1e9),
+            )
+            .timed(step_ms, bw_floor(bytes)),
+        );
+    }
+
+    match &exec {
+        Exec::Gpu(g) => {
+            let (_, mem) = g.device_info();
+            let st = g.stats();
+            rows.push(Row::num(
+                "peak device memory",
+                mem.peak as f64 / (1u64 << 30) as f64,
+                "GiB",
+                format!(
+                    "{} programs, {} launches, {} host nodes, {:.2} GB of weights uploaded",
+                    st.programs,
+                    st.launches,
+                    st.host_nodes,
+                    st.weight_bytes as f64 / 1e9
+                ),
+            ));
+        }
+        Exec::Cpu(_) => rows.push(Row::text("peak device memory", "n/a on the CPU")),
+    }
+    print_table(&rows);
+    Ok(())
+}
