@@ -778,7 +778,7 @@ fn sibling(out: &Path, what: &str) -> PathBuf {
 /// runs on the host. A program the lowering rejects gets one fallback entry
 /// saying why. Also returns the specs used.
 pub fn launches(g: &Graph, cfg: &Config, opt: &CompileOptions) -> (Vec<Launch>, Vec<Box<dyn KernelSpec>>) {
-    use qvc_runtime::gpu::lower::{lower, KvShape, LowerOptions, Step};
+    use qvc_runtime::gpu::lower::{lower, KvShape, LowerOptions, Sampling, Step};
     let kv = KvShape { layers: cfg.layers, heads: cfg.heads, head_dim: cfg.head_dim, max_seq: opt.max_seq };
     let low = match lower(g, &LowerOptions { kv, sms: SMS, sampling: Default::default() }) {
         Ok(l) => l,
@@ -828,7 +828,17 @@ pub fn launches(g: &Graph, cfg: &Config, opt: &CompileOptions) -> (Vec<Launch>, 
             Step::Zero { .. } => {}
         }
     }
-    (out, low.kernels.into_values().collect())
+    let mut specs: Vec<Box<dyn KernelSpec>> = low.kernels.into_values().collect();
+    // Decode steps may end in device sampling (greedy or top-p): ship those
+    // kernels too, so the runtime finds them in the artifact's cubin.
+    if g.inputs().iter().any(|(n, _)| n.starts_with("past_")) {
+        for sampling in [Sampling::Greedy, Sampling::TopP] {
+            if let Ok(l) = lower(g, &LowerOptions { kv, sms: SMS, sampling }) {
+                specs.extend(l.kernels.into_values());
+            }
+        }
+    }
+    (out, specs)
 }
 
 /// The kernel family a generated kernel belongs to, from its entry name.
