@@ -49,6 +49,8 @@ struct State {
     /// Per layer: K and V caches, `[slots, heads, max_seq, head_dim]` bf16.
     kv: Vec<[DevPtr; 2]>,
     stats: ExecStats,
+    /// Full fingerprints by (graph address, wiring-and-shapes hash).
+    fingerprints: HashMap<(usize, u64), u64>,
     /// Captured runs by (program, sequence slots).
     graphs: HashMap<(u64, Vec<u64>), GraphState>,
     /// The artifact's module, loaded before generating any kernel.
@@ -90,6 +92,7 @@ impl GpuBackend {
                 kv: vec![],
                 stats: ExecStats::default(),
                 graphs: HashMap::new(),
+                fingerprints: HashMap::new(),
                 module,
             }),
             kv,
@@ -138,6 +141,30 @@ impl GpuBackend {
         self.prepare(&mut s, g, key, Sampling::Off)?;
         let p = &s.programs[&key];
         Ok((p.low.launches, p.low.host_nodes, p.low.bytes))
+    }
+
+    /// [`fingerprint`] without re-hashing every op's text on each decode
+    /// step: remembered per graph address, checked by a cheap hash of the
+    /// wiring and shapes (a graph rebuilt at the same address with other
+    /// shapes misses).
+    fn fingerprint_cached(&self, s: &mut State, g: &Graph) -> u64 {
+        let mut h: u64 = 0xcbf29ce484222325;
+        let mut eat = |x: u64| h = (h ^ x).wrapping_mul(0x100000001b3);
+        for n in &g.nodes {
+            eat(n.inputs.len() as u64);
+            n.inputs.iter().for_each(|i| eat(i.0 as u64));
+            n.ty.shape.0.iter().for_each(|&d| eat(d as u64));
+        }
+        let key = (g as *const Graph as usize, h);
+        if let Some(&f) = s.fingerprints.get(&key) {
+            return f;
+        }
+        let f = fingerprint(g);
+        if s.fingerprints.len() > 4096 {
+            s.fingerprints.clear();
+        }
+        s.fingerprints.insert(key, f);
+        f
     }
 
     fn prepare(&self, s: &mut State, g: &Graph, key: u64, sampling: Sampling) -> Result<(), ExecError> {
@@ -416,7 +443,7 @@ impl Backend for GpuBackend {
         let sample = SampleSettings::of(inputs)?;
         let sampling = sample.map_or(Sampling::Off, |x| x.mode());
         // One lowering per program and sampling mode.
-        let key = fingerprint(graph) ^ (sampling as u64).wrapping_mul(0x9e3779b97f4a7c15);
+        let key = self.fingerprint_cached(s, graph) ^ (sampling as u64).wrapping_mul(0x9e3779b97f4a7c15);
         self.prepare(s, graph, key, sampling)?;
         self.ensure_kv(s)?;
         self.ensure_weights(s, key, weights)?;
