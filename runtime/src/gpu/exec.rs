@@ -1,12 +1,17 @@
 //! [`GpuBackend`]: runs graphs on a [`Device`] through [`lower`].
 //!
 //! Per program (recognised by a structural fingerprint, so an artifact's
-//! programs are lowered once): one lowering, one device allocation sized by
-//! its memory plan, its kernels loaded once. Weights are uploaded on first
-//! use in the dtype and layout their kernel wants and shared by all programs.
-//! The KV cache lives on the device ([`Backend::kv_on_device`]): sessions
-//! pass `past_len` (and `kv_slot` for the sequence) instead of cache inputs,
-//! and the backend returns every output except the new K/V rows.
+//! programs are lowered once): one lowering and its kernels loaded once.
+//! Programs run one at a time, so they share one device workspace sized by
+//! the largest memory plan used so far (plus inputs and scratch): a prompt
+//! bucket of 2048 tokens and the decode step do not each hold their own.
+//! Weights are uploaded on first use in the dtype and layout their kernel
+//! wants, straight from the memory map where those match, and shared by all
+//! programs. The KV cache lives on the device ([`Backend::kv_on_device`]):
+//! sessions pass `past_len` (and `kv_slot` for the sequence) instead of cache
+//! inputs, and the backend returns every output except the new K/V rows.
+//! A program whose arguments are fixed given its sequences' slots (a decode
+//! step) is recorded as a device graph on its second run and replayed after.
 
 use super::device::{DevPtr, Device, DeviceError, KArg};
 use super::lower::{
@@ -39,7 +44,6 @@ pub struct ExecStats {
 
 struct Program {
     low: Lowered,
-    mem: DevPtr,
 }
 
 struct State {
@@ -53,6 +57,8 @@ struct State {
     fingerprints: HashMap<(usize, u64), u64>,
     /// Captured runs by (program, sequence slots).
     graphs: HashMap<(u64, Vec<u64>), GraphState>,
+    /// The workspace all programs share (pointer, bytes).
+    arena: Option<(DevPtr, u64)>,
     /// The artifact's module, loaded before generating any kernel.
     module: Option<(String, Option<Vec<u8>>)>,
 }
@@ -93,6 +99,7 @@ impl GpuBackend {
                 stats: ExecStats::default(),
                 graphs: HashMap::new(),
                 fingerprints: HashMap::new(),
+                arena: None,
                 module,
             }),
             kv,
@@ -183,9 +190,8 @@ impl GpuBackend {
             let text = Module::new(s.dev.target(), missing).print();
             s.dev.load_module(&text, None).map_err(dev_err)?;
         }
-        let mem = s.dev.alloc(low.bytes as usize, "a program's buffers").map_err(dev_err)?;
         s.stats.programs += 1;
-        s.programs.insert(key, Program { low, mem });
+        s.programs.insert(key, Program { low });
         Ok(())
     }
 
@@ -447,6 +453,20 @@ impl Backend for GpuBackend {
         self.prepare(s, graph, key, sampling)?;
         self.ensure_kv(s)?;
         self.ensure_weights(s, key, weights)?;
+        // Programs run one at a time, so they share one workspace: the
+        // largest memory plan (plus inputs and scratch) used so far. When
+        // a bigger program comes, it grows, and recorded graphs (whose
+        // pointers point into the old one) are dropped.
+        let need = s.programs[&key].low.bytes;
+        if s.arena.is_none_or(|(_, b)| b < need) {
+            if let Some((old, _)) = s.arena.take() {
+                s.dev.free(old);
+            }
+            let ptr = s.dev.alloc(need as usize, "program buffers (the largest memory plan)").map_err(dev_err)?;
+            s.arena = Some((ptr, need));
+            s.graphs.clear();
+        }
+        let mem = s.arena.map_or(0, |(p, _)| p);
         let State { dev, weights: wmap, programs, kv, stats, graphs, .. } = s;
         let p = &programs[&key];
         let seqs = sequences(inputs, p.low.seqs);
@@ -488,11 +508,11 @@ impl Backend for GpuBackend {
                     });
                 }
             };
-            dev.upload(p.mem + i.offset, bytes).map_err(dev_err)?;
+            dev.upload(mem + i.offset, bytes).map_err(dev_err)?;
         }
         // Key counts: the new token of each sequence is key `past`.
         let lens: Vec<u8> = seqs.iter().flat_map(|q| (q.past as u32 + 1).to_le_bytes()).collect();
-        dev.upload(p.mem + p.low.lens_at, &lens).map_err(dev_err)?;
+        dev.upload(mem + p.low.lens_at, &lens).map_err(dev_err)?;
 
         let layer_bytes = (self.kv.heads * self.kv.max_seq * self.kv.head_dim * 2) as u64;
         let row_bytes = (self.kv.head_dim * 2) as u64;
@@ -503,7 +523,7 @@ impl Backend for GpuBackend {
             kv.get(layer).map(|c| c[v as usize] + q.slot as u64 * layer_bytes + row)
         };
         let ptr = |b: &Buf| {
-            resolve(b, p.mem, &wlook, &kvlook).ok_or_else(|| ExecError::Device(format!("no device buffer for {b:?}")))
+            resolve(b, mem, &wlook, &kvlook).ok_or_else(|| ExecError::Device(format!("no device buffer for {b:?}")))
         };
         // A capturable step runs from a recording after its first run (one
         // graph launch instead of one launch per kernel).
@@ -516,7 +536,7 @@ impl Backend for GpuBackend {
             Some(GraphState::Captured(id)) => Some(*id),
             Some(GraphState::Seen) if self.graphs && p.low.capturable => {
                 if dev.capture_begin().map_err(dev_err)? {
-                    let issued = issue(dev.as_mut(), graph, p, weights, &ptr, sample, stats);
+                    let issued = issue(dev.as_mut(), graph, p, mem, weights, &ptr, sample, stats);
                     let id = dev.capture_end().map_err(dev_err);
                     issued?;
                     let id = id?;
@@ -539,7 +559,7 @@ impl Backend for GpuBackend {
                 dev.replay(id).map_err(dev_err)?;
                 stats.replays += 1;
             }
-            None => issue(dev.as_mut(), graph, p, weights, &ptr, sample, stats)?,
+            None => issue(dev.as_mut(), graph, p, mem, weights, &ptr, sample, stats)?,
         }
         let mut out = HashMap::new();
         for (name, l) in &p.low.outputs {
@@ -567,10 +587,12 @@ enum GraphState {
 }
 
 /// Issue a program's steps in order.
+#[allow(clippy::too_many_arguments)]
 fn issue(
     dev: &mut dyn Device,
     graph: &Graph,
     p: &Program,
+    mem: DevPtr,
     weights: &dyn WeightSource,
     ptr: &dyn Fn(&Buf) -> Result<DevPtr, ExecError>,
     sample: Option<SampleSettings>,
@@ -600,9 +622,9 @@ fn issue(
                 })?;
                 stats.launches += 1;
             }
-            Step::Zero { at, bytes } => dev.memset_zero(p.mem + at, *bytes as usize).map_err(dev_err)?,
+            Step::Zero { at, bytes } => dev.memset_zero(mem + at, *bytes as usize).map_err(dev_err)?,
             Step::Host { node } => {
-                let out = p.mem + p.low.plan.values[node.index()].map_or(0, |s| s.offset);
+                let out = mem + p.low.plan.values[node.index()].map_or(0, |s| s.offset);
                 host_node(dev, graph, *node, &p.low.host_inputs[node], weights, out, ptr)?;
                 stats.host_nodes += 1;
             }
