@@ -270,11 +270,26 @@ pub fn buckets(max_seq: usize) -> Vec<usize> {
     v
 }
 
+/// Prompt buckets: powers of two up to 256, then every 128 tokens up to
+/// `max_seq`. A prompt runs padded to the next bucket, so the steps bound the
+/// wasted work: an image (258 tokens) plus a question lands in 384, not 512.
+pub fn prefill_buckets(max_seq: usize) -> Vec<usize> {
+    let mut v: Vec<usize> = buckets(max_seq.min(256)).into_iter().filter(|&t| t < max_seq).collect();
+    let mut t = 384;
+    while t < max_seq {
+        v.push(t);
+        t += 128;
+    }
+    v.push(max_seq);
+    v.dedup();
+    v
+}
+
 fn program_specs(cfg: &Config, opt: &CompileOptions) -> Vec<ProgramSpec> {
     let q = cfg.visual.queries();
     let mut v =
         vec![ProgramSpec { name: "vision".into(), kind: "vision", tokens: 0, past: 0, image_rows: 0, batch: 1 }];
-    for t in buckets(opt.max_seq) {
+    for t in prefill_buckets(opt.max_seq) {
         // An image span is <img> + 256 feature rows + </img>.
         for n in (0..=opt.max_images).filter(|n| n * (q + 2) <= t) {
             let name = format!("prefill.{t}.img{n}");
@@ -870,6 +885,11 @@ mod tests {
         assert_eq!(buckets(100), [16, 32, 64, 100]);
         assert_eq!(buckets(16), [16]);
         assert_eq!(buckets(5), [5]);
+        assert_eq!(prefill_buckets(1024), [16, 32, 64, 128, 256, 384, 512, 640, 768, 896, 1024]);
+        assert_eq!(prefill_buckets(600), [16, 32, 64, 128, 256, 384, 512, 600]);
+        assert_eq!(prefill_buckets(256), [16, 32, 64, 128, 256]);
+        assert_eq!(prefill_buckets(100), [16, 32, 64, 100]);
+        assert_eq!(prefill_buckets(5), [5]);
     }
 
     #[test]
@@ -878,7 +898,7 @@ mod tests {
         let opt = CompileOptions { max_seq: 600, max_images: 2, ..Default::default() };
         let names: Vec<String> = program_specs(&cfg, &opt).into_iter().map(|p| p.name).collect();
         // One image span is 258 tokens, two are 516.
-        assert!(names.contains(&"prefill.512.img1".to_string()) && !names.contains(&"prefill.256.img1".to_string()));
+        assert!(names.contains(&"prefill.384.img1".to_string()) && !names.contains(&"prefill.256.img1".to_string()));
         assert!(names.contains(&"prefill.600.img2".to_string()) && !names.contains(&"prefill.512.img2".to_string()));
         assert_eq!(names.iter().filter(|n| n.starts_with("decode.")).count(), buckets(600).len());
         assert_eq!(names[0], "vision");
