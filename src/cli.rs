@@ -224,8 +224,23 @@ pub fn make_backend(model: &Model, device: &str, slots: usize) -> Result<Box<dyn
     let max_seq = model.compiled().map_or(2048, |m| m.options.max_seq);
     let choice = match choice {
         DeviceChoice::Auto => match qvc_runtime::cuda::gpus() {
-            Ok(g) if gpu_artifact && g.first().and_then(|g| g.target()).is_some() && model.compiled().is_some() => {
-                DeviceChoice::Cuda(0)
+            Ok(g) if g.first().and_then(|g| g.target()).is_some() => {
+                if model.compiled().is_some() && gpu_artifact {
+                    DeviceChoice::Cuda(0)
+                } else {
+                    // A checkpoint builds its graphs per step; an artifact
+                    // compiled for the GPU is what runs fast there.
+                    let what = if model.compiled().is_some() {
+                        "this artifact was compiled for the CPU"
+                    } else {
+                        "this is a checkpoint"
+                    };
+                    eprintln!(
+                        "[qvc] running on the CPU although a GPU is present ({what}): `qvc compile MODEL -o model.qvc` \
+                         compiles it for the GPU, or pass --device cuda to run it there as is"
+                    );
+                    DeviceChoice::Cpu
+                }
             }
             _ => DeviceChoice::Cpu,
         },

@@ -44,7 +44,12 @@ pub struct ExecStats {
 
 struct Program {
     low: Lowered,
+    /// [`State::clock`] at its last run.
+    used: u64,
 }
+
+/// Lowered programs kept at most (see [`GpuBackend::prepare`]).
+const MAX_PROGRAMS: usize = 256;
 
 struct State {
     dev: Box<dyn Device>,
@@ -57,6 +62,8 @@ struct State {
     fingerprints: HashMap<(usize, u64), u64>,
     /// Captured runs by (program, sequence slots).
     graphs: HashMap<(u64, Vec<u64>), GraphState>,
+    /// Runs so far (ages programs).
+    clock: u64,
     /// The workspace all programs share (pointer, bytes).
     arena: Option<(DevPtr, u64)>,
     /// The artifact's module, loaded before generating any kernel.
@@ -100,6 +107,7 @@ impl GpuBackend {
                 graphs: HashMap::new(),
                 fingerprints: HashMap::new(),
                 arena: None,
+                clock: 0,
                 module,
             }),
             kv,
@@ -191,7 +199,13 @@ impl GpuBackend {
             s.dev.load_module(&text, None).map_err(dev_err)?;
         }
         s.stats.programs += 1;
-        s.programs.insert(key, Program { low });
+        // A checkpoint's decode graphs differ at every length: keep the
+        // lowerings bounded (an artifact has a few dozen programs).
+        if s.programs.len() >= MAX_PROGRAMS {
+            s.programs.retain(|_, p| p.used + (MAX_PROGRAMS as u64) / 2 > s.clock);
+            s.graphs.retain(|(k, _), _| s.programs.contains_key(k));
+        }
+        s.programs.insert(key, Program { low, used: s.clock });
         Ok(())
     }
 
@@ -467,6 +481,10 @@ impl Backend for GpuBackend {
             s.graphs.clear();
         }
         let mem = s.arena.map_or(0, |(p, _)| p);
+        s.clock += 1;
+        if let Some(p) = s.programs.get_mut(&key) {
+            p.used = s.clock;
+        }
         let State { dev, weights: wmap, programs, kv, stats, graphs, .. } = s;
         let p = &programs[&key];
         let seqs = sequences(inputs, p.low.seqs);
