@@ -221,3 +221,32 @@ fn checkpoint_with_an_image_on_the_emulated_gpu_matches_the_reference() {
     assert!(r < TOL, "emulated GPU logits differ from the reference by {r:e}");
     assert_eq!(gpu.stats().host_nodes, 0);
 }
+
+/// Window attention in the ViT (the high-resolution option) on the GPU
+/// path: ragged windows (a 20×20 grid in windows of 8) and global blocks,
+/// features against the CPU backend on the same artifact.
+#[test]
+fn window_attention_vision_on_the_emulated_gpu_matches_the_cpu_backend() {
+    let Some(dir) = fixtures() else { return };
+    let out = std::env::temp_dir().join(format!("qvc-gpu-emu-window-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out);
+    let opt = CompileOptions {
+        target: Target::Gpu(qvc_codegen::Target::Sm80),
+        max_seq: 320,
+        image_size: Some(280),
+        vit_attention: "window:8,global-every:2".into(),
+        force: true,
+        ..Default::default()
+    };
+    compile(&SourceSpec::Checkpoint(dir.clone()), Some(&out), &opt, &indicatif::ProgressBar::hidden()).unwrap();
+    let m = Model::load(&out, &LoadOptions::default()).unwrap();
+    let gpu = emu(&m);
+    let pic = dir.join("shapes.png");
+    let pic = pic.to_str().unwrap();
+    let g = Session::new(&m, &gpu).encode_image(pic).unwrap();
+    let c = Session::new(&m, &Cpu).encode_image(pic).unwrap();
+    let r = rel_err(&g, &c);
+    eprintln!("vision 280 px, window 8: emu vs cpu features rel err {r:.2e}");
+    assert!(r < TOL, "window-attention features differ: {r:e}");
+    let _ = std::fs::remove_dir_all(&out);
+}
