@@ -1,28 +1,40 @@
 //! `qvc selftest`: every GPU kernel family on the chosen device (the PTX
 //! emulator or a CUDA GPU) against its CPU reference, on random shapes with
-//! ragged edges, one line per family: max relative error and pass/fail.
+//! ragged edges, one line per family: max error and pass/fail. The families
+//! are every spec the runtime's lowering launches: the specialised ones
+//! (gemm, gemv, norm, attention, rotary, embed, softmax, patch, sampling) and
+//! each kernel of `qvc_kernels::gpu::generic`.
 //!
 //! Invariants: kernels go through the same [`Device`] interface the executor
 //! uses (load PTX, upload, launch in the spec's param order, download);
-//! outputs are filled with NaN bytes before each launch, so an element a
-//! kernel fails to write shows up as an infinite error; the data is
-//! deterministic in the seed. The error is the relative L2 norm
-//! ‖got − want‖ / ‖want‖ per case (argmax: the fraction of rows whose index
-//! differs), and a family's figure is the worst case.
+//! outputs are filled with NaN bytes (0xFF) before each launch, so an element
+//! a kernel fails to write shows up as an infinite error or a mismatch; the
+//! data is deterministic in the seed. The error of a case is, for kernels
+//! with rounding, the relative L2 norm ‖got − want‖ / ‖want‖; for kernels
+//! that are exact by contract (copies, gather, scatter, patch, KV append,
+//! the generic rope, embed), the fraction of elements whose bits differ;
+//! for sampling, the fraction of rows whose token id differs (top-p: differs
+//! from every id the f64 definition gives within its stated rounding
+//! margin). A family's figure is its worst case.
 
-use anyhow::{anyhow, Result};
+use anyhow::{anyhow, bail, Result};
+use bytemuck::Pod;
 use half::bf16;
-use qvc_ir::{BinaryOp, DType, Elems};
+use qvc_ir::{BinaryOp, DType, Elems, ReduceOp};
 use qvc_kernels::gpu::attention::{FlashMask, FlashSpec, OutDtype, Strides};
 use qvc_kernels::gpu::decode_attention::DecodeAttnSpec;
 use qvc_kernels::gpu::embed::EmbedSpec;
 use qvc_kernels::gpu::gemm::{Act, Epilogue, GemmSpec, LinearArgs, OutMut};
 use qvc_kernels::gpu::gemv::GemvSpec;
-use qvc_kernels::gpu::generic::{EltOp, EltwiseSpec};
+use qvc_kernels::gpu::generic::{
+    CopySpec, EltOp, EltwiseSpec, GatherSpec, KvAppendSpec, MatMulSpec, ReduceSpec, RopeSpec, ScatterRowsSpec, MAX_RANK,
+};
 use qvc_kernels::gpu::norm::{NormKind, NormSpec};
+use qvc_kernels::gpu::patch::PatchSpec;
 use qvc_kernels::gpu::rotary::{RotaryArgs, RotaryOut, RotarySpec};
-use qvc_kernels::gpu::sample::ArgmaxSpec;
+use qvc_kernels::gpu::sample::{ArgmaxSpec, TopPParams, TopPSpec};
 use qvc_kernels::gpu::softmax::SoftmaxSpec;
+use qvc_kernels::testutil::Rng;
 use qvc_kernels::KernelSpec;
 use qvc_runtime::gpu::{DevPtr, Device, KArg};
 
@@ -44,29 +56,34 @@ impl FamilyResult {
     }
 }
 
-/// xorshift64*: deterministic data.
-struct Rng(u64);
+/// What the cases draw beyond [`Rng`]'s uniform floats.
+trait Draw {
+    fn bf16s(&mut self, n: usize, scale: f32) -> Vec<bf16>;
+    /// In `lo..hi`.
+    fn range(&mut self, lo: usize, hi: usize) -> usize;
+    /// Uniform in [0, 1).
+    fn unit(&mut self) -> f32;
+    fn coin(&mut self) -> bool;
+    fn shuffle<T>(&mut self, v: &mut [T]);
+}
 
-impl Rng {
-    fn new(seed: u64) -> Rng {
-        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
-    }
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    /// Uniform in [-scale, scale).
-    fn vec(&mut self, n: usize, scale: f32) -> Vec<f32> {
-        (0..n).map(|_| ((self.next() >> 40) as f32 / (1u64 << 23) as f32 - 1.0) * scale).collect()
-    }
+impl Draw for Rng {
     fn bf16s(&mut self, n: usize, scale: f32) -> Vec<bf16> {
         self.vec(n, scale).into_iter().map(bf16::from_f32).collect()
     }
-    /// In `lo..hi`.
     fn range(&mut self, lo: usize, hi: usize) -> usize {
-        lo + (self.next() % (hi - lo) as u64) as usize
+        lo + (self.next_u64() % (hi - lo) as u64) as usize
+    }
+    fn unit(&mut self) -> f32 {
+        (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32
+    }
+    fn coin(&mut self) -> bool {
+        self.range(0, 2) == 1
+    }
+    fn shuffle<T>(&mut self, v: &mut [T]) {
+        for i in (1..v.len()).rev() {
+            v.swap(i, self.range(0, i + 1));
+        }
     }
 }
 
@@ -87,6 +104,34 @@ fn rel_l2(got: &[f32], want: &[f32]) -> f64 {
     } else {
         (num / den.max(1e-300)).sqrt()
     }
+}
+
+/// The fraction of elements that differ (exact kernels compare bit
+/// patterns: `u16`/`u32` views of bf16/f32, raw bytes of a copy).
+fn mismatch<T: PartialEq>(got: &[T], want: &[T]) -> f64 {
+    if got.len() != want.len() {
+        return f64::INFINITY;
+    }
+    let bad = got.iter().zip(want).filter(|(g, w)| g != w).count();
+    if bad == 0 {
+        0.0
+    } else {
+        bad as f64 / got.len() as f64
+    }
+}
+
+/// [`mismatch`] over elements of `size` bytes.
+fn mismatch_bytes(got: &[u8], want: &[u8], size: usize) -> f64 {
+    let (g, w): (Vec<&[u8]>, Vec<&[u8]>) = (got.chunks(size).collect(), want.chunks(size).collect());
+    mismatch(&g, &w)
+}
+
+fn bits_f32(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|x| x.to_bits()).collect()
+}
+
+fn bits_bf16(v: &[bf16]) -> Vec<u16> {
+    v.iter().map(|x| x.to_bits()).collect()
 }
 
 /// Device buffers of one case, freed together.
@@ -139,7 +184,11 @@ impl<'d> Bufs<'d> {
         Ok(v.iter().map(|x| x.to_f32()).collect())
     }
     fn get_i32(&mut self, p: DevPtr, n: usize) -> Result<Vec<i32>> {
-        let mut v = vec![0i32; n];
+        self.get(p, n)
+    }
+    /// `n` elements of any plain type (bit patterns for exact compares).
+    fn get<T: Pod>(&mut self, p: DevPtr, n: usize) -> Result<Vec<T>> {
+        let mut v = vec![T::zeroed(); n];
         self.dev.download(p, bytemuck::cast_slice_mut(&mut v))?;
         Ok(v)
     }
@@ -452,10 +501,380 @@ fn generic_case(dev: &mut dyn Device, rng: &mut Rng, sz: Size) -> Result<f64> {
     Ok(rel_l2(&d.get_f32(out, n)?, &want))
 }
 
+fn patch_case(dev: &mut dyn Device, rng: &mut Rng, sz: Size) -> Result<f64> {
+    // Odd and even patch sizes and row strides (the kernel's pair path needs
+    // both even, and an even width for its vector load); images with pixels
+    // past the last whole patch, which the convolution ignores.
+    let (channels, p) =
+        if sz.small { (rng.range(1, 4), rng.range(1, 7)) } else { (3, [14, rng.range(1, 17)][rng.range(0, 2)]) };
+    let h = p * sz.pick(rng, (1, 5), (1, 65)) + rng.range(0, p);
+    let w = p * sz.pick(rng, (1, 5), (1, 65)) + rng.range(0, p);
+    let dense = PatchSpec::new(channels, (h, w), p).map_err(spec_err)?;
+    // Qwen-VL pads its 588 columns to 592: padding must come back as zeros.
+    let spec = dense.with_ld(dense.cols() + rng.range(0, 6)).map_err(spec_err)?;
+    let pixels = rng.vec(channels * h * w, 2.0);
+    let n = spec.patches() * spec.ld;
+    let mut want = vec![bf16::ZERO; n];
+    spec.reference(&pixels, &mut want).map_err(spec_err)?;
+    let mut d = Bufs::new(dev);
+    let xp = d.f32(&pixels)?;
+    let out = d.out(n * 2)?;
+    d.launch(&spec, &[KArg::Ptr(xp), KArg::Ptr(out)])?;
+    Ok(mismatch(&d.get::<u16>(out, n)?, &bits_bf16(&want)))
+}
+
+/// Relative margin on `u` and `top_p` within which f32 rounding (weights,
+/// sums) may move a top-p choice (as `kernels/tests/gpu_decode.rs`).
+const TOP_P_EPS: f64 = 1e-4;
+
+/// Whether `id` is what the f64 definition picks for `row` with `u` and
+/// `top_p` moved by at most [`TOP_P_EPS`] (the pick is monotone in `u`, so
+/// every kept id between the picks at `u − ε` and `u + ε` qualifies).
+fn top_p_accepts(spec: &TopPSpec, row: &[f32], p: &TopPParams, u: f32, id: usize) -> bool {
+    [1.0 - TOP_P_EPS, 1.0, 1.0 + TOP_P_EPS].iter().any(|f| {
+        let pp = TopPParams { top_p: (p.top_p as f64 * f).min(1.0) as f32, ..*p };
+        let kept = spec.reference_kept(row, &pp);
+        let lo = spec.reference_pick(row, &kept, &pp, (u as f64 - TOP_P_EPS).max(0.0) as f32);
+        let hi = spec.reference_pick(row, &kept, &pp, (u as f64 + TOP_P_EPS).min(0.999_999_9) as f32);
+        (lo..=hi).contains(&id) && kept.binary_search(&id).is_ok()
+    })
+}
+
+fn top_p_case(dev: &mut dyn Device, rng: &mut Rng, sz: Size) -> Result<f64> {
+    let (rows, cols) = (sz.pick(rng, (1, 5), (1, 9)), sz.pick(rng, (1, 1500), (1, 160_000)));
+    // The runtime's spec (its block size for `cols`).
+    let spec = TopPSpec::new(rows, cols).map_err(spec_err)?;
+    let p = TopPParams {
+        temperature: [0.3, 0.8, 1.0, 1.7][rng.range(0, 4)],
+        top_p: [0.05, 0.4, 0.9, 0.97, 1.0][rng.range(0, 5)],
+        top_k: [0, 1, 3, 40, cols as u32 + 7][rng.range(0, 5)],
+    };
+    p.validate().map_err(spec_err)?;
+    let scale = [1.0f32, 4.0, 10.0][rng.range(0, 3)];
+    let mut x = rng.vec(rows * cols, scale);
+    for row in x.chunks_mut(cols) {
+        // Exact duplicates (ties at the threshold go to the lowest index),
+        // masked tokens, a NaN (weight 0) and a -0.0 (equal to +0.0); column
+        // 0 stays finite so that some token has weight.
+        for _ in 0..rng.range(0, 6) {
+            let v = row[rng.range(0, cols)];
+            row[rng.range(0, cols)] = v;
+        }
+        if cols > 3 {
+            for _ in 0..rng.range(0, 4) {
+                row[rng.range(1, cols)] = f32::NEG_INFINITY;
+            }
+            row[rng.range(1, cols)] = f32::NAN;
+            row[rng.range(1, cols)] = -0.0;
+        }
+    }
+    // The ends of [0, 1) too: the first kept token, and the last (where
+    // rounding may leave the walk without a crossing: the fallback).
+    let u: Vec<f32> = (0..rows)
+        .map(|_| match rng.range(0, 6) {
+            0 => 0.0,
+            1 => 1.0 - f32::EPSILON / 2.0,
+            _ => rng.unit(),
+        })
+        .collect();
+    let mut want = vec![0i32; rows];
+    spec.reference(&x, &u, &p, &mut want);
+    let mut d = Bufs::new(dev);
+    let (xp, up) = (d.f32(&x)?, d.f32(&u)?);
+    let o = d.out(rows * 4)?;
+    let args =
+        [KArg::Ptr(xp), KArg::Ptr(up), KArg::Ptr(o), KArg::F32(p.temperature), KArg::F32(p.top_p), KArg::U32(p.top_k)];
+    d.launch(&spec, &args)?;
+    let got = d.get_i32(o, rows)?;
+    // Ids compare exactly; only a differing id pays for the margin check.
+    let bad = (0..rows)
+        .filter(|&r| {
+            let id = got[r];
+            let in_margin = || {
+                (0..cols as i32).contains(&id) && top_p_accepts(&spec, &x[r * cols..][..cols], &p, u[r], id as usize)
+            };
+            id != want[r] && !in_margin()
+        })
+        .count();
+    Ok(bad as f64 / rows as f64)
+}
+
+/// Strides of a buffer holding `shape` in a random storage order with random
+/// padding between dimensions; with `bcast`, about one dimension in four
+/// gets stride 0 (a broadcast source).
+fn random_strides(rng: &mut Rng, shape: &[usize], bcast: bool) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..shape.len()).collect();
+    rng.shuffle(&mut order);
+    let mut strides = vec![0; shape.len()];
+    let mut cur = 1;
+    for d in order {
+        if bcast && rng.range(0, 4) == 0 {
+            continue;
+        }
+        strides[d] = cur;
+        cur = cur * shape[d] + if rng.range(0, 3) == 0 { rng.range(0, 3) } else { 0 };
+    }
+    strides
+}
+
+/// A shape of `rank` dimensions with at most about `elems` elements.
+fn random_shape(rng: &mut Rng, rank: usize, elems: usize) -> Vec<usize> {
+    let cap = (elems as f64).powf(1.0 / rank as f64) as usize;
+    (0..rank).map(|_| rng.range(1, cap.max(1) + 1)).collect()
+}
+
+fn copy_case(dev: &mut dyn Device, rng: &mut Rng, sz: Size) -> Result<f64> {
+    let pairs = [
+        (DType::F32, DType::F32),
+        (DType::F32, DType::BF16),
+        (DType::BF16, DType::F32),
+        (DType::BF16, DType::BF16),
+        (DType::I32, DType::I32),
+    ];
+    let (src, dst) = pairs[rng.range(0, pairs.len())];
+    let rank = rng.range(1, MAX_RANK + 1);
+    let shape = random_shape(rng, rank, if sz.small { 1 << 10 } else { 1 << 22 });
+    let src_strides = random_strides(rng, &shape, true);
+    let dst_strides = random_strides(rng, &shape, false);
+    let spec = CopySpec { shape, src_strides, dst_strides, src, dst };
+    spec.validate().map_err(spec_err)?;
+    let (ss, ds) = (src.size(), dst.size());
+    // Offset pointers, as the runtime passes for slices and concat pieces.
+    let (src_off, dst_off) = (rng.range(0, 4), rng.range(0, 4));
+    // Any bits when the copy moves bits (NaN payloads must survive); finite
+    // values when it converts (a converted NaN may change its payload).
+    let convert = src != dst;
+    let mut bytes = Vec::with_capacity((src_off + spec.src_len()) * ss);
+    for _ in 0..src_off + spec.src_len() {
+        let mut b = rng.next_u64() as u32;
+        if convert && (b >> 23) & 0xff == 0xff {
+            b &= !(1 << 30);
+        }
+        if ss == 2 {
+            bytes.extend_from_slice(&((b >> 16) as u16).to_le_bytes());
+        } else {
+            bytes.extend_from_slice(&b.to_le_bytes());
+        }
+    }
+    // Destination bytes no index maps to (padding) must keep the poison.
+    let n_dst = (dst_off + spec.dst_len()) * ds;
+    let mut want = vec![0xFFu8; n_dst];
+    spec.run_ref(&bytes[src_off * ss..], &mut want[dst_off * ds..]).map_err(spec_err)?;
+    let mut d = Bufs::new(dev);
+    let sp = d.bytes(&bytes)?;
+    let dp = d.out(n_dst)?;
+    d.launch(&spec, &[KArg::Ptr(sp + (src_off * ss) as u64), KArg::Ptr(dp + (dst_off * ds) as u64)])?;
+    Ok(mismatch_bytes(&d.get::<u8>(dp, n_dst)?, &want, ds))
+}
+
+/// Ids outside `0..n`: the kernels must skip them (or write NaN).
+fn bad_id(rng: &mut Rng, n: usize) -> i32 {
+    [-1, n as i32, n as i32 + 7, i32::MIN, i32::MAX][rng.range(0, 5)]
+}
+
+fn gather_case(dev: &mut dyn Device, rng: &mut Rng, sz: Size) -> Result<f64> {
+    let spec = GatherSpec {
+        rows: sz.pick(rng, (1, 12), (1, 600)),
+        cols: sz.pick(rng, (1, 100), (1, 4200)),
+        vocab: sz.pick(rng, (1, 50), (1, 5000)),
+        table: [DType::F32, DType::BF16][rng.range(0, 2)],
+    };
+    spec.validate().map_err(spec_err)?;
+    // About one id in six is bad: its row must come back NaN (the reference's
+    // NaN bits, not the poison's).
+    let ids: Vec<i32> = (0..spec.rows)
+        .map(|_| if rng.range(0, 6) == 0 { bad_id(rng, spec.vocab) } else { rng.range(0, spec.vocab) as i32 })
+        .collect();
+    let tab_f = rng.vec(spec.vocab * spec.cols, 3.0);
+    let tab_b: Vec<bf16> = tab_f.iter().map(|&x| bf16::from_f32(x)).collect();
+    let n = spec.rows * spec.cols;
+    let mut want = vec![0f32; n];
+    let mut d = Bufs::new(dev);
+    let tp = if spec.table == DType::F32 {
+        spec.run_ref(Elems::F32(&tab_f), &ids, &mut want).map_err(spec_err)?;
+        d.f32(&tab_f)?
+    } else {
+        spec.run_ref(Elems::BF16(&tab_b), &ids, &mut want).map_err(spec_err)?;
+        d.bf16(&tab_b)?
+    };
+    let ip = d.i32(&ids)?;
+    let out = d.out(n * 4)?;
+    d.launch(&spec, &[KArg::Ptr(tp), KArg::Ptr(ip), KArg::Ptr(out)])?;
+    Ok(mismatch(&d.get::<u32>(out, n)?, &bits_f32(&want)))
+}
+
+fn scatter_case(dev: &mut dyn Device, rng: &mut Rng, sz: Size) -> Result<f64> {
+    let spec = ScatterRowsSpec {
+        rows: sz.pick(rng, (1, 10), (1, 600)),
+        cols: sz.pick(rng, (1, 64), (1, 4200)),
+        dst_rows: sz.pick(rng, (1, 14), (1, 700)),
+    };
+    spec.validate().map_err(spec_err)?;
+    // Distinct targets (which duplicate wins is unspecified), some bad ones,
+    // which must leave the destination alone.
+    let mut perm: Vec<usize> = (0..spec.dst_rows).collect();
+    rng.shuffle(&mut perm);
+    let idx: Vec<i32> = (0..spec.rows)
+        .map(|i| if i >= spec.dst_rows || rng.range(0, 5) == 0 { bad_id(rng, spec.dst_rows) } else { perm[i] as i32 })
+        .collect();
+    let src = rng.vec(spec.rows * spec.cols, 2.0);
+    let out0 = rng.vec(spec.dst_rows * spec.cols, 5.0);
+    let mut want = out0.clone();
+    spec.run_ref(&src, &idx, &mut want).map_err(spec_err)?;
+    let mut d = Bufs::new(dev);
+    let (sp, ip, op) = (d.f32(&src)?, d.i32(&idx)?, d.f32(&out0)?);
+    d.launch(&spec, &[KArg::Ptr(sp), KArg::Ptr(ip), KArg::Ptr(op)])?;
+    Ok(mismatch(&d.get::<u32>(op, out0.len())?, &bits_f32(&want)))
+}
+
+fn matmul_case(dev: &mut dyn Device, rng: &mut Rng, sz: Size) -> Result<f64> {
+    let spec = MatMulSpec::contiguous(
+        sz.pick(rng, (1, 4), (1, 17)),
+        sz.pick(rng, (1, 8), (1, 300)),
+        sz.pick(rng, (1, 9), (1, 300)),
+        sz.pick(rng, (1, 48), (1, 257)),
+        rng.coin(),
+        rng.coin(),
+        [DType::F32, DType::BF16][rng.range(0, 2)],
+    );
+    spec.validate().map_err(spec_err)?;
+    // Positive-leaning data: the f32 sums (k ascending) against the f64
+    // reference then differ by rounding only, never by cancellation.
+    let a: Vec<f32> = rng.vec(spec.a_len(), 1.0).into_iter().map(|v| v + 0.5).collect();
+    let bf: Vec<f32> = rng.vec(spec.b_len(), 1.0).into_iter().map(|v| v + 0.5).collect();
+    let bb: Vec<bf16> = bf.iter().map(|&x| bf16::from_f32(x)).collect();
+    let n = spec.batch * spec.m * spec.n;
+    let mut want = vec![0f32; n];
+    let mut d = Bufs::new(dev);
+    let ap = d.f32(&a)?;
+    let bp = if spec.b == DType::F32 {
+        spec.run_ref(&a, Elems::F32(&bf), &mut want).map_err(spec_err)?;
+        d.f32(&bf)?
+    } else {
+        spec.run_ref(&a, Elems::BF16(&bb), &mut want).map_err(spec_err)?;
+        d.bf16(&bb)?
+    };
+    let out = d.out(n * 4)?;
+    d.launch(&spec, &[KArg::Ptr(ap), KArg::Ptr(bp), KArg::Ptr(out)])?;
+    Ok(rel_l2(&d.get_f32(out, n)?, &want))
+}
+
+fn reduce_case(dev: &mut dyn Device, rng: &mut Rng, sz: Size) -> Result<f64> {
+    let op = [ReduceOp::Sum, ReduceOp::Max, ReduceOp::Mean][rng.range(0, 3)];
+    // Over the last dimension (inner 1, the norms' statistics) or a middle one.
+    let spec = if rng.coin() {
+        ReduceSpec { outer: sz.pick(rng, (1, 9), (1, 300)), len: sz.pick(rng, (1, 300), (1, 4200)), inner: 1, op }
+    } else {
+        ReduceSpec {
+            outer: sz.pick(rng, (1, 5), (1, 300)),
+            len: sz.pick(rng, (1, 40), (1, 200)),
+            inner: sz.pick(rng, (1, 9), (1, 200)),
+            op,
+        }
+    };
+    spec.validate().map_err(spec_err)?;
+    // Positive-leaning (no cancellation in the sums); Max also sees NaNs,
+    // which it ignores.
+    let mut x: Vec<f32> = rng.vec(spec.outer * spec.len * spec.inner, 2.0).into_iter().map(|v| v + 1.0).collect();
+    if op == ReduceOp::Max {
+        for v in x.iter_mut() {
+            if rng.range(0, 10) == 0 {
+                *v = f32::NAN;
+            }
+        }
+    }
+    let n = spec.outer * spec.inner;
+    let mut want = vec![0f32; n];
+    spec.run_ref(&x, &mut want).map_err(spec_err)?;
+    let mut d = Bufs::new(dev);
+    let xp = d.f32(&x)?;
+    let out = d.out(n * 4)?;
+    d.launch(&spec, &[KArg::Ptr(xp), KArg::Ptr(out)])?;
+    let got = d.get_f32(out, n)?;
+    if op == ReduceOp::Max {
+        // Max is exact: any differing bit fails the family outright.
+        if let Some(i) = (0..n).find(|&i| got[i].to_bits() != want[i].to_bits()) {
+            bail!("max: out[{i}] = {:e}, want {:e} (max is exact)", got[i], want[i]);
+        }
+        return Ok(0.0);
+    }
+    Ok(rel_l2(&got, &want))
+}
+
+fn rope_case(dev: &mut dyn Device, rng: &mut Rng, sz: Size) -> Result<f64> {
+    // The q or k columns of a fused QKV row: padded heads, a row wider than
+    // the heads, and a pointer offset into it.
+    let (heads, d) = (sz.pick(rng, (1, 5), (1, 33)), 2 * sz.pick(rng, (1, 13), (1, 65)));
+    let head_stride = d + rng.range(0, 3);
+    let row_extra = if sz.small { rng.range(0, 21) } else { 2 * heads * head_stride };
+    let spec = RopeSpec {
+        tokens: sz.pick(rng, (1, 7), (1, 700)),
+        heads,
+        head_dim: d,
+        token_stride: heads * head_stride + row_extra,
+        head_stride,
+        logn: rng.coin(),
+    };
+    spec.validate().map_err(spec_err)?;
+    let t = spec.tokens;
+    let x_off = rng.range(0, 10);
+    let x = rng.vec(x_off + spec.x_len(), 2.0);
+    let ang = rng.vec(t * d, 3.0);
+    let cos: Vec<f32> = ang.iter().map(|a| a.cos()).collect();
+    let sin: Vec<f32> = ang.iter().map(|a| a.sin()).collect();
+    let logn: Vec<f32> = rng.vec(t, 0.5).into_iter().map(|v| 1.2 + v).collect();
+    let n = t * heads * d;
+    let mut want = vec![0f32; n];
+    spec.run_ref(&x[x_off..], &cos, &sin, spec.logn.then_some(&logn[..]), &mut want).map_err(spec_err)?;
+    let mut d = Bufs::new(dev);
+    let xp = d.f32(&x)?;
+    let mut ka = vec![KArg::Ptr(xp + 4 * x_off as u64), KArg::Ptr(d.f32(&cos)?), KArg::Ptr(d.f32(&sin)?)];
+    if spec.logn {
+        ka.push(KArg::Ptr(d.f32(&logn)?));
+    }
+    let out = d.out(n * 4)?;
+    ka.push(KArg::Ptr(out));
+    d.launch(&spec, &ka)?;
+    // The same f32 products and sum as the reference: bit-identical.
+    Ok(mismatch(&d.get::<u32>(out, n)?, &bits_f32(&want)))
+}
+
+fn kv_append_case(dev: &mut dyn Device, rng: &mut Rng, sz: Size) -> Result<f64> {
+    let (heads, head_dim, max_seq) =
+        (sz.pick(rng, (1, 6), (1, 33)), sz.pick(rng, (1, 41), (1, 129)), sz.pick(rng, (1, 10), (1, 1025)));
+    let spec = KvAppendSpec {
+        batch: sz.pick(rng, (1, 5), (1, 9)),
+        heads,
+        head_dim,
+        max_seq,
+        cache_stride: heads * max_seq * head_dim + rng.range(0, 18),
+    };
+    spec.validate().map_err(spec_err)?;
+    // Lengths 0 and past max_seq write nothing; the rest write row len − 1.
+    let lens: Vec<u32> = (0..spec.batch)
+        .map(|_| match rng.range(0, 4) {
+            0 => 0,
+            1 => (max_seq + rng.range(1, 4)) as u32,
+            _ => rng.range(1, max_seq + 1) as u32,
+        })
+        .collect();
+    let src = rng.vec(spec.batch * heads * head_dim, 3.0);
+    let n = spec.batch * spec.cache_stride;
+    let cache0 = rng.bf16s(n, 1.0);
+    let mut want = cache0.clone();
+    spec.run_ref(&src, &lens, &mut want).map_err(spec_err)?;
+    let mut d = Bufs::new(dev);
+    let (sp, lp, cp) = (d.f32(&src)?, d.bytes(bytemuck::cast_slice(&lens))?, d.bf16(&cache0)?);
+    d.launch(&spec, &[KArg::Ptr(sp), KArg::Ptr(lp), KArg::Ptr(cp)])?;
+    // Every cache element, bit for bit: nothing but the new rows may change.
+    Ok(mismatch(&d.get::<u16>(cp, n)?, &bits_bf16(&want)))
+}
+
 type Case = fn(&mut dyn Device, &mut Rng, Size) -> Result<f64>;
 
 /// Every family with its tolerance (f32 outputs against f64 references;
-/// rotary writes bf16, so its tolerance is bf16 rounding).
+/// rotary writes bf16, so its tolerance is bf16 rounding; 0 for the kernels
+/// that are exact by contract).
 fn families() -> Vec<(&'static str, f64, Case)> {
     vec![
         ("gemm", 1e-3, |d, r, s| gemm_case(d, r, s, false)),
@@ -468,6 +887,16 @@ fn families() -> Vec<(&'static str, f64, Case)> {
         ("softmax", 1e-4, softmax_case),
         ("sample (argmax)", 0.0, sample_case),
         ("generic (eltwise)", 1e-4, generic_case),
+        // Appended, so that the families above keep their seeds (data).
+        ("patch", 0.0, patch_case),
+        ("sample (top-p)", 0.0, top_p_case),
+        ("generic (copy)", 0.0, copy_case),
+        ("generic (gather)", 0.0, gather_case),
+        ("generic (scatter)", 0.0, scatter_case),
+        ("generic (matmul)", 1e-5, matmul_case),
+        ("generic (reduce)", 1e-5, reduce_case),
+        ("generic (rope)", 0.0, rope_case),
+        ("generic (kv append)", 0.0, kv_append_case),
     ]
 }
 

@@ -105,13 +105,39 @@ fn selftest_passes_every_family_on_the_emulator() {
     let o = qvc(&["selftest", "--device", "emu", "--small", "--cases", "2"]);
     let out = text(&o.stdout);
     assert!(o.status.success(), "{}\n{out}", text(&o.stderr));
-    for family in
-        ["gemm", "gemv", "norm", "flash attention", "decode attention", "rotary", "embed", "softmax", "sample"]
-    {
-        let line = out.lines().find(|l| l.starts_with(family)).unwrap_or_else(|| panic!("no {family} line:\n{out}"));
+    // Every kernel family the runtime launches, each on its own line; a
+    // name must be followed by the column's padding, so that it cannot match
+    // a longer name it prefixes.
+    let families = [
+        "gemm",
+        "gemv",
+        "norm",
+        "flash attention",
+        "decode attention",
+        "rotary",
+        "embed",
+        "softmax",
+        "sample (argmax)",
+        "generic (eltwise)",
+        "patch",
+        "sample (top-p)",
+        "generic (copy)",
+        "generic (gather)",
+        "generic (scatter)",
+        "generic (matmul)",
+        "generic (reduce)",
+        "generic (rope)",
+        "generic (kv append)",
+    ];
+    for family in families {
+        let line = out
+            .lines()
+            .find(|l| l.strip_prefix(family).is_some_and(|rest| rest.starts_with(' ')))
+            .unwrap_or_else(|| panic!("no {family} line:\n{out}"));
+        assert!(line.contains(" 2 cases  max rel err"), "{line}");
         assert!(line.ends_with("PASS"), "{line}");
     }
-    assert!(out.contains("10 families, 0 failed"), "{out}");
+    assert!(out.contains(&format!("selftest: {} families, 0 failed", families.len())), "{out}");
     let o = qvc(&["selftest", "--device", "cpu"]);
     assert!(!o.status.success() && text(&o.stderr).contains("--device emu"), "{}", text(&o.stderr));
 }

@@ -18,6 +18,9 @@
 //! * [`attention`]: multi-head attention (optionally causal) reading q/k/v in
 //!   place through token strides, flash-style (online softmax, blocked).
 //!
+//! [`testutil`] holds the deterministic test-data helpers (an xorshift RNG,
+//! error norms) that the unit tests and `qvc selftest` share.
+//!
 //! Code paths: [`Isa::detect`] picks AVX2+FMA where the CPU has it, else
 //! portable Rust loops; the `*_with_isa` entry points force one, and the tests
 //! run both against the references.
@@ -33,8 +36,7 @@ pub mod rotary;
 pub mod softmax;
 pub mod spec;
 
-#[cfg(test)]
-mod testutil;
+pub mod testutil;
 
 pub use act::{erf_f32, erf_ref, exp_f32, gelu_erf, gelu_erf_ref, silu, silu_ref, swiglu, swiglu_ref};
 pub use attention::{

@@ -1,5 +1,10 @@
 //! Test helpers: a tiny deterministic RNG (so proptest shrinks seeds, not
 //! megabyte vectors) and error norms.
+//!
+//! Public so that checks outside this crate (`qvc selftest`) draw their data
+//! from the same generator; nothing on an inference path uses it. Invariant:
+//! [`Rng`]'s stream is a pure function of the seed, so every figure a test
+//! prints is reproducible from its seed.
 
 use half::{bf16, f16};
 use qvc_ir::{DType, Elems};
@@ -8,9 +13,11 @@ use qvc_ir::{DType, Elems};
 pub struct Rng(u64);
 
 impl Rng {
+    /// A generator seeded with `seed` (any value, 0 included).
     pub fn new(seed: u64) -> Self {
         Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
     }
+    /// The next 64 random bits.
     pub fn next_u64(&mut self) -> u64 {
         let mut x = self.0;
         x ^= x >> 12;
@@ -23,6 +30,7 @@ impl Rng {
     pub fn uniform(&mut self) -> f32 {
         (self.next_u64() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
     }
+    /// `n` values uniform in [-scale, scale).
     pub fn vec(&mut self, n: usize, scale: f32) -> Vec<f32> {
         (0..n).map(|_| self.uniform() * scale).collect()
     }
@@ -36,6 +44,10 @@ pub enum Owned {
 }
 
 impl Owned {
+    /// `v` rounded to `dtype`.
+    ///
+    /// # Panics
+    /// On [`DType::I32`]: test code picks the dtype from [`FLOAT_DTYPES`].
     pub fn from_f32(v: &[f32], dtype: DType) -> Owned {
         match dtype {
             DType::F32 => Owned::F32(v.to_vec()),
@@ -44,6 +56,7 @@ impl Owned {
             DType::I32 => panic!("not a float dtype"),
         }
     }
+    /// A borrowed view for the kernels' `Elems` arguments.
     pub fn elems(&self) -> Elems<'_> {
         match self {
             Owned::F32(v) => Elems::F32(v),
@@ -53,9 +66,13 @@ impl Owned {
     }
 }
 
+/// The weight dtypes the CPU kernels read.
 pub const FLOAT_DTYPES: [DType; 3] = [DType::F32, DType::BF16, DType::F16];
 
 /// ‖got − want‖₂ / ‖want‖₂ (0 when both are zero; inf on a NaN).
+///
+/// # Panics
+/// When the lengths differ (a test bug, not a data error).
 pub fn rel_l2(got: &[f32], want: &[f32]) -> f64 {
     assert_eq!(got.len(), want.len());
     let (mut num, mut den) = (0.0f64, 0.0f64);
