@@ -162,6 +162,11 @@ fn batched_decode_and_graph_replay_on_the_emulated_gpu() {
     let st = gpu.stats();
     eprintln!("emu: {st:?}");
     assert!(st.captures >= 1 && st.replays >= 1, "decode steps should be captured and replayed: {st:?}");
+    // One batched launch reads the sequences' caches as one array: out of
+    // order, the step is refused (before anything runs).
+    sessions.swap(0, 1);
+    let e = qvc_model::step_batch(&mut sessions, &[1, 2, 3]).unwrap_err().to_string();
+    assert!(e.contains("consecutive KV slots"), "{e}");
     // Sessions that share a slot are refused, not silently mixed.
     let mut two: Vec<Session> = (0..2).map(|_| Session::new(&m, &gpu)).collect();
     for s in two.iter_mut() {

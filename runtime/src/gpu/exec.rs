@@ -502,6 +502,13 @@ impl Backend for GpuBackend {
                         q.past, p.low.kv_rows, self.kv.max_seq
                     )));
                 }
+                if p.low.consecutive_slots && q.slot != seqs[0].slot + b {
+                    return Err(ExecError::Device(format!(
+                        "a batched decode step on the GPU needs its sequences in consecutive KV slots, in order; got \
+                         slots {:?} (Session::set_kv_slot)",
+                        seqs.iter().map(|q| q.slot).collect::<Vec<_>>()
+                    )));
+                }
                 if seqs[..b].iter().any(|o| o.slot == q.slot) {
                     return Err(ExecError::Device(format!("two sequences of one step share KV slot {}", q.slot)));
                 }

@@ -190,6 +190,9 @@ pub struct Lowered {
     /// Arena offset of the u32 key counts (`past + 1` per sequence) that
     /// decode attention and the KV append read; written before every run.
     pub lens_at: u64,
+    /// Whether the sequences must sit in consecutive slots, in order (a
+    /// batched launch reads their caches as one array).
+    pub consecutive_slots: bool,
     /// Whether every argument is fixed given the sequences' slots (no host
     /// steps, no host-offset cache pointers): the run can be captured once
     /// (a CUDA graph) and replayed.
@@ -270,8 +273,13 @@ struct Lower<'g> {
     kv_written: Vec<(usize, bool)>,
     kv_rows: usize,
     seqs: usize,
+    /// Whether a batched launch reads the sequences' caches as one array.
+    consecutive_slots: bool,
     /// Per node: stored as bf16 (see [`bf16_values`]).
     bf16: Vec<bool>,
+    /// Batched decode attention by `Concat` node, and the attention nodes it covers.
+    batched: HashMap<NodeId, BatchedAttention>,
+    absorbed: std::collections::HashSet<NodeId>,
 }
 
 type R<T> = Result<T, LowerError>;
@@ -569,6 +577,40 @@ impl<'g> Lower<'g> {
         Ok(())
     }
 
+    /// A batched decode step's attention for one layer (see [`BatchedAttention`]).
+    fn batched_attention(&mut self) -> R<()> {
+        let ba = self.batched[&self.node].clone();
+        let kv = self.opt.kv;
+        let (b, h, d) = (ba.batch, self.g.shape(ba.q).dim(1), self.g.shape(ba.q).dim(2));
+        if ba.layer >= kv.layers || h != kv.heads || d != kv.head_dim {
+            return Err(self.err(format!("layer {} with {h}×{d} heads does not fit the device cache {kv:?}", ba.layer)));
+        }
+        self.seqs = self.seqs.max(b);
+        self.kv_rows = self.kv_rows.max(1);
+        self.consecutive_slots = true;
+        let out = self.out()?;
+        let lens = Buf::Arena(self.lens_at);
+        let stride = h * kv.max_seq * d;
+        let append = KvAppendSpec { batch: b, heads: h, head_dim: d, max_seq: kv.max_seq, cache_stride: stride };
+        append.validate().map_err(|e| self.err(e.to_string()))?;
+        for (src, v) in [(ba.k, false), (ba.v, true)] {
+            let src = self.val(src)?;
+            let cache = Buf::Kv { layer: ba.layer, v, at_past: false, seq: 0 };
+            self.launch(Box::new(append.clone()), vec![Arg::Buf(src), Arg::Buf(lens.clone()), Arg::Buf(cache)]);
+            self.kv_written.push((ba.layer, v));
+        }
+        let qb = self.cast(ba.q, DType::BF16, d)?;
+        let splits = DecodeAttnSpec::splits_for(b, h, kv.max_seq, self.opt.sms);
+        let sp = DecodeAttnSpec::new(b, h, d, kv.max_seq, splits, ba.scale, self.dt(self.node))
+            .map_err(|e| self.err(format!("{e:?}")))?;
+        let ws = self.scratch((b * h * splits * (d + 2) * 4) as u64);
+        let cache = |v| Arg::Buf(Buf::Kv { layer: ba.layer, v, at_past: false, seq: 0 });
+        let args = vec![Arg::Buf(qb), cache(false), cache(true), Arg::Buf(lens), Arg::Buf(Buf::Arena(ws))];
+        self.launch(Box::new(sp.partial()), args);
+        self.launch(Box::new(sp.combine()), vec![Arg::Buf(Buf::Arena(ws)), Arg::Buf(Buf::Arena(out))]);
+        Ok(())
+    }
+
     fn attention(&mut self, mask: Mask, scale: f32) -> R<()> {
         let n = self.g.node(self.node).clone();
         let (q, k) = (self.g.shape(n.inputs[0]).clone(), self.g.shape(n.inputs[1]).clone());
@@ -670,6 +712,8 @@ impl<'g> Lower<'g> {
                 let base = self.val(n.inputs[0])?;
                 self.copy(base, shape.0.clone(), st)
             }
+            Op::Attention { .. } if self.absorbed.contains(&self.node) => Ok(()),
+            Op::Concat { .. } if self.batched.contains_key(&self.node) => self.batched_attention(),
             Op::Concat { axis } => {
                 let out = self.out()?;
                 let ost = contiguous_strides(&shape.0);
@@ -900,6 +944,62 @@ impl<'g> Lower<'g> {
     }
 }
 
+/// One layer's attention of a batched decode step, done as one launch: the
+/// graph attends per sequence (`B` nodes, each over `past_k.{l}.{b}`) and
+/// concatenates; on the device the caches of consecutive slots are one
+/// `[B, heads, max_seq, hd]` array, so one append and one decode-attention
+/// launch serve all `B`.
+#[derive(Clone, Debug, PartialEq)]
+struct BatchedAttention {
+    /// q, k, v: `[B, heads, hd]`, each sliced per sequence by the graph.
+    q: NodeId,
+    k: NodeId,
+    v: NodeId,
+    layer: usize,
+    batch: usize,
+    scale: f32,
+}
+
+/// The batched-attention groups of `g`, by their `Concat` node, and the
+/// attention nodes they absorb.
+fn batched_attention(
+    g: &Graph,
+    kv: impl Fn(NodeId) -> Option<(usize, bool, usize)>,
+) -> HashMap<NodeId, BatchedAttention> {
+    let mut out = HashMap::new();
+    for (c, node) in g.nodes.iter().enumerate() {
+        if !matches!(node.op, Op::Concat { axis: 0 }) || node.inputs.len() < 2 {
+            continue;
+        }
+        let base = |id: NodeId, b: usize| match &g.node(id).op {
+            Op::Slice { axis: 0, start, end } if *start == b && *end == b + 1 => Some(g.node(id).inputs[0]),
+            _ => None,
+        };
+        let mut group: Option<BatchedAttention> = None;
+        let ok = node.inputs.iter().enumerate().all(|(b, &a)| {
+            let n = g.node(a);
+            let Op::Attention { mask: Mask::Causal, scale } = n.op else { return false };
+            if n.inputs.len() < 5 || g.shape(n.inputs[0]).dim(0) != 1 {
+                return false;
+            }
+            let (Some((lk, false, sk)), Some((lv, true, sv))) = (kv(n.inputs[3]), kv(n.inputs[4])) else {
+                return false;
+            };
+            let (Some(q), Some(k), Some(v)) = (base(n.inputs[0], b), base(n.inputs[1], b), base(n.inputs[2], b)) else {
+                return false;
+            };
+            let this = BatchedAttention { q, k, v, layer: lk, batch: node.inputs.len(), scale };
+            let same = group.as_ref().is_none_or(|g0| *g0 == this);
+            group = Some(this);
+            lk == lv && sk == b && sv == b && same
+        });
+        if let (true, Some(grp)) = (ok, group) {
+            out.insert(NodeId(c as u32), grp);
+        }
+    }
+    out
+}
+
 /// Which computed values to store as bf16: those whose producer can write
 /// bf16 (a GEMM without residual, a norm, attention, a copy) and whose every
 /// reader takes bf16 anyway (a GEMM's activation operand, attention's
@@ -1005,9 +1105,14 @@ pub fn lower(g: &Graph, opt: &LowerOptions) -> Result<Lowered, LowerError> {
         kv_written: vec![],
         kv_rows: 0,
         seqs: 1,
+        consecutive_slots: false,
         bf16: vec![],
+        batched: HashMap::new(),
+        absorbed: Default::default(),
     };
     lw.bf16 = bf16_values(g, &lw.plan);
+    lw.batched = batched_attention(g, |id| lw.kv_input(id));
+    lw.absorbed = lw.batched.keys().flat_map(|c| g.node(*c).inputs.iter().copied()).collect();
     for i in 0..g.nodes.len() {
         lw.node = NodeId(i as u32);
         lw.scratch_cur = 0;
@@ -1095,6 +1200,7 @@ pub fn lower(g: &Graph, opt: &LowerOptions) -> Result<Lowered, LowerError> {
         plan: lw.plan,
         params: g.params().into_iter().map(|(n, t)| (n.to_string(), t.shape.0.clone())).collect(),
         seqs: lw.seqs,
+        consecutive_slots: lw.consecutive_slots,
         lens_at: lw.lens_at,
         capturable,
     })
