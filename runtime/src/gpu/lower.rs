@@ -280,6 +280,10 @@ struct Lower<'g> {
     /// Batched decode attention by `Concat` node, and the attention nodes it covers.
     batched: HashMap<NodeId, BatchedAttention>,
     absorbed: std::collections::HashSet<NodeId>,
+    /// Attention operands read in place (see [`strided_operands`]), and the
+    /// slices that therefore need no copy.
+    strided: HashMap<(NodeId, usize), (NodeId, usize)>,
+    elided_slices: std::collections::HashSet<NodeId>,
 }
 
 type R<T> = Result<T, LowerError>;
@@ -617,12 +621,20 @@ impl<'g> Lower<'g> {
         let (tq, tk, h, d) = (q.dim(0), k.dim(0), q.dim(1), q.dim(2));
         let out = self.out()?;
         if n.inputs.len() == 3 {
-            let mut ptr = vec![];
-            for &i in &n.inputs[..3] {
-                let cols = self.g.shape(i).last();
-                ptr.push(self.cast(i, DType::BF16, cols)?);
-            }
+            let (mut ptr, mut strides) = (vec![], vec![]);
             let dense = Strides { token: (h * d) as u32, head: d as u32 };
+            for (p, &i) in n.inputs[..3].iter().enumerate() {
+                if let Some(&(x, start)) = self.strided.get(&(self.node, p)) {
+                    // A column block of the bf16 QKV rows, read in place.
+                    let Buf::Arena(base) = self.val(x)? else { return Err(self.err("strided operand off the arena")) };
+                    ptr.push(Buf::Arena(base + 2 * start as u64));
+                    strides.push(Strides { token: self.g.shape(x).dim(1) as u32, head: d as u32 });
+                } else {
+                    let cols = self.g.shape(i).last();
+                    ptr.push(self.cast(i, DType::BF16, cols)?);
+                    strides.push(dense);
+                }
+            }
             let fm = match mask {
                 Mask::None => FlashMask::None,
                 Mask::Causal => FlashMask::Causal { q_offset: (tk - tq) as u32 },
@@ -630,7 +642,8 @@ impl<'g> Lower<'g> {
                     FlashMask::Window { grid: (grid_h as u32, grid_w as u32), window: window as u32 }
                 }
             };
-            let mut sp = FlashSpec::new(tq as u32, tk as u32, h as u32, d as u32, dense, dense, dense, fm);
+            let mut sp =
+                FlashSpec::new(tq as u32, tk as u32, h as u32, d as u32, strides[0], strides[1], strides[2], fm);
             sp.scale = scale;
             sp.out = if self.dt(self.node) == DType::BF16 { OutDtype::Bf16 } else { OutDtype::F32 };
             sp.validate().map_err(|e| self.err(e.to_string()))?;
@@ -691,6 +704,7 @@ impl<'g> Lower<'g> {
         let s = |i: usize| self.g.shape(n.inputs[i]).clone();
         match &n.op {
             Op::Input(_) | Op::Param(_) | Op::Const(_) | Op::Reshape(_) => Ok(()),
+            Op::Slice { .. } if self.elided_slices.contains(&self.node) => Ok(()),
             Op::Slice { .. } if self.plan.values[self.node.index()].is_none_or(|s| s.alias_of.is_some()) => Ok(()),
             Op::Slice { axis, start, .. } => {
                 let src = s(0);
@@ -1000,6 +1014,41 @@ fn batched_attention(
     out
 }
 
+/// Attention operands the flash kernel can read in place: `(attention,
+/// operand) → (X, first column)` where the operand is `Reshape(Slice(X))`,
+/// a column block of a bf16 row-major `X [T, C]` (the ViT's fused QKV
+/// projection) that nothing else reads. Strides and the block's start must
+/// be whole 16-byte chunks.
+fn strided_operands(g: &Graph, bf16: &[bool]) -> HashMap<(NodeId, usize), (NodeId, usize)> {
+    let mut readers = vec![0usize; g.nodes.len()];
+    for n in &g.nodes {
+        n.inputs.iter().for_each(|i| readers[i.index()] += 1);
+    }
+    g.outputs.iter().for_each(|(_, o)| readers[o.index()] += 1);
+    let mut out = HashMap::new();
+    for (a, node) in g.nodes.iter().enumerate() {
+        if !matches!(node.op, Op::Attention { .. }) || node.inputs.len() != 3 {
+            continue;
+        }
+        for (i, &r) in node.inputs.iter().enumerate() {
+            let rn = g.node(r);
+            let Op::Reshape(_) = rn.op else { continue };
+            let sl = rn.inputs[0];
+            let Op::Slice { axis: 1, start, end } = g.node(sl).op else { continue };
+            let x = g.node(sl).inputs[0];
+            let (xs, ts) = (g.shape(x), &rn.ty.shape);
+            if xs.rank() != 2 || ts.rank() != 3 || ts.dim(1) * ts.dim(2) != end - start {
+                continue;
+            }
+            let aligned = xs.dim(1).is_multiple_of(8) && ts.dim(2).is_multiple_of(8) && start.is_multiple_of(8);
+            if aligned && bf16[x.index()] && readers[r.index()] == 1 && readers[sl.index()] == 1 {
+                out.insert((NodeId(a as u32), i), (x, start));
+            }
+        }
+    }
+    out
+}
+
 /// Which computed values to store as bf16: those whose producer can write
 /// bf16 (a GEMM without residual, a norm, attention, a copy) and whose every
 /// reader takes bf16 anyway (a GEMM's activation operand, attention's
@@ -1061,7 +1110,18 @@ pub fn bf16_values(g: &Graph, plan: &MemoryPlan) -> Vec<bool> {
 
 /// Lower `g` for a device (see the module docs).
 pub fn lower(g: &Graph, opt: &LowerOptions) -> Result<Lowered, LowerError> {
-    let plan = plan_memory(g, &PlanOptions { align: ALIGN, in_place: false, reuse: true });
+    let popt = PlanOptions { align: ALIGN, in_place: false, reuse: true };
+    let mut plan = plan_memory(g, &popt);
+    // Attention operands read in place keep their base alive until the
+    // attention: plan a copy of the graph whose attention reads the base.
+    let strided = strided_operands(g, &bf16_values(g, &plan));
+    if !strided.is_empty() {
+        let mut wired = g.clone();
+        for (&(a, i), &(x, _)) in &strided {
+            wired.nodes[a.index()].inputs[i] = x;
+        }
+        plan = plan_memory(&wired, &popt);
+    }
     let mut at = align(plan.arena_bytes);
     let mut inputs = HashMap::new();
     let mut input_slots = vec![];
@@ -1109,8 +1169,15 @@ pub fn lower(g: &Graph, opt: &LowerOptions) -> Result<Lowered, LowerError> {
         bf16: vec![],
         batched: HashMap::new(),
         absorbed: Default::default(),
+        strided: HashMap::new(),
+        elided_slices: Default::default(),
     };
     lw.bf16 = bf16_values(g, &lw.plan);
+    for (&(a, i), _) in &strided {
+        let r = g.node(a).inputs[i];
+        lw.elided_slices.insert(g.node(r).inputs[0]);
+    }
+    lw.strided = strided;
     lw.batched = batched_attention(g, |id| lw.kv_input(id));
     lw.absorbed = lw.batched.keys().flat_map(|c| g.node(*c).inputs.iter().copied()).collect();
     for i in 0..g.nodes.len() {
