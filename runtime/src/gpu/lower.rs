@@ -1173,7 +1173,7 @@ pub fn lower(g: &Graph, opt: &LowerOptions) -> Result<Lowered, LowerError> {
         elided_slices: Default::default(),
     };
     lw.bf16 = bf16_values(g, &lw.plan);
-    for (&(a, i), _) in &strided {
+    for &(a, i) in strided.keys() {
         let r = g.node(a).inputs[i];
         lw.elided_slices.insert(g.node(r).inputs[0]);
     }
