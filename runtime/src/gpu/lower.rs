@@ -1,25 +1,34 @@
-//! Lowering: an IR [`Graph`] → a list of kernel launches over one arena.
+//! Lowering: an IR [`Graph`] → a list of kernel launches over one workspace.
 //!
 //! Invariants the executor relies on:
-//! - every computed value lives as **f32, contiguous** at its memory-plan
-//!   slot ([`plan_memory`] without in-place updates, so no kernel needs to be
-//!   alias-safe); a view (`Reshape`, a contiguous `Slice`) is its base's bytes;
+//! - every computed value lives **contiguous** at its memory-plan slot
+//!   ([`plan_memory`] without in-place updates, so no kernel needs to be
+//!   alias-safe), as f32, or as bf16 where [`bf16_values`] chose it (its
+//!   producer writes bf16 and every reader wants bf16); a view (`Reshape`, a
+//!   contiguous `Slice`) is its base's bytes;
 //! - a node's steps read only values live at that node, and write only its
 //!   own slot and the *scratch* region, which belongs to the current node
 //!   (casts to bf16 for the tensor-core kernels, padded GEMM operands,
-//!   attention workspaces): scratch is reused by the next node;
+//!   attention workspaces): scratch is reused by the next node. The one
+//!   exception is planned for: attention reading the ViT's q/k/v blocks in
+//!   place ([`strided_operands`]) is planned as a reader of the QKV output;
 //! - weights are read through [`WeightKey`] views (dtype and layout the
 //!   kernel wants: bf16 `[N, K]`, transposed, K padded to a multiple of 8,
 //!   or f32), which the executor uploads once and shares across programs;
 //! - the KV cache is the device's, bf16 `[slots, heads, max_seq, head_dim]`
-//!   per layer and K/V: inputs named `past_k.{l}` / `past_v.{l}` *are* that
-//!   cache (never uploaded), the new rows of outputs `k.{l}` / `v.{l}` are
-//!   written into it at row `past`, and attention over a cache reads it in place.
+//!   per layer and K/V: inputs named `past_k.{l}` / `past_v.{l}` (or
+//!   `past_k.{l}.{b}` in a batched step) *are* that cache (never uploaded).
+//!   A prompt's rows (outputs `k.{l}` / `v.{l}`) are copied in at row `past`;
+//!   a decode step's row is appended by a kernel that reads its row from the
+//!   device key counts, so every argument of a decode step is fixed and the
+//!   step can be recorded as a CUDA graph. A batched step's per-sequence
+//!   attention nodes become one launch over consecutive slots
+//!   ([`BatchedAttention`]).
 //!
-//! Ops without a device kernel run on the host ([`Step::Host`]): the executor
-//! downloads their inputs, runs the reference interpreter on that one node
+//! A node no kernel accepts runs on the host ([`Step::Host`]): the executor
+//! downloads its inputs, runs the reference interpreter on that one node
 //! and uploads the result. Correct for any graph; [`Lowered::host_nodes`]
-//! counts them so `qvc inspect` and the benchmarks can show what is left.
+//! counts them so `qvc compile` and the benchmarks can show what is left.
 
 use crate::gpu::device::DevPtr;
 use qvc_ir::plan::{plan_memory, MemoryPlan, PlanOptions};
