@@ -255,3 +255,29 @@ fn window_attention_vision_on_the_emulated_gpu_matches_the_cpu_backend() {
     assert!(r < TOL, "window-attention features differ: {r:e}");
     let _ = std::fs::remove_dir_all(&out);
 }
+
+/// An artifact compiled for sm_90 on an sm_80 device: its PTX cannot run
+/// there, so the kernels are generated again for the device's target (and
+/// the results are the same).
+#[test]
+fn an_sm90_artifact_on_an_sm80_device_regenerates_its_kernels() {
+    let Some(dir) = fixtures() else { return };
+    let out = std::env::temp_dir().join(format!("qvc-gpu-emu-sm90-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out);
+    let opt = CompileOptions {
+        target: Target::Gpu(qvc_codegen::Target::Sm90),
+        max_seq: 64,
+        force: true,
+        ..Default::default()
+    };
+    compile(&SourceSpec::Checkpoint(dir.clone()), Some(&out), &opt, &indicatif::ProgressBar::hidden()).unwrap();
+    let m = Model::load(&out, &LoadOptions::default()).unwrap();
+    let gpu = m.gpu_backend(Box::new(EmuDevice::new(qvc_codegen::Target::Sm80)), 1, 0).unwrap();
+    let ids: Vec<u32> = vec![151644, 872, 198, 9707, 151645, 198];
+    let (g, _, _) = run(&m, &gpu, &dir, &ids, 0, None);
+    let (c, _, _) = run(&m, &Cpu, &dir, &ids, 0, None);
+    let r = rel_err(&g, &c);
+    assert!(r < TOL, "emu vs cpu: {r:e}");
+    assert!(gpu.stats().kernels_loaded > 0, "{:?}", gpu.stats());
+    let _ = std::fs::remove_dir_all(&out);
+}

@@ -214,7 +214,11 @@ impl Model {
             max_seq = m.options.max_seq;
             slots = slots.max(m.options.max_batch);
             let ptx_path = self.dir.join(qvc_runtime::artifact::PTX);
-            if let Ok(ptx) = std::fs::read_to_string(&ptx_path) {
+            // PTX runs on its target and newer GPUs (the driver JITs it);
+            // sm_90 PTX on an sm_80 GPU cannot, so its kernels are generated
+            // again for the device.
+            let usable = m.options.target == dev.target().name() || m.options.target == "sm_80";
+            if let Some(ptx) = usable.then(|| std::fs::read_to_string(&ptx_path).ok()).flatten() {
                 let target = dev.target().name();
                 let cubin = (m.options.target == target)
                     .then(|| std::fs::read(self.dir.join(format!("kernels.{target}.cubin"))).ok())
