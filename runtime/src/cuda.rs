@@ -6,7 +6,7 @@
 //! first and turns its absence into [`CudaError::NoDriver`].
 //!
 //! Today this module discovers GPUs (for `qvc devices` and for choosing
-//! `qvc compile`'s default target); the CUDA backend builds on it.
+//! `qvc compile`'s default target); [`crate::gpu::CudaDevice`] builds on it.
 
 use std::sync::Arc;
 

@@ -1,12 +1,19 @@
 //! # qvc-runtime: running programs
 //!
 //! Start with [`Backend`]: the one interface the model code uses to run a
-//! [`qvc_ir::Graph`] with its weights and inputs. Two backends exist today:
-//! [`Cpu`] (fast multithreaded kernels, weights read in place from the memory
-//! map) and [`Reference`] (the naive interpreter of `qvc-ir`, for tests).
+//! [`qvc_ir::Graph`] with its weights and inputs. Three backends:
+//! - [`Cpu`]: fast multithreaded kernels, weights read in place from the
+//!   memory map;
+//! - [`Reference`]: the naive interpreter of `qvc-ir`, for tests;
+//! - [`gpu::GpuBackend`]: the graph lowered onto generated PTX kernels, on a
+//!   [`gpu::Device`]: a CUDA GPU ([`gpu::CudaDevice`]) or the PTX emulator
+//!   ([`gpu::EmuDevice`], which tests the GPU path without a GPU). It keeps
+//!   the KV cache on the device and can sample there
+//!   ([`Backend::kv_on_device`], [`Backend::samples_on_device`]).
+//!
 //! [`WeightStore`] maps checkpoints; [`KvCache`] holds decoder state between
-//! steps. The CUDA and PTX-emulator backends of the later issues implement
-//! the same trait.
+//! steps on the host; [`artifact`] reads `qvc compile` output; [`cuda`] finds
+//! GPUs without linking CUDA.
 
 pub mod artifact;
 pub mod cpu;

@@ -11,7 +11,7 @@
 //!   (casts to bf16 for the tensor-core kernels, padded GEMM operands,
 //!   attention workspaces): scratch is reused by the next node. The one
 //!   exception is planned for: attention reading the ViT's q/k/v blocks in
-//!   place ([`strided_operands`]) is planned as a reader of the QKV output;
+//!   place (`strided_operands`) is planned as a reader of the QKV output;
 //! - weights are read through [`WeightKey`] views (dtype and layout the
 //!   kernel wants: bf16 `[N, K]`, transposed, K padded to a multiple of 8,
 //!   or f32), which the executor uploads once and shares across programs;
