@@ -23,7 +23,7 @@
 //!   device key counts, so every argument of a decode step is fixed and the
 //!   step can be recorded as a CUDA graph. A batched step's per-sequence
 //!   attention nodes become one launch over consecutive slots
-//!   ([`BatchedAttention`]).
+//!   (`BatchedAttention`).
 //!
 //! A node no kernel accepts runs on the host ([`Step::Host`]): the executor
 //! downloads its inputs, runs the reference interpreter on that one node
