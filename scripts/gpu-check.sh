@@ -105,9 +105,9 @@ fi
 
 # (d) the bench.
 if [ "$dev" = emu ]; then
-    bench=(bench --synthetic tiny --device emu --prompt-len 8 --decode-tokens 2 --batch 2 --image-sizes 224)
+    bench=(bench --synthetic tiny --device emu --prompt-len 8 --decode-tokens 2 --batch 2 --image-sizes 224 --profile)
 else
-    bench=(bench --synthetic qwen-vl-chat --device "$dev")
+    bench=(bench --synthetic qwen-vl-chat --device "$dev" --profile)
 fi
 log "bench: qvc ${bench[*]}"
 # The bench is the longest stage: a time limit keeps the summary table

@@ -187,6 +187,8 @@ pub struct BenchOptions {
     /// Vision sizes for `--synthetic` and checkpoints [default: 448 and 896
     /// for synthetic models, the model's own size otherwise].
     pub image_sizes: Vec<usize>,
+    /// Per-kernel profile of one vision run, one prefill and one decode step.
+    pub profile: bool,
 }
 
 /// Tokens of the time-to-first-token prompt around the picture: a system
@@ -1048,5 +1050,63 @@ pub fn run(model: Option<&Model>, synthetic: Option<Synthetic>, opt: &BenchOptio
         Exec::Cpu(_) => rows.push(Row::text("peak device memory", "n/a on the CPU")),
     }
     print_table(&rows);
+
+    if let (true, Exec::Gpu(g)) = (opt.profile, &exec) {
+        let what = if at == Where::Emu { "emulation wall time, not GPU time" } else { "each launch timed alone" };
+        g.start_profile();
+        r.run_vision(&vkey, size0)?;
+        print_profile(&format!("vision {size0} {} ({what})", attentions[0]), &g.take_profile());
+        let mut s = new_seq(0);
+        g.start_profile();
+        r.prefill(&mut s, &ids, &[], &[])?;
+        print_profile(&format!("prefill {prompt_len} tokens ({what})"), &g.take_profile());
+        g.start_profile();
+        r.decode(std::slice::from_mut(&mut s), cap, 0)?;
+        print_profile(&format!("decode step, batch 1, {} cached ({what})", s.len - 1), &g.take_profile());
+    }
     Ok(())
+}
+
+/// Where one run's time went: families, then the slowest kernels.
+fn print_profile(title: &str, k: &[qvc_runtime::gpu::KernelTime]) {
+    let total: f64 = k.iter().map(|k| k.ms).sum();
+    println!("\nprofile: {title}: {:.3} ms in {} launches", total, k.iter().map(|k| k.launches).sum::<u64>());
+    let rate = |k: &qvc_runtime::gpu::KernelTime| {
+        let s = k.ms.max(1e-9) / 1e3;
+        (k.flops as f64 / s / 1e12, k.bytes as f64 / s / 1e9)
+    };
+    let mut fam: HashMap<&str, qvc_runtime::gpu::KernelTime> = HashMap::new();
+    for x in k {
+        let f = fam.entry(crate::compile::family_of(&x.kernel)).or_default();
+        f.launches += x.launches;
+        f.ms += x.ms;
+        f.flops += x.flops;
+        f.bytes += x.bytes;
+    }
+    let mut fam: Vec<_> = fam.into_iter().collect();
+    fam.sort_by(|a, b| b.1.ms.total_cmp(&a.1.ms));
+    println!(
+        "  {:<48} {:>8} {:>10} {:>6} {:>9} {:>9}",
+        "family / kernel", "launches", "ms", "share", "TFLOP/s", "GB/s"
+    );
+    let line = |name: &str, x: &qvc_runtime::gpu::KernelTime| {
+        let (tf, gb) = rate(x);
+        println!(
+            "  {:<48} {:>8} {:>10.3} {:>5.1}% {:>9.2} {:>9.1}",
+            name,
+            x.launches,
+            x.ms,
+            100.0 * x.ms / total.max(1e-12),
+            tf,
+            gb
+        );
+    };
+    for (f, x) in &fam {
+        line(f, x);
+    }
+    println!("  slowest kernels:");
+    for x in k.iter().take(12) {
+        let name: String = x.kernel.chars().take(46).collect();
+        line(&format!("  {name}"), x);
+    }
 }

@@ -409,6 +409,10 @@ struct BenchArgs {
     /// model's].
     #[arg(long, value_delimiter = ',', value_name = "N,...")]
     image_sizes: Vec<usize>,
+    /// After the table, time every kernel of one vision run, one prefill and one decode step on their own (GPU or
+    /// emulator) and print where the time goes, with each kernel's TFLOP/s and GB/s.
+    #[arg(long)]
+    profile: bool,
 }
 
 /// Entry point of both binaries; `forced` is the subcommand the `generate` binary implies.
@@ -936,6 +940,7 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
         decode_tokens: a.decode_tokens,
         batch: a.batch.map(usize::from),
         image_sizes: a.image_sizes.clone(),
+        profile: a.profile,
     };
     let has_model = a.model.path.is_some() || a.model.model.is_some();
     match &a.synthetic {

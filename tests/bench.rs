@@ -49,6 +49,7 @@ fn bench_tiny_on_the_emulator_prints_every_row() {
         "2",
         "--image-sizes",
         "224",
+        "--profile",
     ];
     let o = qvc(&args);
     let out = text(&o.stdout);
@@ -66,6 +67,12 @@ fn bench_tiny_on_the_emulator_prints_every_row() {
     }
     assert!(out.contains("n/a on the emulator"), "{out}");
     assert!(out.contains("generated on the host"), "{out}");
+    // --profile: one section per phase, families first, launches counted.
+    for phase in ["profile: vision 224", "profile: prefill 8 tokens", "profile: decode step, batch 1"] {
+        let at = out.find(phase).unwrap_or_else(|| panic!("no {phase:?} in\n{out}"));
+        let section = &out[at..];
+        assert!(section.contains("gemv") && section.contains("slowest kernels"), "{section}");
+    }
 }
 
 #[test]

@@ -864,6 +864,15 @@ impl Device for CudaDevice {
     fn memory(&self) -> MemInfo {
         MemInfo { used: self.used, peak: self.peak, total: self.total }
     }
+    fn launch_timed(
+        &mut self,
+        kernel: &str,
+        grid: [u32; 3],
+        block: [u32; 3],
+        args: &[KArg],
+    ) -> Result<f64, DeviceError> {
+        self.elapsed_ms(|d| d.launch(kernel, grid, block, args))
+    }
     fn capture_begin(&mut self) -> Result<bool, DeviceError> {
         self.begin_capture()?;
         Ok(true)

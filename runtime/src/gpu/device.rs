@@ -73,6 +73,22 @@ pub trait Device: Send {
     fn synchronize(&mut self) -> Result<(), DeviceError>;
     fn memory(&self) -> MemInfo;
 
+    /// Launch and wait for it: the kernel's time in milliseconds (device
+    /// time on a GPU; on the emulator, the emulation's wall time). For
+    /// profiles, not for runs: it serialises the stream.
+    fn launch_timed(
+        &mut self,
+        kernel: &str,
+        grid: [u32; 3],
+        block: [u32; 3],
+        args: &[KArg],
+    ) -> Result<f64, DeviceError> {
+        let t0 = std::time::Instant::now();
+        self.launch(kernel, grid, block, args)?;
+        self.synchronize()?;
+        Ok(t0.elapsed().as_secs_f64() * 1e3)
+    }
+
     /// Start recording launches and memsets instead of running them (a CUDA
     /// graph). `Ok(false)`: this device cannot, and nothing changed.
     fn capture_begin(&mut self) -> Result<bool, DeviceError> {

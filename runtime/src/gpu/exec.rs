@@ -62,6 +62,8 @@ struct State {
     fingerprints: HashMap<(usize, u64), u64>,
     /// Captured runs by (program, sequence slots).
     graphs: HashMap<(u64, Vec<u64>), GraphState>,
+    /// Per kernel while profiling: launches, milliseconds, work.
+    profile: Option<HashMap<String, KernelTime>>,
     /// Runs so far (ages programs).
     clock: u64,
     /// The workspace all programs share (pointer, bytes).
@@ -81,6 +83,18 @@ pub struct GpuBackend {
     graphs: bool,
     /// Called as weights upload: (bytes done, bytes of this batch).
     progress: Option<Progress>,
+}
+
+/// One kernel's share of a profile ([`GpuBackend::start_profile`]).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct KernelTime {
+    pub kernel: String,
+    pub launches: u64,
+    /// Total time, milliseconds.
+    pub ms: f64,
+    /// Total work of those launches (the spec's cost model).
+    pub flops: u64,
+    pub bytes: u64,
 }
 
 /// A weight-upload progress callback: (bytes done, bytes to do).
@@ -108,6 +122,7 @@ impl GpuBackend {
                 fingerprints: HashMap::new(),
                 arena: None,
                 clock: 0,
+                profile: None,
                 module,
             }),
             kv,
@@ -141,6 +156,28 @@ impl GpuBackend {
             Ok(s) => (s.dev.name(), s.dev.memory()),
             Err(_) => ("poisoned".into(), Default::default()),
         }
+    }
+
+    /// Time every launch from now on (each waits for the previous: runs get
+    /// slower, and nothing is recorded as a device graph) until
+    /// [`GpuBackend::take_profile`].
+    pub fn start_profile(&self) {
+        if let Ok(mut s) = self.state.lock() {
+            s.profile = Some(HashMap::new());
+        }
+    }
+
+    /// The profile since [`GpuBackend::start_profile`], slowest kernel first; profiling stops.
+    pub fn take_profile(&self) -> Vec<KernelTime> {
+        let mut v: Vec<KernelTime> = self
+            .state
+            .lock()
+            .ok()
+            .and_then(|mut s| s.profile.take())
+            .map(|m| m.into_values().collect())
+            .unwrap_or_default();
+        v.sort_by(|a, b| b.ms.total_cmp(&a.ms));
+        v
     }
 
     /// Run `f` with the device (benchmarks time work on it directly).
@@ -485,7 +522,7 @@ impl Backend for GpuBackend {
         if let Some(p) = s.programs.get_mut(&key) {
             p.used = s.clock;
         }
-        let State { dev, weights: wmap, programs, kv, stats, graphs, .. } = s;
+        let State { dev, weights: wmap, programs, kv, stats, graphs, profile, .. } = s;
         let p = &programs[&key];
         let seqs = sequences(inputs, p.low.seqs);
         if p.low.kv_rows > 0 {
@@ -558,10 +595,11 @@ impl Backend for GpuBackend {
         }
         let gkey = (key, gslots);
         let replay = match graphs.get(&gkey) {
+            _ if profile.is_some() => None,
             Some(GraphState::Captured(id)) => Some(*id),
             Some(GraphState::Seen) if self.graphs && p.low.capturable => {
                 if dev.capture_begin().map_err(dev_err)? {
-                    let issued = issue(dev.as_mut(), graph, p, mem, weights, &ptr, sample, stats);
+                    let issued = issue(dev.as_mut(), graph, p, mem, weights, &ptr, sample, stats, None);
                     let id = dev.capture_end().map_err(dev_err);
                     issued?;
                     let id = id?;
@@ -584,7 +622,7 @@ impl Backend for GpuBackend {
                 dev.replay(id).map_err(dev_err)?;
                 stats.replays += 1;
             }
-            None => issue(dev.as_mut(), graph, p, mem, weights, &ptr, sample, stats)?,
+            None => issue(dev.as_mut(), graph, p, mem, weights, &ptr, sample, stats, profile.as_mut())?,
         }
         let mut out = HashMap::new();
         for (name, l) in &p.low.outputs {
@@ -622,6 +660,7 @@ fn issue(
     ptr: &dyn Fn(&Buf) -> Result<DevPtr, ExecError>,
     sample: Option<SampleSettings>,
     stats: &mut ExecStats,
+    mut profile: Option<&mut HashMap<String, KernelTime>>,
 ) -> Result<(), ExecError> {
     for st in &p.low.steps {
         match st {
@@ -642,9 +681,23 @@ fn issue(
                         }
                     });
                 }
-                dev.launch(kernel, *grid, *block, &ka).map_err(|e| {
+                let fail = |e: DeviceError| {
                     ExecError::Device(format!("node {} ({}): {e}", node.0, graph.node(*node).op.name()))
-                })?;
+                };
+                match profile.as_deref_mut() {
+                    None => dev.launch(kernel, *grid, *block, &ka).map_err(fail)?,
+                    Some(prof) => {
+                        let ms = dev.launch_timed(kernel, *grid, *block, &ka).map_err(fail)?;
+                        let e = prof
+                            .entry(kernel.clone())
+                            .or_insert_with(|| KernelTime { kernel: kernel.clone(), ..Default::default() });
+                        let c = p.low.kernels.get(kernel).map(|k| k.cost()).unwrap_or_default();
+                        e.launches += 1;
+                        e.ms += ms;
+                        e.flops += c.flops;
+                        e.bytes += c.bytes;
+                    }
+                }
                 stats.launches += 1;
             }
             Step::Zero { at, bytes } => dev.memset_zero(mem + at, *bytes as usize).map_err(dev_err)?,

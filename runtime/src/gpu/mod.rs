@@ -11,4 +11,4 @@ pub mod lower;
 pub use cuda::CudaDevice;
 pub use device::{DevPtr, Device, DeviceError, KArg, MemInfo};
 pub use emu::EmuDevice;
-pub use exec::{ExecStats, GpuBackend};
+pub use exec::{ExecStats, GpuBackend, KernelTime};
