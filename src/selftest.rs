@@ -814,6 +814,7 @@ fn rope_case(dev: &mut dyn Device, rng: &mut Rng, sz: Size) -> Result<f64> {
         token_stride: heads * head_stride + row_extra,
         head_stride,
         logn: rng.coin(),
+        bf16_out: rng.coin(),
     };
     spec.validate().map_err(spec_err)?;
     let t = spec.tokens;
@@ -835,7 +836,12 @@ fn rope_case(dev: &mut dyn Device, rng: &mut Rng, sz: Size) -> Result<f64> {
     let out = d.out(n * 4)?;
     ka.push(KArg::Ptr(out));
     d.launch(&spec, &ka)?;
-    // The same f32 products and sum as the reference: bit-identical.
+    // The same f32 products and sum as the reference: bit-identical (and
+    // rounded to nearest even when written as bf16).
+    if spec.bf16_out {
+        let want: Vec<bf16> = want.iter().map(|&v| bf16::from_f32(v)).collect();
+        return Ok(mismatch(&d.get::<u16>(out, n)?, &bits_bf16(&want)));
+    }
     Ok(mismatch(&d.get::<u32>(out, n)?, &bits_f32(&want)))
 }
 
@@ -858,16 +864,22 @@ fn kv_append_case(dev: &mut dyn Device, rng: &mut Rng, sz: Size) -> Result<f64> 
             _ => rng.range(1, max_seq + 1) as u32,
         })
         .collect();
-    let src = rng.vec(spec.batch * heads * head_dim, 3.0);
+    let m = spec.batch * heads * head_dim;
+    let (k, v) = (rng.vec(m, 3.0), rng.vec(m, 2.0));
     let n = spec.batch * spec.cache_stride;
-    let cache0 = rng.bf16s(n, 1.0);
-    let mut want = cache0.clone();
-    spec.run_ref(&src, &lens, &mut want).map_err(spec_err)?;
+    let (kc0, vc0) = (rng.bf16s(n, 1.0), rng.bf16s(n, 1.0));
+    let (mut kw, mut vw) = (kc0.clone(), vc0.clone());
+    spec.run_ref(&k, &v, &lens, &mut kw, &mut vw).map_err(spec_err)?;
     let mut d = Bufs::new(dev);
-    let (sp, lp, cp) = (d.f32(&src)?, d.bytes(bytemuck::cast_slice(&lens))?, d.bf16(&cache0)?);
-    d.launch(&spec, &[KArg::Ptr(sp), KArg::Ptr(lp), KArg::Ptr(cp)])?;
+    let (kp, vp, lp) = (d.f32(&k)?, d.f32(&v)?, d.bytes(bytemuck::cast_slice(&lens))?);
+    let (kcp, vcp) = (d.bf16(&kc0)?, d.bf16(&vc0)?);
+    d.launch(&spec, &[KArg::Ptr(kp), KArg::Ptr(vp), KArg::Ptr(lp), KArg::Ptr(kcp), KArg::Ptr(vcp)])?;
     // Every cache element, bit for bit: nothing but the new rows may change.
-    Ok(mismatch(&d.get::<u16>(cp, n)?, &bits_bf16(&want)))
+    let mut got = d.get::<u16>(kcp, n)?;
+    got.extend(d.get::<u16>(vcp, n)?);
+    let mut want = bits_bf16(&kw);
+    want.extend(bits_bf16(&vw));
+    Ok(mismatch(&got, &want))
 }
 
 type Case = fn(&mut dyn Device, &mut Rng, Size) -> Result<f64>;

@@ -574,12 +574,13 @@ proptest! {
     #[test]
     fn rope_matches_ref(
         tokens in 1usize..=6, heads in 1usize..=4, half in 1usize..=12, head_pad in 0usize..=2,
-        row_extra in 0usize..=20, x_off in 0usize..=9, logn: bool, seed: u64,
+        row_extra in 0usize..=20, x_off in 0usize..=9, logn: bool, bf16_out: bool, seed: u64,
     ) {
         let mut rng = Rng::new(seed);
         let d = 2 * half;
         let head_stride = d + head_pad;
-        let spec = RopeSpec { tokens, heads, head_dim: d, token_stride: heads * head_stride + row_extra, head_stride, logn };
+        let token_stride = heads * head_stride + row_extra;
+        let spec = RopeSpec { tokens, heads, head_dim: d, token_stride, head_stride, logn, bf16_out };
         let x = rng.vec(x_off + spec.x_len(), 2.0);
         let ang = rng.vec(tokens * d, 3.0);
         let cos: Vec<f32> = ang.iter().map(|a| a.cos()).collect();
@@ -598,7 +599,14 @@ proptest! {
         args.push(Arg::Ptr(op));
         prop_assert_eq!(args.len(), spec.param_names().len());
         launch(&spec, &args, &mut dev)?;
-        check_exact(&spec.name(), &dev.download_f32(op, n), &want)?;
+        if bf16_out {
+            // The f32 result rounded to nearest even.
+            let got: Vec<u16> = dev.download_bf16(op, n).iter().map(|v| v.to_bits()).collect();
+            let want: Vec<u16> = want.iter().map(|&v| bf16::from_f32(v).to_bits()).collect();
+            prop_assert_eq!(got, want, "{}", spec.name());
+        } else {
+            check_exact(&spec.name(), &dev.download_f32(op, n), &want)?;
+        }
     }
 }
 
@@ -687,7 +695,8 @@ fn rope_ref_is_the_interpreter() {
         let y = g.push(Op::QkvRotary { offset, heads, logn }, &ins).unwrap();
         g.set_output("y", y);
         let want = interp(&g, &[("x", &qkv), ("cos", &cos), ("sin", &sin), ("logn", &ln)], &[]);
-        let spec = RopeSpec { tokens: t, heads, head_dim: d, token_stride: width, head_stride: d, logn };
+        let spec =
+            RopeSpec { tokens: t, heads, head_dim: d, token_stride: width, head_stride: d, logn, bf16_out: false };
         let mut got = vec![0.0; t * heads * d];
         spec.run_ref(&qkv[offset..], &cos, &sin, logn.then_some(&ln[..]), &mut got).unwrap();
         assert_same(&format!("qkv_rotary logn={logn}"), &got, &want);
@@ -701,7 +710,15 @@ fn rope_ref_is_the_interpreter() {
     let y = g.rotary(x, c, s).unwrap();
     g.set_output("y", y);
     let want = interp(&g, &[("x", &xr), ("cos", &cos), ("sin", &sin)], &[]);
-    let spec = RopeSpec { tokens: t, heads, head_dim: d, token_stride: heads * d, head_stride: d, logn: false };
+    let spec = RopeSpec {
+        tokens: t,
+        heads,
+        head_dim: d,
+        token_stride: heads * d,
+        head_stride: d,
+        logn: false,
+        bf16_out: false,
+    };
     let mut got = vec![0.0; t * heads * d];
     spec.run_ref(&xr, &cos, &sin, None, &mut got).unwrap();
     assert_same("rotary", &got, &want);
@@ -785,7 +802,8 @@ fn invalid_specs_are_rejected() {
     assert!(matches!(e.validate().unwrap_err(), GenericError::StridesLen { want: 2, got: 1, .. }));
     let gs = GatherSpec { rows: 2, cols: 3, vocab: 4, table: DType::I32 };
     assert!(matches!(gs.validate().unwrap_err(), GenericError::DType { .. }));
-    let r = RopeSpec { tokens: 2, heads: 1, head_dim: 5, token_stride: 5, head_stride: 5, logn: false };
+    let r =
+        RopeSpec { tokens: 2, heads: 1, head_dim: 5, token_stride: 5, head_stride: 5, logn: false, bf16_out: false };
     assert_eq!(r.validate(), Err(GenericError::OddHeadDim { head_dim: 5 }));
     assert!(MatMulSpec::contiguous(1, 2, 3, 4, false, false, DType::I32).validate().is_err());
     assert!(MatMulSpec::contiguous(1, 2, 3, 0, false, false, DType::F32).validate().is_err());
@@ -850,6 +868,7 @@ fn sample_specs() -> Vec<Box<dyn KernelSpec>> {
             token_stride: 12288,
             head_stride: 128,
             logn,
+            bf16_out: logn,
         }));
     }
     v.push(Box::new(RopeSpec {
@@ -859,6 +878,7 @@ fn sample_specs() -> Vec<Box<dyn KernelSpec>> {
         token_stride: 4096,
         head_stride: 128,
         logn: true,
+        bf16_out: false,
     }));
     v.push(Box::new(KvAppendSpec { batch: 8, heads: 32, head_dim: 128, max_seq: 2048, cache_stride: 32 * 2048 * 128 }));
     v
@@ -937,17 +957,21 @@ proptest! {
         let mut rng = Rng::new(seed);
         let spec = KvAppendSpec { batch, heads, head_dim, max_seq, cache_stride: heads * max_seq * head_dim + pad };
         let lens: Vec<u32> = (0..batch).map(|_| rng.below(max_seq + 3) as u32).collect();
-        let src = rng.vec(batch * heads * head_dim, 3.0);
+        let (k, v) = (rng.vec(batch * heads * head_dim, 3.0), rng.vec(batch * heads * head_dim, 2.0));
         let n = batch * spec.cache_stride;
-        let cache0: Vec<bf16> = rng.vec(n, 1.0).into_iter().map(bf16::from_f32).collect();
-        let mut want = cache0.clone();
-        spec.run_ref(&src, &lens, &mut want).unwrap();
+        let kc0: Vec<bf16> = rng.vec(n, 1.0).into_iter().map(bf16::from_f32).collect();
+        let vc0: Vec<bf16> = rng.vec(n, 1.0).into_iter().map(bf16::from_f32).collect();
+        let (mut kw, mut vw) = (kc0.clone(), vc0.clone());
+        spec.run_ref(&k, &v, &lens, &mut kw, &mut vw).unwrap();
         let mut dev = Device::new();
-        let sp = dev.upload_f32(&src);
+        let (kp, vp) = (dev.upload_f32(&k), dev.upload_f32(&v));
         let lp = dev.upload_u32(&lens);
-        let cp = dev.upload_bf16(&cache0);
-        launch(&spec, &[Arg::Ptr(sp), Arg::Ptr(lp), Arg::Ptr(cp)], &mut dev)?;
-        let got = dev.download_bf16(cp, n);
+        let (kcp, vcp) = (dev.upload_bf16(&kc0), dev.upload_bf16(&vc0));
+        launch(&spec, &[Arg::Ptr(kp), Arg::Ptr(vp), Arg::Ptr(lp), Arg::Ptr(kcp), Arg::Ptr(vcp)], &mut dev)?;
+        let mut got = dev.download_bf16(kcp, n);
+        got.extend(dev.download_bf16(vcp, n));
+        let mut want = kw;
+        want.extend(vw);
         let bits = |v: &[bf16]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
         prop_assert_eq!(bits(&got), bits(&want), "{}", spec.name());
     }

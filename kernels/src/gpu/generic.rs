@@ -1304,6 +1304,9 @@ pub struct RopeSpec {
     pub token_stride: usize,
     pub head_stride: usize,
     pub logn: bool,
+    /// Write `out` as bf16 (the f32 result rounded to nearest even: a query
+    /// going straight into an attention kernel) instead of f32.
+    pub bf16_out: bool,
 }
 
 impl RopeSpec {
@@ -1385,13 +1388,14 @@ impl RopeSpec {
 impl KernelSpec for RopeSpec {
     fn name(&self) -> String {
         format!(
-            "rope_t{}_h{}_d{}_ts{}_hs{}{}",
+            "rope_t{}_h{}_d{}_ts{}_hs{}{}{}",
             self.tokens,
             self.heads,
             self.head_dim,
             self.token_stride,
             self.head_stride,
-            if self.logn { "_logn" } else { "" }
+            if self.logn { "_logn" } else { "" },
+            if self.bf16_out { "_bf16" } else { "" }
         )
     }
 
@@ -1437,8 +1441,14 @@ impl KernelSpec for RopeSpec {
             let lv = b.ld(Space::GlobalNc, Ty::F32, Addr::reg(la, 0));
             r = mul_rn(&mut b, r, lv);
         }
-        let oa = b.index_addr(out, idx, 4);
-        b.st(Space::Global, Ty::F32, Addr::reg(oa, 0), r);
+        if self.bf16_out {
+            let hv = b.cvt(Ty::BF16, Ty::F32, r);
+            let oa = b.index_addr(out, idx, 2);
+            b.st(Space::Global, Ty::B16, Addr::reg(oa, 0), hv);
+        } else {
+            let oa = b.index_addr(out, idx, 4);
+            b.st(Space::Global, Ty::F32, Addr::reg(oa, 0), r);
+        }
         b.place(&end);
         b.ret();
         b.finish()
@@ -1459,18 +1469,20 @@ impl KernelSpec for RopeSpec {
 
 // ---- 8. KV-cache append ------------------------------------------------------
 
-/// One decode step's new key (or value) rows into the bf16 cache of each
+/// One decode step's new key and value rows into the bf16 caches of each
 /// sequence, at the row the device says: for sequence `b`,
-/// `cache[b][h, lens[b] − 1, :] = bf16(src[b, h, :])` with `src` f32
-/// `[batch, heads, head_dim]`, `lens` u32 `[batch]` (the key counts decode
-/// attention reads next, so the new row is the last one) and each cache
-/// `[heads, max_seq, head_dim]`, sequence `b`'s at `cache + b·cache_stride`
-/// elements. A length of 0 or above `max_seq` writes nothing.
+/// `k_cache[b][h, lens[b] − 1, :] = bf16(k[b, h, :])` and the same for `v`,
+/// with `k`, `v` f32 `[batch, heads, head_dim]`, `lens` u32 `[batch]` (the
+/// key counts decode attention reads next, so the new row is the last one)
+/// and each cache `[heads, max_seq, head_dim]`, sequence `b`'s at
+/// `cache + b·cache_stride` elements. A length of 0 or above `max_seq`
+/// writes nothing. Keys and values in one launch (threads past the keys'
+/// count write values).
 ///
 /// Reading the row from device memory (instead of offsetting the pointer on
 /// the host) keeps every kernel argument of a decode step fixed, so the
 /// step can be captured once as a CUDA graph and replayed. Params
-/// `src, lens, cache`.
+/// `k, v, lens, k_cache, v_cache`.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct KvAppendSpec {
     pub batch: usize,
@@ -1488,25 +1500,36 @@ impl KvAppendSpec {
         let per = count(S, "heads·max_seq·head_dim", &[self.heads, self.max_seq, self.head_dim])?;
         at_least("cache_stride", per, self.cache_stride)?;
         count(S, "batch·cache_stride", &[self.batch, self.cache_stride])?;
+        count(S, "2·batch·heads·head_dim", &[2, self.batch, self.heads, self.head_dim])?;
         Ok(())
     }
 
-    /// Reference on host slices (`cache` holds all `batch` caches, bf16 bits).
-    pub fn run_ref(&self, src: &[f32], lens: &[u32], cache: &mut [half::bf16]) -> Result<(), GenericError> {
+    /// Reference on host slices (each cache holds all `batch` sequences).
+    pub fn run_ref(
+        &self,
+        k: &[f32],
+        v: &[f32],
+        lens: &[u32],
+        k_cache: &mut [half::bf16],
+        v_cache: &mut [half::bf16],
+    ) -> Result<(), GenericError> {
         self.validate()?;
         let (h, d) = (self.heads, self.head_dim);
-        exactly("src", self.batch * h * d, src.len())?;
+        let need = (self.batch - 1) * self.cache_stride + h * self.max_seq * d;
         exactly("lens", self.batch, lens.len())?;
-        at_least("cache", (self.batch - 1) * self.cache_stride + h * self.max_seq * d, cache.len())?;
-        for (b, &len) in lens.iter().enumerate() {
-            if len == 0 || len as usize > self.max_seq {
-                continue;
-            }
-            let row = len as usize - 1;
-            for hh in 0..h {
-                for i in 0..d {
-                    cache[b * self.cache_stride + (hh * self.max_seq + row) * d + i] =
-                        half::bf16::from_f32(src[(b * h + hh) * d + i]);
+        for (src, cache) in [(k, k_cache), (v, v_cache)] {
+            exactly("k / v", self.batch * h * d, src.len())?;
+            at_least("cache", need, cache.len())?;
+            for (b, &len) in lens.iter().enumerate() {
+                if len == 0 || len as usize > self.max_seq {
+                    continue;
+                }
+                let row = len as usize - 1;
+                for hh in 0..h {
+                    for i in 0..d {
+                        cache[b * self.cache_stride + (hh * self.max_seq + row) * d + i] =
+                            half::bf16::from_f32(src[(b * h + hh) * d + i]);
+                    }
                 }
             }
         }
@@ -1514,7 +1537,7 @@ impl KvAppendSpec {
     }
 
     pub fn param_names(&self) -> Vec<&'static str> {
-        vec!["src", "lens", "cache"]
+        vec!["k", "v", "lens", "k_cache", "v_cache"]
     }
 }
 
@@ -1529,12 +1552,21 @@ impl KernelSpec for KvAppendSpec {
     fn build(&self) -> Kernel {
         self.validate().expect("KvAppendSpec");
         let (h, d) = (self.heads, self.head_dim);
+        let n = self.batch * h * d;
         let mut b = new_kernel(self.name());
-        let src = b.ptr_param("src");
+        let k = b.ptr_param("k");
+        let v = b.ptr_param("v");
         let lens = b.ptr_param("lens");
-        let cache = b.ptr_param("cache");
+        let kc = b.ptr_param("k_cache");
+        let vc = b.ptr_param("v_cache");
         let end = b.label("end");
-        let idx = thread_index(&mut b, self.batch * h * d, &end);
+        let t = thread_index(&mut b, 2 * n, &end);
+        // Threads 0..n write keys, n..2n values (`is_v`), same element math.
+        let is_v = b.setp(Cmp::Ge, Ty::U32, t, n as u32);
+        let minus = b.sub(Ty::U32, t, n as u32);
+        let idx = b.selp(Ty::U32, minus, t, is_v);
+        let src = b.selp(Ty::U64, v, k, is_v);
+        let cache = b.selp(Ty::U64, vc, kc, is_v);
         let (bh, i) = divmod(&mut b, idx, d);
         let (seq, hh) = divmod(&mut b, bh, h);
         let la = b.index_addr(lens, seq, 4);
@@ -1544,8 +1576,8 @@ impl KernelSpec for KvAppendSpec {
         let bad = b.setp(Cmp::Ge, Ty::U32, row, self.max_seq as u32);
         b.if_then(bad, true, |b| {
             let sa = b.index_addr(src, idx, 4);
-            let v = b.ld(Space::GlobalNc, Ty::F32, Addr::reg(sa, 0));
-            let hv = b.cvt(Ty::BF16, Ty::F32, v);
+            let x = b.ld(Space::GlobalNc, Ty::F32, Addr::reg(sa, 0));
+            let hv = b.cvt(Ty::BF16, Ty::F32, x);
             let r = b.mad(Ty::U32, hh, self.max_seq as u32, row);
             let e = b.mad(Ty::U32, r, d as u32, i);
             let off = b.mad(Ty::U32, seq, self.cache_stride as u32, e);
@@ -1558,11 +1590,11 @@ impl KernelSpec for KvAppendSpec {
     }
 
     fn launch(&self) -> Launch {
-        grid_for(self.batch * self.heads * self.head_dim)
+        grid_for(2 * self.batch * self.heads * self.head_dim)
     }
 
     fn cost(&self) -> Cost {
         let n = (self.batch * self.heads * self.head_dim) as u64;
-        Cost { flops: 0, bytes: 4 * self.batch as u64 + n * 6 }
+        Cost { flops: 0, bytes: 4 * self.batch as u64 + 2 * n * 6 }
     }
 }

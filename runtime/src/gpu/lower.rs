@@ -606,12 +606,16 @@ impl<'g> Lower<'g> {
         let stride = h * kv.max_seq * d;
         let append = KvAppendSpec { batch: b, heads: h, head_dim: d, max_seq: kv.max_seq, cache_stride: stride };
         append.validate().map_err(|e| self.err(e.to_string()))?;
-        for (src, v) in [(ba.k, false), (ba.v, true)] {
-            let src = self.val(src)?;
-            let cache = Buf::Kv { layer: ba.layer, v, at_past: false, seq: 0 };
-            self.launch(Box::new(append.clone()), vec![Arg::Buf(src), Arg::Buf(lens.clone()), Arg::Buf(cache)]);
-            self.kv_written.push((ba.layer, v));
-        }
+        let cache = |v| Arg::Buf(Buf::Kv { layer: ba.layer, v, at_past: false, seq: 0 });
+        let args = vec![
+            Arg::Buf(self.val(ba.k)?),
+            Arg::Buf(self.val(ba.v)?),
+            Arg::Buf(lens.clone()),
+            cache(false),
+            cache(true),
+        ];
+        self.launch(Box::new(append), args);
+        self.kv_written.extend([(ba.layer, false), (ba.layer, true)]);
         let qb = self.cast(ba.q, DType::BF16, d)?;
         let splits = DecodeAttnSpec::splits_for(b, h, kv.max_seq, self.opt.sms);
         let sp = DecodeAttnSpec::new(b, h, d, kv.max_seq, splits, ba.scale, self.dt(self.node))
@@ -689,12 +693,16 @@ impl<'g> Lower<'g> {
         let append =
             KvAppendSpec { batch: 1, heads: h, head_dim: d, max_seq: kv.max_seq, cache_stride: h * kv.max_seq * d };
         append.validate().map_err(|e| self.err(e.to_string()))?;
-        for (i, v) in [(1, false), (2, true)] {
-            let src = self.val(n.inputs[i])?;
-            let cache = Buf::Kv { layer: lk, v, at_past: false, seq };
-            self.launch(Box::new(append.clone()), vec![Arg::Buf(src), Arg::Buf(lens.clone()), Arg::Buf(cache)]);
-            self.kv_written.push((lk, v));
-        }
+        let cache = |v| Arg::Buf(Buf::Kv { layer: lk, v, at_past: false, seq });
+        let args = vec![
+            Arg::Buf(self.val(n.inputs[1])?),
+            Arg::Buf(self.val(n.inputs[2])?),
+            Arg::Buf(lens.clone()),
+            cache(false),
+            cache(true),
+        ];
+        self.launch(Box::new(append), args);
+        self.kv_written.extend([(lk, false), (lk, true)]);
         let qb = self.cast(n.inputs[0], DType::BF16, d)?;
         let splits = DecodeAttnSpec::splits_for(1, h, kv.max_seq, self.opt.sms);
         let sp = DecodeAttnSpec::new(1, h, d, kv.max_seq, splits, scale, self.dt(self.node))
@@ -893,7 +901,9 @@ impl<'g> Lower<'g> {
                     _ => (0, s(0).dim(1), s(0).dim(2), s(0).dim(1) * s(0).dim(2), false),
                 };
                 let t = shape.dim(0);
-                let spec = RopeSpec { tokens: t, heads, head_dim: d, token_stride: row, head_stride: d, logn };
+                let bf16_out = self.dt(self.node) == DType::BF16;
+                let spec =
+                    RopeSpec { tokens: t, heads, head_dim: d, token_stride: row, head_stride: d, logn, bf16_out };
                 spec.validate().map_err(|e| self.err(e.to_string()))?;
                 let x = match self.val(n.inputs[0])? {
                     Buf::Arena(o) => Buf::Arena(o + offset as u64 * 4),
@@ -1059,7 +1069,7 @@ fn strided_operands(g: &Graph, bf16: &[bool]) -> HashMap<(NodeId, usize), (NodeI
 }
 
 /// Which computed values to store as bf16: those whose producer can write
-/// bf16 (a GEMM without residual, a norm, attention, a copy) and whose every
+/// bf16 (a GEMM without residual, a norm, attention, rotary, a copy) and whose every
 /// reader takes bf16 anyway (a GEMM's activation operand, attention's
 /// q/k/v, or a view or copy all of whose readers do). The bf16 rounding then happens
 /// once, where the producer writes, instead of in a separate cast before
@@ -1109,6 +1119,7 @@ pub fn bf16_values(g: &Graph, plan: &MemoryPlan) -> Vec<bool> {
             let emits = match &g.nodes[i].op {
                 Op::Linear { residual, .. } => !residual,
                 Op::LayerNorm { .. } | Op::RmsNorm { .. } | Op::Attention { .. } => true,
+                Op::Rotary | Op::QkvRotary { .. } => true,
                 Op::Slice { .. } | Op::Permute(_) => plan.values[i].is_some() && !is_view(i),
                 _ => false,
             };
