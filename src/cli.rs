@@ -186,8 +186,38 @@ struct ModelArgs {
     /// Where to run: `cpu`, `cuda` or `cuda:N` (an NVIDIA GPU, compute capability 8.0+), `emu` (the GPU code path
     /// in the PTX emulator: slow, for checking kernels without a GPU), or `auto`: the first GPU when the driver
     /// finds one and the model can run there, else the CPU.
-    #[arg(long, default_value = "auto", value_name = "DEVICE", env = "QVC_DEVICE")]
+    #[arg(long, default_value = "auto", value_name = "DEVICE", env = "QVC_DEVICE", value_parser = parse_device)]
     device: String,
+}
+
+fn parse_device(s: &str) -> Result<String, String> {
+    DeviceChoice::parse(s).map(|_| s.to_string()).map_err(|e| e.to_string())
+}
+
+/// A progress bar on stderr while weights upload to the device (hidden when
+/// stderr is not a terminal; finished when a batch of uploads completes).
+fn with_upload_bar(mut b: qvc_runtime::gpu::GpuBackend) -> qvc_runtime::gpu::GpuBackend {
+    let bar = std::sync::Mutex::new(None::<indicatif::ProgressBar>);
+    b.set_progress(Box::new(move |done, total| {
+        let Ok(mut bar) = bar.lock() else { return };
+        let pb = bar.get_or_insert_with(|| {
+            let pb = indicatif::ProgressBar::new(total);
+            pb.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "uploading weights {bar:30} {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec} [{elapsed}]",
+                )
+                .expect("valid template"),
+            );
+            pb
+        });
+        pb.set_length(total);
+        pb.set_position(done);
+        if done >= total {
+            pb.finish_and_clear();
+            *bar = None;
+        }
+    }));
+    b
 }
 
 /// Where a model runs (`--device`).
@@ -209,7 +239,7 @@ impl DeviceChoice {
             "cuda" | "gpu" => DeviceChoice::Cuda(0),
             _ => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
                 Some(Ok(n)) => DeviceChoice::Cuda(n),
-                _ => bail!("--device {s:?}: expected cpu, cuda, cuda:N (e.g. cuda:1), emu or auto"),
+                _ => bail!("{s:?} is not a device: expected cpu, cuda, cuda:N (e.g. cuda:1), emu or auto"),
             },
         })
     }
@@ -258,12 +288,12 @@ pub fn make_backend(model: &Model, device: &str, slots: usize) -> Result<Box<dyn
                 })
                 .unwrap_or(qvc_codegen::Target::Sm80);
             eprintln!("[qvc] running on the PTX emulator ({}): slow, for checking the GPU path", target.name());
-            Box::new(model.gpu_backend(Box::new(EmuDevice::new(target)), slots, max_seq)?)
+            Box::new(with_upload_bar(model.gpu_backend(Box::new(EmuDevice::new(target)), slots, max_seq)?))
         }
         DeviceChoice::Cuda(n) => {
             let dev = CudaDevice::open(n)?;
             eprintln!("[qvc] running on GPU {n}: {}", qvc_runtime::gpu::Device::name(&dev));
-            Box::new(model.gpu_backend(Box::new(dev), slots, max_seq)?)
+            Box::new(with_upload_bar(model.gpu_backend(Box::new(dev), slots, max_seq)?))
         }
     })
 }
@@ -385,6 +415,9 @@ struct DemoArgs {
     /// Tokens to generate.
     #[arg(long, default_value_t = 24)]
     max_new_tokens: usize,
+    /// Where to run it: `cpu`, `cuda`/`cuda:N`, or `emu` (the GPU code path on the PTX emulator, seconds here).
+    #[arg(long, default_value = "cpu", value_name = "DEVICE", value_parser = parse_device)]
+    device: String,
 }
 
 #[derive(Args)]
@@ -446,7 +479,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Chat(a) => cmd_chat(a),
         Cmd::Logits(a) => cmd_logits(a),
         Cmd::Tokenize(a) => cmd_tokenize(a),
-        Cmd::Demo(a) => crate::demo::run(a.dir, &a.prompt, a.max_new_tokens),
+        Cmd::Demo(a) => crate::demo::run(a.dir, &a.prompt, a.max_new_tokens, &a.device),
         Cmd::Bench(a) => cmd_bench(a),
         Cmd::Inspect(a) => cmd_inspect(a),
         Cmd::Kernels(a) => cmd_kernels(a),

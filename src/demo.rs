@@ -11,7 +11,6 @@ use qvc_model::image::{save_png, RgbImage};
 use qvc_model::sampling::{Rng, SamplingParams};
 use qvc_model::tokenizer::{demo_tiktoken, QwenTokenizer};
 use qvc_model::{generate, Config, GenerateOptions, LoadOptions, Model, Session};
-use qvc_runtime::Cpu;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -115,7 +114,7 @@ pub fn write_checkpoint_with(dir: &Path, edit: impl FnOnce(&mut serde_json::Valu
     write_picture(&dir.join("demo.png"))
 }
 
-pub fn run(dir: Option<PathBuf>, question: &str, max_new_tokens: usize) -> Result<()> {
+pub fn run(dir: Option<PathBuf>, question: &str, max_new_tokens: usize, device: &str) -> Result<()> {
     let dir = dir.unwrap_or_else(|| std::env::temp_dir().join("qvc-demo"));
     eprintln!("[demo] writing a tiny random-weight Qwen-VL checkpoint to {}", dir.display());
     write_checkpoint(&dir)?;
@@ -127,8 +126,8 @@ pub fn run(dir: Option<PathBuf>, question: &str, max_new_tokens: usize) -> Resul
     eprintln!("[demo] picture: {pic}");
     eprintln!("[demo] question: {question}");
     eprintln!("[demo] the weights are random, so the answer below is random bytes, not language:");
-    let backend = Cpu;
-    let mut session = Session::new(&model, &backend);
+    let backend = crate::cli::make_backend(&model, device, 1)?;
+    let mut session = Session::new(&model, backend.as_ref());
     let sampling = SamplingParams { temperature: 1.0, top_p: 0.8, top_k: 0, repetition_penalty: 1.0, seed: 7 };
     let opt = GenerateOptions { max_new_tokens, sampling, stop_ids: stop_ids(&model.tokenizer) };
     let mut out = std::io::stdout();

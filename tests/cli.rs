@@ -26,6 +26,10 @@ fn demo_runs_end_to_end_and_says_it_is_random() {
     assert!(o.status.success(), "{err}");
     assert!(err.contains("random"), "{err}");
     assert!(err.contains("tokens/s"), "{err}");
+    // The same demo through the GPU code path, on the PTX emulator.
+    let o = qvc(&["demo", "--dir", dir.to_str().unwrap(), "--max-new-tokens", "3", "--device", "emu"], None);
+    let err = text(&o.stderr);
+    assert!(o.status.success() && err.contains("PTX emulator") && err.contains("tokens/s"), "{err}");
     let _ = std::fs::remove_dir_all(dir);
 }
 
@@ -38,6 +42,9 @@ fn helpful_errors_for_bad_flags_and_inputs() {
     assert!(text(&o.stderr).contains("/nope") && text(&o.stderr).contains("not found"));
     let o = qvc(&["generate", "--help"], None);
     assert!(o.status.success() && text(&o.stdout).contains("--draw-boxes"));
+    // A device that does not exist is refused before anything loads.
+    let o = qvc(&["generate", "--model", "/nope", "--prompt", "hi", "--device", "cuda:x"], None);
+    assert!(text(&o.stderr).contains("is not a device") && !text(&o.stderr).contains("/nope"), "{}", text(&o.stderr));
     let dir = std::env::temp_dir().join(format!("qvc-cli-err-{}", std::process::id()));
     qvc::demo::write_checkpoint(&dir).unwrap();
     let d = dir.to_str().unwrap();
