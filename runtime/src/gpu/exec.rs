@@ -180,21 +180,6 @@ impl GpuBackend {
         v
     }
 
-    /// Run `f` with the device (benchmarks time work on it directly).
-    pub fn with_device<T>(&self, f: impl FnOnce(&mut dyn Device) -> T) -> T {
-        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        f(s.dev.as_mut())
-    }
-
-    /// The lowering of `g` (lowered now if new): launches, host nodes, bytes.
-    pub fn lowered_summary(&self, g: &Graph) -> Result<(usize, usize, u64), ExecError> {
-        let mut s = self.state.lock().map_err(|_| ExecError::Device("device state poisoned".into()))?;
-        let key = fingerprint(g);
-        self.prepare(&mut s, g, key, Sampling::Off)?;
-        let p = &s.programs[&key];
-        Ok((p.low.launches, p.low.host_nodes, p.low.bytes))
-    }
-
     /// [`fingerprint`] without re-hashing every op's text on each decode
     /// step: remembered per graph address, checked by a cheap hash of the
     /// wiring and shapes (a graph rebuilt at the same address with other

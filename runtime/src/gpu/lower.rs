@@ -1259,6 +1259,8 @@ pub fn lower(g: &Graph, opt: &LowerOptions) -> Result<Lowered, LowerError> {
         }
         outputs.push((name.clone(), Loc { buf: x, dtype, numel: t.shape.numel() }));
     }
+    // A program without logits takes no uniforms.
+    lw.input_slots.retain(|i| !(i.name == "sample.u" && i.numel == 0));
     let bytes = lw.scratch_base + lw.scratch_max;
     let launches = lw.steps.iter().filter(|s| matches!(s, Step::Launch { .. })).count();
     if lw.seqs > 64 {
