@@ -153,7 +153,9 @@ pub fn erf_f64(x: f64) -> f64 {
     r.copysign(x)
 }
 
-fn unary(op: UnaryOp, x: f64) -> f64 {
+/// One element of [`UnaryOp`] as the interpreter computes it (in f64; the
+/// caller rounds). GPU references reuse it so they match by construction.
+pub fn unary(op: UnaryOp, x: f64) -> f64 {
     match op {
         UnaryOp::Neg => -x,
         UnaryOp::Exp => x.exp(),
@@ -167,7 +169,8 @@ fn unary(op: UnaryOp, x: f64) -> f64 {
     }
 }
 
-fn binary(op: BinaryOp, a: f64, b: f64) -> f64 {
+/// One element of [`BinaryOp`] as the interpreter computes it (in f64).
+pub fn binary(op: BinaryOp, a: f64, b: f64) -> f64 {
     match op {
         BinaryOp::Add => a + b,
         BinaryOp::Sub => a - b,

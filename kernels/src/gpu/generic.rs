@@ -691,30 +691,11 @@ impl EltOp {
 }
 
 fn unary_ref(op: UnaryOp, x: f32) -> f32 {
-    let x = x as f64;
-    (match op {
-        UnaryOp::Neg => -x,
-        UnaryOp::Exp => x.exp(),
-        UnaryOp::Log => x.ln(),
-        UnaryOp::Sqrt => x.sqrt(),
-        UnaryOp::Rsqrt => 1.0 / x.sqrt(),
-        UnaryOp::Recip => 1.0 / x,
-        UnaryOp::Erf => erf_f64(x),
-        UnaryOp::Tanh => x.tanh(),
-        UnaryOp::Sigmoid => 1.0 / (1.0 + (-x).exp()),
-    }) as f32
+    qvc_ir::interp::unary(op, x as f64) as f32
 }
 
 fn binary_ref(op: BinaryOp, a: f32, b: f32) -> f32 {
-    let (a, b) = (a as f64, b as f64);
-    (match op {
-        BinaryOp::Add => a + b,
-        BinaryOp::Sub => a - b,
-        BinaryOp::Mul => a * b,
-        BinaryOp::Div => a / b,
-        BinaryOp::Max => a.max(b),
-        BinaryOp::Ge => f64::from(u8::from(a >= b)),
-    }) as f32
+    qvc_ir::interp::binary(op, a as f64, b as f64) as f32
 }
 
 /// Elementwise op over a contiguous f32 output of `shape`: input `k`'s

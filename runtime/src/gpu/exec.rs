@@ -15,7 +15,8 @@
 
 use super::device::{DevPtr, Device, DeviceError, KArg};
 use super::lower::{
-    lower, resolve, Arg, Buf, HostArg, KvShape, Layout, LowerOptions, Lowered, SampleArg, Sampling, Step, WeightKey,
+    fnv_extend, lower, resolve, Arg, Buf, HostArg, KvShape, Layout, LowerOptions, Lowered, SampleArg, Sampling, Step,
+    WeightKey, FNV_START,
 };
 use crate::{Backend, Inputs};
 use half::bf16;
@@ -46,6 +47,9 @@ struct Program {
     low: Lowered,
     /// [`State::clock`] at its last run.
     used: u64,
+    /// Every weight its steps read is on the device (uploads are never
+    /// dropped, so this is checked once, not on every decode step).
+    weights_ready: bool,
 }
 
 /// Lowered programs kept at most (see [`GpuBackend::prepare`]).
@@ -185,7 +189,8 @@ impl GpuBackend {
     /// wiring and shapes (a graph rebuilt at the same address with other
     /// shapes misses).
     fn fingerprint_cached(&self, s: &mut State, g: &Graph) -> u64 {
-        let mut h: u64 = 0xcbf29ce484222325;
+        // The wiring and shapes, a word at a time (this runs every step).
+        let mut h = FNV_START;
         let mut eat = |x: u64| h = (h ^ x).wrapping_mul(0x100000001b3);
         for n in &g.nodes {
             eat(n.inputs.len() as u64);
@@ -227,7 +232,7 @@ impl GpuBackend {
             s.programs.retain(|_, p| p.used + (MAX_PROGRAMS as u64) / 2 > s.clock);
             s.graphs.retain(|(k, _), _| s.programs.contains_key(k));
         }
-        s.programs.insert(key, Program { low, used: s.clock });
+        s.programs.insert(key, Program { low, used: s.clock, weights_ready: false });
         Ok(())
     }
 
@@ -248,6 +253,17 @@ impl GpuBackend {
     }
 
     fn ensure_weights(&self, s: &mut State, key: u64, weights: &dyn WeightSource) -> Result<(), ExecError> {
+        if s.programs[&key].weights_ready {
+            return Ok(());
+        }
+        self.upload_weights(s, key, weights)?;
+        if let Some(p) = s.programs.get_mut(&key) {
+            p.weights_ready = true;
+        }
+        Ok(())
+    }
+
+    fn upload_weights(&self, s: &mut State, key: u64, weights: &dyn WeightSource) -> Result<(), ExecError> {
         let p = &s.programs[&key];
         let mut want: Vec<WeightKey> = vec![];
         let mut note = |b: &Buf| {
@@ -373,21 +389,17 @@ fn layout(e: Elems<'_>, shape: &[usize], k: &WeightKey) -> Result<Vec<u8>, ExecE
 
 /// A structural hash of `g`: ops, wiring, types and constant data.
 pub fn fingerprint(g: &Graph) -> u64 {
-    let mut h: u64 = 0xcbf29ce484222325;
-    let mut eat = |b: &[u8]| {
-        for &x in b {
-            h = (h ^ x as u64).wrapping_mul(0x100000001b3);
-        }
-    };
+    let mut h = FNV_START;
     for n in &g.nodes {
-        eat(format!("{:?}|{:?}|{}|{}", std::mem::discriminant(&n.op), n.inputs, n.ty.shape, n.ty.dtype).as_bytes());
-        match &n.op {
-            Op::Const(d) => eat(bytemuck::cast_slice(d)),
-            op => eat(format!("{op:?}").as_bytes()),
-        }
+        let head = format!("{:?}|{:?}|{}|{}", std::mem::discriminant(&n.op), n.inputs, n.ty.shape, n.ty.dtype);
+        h = fnv_extend(h, head.as_bytes());
+        h = match &n.op {
+            Op::Const(d) => fnv_extend(h, bytemuck::cast_slice(d)),
+            op => fnv_extend(h, format!("{op:?}").as_bytes()),
+        };
     }
     for (name, id) in &g.outputs {
-        eat(format!("{name}={}", id.0).as_bytes());
+        h = fnv_extend(h, format!("{name}={}", id.0).as_bytes());
     }
     h
 }

@@ -38,7 +38,8 @@ use qvc_kernels::gpu::decode_attention::DecodeAttnSpec;
 use qvc_kernels::gpu::gemm::{Act, Epilogue, GemmSpec};
 use qvc_kernels::gpu::gemv::GemvSpec;
 use qvc_kernels::gpu::generic::{
-    CopySpec, EltOp, EltwiseSpec, GatherSpec, KvAppendSpec, MatMulSpec, ReduceSpec, RopeSpec, ScatterRowsSpec,
+    contiguous_strides, CopySpec, EltOp, EltwiseSpec, GatherSpec, KvAppendSpec, MatMulSpec, ReduceSpec, RopeSpec,
+    ScatterRowsSpec,
 };
 use qvc_kernels::gpu::norm::{NormKind, NormSpec};
 use qvc_kernels::gpu::patch::PatchSpec;
@@ -239,20 +240,15 @@ fn kv_layer(name: &str, prefix: &str) -> Option<usize> {
     name.strip_prefix(prefix)?.parse().ok()
 }
 
-fn fnv(bytes: &[u8]) -> u64 {
-    let mut h: u64 = 0xcbf29ce484222325;
-    for &b in bytes {
-        h = (h ^ b as u64).wrapping_mul(0x100000001b3);
-    }
-    h
+/// FNV-1a of `bytes`, continuing from `h` (start with [`FNV_START`]).
+pub(crate) fn fnv_extend(h: u64, bytes: &[u8]) -> u64 {
+    bytes.iter().fold(h, |h, &b| (h ^ b as u64).wrapping_mul(0x100000001b3))
 }
 
-fn contiguous_strides(s: &[usize]) -> Vec<usize> {
-    let mut st = vec![1; s.len()];
-    for i in (0..s.len().saturating_sub(1)).rev() {
-        st[i] = st[i + 1] * s[i + 1];
-    }
-    st
+pub(crate) const FNV_START: u64 = 0xcbf29ce484222325;
+
+fn fnv(bytes: &[u8]) -> u64 {
+    fnv_extend(FNV_START, bytes)
 }
 
 /// Strides that broadcast `src` (right-aligned) to `out`: 0 on stretched axes.
