@@ -44,7 +44,8 @@ fn check(m: &Model, dir: &Path, prompts: &[Vec<u32>], steps: usize) {
         for (b, &t) in ids.iter().enumerate() {
             assert_eq!(t, alone[b][k].0, "sequence {b}, step {k}: greedy token differs");
         }
-        last = step_batch(&mut sessions, &ids).unwrap();
+        let mut refs: Vec<&mut Session> = sessions.iter_mut().collect();
+        last = step_batch(&mut refs, &ids).unwrap();
         for (b, l) in last.iter().enumerate() {
             let r = rel_err(l, &alone[b][k].1);
             assert!(r < 1e-5, "sequence {b}, step {k}: batched logits differ by {r:e}");
@@ -77,7 +78,8 @@ fn batched_decode_matches_one_at_a_time() {
     for s in four.iter_mut() {
         s.prefill(&prompts[0], &PrefillOptions::default()).unwrap();
     }
-    let err = step_batch(&mut four, &[1, 2, 3, 4]).unwrap_err();
+    let mut refs: Vec<&mut Session> = four.iter_mut().collect();
+    let err = step_batch(&mut refs, &[1, 2, 3, 4]).unwrap_err();
     assert!(err.to_string().contains("--max-batch"), "{err}");
     let _ = std::fs::remove_dir_all(&out);
 }

@@ -22,6 +22,73 @@ use std::time::Instant;
 /// covers positions below 32768.
 pub const MAX_CONTEXT: usize = 32767;
 
+/// Prefill chunk boundaries fall on the absolute multiples of this many
+/// prompt positions (see [`Session::extend`]): every prefill of a prompt, in
+/// `qvc generate` and in the server, with or without reused rows, then runs
+/// the same row blocks and computes the same numbers.
+pub const PREFILL_CHUNK: usize = 512;
+
+/// The end of the prefill chunk that starts at row `start` of an `n`-token
+/// prompt: the next multiple of `chunk` after `start`, or `n`.
+pub fn chunk_end(start: usize, n: usize, chunk: usize) -> usize {
+    let chunk = chunk.max(1);
+    ((start / chunk + 1) * chunk).min(n)
+}
+
+/// A prompt the decoder can run: not empty, within [`MAX_CONTEXT`], ids in the vocabulary.
+fn check_prompt(cfg: &Config, ids: &[u32]) -> Result<(), ModelError> {
+    if ids.is_empty() {
+        return Err(ModelError::Prompt("the prompt is empty".into()));
+    }
+    if ids.len() > MAX_CONTEXT {
+        return Err(ModelError::Prompt(format!(
+            "the prompt has {} tokens; qvc accepts at most {MAX_CONTEXT}",
+            ids.len()
+        )));
+    }
+    if let Some(&bad) = ids.iter().find(|&&i| i as usize >= cfg.vocab_size) {
+        return Err(ModelError::Prompt(format!("token id {bad} is outside the vocabulary (0..{})", cfg.vocab_size)));
+    }
+    Ok(())
+}
+
+/// The feature rows of the image spans that fall in rows `from..to` of the
+/// prompt, and their positions relative to `from` (a span may straddle the
+/// boundaries: only its rows inside are taken).
+fn image_rows(
+    cfg: &Config,
+    spans: &[crate::tokenizer::ImageSpan],
+    features: &[&[f32]],
+    from: usize,
+    to: usize,
+) -> Result<(Vec<f32>, Vec<i32>), ModelError> {
+    let (h, q) = (cfg.hidden_size, cfg.visual.queries());
+    let (mut feats, mut rows) = (Vec::new(), Vec::new());
+    for (s, f) in spans.iter().zip(features) {
+        let n = s.end - s.start - 1;
+        if n != q {
+            return Err(ModelError::Prompt(format!(
+                "the image span at token {} holds {n} tokens between <img> and </img>; the model needs {q}",
+                s.start
+            )));
+        }
+        if f.len() != q * h {
+            return Err(ModelError::Prompt(format!(
+                "the features of the image at token {} hold {} floats; the model needs {q} × {h}",
+                s.start,
+                f.len()
+            )));
+        }
+        let (a, b) = ((s.start + 1).max(from), s.end.min(to));
+        if a < b {
+            let j = a - (s.start + 1);
+            feats.extend_from_slice(&f[j * h..(j + b - a) * h]);
+            rows.extend((a - from..b - from).map(|r| r as i32));
+        }
+    }
+    Ok((feats, rows))
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
     #[error(transparent)]
@@ -394,6 +461,10 @@ pub struct Session<'m> {
     on_phase: Option<PhaseHook<'m>>,
     /// This conversation's sequence in a device-resident KV cache.
     kv_slot: usize,
+    /// The ids whose rows the cache holds.
+    ids: Vec<u32>,
+    /// Leading cached rows that came from prefills (not decode steps).
+    prefilled: usize,
     pub timings: Timings,
 }
 
@@ -409,6 +480,8 @@ impl<'m> Session<'m> {
             image_dir: None,
             on_phase: None,
             kv_slot: 0,
+            ids: Vec::new(),
+            prefilled: 0,
             timings: Timings::default(),
         }
     }
@@ -465,54 +538,66 @@ impl<'m> Session<'m> {
             None => PathBuf::from(path),
         };
         let px = preprocess(&full, size)?;
-        let g = self.model.optimized(self.model.vision_graph(&self.model.vision_options())?)?;
-        let inputs = HashMap::from([("pixels".to_string(), InputRef::F32(&px))]);
-        let mut out = self.backend.run(&g, &self.model.weights, &inputs)?;
-        let f = out.remove("features").expect("vision graph has a features output");
         self.timings.vision_ms += t0.elapsed().as_secs_f64() * 1e3;
+        let f = self.encode_pixels(&px)?;
         self.images.insert(path.to_string(), f.clone());
         Ok(f)
     }
 
+    /// Image features `[256, D]` of preprocessed pixels `[3, S, S]` (see
+    /// [`crate::image::preprocess_rgb`]), e.g. of a picture decoded from bytes.
+    pub fn encode_pixels(&mut self, pixels: &[f32]) -> Result<Vec<f32>, ModelError> {
+        let size = self.model.config.visual.image_size;
+        if pixels.len() != 3 * size * size {
+            return Err(ModelError::Prompt(format!(
+                "preprocessed pixels hold {} floats; the vision tower needs 3 × {size} × {size}",
+                pixels.len()
+            )));
+        }
+        let t0 = Instant::now();
+        let g = self.model.optimized(self.model.vision_graph(&self.model.vision_options())?)?;
+        let inputs = HashMap::from([("pixels".to_string(), InputRef::F32(pixels))]);
+        let mut out = self.backend.run(&g, &self.model.weights, &inputs)?;
+        let f = out.remove("features").expect("vision graph has a features output");
+        self.timings.vision_ms += t0.elapsed().as_secs_f64() * 1e3;
+        Ok(f)
+    }
+
     /// Run a whole prompt from an empty cache; returns its logits.
+    ///
+    /// For the last position's logits alone (the generation path) on a
+    /// backend that can attend over cached rows ([`Session::can_extend`]),
+    /// the prompt runs in chunks whose boundaries are the absolute multiples
+    /// of [`PREFILL_CHUNK`] (see [`Session::extend`]), so `qvc generate` and
+    /// the server compute identical numbers. A compiled artifact, a backend
+    /// that keeps the cache on its device, and all-position logits or hidden
+    /// states take one prefill of the whole prompt.
     pub fn prefill(&mut self, ids: &[u32], opt: &PrefillOptions) -> Result<PrefillOutput, ModelError> {
         let cfg = &self.model.config;
-        if ids.is_empty() {
-            return Err(ModelError::Prompt("the prompt is empty".into()));
-        }
-        if ids.len() > MAX_CONTEXT {
-            return Err(ModelError::Prompt(format!(
-                "the prompt has {} tokens; qvc accepts at most {MAX_CONTEXT}",
-                ids.len()
-            )));
-        }
-        if let Some(&bad) = ids.iter().find(|&&i| i as usize >= cfg.vocab_size) {
-            return Err(ModelError::Prompt(format!(
-                "token id {bad} is outside the vocabulary (0..{})",
-                cfg.vocab_size
-            )));
-        }
+        check_prompt(cfg, ids)?;
         // Images: features overwrite positions a+1 .. b-1 of each <img>…</img> span.
         let spans = self.model.tokenizer.image_spans(ids)?;
-        let (mut feats, mut rows) = (Vec::new(), Vec::new());
+        let mut feats: Vec<Vec<f32>> = Vec::with_capacity(spans.len());
         for (index, s) in spans.iter().enumerate() {
             if !self.images.contains_key(&s.path) {
                 self.phase(Phase::Vision { index, total: spans.len(), path: &s.path });
             }
-            let n = s.end - s.start - 1;
-            if n != self.model.config.visual.queries() {
-                return Err(ModelError::Prompt(format!(
-                    "the image span at token {} holds {n} tokens between <img> and </img>; the model needs {}",
-                    s.start,
-                    self.model.config.visual.queries()
-                )));
-            }
-            feats.extend(self.encode_image(&s.path)?);
-            rows.extend((s.start + 1..s.end).map(|r| r as i32));
+            feats.push(self.encode_image(&s.path)?);
         }
+        let refs: Vec<&[f32]> = feats.iter().map(Vec::as_slice).collect();
         self.phase(Phase::Prefill { tokens: ids.len() });
+        self.truncate(0);
+        if !opt.all_logits && !opt.hidden && self.can_extend() {
+            let mut logits = Vec::new();
+            while self.cache.len() < ids.len() {
+                let end = chunk_end(self.cache.len(), ids.len(), PREFILL_CHUNK);
+                logits = self.extend(ids, end, &refs)?;
+            }
+            self.phase(Phase::Decode);
+            return Ok(PrefillOutput { logits, hidden: HashMap::new() });
+        }
         let t0 = Instant::now();
-        self.cache.truncate(0);
+        let (feat_rows, rows) = image_rows(cfg, &spans, &refs, 0, ids.len())?;
         self.alpha = cfg.ntk_alpha(ids.len());
         let shape = DecoderShape {
             tokens: ids.len(),
@@ -523,12 +608,124 @@ impl<'m> Session<'m> {
             bucketed: false,
             batch: 1,
         };
-        let mut out = self.run_decoder(ids, &shape, &feats, &rows, None)?;
+        let mut out = self.run_decoder(ids, &shape, &feat_rows, &rows, None)?;
+        self.ids.extend_from_slice(ids);
+        self.prefilled = ids.len();
         self.timings.prefill_ms += t0.elapsed().as_secs_f64() * 1e3;
         let logits = out.remove("logits").expect("decoder has logits");
         let hidden = out.into_iter().filter(|(k, _)| k.starts_with("hidden.")).collect();
         self.phase(Phase::Decode);
         Ok(PrefillOutput { logits, hidden })
+    }
+
+    /// Whether this session can run a prompt's rows after cached ones
+    /// ([`Session::extend`] with a non-empty cache): a model built from a
+    /// checkpoint on a backend whose KV cache lives on the host. A compiled
+    /// artifact (prefill programs are compiled for an empty cache) and the
+    /// GPU executor (its cached attention takes one query row at a time)
+    /// prefill a whole prompt at once.
+    pub fn can_extend(&self) -> bool {
+        self.model.compiled.is_none() && !self.backend.kv_on_device()
+    }
+
+    /// The token ids whose keys and values the cache holds, in order.
+    pub fn tokens(&self) -> &[u32] {
+        &self.ids
+    }
+
+    /// How many leading cached rows were computed by prefills
+    /// ([`Session::extend`] from an empty or prefill-only cache), as opposed to
+    /// decode steps.
+    pub fn prefilled_rows(&self) -> usize {
+        self.prefilled
+    }
+
+    /// Forget every cached token after the first `len`.
+    pub fn truncate(&mut self, len: usize) {
+        self.cache.truncate(len);
+        self.ids.truncate(len);
+        self.prefilled = self.prefilled.min(len);
+    }
+
+    /// How many leading tokens of `prompt` this session can keep in its
+    /// cache so that running the rest in `chunk`-aligned pieces with
+    /// [`Session::extend`] computes bit for bit what a fresh session would:
+    /// the common prefix of `prompt` and the cached prefill rows, floored to
+    /// a multiple of `chunk`, leaving at least one token to run, and 0 unless
+    /// the NTK alpha of `prompt` equals the cached one (and the backend can
+    /// extend at all). `chunk` must be the chunk the cached rows were
+    /// prefilled with. The caller must also make sure any picture whose span
+    /// lies in the kept prefix is the same picture (the span holds only its name).
+    pub fn reusable_prefix(&self, prompt: &[u32], chunk: usize) -> usize {
+        if chunk == 0 || !self.can_extend() || self.ids.is_empty() {
+            return 0;
+        }
+        if self.alpha != self.model.config.ntk_alpha(prompt.len()) {
+            return 0;
+        }
+        let common = self.ids[..self.prefilled].iter().zip(prompt).take_while(|(a, b)| a == b).count();
+        let n = common.min(prompt.len().saturating_sub(1));
+        n / chunk * chunk
+    }
+
+    /// Run the rows `cached_tokens()..end` of `prompt` with the cached rows as
+    /// past (a chunk of a prefill), returning the logits of row `end - 1`. The
+    /// cache must hold exactly `prompt[..cached_tokens()]`. `features` holds the
+    /// `[256, D]` features of every image span of `prompt`, in order; the rows
+    /// of the spans that fall in this chunk are written over the embeddings
+    /// (a span may straddle chunk boundaries). From an empty cache the NTK
+    /// alpha is chosen from the whole prompt's length; later chunks require
+    /// the same alpha. Without [`Session::can_extend`] only one chunk from an
+    /// empty cache to the end of the prompt is accepted.
+    pub fn extend(&mut self, prompt: &[u32], end: usize, features: &[&[f32]]) -> Result<Vec<f32>, ModelError> {
+        let cfg = &self.model.config;
+        let past = self.cache.len();
+        check_prompt(cfg, prompt)?;
+        if end <= past || end > prompt.len() {
+            return Err(ModelError::Prompt(format!(
+                "extend to row {end} of a {}-token prompt with {past} cached rows: nothing to run",
+                prompt.len()
+            )));
+        }
+        if prompt[..past] != self.ids[..] {
+            return Err(ModelError::Prompt(format!(
+                "the prompt does not start with the {past} tokens in the KV cache; truncate the cache first"
+            )));
+        }
+        if !self.can_extend() && (past > 0 || end != prompt.len()) {
+            return Err(ModelError::Compiled(format!(
+                "this {} prefills a whole prompt at once from an empty cache;                  it cannot run rows {past}..{end} of {}",
+                if self.model.compiled.is_some() { "compiled model" } else { "backend" },
+                prompt.len()
+            )));
+        }
+        let alpha = cfg.ntk_alpha(prompt.len());
+        if past > 0 && alpha != self.alpha {
+            return Err(ModelError::Prompt(format!(
+                "the cached rows were computed with NTK alpha {} but a {}-token prompt needs {alpha};                  truncate the cache to 0 and prefill again",
+                self.alpha,
+                prompt.len()
+            )));
+        }
+        let spans = self.model.tokenizer.image_spans(prompt)?;
+        if spans.len() != features.len() {
+            return Err(ModelError::Prompt(format!(
+                "the prompt has {} image span(s) but {} feature block(s) were given",
+                spans.len(),
+                features.len()
+            )));
+        }
+        let t0 = Instant::now();
+        let (feat_rows, rows) = image_rows(cfg, &spans, features, past, end)?;
+        self.alpha = alpha;
+        let shape = DecoderShape { tokens: end - past, past, image_rows: rows.len(), ..Default::default() };
+        let mut out = self.run_decoder(&prompt[past..end], &shape, &feat_rows, &rows, None)?;
+        if self.prefilled == past {
+            self.prefilled = end;
+        }
+        self.ids.extend_from_slice(&prompt[past..end]);
+        self.timings.prefill_ms += t0.elapsed().as_secs_f64() * 1e3;
+        Ok(out.remove("logits").expect("decoder has logits"))
     }
 
     /// Feed one token after a prefill; returns its logits.
@@ -537,6 +734,7 @@ impl<'m> Session<'m> {
         let t0 = Instant::now();
         let shape = DecoderShape { tokens: 1, past: self.cache.len(), ..Default::default() };
         let mut out = self.run_decoder(&[id], &shape, &[], &[], None)?;
+        self.ids.push(id);
         self.timings.decode_ms += t0.elapsed().as_secs_f64() * 1e3;
         self.timings.decode_tokens += 1;
         Ok(out.remove("logits").expect("decoder has logits"))
@@ -561,6 +759,7 @@ impl<'m> Session<'m> {
             u: [u as f32],
         };
         let out = self.run_decoder(&[id], &shape, &[], &[], Some(&d))?;
+        self.ids.push(id);
         self.timings.decode_ms += t0.elapsed().as_secs_f64() * 1e3;
         self.timings.decode_tokens += 1;
         let tok = out
@@ -680,8 +879,11 @@ impl<'m> Session<'m> {
 /// weights are read once for all of them (decode is bound by reading the
 /// weights: batching multiplies tokens per second). The sessions must share
 /// one model and backend; each keeps its own KV cache and NTK alpha, and their
-/// caches may hold different lengths. Returns each session's logits, in order.
-pub fn step_batch(sessions: &mut [Session<'_>], ids: &[u32]) -> Result<Vec<Vec<f32>>, ModelError> {
+/// caches may hold different lengths. The sessions need not be neighbours in
+/// memory (e.g. the active ones among a scheduler's slots); on a backend with
+/// a device KV cache they need distinct KV slots. Returns each session's
+/// logits, in order.
+pub fn step_batch(sessions: &mut [&mut Session<'_>], ids: &[u32]) -> Result<Vec<Vec<f32>>, ModelError> {
     let n = sessions.len();
     if n == 0 || n != ids.len() {
         return Err(ModelError::Prompt(format!("step_batch got {n} sessions and {} tokens", ids.len())));
@@ -765,7 +967,8 @@ pub fn step_batch(sessions: &mut [Session<'_>], ids: &[u32]) -> Result<Vec<Vec<f
         }
     }
     let ms = t0.elapsed().as_secs_f64() * 1e3;
-    for s in sessions.iter_mut() {
+    for (s, &id) in sessions.iter_mut().zip(ids) {
+        s.ids.push(id);
         if on_device {
             s.cache.advance(1);
         } else {

@@ -491,7 +491,17 @@ pub fn preprocess(path: &Path, size: u32) -> Result<Vec<f32>, ImageError> {
         });
     }
     let img = load_rgb(path)?;
-    Ok(normalize_chw(&resize_bicubic(&img, size, size)))
+    preprocess_rgb(&img, size, &path.display().to_string())
+}
+
+/// [`preprocess`] of a picture already decoded (e.g. by [`decode_rgb`] from
+/// bytes a client sent): resize to `size` x `size` with Pillow's bicubic,
+/// normalise; `[3, size, size]` CHW. `name` is used in error messages.
+pub fn preprocess_rgb(img: &RgbImage, size: u32, name: &str) -> Result<Vec<f32>, ImageError> {
+    if size == 0 || img.width == 0 || img.height == 0 {
+        return Err(ImageError::ZeroSize { path: name.to_string(), width: img.width, height: img.height });
+    }
+    Ok(normalize_chw(&resize_bicubic(img, size, size)))
 }
 
 /// Writes an RGB image as PNG.

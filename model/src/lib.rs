@@ -16,6 +16,6 @@ pub mod tokenizer;
 
 pub use config::{Config, GenerationConfig};
 pub use engine::{
-    generate, step_batch, GenerateOptions, Generation, LoadOptions, Model, ModelError, Phase, PrefillOptions, Session,
-    Timings,
+    chunk_end, generate, step_batch, GenerateOptions, Generation, LoadOptions, Model, ModelError, Phase,
+    PrefillOptions, Session, Timings, MAX_CONTEXT, PREFILL_CHUNK,
 };

@@ -118,6 +118,49 @@ pub fn sample(logits: &[f32], seen: &[u32], p: &SamplingParams, rng: &mut Rng) -
     idx[keep - 1] as u32
 }
 
+/// OpenAI's presence and frequency penalties over the generated tokens:
+/// `logit[t] -= presence · (count[t] > 0) + frequency · count[t]`, where
+/// `counts` maps each generated id to how often it was generated.
+pub fn apply_penalties(
+    logits: &mut [f32],
+    counts: &std::collections::HashMap<u32, u32>,
+    presence: f32,
+    frequency: f32,
+) {
+    if presence == 0.0 && frequency == 0.0 {
+        return;
+    }
+    for (&id, &c) in counts {
+        if let Some(l) = logits.get_mut(id as usize) {
+            if c > 0 {
+                *l -= presence + frequency * c as f32;
+            }
+        }
+    }
+}
+
+/// Log-probabilities (log-softmax in f64, returned as f32) of `id` and of
+/// the `k` most likely ids, most likely first (ties: the lower id first).
+pub fn log_softmax_top(logits: &[f32], id: u32, k: usize) -> (f32, Vec<(u32, f32)>) {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let lse = max + logits.iter().map(|&l| (l as f64 - max).exp()).sum::<f64>().ln();
+    let lp = |i: usize| (logits[i] as f64 - lse) as f32;
+    let own = logits.get(id as usize).map_or(f32::NEG_INFINITY, |_| lp(id as usize));
+    let k = k.min(logits.len());
+    let mut top: Vec<usize> = Vec::with_capacity(k + 1);
+    if k > 0 {
+        for i in 0..logits.len() {
+            let better = |a: usize, b: usize| logits[a] > logits[b] || (logits[a] == logits[b] && a < b);
+            if top.len() < k || better(i, top[top.len() - 1]) {
+                let at = top.iter().position(|&j| better(i, j)).unwrap_or(top.len());
+                top.insert(at, i);
+                top.truncate(k);
+            }
+        }
+    }
+    (own, top.into_iter().map(|i| (i as u32, lp(i))).collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -156,6 +199,34 @@ mod tests {
         let ones = d.iter().filter(|&&t| t == 1).count() as f64 / d.len() as f64;
         assert!((ones - 0.75).abs() < 0.03, "{ones}");
         assert!(!d.contains(&2));
+    }
+
+    #[test]
+    fn presence_and_frequency_penalties() {
+        let mut l = vec![1.0f32, 2.0, 3.0, 4.0];
+        let counts = std::collections::HashMap::from([(1u32, 2u32), (3, 1), (9, 4)]);
+        apply_penalties(&mut l, &counts, 0.5, 0.25);
+        assert_eq!(l, vec![1.0, 2.0 - 0.5 - 0.5, 3.0, 4.0 - 0.5 - 0.25]);
+        let mut same = vec![1.0f32, 2.0];
+        apply_penalties(&mut same, &counts, 0.0, 0.0);
+        assert_eq!(same, vec![1.0, 2.0]);
+        // Greedy picks differently once the leader is penalised.
+        let mut g = vec![0.0f32, 5.0, 4.9];
+        apply_penalties(&mut g, &std::collections::HashMap::from([(1u32, 1u32)]), 0.2, 0.0);
+        assert_eq!(argmax(&g), 2);
+    }
+
+    #[test]
+    fn log_softmax_top_k() {
+        let l = [0.0f32, (3.0f32).ln(), f32::NEG_INFINITY, 0.0];
+        let (own, top) = log_softmax_top(&l, 0, 3);
+        assert!((own - (0.2f32).ln()).abs() < 1e-6, "{own}");
+        assert_eq!(top.iter().map(|t| t.0).collect::<Vec<_>>(), vec![1, 0, 3]);
+        assert!((top[0].1 - (0.6f32).ln()).abs() < 1e-6);
+        let total: f64 = [0usize, 1, 3].iter().map(|&i| (log_softmax_top(&l, i as u32, 0).0 as f64).exp()).sum();
+        assert!((total - 1.0).abs() < 1e-6);
+        assert_eq!(log_softmax_top(&l, 2, 0), (f32::NEG_INFINITY, vec![]));
+        assert_eq!(log_softmax_top(&l, 1, 10).1.len(), 4);
     }
 
     #[test]
