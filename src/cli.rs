@@ -54,6 +54,9 @@ qvc generate --model ./Qwen-VL-Chat --raw-prompt-file prompt.txt --json"
 qvc bench --synthetic qwen-vl-chat --device cuda   # full size, random weights, no download\n  \
 qvc bench --synthetic tiny --device emu --prompt-len 8 --decode-tokens 2")]
     Bench(BenchArgs),
+    /// Load-test a running `qvc serve` (or any OpenAI-compatible server): streamed requests at each concurrency
+    /// level; aggregate tokens/s, time to first token p50/p99, inter-token and end-to-end latency.
+    BenchServe(crate::bench_serve::BenchServeArgs),
     /// Print a checkpoint's configuration, tensor count and program sizes, or (given OUT.qvc) a compiled artifact's programs, kernels and memory plans.
     #[command(
         after_help = "Examples:\n  qvc inspect --model ./Qwen-VL-Chat\n  qvc inspect model.qvc            # programs, fused nodes, launches, memory\n  \
@@ -481,6 +484,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Tokenize(a) => cmd_tokenize(a),
         Cmd::Demo(a) => crate::demo::run(a.dir, &a.prompt, a.max_new_tokens, &a.device),
         Cmd::Bench(a) => cmd_bench(a),
+        Cmd::BenchServe(a) => crate::bench_serve::run(a),
         Cmd::Inspect(a) => cmd_inspect(a),
         Cmd::Kernels(a) => cmd_kernels(a),
         Cmd::Devices => cmd_devices(),

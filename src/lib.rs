@@ -6,6 +6,7 @@
 //! turns flags into calls and results into text, JSON, PNG or safetensors.
 
 pub mod bench;
+pub mod bench_serve;
 pub mod cli;
 pub mod compile;
 pub mod demo;
