@@ -3,7 +3,7 @@
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use qvc_model::chat::{format_query, make_context, stop_ids, Turn, DEFAULT_SYSTEM};
-use qvc_model::grounding::{draw_groundings, parse_groundings, to_pixels, Grounding};
+use qvc_model::grounding::{box_outputs, draw_groundings, parse_groundings, BoxOut, Grounding};
 use qvc_model::image::{load_rgb, save_png};
 use qvc_model::sampling::SamplingParams;
 use qvc_model::tokenizer::Specials;
@@ -608,16 +608,6 @@ fn refuse_overwrite(path: &Path, force: bool, flag: &str) -> Result<()> {
     Ok(())
 }
 
-#[derive(serde::Serialize)]
-struct BoxOut {
-    #[serde(rename = "ref")]
-    label: Option<String>,
-    shape: qvc_model::grounding::Shape,
-    box_1000: Vec<(i64, i64)>,
-    box_px: Option<Vec<(i64, i64)>>,
-    image: Option<String>,
-}
-
 /// The boxes of an answer, in pixels of the last picture of the prompt (the
 /// reference draws on the latest picture too).
 fn boxes_for(model: &Model, prompt: &[u32], text: &str) -> Result<(Vec<Grounding>, Vec<BoxOut>, Option<String>)> {
@@ -628,16 +618,8 @@ fn boxes_for(model: &Model, prompt: &[u32], text: &str) -> Result<(Vec<Grounding
         Some(p) if !items.is_empty() => Some(load_rgb(Path::new(p)).map(|i| (i.width, i.height))?),
         _ => None,
     };
-    let out = items
-        .iter()
-        .map(|g| BoxOut {
-            label: g.label.clone(),
-            shape: g.shape,
-            box_1000: g.points_1000.clone(),
-            box_px: dims.map(|(w, h)| to_pixels(&g.points_1000, w, h)),
-            image: image.clone(),
-        })
-        .collect();
+    let picture = image.as_deref().zip(dims).map(|(name, (w, h))| (name, w, h));
+    let out = box_outputs(&items, picture);
     Ok((items, out, image))
 }
 

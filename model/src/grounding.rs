@@ -148,6 +148,36 @@ pub fn to_pixels(points_1000: &[(i64, i64)], width: u32, height: u32) -> Vec<(i6
     points_1000.iter().map(|&(x, y)| (conv(x, width), conv(y, height))).collect()
 }
 
+/// One region as `qvc generate --json` prints it and `qvc serve` returns it in a choice's `boxes`.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct BoxOut {
+    /// The region's `<ref>` label, if any.
+    #[serde(rename = "ref")]
+    pub label: Option<String>,
+    pub shape: Shape,
+    /// Corners in the model's [0, 1000) coordinates.
+    pub box_1000: Vec<(i64, i64)>,
+    /// Corners in pixels of the picture, when there is one.
+    pub box_px: Option<Vec<(i64, i64)>>,
+    /// The name (path) of that picture as written in the prompt.
+    pub image: Option<String>,
+}
+
+/// The regions of `items` as reported: in pixels of `image` (its name, width and height) when the
+/// prompt has a picture (the reference draws on the latest picture of the conversation).
+pub fn box_outputs(items: &[Grounding], image: Option<(&str, u32, u32)>) -> Vec<BoxOut> {
+    items
+        .iter()
+        .map(|g| BoxOut {
+            label: g.label.clone(),
+            shape: g.shape,
+            box_1000: g.points_1000.clone(),
+            box_px: image.map(|(_, w, h)| to_pixels(&g.points_1000, w, h)),
+            image: image.map(|(name, _, _)| name.to_string()),
+        })
+        .collect()
+}
+
 /// Colours for labels, in order of first appearance (Trubetskoy's distinct colours).
 const PALETTE: [[u8; 3]; 12] = [
     [230, 25, 75],
@@ -361,6 +391,21 @@ mod tests {
             shape: if pts.len() == 4 { Shape::Quad } else { Shape::Box },
             points_1000: pts.to_vec(),
         }
+    }
+
+    #[test]
+    fn box_outputs_in_pixels_of_the_picture() {
+        let items = parse_groundings("<ref>dog</ref><box>(100,200),(500,1000)</box>");
+        let out = box_outputs(&items, Some(("image-1", 640, 480)));
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].box_px, Some(vec![(64, 96), (320, 480)]));
+        assert_eq!(out[0].image.as_deref(), Some("image-1"));
+        let v = serde_json::to_value(&out[0]).unwrap();
+        assert_eq!(v["ref"], "dog");
+        assert_eq!(v["shape"], "Box");
+        assert_eq!(v["box_1000"], serde_json::json!([[100, 200], [500, 1000]]));
+        let none = box_outputs(&items, None);
+        assert_eq!((none[0].box_px.clone(), none[0].image.clone()), (None, None));
     }
 
     #[test]

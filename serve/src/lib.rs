@@ -35,7 +35,7 @@ pub mod engine;
 pub mod metrics;
 pub mod request;
 pub mod vision_cache;
-// pub mod http; (H)
+pub mod http;
 
 pub use conversation::{build_prompt, ConversationError, Message, Part, Role};
 pub use engine::{Engine, EngineConfig, EngineState};
