@@ -182,7 +182,7 @@ impl Server {
     /// A non-streamed completion that must succeed: the response JSON.
     pub fn chat(&self, body: &Value) -> Value {
         let r = self.post(body);
-        assert_eq!(r.status, 200, "request {body:.300} failed: {}", r.text());
+        assert_eq!(r.status, 200, "request {} failed: {}", short(body), r.text());
         r.json().unwrap()
     }
 
@@ -200,7 +200,10 @@ impl Server {
     /// A streamed completion read to its end, with every protocol check.
     pub fn stream(&self, body: &Value) -> Streamed {
         let mut s = self.open_stream(body);
-        assert_eq!(s.status, 200, "stream {body:.300} failed: {}", String::from_utf8_lossy(&s.read_to_end().unwrap()));
+        if s.status != 200 {
+            let text = String::from_utf8_lossy(&s.read_to_end().unwrap()).into_owned();
+            panic!("stream {} failed: HTTP {}: {text}", short(body), s.status);
+        }
         let ct = s.header("content-type").unwrap_or("").to_string();
         assert!(ct.starts_with("text/event-stream"), "content-type {ct:?}");
         read_stream(&mut s)
@@ -226,6 +229,12 @@ impl Drop for Server {
             eprintln!("---- qvc serve output (last 6000 chars) ----\n{tail}\n----");
         }
     }
+}
+
+/// A request body for a message: at most 300 characters of it.
+pub fn short(v: &Value) -> String {
+    let s = v.to_string();
+    s.chars().take(300).collect()
 }
 
 pub fn parse_metrics(text: &str) -> HashMap<String, f64> {
