@@ -487,15 +487,15 @@ impl<'m> Scheduler<'m> {
         let mut q = self.shared.lock();
         q.running = self.active.len();
         let (w, r) = (q.waiting.len(), q.running);
-        if w == 0 && r == 0 {
-            self.shared.idle.notify_all();
-        }
-        drop(q);
+        // Metrics before waking `wait_idle`, so an idle engine reads idle.
         self.shared.metrics.update(|c| {
             c.waiting = w;
             c.running = r;
             c.slots_used = used;
         });
+        if w == 0 && r == 0 {
+            self.shared.idle.notify_all();
+        }
     }
 
     /// Place a request in the free slot with the longest reusable prefix.
