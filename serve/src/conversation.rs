@@ -119,20 +119,18 @@ pub fn build_prompt(model: &Model, messages: &[Message]) -> Result<(Vec<u32>, Ve
         texts.chunks_exact(2).map(|p| Turn { query: p[0].clone(), response: p[1].clone() }).collect();
     let tok = &model.tokenizer;
     let ids = make_context(tok, &system, &history, &query, model.generation.max_window_size)?;
-    let spans = tok.image_spans(&ids)?;
+    // Every <img> tag must be one of the given pictures (a tag typed in a
+    // text part would take a picture's place).
+    let tags: usize = texts.iter().chain(std::iter::once(&query)).map(|t| t.matches("<img>").count()).sum();
+    if tags != images.len() {
+        return Err(ConversationError::ImageTags { spans: tags, images: images.len() });
+    }
     // Turns dropped to fit the window are the oldest: the kept pictures are the last ones.
-    if spans.len() > images.len()
-        || spans.iter().zip(&images[images.len() - spans.len()..]).any(|(s, i)| s.path != i.name)
-    {
+    let spans = tok.image_spans(&ids)?;
+    if spans.len() > images.len() {
         return Err(ConversationError::ImageTags { spans: spans.len(), images: images.len() });
     }
     let kept = images.split_off(images.len() - spans.len());
-    // A typed <img> tag in a kept turn would shift the pairing: count them.
-    let typed: usize = texts.iter().chain(std::iter::once(&query)).map(|t| t.matches("<img>").count()).sum();
-    let given = kept.len() + (images.len());
-    if typed != given {
-        return Err(ConversationError::ImageTags { spans: typed, images: given });
-    }
     Ok((ids, kept))
 }
 

@@ -32,10 +32,10 @@
 pub mod conversation;
 mod detok;
 pub mod engine;
+pub mod http;
 pub mod metrics;
 pub mod request;
 pub mod vision_cache;
-pub mod http;
 
 pub use conversation::{build_prompt, ConversationError, Message, Part, Role};
 pub use engine::{Engine, EngineConfig, EngineState};
