@@ -690,14 +690,55 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
     Ok(())
 }
 
+/// A picture for the chat engine: its bytes' key, named by its path in the prompt.
+fn chat_image(model: &Model, path: &Path) -> Result<qvc_serve::ImageInput> {
+    let name = path_str(path)?;
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let img = qvc_model::image::decode_rgb(&bytes, &name)?;
+    let px = qvc_model::image::preprocess_rgb(&img, model.config.visual.image_size as u32, &name)?;
+    Ok(qvc_serve::ImageInput {
+        key: qvc_serve::ImageKey::of(&bytes),
+        name,
+        width: img.width,
+        height: img.height,
+        pixels: Some(std::sync::Arc::new(px)),
+    })
+}
+
+/// Prefill chunk of `qvc chat` (see [`cmd_chat`]).
+const CHAT_PREFILL_CHUNK: usize = 64;
+
+/// `qvc chat` drives the serving engine with one KV slot: each turn's prompt
+/// starts with the previous turn's, so only the new tokens are prefilled
+/// (on a checkpoint run on the CPU; see `qvc_serve`), and each picture is
+/// encoded once.
 fn cmd_chat(a: ChatArgs) -> Result<()> {
-    let model = load(&a.model)?;
+    use qvc_serve::{Engine, EngineConfig, Event, GenRequest};
+    let model = std::sync::Arc::new(load(&a.model)?);
     let (sampling, max_new) = sampling_params(&model, &a.sampling)?;
-    let backend = make_backend(&model, &a.model.device, 1)?;
-    let mut session = Session::new(&model, backend.as_ref());
-    attach_progress(&mut session);
-    let opt = GenerateOptions { max_new_tokens: max_new, sampling, stop_ids: stop_ids(&model.tokenizer) };
+    let (m, device) = (model.clone(), a.model.device.clone());
+    // Chunks of 64 rows: a turn reuses the previous prompt's rows up to its
+    // last multiple of 64 (the default 512 would reuse nothing in a short
+    // conversation). Answers may then differ from `qvc generate`'s 512-row
+    // chunks in the last bits of the logits.
+    let cfg = EngineConfig { max_batch: 1, max_queue: 1, prefill_chunk: CHAT_PREFILL_CHUNK, ..Default::default() };
+    let engine = Engine::start(
+        cfg,
+        Box::new(move |slots| {
+            let backend = make_backend(&m, &device, slots)?;
+            Ok((m, backend))
+        }),
+    );
+    loop {
+        match engine.state() {
+            qvc_serve::EngineState::Loading => std::thread::sleep(std::time::Duration::from_millis(20)),
+            qvc_serve::EngineState::Failed(why) => bail!("{why}"),
+            _ => break,
+        }
+    }
     let mut history: Vec<Turn> = Vec::new();
+    // Every picture of the conversation, by its name in the prompt.
+    let mut pictures: Vec<qvc_serve::ImageInput> = Vec::new();
     let mut pending: Vec<PathBuf> = a.image.clone();
     eprintln!("Type a message. Commands: /image PATH (attach a picture to the next message), /reset, /quit.");
     let stdin = std::io::stdin();
@@ -718,6 +759,7 @@ fn cmd_chat(a: ChatArgs) -> Result<()> {
         if msg == "/reset" {
             history.clear();
             pending.clear();
+            pictures.clear();
             eprintln!("(history cleared)");
             continue;
         }
@@ -743,32 +785,82 @@ fn cmd_chat(a: ChatArgs) -> Result<()> {
             raw_prompt_file: None,
             prompt_tokens: None,
         };
-        let ids = match prompt_ids(&model, &pa, &history) {
-            Ok(i) => i,
+        let turn = || -> Result<(Vec<u32>, Vec<qvc_serve::ImageInput>)> {
+            let ids = prompt_ids(&model, &pa, &history)?;
+            let mut known = pictures.clone();
+            for p in &pending {
+                known.push(chat_image(&model, p)?);
+            }
+            let spans = model.tokenizer.image_spans(&ids)?;
+            let images = spans
+                .iter()
+                .map(|s| {
+                    known.iter().rev().find(|i| i.name == s.path).cloned().with_context(|| format!("no picture {}", s.path))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            Ok((ids, images))
+        };
+        let (ids, images) = match turn() {
+            Ok(x) => x,
             Err(e) => {
                 eprintln!("error: {e:#}");
                 continue;
             }
         };
+        let req = GenRequest {
+            sampling: sampling.clone(),
+            ..GenRequest::greedy(ids.clone(), images.clone(), max_new, stop_ids(&model.tokenizer))
+        };
+        let (tx, rx) = std::sync::mpsc::channel();
+        if let Err(e) = engine.submit(req, Box::new(move |ev| tx.send(ev).is_ok())) {
+            eprintln!("error: {e}");
+            continue;
+        }
         let mut stdout = std::io::stdout();
-        match generate(&mut session, &ids, &opt, &mut |t| {
-            let _ = stdout.write_all(t.as_bytes());
-            let _ = stdout.flush();
-        }) {
-            Ok(g) => {
-                println!();
-                if let Ok((_, boxes, _)) = boxes_for(&model, &ids, &g.text) {
-                    for b in boxes {
-                        eprintln!("[box] {:?} {:?}", b.label.as_deref().unwrap_or("-"), b.box_px.unwrap_or(b.box_1000));
-                    }
+        let mut cached = 0;
+        for ev in rx {
+            match ev {
+                Event::Started { cached_tokens, .. } => cached = cached_tokens,
+                Event::Delta { text, .. } => {
+                    let _ = stdout.write_all(text.as_bytes());
+                    let _ = stdout.flush();
                 }
-                let images: Vec<String> = pending.iter().filter_map(|p| p.to_str().map(str::to_string)).collect();
-                history.push(Turn { query: format_query(&images, msg), response: g.text });
-                pending.clear();
+                Event::Done { usage, text, .. } => {
+                    println!();
+                    if let Ok((_, boxes, _)) = boxes_for(&model, &ids, &text) {
+                        for b in boxes {
+                            eprintln!(
+                                "[box] {:?} {:?}",
+                                b.label.as_deref().unwrap_or("-"),
+                                b.box_px.unwrap_or(b.box_1000)
+                            );
+                        }
+                    }
+                    eprintln!(
+                        "[qvc] {} prompt tokens ({} reused from the previous turn, {} prefilled), {} new",
+                        usage.prompt_tokens,
+                        cached,
+                        usage.prompt_tokens - cached,
+                        usage.completion_tokens
+                    );
+                    let names: Vec<String> = pending.iter().filter_map(|p| p.to_str().map(str::to_string)).collect();
+                    history.push(Turn { query: format_query(&names, msg), response: text });
+                    for img in &images {
+                        if !pictures.iter().any(|p| p.name == img.name && p.key == img.key) {
+                            pictures.push(img.clone());
+                        }
+                    }
+                    pending.clear();
+                    break;
+                }
+                Event::Error(e) => {
+                    eprintln!("error: {e}");
+                    break;
+                }
             }
-            Err(e) => eprintln!("error: {e}"),
         }
     }
+    engine.shutdown();
     Ok(())
 }
 
