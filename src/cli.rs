@@ -57,6 +57,13 @@ qvc bench --synthetic tiny --device emu --prompt-len 8 --decode-tokens 2")]
     /// Load-test a running `qvc serve` (or any OpenAI-compatible server): streamed requests at each concurrency
     /// level; aggregate tokens/s, time to first token p50/p99, inter-token and end-to-end latency.
     BenchServe(crate::bench_serve::BenchServeArgs),
+    /// Serve the model over an OpenAI-compatible HTTP API (chat completions with pictures, streaming, many
+    /// conversations at once).
+    #[command(
+        after_help = "`qvc serve --help` shows a curl example, the endpoints and the rules for pictures.",
+        after_long_help = crate::serve_cmd::SERVE_EXAMPLES
+    )]
+    Serve(crate::serve_cmd::ServeArgs),
     /// Print a checkpoint's configuration, tensor count and program sizes, or (given OUT.qvc) a compiled artifact's programs, kernels and memory plans.
     #[command(
         after_help = "Examples:\n  qvc inspect --model ./Qwen-VL-Chat\n  qvc inspect model.qvc            # programs, fused nodes, launches, memory\n  \
@@ -174,7 +181,7 @@ struct CompileArgs {
 }
 
 #[derive(Args, Clone)]
-struct ModelArgs {
+pub(crate) struct ModelArgs {
     /// The model: a `qvc compile` artifact (OUT.qvc), a checkpoint directory, or a .safetensors file with config.json
     /// and qwen.tiktoken beside it. The same as --model.
     #[arg(value_name = "MODEL")]
@@ -190,7 +197,7 @@ struct ModelArgs {
     /// in the PTX emulator: slow, for checking kernels without a GPU), or `auto`: the first GPU when the driver
     /// finds one and the model can run there, else the CPU.
     #[arg(long, default_value = "auto", value_name = "DEVICE", env = "QVC_DEVICE", value_parser = parse_device)]
-    device: String,
+    pub(crate) device: String,
 }
 
 fn parse_device(s: &str) -> Result<String, String> {
@@ -485,6 +492,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Demo(a) => crate::demo::run(a.dir, &a.prompt, a.max_new_tokens, &a.device),
         Cmd::Bench(a) => cmd_bench(a),
         Cmd::BenchServe(a) => crate::bench_serve::run(a),
+        Cmd::Serve(a) => crate::serve_cmd::run(a),
         Cmd::Inspect(a) => cmd_inspect(a),
         Cmd::Kernels(a) => cmd_kernels(a),
         Cmd::Devices => cmd_devices(),
@@ -495,7 +503,7 @@ fn run(cli: Cli) -> Result<()> {
 
 impl ModelArgs {
     /// The model path, given as MODEL or --model (or $QVC_MODEL).
-    fn path(&self) -> Result<&Path> {
+    pub(crate) fn path(&self) -> Result<&Path> {
         match (&self.path, &self.model) {
             (Some(p), Some(m)) if p != m => {
                 bail!("two models given: {} and --model {}; give one", p.display(), m.display())
@@ -509,7 +517,7 @@ impl ModelArgs {
     }
 }
 
-fn load(m: &ModelArgs) -> Result<Model> {
+pub(crate) fn load(m: &ModelArgs) -> Result<Model> {
     let t0 = Instant::now();
     let path = m.path()?;
     let model = Model::load(path, &LoadOptions { config: m.config.clone(), ..Default::default() })?;

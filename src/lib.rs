@@ -11,3 +11,4 @@ pub mod cli;
 pub mod compile;
 pub mod demo;
 pub mod selftest;
+pub mod serve_cmd;
