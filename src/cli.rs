@@ -255,13 +255,16 @@ impl DeviceChoice {
     }
 }
 
+/// KV-cache rows a GPU backend gets for a checkpoint (an artifact has its own `--max-seq`).
+pub const GPU_CHECKPOINT_MAX_SEQ: usize = 2048;
+
 /// The backend `--device` asks for: the CPU, or a GPU executor (CUDA or the
 /// emulator) with a device KV cache for `slots` sequences.
 pub fn make_backend(model: &Model, device: &str, slots: usize) -> Result<Box<dyn qvc_runtime::Backend>> {
     use qvc_runtime::gpu::{CudaDevice, EmuDevice};
     let choice = DeviceChoice::parse(device)?;
     let gpu_artifact = model.compiled().is_none_or(|m| m.options.target != "cpu");
-    let max_seq = model.compiled().map_or(2048, |m| m.options.max_seq);
+    let max_seq = model.compiled().map_or(GPU_CHECKPOINT_MAX_SEQ, |m| m.options.max_seq);
     let choice = match choice {
         DeviceChoice::Auto => match qvc_runtime::cuda::gpus() {
             Ok(g) if g.first().and_then(|g| g.target()).is_some() => {

@@ -8,6 +8,7 @@
 //! A model that fails to load ends the process with an error (exit 1);
 //! SIGTERM or Ctrl-C drains and exits 0.
 
+use crate::cli::DeviceChoice;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use qvc_serve::http::media::MediaConfig;
@@ -196,12 +197,20 @@ pub fn run(a: ServeArgs) -> Result<()> {
     let addr = listener.local_addr().context("cannot read the bound address")?;
     announce(&format!("qvc serve: listening on http://{addr}"));
 
+    // A checkpoint on a GPU backend has GPU_CHECKPOINT_MAX_SEQ rows of device KV cache (an artifact's own
+    // --max-seq is applied by the engine).
+    let on_gpu = matches!(DeviceChoice::parse(&a.model.device)?, DeviceChoice::Cuda(_) | DeviceChoice::Emu);
+    let max_context = match a.max_context {
+        Some(n) => Some(n),
+        None if on_gpu && !qvc_runtime::artifact::is_artifact(&path) => Some(crate::cli::GPU_CHECKPOINT_MAX_SEQ),
+        None => None,
+    };
     let engine_cfg = EngineConfig {
         max_batch: a.max_batch,
         max_queue: a.max_queue,
         prefill_chunk: a.prefill_chunk,
         vision_cache: a.vision_cache,
-        max_context: a.max_context,
+        max_context,
     };
     let model_args = a.model.clone();
     let engine = Engine::start(
