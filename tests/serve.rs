@@ -58,7 +58,8 @@ fn has_metric(m: &std::collections::HashMap<String, f64>, name: &str) -> bool {
 #[test]
 fn endpoints_and_response_shape() {
     let Some(dir) = fixture() else { return };
-    let s = Server::start(&dir, &["--served-model-name", "tiny-vl", "--max-batch", "4"]);
+    // Server::start names the model "qvc"; tests/serve_openai.rs checks another name.
+    let s = Server::start(&dir, &["--max-batch", "4"]);
 
     let h = s.get("/health").unwrap();
     assert_eq!(h.status, 200, "{}", h.text());
@@ -67,18 +68,16 @@ fn endpoints_and_response_shape() {
     assert_eq!(m.status, 200, "{}", m.text());
     let mv = m.json().unwrap();
     assert_eq!(mv["object"], "list", "{mv}");
-    assert_eq!(mv["data"][0]["id"], "tiny-vl", "{mv}");
+    assert_eq!(mv["data"][0]["id"], "qvc", "{mv}");
     assert_eq!(mv["data"][0]["object"], "model", "{mv}");
 
     // A picture and a question, non-streamed.
     let conv = Conv::ask(vec![image("shapes.png"), text("What is in this picture?")]);
-    let mut body = conv.greedy(&dir, 6);
-    body["model"] = json!("tiny-vl");
-    let v = s.chat(&body);
+    let v = s.chat(&conv.greedy(&dir, 6));
     assert!(v["id"].as_str().unwrap().starts_with("chatcmpl-"), "{v}");
     assert_eq!(v["object"], "chat.completion");
     assert!(v["created"].as_u64().unwrap() > 1_600_000_000, "{v}");
-    assert_eq!(v["model"], "tiny-vl");
+    assert_eq!(v["model"], "qvc");
     let c = &v["choices"][0];
     assert_eq!(v["choices"].as_array().unwrap().len(), 1);
     assert_eq!(c["index"], 0);
@@ -296,7 +295,7 @@ fn every_invalid_request_is_a_400_with_the_openai_envelope() {
         assert!(m.contains(&prompt_tokens.to_string()), "the message names the prompt's {prompt_tokens} tokens: {m}");
     }
     // So does a long prompt alone.
-    let long_text = "sea ".repeat(9000);
+    let long_text = "sea ".repeat(40_000);
     let e = envelope(
         &s.post(&with("messages", json!([{"role": "user", "content": long_text}]))),
         400,
@@ -451,7 +450,11 @@ fn greedy_answers_equal_qvc_generate() {
         }
         // The next turn of the same conversation: the previous turn's rows are reused (prefix cache).
         let mut next = conv.clone();
-        next.history.push((conv.query.clone(), content.clone()));
+        // The reference tokenizes message text with only the picture/grounding tags special, while
+        // the raw prompt file given to qvc generate makes every special form special: keep answer
+        // text like "<|extra_60|>" (the random model writes such tokens) out of the history.
+        let said = content.split("<|").next().unwrap().to_string();
+        next.history.push((conv.query.clone(), said));
         next.query = vec![text("And then?")];
         let want2 = generate(&dir, &next, 8, "cpu");
         let v2 = s.chat(&next.greedy(&dir, 8));

@@ -45,6 +45,10 @@ impl Server {
     pub fn start_with_env(model: &Path, args: &[&str], env: &[(&str, &str)]) -> Server {
         let mut cmd = Command::new(qvc_bin());
         cmd.arg("serve").arg(model).args(["--host", "127.0.0.1", "--port", "0"]).args(args);
+        if !args.contains(&"--served-model-name") {
+            // The bodies below send "model": "qvc" (the default would be the directory's name).
+            cmd.args(["--served-model-name", "qvc"]);
+        }
         cmd.env_remove("QVC_API_KEY");
         for (k, v) in env {
             cmd.env(k, v);
