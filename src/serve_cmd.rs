@@ -142,7 +142,7 @@ pub fn parse_bytes(s: &str) -> Result<usize, String> {
 pub fn parse_secs(s: &str) -> Result<Duration, String> {
     let t = s.trim().trim_end_matches('s');
     match t.parse::<f64>() {
-        Ok(x) if x.is_finite() && x >= 0.0 && x < 1e9 => Ok(Duration::from_secs_f64(x)),
+        Ok(x) if (0.0..1e9).contains(&x) => Ok(Duration::from_secs_f64(x)),
         _ => Err(format!("{s:?} is not a number of seconds")),
     }
 }
