@@ -2,6 +2,15 @@
 //! memory-mapped weights, the tokenizer and the folded position tables;
 //! [`Session`] runs vision → prefill → decode on a [`Backend`] and keeps the
 //! KV cache; [`generate`] is the sampling loop with streaming and stop tokens.
+//!
+//! Prefill is resumable: [`Session::extend`] runs the rows `cached..end` of a
+//! prompt over the cached rows (so a scheduler can interleave a long prompt
+//! with decode steps, and keep the rows a new prompt shares with the previous
+//! one, [`Session::reusable_prefix`]). Chunk boundaries are the absolute
+//! multiples of a chunk size ([`PREFILL_CHUNK`] for [`Session::prefill`]), so
+//! every prefill of a prompt runs the same row blocks and computes the same
+//! numbers. A compiled artifact and the GPU executor prefill whole prompts
+//! from an empty cache only ([`Session::can_extend`]).
 
 use crate::config::{Config, ConfigError, GenerationConfig};
 use crate::graphs::{

@@ -41,8 +41,10 @@ use std::time::{Duration, Instant};
 
 /// Decode rows per batched step on the CPU: larger batches run as several
 /// groups of at most this many. The CPU decode kernels give every row the
-/// same bits for any batch size up to this (helper K's invariance bound), so
-/// a greedy answer does not depend on what else runs.
+/// same bits for any batch size up to this bound, so a greedy answer does
+/// not depend on what else runs. It equals the runtime's exported bound
+/// `qvc_runtime::DECODE_BATCH_INVARIANT_MAX` (8, the GEMM's small-m path);
+/// use that const here once it is part of the runtime's API.
 pub const CPU_DECODE_GROUP: usize = 8;
 
 /// How the engine runs.
@@ -414,10 +416,11 @@ fn scheduler(shared: Arc<Shared>, load: LoadFn) {
 
 fn fail_loading(shared: &Shared, why: String) {
     shared.set_state(EngineState::Failed(why.clone()));
-    let mut q = shared.lock();
-    for mut r in q.waiting.drain(..) {
+    let waiting: Vec<Queued> = shared.lock().waiting.drain(..).collect();
+    for mut r in waiting {
         let _ = catch_unwind(AssertUnwindSafe(|| (r.sink)(Event::Error(why.clone()))));
     }
+    shared.metrics.update(|c| c.waiting = 0);
     shared.idle.notify_all();
 }
 
