@@ -1,15 +1,21 @@
 //! Decoding several conversations together (`step_batch`: one program run,
-//! every weight read once for all) gives each the logits it gets alone, with
-//! caches of different lengths, on the checkpoint and on a compiled artifact
+//! every weight read once for all) gives each, bit for bit, the logits it
+//! gets alone (the CPU decode is batch-invariant up to
+//! `DECODE_BATCH_INVARIANT_MAX` sequences), with caches of different lengths
+//! padded to the longest, on the checkpoint and on a compiled artifact
 //! (`--max-batch`).
 
 mod common;
-use common::{fixtures, rel_err, Expected};
+use common::{fixtures, Expected};
 use qvc::compile::{compile, CompileOptions, SourceSpec};
 use qvc_model::sampling::argmax;
 use qvc_model::{step_batch, LoadOptions, Model, PrefillOptions, Session};
-use qvc_runtime::Cpu;
+use qvc_runtime::{Cpu, DECODE_BATCH_INVARIANT_MAX};
 use std::path::Path;
+
+fn bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|x| x.to_bits()).collect()
+}
 
 fn prompts(e: &Expected) -> Vec<Vec<u32>> {
     ["text", "img1", "ground"].iter().map(|c| e.ids(&e.json["chat"][*c]["input_ids"])).collect()
@@ -47,8 +53,7 @@ fn check(m: &Model, dir: &Path, prompts: &[Vec<u32>], steps: usize) {
         let mut refs: Vec<&mut Session> = sessions.iter_mut().collect();
         last = step_batch(&mut refs, &ids).unwrap();
         for (b, l) in last.iter().enumerate() {
-            let r = rel_err(l, &alone[b][k].1);
-            assert!(r < 1e-5, "sequence {b}, step {k}: batched logits differ by {r:e}");
+            assert!(bits(l) == bits(&alone[b][k].1), "sequence {b}, step {k}: batched logits differ from alone");
         }
     }
     for (s, p) in sessions.iter().zip(prompts) {
@@ -82,4 +87,48 @@ fn batched_decode_matches_one_at_a_time() {
     let err = step_batch(&mut refs, &[1, 2, 3, 4]).unwrap_err();
     assert!(err.to_string().contains("--max-batch"), "{err}");
     let _ = std::fs::remove_dir_all(&out);
+}
+
+/// The largest invariant batch: that many conversations of different lengths
+/// (so each cache is padded to the longest), in a scrambled order, each get
+/// bit for bit the logits of decoding it alone, step after step.
+#[test]
+fn a_full_invariant_batch_is_bit_identical_to_one_at_a_time() {
+    let Some(dir) = fixtures() else { return };
+    let e = Expected::load(&dir);
+    let m = Model::load(&dir, &LoadOptions::default()).unwrap();
+    let text = e.ids(&e.json["chat"]["text"]["input_ids"]);
+    let n = DECODE_BATCH_INVARIANT_MAX;
+    assert!(n >= 2, "a batch of {n} is no batch");
+    // Prompts of n different lengths (half the text up to all of it), in
+    // the batch in a scrambled order.
+    let prompts: Vec<Vec<u32>> = (0..n).map(|b| text[..text.len() * (n + b + 1) / (2 * n)].to_vec()).collect();
+    let mut order: Vec<usize> = (0..n).rev().collect();
+    order.rotate_left(n / 2);
+    let steps = 3;
+    let feed = |k: usize, b: usize| 300 + 17 * k as u32 + 101 * b as u32;
+    let backend = Cpu;
+    let mut alone = vec![];
+    for p in &prompts {
+        let mut s = Session::new(&m, &backend);
+        s.prefill(p, &PrefillOptions::default()).unwrap();
+        let b = alone.len();
+        alone.push((0..steps).map(|k| s.step(feed(k, b)).unwrap()).collect::<Vec<_>>());
+    }
+    let mut sessions: Vec<Session> = order.iter().map(|_| Session::new(&m, &backend)).collect();
+    for (s, &b) in sessions.iter_mut().zip(&order) {
+        s.prefill(&prompts[b], &PrefillOptions::default()).unwrap();
+    }
+    for k in 0..steps {
+        let ids: Vec<u32> = order.iter().map(|&b| feed(k, b)).collect();
+        let mut refs: Vec<&mut Session> = sessions.iter_mut().collect();
+        let got = step_batch(&mut refs, &ids).unwrap();
+        for (p, (g, &b)) in got.iter().zip(&order).enumerate() {
+            assert!(
+                bits(g) == bits(&alone[b][k]),
+                "step {k}: sequence {b} ({} cached tokens) at position {p} of {n} differs from alone",
+                prompts[b].len() + k
+            );
+        }
+    }
 }

@@ -7,8 +7,10 @@
 //! Three paths, chosen by shape and layout (all give the same result to f32
 //! rounding, and all are tested against [`gemm_ref`]):
 //! * **dot** (m ≤ 8 and B's columns contiguous, the decode / lm_head case):
-//!   memory-bound, so no packing; parallel over column chunks of B, each
-//!   column widened in L1-sized pieces and dotted with the (≤ 4) rows of A.
+//!   memory-bound, so no packing; parallel over column chunks of B, register
+//!   tiles of two rows × several columns, B widened in registers. Each
+//!   element is one fixed 8-lane dot product, so a row's result does not
+//!   depend on m or the column split ([`DECODE_BATCH_INVARIANT_MAX`]).
 //! * **axpy** (m ≤ 8 and B's rows contiguous, `x · P`): parallel over column
 //!   chunks; each row of B is scaled into a small accumulator per A row.
 //! * **packed** (everything else): BLIS-style. For each `KC` slice of k, A is
@@ -36,8 +38,13 @@ const MC: usize = 144;
 const NC: usize = 3072;
 /// Largest m the unpacked (dot/axpy) paths take.
 const SMALL_M: usize = 8;
-/// k-elements of a B column widened at a time in the dot path.
-const DOT_CHUNK: usize = 512;
+/// The largest number of rows (sequences of a batched decode step) for which
+/// every row of `gemm`'s result is bit-identical to computing that row alone
+/// (same ISA), whatever the other rows, the column split or the threads: up
+/// to this m, the dot and axpy paths compute each element with one fixed
+/// sequence of operations (see `DOT_LANES`). Larger m take the packed path,
+/// whose blocking depends on m.
+pub const DECODE_BATCH_INVARIANT_MAX: usize = SMALL_M;
 /// Columns per task in the axpy path (its accumulators live on the stack).
 const AXPY_COLS: usize = 256;
 
@@ -215,7 +222,7 @@ unsafe fn store_c(c: SyncPtr, idx: usize, v: f32, accumulate: bool) {
     }
 }
 
-/// The (at most 4) rows of A widened to a contiguous f32 `m×k` block.
+/// The (at most `SMALL_M`) rows of A widened to a contiguous f32 `m×k` block.
 fn widen_a_rows<'s>(a: &MatRef, scratch: &'s mut GemmScratch) -> &'s [f32] {
     let (m, k) = (a.rows, a.cols);
     ensure(&mut scratch.a, m * k);
@@ -280,133 +287,152 @@ struct DotJob<'a> {
     accumulate: bool,
 }
 
+/// Lanes of every dot product's partial sums: element `(i, j)` is always
+/// `hsum(lanes) + tail`, where lane `l` accumulates `a[i, p]·b[p, j]` for
+/// `p ≡ l (mod 8)`, `p < k − k mod 8`, in increasing `p` (one FMA each on the
+/// AVX2 path, a multiply then an add on the portable one), [`hsum`] adds the
+/// lanes pairwise, and the `k mod 8` tail products are added one by one.
+/// Nothing in that sequence depends on `m`, on the tile or on the column
+/// split, which is what makes decode batch-invariant ([`DECODE_BATCH_INVARIANT_MAX`]).
+const DOT_LANES: usize = 8;
+
 impl DotJob<'_> {
+    /// Columns `j0..j1` of C, in register tiles of at most 2 rows × `C`
+    /// columns: independent FMA chains come from several columns (and rows)
+    /// at once, never from splitting one dot product over more lanes. With
+    /// more than 2 rows, the tiles of one column group run one after another
+    /// over its columns while they are in L1.
     fn run<T: Src>(&self, w: &[T], j0: usize, j1: usize) {
-        // Fewer A rows leave registers for more lanes, hiding FMA latency.
-        macro_rules! go {
-            ($m:literal, $l:literal) => {
-                match self.isa {
-                    #[cfg(target_arch = "x86_64")]
-                    // SAFETY: `isa` was resolved, so the CPU has AVX2 and FMA.
-                    Isa::Avx2Fma => unsafe { dot_cols_avx2::<T, $m, { $l / 8 }>(self, w, j0, j1) },
-                    _ => dot_cols::<T, $m, $l, false>(self, w, j0, j1),
-                }
-            };
+        if self.m == 1 {
+            self.tiles::<T, 12>(w, j0, j1)
+        } else {
+            self.tiles::<T, 6>(w, j0, j1)
         }
-        match self.m {
-            1 => go!(1, 32),
-            2 => go!(2, 32),
-            3 => go!(3, 16),
-            4 => go!(4, 16),
-            // Batched decode (up to 8 sequences): one vector per row keeps
-            // the M accumulators within the 16 AVX2 registers.
-            5 => go!(5, 8),
-            6 => go!(6, 8),
-            7 => go!(7, 8),
-            8 => go!(8, 8),
-            m => unreachable!("dot path with m = {m}"),
+    }
+
+    /// Columns `j0..j1` in groups of `C`, the ragged rest one at a time (the
+    /// same arithmetic per element); rows in pairs, the odd one alone.
+    #[inline(always)]
+    fn tiles<T: Src, const C: usize>(&self, w: &[T], j0: usize, j1: usize) {
+        let mut j = j0;
+        while j < j1 {
+            let group = if j + C <= j1 { C } else { 1 };
+            for i0 in (0..self.m).step_by(2) {
+                match (self.m - i0 >= 2, group == C) {
+                    (true, true) => self.tile::<T, 2, C>(w, i0, j),
+                    (false, true) => self.tile::<T, 1, C>(w, i0, j),
+                    (true, false) => self.tile::<T, 2, 1>(w, i0, j),
+                    (false, false) => self.tile::<T, 1, 1>(w, i0, j),
+                }
+            }
+            j += group;
+        }
+    }
+
+    /// Rows `i0..i0 + R`, columns `j..j + C`.
+    #[inline(always)]
+    fn tile<T: Src, const R: usize, const C: usize>(&self, w: &[T], i0: usize, j: usize) {
+        // Every column read below lies in `w` (one check per column).
+        let cols: [&[T]; C] = std::array::from_fn(|c| &w[self.off + (j + c) * self.cs..][..self.k]);
+        let a = &self.a[i0 * self.k..(i0 + R) * self.k];
+        match self.isa {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `isa` was resolved, so the CPU has AVX2, FMA and F16C;
+            // the columns hold k elements each, `a` R rows of k; see
+            // `gemv_dot` for C.
+            Isa::Avx2Fma => unsafe { dot_tile_avx2::<T, R, C>(self, a, &cols, i0, j) },
+            // SAFETY: see `gemv_dot` for C.
+            _ => unsafe { dot_tile::<T, R, C>(self, a, &cols, i0, j) },
         }
     }
 }
 
-/// AVX2 version of [`dot_cols`]: widens B in registers (no staging buffer)
-/// and keeps `M × U` vector accumulators, `U` vectors of 8 per row, so that
-/// enough independent FMAs are in flight to cover their latency.
+/// AVX2 version of [`dot_tile`]: B widened in registers (no staging buffer),
+/// `R × C` vector accumulators, one 8-lane chain per C element.
 ///
-/// SAFETY: the CPU must have AVX2, FMA and F16C; columns `j0..j1` of B lie in
-/// `w`; see `gemv_dot` for C.
+/// SAFETY: the CPU must have AVX2, FMA and F16C; `a` holds `R` rows of
+/// `job.k`, each of `cols` `job.k` elements; C covers rows `i0..i0+R`,
+/// columns `j..j+C` (see `gemv_dot`).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dot_cols_avx2<T: Src, const M: usize, const U: usize>(job: &DotJob, w: &[T], j0: usize, j1: usize) {
+unsafe fn dot_tile_avx2<T: Src, const R: usize, const C: usize>(
+    job: &DotJob,
+    a_rows: &[f32],
+    cols: &[&[T]; C],
+    i0: usize,
+    j: usize,
+) {
     use std::arch::x86_64::*;
     let k = job.k;
-    let a = job.a.as_ptr();
-    for j in j0..j1 {
-        let col = w[job.off + j * job.cs..job.off + j * job.cs + k].as_ptr();
-        let mut acc = [[_mm256_setzero_ps(); U]; M];
-        let mut p = 0;
-        while p + 8 * U <= k {
-            for u in 0..U {
-                let wv = T::load8(col.add(p + 8 * u));
-                for (i, acc_i) in acc.iter_mut().enumerate() {
-                    acc_i[u] = _mm256_fmadd_ps(_mm256_loadu_ps(a.add(i * k + p + 8 * u)), wv, acc_i[u]);
-                }
+    debug_assert_eq!(a_rows.len(), R * k);
+    let a = a_rows.as_ptr();
+    let mut acc = [[_mm256_setzero_ps(); C]; R];
+    let full = k - k % DOT_LANES;
+    let mut p = 0;
+    while p < full {
+        let av: [__m256; R] = std::array::from_fn(|i| _mm256_loadu_ps(a.add(i * k + p)));
+        for (c, col) in cols.iter().enumerate() {
+            let wv = T::load8(col.as_ptr().add(p));
+            for (acc_i, &av_i) in acc.iter_mut().zip(&av) {
+                acc_i[c] = _mm256_fmadd_ps(av_i, wv, acc_i[c]);
             }
-            p += 8 * U;
         }
-        while p + 8 <= k {
-            let wv = T::load8(col.add(p));
-            for (i, acc_i) in acc.iter_mut().enumerate() {
-                acc_i[0] = _mm256_fmadd_ps(_mm256_loadu_ps(a.add(i * k + p)), wv, acc_i[0]);
-            }
-            p += 8;
-        }
-        let mut tail = [0f32; 8];
-        let wt = T::as_f32(&w[job.off + j * job.cs + p..job.off + j * job.cs + k], &mut tail);
+        p += DOT_LANES;
+    }
+    for (c, col) in cols.iter().enumerate() {
+        let mut tail = [0f32; DOT_LANES];
+        let wt = T::as_f32(&col[full..], &mut tail);
         for (i, acc_i) in acc.iter().enumerate() {
-            let mut v = acc_i[0];
-            for &x in &acc_i[1..] {
-                v = _mm256_add_ps(v, x);
-            }
-            let mut lanes = [0f32; 8];
-            _mm256_storeu_ps(lanes.as_mut_ptr(), v);
+            let mut lanes = [0f32; DOT_LANES];
+            _mm256_storeu_ps(lanes.as_mut_ptr(), acc_i[c]);
             let mut s = hsum(&lanes);
             for (q, &x) in wt.iter().enumerate() {
-                s = (*a.add(i * k + p + q)).mul_add(x, s);
+                s = a_rows[i * k + full + q].mul_add(x, s);
             }
-            store_c(job.c, i * job.ldc + j, s, job.accumulate);
+            store_c(job.c, (i0 + i) * job.ldc + j + c, s, job.accumulate);
         }
     }
 }
 
-/// C[i, j] (+)= A[i, :] · B[:, j] for j in j0..j1, B's column j being
-/// `w[off + j*cs ..][..k]`. The portable path.
+/// The portable tile: C[i0 + i, j + c] (+)= A[i0 + i, :] · B[:, j + c] for
+/// i < R, c < C, A's row i0 + i being `a[i*k..]` and B's column j + c
+/// `cols[c]`, in the order of [`DOT_LANES`] (multiply then add: no FMA).
+///
+/// SAFETY: C covers rows `i0..i0+R`, columns `j..j+C` (see `gemv_dot`).
 #[inline(always)]
-fn dot_cols<T: Src, const M: usize, const L: usize, const FMA: bool>(job: &DotJob, w: &[T], j0: usize, j1: usize) {
-    let k = job.k;
-    let mut buf = [0f32; DOT_CHUNK];
-    for j in j0..j1 {
-        let col = &w[job.off + j * job.cs..job.off + j * job.cs + k];
-        let mut acc = [[0f32; L]; M];
-        let mut p0 = 0;
-        while p0 < k {
-            let len = DOT_CHUNK.min(k - p0);
-            let wv = T::as_f32(&col[p0..p0 + len], &mut buf);
-            dot_chunk::<M, L, FMA>(job.a, k, p0, wv, &mut acc);
-            p0 += len;
-        }
-        for (i, lanes) in acc.iter().enumerate() {
-            // SAFETY: see `gemv_dot`.
-            unsafe { store_c(job.c, i * job.ldc + j, hsum(lanes), job.accumulate) };
-        }
-    }
-}
-
-/// acc[i][l] += Σ_q a[i, p0 + q] * w[q] over lanes l = q mod L.
-#[inline(always)]
-fn dot_chunk<const M: usize, const L: usize, const FMA: bool>(
+unsafe fn dot_tile<T: Src, const R: usize, const C: usize>(
+    job: &DotJob,
     a: &[f32],
-    k: usize,
-    p0: usize,
-    w: &[f32],
-    acc: &mut [[f32; L]; M],
+    cols: &[&[T]; C],
+    i0: usize,
+    j: usize,
 ) {
-    let len = w.len();
-    let full = len - len % L;
-    let mut q = 0;
-    while q < full {
-        let wv: &[f32; L] = w[q..q + L].try_into().unwrap();
-        for (i, acc_i) in acc.iter_mut().enumerate() {
-            let av: &[f32; L] = a[i * k + p0 + q..][..L].try_into().unwrap();
-            for l in 0..L {
-                acc_i[l] = fmadd::<FMA>(av[l], wv[l], acc_i[l]);
+    let k = job.k;
+    let mut acc = [[[0f32; DOT_LANES]; C]; R];
+    let full = k - k % DOT_LANES;
+    let mut buf = [[0f32; DOT_LANES]; C];
+    let mut p = 0;
+    while p < full {
+        for (c, col) in cols.iter().enumerate() {
+            let wv: &[f32; DOT_LANES] = T::as_f32(&col[p..p + DOT_LANES], &mut buf[c]).try_into().unwrap();
+            for (i, acc_i) in acc.iter_mut().enumerate() {
+                let av: &[f32; DOT_LANES] = a[i * k + p..][..DOT_LANES].try_into().unwrap();
+                for l in 0..DOT_LANES {
+                    acc_i[c][l] = fmadd::<false>(av[l], wv[l], acc_i[c][l]);
+                }
             }
         }
-        q += L;
+        p += DOT_LANES;
     }
-    for q in full..len {
-        for (i, acc_i) in acc.iter_mut().enumerate() {
-            acc_i[q - full] = fmadd::<FMA>(a[i * k + p0 + q], w[q], acc_i[q - full]);
+    for (c, col) in cols.iter().enumerate() {
+        let mut tail = [0f32; DOT_LANES];
+        let wt = T::as_f32(&col[full..], &mut tail);
+        for (i, acc_i) in acc.iter().enumerate() {
+            let mut s = hsum(&acc_i[c]);
+            for (q, &x) in wt.iter().enumerate() {
+                s = fmadd::<false>(a[i * k + full + q], x, s);
+            }
+            store_c(job.c, (i0 + i) * job.ldc + j + c, s, job.accumulate);
         }
     }
 }
@@ -1015,6 +1041,70 @@ mod tests {
             acc: bool, seed: u64, isa in 0usize..2,
         ) {
             check_case(ISAS[isa], (m, n, k), (la, lb), (DType::F32, FLOAT_DTYPES[db]), 1, 2, acc, seed)?;
+        }
+    }
+
+    /// Each row of an `m`-row product (`m ≤ DECODE_BATCH_INVARIANT_MAX`: the
+    /// rows of a batched decode step) equals, bit for bit, that row computed
+    /// alone: the batch is split over threads (column tiles), the single row
+    /// is not. `lb` 0 is a transposed `[out, in]` weight (the dot path), 1 a
+    /// row-major one (the axpy path).
+    #[allow(clippy::too_many_arguments)]
+    fn check_batch_invariant(
+        isa: Isa,
+        (m, n, k): (usize, usize, usize),
+        lb: u8,
+        db: DType,
+        pad: usize,
+        accumulate: bool,
+        seed: u64,
+    ) -> Result<(), TestCaseError> {
+        let isa = isa.resolve();
+        let mut rng = Rng::new(seed);
+        let a = rng.vec(m * k, 1.0);
+        let b = Stored::new(&mut rng, k, n, if lb == 0 { 1 } else { 0 }, pad, 1, db);
+        let c0 = rng.vec(m * n, 1.0);
+        let mut batch = c0.clone();
+        let am = MatRef::row_major(Elems::F32(&a), m, k);
+        gemm_strided(isa, &am, &b.view(), &mut batch, n, accumulate, true, &mut GemmScratch::default());
+        for i in 0..m {
+            let row = MatRef { offset: i * k, ..MatRef::row_major(Elems::F32(&a), 1, k) };
+            let mut alone = c0[i * n..(i + 1) * n].to_vec();
+            gemm_strided(isa, &row, &b.view(), &mut alone, n, accumulate, false, &mut GemmScratch::default());
+            let got: Vec<u32> = batch[i * n..(i + 1) * n].iter().map(|x| x.to_bits()).collect();
+            let want: Vec<u32> = alone.iter().map(|x| x.to_bits()).collect();
+            prop_assert!(
+                got == want,
+                "{isa:?} row {i} of {m}x{n}x{k} (B layout {lb}, {db}, acc {accumulate}) differs from the row alone"
+            );
+        }
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(96))]
+
+        #[test]
+        fn small_m_rows_are_batch_invariant(
+            m in 1usize..=DECODE_BATCH_INVARIANT_MAX, n in 1usize..=300, k in 1usize..=700,
+            lb in 0u8..2, db in 0usize..3, pad in 0usize..3, acc: bool, seed: u64, isa in 0usize..2,
+        ) {
+            check_batch_invariant(ISAS[isa], (m, n, k), lb, FLOAT_DTYPES[db], pad, acc, seed)?;
+        }
+    }
+
+    /// Decode-sized shapes (k a multiple of 8 and not, n past the parallel
+    /// split), every m up to the invariant maximum, on each path.
+    #[test]
+    fn decode_shapes_are_batch_invariant() {
+        for isa in ISAS {
+            for m in 1..=DECODE_BATCH_INVARIANT_MAX {
+                for &(n, k) in &[(1000, 256), (777, 515)] {
+                    for db in [DType::F32, DType::BF16] {
+                        check_batch_invariant(isa, (m, n, k), 0, db, 0, false, (m * n) as u64).unwrap();
+                    }
+                }
+            }
         }
     }
 

@@ -23,6 +23,12 @@ pub mod kv;
 pub mod weights;
 
 pub use kv::KvCache;
+/// The largest decode batch whose every row is bit-identical, on the [`Cpu`]
+/// backend, to decoding that sequence alone (the GEMV and the padded-cache
+/// attention are batch- and padding-invariant up to it): a scheduler that
+/// wants greedy answers independent of what else runs splits larger decode
+/// batches into groups of at most this many sequences.
+pub use qvc_kernels::DECODE_BATCH_INVARIANT_MAX;
 pub use weights::{WeightError, WeightStore};
 
 use qvc_ir::{ExecError, Graph, InputRef, WeightSource};
