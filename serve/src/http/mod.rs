@@ -654,7 +654,8 @@ fn sse_response(body: SseBody) -> Response {
     r
 }
 
-/// The server-sent events of one streamed answer: the role chunk at once, a chunk per delta, the
+/// The server-sent events of one streamed answer: the role chunk once the prompt is read (so the first
+/// event marks the time to first token, as with OpenAI), a chunk per delta, the
 /// finishing chunk (with `boxes`), the usage chunk with `include_usage`, then `data: [DONE]`. An
 /// engine error mid-stream becomes a `data: {"error": ...}` event before `[DONE]`.
 /// Dropping it (the client went away) drops the receiver, which cancels the request.
@@ -664,20 +665,29 @@ struct SseBody {
     logprobs: bool,
     images: Vec<ImageInput>,
     pending: VecDeque<String>,
+    role_sent: bool,
     finished: bool,
 }
 
 impl SseBody {
     fn new(rx: mpsc::UnboundedReceiver<Event>, maker: ChunkMaker, logprobs: bool, images: Vec<ImageInput>) -> Self {
-        let pending = VecDeque::from([openai::sse_data(&maker.role())]);
-        SseBody { rx, maker, logprobs, images, pending, finished: false }
+        SseBody { rx, maker, logprobs, images, pending: VecDeque::new(), role_sent: false, finished: false }
+    }
+
+    /// The `delta.role` chunk, before anything else of the answer.
+    fn role(&mut self) {
+        if !self.role_sent {
+            self.role_sent = true;
+            self.pending.push_back(openai::sse_data(&self.maker.role()));
+        }
     }
 
     /// Queues the events for one engine event.
     fn on_event(&mut self, ev: Option<Event>) {
         match ev {
-            Some(Event::Started { .. }) => {}
+            Some(Event::Started { .. }) => self.role(),
             Some(Event::Delta { text, logprobs }) => {
+                self.role();
                 if text.is_empty() && logprobs.is_empty() {
                     return;
                 }
@@ -685,6 +695,7 @@ impl SseBody {
                 self.pending.push_back(openai::sse_data(&self.maker.content(text, lp)));
             }
             Some(Event::Done { finish, usage, text }) => {
+                self.role();
                 let boxes = boxes(&text, &self.images);
                 self.pending.push_back(openai::sse_data(&self.maker.finish(finish_reason(finish), boxes)));
                 if self.maker.include_usage {
@@ -820,14 +831,19 @@ mod tests {
         assert!(ev[1].get("usage").is_none());
 
         let ev = data_lines(&stream(vec![Event::Error("boom".into())], true, false));
-        assert_eq!(ev[1]["error"]["message"], "boom");
-        assert_eq!(ev[1]["error"]["type"], "server_error");
-        assert_eq!(ev[2], "[DONE]");
+        assert_eq!(ev.len(), 2);
+        assert_eq!(ev[0]["error"]["message"], "boom");
+        assert_eq!(ev[0]["error"]["type"], "server_error");
+        assert_eq!(ev[1], "[DONE]");
         // The engine dropping the sink without an answer ends the stream with an error too.
-        let ev = data_lines(&stream(vec![], false, true));
+        let ev = data_lines(&stream(vec![Event::Started { prompt_tokens: 1, cached_tokens: 0 }], false, true));
+        assert_eq!(ev[0]["choices"][0]["delta"]["role"], "assistant");
         assert!(ev[1]["error"]["message"].as_str().unwrap().contains("dropped"));
-        // Nothing yet: only the role chunk, and the stream waits.
-        let s = stream(vec![], false, false);
+        assert_eq!(ev[2], "[DONE]");
+        // Nothing before the prompt is read; then the role chunk, and the stream waits.
+        assert_eq!(stream(vec![], false, false), "");
+        let s = stream(vec![Event::Started { prompt_tokens: 1, cached_tokens: 0 }], false, false);
+        assert_eq!(data_lines(&s)[0]["choices"][0]["delta"]["role"], "assistant");
         assert_eq!(data_lines(&s).len(), 1);
     }
 
