@@ -473,7 +473,7 @@ fn synthetic_bmp(seed: usize, w: u32, h: u32) -> Vec<u8> {
     for y in 0..h {
         let start = b.len();
         for x in 0..w {
-            let stripe = ((x + s * 7) / 16 + y / 16) % 2 == 0;
+            let stripe = ((x + s * 7) / 16 + y / 16).is_multiple_of(2);
             let r = ((x * 255 / w.max(1)) ^ (s * 37)) as u8;
             let g = ((y * 255 / h.max(1)) + s * 11) as u8;
             let bl = if stripe { 220 } else { (s * 53) as u8 };
@@ -507,7 +507,7 @@ struct Bench {
 impl Bench {
     fn body(&self, i: usize) -> serde_json::Value {
         let q = QUESTIONS[i % QUESTIONS.len()];
-        let text_only = self.pictures.is_empty() || (self.text_every > 0 && i % self.text_every == 0);
+        let text_only = self.pictures.is_empty() || (self.text_every > 0 && i.is_multiple_of(self.text_every));
         let content = if text_only {
             serde_json::json!(q)
         } else {
