@@ -712,3 +712,40 @@ fn image_urls_and_local_paths() {
     envelope(&s.post(&q(allowed.join("nope.png").display().to_string())), 400, "a missing file");
     let _ = std::fs::remove_dir_all(&tmp);
 }
+
+/// `qvc bench-serve` against a server: every level's requests succeed and their tokens are counted.
+#[test]
+fn bench_serve_reports_each_level() {
+    let Some(dir) = fixture() else { return };
+    let s = Server::start(&dir, &["--max-batch", "4", "--api-key", "bench-key"]);
+    let out = std::process::Command::new(qvc_bin())
+        .args(["bench-serve", "--url", &format!("http://{}", s.addr), "--concurrency", "1,3", "--requests", "3"])
+        .args(["--max-tokens", "5", "--warmup", "0", "--json", "--api-key", "bench-key", "--image"])
+        .arg(dir.join("shapes.png"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["model"], "qvc", "the model name comes from /v1/models");
+    let levels = v["levels"].as_array().unwrap();
+    assert_eq!(levels.len(), 2);
+    for (l, c) in levels.iter().zip([1, 3]) {
+        assert_eq!(l["concurrency"], c);
+        assert_eq!(l["failed"], 0, "{l}");
+        assert_eq!(l["generated_tokens"], 15, "3 requests x 5 tokens: {l}");
+        for k in ["tokens_per_s", "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "e2e_p50_ms"] {
+            assert!(l[k].as_f64().is_some_and(|x| x > 0.0), "{k} in {l}");
+        }
+    }
+    let m = s.metrics();
+    assert_eq!(m["qvc_request_success_total{finish_reason=\"length\"}"], 6.0);
+    // A wrong key is reported, not measured.
+    let bad = std::process::Command::new(qvc_bin())
+        .args(["bench-serve", "--url", &format!("http://{}", s.addr), "--concurrency", "1", "--requests", "1"])
+        .args(["--model", "qvc", "--warmup", "0", "--api-key", "nope"])
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(err.contains("401"), "{err}");
+}
