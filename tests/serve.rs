@@ -324,16 +324,27 @@ impl TapLogprobs for Value {
 }
 
 #[test]
-fn body_over_the_limit_is_413() {
+fn body_and_picture_limits() {
     let Some(dir) = fixture() else { return };
-    let s = Server::start(&dir, &["--max-body-bytes", "200000"]);
+    let s = Server::start(
+        &dir,
+        &["--max-body-bytes", "200000", "--max-image-bytes", "30000", "--max-image-pixels", "40000"],
+    );
     // A real request (a data-URL picture) over the limit.
     let mut big = Conv::ask(vec![image("photo.jpg"), text("What is this?")]).greedy(&dir, 2);
     let pad = "x".repeat(300_000);
     big["padding"] = json!(pad);
     envelope(&s.post(&big), 413, "body over --max-body-bytes");
-    // Under it, fine.
-    assert_eq!(s.post(&Conv::ask(vec![image("shapes.png"), text("What?")]).greedy(&dir, 2)).status, 200);
+    // Under it, fine (grey.png: 825 bytes, 200x150 = 30000 pixels).
+    assert_eq!(s.post(&Conv::ask(vec![image("grey.png"), text("What?")]).greedy(&dir, 2)).status, 200);
+    // The picture limits are 400s that name the limit: photo.jpg has 52752 bytes, shapes.png
+    // 640x480 = 307200 pixels in 24808 bytes.
+    for (file, limit) in [("photo.jpg", "30000"), ("shapes.png", "40000")] {
+        let r = s.post(&Conv::ask(vec![image(file), text("What?")]).greedy(&dir, 2));
+        let e = envelope(&r, 400, &format!("{file} over a picture limit"));
+        let m = e["message"].as_str().unwrap();
+        assert!(m.contains(limit), "the message names the limit ({limit}): {m}");
+    }
 }
 
 #[test]
@@ -353,6 +364,9 @@ fn api_key() {
             let r = s.request("GET", "/v1/models", &headers, b"").unwrap();
             envelope(&r, 401, &format!("models, {what}"));
         }
+        // Health checks and scrapers need no key.
+        assert_eq!(s.get("/health").unwrap().status, 200);
+        assert_eq!(s.get("/metrics").unwrap().status, 200);
         s.api_key = Some("sekrit-1".into());
         assert_eq!(s.post_raw(&body).status, 200);
         assert_eq!(s.get("/v1/models").unwrap().status, 200);
