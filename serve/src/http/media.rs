@@ -772,4 +772,95 @@ mod tests {
         assert!(MediaConfig::default().with_local_dir(&base.join("nope")).is_err());
         std::fs::remove_dir_all(&base).unwrap();
     }
+
+    /// A tiny HTTP/1.1 server on 127.0.0.1 for the download tests: `/img` a PNG, `/big` a PNG with
+    /// Content-Length, `/endless` a chunked body that never ends, `/r/N` a chain of N redirects to
+    /// `/img`, `/404`, `/slow` that never answers. Returns its address.
+    fn test_server() -> SocketAddr {
+        use std::io::{BufRead, BufReader, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        std::thread::spawn(move || {
+            for conn in listener.incoming().take(64) {
+                let Ok(mut conn) = conn else { continue };
+                std::thread::spawn(move || {
+                    let mut line = String::new();
+                    let mut reader = BufReader::new(conn.try_clone().unwrap());
+                    reader.read_line(&mut line).unwrap();
+                    let path = line.split_whitespace().nth(1).unwrap_or("/").to_string();
+                    loop {
+                        let mut h = String::new();
+                        if reader.read_line(&mut h).unwrap_or(0) == 0 || h == "\r\n" {
+                            break;
+                        }
+                    }
+                    let body = png(4, 3);
+                    let head =
+                        |status: &str, extra: &str| format!("HTTP/1.1 {status}\r\n{extra}Connection: close\r\n\r\n");
+                    let _ = match path.as_str() {
+                        "/img" => conn
+                            .write_all(head("200 OK", &format!("Content-Length: {}\r\n", body.len())).as_bytes())
+                            .and_then(|_| conn.write_all(&body)),
+                        "/big" => conn.write_all(head("200 OK", "Content-Length: 100000000\r\n").as_bytes()),
+                        "/endless" => {
+                            let _ = conn.write_all(head("200 OK", "Transfer-Encoding: chunked\r\n").as_bytes());
+                            let chunk = format!("1000\r\n{}\r\n", "x".repeat(0x1000));
+                            for _ in 0..10_000 {
+                                if conn.write_all(chunk.as_bytes()).is_err() {
+                                    break;
+                                }
+                            }
+                            Ok(())
+                        }
+                        "/slow" => {
+                            std::thread::sleep(Duration::from_secs(5));
+                            Ok(())
+                        }
+                        p if p.starts_with("/r/") => {
+                            let n: usize = p[3..].parse().unwrap();
+                            let next = if n <= 1 { "/img".to_string() } else { format!("/r/{}", n - 1) };
+                            conn.write_all(
+                                head("302 Found", &format!("Location: {next}\r\nContent-Length: 0\r\n")).as_bytes(),
+                            )
+                        }
+                        _ => conn.write_all(head("404 Not Found", "Content-Length: 0\r\n").as_bytes()),
+                    };
+                });
+            }
+        });
+        addr
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn downloads_with_limits_and_redirects() {
+        let addr = test_server();
+        let cfg = MediaConfig {
+            allow_private_urls: true,
+            max_image_bytes: 1 << 20,
+            fetch_timeout: Duration::from_secs(1),
+            ..MediaConfig::default()
+        };
+        let f = Fetcher::new(cfg).unwrap();
+        let url = |p: &str| format!("http://{addr}{p}");
+        assert_eq!(f.bytes(&url("/img")).await.unwrap(), png(4, 3));
+        assert_eq!(f.bytes(&url("/r/3")).await.unwrap(), png(4, 3), "3 redirects are followed");
+        let e = f.bytes(&url("/r/4")).await.unwrap_err();
+        assert!(matches!(e, MediaError::TooManyRedirects { max: 3, .. }), "{e}");
+        let e = f.bytes(&url("/big")).await.unwrap_err();
+        assert!(matches!(e, MediaError::TooManyBytes { bytes: 100000000, .. }), "announced size: {e}");
+        let e = f.bytes(&url("/endless")).await.unwrap_err();
+        assert!(matches!(e, MediaError::TooManyBytes { limit: 1048576, .. }), "streamed size: {e}");
+        let e = f.bytes(&url("/404")).await.unwrap_err();
+        assert!(matches!(e, MediaError::HttpStatus { status: 404, .. }), "{e}");
+        let e = f.bytes(&url("/slow")).await.unwrap_err();
+        assert!(matches!(e, MediaError::Timeout { .. }), "{e}");
+        assert_eq!(e.code(), "image_fetch_failed");
+
+        // Without --allow-private-urls the same server is refused, by name and by address.
+        let guarded = Fetcher::new(MediaConfig::default()).unwrap();
+        let e = guarded.bytes(&url("/img")).await.unwrap_err();
+        assert!(matches!(e, MediaError::Forbidden { .. }), "{e}");
+        let e = guarded.bytes(&format!("http://localhost:{}/img", addr.port())).await.unwrap_err();
+        assert!(matches!(e, MediaError::Forbidden { .. }), "{e}");
+    }
 }
