@@ -408,6 +408,17 @@ fn streaming() {
             }
         }
     }
+    // A stop string: the streamed text never shows what the stop cuts (held back, then dropped).
+    let full = answer(&s.chat(&convs[1].greedy(&dir, 12))).0;
+    let cut: String = full.chars().skip(5).take(2).collect();
+    let mut sb = convs[1].greedy(&dir, 12);
+    sb["stop"] = json!(cut);
+    let plain = answer(&s.chat(&sb));
+    assert_eq!(plain.1, "stop");
+    sb["stream"] = json!(true);
+    let st = s.stream(&sb);
+    assert_eq!(st.content, plain.0, "stop {cut:?}: streamed == non-streamed");
+    assert_eq!(st.finish_reason.as_deref(), Some("stop"));
     // Streamed with logprobs: one entry per token across the chunks.
     let mut b = convs[1].greedy(&dir, 5);
     b["stream"] = json!(true);
@@ -589,11 +600,30 @@ fn clients_that_vanish_leave_no_slot_behind() {
             });
         }
     });
+    // Non-streamed requests whose clients hang up while waiting for the answer.
+    for _ in 0..3 {
+        use std::io::Write;
+        let body = serde_json::to_vec(&{
+            let mut b = long_request(20_000);
+            b["stream"] = json!(false);
+            b
+        })
+        .unwrap();
+        let mut c = std::net::TcpStream::connect(&s.addr).unwrap();
+        let head = format!(
+            "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        );
+        c.write_all(head.as_bytes()).unwrap();
+        c.write_all(&body).unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        drop(c);
+    }
     wait_metrics(&s, "0 running, 0 waiting, 0 KV slots used", Duration::from_secs(20), |m| {
         m["qvc_requests_running"] == 0.0 && m["qvc_requests_waiting"] == 0.0 && m["qvc_kv_slots_used"] == 0.0
     });
     let m = s.metrics();
-    assert!(m["qvc_request_cancelled_total"] >= 8.0, "cancelled {}", m["qvc_request_cancelled_total"]);
+    assert!(m["qvc_request_cancelled_total"] >= 11.0, "cancelled {}", m["qvc_request_cancelled_total"]);
     // Far fewer tokens than 12 x 1800 were generated.
     assert!(m["qvc_generation_tokens_total"] < 6000.0, "generated {}", m["qvc_generation_tokens_total"]);
     let v = s.chat(&Conv::ask(vec![image("grey.png"), text("What now?")]).greedy(&dir, 5));
