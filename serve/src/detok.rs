@@ -86,7 +86,7 @@ mod tests {
         assert_eq!(t.update("Hello éSTA", false).delta, "STA");
         assert_eq!(t.update("Hello éSTA\n", false).delta, "");
         let u = t.update("Hello éSTA\n\nmore", false);
-        assert_eq!(u, Update { delta: String::new(), stop_at: Some(10) });
+        assert_eq!(u, Update { delta: String::new(), stop_at: Some(11) });
         assert_eq!(t.sent(), "Hello éSTA");
     }
 

@@ -794,15 +794,22 @@ impl<'m> Scheduler<'m> {
                     cached_tokens: a.cached,
                 };
                 let lat = (now - a.queued_at).as_secs_f64();
-                match emit(a, Event::Done { finish, usage, text }) {
-                    Outcome::Failed(_) => self.shared.metrics.update(|c| c.failure += 1),
-                    _ => self.shared.metrics.update(|c| {
-                        c.e2e.observe(lat);
+                // Counted before the client hears of it, so metrics read after `Done` include it.
+                self.shared.metrics.update(|c| {
+                    c.e2e.observe(lat);
+                    match finish {
+                        FinishReason::Stop => c.success_stop += 1,
+                        FinishReason::Length => c.success_length += 1,
+                    }
+                });
+                if let Outcome::Failed(_) = emit(a, Event::Done { finish, usage, text }) {
+                    self.shared.metrics.update(|c| {
                         match finish {
-                            FinishReason::Stop => c.success_stop += 1,
-                            FinishReason::Length => c.success_length += 1,
+                            FinishReason::Stop => c.success_stop -= 1,
+                            FinishReason::Length => c.success_length -= 1,
                         }
-                    }),
+                        c.failure += 1
+                    });
                 }
             }
             Outcome::Cancelled => self.shared.metrics.update(|c| c.cancelled += 1),

@@ -48,6 +48,7 @@ fn greedy_answers_equal_generate() {
         assert_eq!(finish, stop, "{case}");
         assert_eq!(got.started().0, prompt.len());
     }
+    assert!(engine.wait_idle(Duration::from_secs(10)));
     let m = engine.metrics();
     assert_eq!(m.success_stop + m.success_length, 3);
     assert_eq!((m.running, m.waiting, m.slots_used), (0, 0, 0));
