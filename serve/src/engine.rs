@@ -41,11 +41,10 @@ use std::time::{Duration, Instant};
 
 /// Decode rows per batched step on the CPU: larger batches run as several
 /// groups of at most this many. The CPU decode kernels give every row the
-/// same bits for any batch size up to this bound, so a greedy answer does
-/// not depend on what else runs. It equals the runtime's exported bound
-/// `qvc_runtime::DECODE_BATCH_INVARIANT_MAX` (8, the GEMM's small-m path);
-/// use that const here once it is part of the runtime's API.
-pub const CPU_DECODE_GROUP: usize = 8;
+/// same bits for any batch size up to this bound
+/// ([`qvc_runtime::DECODE_BATCH_INVARIANT_MAX`]), so a greedy answer does not
+/// depend on what else runs.
+pub const CPU_DECODE_GROUP: usize = qvc_runtime::DECODE_BATCH_INVARIANT_MAX;
 
 /// How the engine runs.
 #[derive(Clone, Debug)]
