@@ -6,10 +6,11 @@
 //!    free slot whose cached tokens share the longest reusable prefix with
 //!    its prompt ([`Session::reusable_prefix`]: whole prefill chunks, same NTK
 //!    alpha, same pictures), which keeps those rows and prefills only the rest;
-//! 2. runs at most **one** prefill chunk (the oldest request in prefill):
-//!    rows up to the next absolute multiple of `prefill_chunk`, encoding the
-//!    request's pictures first if the vision cache lacks them. After the
-//!    prompt's last chunk the first token is sampled (`Started`, then text);
+//! 2. does at most **one** piece of prefill work for the oldest request in
+//!    prefill: encode one of its pictures the vision cache lacks, or else run
+//!    one prefill chunk (rows up to the next absolute multiple of
+//!    `prefill_chunk`). After the prompt's last chunk the first token is
+//!    sampled (`Started`, then text);
 //! 3. runs one batched decode step over every decoding request, whatever
 //!    their slots (on the CPU in groups of at most [`CPU_DECODE_GROUP`], see
 //!    [`decode_group_size`]), samples each row on the host and streams it.
@@ -564,7 +565,9 @@ impl<'m> Scheduler<'m> {
     }
 
     /// Vision features of every picture of request `a` (cache first).
-    fn features(&mut self, ai: usize) -> Result<(), String> {
+    /// Returns false after encoding one picture (the iteration's model work;
+    /// the next iteration goes on), true when every picture is ready.
+    fn features(&mut self, ai: usize) -> Result<bool, String> {
         let slot = self.active[ai].slot;
         for k in 0..self.active[ai].req.images.len() {
             if self.active[ai].feats[k].is_some() {
@@ -583,7 +586,8 @@ impl<'m> Scheduler<'m> {
                     let f = Arc::new(f);
                     self.shared.vision().insert(key, f.clone());
                     self.shared.metrics.update(|c| c.vision_misses += 1);
-                    f
+                    self.active[ai].feats[k] = Some(f);
+                    return Ok(false);
                 }
                 (None, None) => {
                     return Err(format!(
@@ -594,10 +598,11 @@ impl<'m> Scheduler<'m> {
             };
             self.active[ai].feats[k] = Some(f);
         }
-        Ok(())
+        Ok(true)
     }
 
-    /// One prefill chunk of the oldest request in prefill.
+    /// One prefill chunk, or one picture's vision encoding, of the oldest
+    /// request in prefill (so a decode step follows every such piece of work).
     fn prefill_one(&mut self) {
         let Some(ai) = self
             .active
@@ -611,7 +616,9 @@ impl<'m> Scheduler<'m> {
         };
         let chunk = self.shared.cfg.prefill_chunk;
         let res = catch_unwind(AssertUnwindSafe(|| -> Result<Option<Vec<f32>>, String> {
-            self.features(ai)?;
+            if !self.features(ai)? {
+                return Ok(None);
+            }
             let a = &self.active[ai];
             let slot = &mut self.slots[a.slot];
             let s = &mut slot.session;

@@ -331,3 +331,37 @@ fn stop_strings_penalties_and_sampling() {
     };
     assert_eq!(sampled(7), sampled(7));
 }
+
+#[test]
+fn a_long_prefill_is_interleaved_with_running_decodes() {
+    let Some(dir) = fixtures() else { return };
+    let m = Model::load(&dir, &LoadOptions::default()).unwrap();
+    let exp = expected(&dir);
+    // 64-row chunks: img2's 553 tokens are 9 chunks (and two pictures to encode).
+    let engine = cpu_engine(&dir, EngineConfig { max_batch: 2, prefill_chunk: 64, ..Default::default() });
+    let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::<(char, bool)>::new()));
+    let sink = |name: char| {
+        let log = log.clone();
+        Box::new(move |ev: Event| {
+            log.lock().unwrap().push((name, matches!(ev, Event::Started { .. })));
+            true
+        }) as qvc_serve::Sink
+    };
+    let text = ids(&exp["chat"]["text"]["input_ids"]);
+    engine.submit(GenRequest::greedy(text, vec![], 60, vec![]), sink('a')).unwrap();
+    while log.lock().unwrap().is_empty() {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let img2 = ids(&exp["chat"]["img2"]["input_ids"]);
+    let images = prompt_images(&m, &dir, &img2);
+    let at_submit = log.lock().unwrap().len();
+    engine.submit(GenRequest::greedy(img2, images, 2, vec![]), sink('b')).unwrap();
+    assert!(engine.wait_idle(Duration::from_secs(120)));
+    let log = log.lock().unwrap();
+    let b_started = log.iter().position(|&(n, s)| n == 'b' && s).expect("b started");
+    let a_during = log[at_submit..b_started].iter().filter(|(n, _)| *n == 'a').count();
+    let a_total = log.iter().filter(|(n, _)| *n == 'a').count();
+    // One decode step of a follows each of b's 11 pieces of prefill work (2
+    // pictures, 9 chunks); without interleaving a would send nothing meanwhile.
+    assert!(a_during >= 6 && a_during < a_total, "a sent {a_during} of {a_total} events during b's prefill");
+}
