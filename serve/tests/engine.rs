@@ -82,7 +82,7 @@ fn concurrent_greedy_requests_equal_each_alone() {
     // 10 slots for 16 requests: the rest queue, join the batch as others
     // leave, and prefill while others decode; a decode batch of more than
     // CPU_DECODE_GROUP (8) runs as two groups.
-    assert!(qvc_serve::engine::CPU_DECODE_GROUP < 10);
+    const { assert!(qvc_serve::engine::CPU_DECODE_GROUP < 10) };
     let engine = cpu_engine(&dir, cfg(10));
     let rxs: Vec<mpsc::Receiver<Event>> = reqs.iter().map(|r| submit(&engine, r.clone())).collect();
     for (i, (rx, want)) in rxs.iter().zip(&alone).enumerate() {
