@@ -112,6 +112,9 @@ struct Queued {
     req: GenRequest,
     sink: Sink,
     at: Instant,
+    /// Features of the pictures sent without pixels, taken from the cache at
+    /// submission (so a later eviction cannot fail the request).
+    feats: Vec<Option<Arc<Vec<f32>>>>,
 }
 
 struct Queue {
@@ -207,6 +210,24 @@ impl Engine {
         let model = self.model().ok_or(SubmitError::NotReady)?;
         let context = self.context_len().unwrap_or(MAX_CONTEXT);
         self.validate(&model, context, &req).map_err(SubmitError::Invalid)?;
+        let mut feats = Vec::with_capacity(req.images.len());
+        for img in &req.images {
+            let f = match img.pixels {
+                Some(_) => None,
+                None => {
+                    let f = self.shared.vision().get(img.key);
+                    let Some(f) = f else {
+                        return Err(SubmitError::Invalid(format!(
+                            "picture {:?} is not cached any more: send its pixels",
+                            img.name
+                        )));
+                    };
+                    self.shared.metrics.update(|c| c.vision_hits += 1);
+                    Some(f)
+                }
+            };
+            feats.push(f);
+        }
         let mut q = self.shared.lock();
         if q.draining {
             return Err(SubmitError::ShuttingDown);
@@ -219,7 +240,7 @@ impl Engine {
             *n += 1;
             *n - 1
         };
-        q.waiting.push_back(Queued { id, req, sink, at: Instant::now() });
+        q.waiting.push_back(Queued { id, req, sink, at: Instant::now(), feats });
         let waiting = q.waiting.len();
         self.shared.metrics.update(|c| c.waiting = waiting);
         self.shared.wake.notify_all();
@@ -541,7 +562,6 @@ impl<'m> Scheduler<'m> {
             c.prompt_tokens += prompt_len as u64;
             c.prefix_hit_tokens += reuse as u64;
         });
-        let n_images = q.req.images.len();
         let mut seen = q.req.prompt.clone();
         seen.reserve(q.req.max_tokens);
         self.active.push(Active {
@@ -552,7 +572,7 @@ impl<'m> Scheduler<'m> {
             sink: q.sink,
             phase: Phase::Prefill,
             slot: i,
-            feats: vec![None; n_images],
+            feats: q.feats,
             cached: reuse,
             generated: vec![],
             counts: HashMap::new(),

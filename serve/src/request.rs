@@ -45,7 +45,9 @@ pub struct ImageInput {
     /// Preprocessed pixels `[3, S, S]` (see `qvc_model::image::preprocess_rgb`).
     /// `None`: the engine must already hold the features of `key`
     /// ([`Engine::has_image`](crate::Engine::has_image)); if it no longer does
-    /// when the request runs, the request fails with [`Event::Error`].
+    /// at submission, `submit` refuses with [`SubmitError::Invalid`] saying
+    /// "not cached any more: send its pixels". An accepted request holds the
+    /// features it needs, so a later eviction cannot fail it.
     pub pixels: Option<Arc<Vec<f32>>>,
 }
 

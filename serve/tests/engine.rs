@@ -365,3 +365,29 @@ fn a_long_prefill_is_interleaved_with_running_decodes() {
     // pictures, 9 chunks); without interleaving a would send nothing meanwhile.
     assert!(a_during >= 6 && a_during < a_total, "a sent {a_during} of {a_total} events during b's prefill");
 }
+
+#[test]
+fn the_vision_cache_is_bounded_and_a_pictureless_request_needs_its_features() {
+    let Some(dir) = fixtures() else { return };
+    let m = Model::load(&dir, &LoadOptions::default()).unwrap();
+    let engine = cpu_engine(&dir, EngineConfig { max_batch: 1, vision_cache: 1, ..Default::default() });
+    let ask = |file: &str, pixels: bool| {
+        let mut img = image(&m, &dir, file, file);
+        if !pixels {
+            img.pixels = None;
+        }
+        let msg = Message { role: Role::User, parts: vec![Part::Image(img), Part::Text("What is it?".into())] };
+        let (prompt, images) = build_prompt(&m, &[msg]).unwrap();
+        GenRequest::greedy(prompt, images, 2, vec![])
+    };
+    let grey = run(&engine, ask("grey.png", true)).done().2;
+    assert_eq!(run(&engine, ask("grey.png", false)).done().2, grey, "features from the cache");
+    run(&engine, ask("shapes.png", true)).done();
+    assert!(!engine.has_image(image(&m, &dir, "grey.png", "grey.png").key), "evicted by the newer picture");
+    match engine.submit(ask("grey.png", false), Box::new(|_| true)) {
+        Err(SubmitError::Invalid(why)) => assert!(why.contains("not cached any more: send its pixels"), "{why}"),
+        other => panic!("expected Invalid, got {other:?}"),
+    }
+    let c = engine.metrics();
+    assert_eq!((c.vision_misses, c.vision_hits), (2, 1));
+}
