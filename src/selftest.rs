@@ -365,20 +365,35 @@ fn decode_case(dev: &mut dyn Device, rng: &mut Rng, sz: Size) -> Result<f64> {
     let spec = DecodeAttnSpec::new(batch, heads, hd, max_seq, splits, 1.0 / (hd as f32).sqrt(), DType::F32)
         .map_err(spec_err)?;
     let lens: Vec<u32> = (0..batch).map(|_| rng.range(1, max_seq + 1) as u32).collect();
+    // The sequences sit in distinct cache slots, in any order.
+    let cached = batch + rng.range(0, 3);
+    let slots = distinct_slots(rng, batch, cached);
     let q = rng.bf16s(batch * heads * hd, 2.0);
-    let k = rng.bf16s(batch * heads * max_seq * hd, 2.0);
-    let v = rng.bf16s(batch * heads * max_seq * hd, 1.0);
+    let k = rng.bf16s(cached * heads * max_seq * hd, 2.0);
+    let v = rng.bf16s(cached * heads * max_seq * hd, 1.0);
     let n = batch * heads * hd;
     let mut want = vec![0f32; n];
-    spec.reference(&q, &k, &v, &lens, &mut want);
+    spec.reference(&q, &k, &v, &lens, &slots, &mut want);
     let mut d = Bufs::new(dev);
     let (qp, kp, vp) = (d.bf16(&q)?, d.bf16(&k)?, d.bf16(&v)?);
     let lp = d.bytes(bytemuck::cast_slice(&lens))?;
+    let sp = d.bytes(bytemuck::cast_slice(&slots))?;
     let ws = d.out(spec.workspace_bytes())?;
     let out = d.out(n * 4)?;
-    d.launch(&spec.partial(), &[KArg::Ptr(qp), KArg::Ptr(kp), KArg::Ptr(vp), KArg::Ptr(lp), KArg::Ptr(ws)])?;
+    let args = [KArg::Ptr(qp), KArg::Ptr(kp), KArg::Ptr(vp), KArg::Ptr(lp), KArg::Ptr(sp), KArg::Ptr(ws)];
+    d.launch(&spec.partial(), &args)?;
     d.launch(&spec.combine(), &[KArg::Ptr(ws), KArg::Ptr(out)])?;
     Ok(rel_l2(&d.get_f32(out, n)?, &want))
+}
+
+/// `n` distinct slots out of `0..cached`, in random order.
+fn distinct_slots(rng: &mut Rng, n: usize, cached: usize) -> Vec<u32> {
+    let mut all: Vec<u32> = (0..cached as u32).collect();
+    for i in (1..all.len()).rev() {
+        all.swap(i, rng.range(0, i + 1));
+    }
+    all.truncate(n);
+    all
 }
 
 fn rotary_case(dev: &mut dyn Device, rng: &mut Rng, sz: Size) -> Result<f64> {
@@ -866,14 +881,19 @@ fn kv_append_case(dev: &mut dyn Device, rng: &mut Rng, sz: Size) -> Result<f64> 
         .collect();
     let m = spec.batch * heads * head_dim;
     let (k, v) = (rng.vec(m, 3.0), rng.vec(m, 2.0));
-    let n = spec.batch * spec.cache_stride;
+    // Distinct slots in any order, among more slots than sequences.
+    let cached = spec.batch + rng.range(0, 3);
+    let slots = distinct_slots(rng, spec.batch, cached);
+    let n = cached * spec.cache_stride;
     let (kc0, vc0) = (rng.bf16s(n, 1.0), rng.bf16s(n, 1.0));
     let (mut kw, mut vw) = (kc0.clone(), vc0.clone());
-    spec.run_ref(&k, &v, &lens, &mut kw, &mut vw).map_err(spec_err)?;
+    spec.run_ref(&k, &v, &lens, &slots, &mut kw, &mut vw).map_err(spec_err)?;
     let mut d = Bufs::new(dev);
     let (kp, vp, lp) = (d.f32(&k)?, d.f32(&v)?, d.bytes(bytemuck::cast_slice(&lens))?);
+    let sp = d.bytes(bytemuck::cast_slice(&slots))?;
     let (kcp, vcp) = (d.bf16(&kc0)?, d.bf16(&vc0)?);
-    d.launch(&spec, &[KArg::Ptr(kp), KArg::Ptr(vp), KArg::Ptr(lp), KArg::Ptr(kcp), KArg::Ptr(vcp)])?;
+    let args = [KArg::Ptr(kp), KArg::Ptr(vp), KArg::Ptr(lp), KArg::Ptr(sp), KArg::Ptr(kcp), KArg::Ptr(vcp)];
+    d.launch(&spec, &args)?;
     // Every cache element, bit for bit: nothing but the new rows may change.
     let mut got = d.get::<u16>(kcp, n)?;
     got.extend(d.get::<u16>(vcp, n)?);

@@ -27,11 +27,12 @@ fn bench_decode_attention(c: &mut Criterion) {
         let k: Vec<bf16> = data(bh * max_seq * 128).into_iter().map(bf16::from_f32).collect();
         let v = k.clone();
         let lens = vec![max_seq as u32; batch];
+        let slots: Vec<u32> = (0..batch as u32).collect();
         let mut out = vec![0f32; bh * 128];
         let bytes = bh * (2 * max_seq * 128 * 2 + 128 * 2 + 128 * 4);
         g.throughput(Throughput::Bytes(bytes as u64));
         g.bench_function(BenchmarkId::from_parameter(format!("b{batch}_s{max_seq}")), |bch| {
-            bch.iter(|| spec.cpu(&q, &k, &v, &lens, black_box(&mut out)))
+            bch.iter(|| spec.cpu(&q, &k, &v, &lens, &slots, black_box(&mut out)))
         });
     }
 }

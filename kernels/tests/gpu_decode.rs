@@ -79,19 +79,54 @@ fn rel_l2(got: &[f32], want: &[f32]) -> f64 {
 struct AttnCase {
     spec: DecodeAttnSpec,
     q: Vec<bf16>,
+    /// Caches of `cached ≥ batch` slots; sequence `b` is in slot `slots[b]`.
     k: Vec<bf16>,
     v: Vec<bf16>,
     lens: Vec<u32>,
+    slots: Vec<u32>,
+}
+
+/// `n` distinct slots out of `0..cached`, in random order.
+fn distinct_slots(rng: &mut Rng, n: usize, cached: usize) -> Vec<u32> {
+    let mut all: Vec<u32> = (0..cached as u32).collect();
+    for i in (1..all.len()).rev() {
+        all.swap(i, rng.below(i + 1));
+    }
+    all.truncate(n);
+    all
 }
 
 impl AttnCase {
+    /// Random data; the sequences sit in distinct slots, in random order,
+    /// among up to two more slots than sequences.
     fn new(spec: DecodeAttnSpec, lens: Vec<u32>, seed: u64) -> AttnCase {
         let mut rng = Rng::new(seed);
+        let cached = spec.batch + rng.below(3);
+        let slots = distinct_slots(&mut rng, spec.batch, cached);
+        Self::with_slots(spec, lens, slots, cached, seed)
+    }
+
+    fn with_slots(spec: DecodeAttnSpec, lens: Vec<u32>, slots: Vec<u32>, cached: usize, seed: u64) -> AttnCase {
+        let mut rng = Rng::new(seed ^ 0x5107);
         let (bh, d) = (spec.batch * spec.heads, spec.head_dim);
         let q = rng.bf16s(bh * d, 2.0);
-        let k = rng.bf16s(bh * spec.max_seq * d, 2.0);
-        let v = rng.bf16s(bh * spec.max_seq * d, 1.0);
-        AttnCase { spec, q, k, v, lens }
+        let per_slot = spec.heads * spec.max_seq * d;
+        let k = rng.bf16s(cached * per_slot, 2.0);
+        let v = rng.bf16s(cached * per_slot, 1.0);
+        AttnCase { spec, q, k, v, lens, slots }
+    }
+
+    /// Sequence `b` alone: a batch-1 spec, its query, its slot and length.
+    fn alone(&self, b: usize) -> AttnCase {
+        let (h, d) = (self.spec.heads, self.spec.head_dim);
+        AttnCase {
+            spec: DecodeAttnSpec { batch: 1, ..self.spec },
+            q: self.q[b * h * d..(b + 1) * h * d].to_vec(),
+            k: self.k.clone(),
+            v: self.v.clone(),
+            lens: vec![self.lens[b]],
+            slots: vec![self.slots[b]],
+        }
     }
 
     /// Both kernels on the emulator; the output widened to f32.
@@ -103,11 +138,12 @@ impl AttnCase {
         let k = dev.upload_bf16(&self.k);
         let v = dev.upload_bf16(&self.v);
         let lens = dev.upload_u32(&self.lens);
+        let slots = dev.upload_u32(&self.slots);
         let ws = dev.alloc_poisoned(s.workspace_bytes());
         let out = dev.alloc_poisoned(n * s.out.size());
         let (p, c) = (s.partial(), s.combine());
         let l = p.launch();
-        let args = [Arg::Ptr(q), Arg::Ptr(k), Arg::Ptr(v), Arg::Ptr(lens), Arg::Ptr(ws)];
+        let args = [Arg::Ptr(q), Arg::Ptr(k), Arg::Ptr(v), Arg::Ptr(lens), Arg::Ptr(slots), Arg::Ptr(ws)];
         run(&p.build(), l.grid, l.block, &args, &mut dev).unwrap_or_else(|e| panic!("partial: {e}"));
         let l = c.launch();
         run(&c.build(), l.grid, l.block, &[Arg::Ptr(ws), Arg::Ptr(out)], &mut dev)
@@ -120,13 +156,13 @@ impl AttnCase {
 
     fn reference(&self) -> Vec<f32> {
         let mut o = vec![f32::NAN; self.q.len()];
-        self.spec.reference(&self.q, &self.k, &self.v, &self.lens, &mut o);
+        self.spec.reference(&self.q, &self.k, &self.v, &self.lens, &self.slots, &mut o);
         o
     }
 
     fn cpu(&self) -> Vec<f32> {
         let mut o = vec![f32::NAN; self.q.len()];
-        self.spec.cpu(&self.q, &self.k, &self.v, &self.lens, &mut o);
+        self.spec.cpu(&self.q, &self.k, &self.v, &self.lens, &self.slots, &mut o);
         o
     }
 
@@ -136,7 +172,12 @@ impl AttnCase {
         let d = self.spec.head_dim;
         for (r, (g, w)) in got.chunks(d).zip(want.chunks(d)).enumerate() {
             let e = rel_l2(g, w);
-            prop_assert!(e <= tol, "{what}: (seq, head) row {r} (lens {:?}): rel L2 {e} > {tol}", self.lens);
+            prop_assert!(
+                e <= tol,
+                "{what}: (seq, head) row {r} (lens {:?}, slots {:?}): rel L2 {e} > {tol}",
+                self.lens,
+                self.slots
+            );
         }
         Ok(())
     }
@@ -203,6 +244,25 @@ fn decode_attention_edge_lengths() {
         case.check(&case.cpu(), &want, ATTN_F32_TOL, "fast CPU").unwrap();
         if lens.iter().all(|&l| l == 0) {
             assert!(got.iter().all(|&x| x == 0.0), "no keys gives a zero output");
+        }
+    }
+}
+
+/// A batch over slots in any order (`[5, 0, 3]`: not consecutive, not
+/// sorted) gives each sequence, bit for bit, what it gets decoded alone in
+/// its slot: what lets a scheduler batch whichever slots are active.
+#[test]
+fn decode_attention_any_slots_in_any_order() {
+    let spec = DecodeAttnSpec::new(3, 2, 40, 300, 3, 0.2, DType::BF16).unwrap();
+    for (slots, lens) in [(vec![5u32, 0, 3], vec![17u32, 300, 129]), (vec![1, 0, 2], vec![1, 0, 256])] {
+        let case = AttnCase::with_slots(spec, lens, slots, 6, 42);
+        let got = case.emulate();
+        case.check(&got, &case.reference(), ATTN_BF16_TOL, "out-of-order slots").unwrap();
+        let n = spec.heads * spec.head_dim;
+        for b in 0..spec.batch {
+            let one = case.alone(b).emulate();
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&got[b * n..(b + 1) * n]), bits(&one), "sequence {b} (slot {}) differs", case.slots[b]);
         }
     }
 }

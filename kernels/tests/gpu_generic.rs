@@ -957,17 +957,25 @@ proptest! {
         let mut rng = Rng::new(seed);
         let spec = KvAppendSpec { batch, heads, head_dim, max_seq, cache_stride: heads * max_seq * head_dim + pad };
         let lens: Vec<u32> = (0..batch).map(|_| rng.below(max_seq + 3) as u32).collect();
+        // Distinct slots in random order, among up to two more than the batch.
+        let cached = batch + rng.below(3);
+        let mut all: Vec<u32> = (0..cached as u32).collect();
+        for i in (1..cached).rev() {
+            all.swap(i, rng.below(i + 1));
+        }
+        let slots = all[..batch].to_vec();
         let (k, v) = (rng.vec(batch * heads * head_dim, 3.0), rng.vec(batch * heads * head_dim, 2.0));
-        let n = batch * spec.cache_stride;
+        let n = cached * spec.cache_stride;
         let kc0: Vec<bf16> = rng.vec(n, 1.0).into_iter().map(bf16::from_f32).collect();
         let vc0: Vec<bf16> = rng.vec(n, 1.0).into_iter().map(bf16::from_f32).collect();
         let (mut kw, mut vw) = (kc0.clone(), vc0.clone());
-        spec.run_ref(&k, &v, &lens, &mut kw, &mut vw).unwrap();
+        spec.run_ref(&k, &v, &lens, &slots, &mut kw, &mut vw).unwrap();
         let mut dev = Device::new();
         let (kp, vp) = (dev.upload_f32(&k), dev.upload_f32(&v));
-        let lp = dev.upload_u32(&lens);
+        let (lp, sp) = (dev.upload_u32(&lens), dev.upload_u32(&slots));
         let (kcp, vcp) = (dev.upload_bf16(&kc0), dev.upload_bf16(&vc0));
-        launch(&spec, &[Arg::Ptr(kp), Arg::Ptr(vp), Arg::Ptr(lp), Arg::Ptr(kcp), Arg::Ptr(vcp)], &mut dev)?;
+        let args = [Arg::Ptr(kp), Arg::Ptr(vp), Arg::Ptr(lp), Arg::Ptr(sp), Arg::Ptr(kcp), Arg::Ptr(vcp)];
+        launch(&spec, &args, &mut dev)?;
         let mut got = dev.download_bf16(kcp, n);
         got.extend(dev.download_bf16(vcp, n));
         let mut want = kw;

@@ -3,10 +3,14 @@
 //! over the keys `j < lens[b]`.
 //!
 //! Layout: `q` bf16 `[batch, heads, hd]`; the caches `k`, `v` bf16
-//! `[batch, heads, max_seq, hd]`; `lens` u32 `[batch]` on the device (so a
-//! CUDA-graph-captured decode step never changes kernel params); output bf16 or
-//! f32 `[batch, heads, hd]`. A length above `max_seq` is clamped to `max_seq`
-//! (the cache holds no more keys); a length of 0 gives a zero output.
+//! `[slots, heads, max_seq, hd]` (every slot of the device cache); `lens` and
+//! `slots` u32 `[batch]` on the device: sequence `b` has `lens[b]` keys in
+//! cache slot `slots[b]`, so a decode step runs over any set of slots in any
+//! order, and a CUDA-graph-captured step never changes kernel params when the
+//! lengths or the slots do. Output bf16 or f32 `[batch, heads, hd]`. A length
+//! above `max_seq` is clamped to `max_seq` (the cache holds no more keys); a
+//! length of 0 gives a zero output. The slots must lie inside the caches (the
+//! caller checks them; the kernel cannot).
 //!
 //! Two kernels:
 //! * **partial** (grid `splits × heads × batch`, 128 threads): split `s` of a
@@ -38,20 +42,7 @@ use super::softmax::BlockReduce;
 use crate::common::bf16_bits_to_f32;
 use crate::spec::{Cost, KernelSpec, Launch};
 
-/// A spec (or runtime parameter) that no kernel can be generated for, with the reason.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct InvalidSpec {
-    pub spec: &'static str,
-    pub reason: String,
-}
-
-impl std::fmt::Display for InvalidSpec {
-    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-        write!(f, "invalid {}: {}", self.spec, self.reason)
-    }
-}
-
-impl std::error::Error for InvalidSpec {}
+pub use super::InvalidSpec;
 
 /// Threads per block of the partial kernel, which is also the key tile.
 const THREADS: u32 = 128;
@@ -106,10 +97,11 @@ impl DecodeAttnSpec {
         if !matches!(self.out, DType::F32 | DType::BF16) {
             return bad(format!("output dtype {:?} (F32 or BF16)", self.out));
         }
-        // Byte offsets of the caches are 64-bit, but per-row offsets and
-        // workspace indices are formed in u32.
-        let cache = self.batch as u64 * self.heads as u64 * self.max_seq as u64 * self.head_dim as u64 * 2;
-        if cache >= 1 << 40 || (self.batch * self.heads * self.splits * (self.head_dim + 2)) as u64 >= 1 << 30 {
+        // Byte offsets of the caches are 64-bit (`(slot·heads + head)` in u32
+        // times the bytes of one head's rows, which must fit u32), but per-row
+        // offsets and workspace indices are formed in u32.
+        let head_bytes = self.max_seq as u64 * self.head_dim as u64 * 2;
+        if head_bytes >= 1 << 32 || (self.batch * self.heads * self.splits * (self.head_dim + 2)) as u64 >= 1 << 30 {
             return bad(format!("{self:?} is too large"));
         }
         Ok(())
@@ -169,20 +161,30 @@ impl DecodeAttnSpec {
         )
     }
 
-    fn check_args(&self, q: &[bf16], k: &[bf16], v: &[bf16], lens: &[u32], out: &[f32]) {
+    fn check_args(&self, q: &[bf16], k: &[bf16], v: &[bf16], lens: &[u32], slots: &[u32], out: &[f32]) {
         let (bh, d) = (self.batch * self.heads, self.head_dim);
+        let per_slot = self.heads * self.max_seq * d;
         assert_eq!(q.len(), bh * d, "decode attention: q must be [batch, heads, hd]");
-        assert_eq!(k.len(), bh * self.max_seq * d, "decode attention: k must be [batch, heads, max_seq, hd]");
-        assert_eq!(v.len(), k.len(), "decode attention: v must be [batch, heads, max_seq, hd]");
+        assert!(k.len().is_multiple_of(per_slot), "decode attention: k must be [slots, heads, max_seq, hd]");
+        assert_eq!(v.len(), k.len(), "decode attention: v must be [slots, heads, max_seq, hd]");
         assert_eq!(lens.len(), self.batch, "decode attention: lens must be [batch]");
+        assert_eq!(slots.len(), self.batch, "decode attention: slots must be [batch]");
+        let n = k.len() / per_slot;
+        assert!(slots.iter().all(|&s| (s as usize) < n), "decode attention: slots {slots:?} outside the {n} cached");
         assert_eq!(out.len(), bh * d, "decode attention: out must be [batch, heads, hd]");
+    }
+
+    /// Element offset of row 0 of `(sequence, head) = (bh / heads, bh % heads)`
+    /// in the caches.
+    fn cache_base(&self, slots: &[u32], bh: usize) -> usize {
+        (slots[bh / self.heads] as usize * self.heads + bh % self.heads) * self.max_seq * self.head_dim
     }
 
     /// Fast CPU path: one rayon task per (sequence, head); scores in f32 with
     /// 8-lane dot products, a max-subtracted softmax, then `Σ p·v` row by row.
     /// Output f32 (the GPU's bf16 output is this rounded).
-    pub fn cpu(&self, q: &[bf16], k: &[bf16], v: &[bf16], lens: &[u32], out: &mut [f32]) {
-        self.check_args(q, k, v, lens, out);
+    pub fn cpu(&self, q: &[bf16], k: &[bf16], v: &[bf16], lens: &[u32], slots: &[u32], out: &mut [f32]) {
+        self.check_args(q, k, v, lens, slots, out);
         let d = self.head_dim;
         let (heads, max_seq, scale) = (self.heads, self.max_seq, self.scale);
         out.par_chunks_mut(d).enumerate().for_each(|(bh, o)| {
@@ -192,7 +194,7 @@ impl DecodeAttnSpec {
                 return;
             }
             let qf: Vec<f32> = q[bh * d..(bh + 1) * d].iter().map(|&x| bf16_bits_to_f32(x) * scale).collect();
-            let base = bh * max_seq * d;
+            let base = self.cache_base(slots, bh);
             let mut row = vec![0f32; d];
             let mut s: Vec<f32> = (0..len)
                 .map(|j| {
@@ -214,8 +216,8 @@ impl DecodeAttnSpec {
     }
 
     /// Naive reference in f64 (same signature as [`cpu`](Self::cpu)).
-    pub fn reference(&self, q: &[bf16], k: &[bf16], v: &[bf16], lens: &[u32], out: &mut [f32]) {
-        self.check_args(q, k, v, lens, out);
+    pub fn reference(&self, q: &[bf16], k: &[bf16], v: &[bf16], lens: &[u32], slots: &[u32], out: &mut [f32]) {
+        self.check_args(q, k, v, lens, slots, out);
         let d = self.head_dim;
         for bh in 0..self.batch * self.heads {
             let len = (lens[bh / self.heads] as usize).min(self.max_seq);
@@ -225,7 +227,7 @@ impl DecodeAttnSpec {
                 continue;
             }
             let qv = &q[bh * d..(bh + 1) * d];
-            let base = bh * self.max_seq * d;
+            let base = self.cache_base(slots, bh);
             let s: Vec<f64> = (0..len)
                 .map(|j| {
                     let kr = &k[base + j * d..base + (j + 1) * d];
@@ -267,7 +269,7 @@ fn dot8(a: &[f32], b: &[f32]) -> f32 {
 }
 
 /// Kernel 1 of [`DecodeAttnSpec`]: per-split partial softmax and `P·V`.
-/// Params: `q, k, v, lens, ws` (all pointers).
+/// Params: `q, k, v, lens, slots, ws` (all pointers).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct DecodeAttnPartial(pub DecodeAttnSpec);
 
@@ -304,6 +306,7 @@ impl KernelSpec for DecodeAttnPartial {
         let k = b.ptr_param("k");
         let v = b.ptr_param("v");
         let lens = b.ptr_param("lens");
+        let slots = b.ptr_param("slots");
         let ws = b.ptr_param("ws");
         let tid = b.special(Sreg::TidX);
         let split = b.special(Sreg::CtaidX);
@@ -324,8 +327,12 @@ impl KernelSpec for DecodeAttnPartial {
         let end = b.add(Ty::U32, start, chunk);
         let end = b.min(Ty::U32, end, len);
         let bh = b.mad(Ty::U32, seq, s.heads as u32, head);
-        // Byte address of row 0 of this (sequence, head) in the caches.
-        let cache_off = b.mul_wide_u32(bh, max_seq * hd * 2);
+        // Byte address of row 0 of this (sequence, head) in the caches: the
+        // sequence's cache is the slot the device says.
+        let sa = b.index_addr(slots, seq, 4);
+        let slot = b.ld(Space::GlobalNc, Ty::U32, Addr::reg(sa, 0));
+        let ch = b.mad(Ty::U32, slot, s.heads as u32, head);
+        let cache_off = b.mul_wide_u32(ch, max_seq * hd * 2);
         let kbase = b.add(Ty::U64, k, cache_off);
         let vbase = b.add(Ty::U64, v, cache_off);
 
@@ -452,7 +459,7 @@ impl KernelSpec for DecodeAttnPartial {
         let (n, d) = (s.max_seq as u64, s.head_dim as u64);
         Cost {
             flops: bh * n * (4 * d + 4),
-            bytes: bh * (2 * n * d * 2 + d * 2) + s.batch as u64 * 4 + s.workspace_bytes() as u64,
+            bytes: bh * (2 * n * d * 2 + d * 2) + s.batch as u64 * 8 + s.workspace_bytes() as u64,
         }
     }
 }

@@ -1451,19 +1451,20 @@ impl KernelSpec for RopeSpec {
 // ---- 8. KV-cache append ------------------------------------------------------
 
 /// One decode step's new key and value rows into the bf16 caches of each
-/// sequence, at the row the device says: for sequence `b`,
-/// `k_cache[b][h, lens[b] − 1, :] = bf16(k[b, h, :])` and the same for `v`,
-/// with `k`, `v` f32 `[batch, heads, head_dim]`, `lens` u32 `[batch]` (the
-/// key counts decode attention reads next, so the new row is the last one)
-/// and each cache `[heads, max_seq, head_dim]`, sequence `b`'s at
-/// `cache + b·cache_stride` elements. A length of 0 or above `max_seq`
+/// sequence, at the slot and row the device says: for sequence `b`,
+/// `k_cache[slots[b]][h, lens[b] − 1, :] = bf16(k[b, h, :])` and the same for
+/// `v`, with `k`, `v` f32 `[batch, heads, head_dim]`, `lens` u32 `[batch]`
+/// (the key counts decode attention reads next, so the new row is the last
+/// one), `slots` u32 `[batch]` (distinct, inside the caches: the caller
+/// checks) and each slot's cache `[heads, max_seq, head_dim]`, slot `s` at
+/// `cache + s·cache_stride` elements. A length of 0 or above `max_seq`
 /// writes nothing. Keys and values in one launch (threads past the keys'
 /// count write values).
 ///
-/// Reading the row from device memory (instead of offsetting the pointer on
-/// the host) keeps every kernel argument of a decode step fixed, so the
-/// step can be captured once as a CUDA graph and replayed. Params
-/// `k, v, lens, k_cache, v_cache`.
+/// Reading the slot and row from device memory (instead of offsetting the
+/// pointer on the host) keeps every kernel argument of a decode step fixed
+/// whatever slots it runs over, so the step can be captured once as a CUDA
+/// graph and replayed. Params `k, v, lens, slots, k_cache, v_cache`.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct KvAppendSpec {
     pub batch: usize,
@@ -1480,35 +1481,39 @@ impl KvAppendSpec {
         nonzero(S, &[self.batch, self.heads, self.head_dim, self.max_seq])?;
         let per = count(S, "heads·max_seq·head_dim", &[self.heads, self.max_seq, self.head_dim])?;
         at_least("cache_stride", per, self.cache_stride)?;
-        count(S, "batch·cache_stride", &[self.batch, self.cache_stride])?;
+        // A slot's byte offset is formed as u32 slot × (2·cache_stride) in 64 bits.
+        count(S, "2·cache_stride", &[2, self.cache_stride])?;
         count(S, "2·batch·heads·head_dim", &[2, self.batch, self.heads, self.head_dim])?;
         Ok(())
     }
 
-    /// Reference on host slices (each cache holds all `batch` sequences).
+    /// Reference on host slices (each cache holds every slot in `slots`).
     pub fn run_ref(
         &self,
         k: &[f32],
         v: &[f32],
         lens: &[u32],
+        slots: &[u32],
         k_cache: &mut [half::bf16],
         v_cache: &mut [half::bf16],
     ) -> Result<(), GenericError> {
         self.validate()?;
         let (h, d) = (self.heads, self.head_dim);
-        let need = (self.batch - 1) * self.cache_stride + h * self.max_seq * d;
+        let top = slots.iter().max().map_or(0, |&s| s as usize);
+        let need = top * self.cache_stride + h * self.max_seq * d;
         exactly("lens", self.batch, lens.len())?;
+        exactly("slots", self.batch, slots.len())?;
         for (src, cache) in [(k, k_cache), (v, v_cache)] {
             exactly("k / v", self.batch * h * d, src.len())?;
             at_least("cache", need, cache.len())?;
-            for (b, &len) in lens.iter().enumerate() {
+            for (b, (&len, &slot)) in lens.iter().zip(slots).enumerate() {
                 if len == 0 || len as usize > self.max_seq {
                     continue;
                 }
                 let row = len as usize - 1;
                 for hh in 0..h {
                     for i in 0..d {
-                        cache[b * self.cache_stride + (hh * self.max_seq + row) * d + i] =
+                        cache[slot as usize * self.cache_stride + (hh * self.max_seq + row) * d + i] =
                             half::bf16::from_f32(src[(b * h + hh) * d + i]);
                     }
                 }
@@ -1518,7 +1523,7 @@ impl KvAppendSpec {
     }
 
     pub fn param_names(&self) -> Vec<&'static str> {
-        vec!["k", "v", "lens", "k_cache", "v_cache"]
+        vec!["k", "v", "lens", "slots", "k_cache", "v_cache"]
     }
 }
 
@@ -1538,6 +1543,7 @@ impl KernelSpec for KvAppendSpec {
         let k = b.ptr_param("k");
         let v = b.ptr_param("v");
         let lens = b.ptr_param("lens");
+        let slots = b.ptr_param("slots");
         let kc = b.ptr_param("k_cache");
         let vc = b.ptr_param("v_cache");
         let end = b.label("end");
@@ -1561,8 +1567,11 @@ impl KernelSpec for KvAppendSpec {
             let hv = b.cvt(Ty::BF16, Ty::F32, x);
             let r = b.mad(Ty::U32, hh, self.max_seq as u32, row);
             let e = b.mad(Ty::U32, r, d as u32, i);
-            let off = b.mad(Ty::U32, seq, self.cache_stride as u32, e);
-            let ca = b.index_addr(cache, off, 2);
+            let sa = b.index_addr(slots, seq, 4);
+            let slot = b.ld(Space::GlobalNc, Ty::U32, Addr::reg(sa, 0));
+            let soff = b.mul_wide_u32(slot, 2 * self.cache_stride as u32);
+            let sbase = b.add(Ty::U64, cache, soff);
+            let ca = b.index_addr(sbase, e, 2);
             b.st(Space::Global, Ty::B16, Addr::reg(ca, 0), hv);
         });
         b.place(&end);
@@ -1576,6 +1585,6 @@ impl KernelSpec for KvAppendSpec {
 
     fn cost(&self) -> Cost {
         let n = (self.batch * self.heads * self.head_dim) as u64;
-        Cost { flops: 0, bytes: 4 * self.batch as u64 + 2 * n * 6 }
+        Cost { flops: 0, bytes: 8 * self.batch as u64 + 2 * n * 6 }
     }
 }

@@ -23,3 +23,18 @@ pub mod patch;
 pub mod rotary;
 pub mod sample;
 pub mod softmax;
+
+/// A spec (or runtime parameter) that no kernel can be generated for, with the reason.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InvalidSpec {
+    pub spec: &'static str,
+    pub reason: String,
+}
+
+impl std::fmt::Display for InvalidSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        write!(f, "invalid {}: {}", self.spec, self.reason)
+    }
+}
+
+impl std::error::Error for InvalidSpec {}

@@ -57,8 +57,8 @@ use qvc_codegen::{Addr, Cmp, Kernel, KernelBuilder, Reg, RegClass, Space, Sreg, 
 use qvc_ir::DType;
 use rayon::prelude::*;
 
-use super::decode_attention::InvalidSpec;
 use super::softmax::{check_rows, row_loop, row_threads, BlockReduce};
+use super::InvalidSpec;
 use crate::spec::{Cost, KernelSpec, Launch};
 
 /// The index a thread holds before it has seen a non-NaN value.

@@ -18,7 +18,7 @@ use half::bf16;
 use qvc_codegen::{Addr, Cmp, Kernel, KernelBuilder, Reg, Space, Sreg, Ty};
 use qvc_ir::DType;
 
-use super::decode_attention::InvalidSpec;
+use super::InvalidSpec;
 use crate::spec::{Cost, KernelSpec, Launch};
 
 /// Block-wide all-reduce of one f32 per thread (or of up to `width` at once,

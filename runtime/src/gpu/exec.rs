@@ -10,8 +10,10 @@
 //! programs. The KV cache lives on the device ([`Backend::kv_on_device`]):
 //! sessions pass `past_len` (and `kv_slot` for the sequence) instead of cache
 //! inputs, and the backend returns every output except the new K/V rows.
-//! A program whose arguments are fixed given its sequences' slots (a decode
-//! step) is recorded as a device graph on its second run and replayed after.
+//! A program whose arguments are fixed (a decode step: its sequences' cache
+//! slots and key counts are device data it reads, not kernel arguments) is
+//! recorded as a device graph on its second run and replayed after, for any
+//! slots in any order.
 
 use super::device::{DevPtr, Device, DeviceError, KArg};
 use super::lower::{
@@ -64,7 +66,8 @@ struct State {
     stats: ExecStats,
     /// Full fingerprints by (graph address, wiring-and-shapes hash).
     fingerprints: HashMap<(usize, u64), u64>,
-    /// Captured runs by (program, sequence slots).
+    /// Captured runs by (program, sequence slots where its arguments depend
+    /// on them (else none), sampling settings).
     graphs: HashMap<(u64, Vec<u64>), GraphState>,
     /// Per kernel while profiling: launches, milliseconds, work.
     profile: Option<HashMap<String, KernelTime>>,
@@ -536,13 +539,6 @@ impl Backend for GpuBackend {
                         q.past, p.low.kv_rows, self.kv.max_seq
                     )));
                 }
-                if p.low.consecutive_slots && q.slot != seqs[0].slot + b {
-                    return Err(ExecError::Device(format!(
-                        "a batched decode step on the GPU needs its sequences in consecutive KV slots, in order; got \
-                         slots {:?} (Session::set_kv_slot)",
-                        seqs.iter().map(|q| q.slot).collect::<Vec<_>>()
-                    )));
-                }
                 if seqs[..b].iter().any(|o| o.slot == q.slot) {
                     return Err(ExecError::Device(format!("two sequences of one step share KV slot {}", q.slot)));
                 }
@@ -569,24 +565,32 @@ impl Backend for GpuBackend {
             };
             dev.upload(mem + i.offset, bytes).map_err(dev_err)?;
         }
-        // Key counts: the new token of each sequence is key `past`.
+        // Key counts (the new token of each sequence is key `past`) and cache
+        // slots: device data the append and decode attention read, so a
+        // recorded step replays for any lengths and slots.
         let lens: Vec<u8> = seqs.iter().flat_map(|q| (q.past as u32 + 1).to_le_bytes()).collect();
         dev.upload(mem + p.low.lens_at, &lens).map_err(dev_err)?;
+        let slots: Vec<u8> = seqs.iter().flat_map(|q| (q.slot as u32).to_le_bytes()).collect();
+        dev.upload(mem + p.low.slots_at, &slots).map_err(dev_err)?;
 
         let layer_bytes = (self.kv.heads * self.kv.max_seq * self.kv.head_dim * 2) as u64;
         let row_bytes = (self.kv.head_dim * 2) as u64;
         let wlook = |k: &WeightKey| wmap.get(k).copied();
-        let kvlook = |layer: usize, v: bool, at_past: bool, seq: usize| {
+        let kvlook = |layer: usize, v: bool, one: Option<(bool, usize)>| {
+            let base = kv.get(layer)?[v as usize];
+            let Some((at_past, seq)) = one else { return Some(base) };
             let q = seqs.get(seq)?;
             let row = if at_past { q.past as u64 * row_bytes } else { 0 };
-            kv.get(layer).map(|c| c[v as usize] + q.slot as u64 * layer_bytes + row)
+            Some(base + q.slot as u64 * layer_bytes + row)
         };
         let ptr = |b: &Buf| {
             resolve(b, mem, &wlook, &kvlook).ok_or_else(|| ExecError::Device(format!("no device buffer for {b:?}")))
         };
         // A capturable step runs from a recording after its first run (one
-        // graph launch instead of one launch per kernel).
-        let mut gslots: Vec<u64> = seqs.iter().map(|q| q.slot as u64).collect();
+        // graph launch instead of one launch per kernel). Decode steps read
+        // their slots from the device, so one recording serves any slots;
+        // only a program with per-slot pointers is keyed on them.
+        let mut gslots: Vec<u64> = if p.low.slot_args { seqs.iter().map(|q| q.slot as u64).collect() } else { vec![] };
         if let Some(x) = sample {
             gslots.extend([x.temperature.to_bits() as u64, x.top_p.to_bits() as u64, x.top_k as u64]);
         }

@@ -19,11 +19,13 @@
 //!   per layer and K/V: inputs named `past_k.{l}` / `past_v.{l}` (or
 //!   `past_k.{l}.{b}` in a batched step) *are* that cache (never uploaded).
 //!   A prompt's rows (outputs `k.{l}` / `v.{l}`) are copied in at row `past`;
-//!   a decode step's row is appended by a kernel that reads its row from the
-//!   device key counts, so every argument of a decode step is fixed and the
-//!   step can be recorded as a CUDA graph. A batched step's per-sequence
-//!   attention nodes become one launch over consecutive slots
-//!   (`BatchedAttention`).
+//!   a decode step's row is appended by a kernel that reads its slot and row
+//!   from the device (the per-sequence slots and key counts the executor
+//!   uploads before each run), and decode attention reads the same, so every
+//!   argument of a decode step is fixed whatever slots and lengths it runs
+//!   over and the step can be recorded as a CUDA graph. A batched step's
+//!   per-sequence attention nodes become one launch over any set of slots,
+//!   in any order (`BatchedAttention`).
 //!
 //! A node no kernel accepts runs on the host ([`Step::Host`]): the executor
 //! downloads its inputs, runs the reference interpreter on that one node
@@ -87,8 +89,13 @@ pub enum Buf {
     Weight(WeightKey, u64),
     /// Layer `layer`'s key (or value) cache of the program's sequence `seq`
     /// (its slot is a run-time input), at row `past` of that sequence when
-    /// `at_past` (where a prompt's rows go), else at row 0.
+    /// `at_past` (where a prompt's rows go), else at row 0. Its address
+    /// depends on the run's slots (and length): a program that passes one to
+    /// a kernel is not captured across slots.
     Kv { layer: usize, v: bool, at_past: bool, seq: usize },
+    /// Layer `layer`'s whole key (or value) cache, every slot (slot 0, row
+    /// 0): kernels that read the sequences' slots from the device index it.
+    KvAll { layer: usize, v: bool },
 }
 
 /// A kernel argument.
@@ -200,13 +207,18 @@ pub struct Lowered {
     /// Arena offset of the u32 key counts (`past + 1` per sequence) that
     /// decode attention and the KV append read; written before every run.
     pub lens_at: u64,
-    /// Whether the sequences must sit in consecutive slots, in order (a
-    /// batched launch reads their caches as one array).
-    pub consecutive_slots: bool,
+    /// Arena offset of the u32 cache slot of each sequence (read by decode
+    /// attention and the KV append); written before every run.
+    pub slots_at: u64,
     /// Whether every argument is fixed given the sequences' slots (no host
     /// steps, no host-offset cache pointers): the run can be captured once
     /// (a CUDA graph) and replayed.
     pub capturable: bool,
+    /// Whether some kernel argument is a per-sequence cache pointer
+    /// ([`Buf::Kv`]), so a recording is only valid for the slots it was
+    /// recorded with. Decode steps read their slots from the device instead
+    /// (`false`): one recording serves every set of slots.
+    pub slot_args: bool,
 }
 
 /// A host step's input: a device value, or a weight read on the host.
@@ -270,6 +282,7 @@ struct Lower<'g> {
     host_inputs: HashMap<NodeId, Vec<HostArg>>,
     host_nodes: usize,
     lens_at: u64,
+    slots_at: u64,
     scratch_base: u64,
     scratch_cur: u64,
     scratch_max: u64,
@@ -278,8 +291,6 @@ struct Lower<'g> {
     kv_written: Vec<(usize, bool)>,
     kv_rows: usize,
     seqs: usize,
-    /// Whether a batched launch reads the sequences' caches as one array.
-    consecutive_slots: bool,
     /// Per node: stored as bf16 (see [`bf16_values`]).
     bf16: Vec<bool>,
     /// Batched decode attention by `Concat` node, and the attention nodes it covers.
@@ -596,17 +607,17 @@ impl<'g> Lower<'g> {
         }
         self.seqs = self.seqs.max(b);
         self.kv_rows = self.kv_rows.max(1);
-        self.consecutive_slots = true;
         let out = self.out()?;
-        let lens = Buf::Arena(self.lens_at);
+        let (lens, slots) = (Buf::Arena(self.lens_at), Buf::Arena(self.slots_at));
         let stride = h * kv.max_seq * d;
         let append = KvAppendSpec { batch: b, heads: h, head_dim: d, max_seq: kv.max_seq, cache_stride: stride };
         append.validate().map_err(|e| self.err(e.to_string()))?;
-        let cache = |v| Arg::Buf(Buf::Kv { layer: ba.layer, v, at_past: false, seq: 0 });
+        let cache = |v| Arg::Buf(Buf::KvAll { layer: ba.layer, v });
         let args = vec![
             Arg::Buf(self.val(ba.k)?),
             Arg::Buf(self.val(ba.v)?),
             Arg::Buf(lens.clone()),
+            Arg::Buf(slots.clone()),
             cache(false),
             cache(true),
         ];
@@ -617,8 +628,8 @@ impl<'g> Lower<'g> {
         let sp = DecodeAttnSpec::new(b, h, d, kv.max_seq, splits, ba.scale, self.dt(self.node))
             .map_err(|e| self.err(format!("{e:?}")))?;
         let ws = self.scratch((b * h * splits * (d + 2) * 4) as u64);
-        let cache = |v| Arg::Buf(Buf::Kv { layer: ba.layer, v, at_past: false, seq: 0 });
-        let args = vec![Arg::Buf(qb), cache(false), cache(true), Arg::Buf(lens), Arg::Buf(Buf::Arena(ws))];
+        let args =
+            vec![Arg::Buf(qb), cache(false), cache(true), Arg::Buf(lens), Arg::Buf(slots), Arg::Buf(Buf::Arena(ws))];
         self.launch(Box::new(sp.partial()), args);
         self.launch(Box::new(sp.combine()), vec![Arg::Buf(Buf::Arena(ws)), Arg::Buf(Buf::Arena(out))]);
         Ok(())
@@ -685,15 +696,18 @@ impl<'g> Lower<'g> {
         self.seqs = self.seqs.max(seq + 1);
         self.kv_rows = self.kv_rows.max(1);
         let lens = Buf::Arena(self.lens_at + 4 * seq as u64);
-        // The new row goes in at `lens − 1` (read on the device: see KvAppendSpec).
+        let slots = Buf::Arena(self.slots_at + 4 * seq as u64);
+        // The new row goes in at `lens − 1` of slot `slots` (read on the
+        // device: see KvAppendSpec).
         let append =
             KvAppendSpec { batch: 1, heads: h, head_dim: d, max_seq: kv.max_seq, cache_stride: h * kv.max_seq * d };
         append.validate().map_err(|e| self.err(e.to_string()))?;
-        let cache = |v| Arg::Buf(Buf::Kv { layer: lk, v, at_past: false, seq });
+        let cache = |v| Arg::Buf(Buf::KvAll { layer: lk, v });
         let args = vec![
             Arg::Buf(self.val(n.inputs[1])?),
             Arg::Buf(self.val(n.inputs[2])?),
             Arg::Buf(lens.clone()),
+            Arg::Buf(slots.clone()),
             cache(false),
             cache(true),
         ];
@@ -704,8 +718,8 @@ impl<'g> Lower<'g> {
         let sp = DecodeAttnSpec::new(1, h, d, kv.max_seq, splits, scale, self.dt(self.node))
             .map_err(|e| self.err(format!("{e:?}")))?;
         let ws = self.scratch((h * splits * (d + 2) * 4) as u64);
-        let cache = |v| Arg::Buf(Buf::Kv { layer: lk, v, at_past: false, seq });
-        let args = vec![Arg::Buf(qb), cache(false), cache(true), Arg::Buf(lens), Arg::Buf(Buf::Arena(ws))];
+        let args =
+            vec![Arg::Buf(qb), cache(false), cache(true), Arg::Buf(lens), Arg::Buf(slots), Arg::Buf(Buf::Arena(ws))];
         self.launch(Box::new(sp.partial()), args);
         self.launch(Box::new(sp.combine()), vec![Arg::Buf(Buf::Arena(ws)), Arg::Buf(Buf::Arena(out))]);
         Ok(())
@@ -975,9 +989,10 @@ impl<'g> Lower<'g> {
 
 /// One layer's attention of a batched decode step, done as one launch: the
 /// graph attends per sequence (`B` nodes, each over `past_k.{l}.{b}`) and
-/// concatenates; on the device the caches of consecutive slots are one
-/// `[B, heads, max_seq, hd]` array, so one append and one decode-attention
-/// launch serve all `B`.
+/// concatenates; on the device the kernels index the layer's whole
+/// `[slots, heads, max_seq, hd]` cache by each sequence's slot (device
+/// data), so one append and one decode-attention launch serve all `B`,
+/// whichever slots they sit in and in whatever order.
 #[derive(Clone, Debug, PartialEq)]
 struct BatchedAttention {
     /// q, k, v: `[B, heads, hd]`, each sliced per sequence by the graph.
@@ -1153,6 +1168,8 @@ pub fn lower(g: &Graph, opt: &LowerOptions) -> Result<Lowered, LowerError> {
     }
     let lens_at = at;
     at += ALIGN; // room for 64 sequences' u32 key counts
+    let slots_at = at;
+    at += ALIGN; // and their u32 cache slots
                  // Sampling: the uniforms in, the chosen tokens out (64 rows at most).
     let (u_at, token_at) = (at, at + ALIGN);
     if opt.sampling != Sampling::Off {
@@ -1174,6 +1191,7 @@ pub fn lower(g: &Graph, opt: &LowerOptions) -> Result<Lowered, LowerError> {
         host_inputs: HashMap::new(),
         host_nodes: 0,
         lens_at,
+        slots_at,
         scratch_base: at,
         scratch_cur: 0,
         scratch_max: 0,
@@ -1181,7 +1199,6 @@ pub fn lower(g: &Graph, opt: &LowerOptions) -> Result<Lowered, LowerError> {
         kv_written: vec![],
         kv_rows: 0,
         seqs: 1,
-        consecutive_slots: false,
         bf16: vec![],
         batched: HashMap::new(),
         absorbed: Default::default(),
@@ -1271,6 +1288,10 @@ pub fn lower(g: &Graph, opt: &LowerOptions) -> Result<Lowered, LowerError> {
         Step::Launch { args, .. } => !args.iter().any(|a| matches!(a, Arg::Buf(Buf::Kv { at_past: true, .. }))),
         Step::Zero { .. } => true,
     });
+    let slot_args = lw.steps.iter().any(|s| match s {
+        Step::Launch { args, .. } => args.iter().any(|a| matches!(a, Arg::Buf(Buf::Kv { .. }))),
+        _ => false,
+    });
     Ok(Lowered {
         steps: lw.steps,
         bytes,
@@ -1285,23 +1306,26 @@ pub fn lower(g: &Graph, opt: &LowerOptions) -> Result<Lowered, LowerError> {
         plan: lw.plan,
         params: g.params().into_iter().map(|(n, t)| (n.to_string(), t.shape.0.clone())).collect(),
         seqs: lw.seqs,
-        consecutive_slots: lw.consecutive_slots,
         lens_at: lw.lens_at,
+        slots_at: lw.slots_at,
         capturable,
+        slot_args,
     })
 }
 
 /// Device pointer of `buf` given the program allocation, a weight lookup and
-/// the cache (`kv(layer, v, at_past, seq)`).
+/// the cache (`kv(layer, v, Some((at_past, seq)))` for one sequence's cache,
+/// `kv(layer, v, None)` for the whole layer).
 pub fn resolve(
     buf: &Buf,
     arena: DevPtr,
     weight: &dyn Fn(&WeightKey) -> Option<DevPtr>,
-    kv: &dyn Fn(usize, bool, bool, usize) -> Option<DevPtr>,
+    kv: &dyn Fn(usize, bool, Option<(bool, usize)>) -> Option<DevPtr>,
 ) -> Option<DevPtr> {
     match buf {
         Buf::Arena(o) => Some(arena + o),
         Buf::Weight(k, o) => weight(k).map(|p| p + o),
-        Buf::Kv { layer, v, at_past, seq } => kv(*layer, *v, *at_past, *seq),
+        Buf::Kv { layer, v, at_past, seq } => kv(*layer, *v, Some((*at_past, *seq))),
+        Buf::KvAll { layer, v } => kv(*layer, *v, None),
     }
 }
