@@ -432,9 +432,19 @@ fn scheduler(shared: Arc<Shared>, load: LoadFn) {
         shared.set_state(if q.draining { EngineState::Draining } else { EngineState::Ready });
     }
     let mut s = Scheduler::new(&shared, &model, backend.as_ref(), context);
-    s.run();
+    if let Err(p) = catch_unwind(AssertUnwindSafe(|| s.run())) {
+        // A bug outside any one request's work: fail everything rather than
+        // leave clients waiting on a dead thread.
+        let why = format!("the scheduler failed: {}", panic_text(p.as_ref()));
+        for mut a in s.active.drain(..) {
+            let _ = catch_unwind(AssertUnwindSafe(|| (a.sink)(Event::Error(why.clone()))));
+        }
+        shared.lock().running = 0;
+        fail_loading(&shared, why);
+    }
 }
 
+/// The engine cannot serve: state `Failed`, waiting requests get the reason.
 fn fail_loading(shared: &Shared, why: String) {
     shared.set_state(EngineState::Failed(why.clone()));
     let waiting: Vec<Queued> = shared.lock().waiting.drain(..).collect();
