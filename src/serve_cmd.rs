@@ -25,12 +25,14 @@ Examples:
   qvc serve ./Qwen-VL-Chat                       # http://127.0.0.1:8000, model name \"Qwen-VL-Chat\"
   qvc serve chat.qvc --device cuda --host 0.0.0.0 --port 8080 --max-batch 16 --api-key s3cret
 
-  curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' -d '{
-    \"model\": \"Qwen-VL-Chat\",
-    \"messages\": [{\"role\": \"user\", \"content\": [
-      {\"type\": \"image_url\", \"image_url\": {\"url\": \"data:image/jpeg;base64,'\"$(base64 -w0 dog.jpg)\"'\"}},
-      {\"type\": \"text\", \"text\": \"Where is the dog?\"}]}],
-    \"temperature\": 0, \"max_tokens\": 64}'
+  curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\
+    -d '{\"model\": \"Qwen-VL-Chat\", \"messages\": [{\"role\": \"user\", \"content\": \"Hello!\"}]}'
+
+  # A picture as a data URL (bash's printf builds the request in a file, whatever the picture's size):
+  printf '{\"model\": \"Qwen-VL-Chat\", \"temperature\": 0, \"max_tokens\": 64, \"messages\": [{\"role\": \"user\",
+    \"content\": [{\"type\": \"image_url\", \"image_url\": {\"url\": \"data:image/jpeg;base64,%s\"}},
+    {\"type\": \"text\", \"text\": \"Where is the dog?\"}]}]}' \"$(base64 -w0 dog.jpg)\" > request.json
+  curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' --data-binary @request.json
 
   Python: openai.OpenAI(base_url=\"http://127.0.0.1:8000/v1\", api_key=\"s3cret\").chat.completions.create(...)
 
