@@ -574,10 +574,20 @@ async fn chat(st: Shared, body: Result<Bytes, BytesRejection>) -> Result<Respons
             .map_err(|e| ApiError::internal(format!("building the prompt failed: {e}")))?
             .map_err(|e| ApiError::invalid_code("messages", "invalid_conversation", e.to_string()))?;
         // Without max_tokens: generation_config's max_new_tokens, within what the context leaves.
-        let max_tokens = req.max_tokens.unwrap_or_else(|| {
-            let left = context.map_or(usize::MAX, |c| c.saturating_sub(prompt.len()));
-            g.max_new_tokens.min(left).max(1)
-        });
+        let left = context.map_or(usize::MAX, |c| c.saturating_sub(prompt.len()));
+        if req.max_tokens.is_none() && left == 0 {
+            return Err(ApiError::invalid_code(
+                "messages",
+                "context_length_exceeded",
+                format!(
+                    "the prompt has {} tokens, which leaves no room for an answer in the context of {} tokens; \
+                     shorten the conversation",
+                    prompt.len(),
+                    context.unwrap_or(0)
+                ),
+            ));
+        }
+        let max_tokens = req.max_tokens.unwrap_or(g.max_new_tokens.min(left).max(1));
         let gen = GenRequest {
             prompt,
             images: images.clone(),
