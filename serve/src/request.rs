@@ -13,16 +13,27 @@ use std::sync::Arc;
 pub struct ImageKey(pub u128);
 
 impl ImageKey {
-    /// The key of a picture's (encoded, e.g. PNG or JPEG) bytes.
+    /// The key of a picture's (encoded, e.g. PNG or JPEG) bytes: SipHash
+    /// under a secret key drawn once per process, two domain-separated
+    /// outputs making 128 bits.
+    /// Keyed, because the vision cache is shared by every client: with a
+    /// public hash (FNV, say) a client could craft a picture that collides
+    /// with another user's and plant its features under that key. Stable
+    /// within a process, which is all the cache and prefix reuse need.
     pub fn of(bytes: &[u8]) -> ImageKey {
-        const OFFSET: u128 = 0x6c62_272e_07bb_0142_62b8_2175_6295_c58d;
-        const PRIME: u128 = 0x0000_0000_0100_0000_0000_0000_0000_013b;
-        let mut h = OFFSET;
-        for &b in bytes {
-            h ^= b as u128;
-            h = h.wrapping_mul(PRIME);
-        }
-        ImageKey(h)
+        use std::collections::hash_map::RandomState;
+        use std::hash::{BuildHasher, Hasher};
+        static KEY: std::sync::OnceLock<RandomState> = std::sync::OnceLock::new();
+        let key = KEY.get_or_init(RandomState::new);
+        // Two outputs of one keyed PRF on domain-separated inputs.
+        let half = |domain: u8| {
+            let mut h = key.build_hasher();
+            h.write_u8(domain);
+            h.write(bytes);
+            h.write_usize(bytes.len());
+            h.finish() as u128
+        };
+        ImageKey(half(0) << 64 | half(1))
     }
 
     /// The name written in a prompt's `<img>NAME</img>` for this picture:
