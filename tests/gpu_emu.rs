@@ -176,11 +176,11 @@ fn batched_decode_and_graph_replay_on_the_emulated_gpu() {
 /// A decode step runs over any set of KV slots in any order: three
 /// conversations in slots 5, 0 and 3 of a six-slot device cache (not
 /// consecutive, not sorted), batched in a different order at every step,
-/// get the logits each gets decoded alone in its slot on the same emulated
-/// GPU (to bf16 rounding: the one-sequence step runs other GEMM kernels),
-/// and bit for bit the logits of the same batch in slots 0, 1, 2 in order.
-/// The slots are device data, so the decode step recorded as a graph
-/// replays correctly for the other slots and orders.
+/// get bit for bit the logits each gets decoded alone in its slot on the
+/// same emulated GPU (a batched step computes each row as a one-sequence
+/// step does, so greedy answers do not depend on what else runs). The slots
+/// are device data: the decode step recorded as a graph in one slot order
+/// replays correctly for the others.
 #[test]
 fn batched_decode_over_any_slots_in_any_order_on_the_emulated_gpu() {
     let Some(dir) = fixtures() else { return };
@@ -189,34 +189,25 @@ fn batched_decode_over_any_slots_in_any_order_on_the_emulated_gpu() {
     let e = Expected::load(&dir);
     let text = e.ids(&e.json["chat"]["text"]["input_ids"]);
     let prompts = [text[3..].to_vec(), text[..20].to_vec(), text.clone()];
+    let slots = [5usize, 0, 3];
     let steps = 4;
     let feed = |k: usize, b: usize| 200 + 31 * k as u32 + 1000 * b as u32;
     let gpu = m.gpu_backend(Box::new(EmuDevice::with_graphs(qvc_codegen::Target::Sm80)), 6, 0).unwrap();
-    let start = |b: usize, slot: usize| {
+    let start = |b: usize| {
         let mut s = Session::new(&m, &gpu);
-        s.set_kv_slot(slot);
+        s.set_kv_slot(slots[b]);
         s.prefill(&prompts[b], &PrefillOptions::default()).unwrap();
         s
     };
-    // Each conversation alone.
-    let slots = [5usize, 0, 3];
+    // Each conversation alone, in its slot.
     let mut alone = vec![];
     for b in 0..3 {
-        let mut s = start(b, slots[b]);
+        let mut s = start(b);
         alone.push((0..steps).map(|k| s.step(feed(k, b)).unwrap()).collect::<Vec<_>>());
     }
-    // The batch in slots 0, 1, 2, in order (what the executor once required).
-    let mut ordered: Vec<Session> = (0..3).map(|b| start(b, b)).collect();
-    let mut plain = vec![];
-    for k in 0..steps {
-        let ids: Vec<u32> = (0..3).map(|b| feed(k, b)).collect();
-        let mut batch: Vec<&mut Session> = ordered.iter_mut().collect();
-        plain.push(qvc_model::step_batch(&mut batch, &ids).unwrap());
-    }
-    drop(ordered);
     let before = gpu.stats();
-    // Slots 5, 0, 3; position p of the batch holds conversation `order[p]`.
-    let mut sessions: Vec<Session> = (0..3).map(|b| start(b, slots[b])).collect();
+    // Together: position p of the batch holds conversation `order[p]`.
+    let mut sessions: Vec<Session> = (0..3).map(start).collect();
     let mut order = vec![0usize, 1, 2];
     let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
     for k in 0..steps {
@@ -229,16 +220,11 @@ fn batched_decode_over_any_slots_in_any_order_on_the_emulated_gpu() {
         for (p, (g, &b)) in got.iter().zip(&order).enumerate() {
             let r = rel_err(g, &alone[b][k]);
             eprintln!("step {k}, position {p}, slot {}: batched vs alone rel err {r:.2e}", slots[b]);
-            assert!(r < TOL, "step {k}: conversation {b} in slot {} at position {p}: {r:e}", slots[b]);
-            let same_pos = order == [0, 1, 2];
-            // The batch's rows are the same computation whatever slots hold
-            // the caches; in the same positions, the same bits.
-            if same_pos {
-                assert_eq!(bits(g), bits(&plain[k][b]), "step {k}: conversation {b} in slot {}", slots[b]);
-            } else {
-                let r = rel_err(g, &plain[k][b]);
-                assert!(r < TOL, "step {k}: conversation {b} at position {p} vs slot order: {r:e}");
-            }
+            assert!(
+                bits(g) == bits(&alone[b][k]),
+                "step {k}: conversation {b} in slot {} at position {p} differs from alone ({r:e})",
+                slots[b]
+            );
         }
     }
     for (s, p) in sessions.iter().zip(&prompts) {
@@ -246,7 +232,8 @@ fn batched_decode_over_any_slots_in_any_order_on_the_emulated_gpu() {
     }
     let st = gpu.stats();
     eprintln!("emu: {st:?}");
-    assert!(st.replays > before.replays, "batched steps in new slot orders replay the recorded graph: {st:?}");
+    assert!(st.captures > before.captures, "the batched step is recorded: {st:?}");
+    assert!(st.replays >= before.replays + 2, "batched steps in new slot orders replay the recording: {st:?}");
     let _ = std::fs::remove_dir_all(&out);
 }
 

@@ -1085,8 +1085,12 @@ fn strided_operands(g: &Graph, bf16: &[bool]) -> HashMap<(NodeId, usize), (NodeI
 /// q/k/v, or a view or copy all of whose readers do). The bf16 rounding then happens
 /// once, where the producer writes, instead of in a separate cast before
 /// each tensor-core kernel: the same numbers with one pass (and half the
-/// bytes) less per operand. Graph outputs stay f32.
-pub fn bf16_values(g: &Graph, plan: &MemoryPlan) -> Vec<bool> {
+/// bytes) less per operand. Graph outputs stay f32. `decode_concats` are the
+/// `Concat` nodes lowered as one batched decode attention
+/// ([`BatchedAttention`]): they write like an attention, so a batched decode
+/// step stores its attention output exactly as a one-sequence step does (and
+/// its rows get the same numbers).
+pub fn bf16_values(g: &Graph, plan: &MemoryPlan, decode_concats: &std::collections::HashSet<NodeId>) -> Vec<bool> {
     let n = g.nodes.len();
     let mut readers: Vec<Vec<(usize, usize)>> = vec![vec![]; n];
     for (i, node) in g.nodes.iter().enumerate() {
@@ -1131,6 +1135,7 @@ pub fn bf16_values(g: &Graph, plan: &MemoryPlan) -> Vec<bool> {
                 Op::Linear { residual, .. } => !residual,
                 Op::LayerNorm { .. } | Op::RmsNorm { .. } | Op::Attention { .. } => true,
                 Op::Rotary | Op::QkvRotary { .. } => true,
+                Op::Concat { .. } => decode_concats.contains(&NodeId(i as u32)),
                 Op::Slice { .. } | Op::Permute(_) => plan.values[i].is_some() && !is_view(i),
                 _ => false,
             };
@@ -1145,7 +1150,7 @@ pub fn lower(g: &Graph, opt: &LowerOptions) -> Result<Lowered, LowerError> {
     let mut plan = plan_memory(g, &popt);
     // Attention operands read in place keep their base alive until the
     // attention: plan a copy of the graph whose attention reads the base.
-    let strided = strided_operands(g, &bf16_values(g, &plan));
+    let strided = strided_operands(g, &bf16_values(g, &plan, &Default::default()));
     if !strided.is_empty() {
         let mut wired = g.clone();
         for (&(a, i), &(x, _)) in &strided {
@@ -1205,13 +1210,13 @@ pub fn lower(g: &Graph, opt: &LowerOptions) -> Result<Lowered, LowerError> {
         strided: HashMap::new(),
         elided_slices: Default::default(),
     };
-    lw.bf16 = bf16_values(g, &lw.plan);
+    lw.batched = batched_attention(g, |id| lw.kv_input(id));
+    lw.bf16 = bf16_values(g, &lw.plan, &lw.batched.keys().copied().collect());
     for &(a, i) in strided.keys() {
         let r = g.node(a).inputs[i];
         lw.elided_slices.insert(g.node(r).inputs[0]);
     }
     lw.strided = strided;
-    lw.batched = batched_attention(g, |id| lw.kv_input(id));
     lw.absorbed = lw.batched.keys().flat_map(|c| g.node(*c).inputs.iter().copied()).collect();
     for i in 0..g.nodes.len() {
         lw.node = NodeId(i as u32);
