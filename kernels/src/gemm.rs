@@ -10,7 +10,10 @@
 //!   memory-bound, so no packing; parallel over column chunks of B, register
 //!   tiles of two rows × several columns, B widened in registers. Each
 //!   element is one fixed 8-lane dot product, so a row's result does not
-//!   depend on m or the column split ([`DECODE_BATCH_INVARIANT_MAX`]).
+//!   depend on m or the column split ([`DECODE_BATCH_INVARIANT_MAX`]). A B
+//!   too big for the caches is also prefetched one column group ahead, in
+//!   address order (DRAM serves one sequential run faster than the tile's
+//!   interleaved column streams).
 //! * **axpy** (m ≤ 8 and B's rows contiguous, `x · P`): parallel over column
 //!   chunks; each row of B is scaled into a small accumulator per A row.
 //! * **packed** (everything else): BLIS-style. For each `KC` slice of k, A is

@@ -27,7 +27,10 @@ pub use kv::KvCache;
 /// backend, to decoding that sequence alone (the GEMV and the padded-cache
 /// attention are batch- and padding-invariant up to it): a scheduler that
 /// wants greedy answers independent of what else runs splits larger decode
-/// batches into groups of at most this many sequences.
+/// batches into groups of at most this many sequences. The GPU backends
+/// decode up to 8 rows with the GEMV kernel, whose rows do not depend on
+/// each other either (a batched step over any slots equals each sequence
+/// alone bit for bit on the emulator: `tests/gpu_emu.rs`).
 pub use qvc_kernels::DECODE_BATCH_INVARIANT_MAX;
 pub use weights::{WeightError, WeightStore};
 
