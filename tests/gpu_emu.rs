@@ -342,3 +342,87 @@ fn an_sm90_artifact_on_an_sm80_device_regenerates_its_kernels() {
     assert!(gpu.stats().kernels_loaded > 0, "{:?}", gpu.stats());
     let _ = std::fs::remove_dir_all(&out);
 }
+
+/// A prompt prefilled in chunks on the GPU path (each chunk's new K/V rows
+/// appended to the sequence's device cache slot, its queries attending to
+/// the slot's cached rows in place): the fixture's picture prompt in chunks
+/// of 64 (the picture's 256 rows straddle four boundaries) gives the last
+/// logits of one whole prefill (bf16 tolerance) and of the reference, the
+/// same greedy tokens, and keeping a chunk-aligned prefix of the cache
+/// (truncate + extend, the server's prefix reuse) computes bit for bit what
+/// the fresh chunked prefill did. Vision runs on the CPU (the features are
+/// an input of `extend`) to keep the emulator's work to the decoder.
+#[test]
+fn chunked_prefill_and_prefix_reuse_on_the_emulated_gpu() {
+    let Some(dir) = fixtures() else { return };
+    let m = Model::load(&dir, &LoadOptions::default()).unwrap();
+    let e = Expected::load(&dir);
+    let ids = e.ids(&e.json["chat"]["img1"]["input_ids"]);
+    let spans = m.tokenizer.image_spans(&ids).unwrap();
+    let mut cpu = Session::new(&m, &Cpu);
+    cpu.set_image_dir(&dir);
+    let feats: Vec<Vec<f32>> = spans.iter().map(|s| cpu.encode_image(&s.path).unwrap()).collect();
+    let refs: Vec<&[f32]> = feats.iter().map(Vec::as_slice).collect();
+    const CHUNK: usize = 64;
+    let (a, b) = (spans[0].start, spans[0].end);
+    assert!(a < CHUNK && b > 2 * CHUNK && ids.len() > b + 1, "picture span {a}..{b} of {} tokens", ids.len());
+
+    let gpu = m.gpu_backend(Box::new(EmuDevice::new(qvc_codegen::Target::Sm80)), 2, 512).unwrap();
+    let mut whole = Session::new(&m, &gpu);
+    assert!(whole.can_extend(), "a checkpoint on the GPU executor extends its device cache");
+    whole.set_kv_slot(0);
+    let w = whole.extend(&ids, ids.len(), &refs).unwrap();
+    let mut chunked = Session::new(&m, &gpu);
+    chunked.set_kv_slot(1);
+    let mut c = vec![];
+    let mut ends = vec![];
+    while chunked.cached_tokens() < ids.len() {
+        let end = qvc_model::chunk_end(chunked.cached_tokens(), ids.len(), CHUNK);
+        c = chunked.extend(&ids, end, &refs).unwrap();
+        ends.push(end);
+    }
+    assert_eq!(ends.len(), ids.len().div_ceil(CHUNK));
+    let r = rel_err(&c, &w);
+    eprintln!("img1: {} tokens in chunks of {CHUNK}: emu chunked vs whole last logits rel err {r:.2e}", ids.len());
+    assert!(r < TOL, "chunked prefill logits differ from the whole prefill by {r:e}");
+    let r = rel_err(&c, &e.f32("chat/img1/last_logits"));
+    assert!(r < TOL, "chunked prefill logits differ from the reference by {r:e}");
+    assert_eq!(argmax(&c), argmax(&w));
+
+    // Greedy continuations agree (each session decodes in its own slot).
+    let (mut lw, mut lc) = (w.clone(), c.clone());
+    for k in 0..3 {
+        let (tw, tc) = (argmax(&lw) as u32, argmax(&lc) as u32);
+        assert_eq!(tw, tc, "greedy token {k}");
+        lw = whole.step(tw).unwrap();
+        lc = chunked.step(tc).unwrap();
+        let r = rel_err(&lc, &lw);
+        assert!(r < TOL, "decode step {k} after a chunked prefill: {r:e}");
+    }
+
+    // Prefix reuse: the cache keeps the first two chunks (the decoded rows
+    // and the later chunks go), the rest runs again in the same chunks.
+    let keep = chunked.reusable_prefix(&ids, CHUNK);
+    assert_eq!(keep, (ids.len() - 1) / CHUNK * CHUNK, "every prefilled chunk but the last is reusable");
+    chunked.truncate(2 * CHUNK);
+    while chunked.cached_tokens() < ids.len() {
+        let end = qvc_model::chunk_end(chunked.cached_tokens(), ids.len(), CHUNK);
+        let l = chunked.extend(&ids, end, &refs).unwrap();
+        if end == ids.len() {
+            assert_eq!(l, c, "logits after reusing 2 chunks differ from the fresh chunked prefill");
+        }
+    }
+    let again = chunked.step(argmax(&c) as u32).unwrap();
+    let mut fresh = Session::new(&m, &gpu);
+    fresh.set_kv_slot(0);
+    let mut f = vec![];
+    while fresh.cached_tokens() < ids.len() {
+        let end = qvc_model::chunk_end(fresh.cached_tokens(), ids.len(), CHUNK);
+        f = fresh.extend(&ids, end, &refs).unwrap();
+    }
+    assert_eq!(f, c, "a fresh chunked prefill in another slot computes the same logits");
+    assert_eq!(fresh.step(argmax(&f) as u32).unwrap(), again, "the step after the reused prefix");
+    let st = gpu.stats();
+    eprintln!("emu: {st:?}");
+    assert_eq!(st.host_nodes, 0, "every node of the chunked decoder runs as a kernel");
+}

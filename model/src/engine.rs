@@ -9,8 +9,8 @@
 //! one, [`Session::reusable_prefix`]). Chunk boundaries are the absolute
 //! multiples of a chunk size ([`PREFILL_CHUNK`] for [`Session::prefill`]), so
 //! every prefill of a prompt runs the same row blocks and computes the same
-//! numbers. A compiled artifact and the GPU executor prefill whole prompts
-//! from an empty cache only ([`Session::can_extend`]).
+//! numbers. A compiled artifact prefills whole prompts from an empty cache
+//! only ([`Session::can_extend`]).
 
 use crate::config::{Config, ConfigError, GenerationConfig};
 use crate::graphs::{
@@ -578,9 +578,9 @@ impl<'m> Session<'m> {
     /// backend that can attend over cached rows ([`Session::can_extend`]),
     /// the prompt runs in chunks whose boundaries are the absolute multiples
     /// of [`PREFILL_CHUNK`] (see [`Session::extend`]), so `qvc generate` and
-    /// the server compute identical numbers. A compiled artifact, a backend
-    /// that keeps the cache on its device, and all-position logits or hidden
-    /// states take one prefill of the whole prompt.
+    /// the server compute identical numbers. A compiled artifact, and
+    /// all-position logits or hidden states, take one prefill of the whole
+    /// prompt.
     pub fn prefill(&mut self, ids: &[u32], opt: &PrefillOptions) -> Result<PrefillOutput, ModelError> {
         let cfg = &self.model.config;
         check_prompt(cfg, ids)?;
@@ -629,12 +629,13 @@ impl<'m> Session<'m> {
 
     /// Whether this session can run a prompt's rows after cached ones
     /// ([`Session::extend`] with a non-empty cache): a model built from a
-    /// checkpoint on a backend whose KV cache lives on the host. A compiled
-    /// artifact (prefill programs are compiled for an empty cache) and the
-    /// GPU executor (its cached attention takes one query row at a time)
-    /// prefill a whole prompt at once.
+    /// checkpoint, on any backend (the CPU's host cache, or the GPU
+    /// executor's device cache, where the new rows are appended to the
+    /// sequence's slot and attend to its cached rows in place). A compiled
+    /// artifact (prefill programs are compiled for an empty cache) prefills
+    /// a whole prompt at once.
     pub fn can_extend(&self) -> bool {
-        self.model.compiled.is_none() && !self.backend.kv_on_device()
+        self.model.compiled.is_none()
     }
 
     /// The token ids whose keys and values the cache holds, in order.

@@ -577,8 +577,8 @@ impl<'g> Lower<'g> {
         it.next().is_none().then_some((layer, v, seq))
     }
 
-    /// Copy `[t, heads, hd]` f32 rows into the bf16 cache of `layer` at row `past`.
-    fn kv_write(&mut self, src: Buf, t: usize, layer: usize, v: bool, seq: usize) -> R<()> {
+    /// Copy `[t, heads, hd]` rows (stored as `from`) into the bf16 cache of `layer` at row `past`.
+    fn kv_write(&mut self, src: Buf, from: DType, t: usize, layer: usize, v: bool, seq: usize) -> R<()> {
         let kv = self.opt.kv;
         if layer >= kv.layers {
             return Err(self.err(format!("layer {layer} is outside the KV cache ({} layers)", kv.layers)));
@@ -587,7 +587,7 @@ impl<'g> Lower<'g> {
             shape: vec![t, kv.heads, kv.head_dim],
             src_strides: vec![kv.heads * kv.head_dim, kv.head_dim, 1],
             dst_strides: vec![kv.head_dim, kv.max_seq * kv.head_dim, 1],
-            src: DType::F32,
+            src: from,
             dst: DType::BF16,
         };
         spec.validate().map_err(|e| self.err(e.to_string()))?;
@@ -676,10 +676,10 @@ impl<'g> Lower<'g> {
             self.launch(Box::new(sp), args);
             return Ok(());
         }
-        // Over the device KV cache: new rows go in at `past`, then one query
-        // per head attends to the cache's first `past + 1` rows.
-        if tq != 1 || !matches!(mask, Mask::Causal) {
-            return Err(self.err("attention over a KV cache runs one causal query token at a time on the GPU"));
+        // Over the device KV cache: new rows go in at `past`, then the
+        // queries attend to the cache's rows in place.
+        if !matches!(mask, Mask::Causal) {
+            return Err(self.err("attention over a KV cache is causal"));
         }
         let (Some((lk, false, sk)), Some((lv, true, sv))) = (self.kv_input(n.inputs[3]), self.kv_input(n.inputs[4]))
         else {
@@ -693,6 +693,9 @@ impl<'g> Lower<'g> {
             return Err(self.err(format!("layer {lk} with {h}×{d} heads does not fit the device cache {kv:?}")));
         }
         let seq = sk;
+        if tq > 1 {
+            return self.cached_prefill(&n, (tq, h, d), lk, seq, scale, out);
+        }
         self.seqs = self.seqs.max(seq + 1);
         self.kv_rows = self.kv_rows.max(1);
         let lens = Buf::Arena(self.lens_at + 4 * seq as u64);
@@ -722,6 +725,52 @@ impl<'g> Lower<'g> {
             vec![Arg::Buf(qb), cache(false), cache(true), Arg::Buf(lens), Arg::Buf(slots), Arg::Buf(Buf::Arena(ws))];
         self.launch(Box::new(sp.partial()), args);
         self.launch(Box::new(sp.combine()), vec![Arg::Buf(Buf::Arena(ws)), Arg::Buf(Buf::Arena(out))]);
+        Ok(())
+    }
+
+    /// A chunk of a prefill after cached rows (`attention_cached` with
+    /// `tq > 1` new rows after `past = |past_k|` cached ones, an exact-shape
+    /// graph): the new K/V rows are copied into the sequence's cache slot at
+    /// rows `past..past + tq`, then the flash kernel runs the `tq` queries
+    /// against the slot's rows `0..past + tq` read in place (cache strides:
+    /// token `hd`, head `max_seq·hd`) with the causal offset `past`, so
+    /// query `i` sees keys `0..=past + i`, exactly the keys the whole
+    /// prompt's causal attention gives that row.
+    fn cached_prefill(
+        &mut self,
+        n: &qvc_ir::Node,
+        (tq, h, d): (usize, usize, usize),
+        layer: usize,
+        seq: usize,
+        scale: f32,
+        out: u64,
+    ) -> R<()> {
+        if n.inputs.len() != 5 {
+            return Err(self.err("a padded KV-cache bucket takes one new row at a time on the GPU"));
+        }
+        let past = self.g.shape(n.inputs[3]).dim(0);
+        let kv = self.opt.kv;
+        if past + tq > kv.max_seq {
+            return Err(
+                self.err(format!("{past} cached + {tq} new rows exceed the device KV cache of {} rows", kv.max_seq))
+            );
+        }
+        for (i, v) in [(1, false), (2, true)] {
+            let src = self.val(n.inputs[i])?;
+            self.kv_write(src, self.dt(n.inputs[i]), tq, layer, v, seq)?;
+        }
+        self.kv_written.extend([(layer, false), (layer, true)]);
+        let qb = self.cast(n.inputs[0], DType::BF16, d)?;
+        let dense = Strides { token: (h * d) as u32, head: d as u32 };
+        let cache = Strides { token: d as u32, head: (kv.max_seq * d) as u32 };
+        let mask = FlashMask::Causal { q_offset: past as u32 };
+        let mut sp = FlashSpec::new(tq as u32, (past + tq) as u32, h as u32, d as u32, dense, cache, cache, mask);
+        sp.scale = scale;
+        sp.out = if self.dt(self.node) == DType::BF16 { OutDtype::Bf16 } else { OutDtype::F32 };
+        sp.validate().map_err(|e| self.err(e.to_string()))?;
+        let slot = |v| Arg::Buf(Buf::Kv { layer, v, at_past: false, seq });
+        let args = vec![Arg::Buf(qb), slot(false), slot(true), Arg::Buf(Buf::Arena(out))];
+        self.launch(Box::new(sp), args);
         Ok(())
     }
 
@@ -1241,7 +1290,7 @@ pub fn lower(g: &Graph, opt: &LowerOptions) -> Result<Lowered, LowerError> {
             if !lw.kv_written.contains(&(layer, v)) {
                 let t = g.shape(*id).dim(0);
                 let src = lw.val(*id)?;
-                lw.kv_write(src, t, layer, v, 0)?;
+                lw.kv_write(src, lw.dt(*id), t, layer, v, 0)?;
             }
             continue;
         }
