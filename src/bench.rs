@@ -20,7 +20,7 @@
 //!   `bytes read per decode step / measured copy bandwidth` (decode); the
 //!   fraction printed is floor / measured, so 100% would be the ceiling.
 
-use crate::cli::DeviceChoice;
+use crate::device::DeviceChoice;
 use anyhow::{bail, Context, Result};
 use half::bf16;
 use qvc_ir::passes::{run_pipeline, Canonicalize, ConstFold, Cse, Dce, FoldedParam, Fuse, Pass, WithFolded};

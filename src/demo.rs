@@ -126,7 +126,7 @@ pub fn run(dir: Option<PathBuf>, question: &str, max_new_tokens: usize, device: 
     eprintln!("[demo] picture: {pic}");
     eprintln!("[demo] question: {question}");
     eprintln!("[demo] the weights are random, so the answer below is random bytes, not language:");
-    let backend = crate::cli::make_backend(&model, device, 1)?;
+    let backend = crate::device::make_backend(&model, device, 1)?;
     let mut session = Session::new(&model, backend.as_ref());
     let sampling = SamplingParams { temperature: 1.0, top_p: 0.8, top_k: 0, repetition_penalty: 1.0, seed: 7 };
     let opt = GenerateOptions { max_new_tokens, sampling, stop_ids: stop_ids(&model.tokenizer) };

@@ -119,6 +119,8 @@ fn a_full_invariant_batch_is_bit_identical_to_one_at_a_time() {
     for (s, &b) in sessions.iter_mut().zip(&order) {
         s.prefill(&prompts[b], &PrefillOptions::default()).unwrap();
     }
+    // `k` is the step: it picks each row's input and, per sequence, the logits of that step alone.
+    #[allow(clippy::needless_range_loop)]
     for k in 0..steps {
         let ids: Vec<u32> = order.iter().map(|&b| feed(k, b)).collect();
         let mut refs: Vec<&mut Session> = sessions.iter_mut().collect();

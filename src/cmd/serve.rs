@@ -8,7 +8,7 @@
 //! A model that fails to load ends the process with an error (exit 1);
 //! SIGTERM or Ctrl-C drains and exits 0.
 
-use crate::cli::DeviceChoice;
+use crate::device::{DeviceChoice, GPU_CHECKPOINT_MAX_SEQ};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use qvc_serve::http::media::MediaConfig;
@@ -54,7 +54,7 @@ Pictures: data: URLs (base64 PNG, JPEG, WebP, GIF, BMP); http(s) URLs (public ad
 #[derive(Args)]
 pub struct ServeArgs {
     #[command(flatten)]
-    pub(crate) model: crate::cli::ModelArgs,
+    pub(crate) model: crate::common::ModelArgs,
     /// Address to listen on (0.0.0.0 for every interface).
     #[arg(long, default_value = "127.0.0.1", value_name = "ADDR")]
     pub host: String,
@@ -204,7 +204,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
     let on_gpu = matches!(DeviceChoice::parse(&a.model.device)?, DeviceChoice::Cuda(_) | DeviceChoice::Emu);
     let max_context = match a.max_context {
         Some(n) => Some(n),
-        None if on_gpu && !qvc_runtime::artifact::is_artifact(&path) => Some(crate::cli::GPU_CHECKPOINT_MAX_SEQ),
+        None if on_gpu && !qvc_runtime::artifact::is_artifact(&path) => Some(GPU_CHECKPOINT_MAX_SEQ),
         None => None,
     };
     let engine_cfg = EngineConfig {
@@ -218,8 +218,8 @@ pub fn run(a: ServeArgs) -> Result<()> {
     let engine = Engine::start(
         engine_cfg,
         Box::new(move |slots| {
-            let model = crate::cli::load(&model_args)?;
-            let backend = crate::cli::make_backend(&model, &model_args.device, slots)?;
+            let model = crate::common::load(&model_args)?;
+            let backend = crate::device::make_backend(&model, &model_args.device, slots)?;
             Ok((Arc::new(model), backend))
         }),
     );

@@ -1,0 +1,54 @@
+//! `qvc bench`: the flags; [`crate::bench`] measures.
+
+use crate::common::{load, ModelArgs};
+use anyhow::Result;
+use clap::Args;
+
+#[derive(Args)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Prompt length for the prefill measurement.
+    #[arg(long, default_value_t = 300)]
+    prompt_len: usize,
+    /// Decode steps to time.
+    #[arg(long, default_value_t = 32)]
+    decode_tokens: usize,
+    /// Also time decoding this many sequences together, each in its own KV slot [default: 8 on a GPU, 1 on the
+    /// CPU]; a compiled model on the CPU needs --max-batch of at least this.
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=64))]
+    batch: Option<u16>,
+    /// Random weights with published shapes instead of a model: qwen-vl-chat (full size, GPU only) or tiny (the
+    /// test fixture's shapes, runs anywhere in seconds).
+    #[arg(long, value_name = "NAME")]
+    synthetic: Option<String>,
+    /// Picture sizes the vision tower is timed at (comma-separated) [default: 448,896 with --synthetic, else the
+    /// model's].
+    #[arg(long, value_delimiter = ',', value_name = "N,...")]
+    image_sizes: Vec<usize>,
+    /// After the table, time every kernel of one vision run, one prefill and one decode step on their own (GPU or
+    /// emulator) and print where the time goes, with each kernel's TFLOP/s and GB/s.
+    #[arg(long)]
+    profile: bool,
+}
+
+pub fn run(a: BenchArgs) -> Result<()> {
+    use crate::bench::{BenchError, BenchOptions, Synthetic};
+    let opt = BenchOptions {
+        device: a.model.device.clone(),
+        prompt_len: a.prompt_len,
+        decode_tokens: a.decode_tokens,
+        batch: a.batch.map(usize::from),
+        image_sizes: a.image_sizes.clone(),
+        profile: a.profile,
+    };
+    let has_model = a.model.path.is_some() || a.model.model.is_some();
+    match &a.synthetic {
+        Some(_) if has_model => Err(BenchError::ModelAndSynthetic.into()),
+        Some(name) => crate::bench::run(None, Some(Synthetic::parse(name)?), &opt),
+        None => {
+            let model = load(&a.model)?;
+            crate::bench::run(Some(&model), None, &opt)
+        }
+    }
+}

@@ -1,0 +1,212 @@
+//! What several commands share: the `--model`, prompt and sampling flag
+//! groups, loading a model with a progress line, the prefill spinner, prompt
+//! ids from the flags, sampling parameters, `--force` checks and the boxes of
+//! an answer. Imports only [`crate::device`] of this crate; the command
+//! modules, [`crate::bench`] and [`crate::demo`] import it, never the reverse.
+
+use crate::device::parse_device;
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use qvc_model::chat::{format_query, make_context, Turn, DEFAULT_SYSTEM};
+use qvc_model::grounding::{box_outputs, parse_groundings, BoxOut, Grounding};
+use qvc_model::image::load_rgb;
+use qvc_model::sampling::SamplingParams;
+use qvc_model::tokenizer::Specials;
+use qvc_model::{LoadOptions, Model, Phase, Session};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+#[derive(Args, Clone)]
+pub(crate) struct ModelArgs {
+    /// The model: a `qvc compile` artifact (OUT.qvc), a checkpoint directory, or a .safetensors file with config.json
+    /// and qwen.tiktoken beside it. The same as --model.
+    #[arg(value_name = "MODEL")]
+    pub(crate) path: Option<PathBuf>,
+    /// Checkpoint directory (config.json, qwen.tiktoken, model.safetensors or shards + index), a .safetensors file
+    /// with those beside it, or a `qvc compile` artifact.
+    #[arg(long, short = 'm', env = "QVC_MODEL", value_name = "DIR")]
+    pub(crate) model: Option<PathBuf>,
+    /// Use this config.json instead of the checkpoint's own.
+    #[arg(long, value_name = "FILE")]
+    pub(crate) config: Option<PathBuf>,
+    /// Where to run: `cpu`, `cuda` or `cuda:N` (an NVIDIA GPU, compute capability 8.0+), `emu` (the GPU code path
+    /// in the PTX emulator: slow, for checking kernels without a GPU), or `auto`: the first GPU when the driver
+    /// finds one and the model can run there, else the CPU.
+    #[arg(long, default_value = "auto", value_name = "DEVICE", env = "QVC_DEVICE", value_parser = parse_device)]
+    pub(crate) device: String,
+}
+
+impl ModelArgs {
+    /// The model path, given as MODEL or --model (or $QVC_MODEL).
+    pub(crate) fn path(&self) -> Result<&Path> {
+        match (&self.path, &self.model) {
+            (Some(p), Some(m)) if p != m => {
+                bail!("two models given: {} and --model {}; give one", p.display(), m.display())
+            }
+            (Some(p), _) | (None, Some(p)) => Ok(p),
+            (None, None) => bail!(
+                "no model given: pass a checkpoint directory or a compiled OUT.qvc, as `--model DIR` or as the first \
+                 argument (or set QVC_MODEL)"
+            ),
+        }
+    }
+}
+
+#[derive(Args, Clone)]
+pub(crate) struct PromptArgs {
+    /// A picture to ask about (PNG, JPEG, WebP, GIF, BMP). Repeat for several: they become "Picture 1:", "Picture 2:", ...
+    #[arg(long, short = 'i', value_name = "PATH")]
+    pub(crate) image: Vec<PathBuf>,
+    /// The question or instruction.
+    #[arg(long, short = 'p', value_name = "TEXT")]
+    pub(crate) prompt: Option<String>,
+    /// The system message.
+    #[arg(long, default_value = DEFAULT_SYSTEM, value_name = "TEXT")]
+    pub(crate) system: String,
+    /// A file holding a complete prompt (ChatML written out); tokenized with every special token allowed. Image paths in it resolve against the current directory.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["prompt", "image", "prompt_tokens"])]
+    pub(crate) raw_prompt_file: Option<PathBuf>,
+    /// A JSON array of token ids used as the prompt as is (images come from its <img> spans).
+    #[arg(long, value_name = "FILE.json", conflicts_with_all = ["prompt", "image"])]
+    pub(crate) prompt_tokens: Option<PathBuf>,
+}
+
+#[derive(Args, Clone)]
+pub(crate) struct SamplingArgs {
+    /// Most tokens to generate [default: generation_config.json's max_new_tokens, 512].
+    #[arg(long, value_name = "N")]
+    max_new_tokens: Option<usize>,
+    /// Sampling temperature; 0 = greedy [default: 1, or greedy if generation_config.json has do_sample false].
+    #[arg(long, short = 't', value_name = "T")]
+    temperature: Option<f32>,
+    /// Nucleus sampling mass [default: generation_config.json's top_p].
+    #[arg(long, value_name = "P")]
+    top_p: Option<f32>,
+    /// Keep only the K likeliest tokens; 0 = off [default: generation_config.json's top_k].
+    #[arg(long, value_name = "K")]
+    top_k: Option<usize>,
+    /// Penalise tokens already seen; 1 = off.
+    #[arg(long, value_name = "R")]
+    repetition_penalty: Option<f32>,
+    /// Random seed for sampling.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+pub(crate) fn load(m: &ModelArgs) -> Result<Model> {
+    let t0 = Instant::now();
+    let path = m.path()?;
+    let model = Model::load(path, &LoadOptions { config: m.config.clone(), ..Default::default() })?;
+    let kind = if model.compiled().is_some() { "compiled model" } else { "checkpoint" };
+    eprintln!(
+        "[qvc] loaded {kind} {} ({:.2} GB of weights, {} decoder layers, {} vision layers) in {:.2} s",
+        path.display(),
+        model.weights.total_bytes() as f64 / 1e9,
+        model.config.layers,
+        model.config.visual.layers,
+        t0.elapsed().as_secs_f64()
+    );
+    Ok(model)
+}
+
+/// A spinner on stderr while pictures are encoded and the prompt is read
+/// (minutes for the full model on a CPU); hidden when stderr is not a terminal.
+pub(crate) fn attach_progress(session: &mut Session) {
+    let mut bar: Option<indicatif::ProgressBar> = None;
+    let mut show = move |msg: String| {
+        let b = bar.get_or_insert_with(|| {
+            let b = indicatif::ProgressBar::new_spinner();
+            b.set_style(
+                indicatif::ProgressStyle::with_template("{spinner} {msg} [{elapsed}]").expect("valid template"),
+            );
+            b.enable_steady_tick(std::time::Duration::from_millis(120));
+            b
+        });
+        if msg.is_empty() {
+            b.finish_and_clear();
+            bar = None;
+        } else {
+            b.set_message(msg);
+        }
+    };
+    session.on_phase(move |p| match p {
+        Phase::Vision { index, total, path } => show(format!("encoding picture {}/{total} ({path})", index + 1)),
+        Phase::Prefill { tokens } => show(format!("reading the prompt ({tokens} tokens)")),
+        Phase::Decode => show(String::new()),
+    });
+}
+
+pub(crate) fn path_str(p: &Path) -> Result<String> {
+    p.to_str().map(str::to_string).with_context(|| format!("image path {} is not valid UTF-8", p.display()))
+}
+
+/// Token ids for the prompt flags, plus the pictures it mentions.
+pub(crate) fn prompt_ids(model: &Model, p: &PromptArgs, history: &[Turn]) -> Result<Vec<u32>> {
+    let tok = &model.tokenizer;
+    if let Some(f) = &p.raw_prompt_file {
+        let bytes = std::fs::read(f).with_context(|| format!("cannot read --raw-prompt-file {}", f.display()))?;
+        let text = String::from_utf8(bytes).with_context(|| format!("{} is not UTF-8 text", f.display()))?;
+        return Ok(tok.encode(&text, Specials::All)?);
+    }
+    if let Some(f) = &p.prompt_tokens {
+        let text =
+            std::fs::read_to_string(f).with_context(|| format!("cannot read --prompt-tokens {}", f.display()))?;
+        let ids: Vec<u32> = serde_json::from_str(&text).with_context(|| {
+            format!("{} must hold a JSON array of non-negative token ids, like [151644, 8948]", f.display())
+        })?;
+        return Ok(ids);
+    }
+    let Some(question) = &p.prompt else {
+        bail!(
+            "nothing to ask: give --prompt TEXT (with --image PATH for pictures), --raw-prompt-file or --prompt-tokens"
+        );
+    };
+    for img in &p.image {
+        if !img.exists() {
+            bail!("--image {}: no such file", img.display());
+        }
+    }
+    let images: Vec<String> = p.image.iter().map(|i| path_str(i)).collect::<Result<_>>()?;
+    let query = format_query(&images, question);
+    Ok(make_context(tok, &p.system, history, &query, model.generation.max_window_size)?)
+}
+
+pub(crate) fn sampling_params(model: &Model, s: &SamplingArgs) -> Result<(SamplingParams, usize)> {
+    let g = &model.generation;
+    let default_t = if g.do_sample { g.temperature } else { 0.0 };
+    let p = SamplingParams {
+        temperature: s.temperature.unwrap_or(default_t),
+        top_p: s.top_p.unwrap_or(g.top_p),
+        top_k: s.top_k.unwrap_or(g.top_k),
+        repetition_penalty: s.repetition_penalty.unwrap_or(g.repetition_penalty),
+        seed: s.seed,
+    };
+    p.validate().map_err(anyhow::Error::msg)?;
+    Ok((p, s.max_new_tokens.unwrap_or(g.max_new_tokens)))
+}
+
+pub(crate) fn refuse_overwrite(path: &Path, force: bool, flag: &str) -> Result<()> {
+    if path.exists() && !force {
+        bail!("{} already exists; pass --force to overwrite it or choose another {flag}", path.display());
+    }
+    Ok(())
+}
+
+/// The boxes of an answer, in pixels of the last picture of the prompt (the
+/// reference draws on the latest picture too).
+pub(crate) fn boxes_for(
+    model: &Model,
+    prompt: &[u32],
+    text: &str,
+) -> Result<(Vec<Grounding>, Vec<BoxOut>, Option<String>)> {
+    let items = parse_groundings(text);
+    let spans = model.tokenizer.image_spans(prompt)?;
+    let image = spans.last().map(|s| s.path.clone());
+    let dims = match &image {
+        Some(p) if !items.is_empty() => Some(load_rgb(Path::new(p)).map(|i| (i.width, i.height))?),
+        _ => None,
+    };
+    let picture = image.as_deref().zip(dims).map(|(name, (w, h))| (name, w, h));
+    let out = box_outputs(&items, picture);
+    Ok((items, out, image))
+}
