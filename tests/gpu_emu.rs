@@ -182,6 +182,7 @@ fn batched_decode_and_graph_replay_on_the_emulated_gpu() {
 /// are device data: the decode step recorded as a graph in one slot order
 /// replays correctly for the others.
 #[test]
+#[allow(clippy::needless_range_loop)] // step k of every conversation
 fn batched_decode_over_any_slots_in_any_order_on_the_emulated_gpu() {
     let Some(dir) = fixtures() else { return };
     let out = artifact_with(&dir, "slots", None, 3);
