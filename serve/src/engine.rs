@@ -260,12 +260,19 @@ impl Engine {
         }
         let total = r.prompt.len().saturating_add(r.max_tokens);
         if total > context {
+            // The HTTP layer maps "exceed the context" to `context_length_exceeded`.
+            let fix = match context.saturating_sub(r.prompt.len()) {
+                0 => format!(
+                    "the prompt alone leaves no room for an answer: shorten the conversation to fewer than {context} \
+                     tokens"
+                ),
+                room => format!("lower max_tokens to at most {room} or shorten the conversation"),
+            };
             return Err(format!(
                 "the prompt has {} tokens and max_tokens is {}: {total} tokens exceed the context of {context} tokens \
-                 (lower max_tokens to at most {} or shorten the conversation)",
+                 ({fix})",
                 r.prompt.len(),
                 r.max_tokens,
-                context.saturating_sub(r.prompt.len())
             ));
         }
         let spans = model.tokenizer.image_spans(&r.prompt).map_err(|e| e.to_string())?;

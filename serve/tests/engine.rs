@@ -244,6 +244,15 @@ fn invalid_requests_are_refused_with_reasons() {
     assert!(invalid(GenRequest::greedy(vec![1, 999_999], vec![], 4, vec![])).contains("999999"));
     let why = invalid(GenRequest::greedy(img.clone(), prompt_images(&m, &dir, &img), 20, vec![]));
     assert!(why.contains("288") && why.contains("20") && why.contains("300"), "{why}");
+    assert!(why.contains("exceed the context") && why.contains("lower max_tokens to at most 12"), "{why}");
+    // A prompt that alone fills or overflows the context: no max_tokens fits, so only shortening helps.
+    for len in [300, 310] {
+        let why = invalid(GenRequest::greedy(vec![1; len], vec![], 4, vec![]));
+        assert!(why.contains(&format!("the prompt has {len} tokens")), "{why}");
+        assert!(why.contains("exceed the context of 300 tokens"), "{why}");
+        assert!(why.contains("shorten the conversation to fewer than 300 tokens"), "{why}");
+        assert!(!why.contains("max_tokens to"), "{why}");
+    }
     assert!(invalid(GenRequest::greedy(img.clone(), vec![], 4, vec![])).contains("1 picture(s) but 0"));
     assert!(invalid(GenRequest::greedy(text.clone(), vec![], 0, vec![])).contains("max_tokens"));
     let mut r = GenRequest::greedy(text.clone(), vec![], 4, vec![]);
