@@ -249,6 +249,110 @@ proptest! {
     }
 }
 
+/// A prompt of `n` rows prefilled in chunks of `chunk` into slot `slot` of a
+/// `[slots, heads, max_seq, hd]` KV cache, as the GPU lowering runs a chunk
+/// after cached rows: chunk `[p, p + t)` is one launch with `tq = t`,
+/// `tk = p + t`, causal offset `p`, q the chunk's dense rows and k/v the
+/// slot's rows read in place (the rows after `n` and the other slots hold
+/// garbage the kernel must not read). The chunks' outputs equal one causal
+/// launch over the whole prompt bit for bit (a key tile that is wholly above
+/// a row's diagonal leaves its running max, sum and output unchanged
+/// exactly), and match the reference.
+#[allow(clippy::too_many_arguments)]
+fn chunked_over_cache_slot(
+    n: u32,
+    chunk: u32,
+    heads: u32,
+    hd: u32,
+    slots: u32,
+    slot: u32,
+    extra: u32,
+    out: OutDtype,
+    seed: u64,
+) -> Result<(), TestCaseError> {
+    let mut rng = Rng::new(seed);
+    let max_seq = n + extra;
+    let w = heads * hd;
+    let qbuf = rng.bf16s((n * w) as usize, 2.0);
+    let cache_len = (slots * heads * max_seq * hd) as usize;
+    let (kbuf, vbuf) = (rng.bf16s(cache_len, 2.0), rng.bf16s(cache_len, 2.0));
+    let dense = Strides { token: w, head: hd };
+    let cache = Strides { token: hd, head: max_seq * hd };
+    let scale = 2.0 / (hd as f32).sqrt();
+    let spec = |tq: u32, past: u32| FlashSpec {
+        tq,
+        tk: past + tq,
+        heads,
+        head_dim: hd,
+        q: dense,
+        k: cache,
+        v: cache,
+        out,
+        scale,
+        mask: FlashMask::Causal { q_offset: past },
+    };
+    let mut dev = Device::new();
+    let (qp, kp, vp) = (dev.upload_bf16(&qbuf), dev.upload_bf16(&kbuf), dev.upload_bf16(&vbuf));
+    let slot_off = 2 * (slot * heads * max_seq * hd) as u64;
+    let esz = match out {
+        OutDtype::Bf16 => 2,
+        OutDtype::F32 => 4,
+    };
+    let mut launch = |sp: FlashSpec, past: u32| -> Vec<u32> {
+        let len = (sp.tq * w) as usize;
+        let o = dev.alloc_poisoned(len * esz);
+        let q = qp + 2 * (past * w) as u64;
+        let args = [Arg::Ptr(q), Arg::Ptr(kp + slot_off), Arg::Ptr(vp + slot_off), Arg::Ptr(o)];
+        let l = sp.launch();
+        if let Err(e) = run(&sp.build(), l.grid, l.block, &args, &mut dev) {
+            panic!("{}: {e}", sp.name());
+        }
+        match out {
+            OutDtype::Bf16 => dev.download_bf16(o, len).iter().map(|x| x.to_f32().to_bits()).collect(),
+            OutDtype::F32 => dev.download_f32(o, len).iter().map(|x| x.to_bits()).collect(),
+        }
+    };
+    let whole = launch(spec(n, 0), 0);
+    let mut chunked = vec![];
+    for past in (0..n).step_by(chunk as usize) {
+        chunked.extend(launch(spec(chunk.min(n - past), past), past));
+    }
+    let so = slot_off as usize / 2;
+    let mut want = vec![0f32; (n * w) as usize];
+    spec(n, 0).reference(Elems::BF16(&qbuf), Elems::BF16(&kbuf[so..]), Elems::BF16(&vbuf[so..]), &mut want).unwrap();
+    let got: Vec<f32> = chunked.iter().map(|&b| f32::from_bits(b)).collect();
+    let e = rel_l2(&got, &want);
+    let tol = if out == OutDtype::Bf16 { 1e-2 } else { 2e-3 };
+    prop_assert!(e <= tol, "chunked prefill of {n} rows in chunks of {chunk}: rel L2 {e} > {tol}");
+    prop_assert!(chunked == whole, "chunks of {chunk} over {n} rows differ from one causal launch");
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(24))]
+
+    /// Ragged prompts and chunks (neither a multiple of the 64-row tiles;
+    /// a single chunk is the `p = 0` launch), any slot of a few.
+    #[test]
+    fn chunked_prefill_over_a_cache_slot_equals_one_causal_launch(
+        n in 1u32..200, chunk in 1u32..130, heads in 1u32..3, hd in prop::sample::select(vec![16u32, 32]),
+        slots in 1u32..4, slot_pick: u32, extra in 0u32..9, f32_out: bool, seed: u64,
+    ) {
+        // At most 6 launches per case (the emulator is slow).
+        let chunk = chunk.max(n.div_ceil(6));
+        let out = if f32_out { OutDtype::F32 } else { OutDtype::Bf16 };
+        chunked_over_cache_slot(n, chunk, heads, hd, slots, slot_pick % slots, extra, out, seed)?;
+    }
+}
+
+/// The fixture's decoder (4 heads of 32) in a 512-row cache: a picture
+/// prompt of 288 rows in chunks of 64 in slot 1, and 100 rows in 3 chunks.
+#[test]
+fn chunked_prefill_fixture_shapes() {
+    chunked_over_cache_slot(288, 64, 4, 32, 2, 1, 512 - 288, OutDtype::Bf16, 1).unwrap();
+    chunked_over_cache_slot(100, 37, 4, 32, 1, 0, 412, OutDtype::F32, 2).unwrap();
+}
+
 /// Causal with keys ending before the queries do (`tk < q_offset + tq`): the
 /// late queries see every key; and the paper's square windows on a 5×7 grid.
 #[test]
@@ -344,14 +448,20 @@ fn names_are_distinct_and_generation_is_deterministic() {
     assert_eq!(print(&specs[0]), print(&specs[0].clone()));
 }
 
-/// Every model kernel assembles for sm_80 and sm_90 without spills.
+/// Every model kernel assembles for sm_80 and sm_90 without spills, and so
+/// do the fixture decoder's prefill chunks after cached rows (4 heads of 32,
+/// a 512-row cache slot).
 #[test]
 fn ptxas_model_specs() {
     let Some(ptxas) = qvc_codegen::ptxas::for_tests() else {
         eprintln!("ptxas not found: skipped");
         return;
     };
-    for spec in model_specs() {
+    let (dense, slot) = (Strides { token: 128, head: 32 }, Strides { token: 32, head: 512 * 32 });
+    let fixture = [(64, 64), (30, 128), (288, 0)].map(|(tq, past)| {
+        FlashSpec::new(tq, tq + past, 4, 32, dense, slot, slot, FlashMask::Causal { q_offset: past })
+    });
+    for spec in model_specs().into_iter().chain(fixture) {
         spec.validate().unwrap();
         let kernel = spec.build();
         for target in Target::ALL {

@@ -919,6 +919,12 @@ pub fn model_specs() -> Vec<FlashSpec> {
     // kernel's cache) after the new tokens were appended.
     let dq = |t: u32| Strides { token: 128, head: t * 128 };
     let cache = Strides { token: 128, head: 8192 * 128 };
+    // A prefill chunk after cached rows as the runtime lowers it
+    // (`Session::extend` on a device KV cache): q dense `[t, 32, 128]`, k/v
+    // the sequence's slot of a 2048-row cache read in place, causal offset
+    // = the cached rows (the server's second 512-row chunk).
+    let dense = Strides { token: 4096, head: 128 };
+    let slot = Strides { token: 128, head: 2048 * 128 };
     vec![
         vit_spec(1024, FlashMask::None),
         vit_spec(4096, FlashMask::None),
@@ -927,5 +933,6 @@ pub fn model_specs() -> Vec<FlashSpec> {
         FlashSpec::new(256, 1024, 32, 128, aq, akv, akv, FlashMask::None),
         FlashSpec::new(300, 300, 32, 128, dq(300), cache, cache, FlashMask::Causal { q_offset: 0 }),
         FlashSpec::new(64, 364, 32, 128, dq(64), cache, cache, FlashMask::Causal { q_offset: 300 }),
+        FlashSpec::new(512, 1024, 32, 128, dense, slot, slot, FlashMask::Causal { q_offset: 512 }),
     ]
 }
