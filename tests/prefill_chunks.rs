@@ -135,12 +135,13 @@ fn extend_refuses_what_it_cannot_run() {
     let mut s = Session::new(&m, &cpu);
     let err = s.extend(&img, 40, &[]).unwrap_err().to_string();
     assert!(err.contains("1 image span(s) but 0"), "{err}");
-    // The GPU executor attends over its device cache one query row at a
-    // time: it prefills whole prompts only, and says so.
-    let gpu = m.gpu_backend(Box::new(qvc_runtime::gpu::EmuDevice::new(qvc_codegen::Target::Sm80)), 1, 512).unwrap();
+    // The GPU executor extends its device cache too (tests/gpu_emu.rs checks
+    // the numbers), but not past the cache's rows, and says so.
+    let gpu = m.gpu_backend(Box::new(qvc_runtime::gpu::EmuDevice::new(qvc_codegen::Target::Sm80)), 1, 16).unwrap();
     let mut g = Session::new(&m, &gpu);
-    assert!(!g.can_extend());
-    assert_eq!(g.reusable_prefix(&ids, 8), 0);
-    let err = g.extend(&ids, 10, &[]).unwrap_err().to_string();
-    assert!(err.contains("whole prompt at once"), "{err}");
+    assert!(g.can_extend());
+    g.extend(&ids, 10, &[]).unwrap();
+    let err = g.extend(&ids, 20, &[]).unwrap_err().to_string();
+    assert!(err.contains("exceed the device KV cache of 16 rows"), "{err}");
+    assert_eq!(g.cached_tokens(), 10, "a refused chunk leaves the cache as it was");
 }

@@ -22,9 +22,9 @@
 //! sink, or its own prefill) fails that request with [`Event::Error`] and the
 //! engine goes on; a failed model step fails the requests it ran for.
 //!
-//! A compiled artifact and a backend with its KV cache on the device
-//! ([`Session::can_extend`] false) prefill each prompt whole from row 0: no
-//! chunking and no prefix reuse there.
+//! A compiled artifact ([`Session::can_extend`] false) prefills each prompt
+//! whole from row 0: no chunking and no prefix reuse there. A checkpoint
+//! chunks and reuses on every backend (the GPU executor's device KV cache too).
 
 use crate::detok::TextStream;
 use crate::metrics::Metrics;

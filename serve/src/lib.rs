@@ -20,8 +20,8 @@
 //! - Determinism: prefill chunks start at absolute multiples of
 //!   `prefill_chunk` and only whole chunks of prefilled rows are reused, and
 //!   CPU decode is invariant to the batch, so a greedy answer does not depend
-//!   on what else runs. A compiled artifact, and the GPU executor, prefill a
-//!   whole prompt at once (no chunking, no prefix reuse there).
+//!   on what else runs. A compiled artifact prefills a whole prompt at once
+//!   (no chunking, no prefix reuse there).
 //! - [`conversation::build_prompt`] turns OpenAI-style messages into exactly
 //!   the prompt the reference `chat()` builds; [`metrics`] renders the
 //!   Prometheus text of [`Engine::metrics_text`].
