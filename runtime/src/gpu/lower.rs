@@ -19,6 +19,9 @@
 //!   per layer and K/V: inputs named `past_k.{l}` / `past_v.{l}` (or
 //!   `past_k.{l}.{b}` in a batched step) *are* that cache (never uploaded).
 //!   A prompt's rows (outputs `k.{l}` / `v.{l}`) are copied in at row `past`;
+//!   a prompt chunk after cached rows (`attention_cached` with several new
+//!   rows) copies its rows in first and its flash attention reads the
+//!   sequence's slot rows `0..past + t` in place (causal offset `past`);
 //!   a decode step's row is appended by a kernel that reads its slot and row
 //!   from the device (the per-sequence slots and key counts the executor
 //!   uploads before each run), and decode attention reads the same, so every
