@@ -5,11 +5,12 @@
 //! PIL image is Pillow's `Image.resize(..., Image.BICUBIC)`), `ToTensor` and `Normalize` with the
 //! CLIP mean and std. Every step here is written to give the same numbers (QWEN-VL.md §3):
 //!
-//! * [`load_rgb`] / [`decode_rgb`] decode with the `image` crate and convert to 8-bit RGB the way
-//!   Pillow's `convert("RGB")` does (see [`decode_rgb`] for the per-format mapping). The image size
-//!   is read from the file header and checked against [`MAX_PIXELS`] *before* any pixel buffer is
-//!   allocated, and the decoder runs under [`image::Limits`], so a hostile or huge file gives an
-//!   [`ImageError`], never an out-of-memory abort or a panic.
+//! * [`load_rgb`] / [`decode_rgb`] decode JPEG with libjpeg-turbo's decompressor, as Pillow does
+//!   (bit-identical pixels), the other formats with the `image` crate, and convert to 8-bit RGB the
+//!   way Pillow's `convert("RGB")` does (see [`decode_rgb`] for the per-format mapping). The image
+//!   size is read from the file header and checked against [`MAX_PIXELS`] *before* any pixel
+//!   buffer is allocated, and the decoders run under memory limits, so a hostile or huge file
+//!   gives an [`ImageError`], never an out-of-memory abort or a panic.
 //! * [`resize_bicubic`] is Pillow's separable convolution resampler (`libImaging/Resample.c`, as
 //!   in every release up to 12.x): cubic a = -0.5, support widened by the down-scale factor,
 //!   weights normalised per output pixel then quantised to 22 fractional bits, horizontal pass
@@ -189,12 +190,20 @@ fn io_error(path: &Path, e: std::io::Error) -> ImageError {
 /// * Anything else (float images from formats not enabled here) goes through the `image` crate's
 ///   own conversion.
 ///
-/// JPEG is decoded by `zune-jpeg`, not libjpeg-turbo as in Pillow: colours may differ by a few
-/// levels (measured on the fixtures' `photo.jpg`, see `tests/image_parity.rs`). EXIF orientation
-/// is ignored, as `Image.open` ignores it. Only the first frame of an animated GIF/WebP is used.
+/// * JPEG (any file that starts with `FF D8 FF`, as for Pillow): libjpeg-turbo's decoder with
+///   Pillow's settings, so the pixels are Pillow's exactly; grey, YCbCr/RGB and CMYK/YCCK files
+///   (see `decode_jpeg`). Baseline, progressive, arithmetic-coded, any chroma subsampling.
+///   Truncated data is an error, as in Pillow.
+///
+/// EXIF orientation is ignored, as `Image.open` ignores it. Only the first frame of an animated
+/// GIF/WebP is used.
 pub fn decode_rgb(bytes: &[u8], name: &str) -> Result<RgbImage, ImageError> {
     if bytes.is_empty() {
         return Err(ImageError::Empty { path: name.to_string() });
+    }
+    // The signature Pillow's JpegImagePlugin accepts (and the `image` crate's guess uses).
+    if bytes.starts_with(&[0xFF, 0xD8, 0xFF]) {
+        return decode_jpeg(bytes, name);
     }
     let reader = |limits: Limits| -> Result<ImageReader<Cursor<&[u8]>>, ImageError> {
         let mut r = ImageReader::new(Cursor::new(bytes))
@@ -294,6 +303,208 @@ fn dynamic_to_rgb(img: DynamicImage) -> RgbImage {
         other => data = other.to_rgb8().into_raw(),
     }
     RgbImage { width, height, data }
+}
+
+// ---------------------------------------------------------------------------------------------
+// JPEG: libjpeg-turbo's decoder, as Pillow runs it.
+// ---------------------------------------------------------------------------------------------
+
+/// Decodes a JPEG exactly as Pillow's `Image.open(...).convert("RGB")` does: with libjpeg-turbo's
+/// decompressor (the copy vendored by MozJPEG, built from C source by `mozjpeg-sys`) and Pillow's
+/// settings, which are libjpeg's defaults: integer "islow" IDCT, fancy (triangular) chroma
+/// upsampling, no block smoothing beyond what libjpeg does for incomplete progressive data.
+///
+/// As in Pillow's `JpegImagePlugin`: 1 component -> grey (`L`, replicated to RGB); 3 components ->
+/// libjpeg's RGB output (YCbCr converted with libjpeg's tables, or RGB as is); 4 components ->
+/// libjpeg's CMYK output (YCCK converted by libjpeg), read with Adobe's inverted polarity
+/// (`CMYK;I`) and converted to RGB with Pillow's `cmyk2rgb`. Other component counts and
+/// precisions other than 8 bits are refused (Pillow refuses them too). Data that ends before
+/// the image does is an error (Pillow: "image file is truncated"); other libjpeg warnings
+/// (corrupt entropy data, which libjpeg repairs) are ignored, as Pillow ignores them.
+fn decode_jpeg(bytes: &[u8], name: &str) -> Result<RgbImage, ImageError> {
+    let (width, height, components, data) =
+        jpeg::decode(bytes, &|w, h| check_size(name, w, h)).map_err(|e| match e {
+            jpeg::Error::Size(e) => e,
+            jpeg::Error::Libjpeg(detail) => ImageError::Corrupt { path: name.to_string(), detail },
+        })?;
+    let n = width as usize * height as usize;
+    let data = match components {
+        3 => data,
+        1 => {
+            let mut rgb = Vec::with_capacity(n * 3);
+            for &v in &data {
+                rgb.extend_from_slice(&[v, v, v]);
+            }
+            rgb
+        }
+        4 => {
+            let mut rgb = Vec::with_capacity(n * 3);
+            for p in data.chunks_exact(4) {
+                rgb.extend_from_slice(&cmyk_inverted_to_rgb([p[0], p[1], p[2], p[3]]));
+            }
+            rgb
+        }
+        c => unreachable!("jpeg::decode returns 1, 3 or 4 components, not {c}"),
+    };
+    Ok(RgbImage { width, height, data })
+}
+
+/// One pixel of libjpeg's CMYK output read as Pillow's `CMYK;I` (each byte inverted), then
+/// Pillow's `cmyk2rgb` (`Convert.c`): `nk = 255 - k; out = clip(nk - nk * c / 255)` with its
+/// rounded integer `MULDIV255`.
+fn cmyk_inverted_to_rgb(p: [u8; 4]) -> [u8; 3] {
+    let [c, m, y, k] = p.map(|v| 255 - v as i32);
+    let nk = 255 - k;
+    let muldiv255 = |a: i32, b: i32| {
+        let t = a * b + 128;
+        ((t >> 8) + t) >> 8
+    };
+    [c, m, y].map(|v| (nk - muldiv255(v, nk)).clamp(0, 255) as u8)
+}
+
+/// The unsafe boundary with libjpeg. Errors never `exit()` or `longjmp`: the error manager's
+/// `error_exit` unwinds (libjpeg is compiled with `-fexceptions`, the bindings are
+/// `extern "C-unwind"`) to a `catch_unwind` here, after which the decompressor is destroyed.
+mod jpeg {
+    use std::ffi::{c_int, c_long, c_ulong};
+    use std::mem::MaybeUninit;
+    use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
+
+    use ffi::J_COLOR_SPACE::{JCS_CMYK, JCS_GRAYSCALE, JCS_RGB};
+    use mozjpeg_sys as ffi;
+
+    use super::{ImageError, MAX_DECODER_ALLOC};
+
+    pub(super) enum Error {
+        /// The size check rejected the header's dimensions.
+        Size(ImageError),
+        /// libjpeg's message (or ours, in its words).
+        Libjpeg(String),
+    }
+
+    /// The payload that `error_exit` unwinds with.
+    struct Fatal(String);
+
+    /// libjpeg's message for the error or warning in `cinfo.err`.
+    fn message(cinfo: &mut ffi::jpeg_common_struct) -> String {
+        // SAFETY: `cinfo.err` is the error manager installed by `decode` (jpeg_std_error filled
+        // `format_message`), and `format_message` writes at most JMSG_LENGTH_MAX (80) bytes,
+        // NUL-terminated, into the buffer. The binding declares the buffer `&[u8; 80]`; it is
+        // written to, so it is passed as a mutable pointer of the same layout.
+        unsafe {
+            let err = &*cinfo.err;
+            let Some(format) = err.format_message else { return format!("libjpeg error code {}", err.msg_code) };
+            let format: unsafe extern "C-unwind" fn(&mut ffi::jpeg_common_struct, *mut [u8; 80]) =
+                std::mem::transmute(format);
+            let mut buf = [0u8; 80];
+            format(cinfo, &mut buf);
+            let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+            String::from_utf8_lossy(&buf[..end]).into_owned()
+        }
+    }
+
+    /// libjpeg's fatal-error hook: must not return. Unwinds to `decode`'s `catch_unwind`
+    /// (`resume_unwind` does not run the panic hook, so nothing is printed).
+    extern "C-unwind" fn error_exit(cinfo: &mut ffi::jpeg_common_struct) {
+        let msg = message(cinfo);
+        resume_unwind(Box::new(Fatal(msg)));
+    }
+
+    /// libjpeg's warning/trace hook. Running out of data (libjpeg would pad the image with grey)
+    /// is fatal, as in Pillow; other warnings are ignored, as in Pillow.
+    extern "C-unwind" fn emit_message(cinfo: &mut ffi::jpeg_common_struct, level: c_int) {
+        // SAFETY: `cinfo.err` points to the live error manager installed by `decode`.
+        let code = unsafe { (*cinfo.err).msg_code };
+        if level < 0 && code == ffi::JWRN_JPEG_EOF as c_int {
+            let msg = message(cinfo);
+            resume_unwind(Box::new(Fatal(format!("{msg}: the image data is truncated"))));
+        }
+    }
+
+    /// Decodes `bytes`; `check` sees the header's size before anything proportional to it is
+    /// allocated. Returns width, height, components (1 grey, 3 RGB, 4 CMYK as libjpeg writes it)
+    /// and the interleaved samples.
+    #[allow(clippy::type_complexity)]
+    pub(super) fn decode(
+        bytes: &[u8],
+        check: &dyn Fn(u32, u32) -> Result<(), ImageError>,
+    ) -> Result<(u32, u32, usize, Vec<u8>), Error> {
+        // Boxed: libjpeg keeps pointers to both structs, so their addresses must not change.
+        // SAFETY: both are plain C structs for which all-zero is a valid (inert) value;
+        // jpeg_std_error and jpeg_CreateDecompress initialise them.
+        let mut err: Box<ffi::jpeg_error_mgr> = Box::new(unsafe { MaybeUninit::zeroed().assume_init() });
+        let mut cinfo: Box<ffi::jpeg_decompress_struct> = Box::new(unsafe { MaybeUninit::zeroed().assume_init() });
+        // SAFETY: `err` outlives `cinfo`'s use (both live to the end of this function, and
+        // jpeg_destroy_decompress runs before they drop). The hooks are extern "C-unwind".
+        unsafe {
+            ffi::jpeg_std_error(&mut err);
+        }
+        err.error_exit = Some(error_exit);
+        err.emit_message = Some(emit_message);
+        cinfo.common.err = &mut *err;
+
+        let result = catch_unwind(AssertUnwindSafe(|| -> Result<(u32, u32, usize, Vec<u8>), Error> {
+            // SAFETY: the calls follow libjpeg's documented sequence on a struct created by
+            // jpeg_create_decompress; `bytes` outlives the decompressor (destroyed below, before
+            // this function returns); every libjpeg error unwinds out of this closure.
+            unsafe {
+                ffi::jpeg_create_decompress(&mut *cinfo);
+                // Bounds libjpeg's large buffers (the whole-image coefficient arrays of a
+                // progressive JPEG): past it libjpeg fails with "backing store not supported".
+                (*cinfo.common.mem).max_memory_to_use = c_long::try_from(MAX_DECODER_ALLOC).unwrap_or(c_long::MAX);
+                ffi::jpeg_mem_src(&mut cinfo, bytes.as_ptr(), bytes.len() as c_ulong);
+                // require_image = TRUE: a tables-only stream is an error.
+                ffi::jpeg_read_header(&mut cinfo, 1);
+                let (width, height) = (cinfo.image_width, cinfo.image_height);
+                check(width, height).map_err(Error::Size)?;
+                let (out, components) = match cinfo.num_components {
+                    1 => (JCS_GRAYSCALE, 1),
+                    3 => (JCS_RGB, 3),
+                    4 => (JCS_CMYK, 4),
+                    n => {
+                        return Err(Error::Libjpeg(format!(
+                            "cannot handle {n}-layer images (only 1, 3 and 4 components)"
+                        )))
+                    }
+                };
+                cinfo.out_color_space = out;
+                ffi::jpeg_start_decompress(&mut cinfo);
+                if cinfo.output_width != width
+                    || cinfo.output_height != height
+                    || cinfo.output_components as usize != components
+                {
+                    return Err(Error::Libjpeg(format!(
+                        "libjpeg produces {}x{}x{} instead of {width}x{height}x{components}",
+                        cinfo.output_width, cinfo.output_height, cinfo.output_components
+                    )));
+                }
+                let stride = width as usize * components;
+                let mut data = vec![0u8; stride * height as usize];
+                while cinfo.output_scanline < height {
+                    let first = cinfo.output_scanline as usize;
+                    let mut rows: Vec<*mut u8> =
+                        data[first * stride..].chunks_exact_mut(stride).take(16).map(|r| r.as_mut_ptr()).collect();
+                    let got = ffi::jpeg_read_scanlines(&mut cinfo, rows.as_mut_ptr(), rows.len() as _);
+                    if got == 0 {
+                        return Err(Error::Libjpeg("libjpeg returned no scanlines".into()));
+                    }
+                }
+                Ok((width, height, components, data))
+            }
+        }));
+        // SAFETY: created above (destroying a zeroed, never-created struct is also safe: libjpeg
+        // checks `mem` for NULL); no pointer into it is used afterwards.
+        unsafe {
+            ffi::jpeg_destroy_decompress(&mut cinfo);
+        }
+        match result {
+            Ok(r) => r,
+            Err(payload) => match payload.downcast::<Fatal>() {
+                Ok(f) => Err(Error::Libjpeg(f.0)),
+                Err(other) => resume_unwind(other),
+            },
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
