@@ -33,9 +33,15 @@ fn bench_gemm(c: &mut Criterion) {
         });
     }
     // A Linear layer with bf16 weights [out, in], as the model runs them.
-    for &(m, n, k) in
-        &[(128usize, 1024usize, 1024usize), (1, 151936, 128), (1, 4096, 4096), (4, 4096, 4096), (8, 4096, 4096)]
-    {
+    for &(m, n, k) in &[
+        (128usize, 1024usize, 1024usize),
+        (1, 151936, 128),
+        (2, 151936, 128),
+        (8, 151936, 128),
+        (1, 4096, 4096),
+        (4, 4096, 4096),
+        (8, 4096, 4096),
+    ] {
         let a = data(m * k);
         let w: Vec<bf16> = data(n * k).into_iter().map(bf16::from_f32).collect();
         let mut out = vec![0f32; m * n];

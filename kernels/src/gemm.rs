@@ -261,7 +261,11 @@ fn gemv_dot(
 ) {
     let (m, k, n) = (a.rows, a.cols, b.cols);
     let arows = widen_a_rows(a, scratch);
-    let cols = cols_per_task(n, m * k, parallel, usize::MAX);
+    let mut cols = cols_per_task(n, m * k, parallel, usize::MAX);
+    if k < SHORT_K {
+        // Whole panels per task (only the last one ragged).
+        cols = cols.next_multiple_of(SHORT_PANEL).min(n);
+    }
     let cp = SyncPtr(c.as_mut_ptr());
     // A weight that does not stay in cache is streamed from DRAM: prefetch
     // the next column group in address order while a group computes.
@@ -304,18 +308,23 @@ const STREAM_BYTES: usize = 2 << 20;
 /// `a[i, p]·b[p, j]` for `p ≡ l (mod 8)`, `p < k − k mod 8`, in increasing `p`
 /// (one FMA each on the AVX2 path, a multiply then an add on the portable
 /// one), [`hsum`] adds the lanes pairwise, and the `k mod 8` tail products
-/// are added one by one. For `k < SHORT_K` (see there) it is the same with
-/// four such 8-lane accumulators over 32-element steps, then one 8-element
-/// step at a time into the first, summed `((a0 + a1) + a2) + a3` before
-/// `hsum`. Nothing in either sequence depends on `m`, on the tile or on the
-/// column split, which is what makes decode batch-invariant
-/// ([`DECODE_BATCH_INVARIANT_MAX`]).
+/// are added one by one. For `k < SHORT_K` (see there) element `(i, j)` is
+/// one chain `s = a[i, p]·b[p, j] + s` over p = 0, 1, ..., k − 1 from s = 0
+/// (an FMA each on AVX2, a multiply then an add on the portable path), the
+/// columns vectorised 8 at a time. Nothing in either sequence depends on `m`,
+/// on the tile or on the column split, which is what makes decode
+/// batch-invariant ([`DECODE_BATCH_INVARIANT_MAX`]). The short-k chain is
+/// also what the packed micro-kernels and the axpy path compute when
+/// `k ≤ KC` (one slice), so for such k a row is the same for every m (test
+/// `short_k_rows_equal_for_every_m`); from `KC` on the packed path adds its
+/// slices separately, so only m ≤ `SMALL_M` is invariant.
 const DOT_LANES: usize = 8;
 
 /// Below this k, a column is short (at most 2 KiB of bf16): columns are
-/// computed one at a time, reading B in address order, with four
-/// accumulators per element for the FMA latency; from it on, tiles of
-/// several columns do (one accumulator per element, B prefetched ahead).
+/// computed in groups of [`SHORT_PANEL`] as single FMA chains over k (no
+/// horizontal sums: with the columns transposed into vectors, each FMA
+/// does 8 columns' step p); from it on, tiles of several columns do 8-lane
+/// dot products (one accumulator per element, B prefetched ahead).
 const SHORT_K: usize = 1024;
 
 impl DotJob<'_> {
@@ -358,32 +367,14 @@ impl DotJob<'_> {
         }
     }
 
-    /// Short columns (`k < SHORT_K`), one at a time, rows in pairs (the
-    /// loop runs inside the AVX2 function: a call per short column costs).
+    /// Short columns (`k < SHORT_K`): see [`dot_short_cols_avx2`].
     fn short_cols<T: Src>(&self, w: &[T], j0: usize, j1: usize) {
         match self.isa {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: `isa` was resolved, so the CPU has AVX2, FMA and F16C;
             // see `gemv_dot` for C.
             Isa::Avx2Fma => unsafe { dot_short_cols_avx2(self, w, j0, j1) },
-            _ => {
-                for j in j0..j1 {
-                    // The column lies in `w` (checked once).
-                    let col = &w[self.off + j * self.cs..][..self.k];
-                    for i0 in (0..self.m).step_by(2) {
-                        let r = if self.m - i0 >= 2 { 2 } else { 1 };
-                        let a = &self.a[i0 * self.k..(i0 + r) * self.k];
-                        // SAFETY: see `gemv_dot` for C.
-                        unsafe {
-                            if r == 2 {
-                                dot_short::<T, 2>(self, a, col, i0, j)
-                            } else {
-                                dot_short::<T, 1>(self, a, col, i0, j)
-                            }
-                        }
-                    }
-                }
-            }
+            _ => dot_short_cols(self, w, j0, j1),
         }
     }
 
@@ -505,112 +496,319 @@ unsafe fn dot_tile_avx2<T: Src, const R: usize, const C: usize>(
     }
 }
 
-/// Columns `j0..j1` of C for short columns (`k < SHORT_K`): each column
-/// once per pair of rows, [`dot_short_avx2`].
+/// Columns of one panel of the short-k dot path: four 8-column blocks.
+const SHORT_PANEL: usize = 4 * DOT_LANES;
+
+/// Software prefetch of a group of B columns, spread over a loop of
+/// `steps` steps: the cache lines of columns `j..j + cols` in address
+/// order, a few per [`ColPrefetch::step`]. Prefetches are hints: nothing
+/// is dereferenced, so the addresses need not be valid.
+struct ColPrefetch {
+    base: *const i8,
+    col_bytes: usize,
+    col_lines: usize,
+    total: usize,
+    per_step: usize,
+    line: usize,
+}
+
+impl ColPrefetch {
+    /// Columns `j..j + cols` of `job`'s B from `base` (None: prefetch nothing).
+    fn new<T: Src>(job: &DotJob, base: *const T, j: Option<usize>, cols: usize, steps: usize) -> Self {
+        let col_bytes = job.cs * std::mem::size_of::<T>();
+        let col_lines = (job.k * std::mem::size_of::<T>()).div_ceil(64);
+        let total = if j.is_some() { cols * col_lines } else { 0 };
+        let base = base.wrapping_add(j.unwrap_or(0) * job.cs) as *const i8;
+        ColPrefetch { base, col_bytes, col_lines, total, per_step: total.div_ceil(steps.max(1)), line: 0 }
+    }
+
+    /// The next few lines.
+    ///
+    /// SAFETY: the CPU must have SSE (x86_64 always has).
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn step(&mut self) {
+        use std::arch::x86_64::*;
+        let stop = (self.line + self.per_step).min(self.total);
+        while self.line < stop {
+            let (c, l) = (self.line / self.col_lines, self.line % self.col_lines);
+            _mm_prefetch::<_MM_HINT_T0>(self.base.wrapping_add(c * self.col_bytes + 64 * l));
+            self.line += 1;
+        }
+    }
+}
+
+/// Columns `j0..j1` of C for short columns (`k < SHORT_K`), in the order of
+/// [`DOT_LANES`]: each element one FMA chain over k from zero. With m ≤ 2,
+/// groups of [`SHORT_PANEL`] columns are transposed in registers straight
+/// into four accumulators per row (four or eight chains in flight);
+/// otherwise (and for a ragged last group) a group is packed once into a
+/// `k × SHORT_PANEL` f32 panel (in L1 for the usual k) that every pair of
+/// rows then reads: per step four panel vectors and one broadcast of A per
+/// row.
 ///
 /// SAFETY: the CPU must have AVX2, FMA and F16C; see `gemv_dot` for C.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dot_short_cols_avx2<T: Src>(job: &DotJob, w: &[T], j0: usize, j1: usize) {
     let (m, k) = (job.m, job.k);
-    for j in j0..j1 {
-        // The column lies in `w` (checked once).
-        let col = &w[job.off + j * job.cs..][..k];
+    if j0 >= j1 {
+        return;
+    }
+    // Every column read below lies in `w` (checked once).
+    assert!(job.off + (j1 - 1) * job.cs + k <= w.len(), "gemm: B columns out of bounds");
+    let base = w.as_ptr().add(job.off);
+    let mut j = j0;
+    if m <= 2 {
+        while j + SHORT_PANEL <= j1 {
+            let next = (job.prefetch && j + 2 * SHORT_PANEL <= j1).then_some(j + SHORT_PANEL);
+            if m == 1 {
+                dot_short_direct_avx2::<T, 1>(job, base, 0, j, next);
+            } else {
+                dot_short_direct_avx2::<T, 2>(job, base, 0, j, next);
+            }
+            j += SHORT_PANEL;
+        }
+        if j == j1 {
+            return;
+        }
+    }
+    let mut panel = vec![0f32; k * SHORT_PANEL];
+    let pp = panel.as_mut_ptr();
+    while j < j1 {
+        let nb = SHORT_PANEL.min(j1 - j);
+        let next = (job.prefetch && j + nb < j1).then_some(j + nb);
+        pack_short_avx2::<T>(job, base, j, nb, pp, next);
         let mut i0 = 0;
         while i0 + 2 <= m {
-            dot_short_avx2::<T, 2>(job, &job.a[i0 * k..(i0 + 2) * k], col, i0, j);
+            short_panel_rows_avx2::<2>(job, pp, i0, j, nb);
             i0 += 2;
         }
         if i0 < m {
-            dot_short_avx2::<T, 1>(job, &job.a[i0 * k..(i0 + 1) * k], col, i0, j);
+            short_panel_rows_avx2::<1>(job, pp, i0, j, nb);
         }
+        j += nb;
     }
 }
 
-/// C[i0 + i, j] (+)= A[i0 + i, :] · B[:, j] for i < R and a short column
-/// (`k < SHORT_K`), in the 32-element-step order of [`DOT_LANES`]. Inlined
-/// into [`dot_short_cols_avx2`], whose target features it needs.
+/// `B[p..p+8, c]` of the eight columns `cols` as eight vectors: vector `q`
+/// holds `B[p + q, cols[0..8]]`. bf16 is transposed as pairs of words (8
+/// shuffles after 4 two-column loads) and widened by shifts and masks;
+/// other types are widened by `load8` then [`transpose8`].
 ///
-/// SAFETY: the CPU must have AVX2, FMA and F16C; `a_rows` holds `R` rows of
-/// `job.k`, `col` `job.k` elements; C covers rows `i0..i0+R`, column `j`.
+/// SAFETY: CPU with AVX2/F16C; `cols[c].add(p..p + 8)` readable.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-unsafe fn dot_short_avx2<T: Src, const R: usize>(job: &DotJob, a_rows: &[f32], col: &[T], i0: usize, j: usize) {
+unsafe fn load_cols8<T: Src>(cols: &[*const T; 8], p: usize) -> [std::arch::x86_64::__m256; 8] {
     use std::arch::x86_64::*;
-    let k = job.k;
-    debug_assert!(a_rows.len() == R * k && col.len() == k);
-    let (a, w) = (a_rows.as_ptr(), col.as_ptr());
-    let mut acc = [[_mm256_setzero_ps(); 4]; R];
-    let mut p = 0;
-    while p + 4 * DOT_LANES <= k {
-        for u in 0..4 {
-            let wv = T::load8(w.add(p + DOT_LANES * u));
-            for (i, acc_i) in acc.iter_mut().enumerate() {
-                acc_i[u] = _mm256_fmadd_ps(_mm256_loadu_ps(a.add(i * k + p + DOT_LANES * u)), wv, acc_i[u]);
-            }
+    if std::any::TypeId::of::<T>() == std::any::TypeId::of::<half::bf16>() {
+        // Lanes: columns c (low 128 bits) and c + 4 (high), 8 words each:
+        // dword d of a lane is the pair (p + 2d, p + 2d + 1) of its column.
+        let ld = |c: usize| _mm256_loadu2_m128i(cols[c + 4].add(p) as *const __m128i, cols[c].add(p) as *const __m128i);
+        let (r0, r1, r2, r3) = (ld(0), ld(1), ld(2), ld(3));
+        // A 4×4 dword transpose per lane: pair d of all 8 columns, in order.
+        let u0 = _mm256_unpacklo_epi32(r0, r1);
+        let u1 = _mm256_unpackhi_epi32(r0, r1);
+        let u2 = _mm256_unpacklo_epi32(r2, r3);
+        let u3 = _mm256_unpackhi_epi32(r2, r3);
+        let d = [
+            _mm256_unpacklo_epi64(u0, u2),
+            _mm256_unpackhi_epi64(u0, u2),
+            _mm256_unpacklo_epi64(u1, u3),
+            _mm256_unpackhi_epi64(u1, u3),
+        ];
+        // bf16 -> f32 is the word in the high half: shift the low word of a
+        // pair up, mask the high one (no shuffles).
+        let hi = _mm256_set1_epi32(0xffff_0000_u32 as i32);
+        let mut out = [_mm256_setzero_ps(); 8];
+        for (h, &dh) in d.iter().enumerate() {
+            out[2 * h] = _mm256_castsi256_ps(_mm256_slli_epi32::<16>(dh));
+            out[2 * h + 1] = _mm256_castsi256_ps(_mm256_and_si256(dh, hi));
         }
-        p += 4 * DOT_LANES;
-    }
-    while p + DOT_LANES <= k {
-        let wv = T::load8(w.add(p));
-        for (i, acc_i) in acc.iter_mut().enumerate() {
-            acc_i[0] = _mm256_fmadd_ps(_mm256_loadu_ps(a.add(i * k + p)), wv, acc_i[0]);
-        }
-        p += DOT_LANES;
-    }
-    let mut tail = [0f32; DOT_LANES];
-    let wt = T::as_f32(&col[p..], &mut tail);
-    for (i, acc_i) in acc.iter().enumerate() {
-        let v = _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(acc_i[0], acc_i[1]), acc_i[2]), acc_i[3]);
-        let mut lanes = [0f32; DOT_LANES];
-        _mm256_storeu_ps(lanes.as_mut_ptr(), v);
-        let mut s = hsum(&lanes);
-        for (q, &x) in wt.iter().enumerate() {
-            s = a_rows[i * k + p + q].mul_add(x, s);
-        }
-        store_c(job.c, (i0 + i) * job.ldc + j, s, job.accumulate);
+        out
+    } else {
+        transpose8(std::array::from_fn(|c| T::load8(cols[c].add(p))))
     }
 }
 
-/// The portable [`dot_short_avx2`] (multiply then add: no FMA).
-///
-/// SAFETY: C covers rows `i0..i0+R`, column `j` (see `gemv_dot`).
+/// One element widened to f32.
 #[inline(always)]
-unsafe fn dot_short<T: Src, const R: usize>(job: &DotJob, a: &[f32], col: &[T], i0: usize, j: usize) {
-    let k = job.k;
-    let mut acc = [[[0f32; DOT_LANES]; 4]; R];
-    let mut buf = [0f32; 4 * DOT_LANES];
+fn widen1<T: Src>(x: T) -> f32 {
+    let mut buf = [0f32; 1];
+    T::as_f32(&[x], &mut buf)[0]
+}
+
+/// Rows `i0..i0 + R` (R ≤ 2), columns `j..j + SHORT_PANEL`: four 8-column
+/// blocks transposed in registers, one accumulator per row and block
+/// (`acc = fma(a[p], B[p, cols], acc)` for p = 0, 1, ..., k − 1).
+/// Prefetches the group of columns from `next` on (if any) spread over the
+/// k loop.
+///
+/// SAFETY: as [`dot_short_cols_avx2`]; the columns lie in `w` from `base`.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn dot_short_direct_avx2<T: Src, const R: usize>(
+    job: &DotJob,
+    base: *const T,
+    i0: usize,
+    j: usize,
+    next: Option<usize>,
+) {
+    use std::arch::x86_64::*;
+    const BLOCKS: usize = SHORT_PANEL / DOT_LANES;
+    let (k, cs) = (job.k, job.cs);
+    let a = job.a.as_ptr().add(i0 * k);
+    let cols: [[*const T; 8]; BLOCKS] =
+        std::array::from_fn(|b| std::array::from_fn(|c| base.add((j + 8 * b + c) * cs)));
+    let mut acc = [[_mm256_setzero_ps(); BLOCKS]; R];
+    let full = k - k % DOT_LANES;
+    let mut pf = ColPrefetch::new(job, base, next, SHORT_PANEL, full / DOT_LANES);
     let mut p = 0;
-    while p + 4 * DOT_LANES <= k {
-        let wv = T::as_f32(&col[p..p + 4 * DOT_LANES], &mut buf);
-        for (i, acc_i) in acc.iter_mut().enumerate() {
-            for (u, acc_u) in acc_i.iter_mut().enumerate() {
-                for (l, x) in acc_u.iter_mut().enumerate() {
-                    let q = DOT_LANES * u + l;
-                    *x = fmadd::<false>(a[i * k + p + q], wv[q], *x);
+    while p < full {
+        pf.step();
+        for (b, cols_b) in cols.iter().enumerate() {
+            let v = load_cols8::<T>(cols_b, p);
+            for (q, &vq) in v.iter().enumerate() {
+                for (i, acc_i) in acc.iter_mut().enumerate() {
+                    acc_i[b] = _mm256_fmadd_ps(_mm256_broadcast_ss(&*a.add(i * k + p + q)), vq, acc_i[b]);
                 }
             }
         }
-        p += 4 * DOT_LANES;
-    }
-    while p + DOT_LANES <= k {
-        let wv = T::as_f32(&col[p..p + DOT_LANES], &mut buf);
-        for (i, acc_i) in acc.iter_mut().enumerate() {
-            for l in 0..DOT_LANES {
-                acc_i[0][l] = fmadd::<false>(a[i * k + p + l], wv[l], acc_i[0][l]);
-            }
-        }
         p += DOT_LANES;
     }
-    let wt = T::as_f32(&col[p..], &mut buf);
-    for (i, acc_i) in acc.iter().enumerate() {
-        let lanes: [f32; DOT_LANES] =
-            std::array::from_fn(|l| ((acc_i[0][l] + acc_i[1][l]) + acc_i[2][l]) + acc_i[3][l]);
-        let mut s = hsum(&lanes);
-        for (q, &x) in wt.iter().enumerate() {
-            s = fmadd::<false>(a[i * k + p + q], x, s);
+    while p < k {
+        for (b, cols_b) in cols.iter().enumerate() {
+            let v: [f32; 8] = std::array::from_fn(|c| widen1(*cols_b[c].add(p)));
+            let v = _mm256_loadu_ps(v.as_ptr());
+            for (i, acc_i) in acc.iter_mut().enumerate() {
+                acc_i[b] = _mm256_fmadd_ps(_mm256_broadcast_ss(&*a.add(i * k + p)), v, acc_i[b]);
+            }
         }
-        store_c(job.c, (i0 + i) * job.ldc + j, s, job.accumulate);
+        p += 1;
+    }
+    for (i, acc_i) in acc.iter().enumerate() {
+        let mut lanes = [0f32; SHORT_PANEL];
+        for (b, &x) in acc_i.iter().enumerate() {
+            _mm256_storeu_ps(lanes.as_mut_ptr().add(8 * b), x);
+        }
+        for (c, &v) in lanes.iter().enumerate() {
+            store_c(job.c, (i0 + i) * job.ldc + j + c, v, job.accumulate);
+        }
+    }
+}
+
+/// Pack columns `j..j + nb` (`nb ≤ SHORT_PANEL`) into `panel`: row p holds
+/// `B[p, j..j + SHORT_PANEL]` widened, zero past `nb`. Prefetches the
+/// group of columns from `next` on (if any).
+///
+/// SAFETY: as [`dot_short_direct_avx2`]; `panel` holds `k * SHORT_PANEL` floats.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn pack_short_avx2<T: Src>(
+    job: &DotJob,
+    base: *const T,
+    j: usize,
+    nb: usize,
+    panel: *mut f32,
+    next: Option<usize>,
+) {
+    use std::arch::x86_64::*;
+    let (k, cs) = (job.k, job.cs);
+    let full = k - k % DOT_LANES;
+    let mut pf = ColPrefetch::new(job, base, next, SHORT_PANEL, SHORT_PANEL / DOT_LANES * (full / DOT_LANES));
+    for c0 in (0..SHORT_PANEL).step_by(DOT_LANES) {
+        if c0 + DOT_LANES <= nb {
+            let cols: [*const T; 8] = std::array::from_fn(|c| base.add((j + c0 + c) * cs));
+            let mut p = 0;
+            while p < full {
+                pf.step();
+                for (q, &v) in load_cols8::<T>(&cols, p).iter().enumerate() {
+                    _mm256_storeu_ps(panel.add((p + q) * SHORT_PANEL + c0), v);
+                }
+                p += DOT_LANES;
+            }
+            for p in full..k {
+                for (c, &col) in cols.iter().enumerate() {
+                    *panel.add(p * SHORT_PANEL + c0 + c) = widen1(*col.add(p));
+                }
+            }
+        } else {
+            for c in c0..c0 + DOT_LANES {
+                for p in 0..k {
+                    *panel.add(p * SHORT_PANEL + c) = if c < nb { widen1(*base.add((j + c) * cs + p)) } else { 0.0 };
+                }
+            }
+        }
+    }
+}
+
+/// Rows `i0..i0 + R` of C, columns `j..j + nb`, from a packed panel: `R × 4`
+/// accumulators, each one FMA chain over p = 0, 1, ..., k − 1 from zero.
+///
+/// SAFETY: as [`pack_short_avx2`], the panel packed; C covers the block.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn short_panel_rows_avx2<const R: usize>(job: &DotJob, panel: *const f32, i0: usize, j: usize, nb: usize) {
+    use std::arch::x86_64::*;
+    const BLOCKS: usize = SHORT_PANEL / DOT_LANES;
+    let k = job.k;
+    let a = job.a.as_ptr().add(i0 * k);
+    let mut acc = [[_mm256_setzero_ps(); BLOCKS]; R];
+    for p in 0..k {
+        let bv: [__m256; BLOCKS] = std::array::from_fn(|b| _mm256_loadu_ps(panel.add(p * SHORT_PANEL + 8 * b)));
+        for (i, acc_i) in acc.iter_mut().enumerate() {
+            let av = _mm256_broadcast_ss(&*a.add(i * k + p));
+            for (x, &v) in acc_i.iter_mut().zip(&bv) {
+                *x = _mm256_fmadd_ps(av, v, *x);
+            }
+        }
+    }
+    for (i, acc_i) in acc.iter().enumerate() {
+        let mut lanes = [0f32; SHORT_PANEL];
+        for (b, &x) in acc_i.iter().enumerate() {
+            _mm256_storeu_ps(lanes.as_mut_ptr().add(8 * b), x);
+        }
+        for (c, &v) in lanes[..nb].iter().enumerate() {
+            store_c(job.c, (i0 + i) * job.ldc + j + c, v, job.accumulate);
+        }
+    }
+}
+
+/// The portable [`dot_short_cols_avx2`]: the same panels, each element one
+/// chain `acc = a[p]·b[p] + acc` (multiply then add: no FMA) over p from zero.
+fn dot_short_cols<T: Src>(job: &DotJob, w: &[T], j0: usize, j1: usize) {
+    let (m, k) = (job.m, job.k);
+    let mut panel = vec![0f32; k * SHORT_PANEL];
+    let mut buf = vec![0f32; k];
+    let mut j = j0;
+    while j < j1 {
+        let nb = SHORT_PANEL.min(j1 - j);
+        for c in 0..SHORT_PANEL {
+            if c < nb {
+                let col = T::as_f32(&w[job.off + (j + c) * job.cs..][..k], &mut buf);
+                for (p, &x) in col.iter().enumerate() {
+                    panel[p * SHORT_PANEL + c] = x;
+                }
+            } else {
+                for p in 0..k {
+                    panel[p * SHORT_PANEL + c] = 0.0;
+                }
+            }
+        }
+        for i in 0..m {
+            let a = &job.a[i * k..(i + 1) * k];
+            let mut acc = [0f32; SHORT_PANEL];
+            for (&av, bv) in a.iter().zip(panel.chunks_exact(SHORT_PANEL)) {
+                for (x, &b) in acc.iter_mut().zip(bv) {
+                    *x = fmadd::<false>(av, b, *x);
+                }
+            }
+            for (c, &v) in acc[..nb].iter().enumerate() {
+                // SAFETY: see `gemv_dot`.
+                unsafe { store_c(job.c, i * job.ldc + j + c, v, job.accumulate) };
+            }
+        }
+        j += nb;
     }
 }
 
@@ -1313,13 +1511,32 @@ mod tests {
         }
     }
 
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(48))]
+
+        /// For `k ≤ KC` the short-k dot path (and the axpy path), the packed
+        /// path's micro-kernels in their single k slice all compute one chain
+        /// `s = a·b + s` over p from zero (see `DOT_LANES`), so a row of a
+        /// product with more than `SMALL_M` rows (packed path) equals that
+        /// row alone (dot or axpy path) bit for bit. Longer k are not:
+        /// the packed path adds its `KC` slices separately.
+        #[test]
+        fn short_k_rows_equal_for_every_m(
+            m in (SMALL_M + 1)..=20, n in 1usize..=120, k in 1usize..=KC,
+            lb in 0u8..2, db in 0usize..3, pad in 0usize..3, acc: bool, seed: u64, isa in 0usize..2,
+        ) {
+            check_batch_invariant(ISAS[isa], (m, n, k), lb, FLOAT_DTYPES[db], pad, acc, seed)?;
+        }
+    }
+
     /// Decode-sized shapes (k a multiple of 8 and not, n past the parallel
     /// split), every m up to the invariant maximum, on each path.
     #[test]
     fn decode_shapes_are_batch_invariant() {
         for isa in ISAS {
             for m in 1..=DECODE_BATCH_INVARIANT_MAX {
-                for &(n, k) in &[(1000, 256), (777, 515), (300, 1030), (1100, 1029)] {
+                // (8200, 128) streams B (the prefetching m = 1 short-k groups).
+                for &(n, k) in &[(1000, 256), (777, 515), (300, 1030), (1100, 1029), (8200, 128), (101, 7)] {
                     for db in [DType::F32, DType::BF16] {
                         check_batch_invariant(isa, (m, n, k), 0, db, 0, false, (m * n) as u64).unwrap();
                     }
