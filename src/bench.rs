@@ -27,7 +27,7 @@ use qvc_ir::passes::{run_pipeline, Canonicalize, ConstFold, Cse, Dce, FoldedPara
 use qvc_ir::{DType, Elems, Graph, InputRef, Shape, WeightSource};
 use qvc_model::config::Config;
 use qvc_model::graphs::{
-    decoder_graph, logn_scales, rope_tables, vision_graph, DecoderShape, VisionOptions, VitAttention,
+    decoder_graph, image_inputs, logn_scales, rope_tables, vision_graph, DecoderShape, VisionOptions, VitAttention,
 };
 use qvc_model::posembed::resize_pos_embed;
 use qvc_model::Model;
@@ -603,10 +603,10 @@ impl<'a> Runner<'a> {
                         p.kind == kind
                             && p.tokens >= tokens
                             && p.past >= past
-                            && p.image_rows == image_rows
+                            && p.image_rows >= image_rows
                             && p.batch == batch
                     })
-                    .min_by_key(|p| (p.tokens, p.past))
+                    .min_by_key(|p| (p.tokens, p.past, p.image_rows))
                     .with_context(|| {
                         format!(
                             "the artifact has no {kind} program for {tokens} tokens after {past} with {image_rows} image rows \
@@ -653,9 +653,11 @@ impl<'a> Runner<'a> {
             ("past_len".to_string(), InputRef::F32(&past_len)),
             ("kv_slot".to_string(), InputRef::I32(&slot)),
         ]);
-        if !rows.is_empty() {
-            inputs.insert("image_features".into(), InputRef::F32(feats));
-            inputs.insert("image_rows".into(), InputRef::I32(rows));
+        // A compiled prefill holds more feature rows than the prompt: the rest are NO_ROW.
+        let image = image_inputs(&self.graphs[&key], self.cfg.hidden_size, feats, rows)?;
+        if let Some(im) = &image {
+            inputs.insert("image_features".into(), InputRef::F32(&im.features));
+            inputs.insert("image_rows".into(), InputRef::I32(&im.rows));
         }
         let out = self.run(&key, &inputs)?;
         check_logits(&out)?;

@@ -2,15 +2,15 @@
 //! memory plans → kernel launches → the artifact directory
 //! ([`qvc_runtime::artifact`] describes its format).
 //!
-//! Programs, one graph each: `vision`; `prefill.{T}.img{n}` for the prompt
-//! buckets `T` (powers of two from 16, plus `max_seq` itself, up to
-//! `max_seq`) and `n` images (0..=`max_images`, only where `n` image spans fit
-//! in `T` tokens); `decode.{P}` for the same buckets of cached tokens. Each
+//! Programs, one graph each: `vision`; `prefill.{T}` for the prompt buckets
+//! `T` ([`prefill_buckets`]), each taking as many pictures as `T` tokens can
+//! hold (image features are scattered into their token rows from a run-time
+//! index; the unused rows of a `[max_image_rows(T), H]` input are
+//! `qvc_ir::NO_ROW`), so every prompt that fits `max_seq` runs;
+//! `decode.{P}` (and `decode.b{N}.{P}`) for the cache buckets `P`. Each
 //! runs `Canonicalize → ConstFold(with weights) → Fuse → Cse → Dce`, is
-//! verified, and gets a memory plan. Running a prompt in a larger bucket
-//! needs padding and masking, which the executor (the next step) does; the
-//! buckets are recorded, not yet used, and the graphs are single-sequence
-//! (`max_batch` only sizes the KV cache and the decode kernels).
+//! verified, and gets a memory plan. A session runs a step in the smallest
+//! bucket that holds it, padded (`qvc_model::engine`).
 //!
 //! Invariants: nothing is written when any step fails, and an existing output
 //! is replaced only with `force` and only if it is an artifact (or empty):
@@ -31,7 +31,7 @@ use qvc_ir::plan::{kv_cache_bytes, plan_memory, PlanOptions};
 use qvc_ir::{DType, Elems, Graph, IrError, Op, Shape, WeightSource};
 use qvc_kernels::KernelSpec;
 use qvc_model::config::Config;
-use qvc_model::graphs::{decoder_graph, vision_graph, DecoderShape, VisionOptions, VitAttention};
+use qvc_model::graphs::{decoder_graph, max_image_rows, vision_graph, DecoderShape, VisionOptions, VitAttention};
 use qvc_model::{LoadOptions, Model, ModelError};
 use qvc_runtime::artifact::ArtifactError;
 use qvc_runtime::artifact::{
@@ -95,7 +95,6 @@ pub struct CompileOptions {
     pub vit_attention: String,
     pub max_seq: usize,
     pub max_batch: usize,
-    pub max_images: usize,
     /// Replace an existing output artifact.
     pub force: bool,
     /// Run the pipeline and report, write nothing.
@@ -111,7 +110,6 @@ impl Default for CompileOptions {
             vit_attention: "global".into(),
             max_seq: 2048,
             max_batch: 1,
-            max_images: 1,
             force: false,
             dry_run: false,
         }
@@ -286,15 +284,12 @@ pub fn prefill_buckets(max_seq: usize) -> Vec<usize> {
 }
 
 fn program_specs(cfg: &Config, opt: &CompileOptions) -> Vec<ProgramSpec> {
-    let q = cfg.visual.queries();
     let mut v =
         vec![ProgramSpec { name: "vision".into(), kind: "vision", tokens: 0, past: 0, image_rows: 0, batch: 1 }];
     for t in prefill_buckets(opt.max_seq) {
-        // An image span is <img> + 256 feature rows + </img>.
-        for n in (0..=opt.max_images).filter(|n| n * (q + 2) <= t) {
-            let name = format!("prefill.{t}.img{n}");
-            v.push(ProgramSpec { name, kind: "prefill", tokens: t, past: 0, image_rows: n * q, batch: 1 });
-        }
+        // As many feature rows as whole image spans (<img> + rows + </img>) fit.
+        let image_rows = max_image_rows(cfg, t);
+        v.push(ProgramSpec { name: format!("prefill.{t}"), kind: "prefill", tokens: t, past: 0, image_rows, batch: 1 });
     }
     // Decode: one program per cache bucket, and per batch size up to
     // --max-batch (sequences are prefilled one at a time, then decoded together).
@@ -402,9 +397,6 @@ fn check_options(opt: &CompileOptions) -> Result<VitAttention, CompileError> {
             value: opt.max_batch,
             why: "must be in 1..=8 (the decode kernels' batch)".into(),
         });
-    }
-    if opt.max_images > 16 {
-        return Err(CompileError::Option { flag: "max-images", value: opt.max_images, why: "at most 16".into() });
     }
     Ok(attention)
 }
@@ -743,7 +735,6 @@ pub fn compile(
                 vit_attention: opt.vit_attention.trim().into(),
                 max_seq: opt.max_seq,
                 max_batch: opt.max_batch,
-                max_images: opt.max_images,
             },
             kv_cache_bytes: kv_bytes,
             kernels: kernels.keys().cloned().collect(),
@@ -893,15 +884,24 @@ mod tests {
     }
 
     #[test]
-    fn image_programs_only_where_the_spans_fit() {
+    fn one_prefill_program_per_bucket_holds_every_picture_that_fits() {
         let cfg = qwen_vl_chat_config();
-        let opt = CompileOptions { max_seq: 600, max_images: 2, ..Default::default() };
-        let names: Vec<String> = program_specs(&cfg, &opt).into_iter().map(|p| p.name).collect();
-        // One image span is 258 tokens, two are 516.
-        assert!(names.contains(&"prefill.384.img1".to_string()) && !names.contains(&"prefill.256.img1".to_string()));
-        assert!(names.contains(&"prefill.600.img2".to_string()) && !names.contains(&"prefill.512.img2".to_string()));
+        let opt = CompileOptions { max_seq: 600, ..Default::default() };
+        let specs = program_specs(&cfg, &opt);
+        let prefill: Vec<(String, usize)> =
+            specs.iter().filter(|p| p.kind == "prefill").map(|p| (p.name.clone(), p.image_rows)).collect();
+        // One image span is 258 tokens, two are 516: 256 rows from 258 tokens, 512 from 516.
+        let want: Vec<(String, usize)> =
+            [(16, 0), (32, 0), (64, 0), (128, 0), (256, 0), (384, 256), (512, 256), (600, 512)]
+                .into_iter()
+                .map(|(t, r)| (format!("prefill.{t}"), r))
+                .collect();
+        assert_eq!(prefill, want);
+        let names: Vec<&str> = specs.iter().map(|p| p.name.as_str()).collect();
         assert_eq!(names.iter().filter(|n| n.starts_with("decode.")).count(), buckets(600).len());
         assert_eq!(names[0], "vision");
+        // The default artifact: 2048 tokens hold 7 pictures.
+        assert_eq!(max_image_rows(&cfg, 2048), 7 * 256);
     }
 
     #[test]

@@ -76,7 +76,7 @@ fn cpu_artifact_has_the_promised_format_and_matches_the_uncompiled_model() {
     assert_eq!(m.options.vit_attention, "global");
     assert_eq!(m.source.config_fnv64, Fnv64::of(&std::fs::read(fx.join("config.json")).unwrap()));
     let names: Vec<&str> = m.programs.keys().map(String::as_str).collect();
-    assert_eq!(names, ["decode.16", "decode.32", "prefill.16.img0", "prefill.32.img0", "vision"]);
+    assert_eq!(names, ["decode.16", "decode.32", "prefill.16", "prefill.32", "vision"]);
     assert!(m.kernels.is_empty() && m.programs.values().all(|p| p.launches.is_empty()));
     for f in ["config.json", "generation_config.json", "qwen.tiktoken"] {
         assert!(m.files.iter().any(|r| r.name == f), "{f} not listed");
@@ -147,7 +147,7 @@ fn cpu_artifact_has_the_promised_format_and_matches_the_uncompiled_model() {
         ("logn".to_string(), InputRef::F32(&logn)),
         ("last_index".to_string(), InputRef::I32(&last)),
     ]);
-    let compiled = Cpu.run(art.graph("prefill.16.img0").unwrap(), &art.weights, &inputs).unwrap();
+    let compiled = Cpu.run(art.graph("prefill.16").unwrap(), &art.weights, &inputs).unwrap();
     let g = decoder_graph(cfg, &model.weights, &DecoderShape { tokens: t, ..Default::default() }).unwrap();
     let plain = Cpu.run(&g, &model.weights, &inputs).unwrap();
     for k in ["logits", "k.0", "v.1"] {
@@ -316,7 +316,7 @@ fn cli_compile_inspect_and_refusals() {
     let o = out.to_str().unwrap();
     let (ok, stdout, err) = qvc(&["compile", fx, "-o", o, "--max-seq", "16"]);
     assert!(ok, "{err}");
-    assert!(stdout.contains("vision") && stdout.contains("prefill.16.img0") && stdout.contains("peak MiB"), "{stdout}");
+    assert!(stdout.contains("vision") && stdout.contains("prefill.16") && stdout.contains("peak MiB"), "{stdout}");
     let (ok, stdout, err) = qvc(&["inspect", o, "--verify"]);
     assert!(ok, "{err}");
     assert!(stdout.contains("verified") && stdout.contains("program decode.16") && stdout.contains("memory: peak"));
@@ -351,12 +351,15 @@ fn cli_compile_inspect_and_refusals() {
     let (ok, stdout, err) = qvc(&["compile", fx, "-o", f, "--dry-run", "--max-seq", "16"]);
     assert!(ok && stdout.contains("dry run: nothing written"), "{err}");
     assert!(!fresh.exists());
+    // --max-images is accepted for old scripts, and says it does nothing.
+    let (ok, _, err) = qvc(&["compile", fx, "-o", f, "--dry-run", "--max-seq", "16", "--max-images", "3"]);
+    assert!(ok && err.contains("--max-images 3 is deprecated and ignored"), "{err}");
     assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 2, "no partial directories left behind");
 
     // The full-size model, planned without a checkpoint.
     let (ok, stdout, err) = qvc(&["compile", "--synthetic", "qwen-vl-chat", "--dry-run", "--target", "sm_90"]);
     assert!(ok, "{err}");
-    assert!(stdout.contains("prefill.2048.img1") && stdout.contains("dry run: nothing written"), "{stdout}");
+    assert!(stdout.contains("prefill.2048") && stdout.contains("dry run: nothing written"), "{stdout}");
     let (ok, _, err) = qvc(&["compile", "--synthetic", "qwen-vl-chat", "-o", f]);
     assert!(!ok && err.contains("--dry-run"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);

@@ -39,7 +39,7 @@ fn an_artifact_serves_concurrent_requests() {
     let e = Expected::load(&dir);
     let out = std::env::temp_dir().join(format!("qvc-engine-artifact-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&out);
-    let opt = CompileOptions { max_seq: 512, max_batch: 2, force: true, ..Default::default() };
+    let opt = CompileOptions { max_seq: 640, max_batch: 2, force: true, ..Default::default() };
     compile(&SourceSpec::Checkpoint(dir.clone()), Some(&out), &opt, &indicatif::ProgressBar::hidden()).unwrap();
     let m = Model::load(&out, &LoadOptions::default()).unwrap();
     let o = out.clone();
@@ -50,8 +50,9 @@ fn an_artifact_serves_concurrent_requests() {
     while engine.state() == qvc_serve::EngineState::Loading {
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
-    assert_eq!(engine.context_len(), Some(512));
-    let cases = ["img1", "text", "ground", "text"];
+    assert_eq!(engine.context_len(), Some(640));
+    // img2 has two pictures (553 tokens, the 640 bucket holds 512 feature rows).
+    let cases = ["img1", "text", "ground", "text", "img2"];
     let mut want = vec![];
     let mut rxs = vec![];
     for case in cases {

@@ -427,3 +427,50 @@ fn chunked_prefill_and_prefix_reuse_on_the_emulated_gpu() {
     eprintln!("emu: {st:?}");
     assert_eq!(st.host_nodes, 0, "every node of the chunked decoder runs as a kernel");
 }
+
+/// Pictures on the GPU path from one prefill program per bucket: an sm_80
+/// artifact whose 640-token bucket holds two pictures runs the fixture's
+/// two-picture prompt against the reference, and a one-picture prompt padded
+/// into the same bucket (its other 256 feature rows `NO_ROW`) against the
+/// CPU backend on the same artifact.
+#[test]
+fn several_pictures_on_the_emulated_gpu_match_the_reference() {
+    let Some(dir) = fixtures() else { return };
+    let out = std::env::temp_dir().join(format!("qvc-gpu-emu-pictures-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out);
+    let opt = CompileOptions {
+        target: Target::Gpu(qvc_codegen::Target::Sm80),
+        max_seq: 640,
+        force: true,
+        ..Default::default()
+    };
+    compile(&SourceSpec::Checkpoint(dir.clone()), Some(&out), &opt, &indicatif::ProgressBar::hidden()).unwrap();
+    let m = Model::load(&out, &LoadOptions::default()).unwrap();
+    let e = Expected::load(&dir);
+    let ids = e.ids(&e.json["chat"]["img2"]["input_ids"]);
+    let gpu = emu(&m);
+    let mut s = Session::new(&m, &gpu);
+    s.set_image_dir(&dir);
+    let g0 = s.prefill(&ids, &PrefillOptions::default()).unwrap().logits;
+    let r = rel_err(&g0, &e.f32("chat/img2/last_logits"));
+    eprintln!("img2 (2 pictures, {} tokens): emu vs reference rel err {r:.2e}", ids.len());
+    assert!(r < TOL, "two pictures on the emulated GPU: logits differ from the reference by {r:e}");
+
+    // One picture (photo.jpg, already encoded by this session) in the 640 bucket.
+    let (mut question, mut one) = (String::new(), vec![]);
+    while one.len() <= 2 * 258 {
+        question.push_str("Describe every detail of this picture. ");
+        let q = qvc_model::chat::format_query(&["photo.jpg".to_string()], &question);
+        one = qvc_model::chat::make_context(&m.tokenizer, qvc_model::chat::DEFAULT_SYSTEM, &[], &q, 6144).unwrap();
+    }
+    assert!(one.len() <= 640, "{} tokens", one.len());
+    let g1 = s.prefill(&one, &PrefillOptions::default()).unwrap().logits;
+    let mut c = Session::new(&m, &Cpu);
+    c.set_image_dir(&dir);
+    let c1 = c.prefill(&one, &PrefillOptions::default()).unwrap().logits;
+    let r = rel_err(&g1, &c1);
+    eprintln!("1 picture in the 2-picture bucket ({} tokens): emu vs cpu rel err {r:.2e}", one.len());
+    assert!(r < TOL, "one picture padded into a two-picture program: emu vs CPU logits differ by {r:e}");
+    assert_eq!(gpu.stats().host_nodes, 0);
+    let _ = std::fs::remove_dir_all(&out);
+}

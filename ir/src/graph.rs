@@ -89,6 +89,9 @@ pub enum Act {
     SiluMul,
 }
 
+/// The index in [`Op::ScatterRows`]'s `rows` that writes nothing.
+pub const NO_ROW: i32 = -1;
+
 /// An operation. Leaves first, then primitives, then composites (which
 /// [`crate::expand`] rewrites into primitives).
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -126,7 +129,13 @@ pub enum Op {
     },
     /// `table[V, H]`, `ids[T]` (i32) → `[T, H]`.
     Gather,
-    /// `dst[T, H]`, `src[R, H]`, `rows[R]` (i32) → `dst` with row `rows[i]` replaced by `src[i]`.
+    /// `dst[T, H]`, `src[R, H]`, `rows[R]` (i32) → `dst` with row `rows[i]`
+    /// replaced by `src[i]`. `rows[i] ==` [`NO_ROW`] (-1) writes nothing:
+    /// that is how a program compiled for R rows runs with fewer (the unused
+    /// tail of `rows` is `NO_ROW`, its `src` rows are ignored). Any other
+    /// index outside `0..T` is an error where the backend can report one
+    /// (the interpreter, the CPU backend); a GPU kernel skips it. With a
+    /// repeated index one of the duplicates wins, unspecified which.
     ScatterRows,
     /// The index along `axis` of every element of `shape`, as f32.
     Iota {

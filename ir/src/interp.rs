@@ -333,6 +333,9 @@ fn eval(
             let (s, rows) = (arg(1).as_f32(), arg(2).as_i32());
             let (t, h) = (out.dim(0), out.dim(1));
             for (i, &r) in rows.iter().enumerate() {
+                if r == crate::NO_ROW {
+                    continue;
+                }
                 if r < 0 || r as usize >= t {
                     return Err(ExecError::IndexOutOfRange { op: "scatter_rows".into(), index: r as i64, len: t });
                 }

@@ -22,7 +22,7 @@ pub mod tensor;
 
 pub use expand::{expand, expand_all};
 pub use graph::{
-    broadcast_shapes, Act, BinaryOp, Graph, IrError, Mask, Node, NodeId, Op, ReduceOp, TensorType, UnaryOp,
+    broadcast_shapes, Act, BinaryOp, Graph, IrError, Mask, Node, NodeId, Op, ReduceOp, TensorType, UnaryOp, NO_ROW,
 };
 pub use interp::{run_reference, run_reference_output, ExecError, InputRef, Value, WeightSource};
 pub use tensor::{DType, Elems, Shape};

@@ -139,6 +139,36 @@ fn reference_reports_missing_inputs_and_bad_ids() {
     assert!(err.to_string().contains("out of range"), "{err}");
 }
 
+/// `ScatterRows`: `NO_ROW` (-1) entries write nothing (a program compiled
+/// for more rows than a prompt has), real rows land where they say, and any
+/// other index outside the destination is an error.
+#[test]
+fn scatter_rows_skips_no_row_and_refuses_other_bad_indices() {
+    let mut g = Graph::new();
+    let d = g.input("dst", DType::F32, vec![4, 2]);
+    let s = g.input("src", DType::F32, vec![3, 2]);
+    let r = g.input("rows", DType::I32, vec![3]);
+    let y = g.scatter_rows(d, s, r).unwrap();
+    g.set_output("y", y);
+    let w: HashMap<String, Vec<f32>> = HashMap::new();
+    let dst = [0.0f32, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0];
+    let src = [10.0f32, 11.0, 12.0, 13.0, 14.0, 15.0];
+    let run = |rows: &[i32]| {
+        let inputs = HashMap::from([
+            ("dst".to_string(), InputRef::F32(&dst)),
+            ("src".to_string(), InputRef::F32(&src)),
+            ("rows".to_string(), InputRef::I32(rows)),
+        ]);
+        run_reference_output(&g, &w, &inputs, "y")
+    };
+    assert_eq!(run(&[2, qvc_ir::NO_ROW, 0]).unwrap(), [14.0, 15.0, 2.0, 3.0, 10.0, 11.0, 6.0, 7.0]);
+    assert_eq!(run(&[qvc_ir::NO_ROW; 3]).unwrap(), dst);
+    for bad in [[1, 4, qvc_ir::NO_ROW], [-2, 0, 1]] {
+        let err = run(&bad).unwrap_err();
+        assert!(err.to_string().contains("out of range"), "{bad:?}: {err}");
+    }
+}
+
 #[test]
 fn erf_is_accurate() {
     for (x, want) in [

@@ -439,6 +439,32 @@ proptest! {
         let spec = ScatterRowsSpec { rows, cols, dst_rows };
         check_scatter(&spec, &idx, seed)?;
     }
+
+    /// A program compiled for `rows` feature rows run with only `real` of
+    /// them: the tail of the index is `NO_ROW` (-1) and leaves the
+    /// destination alone, exactly as the interpreter does.
+    #[test]
+    fn scatter_rows_skips_a_no_row_tail(rows in 1usize..=10, cols in 1usize..=40, dst_rows in 1usize..=12, seed: u64) {
+        let mut rng = Rng::new(seed ^ 0x7e);
+        let real = rng.below(rows.min(dst_rows) + 1);
+        let mut perm: Vec<usize> = (0..dst_rows).collect();
+        rng.shuffle(&mut perm);
+        let idx: Vec<i32> = (0..rows).map(|i| if i < real { perm[i] as i32 } else { qvc_ir::NO_ROW }).collect();
+        let spec = ScatterRowsSpec { rows, cols, dst_rows };
+        let (before, after) = check_scatter(&spec, &idx, seed)?;
+        let mut g = Graph::new();
+        let di = g.input("dst", DType::F32, vec![dst_rows, cols]);
+        let si = g.input("src", DType::F32, vec![rows, cols]);
+        let ri = g.input("rows", DType::I32, vec![rows]);
+        let y = g.scatter_rows(di, si, ri).unwrap();
+        g.set_output("y", y);
+        let src = Rng::new(seed ^ 0x5c).vec(rows * cols, 2.0);
+        let want = interp(&g, &[("dst", &before), ("src", &src)], &[("rows", &idx)]);
+        check_exact("scatter_rows vs interpreter", &after, &want)?;
+        for r in (0..dst_rows).filter(|r| !perm[..real].contains(r)) {
+            prop_assert_eq!(&after[r * cols..(r + 1) * cols], &before[r * cols..(r + 1) * cols], "row {} untouched", r);
+        }
+    }
 }
 
 fn check_scatter(spec: &ScatterRowsSpec, idx: &[i32], seed: u64) -> Result<(Vec<f32>, Vec<f32>), TestCaseError> {

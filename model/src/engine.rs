@@ -14,7 +14,8 @@
 
 use crate::config::{Config, ConfigError, GenerationConfig};
 use crate::graphs::{
-    decoder_graph, logn_scales, rope_tables, vision_graph, DecoderShape, VisionOptions, VitAttention, VitAttentionError,
+    decoder_graph, image_inputs, logn_scales, rope_tables, vision_graph, DecoderShape, VisionOptions, VitAttention,
+    VitAttentionError,
 };
 use crate::image::{preprocess, ImageError};
 use crate::posembed::resize_pos_embed;
@@ -328,7 +329,8 @@ impl Model {
 
     /// The compiled program of `kind` ("prefill" or "decode") with the
     /// smallest bucket that holds `tokens` new tokens, `past` cached ones and
-    /// `image_rows` feature rows.
+    /// `image_rows` feature rows (a prefill bucket of T tokens holds as many
+    /// as T tokens can: [`crate::graphs::max_image_rows`]).
     fn bucket(&self, kind: &str, tokens: usize, past: usize, image_rows: usize) -> Result<&Program, ModelError> {
         self.bucket_batch(kind, tokens, past, image_rows, 1)
     }
@@ -345,18 +347,16 @@ impl Model {
         m.programs
             .values()
             .filter(|p| {
-                p.kind == kind && p.tokens >= tokens && p.past >= past && p.image_rows == image_rows && p.batch == batch
+                p.kind == kind && p.tokens >= tokens && p.past >= past && p.image_rows >= image_rows && p.batch == batch
             })
-            .min_by_key(|p| (p.tokens, p.past))
+            .min_by_key(|p| (p.tokens, p.past, p.image_rows))
             .ok_or_else(|| {
-                let images = image_rows / self.config.visual.queries().max(1);
                 ModelError::Compiled(format!(
-                    "{} has no {kind} program for {tokens} new tokens after {past} cached ones with {images} image(s) \
-                     and {batch} sequence(s) (compiled with --max-seq {}, up to {} image(s), --max-batch {}); \
+                    "{} has no {kind} program for {tokens} new tokens after {past} cached ones with {image_rows} \
+                     image feature rows and {batch} sequence(s) (compiled with --max-seq {}, --max-batch {}); \
                      compile again with larger limits",
                     self.dir.display(),
                     m.options.max_seq,
-                    m.options.max_images,
                     m.options.max_batch
                 ))
             })
@@ -850,9 +850,12 @@ impl<'m> Session<'m> {
             ("last_index".to_string(), InputRef::I32(&last)),
             ("past_len".to_string(), InputRef::F32(&past_len)),
         ]);
-        if !rows.is_empty() {
-            inputs.insert("image_features".into(), InputRef::F32(feats));
-            inputs.insert("image_rows".into(), InputRef::I32(rows));
+        // A bucketed program holds more feature rows than the step has: the
+        // rest are NO_ROW (written nowhere).
+        let image = image_inputs(graph, cfg.hidden_size, feats, rows)?;
+        if let Some(im) = &image {
+            inputs.insert("image_features".into(), InputRef::F32(&im.features));
+            inputs.insert("image_rows".into(), InputRef::I32(&im.rows));
         }
         if let Some(d) = sample {
             inputs.insert("sample.temperature".into(), InputRef::F32(&d.temperature));

@@ -240,6 +240,10 @@ pub struct DecoderShape {
     /// Tokens already in the KV cache.
     pub past: usize,
     /// Rows of image features to write over the embeddings (256 per image).
+    /// In a [`DecoderShape::bucketed`] prefill this is a capacity, usually
+    /// [`max_image_rows`] of `tokens`: the prompt's real rows come first and
+    /// the rest of `image_rows` is `qvc_ir::NO_ROW`, which writes nothing
+    /// (see [`image_inputs`]), so one program serves any number of pictures.
     pub image_rows: usize,
     /// Logits for every new position instead of only the last.
     pub all_logits: bool,
@@ -258,6 +262,52 @@ pub struct DecoderShape {
     /// `past_len.{b} [1, 1]`; rows of `ids`, the rotary/logn tables and the
     /// outputs are the sequences. The GEMMs read each weight once for all.
     pub batch: usize,
+}
+
+/// The most image feature rows a prompt of `tokens` tokens can hold: every
+/// picture is a span of `<img>`, its `queries` feature rows and `</img>`.
+pub fn max_image_rows(cfg: &Config, tokens: usize) -> usize {
+    let q = cfg.visual.queries();
+    tokens / (q + 2) * q
+}
+
+/// The inputs `image_features` and `image_rows` of a decoder program.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ImageInputs {
+    pub features: Vec<f32>,
+    pub rows: Vec<i32>,
+}
+
+/// The `image_features` and `image_rows` inputs of decoder program `g` for
+/// the real feature rows `feats` (`rows.len()` rows of `h`) written at token
+/// rows `rows`: padded to the rows `g` declares with zero features at
+/// `qvc_ir::NO_ROW`. `None` when `g` has no image inputs and there are no
+/// rows; an error when the program holds fewer rows than given.
+pub fn image_inputs(g: &Graph, h: usize, feats: &[f32], rows: &[i32]) -> Result<Option<ImageInputs>, IrError> {
+    let cap = g.inputs().iter().find(|(n, _)| *n == "image_rows").map(|(_, t)| t.shape.numel());
+    let err = |cap: usize| IrError::Type {
+        op: "decoder".into(),
+        detail: format!("the program holds {cap} image feature rows; the step has {}", rows.len()),
+    };
+    if feats.len() != rows.len() * h {
+        return Err(IrError::Type {
+            op: "decoder".into(),
+            detail: format!("{} image feature values for {} rows of {h}", feats.len(), rows.len()),
+        });
+    }
+    match cap {
+        None if rows.is_empty() => Ok(None),
+        None => Err(err(0)),
+        Some(cap) if cap < rows.len() => Err(err(cap)),
+        Some(cap) => {
+            let mut f = Vec::with_capacity(cap * h);
+            f.extend_from_slice(feats);
+            f.resize(cap * h, 0.0);
+            let mut r = rows.to_vec();
+            r.resize(cap, qvc_ir::NO_ROW);
+            Ok(Some(ImageInputs { features: f, rows: r }))
+        }
+    }
 }
 
 /// The decoder. Inputs: `ids [T]` (i32); `image_features [R, H]` and
@@ -409,4 +459,29 @@ pub fn logn_scales(cfg: &Config, start: usize, n: usize) -> Vec<f32> {
             }
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A program's image inputs are padded to the rows it declares, the
+    /// rest `NO_ROW` with zero features; too many rows, or rows for a
+    /// program without image inputs, are errors.
+    #[test]
+    fn image_inputs_pad_to_the_program_and_refuse_what_does_not_fit() {
+        let mut g = Graph::new();
+        g.input("image_features", DType::F32, vec![4, 2]);
+        g.input("image_rows", DType::I32, vec![4]);
+        let im = image_inputs(&g, 2, &[1.0, 2.0, 3.0, 4.0], &[5, 6]).unwrap().unwrap();
+        assert_eq!(im.rows, [5, 6, qvc_ir::NO_ROW, qvc_ir::NO_ROW]);
+        assert_eq!(im.features, [1.0, 2.0, 3.0, 4.0, 0.0, 0.0, 0.0, 0.0]);
+        let none = image_inputs(&g, 2, &[], &[]).unwrap().unwrap();
+        assert_eq!(none.rows, [qvc_ir::NO_ROW; 4]);
+        assert!(image_inputs(&g, 2, &[0.0; 10], &[0, 1, 2, 3, 4]).is_err());
+        assert!(image_inputs(&g, 2, &[0.0; 3], &[0, 1]).is_err());
+        let plain = Graph::new();
+        assert_eq!(image_inputs(&plain, 2, &[], &[]).unwrap(), None);
+        assert!(image_inputs(&plain, 2, &[0.0; 2], &[0]).is_err());
+    }
 }

@@ -39,7 +39,10 @@ use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
 /// Bumped whenever the layout of the manifest or the weights file changes.
-pub const FORMAT_VERSION: u32 = 1;
+/// 2: one prefill program per token bucket takes any number of pictures (its
+/// `image_rows` is a capacity, the unused rows `qvc_ir::NO_ROW`); version 1
+/// had one program per picture count and an option `max_images`.
+pub const FORMAT_VERSION: u32 = 2;
 /// Alignment of every tensor's data in the weights file, in bytes.
 pub const ALIGN: usize = 256;
 pub const MANIFEST: &str = "manifest.json";
@@ -102,8 +105,6 @@ pub struct Options {
     pub vit_attention: String,
     pub max_seq: usize,
     pub max_batch: usize,
-    /// Images per prompt the prefill buckets were compiled for.
-    pub max_images: usize,
 }
 
 /// A named input or output of a program.
@@ -183,7 +184,8 @@ pub struct Program {
     pub tokens: usize,
     /// Cached tokens (decode bucket).
     pub past: usize,
-    /// Image feature rows written into the prompt.
+    /// Image feature rows the program takes (prefill: the most its `tokens`
+    /// can hold; a prompt with fewer passes `qvc_ir::NO_ROW` for the rest).
     pub image_rows: usize,
     /// Sequences decoded together (decode programs; 1 otherwise).
     #[serde(default = "one")]

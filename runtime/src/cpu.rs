@@ -296,10 +296,11 @@ fn eval<'a>(
             let rows = a[1].ids().to_vec();
             let src = a[0].elems();
             let (t, h) = (out.dim(0), out.dim(1));
-            for (i, &r) in rows.iter().enumerate() {
-                if r < 0 || r as usize >= t {
-                    return Err(ExecError::IndexOutOfRange { op: "scatter_rows".into(), index: r as i64, len: t });
-                }
+            // Checked first, so a bad index changes nothing; NO_ROW writes nothing.
+            if let Some(&bad) = rows.iter().find(|&&r| r != qvc_ir::NO_ROW && (r < 0 || r as usize >= t)) {
+                return Err(ExecError::IndexOutOfRange { op: "scatter_rows".into(), index: bad as i64, len: t });
+            }
+            for (i, &r) in rows.iter().enumerate().filter(|(_, &r)| r != qvc_ir::NO_ROW) {
                 src.read_into(i * h, &mut d[r as usize * h..(r as usize + 1) * h]);
             }
             owned(d)

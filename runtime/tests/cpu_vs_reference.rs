@@ -183,4 +183,29 @@ fn gather_and_scatter_rows_agree() {
     ]);
     let err = Cpu.run(&g, &w, &ins).unwrap_err();
     assert!(err.to_string().contains("out of range"), "{err}");
+    // NO_ROW (-1) entries write nothing, on both.
+    let skip = [qvc_ir::NO_ROW, 2];
+    let ins = HashMap::from([
+        ("ids".to_string(), InputRef::I32(&idv)),
+        ("f".to_string(), InputRef::F32(&fv)),
+        ("rows".to_string(), InputRef::I32(&skip)),
+    ]);
+    let a = Cpu.run(&g, &w, &ins).unwrap();
+    let b = Reference.run(&g, &w, &ins).unwrap();
+    assert_eq!(a["y"], b["y"]);
+    assert_eq!(&a["y"][6..9], &fv[3..]);
+    let gathered = Reference
+        .run(
+            &g,
+            &w,
+            &HashMap::from([
+                ("ids".to_string(), InputRef::I32(&idv)),
+                ("f".to_string(), InputRef::F32(&fv)),
+                ("rows".to_string(), InputRef::I32(&[qvc_ir::NO_ROW; 2])),
+            ]),
+        )
+        .unwrap();
+    for row in [0, 1, 3] {
+        assert_eq!(&a["y"][row * 3..row * 3 + 3], &gathered["y"][row * 3..row * 3 + 3], "row {row} untouched");
+    }
 }

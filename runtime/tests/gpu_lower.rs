@@ -87,6 +87,15 @@ fn primitive_ops_run_as_kernels() {
     ]);
     let gpu = compare(&g, &w, &inputs, 1e-5);
     assert_eq!(gpu.stats().host_nodes, 0, "{:?}", gpu.stats());
+    // `NO_ROW` in the scatter's index writes nothing, as in the reference.
+    let skip = vec![qvc_ir::NO_ROW, 1];
+    let inputs: Inputs = HashMap::from([
+        ("x".to_string(), InputRef::F32(&xv)),
+        ("y".to_string(), InputRef::F32(&yv)),
+        ("ids".to_string(), InputRef::I32(&idv)),
+        ("rows".to_string(), InputRef::I32(&skip)),
+    ]);
+    compare(&g, &w, &inputs, 1e-5);
 }
 
 /// Head dim 12 is no multiple of 8: the flash kernel refuses it, so the

@@ -30,9 +30,9 @@ pub struct CompileArgs {
     /// Sequences decoded together (sizes the KV cache and the decode kernels).
     #[arg(long, default_value_t = 1, value_name = "N")]
     max_batch: usize,
-    /// Pictures per prompt the prefill programs are compiled for.
-    #[arg(long, default_value_t = 1, value_name = "N")]
-    max_images: usize,
+    /// Deprecated and ignored: every prefill program takes as many pictures as its prompt holds.
+    #[arg(long, value_name = "N")]
+    max_images: Option<usize>,
     /// Replace an existing artifact at -o.
     #[arg(long)]
     force: bool,
@@ -66,10 +66,15 @@ pub fn run(a: CompileArgs) -> Result<()> {
         vit_attention: a.vit_attention.clone(),
         max_seq: a.max_seq,
         max_batch: a.max_batch,
-        max_images: a.max_images,
         force: a.force,
         dry_run: a.dry_run,
     };
+    if let Some(n) = a.max_images {
+        eprintln!(
+            "[qvc] --max-images {n} is deprecated and ignored: every prefill program takes any number of pictures \
+             that fit --max-seq"
+        );
+    }
     let bar = indicatif::ProgressBar::new(0);
     bar.set_style(
         indicatif::ProgressStyle::with_template("{spinner} [{bar:30}] {pos}/{len} {msg} [{elapsed}]")

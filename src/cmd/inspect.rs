@@ -70,8 +70,8 @@ fn inspect_artifact(dir: &Path, verify: bool) -> Result<()> {
         m.source.checkpoint_bytes as f64 / 1e9
     );
     println!(
-        "options: target {}, dtype {}, image {}px, vit attention {}, max seq {}, max batch {}, max images {}",
-        o.target, o.dtype, o.image_size, o.vit_attention, o.max_seq, o.max_batch, o.max_images
+        "options: target {}, dtype {}, image {}px, vit attention {}, max seq {}, max batch {}",
+        o.target, o.dtype, o.image_size, o.vit_attention, o.max_seq, o.max_batch
     );
     println!(
         "weights: {} ({} tensors, {:.1} MiB, fnv64 {}{})",

@@ -967,7 +967,8 @@ impl KernelSpec for GatherSpec {
 /// In place: `out[rows[i], :] = src[i, :]` for `i < rows` (src f32 `[rows,
 /// cols]`, row indices i32 `[rows]`, out f32 `[dst_rows, cols]` already
 /// holding the destination tensor); an index outside `0..dst_rows` is
-/// skipped. Params `src, rows, out`.
+/// skipped, which is how `qvc_ir::NO_ROW` (-1, the unused tail of a
+/// program's `image_rows`) writes nothing. Params `src, rows, out`.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct ScatterRowsSpec {
     pub rows: usize,
