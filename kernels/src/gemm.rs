@@ -373,8 +373,8 @@ impl DotJob<'_> {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: `isa` was resolved, so the CPU has AVX2, FMA and F16C;
             // see `gemv_dot` for C.
-            Isa::Avx2Fma => unsafe { dot_short_cols_avx2(self, w, j0, j1) },
-            _ => dot_short_cols(self, w, j0, j1),
+            Isa::Avx2Fma => with_short_panel(self.k, |panel| unsafe { dot_short_cols_avx2(self, w, j0, j1, panel) }),
+            _ => with_short_panel(self.k, |panel| dot_short_cols(self, w, j0, j1, panel)),
         }
     }
 
@@ -499,17 +499,37 @@ unsafe fn dot_tile_avx2<T: Src, const R: usize, const C: usize>(
 /// Columns of one panel of the short-k dot path: four 8-column blocks.
 const SHORT_PANEL: usize = 4 * DOT_LANES;
 
+thread_local! {
+    /// Each thread's `k × SHORT_PANEL` panel for the short-k dot path
+    /// (grown on demand, never shrunk: attention calls it per head).
+    static SHORT_PANEL_BUF: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` on this thread's panel, at least `k * SHORT_PANEL` floats.
+fn with_short_panel<R>(k: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    SHORT_PANEL_BUF.with(|buf| match buf.try_borrow_mut() {
+        Ok(mut b) => {
+            ensure(&mut b, k * SHORT_PANEL);
+            f(&mut b[..k * SHORT_PANEL])
+        }
+        // Not reached (no GEMM runs inside another on one thread), but safe.
+        Err(_) => f(&mut vec![0f32; k * SHORT_PANEL]),
+    })
+}
+
 /// Software prefetch of a group of B columns, spread over a loop of
 /// `steps` steps: the cache lines of columns `j..j + cols` in address
 /// order, a few per [`ColPrefetch::step`]. Prefetches are hints: nothing
 /// is dereferenced, so the addresses need not be valid.
 struct ColPrefetch {
-    base: *const i8,
+    /// The column being prefetched, and the next line in it.
+    col: *const i8,
+    line: usize,
     col_bytes: usize,
     col_lines: usize,
-    total: usize,
+    /// Columns left, counting the current one.
+    cols_left: usize,
     per_step: usize,
-    line: usize,
 }
 
 impl ColPrefetch {
@@ -517,9 +537,10 @@ impl ColPrefetch {
     fn new<T: Src>(job: &DotJob, base: *const T, j: Option<usize>, cols: usize, steps: usize) -> Self {
         let col_bytes = job.cs * std::mem::size_of::<T>();
         let col_lines = (job.k * std::mem::size_of::<T>()).div_ceil(64);
-        let total = if j.is_some() { cols * col_lines } else { 0 };
-        let base = base.wrapping_add(j.unwrap_or(0) * job.cs) as *const i8;
-        ColPrefetch { base, col_bytes, col_lines, total, per_step: total.div_ceil(steps.max(1)), line: 0 }
+        let cols_left = if j.is_some() { cols } else { 0 };
+        let col = base.wrapping_add(j.unwrap_or(0) * job.cs) as *const i8;
+        let per_step = (cols_left * col_lines).div_ceil(steps.max(1));
+        ColPrefetch { col, line: 0, col_bytes, col_lines, cols_left, per_step }
     }
 
     /// The next few lines.
@@ -529,11 +550,17 @@ impl ColPrefetch {
     #[inline(always)]
     unsafe fn step(&mut self) {
         use std::arch::x86_64::*;
-        let stop = (self.line + self.per_step).min(self.total);
-        while self.line < stop {
-            let (c, l) = (self.line / self.col_lines, self.line % self.col_lines);
-            _mm_prefetch::<_MM_HINT_T0>(self.base.wrapping_add(c * self.col_bytes + 64 * l));
+        for _ in 0..self.per_step {
+            if self.cols_left == 0 {
+                return;
+            }
+            _mm_prefetch::<_MM_HINT_T0>(self.col.wrapping_add(64 * self.line));
             self.line += 1;
+            if self.line == self.col_lines {
+                self.line = 0;
+                self.col = self.col.wrapping_add(self.col_bytes);
+                self.cols_left -= 1;
+            }
         }
     }
 }
@@ -547,10 +574,11 @@ impl ColPrefetch {
 /// rows then reads: per step four panel vectors and one broadcast of A per
 /// row.
 ///
-/// SAFETY: the CPU must have AVX2, FMA and F16C; see `gemv_dot` for C.
+/// SAFETY: the CPU must have AVX2, FMA and F16C; see `gemv_dot` for C. `panel`
+/// holds at least `k * SHORT_PANEL` floats.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dot_short_cols_avx2<T: Src>(job: &DotJob, w: &[T], j0: usize, j1: usize) {
+unsafe fn dot_short_cols_avx2<T: Src>(job: &DotJob, w: &[T], j0: usize, j1: usize, panel: &mut [f32]) {
     let (m, k) = (job.m, job.k);
     if j0 >= j1 {
         return;
@@ -561,7 +589,8 @@ unsafe fn dot_short_cols_avx2<T: Src>(job: &DotJob, w: &[T], j0: usize, j1: usiz
     let mut j = j0;
     if m <= 2 {
         while j + SHORT_PANEL <= j1 {
-            let next = (job.prefetch && j + 2 * SHORT_PANEL <= j1).then_some(j + SHORT_PANEL);
+            // Two groups ahead (measured best on Zen 5 for the lm_head).
+            let next = (job.prefetch && j + 3 * SHORT_PANEL <= j1).then_some(j + 2 * SHORT_PANEL);
             if m == 1 {
                 dot_short_direct_avx2::<T, 1>(job, base, 0, j, next);
             } else {
@@ -573,7 +602,7 @@ unsafe fn dot_short_cols_avx2<T: Src>(job: &DotJob, w: &[T], j0: usize, j1: usiz
             return;
         }
     }
-    let mut panel = vec![0f32; k * SHORT_PANEL];
+    assert!(panel.len() >= k * SHORT_PANEL);
     let pp = panel.as_mut_ptr();
     while j < j1 {
         let nb = SHORT_PANEL.min(j1 - j);
@@ -591,20 +620,23 @@ unsafe fn dot_short_cols_avx2<T: Src>(job: &DotJob, w: &[T], j0: usize, j1: usiz
     }
 }
 
-/// `B[p..p+8, c]` of the eight columns `cols` as eight vectors: vector `q`
-/// holds `B[p + q, cols[0..8]]`. bf16 is transposed as pairs of words (8
+/// `B[p..p+8, c]` of eight columns as eight vectors, `first` pointing at
+/// `B[p, c0]` and column `c0 + c` at `first + c·cs`: vector `q` holds
+/// `B[p + q, c0..c0 + 8]`. bf16 is transposed as pairs of words (8
 /// shuffles after 4 two-column loads) and widened by shifts and masks;
 /// other types are widened by `load8` then [`transpose8`].
 ///
-/// SAFETY: CPU with AVX2/F16C; `cols[c].add(p..p + 8)` readable.
+/// SAFETY: CPU with AVX2/F16C; `first + c·cs + (0..8)` readable for c < 8.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-unsafe fn load_cols8<T: Src>(cols: &[*const T; 8], p: usize) -> [std::arch::x86_64::__m256; 8] {
+unsafe fn load_cols8<T: Src>(first: *const T, cs: usize) -> [std::arch::x86_64::__m256; 8] {
     use std::arch::x86_64::*;
     if std::any::TypeId::of::<T>() == std::any::TypeId::of::<half::bf16>() {
         // Lanes: columns c (low 128 bits) and c + 4 (high), 8 words each:
         // dword d of a lane is the pair (p + 2d, p + 2d + 1) of its column.
-        let ld = |c: usize| _mm256_loadu2_m128i(cols[c + 4].add(p) as *const __m128i, cols[c].add(p) as *const __m128i);
+        let ld = |c: usize| {
+            _mm256_loadu2_m128i(first.add((c + 4) * cs) as *const __m128i, first.add(c * cs) as *const __m128i)
+        };
         let (r0, r1, r2, r3) = (ld(0), ld(1), ld(2), ld(3));
         // A 4×4 dword transpose per lane: pair d of all 8 columns, in order.
         let u0 = _mm256_unpacklo_epi32(r0, r1);
@@ -627,7 +659,7 @@ unsafe fn load_cols8<T: Src>(cols: &[*const T; 8], p: usize) -> [std::arch::x86_
         }
         out
     } else {
-        transpose8(std::array::from_fn(|c| T::load8(cols[c].add(p))))
+        transpose8(std::array::from_fn(|c| T::load8(first.add(c * cs))))
     }
 }
 
@@ -658,16 +690,16 @@ unsafe fn dot_short_direct_avx2<T: Src, const R: usize>(
     const BLOCKS: usize = SHORT_PANEL / DOT_LANES;
     let (k, cs) = (job.k, job.cs);
     let a = job.a.as_ptr().add(i0 * k);
-    let cols: [[*const T; 8]; BLOCKS] =
-        std::array::from_fn(|b| std::array::from_fn(|c| base.add((j + 8 * b + c) * cs)));
+    // B[0, j + 8b] for each block b.
+    let firsts: [*const T; BLOCKS] = std::array::from_fn(|b| base.add((j + 8 * b) * cs));
     let mut acc = [[_mm256_setzero_ps(); BLOCKS]; R];
     let full = k - k % DOT_LANES;
     let mut pf = ColPrefetch::new(job, base, next, SHORT_PANEL, full / DOT_LANES);
     let mut p = 0;
     while p < full {
         pf.step();
-        for (b, cols_b) in cols.iter().enumerate() {
-            let v = load_cols8::<T>(cols_b, p);
+        for (b, &first) in firsts.iter().enumerate() {
+            let v = load_cols8::<T>(first.add(p), cs);
             for (q, &vq) in v.iter().enumerate() {
                 for (i, acc_i) in acc.iter_mut().enumerate() {
                     acc_i[b] = _mm256_fmadd_ps(_mm256_broadcast_ss(&*a.add(i * k + p + q)), vq, acc_i[b]);
@@ -677,8 +709,8 @@ unsafe fn dot_short_direct_avx2<T: Src, const R: usize>(
         p += DOT_LANES;
     }
     while p < k {
-        for (b, cols_b) in cols.iter().enumerate() {
-            let v: [f32; 8] = std::array::from_fn(|c| widen1(*cols_b[c].add(p)));
+        for (b, &first) in firsts.iter().enumerate() {
+            let v: [f32; 8] = std::array::from_fn(|c| widen1(*first.add(c * cs + p)));
             let v = _mm256_loadu_ps(v.as_ptr());
             for (i, acc_i) in acc.iter_mut().enumerate() {
                 acc_i[b] = _mm256_fmadd_ps(_mm256_broadcast_ss(&*a.add(i * k + p)), v, acc_i[b]);
@@ -722,7 +754,7 @@ unsafe fn pack_short_avx2<T: Src>(
             let mut p = 0;
             while p < full {
                 pf.step();
-                for (q, &v) in load_cols8::<T>(&cols, p).iter().enumerate() {
+                for (q, &v) in load_cols8::<T>(cols[0].add(p), cs).iter().enumerate() {
                     _mm256_storeu_ps(panel.add((p + q) * SHORT_PANEL + c0), v);
                 }
                 p += DOT_LANES;
@@ -776,10 +808,10 @@ unsafe fn short_panel_rows_avx2<const R: usize>(job: &DotJob, panel: *const f32,
 
 /// The portable [`dot_short_cols_avx2`]: the same panels, each element one
 /// chain `acc = a[p]·b[p] + acc` (multiply then add: no FMA) over p from zero.
-fn dot_short_cols<T: Src>(job: &DotJob, w: &[T], j0: usize, j1: usize) {
+fn dot_short_cols<T: Src>(job: &DotJob, w: &[T], j0: usize, j1: usize, panel: &mut [f32]) {
     let (m, k) = (job.m, job.k);
-    let mut panel = vec![0f32; k * SHORT_PANEL];
-    let mut buf = vec![0f32; k];
+    let panel = &mut panel[..k * SHORT_PANEL];
+    let mut buf = [0f32; SHORT_K];
     let mut j = j0;
     while j < j1 {
         let nb = SHORT_PANEL.min(j1 - j);
