@@ -7,13 +7,16 @@
 //! Three paths, chosen by shape and layout (all give the same result to f32
 //! rounding, and all are tested against [`gemm_ref`]):
 //! * **dot** (m ≤ 8 and B's columns contiguous, the decode / lm_head case):
-//!   memory-bound, so no packing; parallel over column chunks of B, register
-//!   tiles of two rows × several columns, B widened in registers. Each
-//!   element is one fixed 8-lane dot product, so a row's result does not
-//!   depend on m or the column split ([`DECODE_BATCH_INVARIANT_MAX`]). A B
-//!   too big for the caches is also prefetched one column group ahead, in
-//!   address order (DRAM serves one sequential run faster than the tile's
-//!   interleaved column streams).
+//!   parallel over column chunks of B. For k ≥ 1024 (memory-bound): register
+//!   tiles of two rows × several columns, B widened in registers, each
+//!   element one fixed 8-lane dot product. For shorter k (the lm_head of a
+//!   small model, attention's q·kᵀ): groups of 32 columns transposed into
+//!   f32 vectors (in registers for m ≤ 2, else into a small panel), each
+//!   element one FMA chain over k, no horizontal sums. Either way a row's
+//!   result does not depend on m or the column split
+//!   ([`DECODE_BATCH_INVARIANT_MAX`]). A B too big for the caches is also
+//!   prefetched a column group or two ahead, in address order (DRAM serves
+//!   one sequential run faster than interleaved column streams).
 //! * **axpy** (m ≤ 8 and B's rows contiguous, `x · P`): parallel over column
 //!   chunks; each row of B is scaled into a small accumulator per A row.
 //! * **packed** (everything else): BLIS-style. For each `KC` slice of k, A is
