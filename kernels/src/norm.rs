@@ -1,7 +1,8 @@
 //! Row normalisations over the last axis (`cols`), rows = `x.len() / cols`:
 //! * [`layer_norm`]: `y = (x − mean) / sqrt(var + eps) · w + b`, biased
-//!   variance, as `torch.nn.LayerNorm`; mean and variance in f32, two passes
-//!   (the second pass over `x − mean` avoids the cancellation of `E[x²] − mean²`).
+//!   variance, as `torch.nn.LayerNorm`; mean, variance and `x − mean` in f64,
+//!   two passes (the second pass over `x − mean` avoids the cancellation of
+//!   `E[x²] − mean²`).
 //! * [`rms_norm`]: `y = x · (1 / sqrt(mean(x²) + eps)) · w`, in f32 as Qwen does.
 //!
 //! Weights (`w`, `b`, length `cols`) come in their stored dtype and are widened
@@ -93,14 +94,36 @@ fn lane_sum(x: &[f32], f: impl Fn(f32) -> f32) -> f32 {
     ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]))
 }
 
+/// Σ f(x) in f64 with 8 independent lanes, combined pairwise at the end.
+#[inline(always)]
+fn lane_sum64(x: &[f32], f: impl Fn(f64) -> f64) -> f64 {
+    let mut acc = [0f64; 8];
+    let mut it = x.chunks_exact(8);
+    for c in &mut it {
+        for l in 0..8 {
+            acc[l] += f(c[l] as f64);
+        }
+    }
+    for (l, &v) in it.remainder().iter().enumerate() {
+        acc[l] += f(v as f64);
+    }
+    ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]))
+}
+
+/// Mean and deviations in f64: an f32 mean is off by up to half an ulp of
+/// the mean, and that error shifts every deviation `x − mean`, a relative
+/// error of `ulp(mean) / std` in the output, large for a row whose spread is
+/// small next to its mean (1.5e-5 for two values near 3 that are close).
+/// The row is read from cache twice more either way, so f64 costs nothing
+/// measurable in a memory-bound kernel.
 #[inline(always)]
 fn layer_norm_row(x: &[f32], w: &[f32], b: &[f32], eps: f32, out: &mut [f32]) {
-    let n = x.len() as f32;
-    let mean = lane_sum(x, |v| v) / n;
-    let var = lane_sum(x, |v| (v - mean) * (v - mean)) / n;
-    let rstd = 1.0 / (var + eps).sqrt();
+    let n = x.len() as f64;
+    let mean = lane_sum64(x, |v| v) / n;
+    let var = lane_sum64(x, |v| (v - mean) * (v - mean)) / n;
+    let rstd = 1.0 / (var + eps as f64).sqrt();
     for (((o, &v), &w), &b) in out.iter_mut().zip(x).zip(w).zip(b) {
-        *o = (v - mean) * rstd * w + b;
+        *o = ((v as f64 - mean) * rstd) as f32 * w + b;
     }
 }
 
