@@ -1,7 +1,8 @@
 //! `qvc bench` and `qvc selftest` as a user runs them, on the PTX emulator
 //! and the CPU with the tiny synthetic model: every row of the table is
-//! printed with a finite number (timings themselves are never asserted), and
-//! the refusals say why.
+//! printed with a finite number (timings themselves are never asserted),
+//! `--json` prints one object with the documented keys, and the refusals say
+//! why.
 
 use std::process::{Command, Output};
 
@@ -88,6 +89,109 @@ fn bench_tiny_on_the_cpu_has_floors() {
     assert!(!out.contains("decode batch 8"), "{out}");
     let frac = out.lines().find(|l| l.starts_with("prefill 8 tokens")).unwrap();
     assert!(frac.contains('%'), "{frac}");
+}
+
+/// The `--json` keys every device reports (numbers; `null` only where the
+/// device has no ceilings, see [`bench_json`]).
+const JSON_TIMINGS: [&str; 9] = [
+    "vision_ms",
+    "ttft_ms",
+    "prefill_ms",
+    "prefill_tokens",
+    "prefill_tok_s",
+    "decode_tok_s",
+    "decode_ms_per_token",
+    "decode_bytes_per_token",
+    "threads",
+];
+
+/// `qvc bench ... --json`: stdout is exactly one JSON object (the table went
+/// to stderr); its timing keys are finite and positive.
+fn bench_json(args: &[&str]) -> (serde_json::Value, String) {
+    let o = qvc(args);
+    let (out, err) = (text(&o.stdout), text(&o.stderr));
+    assert!(o.status.success(), "{err}\n{out}");
+    let v: serde_json::Value =
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("stdout is not one JSON object ({e}):\n{out}"));
+    assert!(v.is_object(), "{out}");
+    for k in JSON_TIMINGS {
+        let x = v[k].as_f64().unwrap_or_else(|| panic!("{k} missing or not a number in {v}"));
+        assert!(x.is_finite() && x > 0.0, "{k}: {x}");
+    }
+    assert_eq!(v["prefill_tokens"], 8, "{v}");
+    // The human table is on stderr, not mixed into stdout.
+    value(&err, "decode batch 1");
+    (v, err)
+}
+
+fn number(v: &serde_json::Value, path: &[&str]) -> f64 {
+    let x = path.iter().fold(v, |v, k| &v[*k]);
+    let x = x.as_f64().unwrap_or_else(|| panic!("{path:?} missing or not a number in {v}"));
+    assert!(x.is_finite() && x > 0.0, "{path:?}: {x}");
+    x
+}
+
+#[test]
+fn bench_json_on_the_cpu_has_every_key_and_measured_ceilings() {
+    let (v, err) = bench_json(&[
+        "bench",
+        "--synthetic",
+        "tiny",
+        "--device",
+        "cpu",
+        "--prompt-len",
+        "8",
+        "--decode-tokens",
+        "2",
+        "--image-sizes",
+        "224",
+        "--json",
+    ]);
+    assert_eq!(v["device"], "cpu", "{v}");
+    let fma = number(&v, &["ceilings", "fma_peak_gflops"]);
+    let bw = number(&v, &["ceilings", "read_bandwidth_gbs"]);
+    assert!(v["ceilings"]["fma_peak_how"].as_str().unwrap().starts_with("measured"), "{v}");
+    assert!(v["ceilings"]["read_bandwidth_how"].as_str().unwrap().starts_with("measured"), "{v}");
+    // The table prints the same measured ceilings (to stderr).
+    assert!((value(&err, "ceiling: f32 compute") / fma - 1.0).abs() < 0.01, "{fma}\n{err}");
+    assert!((value(&err, "ceiling: memory read") / bw - 1.0).abs() < 0.01, "{bw}\n{err}");
+    let best = number(&v, &["gemm_best_gflops"]);
+    let gemms = v["ceilings"]["gemm"].as_array().unwrap();
+    assert!(!gemms.is_empty() && gemms.iter().all(|g| g["gflops"].as_f64().unwrap() <= best), "{v}");
+    for k in ["decode_floor_fraction", "gemm_peak_fraction", "prefill_floor_fraction"] {
+        let f = number(&v, &[k]);
+        assert!(f <= 1.5, "{k}: {f} is not a fraction of a ceiling");
+    }
+    assert!((number(&v, &["gemm_peak_fraction"]) - best / fma).abs() < 1e-9, "{v}");
+    let d = &v["decode"][0];
+    assert_eq!(d["batch"], 1, "{v}");
+    assert_eq!(d["tok_s"], v["decode_tok_s"], "{v}");
+    let dff = number(&v, &["decode_floor_fraction"]);
+    let achieved = number(&v, &["decode_bytes_per_token"]) / (number(&v, &["decode_ms_per_token"]) * 1e-3) / 1e9;
+    assert!((achieved / bw - dff).abs() < 1e-6 * dff.max(1.0), "{achieved} GB/s of {bw} vs {dff}");
+    assert_eq!(v["vision"].as_array().unwrap().len(), 2, "224 global and window: {v}");
+}
+
+#[test]
+fn bench_json_on_the_emulator_has_null_ceilings() {
+    let (v, _) = bench_json(&[
+        "bench",
+        "--synthetic",
+        "tiny",
+        "--device",
+        "emu",
+        "--prompt-len",
+        "8",
+        "--decode-tokens",
+        "2",
+        "--image-sizes",
+        "224",
+        "--json",
+    ]);
+    assert_eq!(v["device"], "emu", "{v}");
+    for k in ["ceilings", "gemm_peak_fraction", "decode_floor_fraction", "prefill_floor_fraction"] {
+        assert!(v.get(k).is_some_and(|x| x.is_null()), "{k} should be present and null on the emulator: {v}");
+    }
 }
 
 #[test]

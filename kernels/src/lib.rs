@@ -18,6 +18,9 @@
 //! * [`attention`]: multi-head attention (optionally causal) reading q/k/v in
 //!   place through token strides, flash-style (online softmax, blocked).
 //!
+//! [`peak`] is the f32 multiply-add throughput loop `qvc bench` measures the
+//! CPU's FMA ceiling with.
+//!
 //! [`testutil`] holds the deterministic test-data helpers (an xorshift RNG,
 //! error norms) that the unit tests and `qvc selftest` share.
 //!
@@ -32,6 +35,7 @@ pub mod attention;
 pub mod gemm;
 pub mod gpu;
 pub mod norm;
+pub mod peak;
 pub mod rotary;
 pub mod softmax;
 pub mod spec;

@@ -30,6 +30,17 @@ pub struct BenchArgs {
     /// emulator) and print where the time goes, with each kernel's TFLOP/s and GB/s.
     #[arg(long)]
     profile: bool,
+    /// Print one JSON object on stdout; the table (and --profile) then go to stderr. Keys (schema 1; null where
+    /// not measured): device (cpu, cuda:N, emu), device_name, threads, model, vision_ms (first size and attention),
+    /// vision [{size, attention, ms, gflop, floor_fraction}], ttft_ms, ttft_tokens, prefill_ms, prefill_tokens,
+    /// prefill_tok_s, prefill_floor_fraction, decode_tok_s, decode_ms_per_token, decode_bytes_per_token (weights +
+    /// KV read per step), decode_floor_fraction (achieved bytes/s over the measured read bandwidth; these four at
+    /// batch 1), decode [{batch, tok_s, ms_per_step, bytes_per_step, floor_fraction}], gemm_best_gflops,
+    /// gemm_peak_fraction (best GEMM FLOP/s over the measured FMA peak; CPU only), ceilings {fma_peak_gflops
+    /// (CPU: an FMA loop on every thread at once), fma_peak_how, read_bandwidth_gbs (CPU: 256 MiB sum; GPU: 1 GiB
+    /// copy), read_bandwidth_how, gemm [{shape, m, n, k, gflops}]}.
+    #[arg(long)]
+    json: bool,
 }
 
 pub fn run(a: BenchArgs) -> Result<()> {
@@ -41,6 +52,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         batch: a.batch.map(usize::from),
         image_sizes: a.image_sizes.clone(),
         profile: a.profile,
+        json: a.json,
     };
     let has_model = a.model.path.is_some() || a.model.model.is_some();
     match &a.synthetic {
