@@ -158,9 +158,11 @@ fn bench_json_on_the_cpu_has_every_key_and_measured_ceilings() {
     let best = number(&v, &["gemm_best_gflops"]);
     let gemms = v["ceilings"]["gemm"].as_array().unwrap();
     assert!(!gemms.is_empty() && gemms.iter().all(|g| g["gflops"].as_f64().unwrap() <= best), "{v}");
+    // Fractions are present, finite and positive (`number`); no upper bound:
+    // ceilings and workloads are timed at different moments on a shared
+    // machine, and tests never assert on speed.
     for k in ["decode_floor_fraction", "gemm_peak_fraction", "prefill_floor_fraction"] {
-        let f = number(&v, &[k]);
-        assert!(f <= 1.5, "{k}: {f} is not a fraction of a ceiling");
+        number(&v, &[k]);
     }
     assert!((number(&v, &["gemm_peak_fraction"]) - best / fma).abs() < 1e-9, "{v}");
     let d = &v["decode"][0];
