@@ -652,7 +652,7 @@ impl Report {
             "prefill_tokens": self.prefill.map(|p| p.1),
             "prefill_tok_s": self.prefill.map(|p| p.1 as f64 / p.0 * 1e3),
             "prefill_floor_fraction": self.prefill.and_then(|p| p.2),
-            "decode_tok_s": d1.map(|d| 1e3 / d.step_ms),
+            "decode_tok_s": d1.map(|d| d.batch as f64 / d.step_ms * 1e3), // the same expression as decode[0].tok_s
             "decode_ms_per_token": d1.map(|d| d.step_ms),
             "decode_bytes_per_token": d1.map(|d| d.bytes_per_step),
             "decode_floor_fraction": d1.and_then(|d| d.floor_fraction),
