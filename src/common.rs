@@ -10,7 +10,7 @@ use clap::Args;
 use qvc_model::chat::{format_query, make_context, Turn, DEFAULT_SYSTEM};
 use qvc_model::grounding::{box_outputs, parse_groundings, BoxOut, Grounding};
 use qvc_model::image::load_rgb;
-use qvc_model::sampling::SamplingParams;
+use qvc_model::sampling::{SamplingOverrides, SamplingParams};
 use qvc_model::tokenizer::Specials;
 use qvc_model::{LoadOptions, Model, Phase, Session};
 use std::path::{Path, PathBuf};
@@ -173,14 +173,13 @@ pub(crate) fn prompt_ids(model: &Model, p: &PromptArgs, history: &[Turn]) -> Res
 
 pub(crate) fn sampling_params(model: &Model, s: &SamplingArgs) -> Result<(SamplingParams, usize)> {
     let g = &model.generation;
-    let default_t = if g.do_sample { g.temperature } else { 0.0 };
-    let p = SamplingParams {
-        temperature: s.temperature.unwrap_or(default_t),
-        top_p: s.top_p.unwrap_or(g.top_p),
-        top_k: s.top_k.unwrap_or(g.top_k),
-        repetition_penalty: s.repetition_penalty.unwrap_or(g.repetition_penalty),
-        seed: s.seed,
+    let o = SamplingOverrides {
+        temperature: s.temperature,
+        top_p: s.top_p,
+        top_k: s.top_k,
+        repetition_penalty: s.repetition_penalty,
     };
+    let p = SamplingParams::with_defaults(g, &o, s.seed);
     p.validate().map_err(anyhow::Error::msg)?;
     Ok((p, s.max_new_tokens.unwrap_or(g.max_new_tokens)))
 }

@@ -16,7 +16,29 @@ pub struct SamplingParams {
     pub seed: u64,
 }
 
+/// Sampling settings a caller (command-line flags, an HTTP request) gives;
+/// `None` falls back to the checkpoint's `generation_config.json`.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct SamplingOverrides {
+    pub temperature: Option<f32>,
+    pub top_p: Option<f32>,
+    pub top_k: Option<usize>,
+    pub repetition_penalty: Option<f32>,
+}
+
 impl SamplingParams {
+    /// `o` over the defaults of `g`: a checkpoint whose `do_sample` is false
+    /// defaults to greedy, whatever its `temperature` says (as the reference).
+    pub fn with_defaults(g: &crate::config::GenerationConfig, o: &SamplingOverrides, seed: u64) -> Self {
+        SamplingParams {
+            temperature: o.temperature.unwrap_or(if g.do_sample { g.temperature } else { 0.0 }),
+            top_p: o.top_p.unwrap_or(g.top_p),
+            top_k: o.top_k.unwrap_or(g.top_k),
+            repetition_penalty: o.repetition_penalty.unwrap_or(g.repetition_penalty),
+            seed,
+        }
+    }
+
     pub fn greedy() -> Self {
         SamplingParams { temperature: 0.0, top_p: 1.0, top_k: 0, repetition_penalty: 1.0, seed: 0 }
     }

@@ -42,7 +42,7 @@ use openai::{
     ApiError, ChatCompletion, ChatRequest, ChunkMaker, LogprobOut, MsgPart, MsgRole, TopLogprobOut, UsageOut,
 };
 use qvc_model::grounding::{box_outputs, parse_groundings, BoxOut};
-use qvc_model::sampling::SamplingParams;
+use qvc_model::sampling::{SamplingOverrides, SamplingParams};
 use std::collections::{HashMap, VecDeque};
 use std::convert::Infallible;
 use std::future::Future;
@@ -553,13 +553,13 @@ async fn chat(st: Shared, body: Result<Bytes, BytesRejection>) -> Result<Respons
     load_pictures(&st, &req, image_size, false, &mut pictures).await?;
 
     let g = &model.generation;
-    let sampling = SamplingParams {
-        temperature: req.temperature.unwrap_or(if g.do_sample { g.temperature } else { 0.0 }),
-        top_p: req.top_p.unwrap_or(g.top_p),
-        top_k: req.top_k.unwrap_or(g.top_k),
-        repetition_penalty: req.repetition_penalty.unwrap_or(g.repetition_penalty),
-        seed: req.seed.unwrap_or_else(openai::random_u64),
+    let o = SamplingOverrides {
+        temperature: req.temperature,
+        top_p: req.top_p,
+        top_k: req.top_k,
+        repetition_penalty: req.repetition_penalty,
     };
+    let sampling = SamplingParams::with_defaults(g, &o, req.seed.unwrap_or_else(openai::random_u64));
     sampling.validate().map_err(|e| ApiError::invalid("", e))?;
     let stop_ids = qvc_model::chat::stop_ids(&model.tokenizer);
     let context = st.engine.context_len();
