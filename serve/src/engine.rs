@@ -825,19 +825,21 @@ impl<'m> Scheduler<'m> {
     }
 
     /// End request `ai` unless it continues; frees its slot.
+    ///
+    /// The request leaves the engine (slot freed, gauges published) before
+    /// the client hears its last event, so metrics read after a response
+    /// never still count it as running.
     fn settle(&mut self, ai: usize, o: Outcome) {
-        let now = Instant::now();
         match o {
-            Outcome::Continue => return,
+            Outcome::Continue => {}
             Outcome::Finished(finish, text) => {
-                let a = &mut self.active[ai];
+                let a = &self.active[ai];
                 let usage = Usage {
                     prompt_tokens: a.req.prompt.len(),
                     completion_tokens: a.generated.len(),
                     cached_tokens: a.cached,
                 };
-                let lat = (now - a.queued_at).as_secs_f64();
-                // Counted before the client hears of it, so metrics read after `Done` include it.
+                let lat = a.queued_at.elapsed().as_secs_f64();
                 self.shared.metrics.update(|c| {
                     c.e2e.observe(lat);
                     match finish {
@@ -845,7 +847,8 @@ impl<'m> Scheduler<'m> {
                         FinishReason::Length => c.success_length += 1,
                     }
                 });
-                if let Outcome::Failed(_) = emit(a, Event::Done { finish, usage, text }) {
+                let mut a = self.leave(ai);
+                if let Outcome::Failed(_) = emit(&mut a, Event::Done { finish, usage, text }) {
                     self.shared.metrics.update(|c| {
                         match finish {
                             FinishReason::Stop => c.success_stop -= 1,
@@ -855,16 +858,25 @@ impl<'m> Scheduler<'m> {
                     });
                 }
             }
-            Outcome::Cancelled => self.shared.metrics.update(|c| c.cancelled += 1),
+            Outcome::Cancelled => {
+                self.shared.metrics.update(|c| c.cancelled += 1);
+                self.leave(ai);
+            }
             Outcome::Failed(why) => {
-                let a = &mut self.active[ai];
-                let _ = catch_unwind(AssertUnwindSafe(|| (a.sink)(Event::Error(why))));
                 self.shared.metrics.update(|c| c.failure += 1);
+                let mut a = self.leave(ai);
+                let _ = catch_unwind(AssertUnwindSafe(|| (a.sink)(Event::Error(why))));
             }
         }
+    }
+
+    /// Take request `ai` out of the engine: its slot is free and the gauges
+    /// no longer count it.
+    fn leave(&mut self, ai: usize) -> Active {
         let a = self.active.remove(ai);
         self.slots[a.slot].busy = false;
         self.publish();
+        a
     }
 }
 
