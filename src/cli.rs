@@ -69,6 +69,9 @@ qvc inspect model.qvc --verify   # also check the weights checksum (reads the wh
 qvc compile ./Qwen-VL-Chat -o chat-h100.qvc --target sm_90 --image-size 896 --vit-attention window:16,global-every:8\n  \
 qvc compile --synthetic qwen-vl-chat --dry-run --target sm_90   # full-size plan, no checkpoint needed")]
     Compile(cmd::compile::CompileArgs),
+    /// Quantize a bf16/fp16/f32 checkpoint to 4-bit GPTQ (round-to-nearest per group), in the layout of Qwen-VL-Chat-Int4.
+    #[command(long_about = cmd::quantize::QUANTIZE_ABOUT, after_help = cmd::quantize::QUANTIZE_EXAMPLES)]
+    Quantize(cmd::quantize::QuantizeArgs),
     /// List the GPUs the NVIDIA driver sees (and the compile target each gets), or say there is none.
     Devices,
     /// List the GPU kernels the full-size model uses, write their PTX, check them with ptxas.
@@ -122,6 +125,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Kernels(a) => cmd::kernels::run(a),
         Cmd::Devices => cmd::devices::run(),
         Cmd::Compile(a) => cmd::compile::run(a),
+        Cmd::Quantize(a) => cmd::quantize::run(a),
         Cmd::Selftest(a) => cmd::selftest::run(a),
     }
 }

@@ -10,7 +10,8 @@
 //! - [`cli`]: the clap parser and the dispatch;
 //! - [`cmd`]: one module per subcommand (its flags and `run`), and
 //!   [`bench_serve`] (`qvc bench-serve` with its HTTP client);
-//! - [`bench`], [`demo`], [`selftest`], [`compile`]: what those commands run;
+//! - [`bench`], [`demo`], [`selftest`], [`compile`], [`quantize`]: what those
+//!   commands run;
 //! - [`common`]: the shared flag groups (`--model`, prompt, sampling), model
 //!   loading, prompt and sampling helpers;
 //! - [`device`]: `--device` and the backend it makes.
@@ -23,4 +24,5 @@ pub mod common;
 pub mod compile;
 pub mod demo;
 pub mod device;
+pub mod quantize;
 pub mod selftest;
