@@ -61,10 +61,26 @@ pub enum Synthetic {
 /// Why `qvc bench` refused to start (the user's flags, not a failure).
 #[derive(Debug, thiserror::Error)]
 pub enum BenchError {
-    #[error("--synthetic {0:?}: the synthetic models are qwen-vl-chat (full size, GPU only) and tiny (the fixture's shapes)")]
+    #[error("--synthetic {0:?}: the synthetic models are qwen-vl-chat (Qwen-VL-Chat's widths) and tiny (the fixture's shapes)")]
     UnknownSynthetic(String),
     #[error("--synthetic qwen-vl-chat on the {0}: 19 GB of random weights is not a benchmark there; use --device cuda (or --synthetic tiny to check the pipeline)")]
     TooBig(&'static str),
+    #[error(
+        "--synthetic qwen-vl-chat on the CPU needs --vit-layers N and --llm-layers M: all 48 ViT and 32 decoder \
+             layers are 19 GB of random weights; a slice at the real widths times the same shapes, e.g. \
+             --vit-layers 4 --llm-layers 2 is ~{example_gb:.1} GB (each ViT layer ~{vit_gb:.2} GB, each decoder layer \
+             ~{llm_gb:.2} GB, plus ~{fixed_gb:.1} GB for the embedding, lm_head and working memory)"
+    )]
+    NeedLayers { example_gb: f64, vit_gb: f64, llm_gb: f64, fixed_gb: f64 },
+    #[error(
+        "--synthetic {name} with {vit} ViT and {llm} decoder layers needs ~{need_gb:.1} GB but this machine has \
+             {avail_gb:.1} GB available (MemAvailable in /proc/meminfo); give fewer layers"
+    )]
+    TooMuchMemory { name: &'static str, vit: usize, llm: usize, need_gb: f64, avail_gb: f64 },
+    #[error("--{flag} {n}: the synthetic {name} has {max} such layers")]
+    TooManyLayers { flag: &'static str, n: usize, name: &'static str, max: usize },
+    #[error("--vit-layers and --llm-layers shape a --synthetic model; a checkpoint or artifact is timed whole")]
+    LayersWithoutSynthetic,
     #[error("give a model (a checkpoint or a compiled artifact) or --synthetic, not both")]
     ModelAndSynthetic,
     #[error("nothing to bench: give a model (a checkpoint directory or OUT.qvc) or --synthetic qwen-vl-chat|tiny")]
@@ -98,6 +114,22 @@ impl Synthetic {
                 Config::from_json(&v, Path::new("synthetic:tiny")).expect("the built-in config is valid")
             }
         }
+    }
+
+    /// [`Synthetic::config`] with only `vit` ViT and `llm` decoder layers
+    /// (each `None` keeps the model's count); every width stays the model's.
+    pub fn config_layers(self, vit: Option<usize>, llm: Option<usize>) -> Result<Config, BenchError> {
+        let mut cfg = self.config();
+        for (flag, n, have) in [("vit-layers", vit, &mut cfg.visual.layers), ("llm-layers", llm, &mut cfg.layers)] {
+            match n {
+                Some(n) if n > *have => {
+                    return Err(BenchError::TooManyLayers { flag, n, name: self.name(), max: *have });
+                }
+                Some(n) => *have = n,
+                None => {}
+            }
+        }
+        Ok(cfg)
     }
 
     pub fn name(self) -> &'static str {
@@ -165,6 +197,11 @@ impl SyntheticWeights {
         self.tensors.values().map(|v| v.len() as u64 * 2).sum()
     }
 
+    /// Bytes [`SyntheticWeights::generate`] allocates for `cfg` (bf16).
+    pub fn bytes_for(cfg: &Config) -> u64 {
+        cfg.expected_tensors().iter().map(|(_, s)| s.iter().product::<usize>() as u64 * 2).sum()
+    }
+
     /// The shapes (bf16) the graph builders read.
     pub fn shapes(cfg: &Config) -> WeightStore {
         WeightStore::shapes_only(cfg.expected_tensors().into_iter().map(|(n, s)| (n, DType::BF16, Shape::new(s))))
@@ -195,6 +232,73 @@ pub struct BenchOptions {
     pub profile: bool,
     /// Print one JSON object on stdout (the table goes to stderr).
     pub json: bool,
+    /// `--vit-layers`, `--llm-layers`: a synthetic model's depth (`None`:
+    /// the model's own).
+    pub vit_layers: Option<usize>,
+    pub llm_layers: Option<usize>,
+}
+
+/// Memory a CPU bench of `cfg` with random weights needs, in bytes: the
+/// weights, the repacked copies weight folding makes (the ViT's per-head
+/// interleaved QKV made contiguous, the adapter's in_proj split, the patch
+/// kernel), and working memory (activations of an 896-pixel picture, the
+/// ceilings' test matrices, the host KV cache, the program's buffers).
+pub fn synthetic_cpu_bytes(cfg: &Config) -> u64 {
+    // The peak RSS of `--vit-layers 4 --llm-layers 2` at 448 and 896 pixels
+    // was 5.26 GB for 3.79 GB of weights: 1.47 GB of folds and working
+    // memory, of which the folds are ~0.12 GB.
+    const WORKING: u64 = 3 << 29;
+    let v = &cfg.visual;
+    let folds =
+        v.layers * 3 * v.width * v.width + 3 * v.output_dim * v.output_dim + v.width * 3 * v.patch_size * v.patch_size;
+    SyntheticWeights::bytes_for(cfg) + 2 * folds as u64 + WORKING
+}
+
+/// `MemAvailable` of `/proc/meminfo` in bytes (`None` where there is none).
+fn mem_available() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// Refuses a CPU bench of `synthetic` that cannot be a benchmark here: the
+/// full-depth qwen-vl-chat (no layer counts given), or more than the memory
+/// available (`avail` bytes; `None`: unknown, not checked).
+pub fn check_cpu_synthetic(
+    synthetic: Synthetic,
+    cfg: &Config,
+    opt: &BenchOptions,
+    avail: Option<u64>,
+) -> Result<(), BenchError> {
+    let gb = |b: u64| b as f64 / 1e9;
+    if synthetic == Synthetic::QwenVlChat && (opt.vit_layers.is_none() || opt.llm_layers.is_none()) {
+        let full = synthetic.config();
+        let sized = |vit, llm| {
+            let mut c = full.clone();
+            c.visual.layers = vit;
+            c.layers = llm;
+            synthetic_cpu_bytes(&c)
+        };
+        let fixed = sized(0, 0);
+        return Err(BenchError::NeedLayers {
+            example_gb: gb(sized(4, 2)),
+            vit_gb: gb(sized(1, 0) - fixed),
+            llm_gb: gb(sized(0, 1) - fixed),
+            fixed_gb: gb(fixed),
+        });
+    }
+    let need = synthetic_cpu_bytes(cfg);
+    match avail {
+        Some(avail) if need > avail => Err(BenchError::TooMuchMemory {
+            name: synthetic.name(),
+            vit: cfg.visual.layers,
+            llm: cfg.layers,
+            need_gb: gb(need),
+            avail_gb: gb(avail),
+        }),
+        _ => Ok(()),
+    }
 }
 
 /// Tokens of the time-to-first-token prompt around the picture: a system
@@ -590,13 +694,19 @@ pub fn vision_flops(cfg: &Config, attention: VitAttention) -> f64 {
 }
 
 /// Flops of a decoder step: `tokens` new rows after `past` cached ones (causal),
-/// `logit_rows` rows of lm_head.
+/// `logit_rows` rows of lm_head. The last block's c_proj and MLP run on the
+/// `logit_rows` rows only (the program narrows there, see
+/// `qvc_model::graphs::decoder_graph`), so that is the work the floor counts.
 pub fn decoder_flops(cfg: &Config, tokens: usize, past: usize, logit_rows: usize) -> f64 {
     let (h, f) = (cfg.hidden_size, cfg.mlp_width);
-    let per_layer = 2.0 * (tokens * (3 * h * h + h * h + 3 * h * f)) as f64;
+    let (qkv, rest) = (2.0 * (3 * h * h) as f64, 2.0 * (h * h + 3 * h * f) as f64);
     let keys = (tokens * past) as f64 + (tokens * (tokens + 1)) as f64 / 2.0;
     let attn = 4.0 * keys * h as f64;
-    cfg.layers as f64 * (per_layer + attn) + 2.0 * (logit_rows * h * cfg.vocab_size) as f64
+    let layers = cfg.layers as f64;
+    let narrowed = logit_rows.min(tokens);
+    layers * (tokens as f64 * qkv + attn)
+        + ((layers - 1.0).max(0.0) * tokens as f64 + narrowed as f64 * layers.min(1.0)) * rest
+        + 2.0 * (logit_rows * h * cfg.vocab_size) as f64
 }
 
 /// Bytes a decode step reads: every decoder weight once (the embedding table
@@ -622,6 +732,8 @@ struct Report {
     device: String,
     device_name: String,
     model: String,
+    vit_layers: usize,
+    llm_layers: usize,
     vision: Vec<serde_json::Value>,
     ttft_ms: Option<f64>,
     ttft_tokens: usize,
@@ -644,6 +756,8 @@ impl Report {
             "device_name": self.device_name,
             "threads": threads,
             "model": self.model,
+            "vit_layers": self.vit_layers,
+            "llm_layers": self.llm_layers,
             "vision_ms": self.vision.first().map(|v| v["ms"].clone()),
             "vision": self.vision,
             "ttft_ms": self.ttft_ms,
@@ -979,12 +1093,11 @@ fn bucket(n: usize) -> usize {
 pub fn run(model: Option<&Model>, synthetic: Option<Synthetic>, opt: &BenchOptions) -> Result<()> {
     let cpu_artifact = model.and_then(|m| m.compiled()).is_some_and(|m| m.options.target == "cpu");
     let at = resolve(&opt.device, cpu_artifact)?;
-    if synthetic == Some(Synthetic::QwenVlChat) {
-        match at {
-            Where::Emu => return Err(BenchError::TooBig("PTX emulator").into()),
-            Where::Cpu => return Err(BenchError::TooBig("CPU").into()),
-            Where::Cuda(_) => {}
-        }
+    if synthetic == Some(Synthetic::QwenVlChat) && at == Where::Emu {
+        return Err(BenchError::TooBig("PTX emulator").into());
+    }
+    if synthetic.is_none() && (opt.vit_layers.is_some() || opt.llm_layers.is_some()) {
+        return Err(BenchError::LayersWithoutSynthetic.into());
     }
     let gpu = at != Where::Cpu;
     let batch = opt.batch.unwrap_or(if gpu { 8 } else { 1 }).max(1);
@@ -995,7 +1108,10 @@ pub fn run(model: Option<&Model>, synthetic: Option<Synthetic>, opt: &BenchOptio
     let need = prompt_len.max(ttft_len) + opt.decode_tokens + warm + 1;
     let cap = bucket(need);
 
-    let synth_cfg = synthetic.map(|s| s.config());
+    let synth_cfg = synthetic.map(|s| s.config_layers(opt.vit_layers, opt.llm_layers)).transpose()?;
+    if let (Where::Cpu, Some(s), Some(c)) = (at, synthetic, &synth_cfg) {
+        check_cpu_synthetic(s, c, opt, mem_available())?;
+    }
     let cfg: Config = match (model, &synth_cfg) {
         (Some(m), _) => m.config.clone(),
         (None, Some(c)) => c.clone(),
@@ -1047,8 +1163,15 @@ pub fn run(model: Option<&Model>, synthetic: Option<Synthetic>, opt: &BenchOptio
     };
     let weights_note = match (&synth_w, model) {
         (Some(w), _) => format!(
-            "synthetic {}: {:.2} GB random bf16 generated on the host ({} threads) in {:.1} s{}",
+            "synthetic {}{}: {:.2} GB random bf16 generated on the host ({} threads) in {:.1} s{}",
             synthetic.map_or("", |s| s.name()),
+            match synthetic.map(|s| s.config()) {
+                Some(full) if (full.visual.layers, full.layers) != (cfg.visual.layers, cfg.layers) => format!(
+                    " ({} of {} ViT layers, {} of {} decoder layers, full widths)",
+                    cfg.visual.layers, full.visual.layers, cfg.layers, full.layers
+                ),
+                _ => String::new(),
+            },
             w.bytes() as f64 / 1e9,
             rayon::current_num_threads(),
             t0.elapsed().as_secs_f64(),
@@ -1093,7 +1216,13 @@ pub fn run(model: Option<&Model>, synthetic: Option<Synthetic>, opt: &BenchOptio
         Exec::Cpu(_) => format!("cpu ({} threads)", rayon::current_num_threads()),
         Exec::Gpu(g) => format!("{} ({})", g.device_info().0, at.label()),
     };
-    let mut report = Report { device: at.label(), device_name: device_name.clone(), ..Default::default() };
+    let mut report = Report {
+        device: at.label(),
+        device_name: device_name.clone(),
+        vit_layers: cfg.visual.layers,
+        llm_layers: cfg.layers,
+        ..Default::default()
+    };
     rows.push(Row::text("device", device_name));
     report.model = weights_note.clone();
     rows.push(Row::text("model", weights_note));
@@ -1321,4 +1450,77 @@ fn profile(title: &str, k: &[qvc_runtime::gpu::KernelTime]) -> String {
         let _ = writeln!(out, "{}", line(&format!("  {name}"), x));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opts(vit: Option<usize>, llm: Option<usize>) -> BenchOptions {
+        BenchOptions {
+            device: "cpu".into(),
+            prompt_len: 8,
+            decode_tokens: 2,
+            batch: None,
+            image_sizes: vec![],
+            profile: false,
+            json: false,
+            vit_layers: vit,
+            llm_layers: llm,
+        }
+    }
+
+    /// The layer flags shape the config (widths unchanged), past the
+    /// model's depth they are refused, and the memory check compares the
+    /// estimate with what is available.
+    #[test]
+    fn synthetic_layers_and_the_memory_check() {
+        let full = Synthetic::QwenVlChat.config();
+        let c = Synthetic::QwenVlChat.config_layers(Some(4), Some(2)).unwrap();
+        assert_eq!((c.visual.layers, c.layers), (4, 2));
+        assert_eq!((c.hidden_size, c.visual.width, c.vocab_size), (full.hidden_size, full.visual.width, 151936));
+        assert!(matches!(
+            Synthetic::QwenVlChat.config_layers(Some(49), None),
+            Err(BenchError::TooManyLayers { max: 48, .. })
+        ));
+        // Weights alone: 4 ViT layers of ~77 MB, 2 decoder layers of ~404 MB,
+        // 2 × 1.24 GB of embedding and lm_head, the adapter and patch kernel.
+        let w = SyntheticWeights::bytes_for(&c) as f64 / 1e9;
+        assert!((3.7..3.9).contains(&w), "{w} GB");
+        let need = synthetic_cpu_bytes(&c);
+        let o = opts(Some(4), Some(2));
+        assert!(check_cpu_synthetic(Synthetic::QwenVlChat, &c, &o, Some(need)).is_ok());
+        assert!(check_cpu_synthetic(Synthetic::QwenVlChat, &c, &o, None).is_ok());
+        let e = check_cpu_synthetic(Synthetic::QwenVlChat, &c, &o, Some(need - 1)).unwrap_err();
+        assert!(matches!(e, BenchError::TooMuchMemory { vit: 4, llm: 2, .. }), "{e}");
+        assert!(e.to_string().contains("MemAvailable"), "{e}");
+        // Without both counts the full depth is refused with an example.
+        for o in [opts(None, None), opts(Some(4), None), opts(None, Some(2))] {
+            let e = check_cpu_synthetic(Synthetic::QwenVlChat, &full, &o, None).unwrap_err();
+            assert!(e.to_string().contains("--vit-layers 4 --llm-layers 2 is ~"), "{e}");
+        }
+        // The tiny model needs no counts.
+        let tiny = Synthetic::Tiny.config();
+        assert!(check_cpu_synthetic(Synthetic::Tiny, &tiny, &opts(None, None), None).is_ok());
+    }
+
+    /// A prefill's floor counts the last block's c_proj and MLP on the
+    /// logits row only; decode (one row) and all-position logits count
+    /// every row.
+    #[test]
+    fn decoder_flops_count_the_narrowed_last_block() {
+        let mut c = Synthetic::QwenVlChat.config();
+        c.layers = 2;
+        let (h, f, v) = (c.hidden_size as f64, c.mlp_width as f64, c.vocab_size as f64);
+        let t = 300.0;
+        let qkv = 2.0 * 3.0 * h * h;
+        let rest = 2.0 * (h * h + 3.0 * h * f);
+        let attn = 4.0 * (t * (t + 1.0) / 2.0) * h;
+        let want = 2.0 * (t * qkv + attn) + (t + 1.0) * rest + 2.0 * h * v;
+        assert!((decoder_flops(&c, 300, 0, 1) / want - 1.0).abs() < 1e-12);
+        let all = 2.0 * (t * qkv + attn + t * rest) + 2.0 * t * h * v;
+        assert!((decoder_flops(&c, 300, 0, 300) / all - 1.0).abs() < 1e-12);
+        c.layers = 0;
+        assert_eq!(decoder_flops(&c, 300, 0, 1), 2.0 * h * v);
+    }
 }

@@ -174,6 +174,68 @@ fn bench_json_on_the_cpu_has_every_key_and_measured_ceilings() {
     assert_eq!(v["vision"].as_array().unwrap().len(), 2, "224 global and window: {v}");
 }
 
+/// `--vit-layers`/`--llm-layers` build and time that many layers (the
+/// tiny model has two of each; one is a slice, zero leaves the fixed parts),
+/// say so in the table and report them in the JSON.
+#[test]
+fn bench_synthetic_layers_are_built_and_reported() {
+    for (vit, llm) in [("1", "1"), ("0", "2")] {
+        let (v, err) = bench_json(&[
+            "bench",
+            "--synthetic",
+            "tiny",
+            "--vit-layers",
+            vit,
+            "--llm-layers",
+            llm,
+            "--device",
+            "cpu",
+            "--prompt-len",
+            "8",
+            "--decode-tokens",
+            "2",
+            "--image-sizes",
+            "224",
+            "--json",
+        ]);
+        assert_eq!(v["vit_layers"].to_string(), vit, "{v}");
+        assert_eq!(v["llm_layers"].to_string(), llm, "{v}");
+        let note = format!("({vit} of 2 ViT layers, {llm} of 2 decoder layers, full widths)");
+        assert!(v["model"].as_str().unwrap().contains(&note), "{v}");
+        assert!(err.contains(&note), "{err}");
+    }
+    // Without the flags: the model's own depth, no slice note.
+    let (v, _) = bench_json(&[
+        "bench",
+        "--synthetic",
+        "tiny",
+        "--device",
+        "cpu",
+        "--prompt-len",
+        "8",
+        "--decode-tokens",
+        "2",
+        "--image-sizes",
+        "224",
+        "--json",
+    ]);
+    assert_eq!((v["vit_layers"].as_u64(), v["llm_layers"].as_u64()), (Some(2), Some(2)), "{v}");
+    assert!(!v["model"].as_str().unwrap().contains("full widths"), "{v}");
+}
+
+/// `qvc bench --help` teaches the layer flags with a runnable example.
+#[test]
+fn bench_help_shows_the_layer_flags() {
+    let o = qvc(&["bench", "--help"]);
+    let out = text(&o.stdout);
+    assert!(o.status.success(), "{out}");
+    for want in
+        ["--vit-layers <N>", "--llm-layers <M>", "--synthetic qwen-vl-chat --vit-layers 4 --llm-layers 2 --device cpu"]
+    {
+        assert!(out.contains(want), "{want:?} not in\n{out}");
+    }
+}
+
 #[test]
 fn bench_json_on_the_emulator_has_null_ceilings() {
     let (v, _) = bench_json(&[
@@ -200,7 +262,13 @@ fn bench_json_on_the_emulator_has_null_ceilings() {
 fn bench_refuses_what_is_not_a_benchmark() {
     for (args, want) in [
         (vec!["bench", "--synthetic", "qwen-vl-chat", "--device", "emu"], "PTX emulator"),
-        (vec!["bench", "--synthetic", "qwen-vl-chat", "--device", "cpu"], "19 GB"),
+        (vec!["bench", "--synthetic", "qwen-vl-chat", "--device", "cpu"], "--vit-layers 4 --llm-layers 2 is ~"),
+        (vec!["bench", "--synthetic", "qwen-vl-chat", "--device", "cpu", "--vit-layers", "4"], "--llm-layers M"),
+        (
+            vec!["bench", "--synthetic", "qwen-vl-chat", "--device", "cpu", "--vit-layers", "49", "--llm-layers", "1"],
+            "has 48 such layers",
+        ),
+        (vec!["bench", "--device", "cpu", "--llm-layers", "1"], "shape a --synthetic model"),
         (vec!["bench", "--synthetic", "huge", "--device", "cpu"], "qwen-vl-chat"),
         (vec!["bench", "--device", "cpu"], "no model given"),
         (vec!["bench", "--synthetic", "tiny", "--device", "cpu", "--image-sizes", "100"], "multiple"),
