@@ -5,6 +5,7 @@
 //! CPU f32 target; the issue allows 1e-3), identical greedy tokens.
 
 mod common;
+use common::parity::{chat_case, long_case};
 use common::{check, fixtures, Expected};
 use qvc_model::graphs::VisionOptions;
 use qvc_model::image::preprocess;
@@ -52,61 +53,12 @@ fn vision_tower_matches_reference() {
     check("vision/grey.png from file", &vision(&m, &px, false)["features"], &e.f32("vision/grey.png"), TOL);
 }
 
-fn chat_case(m: &Model, e: &Expected, dir: &Path, case: &str) {
-    let c = &e.json["chat"][case];
-    let ids = e.ids(&c["input_ids"]);
-    let backend = Cpu;
-    let mut s = Session::new(m, &backend);
-    // Every picture, photo.jpg included, is decoded and preprocessed from its file.
-    s.set_image_dir(dir);
-    let has_hidden = c.get("hidden").is_some();
-    let all = c.get("all_logits").is_some();
-    let out = s.prefill(&ids, &PrefillOptions { all_logits: all, hidden: has_hidden }).unwrap();
-    let v = m.config.vocab_size;
-    let last = &out.logits[out.logits.len() - v..];
-    check(&format!("chat/{case}/last_logits"), last, &e.f32(&format!("chat/{case}/last_logits")), TOL);
-    if all {
-        check(&format!("chat/{case}/all_logits"), &out.logits, &e.f32(&format!("chat/{case}/all_logits")), TOL);
-    }
-    if has_hidden {
-        for (ours, theirs) in [
-            ("hidden.embeds", "embeds"),
-            ("hidden.block_0", "block_0"),
-            ("hidden.block_1", "block_1"),
-            ("hidden.final_norm", "final_norm"),
-        ] {
-            check(
-                &format!("chat/{case}/hidden/{theirs}"),
-                &out.hidden[ours],
-                &e.f32(&format!("chat/{case}/hidden/{theirs}")),
-                TOL,
-            );
-        }
-    }
-    // Greedy continuation through the KV cache.
-    let want = e.ids(&c["greedy"]["ids"]);
-    let step_logits = c["greedy"].get("step_logits").and_then(|n| n.as_str()).map(|n| e.f32(n));
-    let mut logits = last.to_vec();
-    let mut got = Vec::new();
-    for k in 0..want.len() {
-        if let Some(sl) = &step_logits {
-            check(&format!("chat/{case}/greedy_step_logits[{k}]"), &logits, &sl[k * v..(k + 1) * v], TOL);
-        }
-        let t = argmax(&logits) as u32;
-        got.push(t);
-        if k + 1 < want.len() {
-            logits = s.step(t).unwrap();
-        }
-    }
-    assert_eq!(got, want, "chat/{case}: greedy tokens differ");
-}
-
 #[test]
 fn chat_prompts_match_reference() {
     let Some(dir) = fixtures() else { return };
     let (m, e) = (model(&dir, None), Expected::load(&dir));
     for case in ["text", "img1", "img2", "ground"] {
-        chat_case(&m, &e, &dir, case);
+        chat_case(&m, &e, &dir, case, TOL);
     }
 }
 
@@ -126,41 +78,15 @@ fn jpeg_prompt_matches_reference() {
     check("chat/img2/last_logits (photo.jpg decoded here)", &out.logits, &e.f32("chat/img2/last_logits"), TOL);
 }
 
-fn long_case(m: &Model, e: &Expected, case: &str) {
-    let c = &e.json["long"][case];
-    let ids = e.ids(&c["input_ids"]);
-    let backend = Cpu;
-    let mut s = Session::new(m, &backend);
-    let out = s.prefill(&ids, &PrefillOptions::default()).unwrap();
-    assert_eq!(s.ntk_alpha(), c["ntk_alpha"].as_f64().unwrap(), "long/{case}: NTK alpha");
-    check(&format!("long/{case}/last_logits"), &out.logits, &e.f32(&format!("long/{case}/last_logits")), TOL);
-    let want = e.ids(&c["greedy"]["ids"]);
-    let v = m.config.vocab_size;
-    let step_logits = c["greedy"].get("step_logits").and_then(|n| n.as_str()).map(|n| e.f32(n));
-    let mut logits = out.logits;
-    let mut got = Vec::new();
-    for k in 0..want.len() {
-        if let Some(sl) = &step_logits {
-            check(&format!("long/{case}/greedy_step_logits[{k}]"), &logits, &sl[k * v..(k + 1) * v], TOL);
-        }
-        let t = argmax(&logits) as u32;
-        got.push(t);
-        if k + 1 < want.len() {
-            logits = s.step(t).unwrap();
-        }
-    }
-    assert_eq!(got, want, "long/{case}: greedy tokens differ");
-}
-
 #[test]
 fn long_context_ntk_and_logn_match_reference() {
     let Some(dir) = fixtures() else { return };
     let e = Expected::load(&dir);
     let m64 = model(&dir, Some("config_seq64.json"));
     for case in ["s64_cross", "s64_text_1p5x", "s64_text_3x"] {
-        long_case(&m64, &e, case);
+        long_case(&m64, &e, case, TOL);
     }
-    long_case(&model(&dir, None), &e, "long2200");
+    long_case(&model(&dir, None), &e, "long2200", TOL);
 }
 
 #[test]

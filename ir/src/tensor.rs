@@ -10,17 +10,23 @@ pub enum DType {
     BF16,
     F16,
     I32,
+    /// A GPTQ int4 weight ([`Q4Ref`]): packed nibbles plus per-group scales
+    /// and zeros. Only `Param`s have it, with the logical shape of the float
+    /// weight it stands for, so graphs built for bf16 run it unchanged.
+    Q4,
 }
 
 impl DType {
-    /// Bytes per element.
+    /// Bytes per element. For [`DType::Q4`] this is the 16-bit size of the
+    /// values it dequantizes to (its real bytes are [`Q4Ref::bytes`]), so
+    /// anything that would materialise it plans for a half-precision copy.
     pub fn size(self) -> usize {
         match self {
             DType::F32 | DType::I32 => 4,
-            DType::BF16 | DType::F16 => 2,
+            DType::BF16 | DType::F16 | DType::Q4 => 2,
         }
     }
-    /// Floating-point types (those the math ops accept).
+    /// Floating-point types (those the math ops accept; a Q4 weight reads as floats).
     pub fn is_float(self) -> bool {
         !matches!(self, DType::I32)
     }
@@ -33,6 +39,7 @@ impl fmt::Display for DType {
             DType::BF16 => "bf16",
             DType::F16 => "f16",
             DType::I32 => "i32",
+            DType::Q4 => "q4",
         })
     }
 }
@@ -92,6 +99,72 @@ impl From<&[usize]> for Shape {
     }
 }
 
+/// A GPTQ int4 matrix `W[rows, cols]` (rows = output features, cols = input
+/// features: the layout of the float weight it replaces), borrowed in
+/// AutoGPTQ's v1 storage, which the kernels read as is:
+///
+/// - `qweight[r / 8 * ld + o]` holds stored input row `r` of output `o` at
+///   bits `4 * (r % 8)`.. (low nibble first);
+/// - group `g = r / group` of output `o` has scale `scales[g * ld + o]` and
+///   zero `z = nibble o % 8 of qzeros[g * ld / 8 + o / 8] + 1` (v1 stores
+///   zero − 1);
+/// - `W[o, perm[r]] = scale * (q - z)`: `perm` is act-order resolved once at
+///   load (stored rows sorted by group), `None` when row `r` is input `r`.
+///
+/// A view may start at output `row0` of a matrix `ld` outputs wide (a
+/// row-range slice); `rows` is the view's height.
+#[derive(Clone, Copy, Debug)]
+pub struct Q4Ref<'a> {
+    pub rows: usize,
+    pub cols: usize,
+    pub row0: usize,
+    pub ld: usize,
+    pub group: usize,
+    pub qweight: &'a [u32],
+    pub qzeros: &'a [u32],
+    pub scales: &'a [half::f16],
+    pub perm: Option<&'a [u32]>,
+    /// Inverse of `perm` (input `i` is stored row `inv[i]`), for element access.
+    pub inv: Option<&'a [u32]>,
+}
+
+impl<'a> Q4Ref<'a> {
+    /// Number of groups over the input rows (the last may be ragged).
+    pub fn groups(&self) -> usize {
+        self.cols.div_ceil(self.group)
+    }
+    /// Zero point (already + 1) of group `g`, stored output column `o`.
+    #[inline(always)]
+    pub fn zero(&self, g: usize, o: usize) -> u32 {
+        ((self.qzeros[g * self.ld / 8 + o / 8] >> (4 * (o % 8))) & 15) + 1
+    }
+    /// Nibble of stored input row `r`, stored output column `o`.
+    #[inline(always)]
+    pub fn q(&self, r: usize, o: usize) -> u32 {
+        (self.qweight[r / 8 * self.ld + o] >> (4 * (r % 8))) & 15
+    }
+    /// Dequantized `W[row, col]` (row within this view, col an input index).
+    #[inline]
+    pub fn get(&self, row: usize, col: usize) -> f32 {
+        let o = self.row0 + row;
+        let r = self.inv.map_or(col, |inv| inv[col] as usize);
+        let g = r / self.group;
+        let s = self.scales[g * self.ld + o].to_f32();
+        s * (self.q(r, o) as f32 - self.zero(g, o) as f32)
+    }
+    /// Rows `a..b` of this view.
+    pub fn rows_range(&self, a: usize, b: usize) -> Q4Ref<'a> {
+        assert!(a <= b && b <= self.rows, "q4 row range {a}..{b} outside {} rows", self.rows);
+        Q4Ref { rows: b - a, row0: self.row0 + a, ..*self }
+    }
+    /// Bytes this view's rows read: nibbles, f16 scales, packed zeros (and
+    /// the act-order index once).
+    pub fn bytes(&self) -> usize {
+        let g = self.groups();
+        self.rows * self.cols / 2 + g * self.rows * 2 + g * self.rows / 2 + self.perm.map_or(0, |p| p.len() * 4)
+    }
+}
+
 /// Borrowed floating-point elements in their stored type. Kernels read weights
 /// through this so that bf16 weights stay in the memory map and are widened to
 /// f32 only inside the kernel's packing step.
@@ -100,6 +173,9 @@ pub enum Elems<'a> {
     F32(&'a [f32]),
     BF16(&'a [bf16]),
     F16(&'a [f16]),
+    /// A GPTQ int4 weight, read as its dequantized values (row-major
+    /// `[rows, cols]`).
+    Q4(Q4Ref<'a>),
 }
 
 impl<'a> Elems<'a> {
@@ -108,6 +184,7 @@ impl<'a> Elems<'a> {
             Elems::F32(s) => s.len(),
             Elems::BF16(s) => s.len(),
             Elems::F16(s) => s.len(),
+            Elems::Q4(q) => q.rows * q.cols,
         }
     }
     pub fn is_empty(&self) -> bool {
@@ -118,6 +195,7 @@ impl<'a> Elems<'a> {
             Elems::F32(_) => DType::F32,
             Elems::BF16(_) => DType::BF16,
             Elems::F16(_) => DType::F16,
+            Elems::Q4(_) => DType::Q4,
         }
     }
     /// Element `i` widened to f32.
@@ -127,6 +205,7 @@ impl<'a> Elems<'a> {
             Elems::F32(s) => s[i],
             Elems::BF16(s) => s[i].to_f32(),
             Elems::F16(s) => s[i].to_f32(),
+            Elems::Q4(q) => q.get(i / q.cols, i % q.cols),
         }
     }
     /// Widen `self[start..start + out.len()]` into `out`.
@@ -145,14 +224,28 @@ impl<'a> Elems<'a> {
                     *o = v.to_f32();
                 }
             }
+            Elems::Q4(q) => {
+                for (e, o) in out.iter_mut().enumerate() {
+                    let i = start + e;
+                    *o = q.get(i / q.cols, i % q.cols);
+                }
+            }
         }
     }
-    /// A sub-range of the elements.
+    /// A sub-range of the elements. A Q4 weight slices whole rows only.
     pub fn slice(&self, start: usize, end: usize) -> Elems<'a> {
         match *self {
             Elems::F32(s) => Elems::F32(&s[start..end]),
             Elems::BF16(s) => Elems::BF16(&s[start..end]),
             Elems::F16(s) => Elems::F16(&s[start..end]),
+            Elems::Q4(q) => {
+                assert!(
+                    start.is_multiple_of(q.cols) && end.is_multiple_of(q.cols),
+                    "a q4 weight slices whole rows of {} elements, not {start}..{end}",
+                    q.cols
+                );
+                Elems::Q4(q.rows_range(start / q.cols, end / q.cols))
+            }
         }
     }
     /// All elements widened to a new f32 vector.

@@ -143,6 +143,7 @@ pub(crate) fn gather(e: &Elems, start: usize, stride: usize, dst: &mut [f32]) {
                 bf16::as_f32(&s[start..start + n], dst);
             }
             Elems::F16(s) => s[start..start + n].convert_to_f32_slice(dst),
+            Elems::Q4(_) => e.read_into(start, dst),
         }
         return;
     }
@@ -165,6 +166,12 @@ pub(crate) fn gather(e: &Elems, start: usize, stride: usize, dst: &mut [f32]) {
             assert!(last < s.len());
             for (i, d) in dst.iter_mut().enumerate() {
                 *d = s[start + i * stride].to_f32();
+            }
+        }
+        Elems::Q4(_) => {
+            assert!(last < e.len());
+            for (i, d) in dst.iter_mut().enumerate() {
+                *d = e.get(start + i * stride);
             }
         }
     }

@@ -54,6 +54,9 @@ pub const DECODE_BATCH_INVARIANT_MAX: usize = SMALL_M;
 /// Columns per task in the axpy path (its accumulators live on the stack).
 const AXPY_COLS: usize = 256;
 
+/// Int4 weights never reach the float paths: [`gemm_strided`] sends them to [`crate::q4`].
+const Q4_ROUTED: &str = "q4 weights are routed to q4::gemm_q4 by gemm_strided";
+
 /// A borrowed matrix view: element `(i, j)` is
 /// `data[offset + i * row_stride + j * col_stride]`.
 #[derive(Clone, Copy, Debug)]
@@ -168,7 +171,9 @@ pub(crate) fn gemm_strided(
         }
         return;
     }
-    if m <= SMALL_M && b.row_stride == 1 {
+    if let Elems::Q4(w) = b.data {
+        crate::q4::gemm_q4(isa, a, b, &w, c, ldc, accumulate, parallel);
+    } else if m <= SMALL_M && b.row_stride == 1 {
         gemv_dot(isa, a, b, c, ldc, accumulate, parallel, scratch);
     } else if m <= SMALL_M && b.col_stride == 1 {
         gemv_axpy(isa, a, b, c, ldc, accumulate, parallel, scratch);
@@ -282,6 +287,7 @@ fn gemv_dot(
             Elems::F32(w) => job.run(w, j0, j1),
             Elems::BF16(w) => job.run(w, j0, j1),
             Elems::F16(w) => job.run(w, j0, j1),
+            Elems::Q4(_) => unreachable!("{Q4_ROUTED}"),
         }
     });
 }
@@ -929,6 +935,7 @@ fn gemv_axpy(
             Elems::F32(w) => job.run(w, j0, j1),
             Elems::BF16(w) => job.run(w, j0, j1),
             Elems::F16(w) => job.run(w, j0, j1),
+            Elems::Q4(_) => unreachable!("{Q4_ROUTED}"),
         }
     });
 }
@@ -1178,6 +1185,7 @@ fn pack_b(isa: Isa, b: &MatRef, pc: usize, kc: usize, jc: usize, nc: usize, bp: 
                     Elems::F32(w) => pack_b_t_avx2(w, b, pc, kc, j0, panel),
                     Elems::BF16(w) => pack_b_t_avx2(w, b, pc, kc, j0, panel),
                     Elems::F16(w) => pack_b_t_avx2(w, b, pc, kc, j0, panel),
+                    Elems::Q4(_) => unreachable!("{Q4_ROUTED}"),
                 }
             }
             return;
@@ -1191,6 +1199,7 @@ fn pack_b(isa: Isa, b: &MatRef, pc: usize, kc: usize, jc: usize, nc: usize, bp: 
                 Elems::F32(w) => pack_rows_full(w, b, pc, kc, j0, panel),
                 Elems::BF16(w) => pack_rows_full(w, b, pc, kc, j0, panel),
                 Elems::F16(w) => pack_rows_full(w, b, pc, kc, j0, panel),
+                Elems::Q4(_) => unreachable!("{Q4_ROUTED}"),
             }
         } else if b.col_stride == 1 {
             // Rows of B contiguous, ragged last panel: one short read per p.

@@ -36,6 +36,7 @@ pub mod gemm;
 pub mod gpu;
 pub mod norm;
 pub mod peak;
+pub mod q4;
 pub mod rotary;
 pub mod softmax;
 pub mod spec;

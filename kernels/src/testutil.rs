@@ -47,13 +47,14 @@ impl Owned {
     /// `v` rounded to `dtype`.
     ///
     /// # Panics
-    /// On [`DType::I32`]: test code picks the dtype from [`FLOAT_DTYPES`].
+    /// On [`DType::I32`] and [`DType::Q4`]: test code picks the dtype from
+    /// [`FLOAT_DTYPES`] (int4 weights are made by quantizing, not rounding).
     pub fn from_f32(v: &[f32], dtype: DType) -> Owned {
         match dtype {
             DType::F32 => Owned::F32(v.to_vec()),
             DType::BF16 => Owned::BF16(v.iter().map(|&x| bf16::from_f32(x)).collect()),
             DType::F16 => Owned::F16(v.iter().map(|&x| f16::from_f32(x)).collect()),
-            DType::I32 => panic!("not a float dtype"),
+            DType::I32 | DType::Q4 => panic!("{dtype} is not a dtype to round to"),
         }
     }
     /// A borrowed view for the kernels' `Elems` arguments.

@@ -127,6 +127,8 @@ pub enum ModelError {
     VitAttention(#[from] VitAttentionError),
     #[error(transparent)]
     Artifact(#[from] ArtifactError),
+    #[error(transparent)]
+    Quant(#[from] crate::quant::QuantError),
     /// A request a compiled model cannot serve (a shape outside its buckets,
     /// an option it was not compiled with).
     #[error("{0}")]
@@ -195,7 +197,11 @@ impl Model {
         let generation =
             if gen_path.exists() { GenerationConfig::from_file(&gen_path)? } else { GenerationConfig::default() };
         let tokenizer = QwenTokenizer::from_file(&dir.join("qwen.tiktoken"))?;
+        // The quantization settings before the tensors: "bits 8" is a clearer
+        // error than the shape of the first qweight.
+        let quant = crate::quant::QuantConfig::from_config_file(&cfg_path)?;
         let weights = WeightStore::open(path)?;
+        crate::quant::QuantConfig::check(quant.as_ref(), &weights)?;
         config.validate(&weights)?;
         if tokenizer.n_vocab() > config.vocab_size {
             return Err(ModelError::VocabMismatch { tok: tokenizer.n_vocab(), vocab: config.vocab_size });

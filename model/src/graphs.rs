@@ -29,8 +29,13 @@ impl B<'_> {
         let b = self.p(&format!("{prefix}.bias"));
         self.g.layer_norm(x, w, b, eps)
     }
+    /// `x·wᵀ (+ b)`. A bias the architecture lacks is still added when the
+    /// checkpoint has a nonzero one: GPTQ stores a bias on every quantized
+    /// Linear (zeros where the model has none, which are skipped so that the
+    /// MLP's SwiGLU still fuses).
     fn lin(&mut self, x: NodeId, prefix: &str, bias: bool) -> Result<NodeId, IrError> {
         let w = self.p(&format!("{prefix}.weight"));
+        let bias = bias || self.w.nonzero(&format!("{prefix}.bias"));
         let b = if bias { Some(self.p(&format!("{prefix}.bias"))) } else { None };
         self.g.linear(x, w, b)
     }

@@ -11,6 +11,7 @@ pub mod graphs;
 pub mod grounding;
 pub mod image;
 pub mod posembed;
+pub mod quant;
 pub mod sampling;
 pub mod tokenizer;
 

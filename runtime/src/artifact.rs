@@ -280,6 +280,7 @@ fn st_dtype(d: DType) -> &'static str {
         DType::BF16 => "BF16",
         DType::F16 => "F16",
         DType::I32 => "I32",
+        DType::Q4 => unreachable!("an int4 weight is written as its I32/F16 parts, never as one tensor"),
     }
 }
 
@@ -464,7 +465,7 @@ impl Artifact {
                     };
                     match weights.info(name) {
                         None => return Err(bad("that it does not hold".into())),
-                        Some((d, s)) if d != n.ty.dtype || *s != n.ty.shape => {
+                        Some((d, s)) if d != n.ty.dtype || s != n.ty.shape => {
                             return Err(bad(format!("as {}{}, but it holds {d}{s}", n.ty.dtype, n.ty.shape)))
                         }
                         _ => {}

@@ -18,6 +18,7 @@
 pub mod artifact;
 pub mod cpu;
 pub mod cuda;
+pub mod gptq;
 pub mod gpu;
 pub mod kv;
 pub mod weights;

@@ -2,12 +2,19 @@
 //! reading expected tensors, comparing with a relative error.
 #![allow(dead_code)]
 
+pub mod parity;
+
 use std::path::PathBuf;
 
 /// The fixture directory, or `None` (and a note) where it is absent. With
 /// `QVC_REQUIRE_FIXTURES=1` (CI) a missing fixture is a failure.
 pub fn fixtures() -> Option<PathBuf> {
-    let d = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/tiny-qwen-vl");
+    fixture("tiny-qwen-vl")
+}
+
+/// `../shared/fixtures/NAME`, like [`fixtures`].
+pub fn fixture(name: &str) -> Option<PathBuf> {
+    let d = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures").join(name);
     if d.join("expected.safetensors").is_file() {
         return Some(d);
     }

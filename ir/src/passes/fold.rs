@@ -218,7 +218,10 @@ impl Pass for ConstFold<'_> {
             let ins: Vec<Class> = node.inputs.iter().map(|x| class[x.index()]).collect();
             class[i] = match &node.op {
                 Op::Const(_) => Class::Const,
-                Op::Param(_) if self.weights.is_some() && node.ty.dtype.is_float() => Class::Weight,
+                // A Q4 weight is never folded: that would store it dequantized.
+                Op::Param(_) if self.weights.is_some() && node.ty.dtype.is_float() && node.ty.dtype != DType::Q4 => {
+                    Class::Weight
+                }
                 Op::Input(_) | Op::Param(_) => Class::Other,
                 Op::Iota { .. } if numel <= self.cap => Class::Const,
                 _ if node.ty.dtype == DType::F32 && ins.iter().all(|c| *c == Class::Const) && numel <= self.cap => {

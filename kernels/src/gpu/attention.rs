@@ -256,6 +256,7 @@ impl FlashSpec {
                     Elems::F32(x) => out.extend_from_slice(&x[r]),
                     Elems::BF16(x) => out.extend(x[r].iter().map(|v| f32::from_bits((v.to_bits() as u32) << 16))),
                     Elems::F16(x) => out.extend(x[r].iter().map(|v| v.to_f32())),
+                    Elems::Q4(_) => out.extend(r.map(|i| src.get(i))),
                 }
             }
         }

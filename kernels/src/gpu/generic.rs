@@ -233,6 +233,7 @@ fn dtype_tag(d: DType) -> &'static str {
         DType::BF16 => "bf16",
         DType::F16 => "f16",
         DType::I32 => "i32",
+        DType::Q4 => "q4",
     }
 }
 

@@ -1,0 +1,179 @@
+//! GPTQ int4 Linears in a checkpoint (AutoGPTQ checkpoint format v1, the
+//! layout of Qwen-VL-Chat-Int4): `X.qweight`, `X.qzeros`, `X.scales`,
+//! `X.g_idx` become one virtual weight `X.weight` of [`DType::Q4`] with the
+//! logical shape `[out, in]` of the float weight it replaces, so the model's
+//! graphs read it like any other weight.
+//!
+//! Everything is checked here, once, with errors that name the tensor:
+//! shapes, dtypes, `g_idx` in range and making groups of one size (the last
+//! ragged). Act-order (`desc_act`: `g_idx` is not `i / G`) is resolved here
+//! too: the stored rows are re-sorted by group into an owned copy and the
+//! permutation kept for the activations, as exllama does, so kernels only
+//! ever see consecutive groups. A compiled artifact stores the re-sorted rows
+//! and the permutation (`X.q4_perm`) and maps them as they are.
+
+use qvc_ir::{DType, Q4Ref, Shape};
+use std::borrow::Cow;
+
+/// Suffixes of the tensors one quantized Linear `X` is stored as.
+pub const QWEIGHT: &str = ".qweight";
+pub const QZEROS: &str = ".qzeros";
+pub const SCALES: &str = ".scales";
+pub const G_IDX: &str = ".g_idx";
+/// Written by `qvc compile` for act-order weights: stored row `r` holds input `perm[r]`.
+pub const PERM: &str = ".q4_perm";
+
+/// What is wrong with one quantized Linear.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("int4 weight {prefix:?}: {detail}")]
+pub struct Q4Error {
+    pub prefix: String,
+    pub detail: String,
+}
+
+/// The raw tensors of one quantized Linear, as read from the files.
+pub struct Q4Parts<'a> {
+    pub qweight: (DType, Shape, Cow<'a, [u32]>),
+    pub qzeros: Option<(DType, Shape, Cow<'a, [u32]>)>,
+    pub scales: Option<(DType, Shape, Cow<'a, [half::f16]>)>,
+    pub g_idx: Option<(DType, Shape, Cow<'a, [u32]>)>,
+    pub perm: Option<(DType, Shape, Cow<'a, [u32]>)>,
+}
+
+/// A validated int4 weight's layout; the store keeps the tensor data.
+#[derive(Clone, Debug)]
+pub struct Q4Layout {
+    /// Output features (rows of the logical weight).
+    pub out: usize,
+    /// Input features.
+    pub inp: usize,
+    pub group: usize,
+    /// Act-order: stored row `r` holds input `perm[r]`, and its inverse.
+    pub perm: Option<(Vec<u32>, Vec<u32>)>,
+    /// Act-order from `g_idx`: the stored rows had to be re-sorted, and this
+    /// is the new qweight (the file's is not in group order).
+    pub resorted: Option<Vec<u32>>,
+}
+
+impl Q4Layout {
+    /// Check one Linear's parts and resolve its act-order.
+    pub fn check(prefix: &str, p: &Q4Parts) -> Result<Q4Layout, Q4Error> {
+        let err = |detail: String| Q4Error { prefix: prefix.to_string(), detail };
+        let need =
+            |what: &str| err(format!("has {prefix}{QWEIGHT} but no {prefix}{what}; the checkpoint is incomplete"));
+        let (qd, qs, qw) = &p.qweight;
+        let (zd, zs, _) = p.qzeros.as_ref().ok_or_else(|| need(QZEROS))?;
+        let (sd, ss, _) = p.scales.as_ref().ok_or_else(|| need(SCALES))?;
+        let (gd, gs, g_idx) = p.g_idx.as_ref().ok_or_else(|| need(G_IDX))?;
+        for (what, d, want) in [(QWEIGHT, qd, DType::I32), (QZEROS, zd, DType::I32), (G_IDX, gd, DType::I32)] {
+            if *d != want {
+                return Err(err(format!("{prefix}{what} has dtype {d}, expected {want}")));
+            }
+        }
+        if *sd != DType::F16 {
+            return Err(err(format!("{prefix}{SCALES} has dtype {sd}, expected f16 (AutoGPTQ format v1)")));
+        }
+        if gs.rank() != 1 {
+            return Err(err(format!("{prefix}{G_IDX} has shape {gs}, expected [in]")));
+        }
+        let inp = gs.dim(0);
+        if ss.rank() != 2 {
+            return Err(err(format!("{prefix}{SCALES} has shape {ss}, expected [groups, out]")));
+        }
+        let (groups, out) = (ss.dim(0), ss.dim(1));
+        if inp == 0 || out == 0 || inp % 8 != 0 || out % 8 != 0 {
+            return Err(err(format!(
+                "in = {inp} and out = {out} features: both must be positive multiples of 8 to pack 4-bit values"
+            )));
+        }
+        if qs.dims() != [inp / 8, out] {
+            return Err(err(format!(
+                "{prefix}{QWEIGHT} has shape {qs}, expected [{}, {out}] (in/8 × out for 4-bit values, in = {inp} from \
+                 {prefix}{G_IDX}, out = {out} from {prefix}{SCALES}); is this a 4-bit GPTQ v1 checkpoint?",
+                inp / 8
+            )));
+        }
+        if zs.dims() != [groups, out / 8] {
+            return Err(err(format!("{prefix}{QZEROS} has shape {zs}, expected [{groups}, {}]", out / 8)));
+        }
+        // Groups: g_idx in range, each group G rows but the last.
+        let mut count = vec![0usize; groups];
+        for (i, &g) in g_idx.iter().enumerate() {
+            let g = g as i32;
+            if g < 0 || g as usize >= groups {
+                return Err(err(format!(
+                    "{prefix}{G_IDX}[{i}] = {g} is out of range: {prefix}{SCALES} has {groups} groups"
+                )));
+            }
+            count[g as usize] += 1;
+        }
+        let group = count[0];
+        let ok = group > 0 && inp.div_ceil(group) == groups;
+        if !ok || count.iter().enumerate().any(|(g, &c)| c != group.min(inp - (g * group).min(inp))) {
+            return Err(err(format!(
+                "{prefix}{G_IDX} makes groups of sizes {:?}; qvc needs every group but the last to have the same \
+                 size (as GPTQ writes it)",
+                &count[..count.len().min(8)]
+            )));
+        }
+        let in_order = g_idx.iter().enumerate().all(|(r, &g)| g as usize == r / group);
+        let file_perm = match &p.perm {
+            Some((d, s, v)) => {
+                if *d != DType::I32 || s.dims() != [inp] {
+                    return Err(err(format!("{prefix}{PERM} has dtype {d}, shape {s}, expected i32 [{inp}]")));
+                }
+                if !in_order {
+                    return Err(err(format!("{prefix}{PERM} is given but {prefix}{G_IDX} is not in group order")));
+                }
+                Some(v.to_vec())
+            }
+            None => None,
+        };
+        let (perm, resorted) = if in_order {
+            (file_perm, None)
+        } else {
+            // Sort the stored rows by group (stable: within a group, file order).
+            let mut order: Vec<u32> = (0..inp as u32).collect();
+            order.sort_by_key(|&r| g_idx[r as usize]);
+            let mut q = vec![0u32; qw.len()];
+            for (new, &old) in order.iter().enumerate() {
+                let old = old as usize;
+                for o in 0..out {
+                    let nib = (qw[old / 8 * out + o] >> (4 * (old % 8))) & 15;
+                    q[new / 8 * out + o] |= nib << (4 * (new % 8));
+                }
+            }
+            (Some(order), Some(q))
+        };
+        let perm = match perm {
+            Some(p) => {
+                let mut inv = vec![u32::MAX; inp];
+                for (r, &i) in p.iter().enumerate() {
+                    if i as usize >= inp || inv[i as usize] != u32::MAX {
+                        return Err(err(format!("{prefix}{PERM} is not a permutation of 0..{inp}")));
+                    }
+                    inv[i as usize] = r as u32;
+                }
+                Some((p, inv))
+            }
+            None => None,
+        };
+        Ok(Q4Layout { out, inp, group, perm, resorted })
+    }
+
+    /// The weight as kernels read it.
+    pub fn view<'a>(&'a self, qweight: &'a [u32], qzeros: &'a [u32], scales: &'a [half::f16]) -> Q4Ref<'a> {
+        Q4Ref {
+            rows: self.out,
+            cols: self.inp,
+            row0: 0,
+            ld: self.out,
+            group: self.group,
+            qweight: self.resorted.as_deref().unwrap_or(qweight),
+            qzeros,
+            scales,
+            perm: self.perm.as_ref().map(|(p, _)| p.as_slice()),
+            inv: self.perm.as_ref().map(|(_, i)| i.as_slice()),
+        }
+    }
+}
