@@ -17,7 +17,8 @@
 //! - `scales` F16 `[ceil(in/G), out]`;
 //! - `g_idx` I32 `[in]` = i / G (no act-order);
 //! - `bias` F16 `[out]`: the source bias, or zeros where the source Linear has
-//!   none (AutoGPTQ's QuantLinear always has one).
+//!   none (AutoGPTQ's QuantLinear always had one when Qwen-VL-Chat-Int4 was
+//!   made); `lm_head` gets one only if the source has one, as in GPTQModel.
 //!
 //! Every other tensor is stored as F16 (round to nearest even), as in the
 //! published checkpoint. `config.json` gains `quantization_config` and
@@ -795,7 +796,10 @@ pub fn quantize(src: &Path, dst: &Path, opt: &QuantizeOptions, bar: &ProgressBar
                             ),
                         });
                     }
-                    let zero_bias = !by_name.contains_key(format!("{prefix}.bias").as_str());
+                    // Decoder Linears always get a bias, as in Qwen-VL-Chat-Int4 (made when
+                    // AutoGPTQ's QuantLinear always had one); lm_head follows GPTQModel,
+                    // whose QuantLinear has a bias only where the source Linear has one.
+                    let zero_bias = prefix != "lm_head" && !by_name.contains_key(format!("{prefix}.bias").as_str());
                     Plan::Quantize { prefix: prefix.into(), out, inputs, zero_bias }
                 }
                 None => Plan::Keep,
