@@ -20,7 +20,11 @@
 //! [`CONST_INLINE_MAX`] elements, or non-finite, which JSON cannot hold) are
 //! moved from the graph JSON into the weights file as f32 `const.{k}` params.
 //!
-//! Weight dtypes: checkpoint tensors are stored in `--dtype`. Weights made by
+//! Weight dtypes: checkpoint tensors are stored in `--dtype`, except int4
+//! (GPTQ) weights, which stay int4: a `Param` of [`DType::Q4`] is written as
+//! its parts `X.qweight`, `X.qzeros`, `X.scales`, `X.g_idx` (and `X.q4_perm`
+//! for act-order), rows already sorted by group ([`artifact::q4_parts`]), and
+//! the weights byte counts are those real bytes. Weights made by
 //! folding keep their folded dtype when it is narrower than f32 or when
 //! `--dtype` is f32; folded f32 results of arithmetic are kept f32 (rounding
 //! them would add an error the uncompiled path does not have). Constants stay f32.
@@ -35,7 +39,7 @@ use qvc_model::graphs::{decoder_graph, max_image_rows, vision_graph, DecoderShap
 use qvc_model::{LoadOptions, Model, ModelError};
 use qvc_runtime::artifact::ArtifactError;
 use qvc_runtime::artifact::{
-    self, checkpoint_fingerprint, FileRec, Fnv64, Launch, Manifest, MemoryRec, Program, ProgramStats, SlotRec,
+    self, checkpoint_fingerprint, FileRec, Fnv64, Launch, Manifest, MemoryRec, Program, ProgramStats, Q4Part, SlotRec,
     TensorEntry, TensorSig, CPU_FALLBACK,
 };
 use qvc_runtime::WeightStore;
@@ -419,7 +423,9 @@ fn check_out(out: &Path, force: bool) -> Result<(), CompileError> {
 
 /// Where a weights-file tensor's data comes from.
 enum Data<'a> {
-    Checkpoint(&'a str),
+    Checkpoint(String),
+    /// Part `.1` of the checkpoint's int4 weight `.0` (its virtual `X.weight`).
+    Q4(String, Q4Part),
     Folded(&'a FoldedParam),
     Const(std::sync::Arc<[f32]>),
 }
@@ -548,7 +554,10 @@ pub fn compile(
 
     // The weights file: every param any program reads, in its artifact dtype.
     let stored = |name: &str, graph_dtype: DType| -> DType {
-        if const_data.contains_key(name) {
+        if graph_dtype == DType::Q4 {
+            // Only checkpoint Params are int4, and they stay int4.
+            DType::Q4
+        } else if const_data.contains_key(name) {
             DType::F32
         } else if folded_by_name.contains_key(name) {
             if graph_dtype == DType::F32 || opt.dtype == DType::F32 {
@@ -560,19 +569,56 @@ pub fn compile(
             opt.dtype
         }
     };
-    let mut entries: BTreeMap<String, TensorEntry> = BTreeMap::new();
+    let mut params: BTreeMap<String, TensorEntry> = BTreeMap::new();
     for p in programs.values_mut() {
         for n in p.graph.nodes.iter_mut() {
             let Op::Param(name) = &n.op else { continue };
             n.ty.dtype = stored(name, n.ty.dtype);
-            entries.entry(name.clone()).or_insert_with(|| TensorEntry {
+            params.entry(name.clone()).or_insert_with(|| TensorEntry {
                 name: name.clone(),
                 dtype: n.ty.dtype,
                 shape: n.ty.shape.clone(),
             });
         }
     }
-    let entries: Vec<TensorEntry> = entries.into_values().collect();
+    // The weights file's tensors and where each one's data comes from. An
+    // int4 Param is written as its GPTQ parts in the store's resolved order
+    // (rows sorted by group, `q4_perm` for act-order), which the runtime's
+    // WeightStore maps as they are; every other tensor in its stored dtype.
+    let mut entries_file: Vec<TensorEntry> = Vec::with_capacity(params.len());
+    let mut sources: Vec<Data> = Vec::with_capacity(params.len());
+    let mut f16_rounded = 0usize;
+    for e in params.into_values() {
+        let name = e.name.clone();
+        if e.dtype == DType::Q4 {
+            let missing = || CompileError::MissingWeight { name: name.clone() };
+            let prefix = name.strip_suffix(".weight").ok_or_else(missing)?;
+            let q = m.weights.q4(&name).ok_or_else(missing)?;
+            for (part, t) in artifact::q4_parts(prefix, &q) {
+                entries_file.push(t);
+                sources.push(Data::Q4(name.clone(), part));
+            }
+            continue;
+        }
+        sources.push(if let Some(d) = const_data.get(name.as_str()) {
+            Data::Const((*d).clone())
+        } else if let Some(f) = folded_by_name.get(name.as_str()) {
+            Data::Folded(f)
+        } else {
+            if e.dtype == DType::BF16 && m.weights.info(&name).is_some_and(|(d, _)| d == DType::F16) {
+                f16_rounded += 1;
+            }
+            Data::Checkpoint(name)
+        });
+        entries_file.push(e);
+    }
+    if f16_rounded > 0 {
+        notes.push(format!(
+            "{f16_rounded} checkpoint tensors are f16 and were rounded to bf16 (--dtype bf16); --dtype f16 keeps \
+             them exact"
+        ));
+    }
+    let entries = entries_file;
     let weight_bytes_est: u64 = entries.iter().map(|e| e.bytes() as u64).sum();
 
     // Memory plans and kernel launches.
@@ -647,18 +693,6 @@ pub fn compile(
     std::fs::create_dir_all(&tmp).map_err(ioerr(&tmp))?;
     let result = (|| -> Result<Manifest, CompileError> {
         let wpath = tmp.join(artifact::WEIGHTS);
-        let sources: Vec<Data> = entries
-            .iter()
-            .map(|e| {
-                if let Some(d) = const_data.get(e.name.as_str()) {
-                    Data::Const((*d).clone())
-                } else if let Some(f) = folded_by_name.get(e.name.as_str()) {
-                    Data::Folded(f)
-                } else {
-                    Data::Checkpoint(e.name.as_str())
-                }
-            })
-            .collect();
         let weights_rec = artifact::write_weights::<CompileError>(&wpath, &entries, |i, buf| {
             let e = &entries[i];
             match &sources[i] {
@@ -668,6 +702,10 @@ pub fn compile(
                     let w =
                         m.weights.weight(name).ok_or_else(|| CompileError::MissingWeight { name: name.to_string() })?;
                     to_bytes(w, e.dtype, buf)
+                }
+                Data::Q4(name, part) => {
+                    let q = m.weights.q4(name).ok_or_else(|| CompileError::MissingWeight { name: name.to_string() })?;
+                    artifact::q4_part_bytes(&q, *part, buf)
                 }
             }
             Ok(())
@@ -709,7 +747,9 @@ pub fn compile(
             }
         }
         let dir = m.dir.as_deref().expect("checkpoints have a directory");
-        for name in ["config.json", "generation_config.json", "qwen.tiktoken"] {
+        // quantize_config.json: where a GPTQ checkpoint's config.json has no
+        // quantization_config, the artifact's settings are read from it.
+        for name in ["config.json", "generation_config.json", "qwen.tiktoken", "quantize_config.json"] {
             let from = dir.join(name);
             if from.is_file() {
                 std::fs::copy(&from, tmp.join(name)).map_err(ioerr(&from))?;

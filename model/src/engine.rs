@@ -249,8 +249,13 @@ impl Model {
                 opt.vit_attention
             )));
         }
-        let mut config = Config::from_file(&opt.config.clone().unwrap_or_else(|| dir.join("config.json")))?;
+        let cfg_path = opt.config.clone().unwrap_or_else(|| dir.join("config.json"));
+        let mut config = Config::from_file(&cfg_path)?;
         config.visual.image_size = o.image_size;
+        // int4 weights are stored as compiled from the checkpoint: its
+        // quantization_config (copied with config.json) still describes them.
+        let quant = crate::quant::QuantConfig::from_config_file(&cfg_path)?;
+        crate::quant::QuantConfig::check(quant.as_ref(), &art.weights)?;
         let gen_path = dir.join("generation_config.json");
         let generation =
             if gen_path.exists() { GenerationConfig::from_file(&gen_path)? } else { GenerationConfig::default() };

@@ -7,6 +7,7 @@
 //!                          programs (IR after the pipeline, memory plan,
 //!                          kernel launches), weights checksum, file list
 //!   weights.safetensors    every tensor the programs read, 256-byte aligned
+//!                          (an int4 weight as its parts, see below)
 //!   kernels.ptx            GPU targets: every kernel the programs launch
 //!   kernels.sm_XX.cubin    GPU targets, when ptxas was found
 //!   config.json, generation_config.json, qwen.tiktoken   copied from the source
@@ -26,13 +27,21 @@
 //!   whole weights file and checks the checksum. Every error names the file,
 //!   what is wrong, and what to do.
 //!
+//! An int4 Param `X.weight` ([`DType::Q4`]) is stored as the tensors of a
+//! GPTQ v1 Linear with act-order already resolved ([`q4_parts`]):
+//! `X.qweight` (I32, rows sorted by group), `X.qzeros` (I32), `X.scales`
+//! (F16), `X.g_idx` (I32, `r / G`) and, for an act-order weight, `X.q4_perm`
+//! (I32: stored row `r` holds input `perm[r]`). [`WeightStore`] serves them
+//! as the virtual `X.weight` again, mapped as they are (no re-sort at open).
+//!
 //! Programs are compiled per shape bucket (prefill token counts and decode
 //! past lengths, powers of two up to `max_seq`); running a prompt shorter
 //! than its bucket needs padding and masking, which is the executor's job
 //! (not written yet): today the buckets are recorded, not yet used.
 
+use crate::gptq;
 use crate::weights::{WeightError, WeightStore};
-use qvc_ir::{DType, Graph, Op, Shape};
+use qvc_ir::{DType, Graph, Op, Q4Ref, Shape};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -269,8 +278,90 @@ pub struct TensorEntry {
 }
 
 impl TensorEntry {
+    /// Bytes of the stored data. An int4 weight's real bytes depend on its
+    /// groups: it is written as its [`q4_parts`], which have plain dtypes.
     pub fn bytes(&self) -> usize {
         self.shape.numel() * self.dtype.size()
+    }
+}
+
+/// One of the tensors an int4 weight is written as.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Q4Part {
+    QWeight,
+    QZeros,
+    Scales,
+    GIdx,
+    Perm,
+}
+
+impl Q4Part {
+    /// The suffix after the Linear's prefix (`X.qweight`, …).
+    pub fn suffix(self) -> &'static str {
+        match self {
+            Q4Part::QWeight => gptq::QWEIGHT,
+            Q4Part::QZeros => gptq::QZEROS,
+            Q4Part::Scales => gptq::SCALES,
+            Q4Part::GIdx => gptq::G_IDX,
+            Q4Part::Perm => gptq::PERM,
+        }
+    }
+}
+
+/// The tensors the int4 weight `q` of the Linear `prefix` (its Param is
+/// `{prefix}.weight`) is written as: the GPTQ v1 parts with the rows in
+/// `q`'s stored order (sorted by group), so `g_idx` is `r / G`, plus
+/// `q4_perm` when `q` has act-order. Their bytes come from [`q4_part_bytes`].
+pub fn q4_parts(prefix: &str, q: &Q4Ref) -> Vec<(Q4Part, TensorEntry)> {
+    let (out, inp, groups) = (q.rows, q.cols, q.groups());
+    let mut v = vec![
+        (Q4Part::QWeight, DType::I32, vec![inp / 8, out]),
+        (Q4Part::QZeros, DType::I32, vec![groups, out / 8]),
+        (Q4Part::Scales, DType::F16, vec![groups, out]),
+        (Q4Part::GIdx, DType::I32, vec![inp]),
+    ];
+    if q.perm.is_some() {
+        v.push((Q4Part::Perm, DType::I32, vec![inp]));
+    }
+    v.into_iter()
+        .map(|(p, dtype, shape)| {
+            (p, TensorEntry { name: format!("{prefix}{}", p.suffix()), dtype, shape: Shape::new(shape) })
+        })
+        .collect()
+}
+
+/// Append part `part` of the int4 weight `q` to `buf`, little-endian, in
+/// the shape [`q4_parts`] gives it. A row-range view is written as a matrix
+/// of its own (its output columns gathered, its zeros repacked).
+pub fn q4_part_bytes(q: &Q4Ref, part: Q4Part, buf: &mut Vec<u8>) {
+    let (o0, out, inp) = (q.row0, q.rows, q.cols);
+    match part {
+        Q4Part::QWeight => {
+            for r8 in 0..inp / 8 {
+                let row = &q.qweight[r8 * q.ld + o0..r8 * q.ld + o0 + out];
+                buf.extend_from_slice(bytemuck::cast_slice(row));
+            }
+        }
+        Q4Part::QZeros => {
+            for g in 0..q.groups() {
+                for c in 0..out / 8 {
+                    // v1 stores zero − 1; `zero` already added the 1.
+                    let word = (0..8).fold(0u32, |w, j| w | ((q.zero(g, o0 + 8 * c + j) - 1) & 15) << (4 * j));
+                    buf.extend(word.to_le_bytes());
+                }
+            }
+        }
+        Q4Part::Scales => {
+            for g in 0..q.groups() {
+                buf.extend_from_slice(bytemuck::cast_slice(&q.scales[g * q.ld + o0..g * q.ld + o0 + out]));
+            }
+        }
+        Q4Part::GIdx => (0..inp).for_each(|r| buf.extend(((r / q.group) as i32).to_le_bytes())),
+        Q4Part::Perm => {
+            if let Some(p) = q.perm {
+                buf.extend_from_slice(bytemuck::cast_slice(p));
+            }
+        }
     }
 }
 
@@ -280,7 +371,7 @@ fn st_dtype(d: DType) -> &'static str {
         DType::BF16 => "BF16",
         DType::F16 => "F16",
         DType::I32 => "I32",
-        DType::Q4 => unreachable!("an int4 weight is written as its I32/F16 parts, never as one tensor"),
+        DType::Q4 => unreachable!("write_weights refuses Q4 entries before naming their dtype"),
     }
 }
 
@@ -300,6 +391,13 @@ pub fn write_weights<E: From<std::io::Error>>(
     let mut pos = 0usize;
     let mut pads = 0usize;
     let mut starts = Vec::with_capacity(tensors.len());
+    if let Some(t) = tensors.iter().find(|t| t.dtype == DType::Q4) {
+        return Err(std::io::Error::other(format!(
+            "tensor {:?} is int4: write it as its parts (artifact::q4_parts), not as one tensor",
+            t.name
+        ))
+        .into());
+    }
     for t in tensors {
         let start = pos.next_multiple_of(ALIGN);
         if start > pos {
