@@ -352,6 +352,10 @@ pub fn decoder_graph(cfg: &Config, w: &WeightStore, s: &DecoderShape) -> Result<
     } else {
         vec![]
     };
+    let wanted = Wanted::of(s, t, batch);
+    let mut last_index = None;
+    // Narrow inside the last block unless every row's residual stream is an output.
+    let early = !s.hidden && cfg.layers > 0;
     for i in 0..cfg.layers {
         let pre = format!("transformer.h.{i}");
         let ln1 = b.p(&format!("{pre}.ln_1.weight"));
@@ -393,7 +397,16 @@ pub fn decoder_graph(cfg: &Config, w: &WeightStore, s: &DecoderShape) -> Result<
         } else {
             b.g.attention(q, k, v, Mask::Causal, scale)?
         };
-        let a = b.g.reshape(a, vec![t, h])?;
+        let mut a = b.g.reshape(a, vec![t, h])?;
+        if early && i + 1 == cfg.layers {
+            // The last block's keys and values (above) cover every row;
+            // after its attention only the rows whose logits are wanted feed
+            // anything, so its c_proj, MLP, `ln_f` and `lm_head` run on
+            // those rows alone (exact: each is row-wise). What llama.cpp
+            // does; a third of a 2-layer prefill's work.
+            a = pick_rows(&mut b, wanted, t, a, &mut last_index)?;
+            x = pick_rows(&mut b, wanted, t, x, &mut last_index)?;
+        }
         let o = b.lin(a, &format!("{pre}.attn.c_proj"), false)?;
         x = b.g.add(x, o)?;
         let ln2 = b.p(&format!("{pre}.ln_2.weight"));
@@ -409,14 +422,8 @@ pub fn decoder_graph(cfg: &Config, w: &WeightStore, s: &DecoderShape) -> Result<
             b.g.set_output(&format!("hidden.block_{i}"), x);
         }
     }
-    let last = if s.all_logits || t == 1 || batch > 1 {
-        x
-    } else if s.bucketed {
-        let at = b.g.input("last_index", DType::I32, vec![1]);
-        b.g.gather(x, at)?
-    } else {
-        b.g.slice(x, 0, t - 1, t)?
-    };
+    // Narrowed early, `x` holds only the wanted rows already.
+    let last = if early { x } else { pick_rows(&mut b, wanted, t, x, &mut last_index)? };
     let lnf = b.p("transformer.ln_f.weight");
     if s.hidden {
         let all = b.g.rms_norm(x, lnf, cfg.eps)?;
@@ -427,6 +434,49 @@ pub fn decoder_graph(cfg: &Config, w: &WeightStore, s: &DecoderShape) -> Result<
     let logits = b.g.matmul_t(y, lm)?;
     b.g.set_output("logits", logits);
     Ok(b.g)
+}
+
+/// The rows of a decoder step whose logits are wanted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Wanted {
+    /// Every row: all-position logits, or one row per step or sequence.
+    Every,
+    /// The prompt's last row, `t - 1`.
+    Last,
+    /// The row the input `last_index [1]` names (a bucketed prompt, padded
+    /// at the end).
+    AtIndex,
+}
+
+impl Wanted {
+    fn of(s: &DecoderShape, t: usize, batch: usize) -> Wanted {
+        if s.all_logits || t == 1 || batch > 1 {
+            Wanted::Every
+        } else if s.bucketed {
+            Wanted::AtIndex
+        } else {
+            Wanted::Last
+        }
+    }
+}
+
+/// `x [t, h]` reduced to the wanted rows; `last_index` is the input node,
+/// declared on first use.
+fn pick_rows(
+    b: &mut B<'_>,
+    w: Wanted,
+    t: usize,
+    x: NodeId,
+    last_index: &mut Option<NodeId>,
+) -> Result<NodeId, IrError> {
+    match w {
+        Wanted::Every => Ok(x),
+        Wanted::Last => b.g.slice(x, 0, t - 1, t),
+        Wanted::AtIndex => {
+            let at = *last_index.get_or_insert_with(|| b.g.input("last_index", DType::I32, vec![1]));
+            b.g.gather(x, at)
+        }
+    }
 }
 
 /// Rotary tables for absolute positions `start..start + n`, with the NTK
@@ -469,6 +519,66 @@ pub fn logn_scales(cfg: &Config, start: usize, n: usize) -> Vec<f32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Rows of the activation each matmul over `param` reads, in graph order.
+    fn rows_into(g: &Graph, param: &str) -> Vec<usize> {
+        g.nodes
+            .iter()
+            .filter(|n| matches!(n.op, qvc_ir::Op::MatMul { .. }))
+            .filter(|n| matches!(&g.node(n.inputs[1]).op, qvc_ir::Op::Param(p) if p == param))
+            .map(|n| g.shape(n.inputs[0]).0[0])
+            .collect()
+    }
+
+    /// At prefill the last block's c_proj, MLP, `ln_f` and `lm_head` run on
+    /// the logits row only (a slice, or the `last_index` row of a bucketed
+    /// program), while its keys and values and every earlier block keep all
+    /// rows; all-position logits, hidden states, decode steps and batches
+    /// keep every row.
+    #[test]
+    fn prefill_narrows_the_last_block_to_the_logits_row() {
+        let v = serde_json::json!({
+            "hidden_size": 64, "num_attention_heads": 4, "kv_channels": 16, "num_hidden_layers": 3,
+            "intermediate_size": 256, "layer_norm_epsilon": 1e-6, "rotary_emb_base": 10000,
+            "rotary_pct": 1.0, "seq_length": 2048, "use_dynamic_ntk": true, "use_logn_attn": true,
+            "vocab_size": 512,
+            "visual": {"heads": 4, "image_size": 224, "image_start_id": 500, "layers": 1,
+                       "mlp_ratio": 4.0, "output_dim": 64, "patch_size": 14, "width": 32}
+        });
+        let cfg = Config::from_json(&v, std::path::Path::new("test")).unwrap();
+        let w = WeightStore::shapes_only(
+            cfg.expected_tensors().into_iter().map(|(n, s)| (n, DType::BF16, qvc_ir::Shape::new(s))),
+        );
+        let t = 7;
+        let narrow = |s: &DecoderShape, rows: usize| {
+            let g = decoder_graph(&cfg, &w, s).unwrap();
+            for (i, want) in [(0, t), (1, t), (2, rows)] {
+                let pre = format!("transformer.h.{i}");
+                assert_eq!(rows_into(&g, &format!("{pre}.attn.c_attn.weight")), [t], "{s:?}");
+                for p in ["attn.c_proj", "mlp.w1", "mlp.w2", "mlp.c_proj"] {
+                    assert_eq!(rows_into(&g, &format!("{pre}.{p}.weight")), [want], "{p} of block {i}, {s:?}");
+                }
+                assert_eq!(g.shape(g.output(&format!("k.{i}")).unwrap()).0[0], t, "{s:?}");
+                assert_eq!(g.shape(g.output(&format!("v.{i}")).unwrap()).0[0], t, "{s:?}");
+            }
+            let logits = g.shape(g.output("logits").unwrap()).0.clone();
+            assert_eq!(logits, [if s.all_logits { t } else { 1 }, 512], "{s:?}");
+            assert_eq!(rows_into(&g, "lm_head.weight"), [logits[0]], "{s:?}");
+            g
+        };
+        let plain = DecoderShape { tokens: t, ..Default::default() };
+        let g = narrow(&plain, 1);
+        assert!(g.inputs().iter().all(|(n, _)| *n != "last_index"));
+        let bucketed = DecoderShape { tokens: t, bucketed: true, ..Default::default() };
+        let g = narrow(&bucketed, 1);
+        assert_eq!(g.inputs().iter().filter(|(n, _)| *n == "last_index").count(), 1);
+        // A chunk after cached rows narrows too.
+        narrow(&DecoderShape { tokens: t, past: 16, ..Default::default() }, 1);
+        narrow(&DecoderShape { tokens: t, all_logits: true, ..Default::default() }, t);
+        let g = narrow(&DecoderShape { tokens: t, hidden: true, ..Default::default() }, t);
+        assert_eq!(g.shape(g.output("hidden.final_norm").unwrap()).0[0], t);
+        assert_eq!(g.shape(g.output("hidden.block_2").unwrap()).0[0], t);
+    }
 
     /// A program's image inputs are padded to the rows it declares, the
     /// rest `NO_ROW` with zero features; too many rows, or rows for a
