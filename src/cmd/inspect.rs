@@ -1,9 +1,14 @@
 //! `qvc inspect`: a checkpoint's configuration and program sizes, or a compiled
-//! artifact's programs, kernels and memory plans.
+//! artifact's programs, kernels and memory plans; for both, the weights'
+//! bytes by format and, for GPTQ int4, which Linears are int4, their group
+//! size and act-order, and the quantization_config.
 
 use crate::common::{load, ModelArgs};
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use clap::Args;
+use qvc_ir::DType;
+use qvc_runtime::WeightStore;
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -45,6 +50,8 @@ pub fn run(a: InspectArgs) -> Result<()> {
         v.width, v.layers, v.heads, v.mlp_width, v.image_size, v.patch_size, v.output_dim
     );
     println!("tensors: {} ({:.3} GB)", model.weights.names().len(), model.weights.total_bytes() as f64 / 1e9);
+    let cfg_path = a.config.clone().unwrap_or_else(|| model.dir.join("config.json"));
+    print_formats(&model.weights, c.layers, &cfg_path)?;
     let vg = model.vision_graph(&Default::default())?;
     let pg = qvc_model::graphs::decoder_graph(
         c,
@@ -81,6 +88,9 @@ fn inspect_artifact(dir: &Path, verify: bool) -> Result<()> {
         m.weights.fnv64,
         if verify { ", verified" } else { ", not verified: pass --verify" }
     );
+    let cfg_path = dir.join("config.json");
+    let layers = qvc_model::config::Config::from_file(&cfg_path)?.layers;
+    print_formats(&art.weights, layers, &cfg_path)?;
     println!("KV cache: {:.1} MiB; kernels: {}", m.kv_cache_bytes as f64 / 1048576.0, m.kernels.len());
     for f in &m.files {
         println!("  file {} ({} bytes)", f.name, f.bytes);
@@ -127,4 +137,90 @@ fn inspect_artifact(dir: &Path, verify: bool) -> Result<()> {
     }
     eprintln!("[qvc] opened in {:.2} s", t0.elapsed().as_secs_f64());
     Ok(())
+}
+
+/// The bytes of `w` by format (`int4` counts every part of a GPTQ Linear),
+/// and for int4 weights: how many Linears (of the decoder's `layers` × 5,
+/// and `lm_head`), their group sizes, act-order, and the raw
+/// quantization_config of the checkpoint whose config.json is `config`.
+fn print_formats(w: &WeightStore, layers: usize, config: &Path) -> Result<()> {
+    use qvc_runtime::gptq::{G_IDX, PERM, QWEIGHT, QZEROS, SCALES};
+    let q4 = w.q4_names();
+    let parts: HashSet<String> = q4
+        .iter()
+        .flat_map(|n| {
+            let prefix = n.strip_suffix(".weight").unwrap_or(n);
+            [QWEIGHT, QZEROS, SCALES, G_IDX, PERM].map(|s| format!("{prefix}{s}"))
+        })
+        .collect();
+    let mut by: BTreeMap<&str, (usize, u64)> = BTreeMap::new();
+    for name in w.names() {
+        let Some((dtype, shape)) = w.info(name) else { continue };
+        let format = if parts.contains(name) {
+            "int4"
+        } else {
+            match dtype {
+                DType::F32 => "f32",
+                DType::BF16 => "bf16",
+                DType::F16 => "f16",
+                DType::I32 => "i32",
+                DType::Q4 => "int4",
+            }
+        };
+        let e = by.entry(format).or_default();
+        e.0 += 1;
+        e.1 += (shape.numel() * dtype.size()) as u64;
+    }
+    let list: Vec<String> = ["int4", "f16", "bf16", "f32", "i32"]
+        .iter()
+        .filter_map(|f| by.get(f).map(|(n, b)| format!("{f} {:.2} MiB ({n} tensors)", *b as f64 / 1048576.0)))
+        .collect();
+    println!("bytes by format: {}", list.join(", "));
+    if q4.is_empty() {
+        println!("int4: none (no GPTQ Linears)");
+    } else {
+        let decoder = q4.iter().filter(|n| n.starts_with("transformer.h.")).count();
+        let head = q4.contains(&"lm_head.weight");
+        let mut groups: BTreeSet<String> = BTreeSet::new();
+        let mut act_order = 0;
+        for n in &q4 {
+            let q = w.q4(n).expect("listed by q4_names");
+            groups.insert(if q.group >= q.cols { "-1 (one group per Linear)".into() } else { q.group.to_string() });
+            act_order += q.perm.is_some() as usize;
+        }
+        println!(
+            "int4: {} Linears ({decoder} of the decoder's {}, lm_head {}), group size {}, act-order {}",
+            q4.len(),
+            5 * layers,
+            if head { "int4" } else { "not int4" },
+            groups.into_iter().collect::<Vec<_>>().join(", "),
+            match act_order {
+                0 => "no".to_string(),
+                n if n == q4.len() => "yes".to_string(),
+                n => format!("in {n} of {} Linears", q4.len()),
+            }
+        );
+    }
+    match quantization_config(config)? {
+        Some((from, v)) => println!("quantization_config ({}): {v}", from.display()),
+        None => println!("quantization_config: none"),
+    }
+    Ok(())
+}
+
+/// The raw `quantization_config` of `config` (a config.json), else the
+/// `quantize_config.json` beside it, with the file it came from.
+fn quantization_config(config: &Path) -> Result<Option<(PathBuf, serde_json::Value)>> {
+    let read = |p: &Path| -> Result<serde_json::Value> {
+        let text = std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))?;
+        serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", p.display()))
+    };
+    if let Some(q) = read(config)?.get("quantization_config").filter(|q| !q.is_null()) {
+        return Ok(Some((config.to_path_buf(), q.clone())));
+    }
+    let side = config.parent().unwrap_or(Path::new(".")).join("quantize_config.json");
+    if side.is_file() {
+        return Ok(Some((side.clone(), read(&side)?)));
+    }
+    Ok(None)
 }
