@@ -431,7 +431,7 @@ fn table(rows: &[Row]) -> String {
 
 /// The CPU's ceilings, measured at the pool's thread count (under 1 s in all):
 /// - f32 FMA peak: [`qvc_kernels::peak::fma_loop`] on the path the kernels
-///   use ([`qvc_kernels::Isa::detect`]: AVX2+FMA where the CPU has it, else portable
+///   use ([`qvc_kernels::Isa::detect`]: AVX-512, else AVX2+FMA where the CPU has it, else portable
 ///   mul/add), run on every rayon thread at once ([`rayon::broadcast`]),
 ///   wall-clock over all of them, best of 10 runs of ~20 ms after a
 ///   calibration run;
@@ -466,6 +466,7 @@ fn cpu_ceilings(shapes: &[GemmShape]) -> Ceilings {
         fma_flops = fma_flops.max(flops as f64 / s);
     }
     let isa_name = match isa {
+        Isa::Avx512 => "AVX-512F, 24 independent 16-lane FMA chains",
         Isa::Avx2Fma => "AVX2+FMA, 12 independent 8-lane FMA chains",
         Isa::Portable => "portable mul+add, 6 independent 8-lane chains",
     };

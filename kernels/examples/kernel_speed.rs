@@ -1,9 +1,23 @@
-//! Quick timings of the fast kernels (not a benchmark suite: `benches/cpu.rs`
-//! is). Run: `cargo run -p qvc-kernels --release --example kernel_speed`.
+//! Timings of the fast kernels at Qwen-VL-Chat's real GEMM shapes, as
+//! fractions of ceilings measured in the same run (not a benchmark suite:
+//! `benches/` is). Run:
+//! `RAYON_NUM_THREADS=2 cargo run -p qvc-kernels --release --example kernel_speed [-- quick] [-- portable]`.
+//!
+//! For every code path the CPU has (AVX-512, AVX2+FMA; portable only when
+//! asked: it is slow): the FMA peak of that path on all pool threads at once
+//! (`qvc_kernels::peak`, best of 10 × ~20 ms), then each GEMM (f32
+//! activations × a bf16 `[out, in]` weight, as the Linear layers run it)
+//! in GFLOP/s and as a fraction of that peak, and the decode GEMV (one and
+//! eight rows × a bf16 weight too big for the caches) in GB/s of weight
+//! read and as a fraction of the measured read bandwidth (a 256 MiB sum).
+//! The load average is printed first and last: the machine is shared, and
+//! a busy neighbour lowers every number.
 
 use half::bf16;
 use qvc_ir::Elems;
+use qvc_kernels::peak::fma_loop;
 use qvc_kernels::*;
+use rayon::prelude::*;
 use std::time::Instant;
 
 /// Best of `reps` runs of `f`, in seconds.
@@ -21,109 +35,130 @@ fn best(reps: usize, mut f: impl FnMut()) -> f64 {
 fn data(n: usize, seed: u32) -> Vec<f32> {
     // Cheap deterministic values in [-1, 1].
     (0..n)
+        .into_par_iter()
         .map(|i| ((i as u32).wrapping_mul(2654435761).wrapping_add(seed) >> 8) as f32 / (1u32 << 23) as f32 - 1.0)
         .collect()
 }
 
-fn main() {
-    println!("threads: {}, isa: {:?}", rayon::current_num_threads(), Isa::detect());
-    for isa in [Isa::detect(), Isa::Portable] {
-        // 512³ f32, both row-major.
-        let (m, n, k) = (512, 512, 512);
-        let (a, b) = (data(m * k, 1), data(k * n, 2));
-        let mut c = vec![0.0; m * n];
-        let t = best(5, || {
-            gemm_with_isa(
-                isa,
-                MatRef::row_major(Elems::F32(&a), m, k),
-                MatRef::row_major(Elems::F32(&b), k, n),
-                &mut c,
-                false,
-            )
-        });
-        println!("{isa:?} gemm 512x512x512 f32: {:.1} GFLOP/s", gemm_flops(m, n, k) as f64 / t / 1e9);
+fn bf16_data(n: usize, seed: u32) -> Vec<bf16> {
+    data(n, seed).into_par_iter().map(bf16::from_f32).collect()
+}
 
-        // Linear layer: 256 tokens × W[4096 out, 4096 in] bf16.
-        let (m, n, k) = (256, 4096, 4096);
-        let x = data(m * k, 3);
-        let w: Vec<bf16> = data(n * k, 4).into_iter().map(bf16::from_f32).collect();
-        let mut y = vec![0.0; m * n];
-        let t = best(2, || {
-            gemm_with_isa(
-                isa,
-                MatRef::row_major(Elems::F32(&x), m, k),
-                MatRef::row_major(Elems::BF16(&w), n, k).transposed(),
-                &mut y,
-                false,
-            )
-        });
-        println!("{isa:?} gemm 256x4096x4096 bf16 W^T: {:.1} GFLOP/s", gemm_flops(m, n, k) as f64 / t / 1e9);
+fn load() -> String {
+    std::fs::read_to_string("/proc/loadavg").map(|s| s.trim().to_string()).unwrap_or_else(|_| "?".into())
+}
 
-        // Decode GEMV: 1 × W[4096, 4096] bf16.
-        let t = best(5, || {
-            gemm_with_isa(
-                isa,
-                MatRef::row_major(Elems::F32(&x[..k]), 1, k),
-                MatRef::row_major(Elems::BF16(&w), n, k).transposed(),
-                &mut y[..n],
-                false,
-            )
-        });
-        println!("{isa:?} gemv 1x4096x4096 bf16 W^T: {:.2} ms, {:.1} GB/s", t * 1e3, (n * k * 2) as f64 / t / 1e9);
-
-        // Vision attention: tq = tk = 1024, 16 heads, d 104.
-        let (tq, heads, d) = (1024, 16, 104);
-        let qkv = data(tq * 3 * heads * d, 5);
-        let hd = heads * d;
-        let args = AttnArgs {
-            q: &qkv,
-            q_stride: 3 * hd,
-            k: &qkv[hd..],
-            v: &qkv[2 * hd..],
-            kv_stride: 3 * hd,
-            tq,
-            tk: tq,
-            heads,
-            d,
-            scale: 0.1,
-            mask: Mask::None,
-        };
-        let mut out = vec![0.0; tq * hd];
-        let t = best(2, || attention_with_isa(isa, &args, &mut out));
-        println!(
-            "{isa:?} attention 1024x1024 h16 d104: {:.1} ms, {:.1} GFLOP/s",
-            t * 1e3,
-            attention_flops(tq, tq, heads, d, Mask::None) as f64 / t / 1e9
-        );
-
-        // Decode attention: 1 query, 2048 cached keys, 32 heads, d 128, causal.
-        let (tk, heads, d) = (2048, 32, 128);
-        let kv = data(tk * heads * d, 6);
-        let q1 = data(heads * d, 7);
-        let args = AttnArgs {
-            q: &q1,
-            q_stride: heads * d,
-            k: &kv,
-            v: &kv,
-            kv_stride: heads * d,
-            tq: 1,
-            tk,
-            heads,
-            d,
-            scale: 0.088,
-            mask: Mask::Causal,
-        };
-        let mut out = vec![0.0; heads * d];
-        let t = best(5, || attention_with_isa(isa, &args, &mut out));
-        println!(
-            "{isa:?} decode attention tk 2048 h32 d128: {:.2} ms, {:.1} GB/s",
-            t * 1e3,
-            (2 * tk * heads * d * 4) as f64 / t / 1e9
-        );
+/// f32 FMA peak of `isa` on every pool thread at once, GFLOP/s.
+fn fma_peak(isa: Isa) -> f64 {
+    let probe = 200_000;
+    let t0 = Instant::now();
+    std::hint::black_box(fma_loop(isa, probe));
+    let per_trip = t0.elapsed().as_secs_f64().max(1e-9) / probe as f64;
+    let iters = ((0.02 / per_trip) as usize).clamp(probe, 1 << 32);
+    let mut peak = 0f64;
+    for _ in 0..10 {
+        let t0 = Instant::now();
+        let done: Vec<(u64, f32)> = rayon::broadcast(|_| fma_loop(isa, iters));
+        let s = t0.elapsed().as_secs_f64();
+        std::hint::black_box(&done);
+        peak = peak.max(done.iter().map(|d| d.0).sum::<u64>() as f64 / s / 1e9);
     }
-    let mut v = data(1 << 22, 8);
-    let t = best(5, || gelu_erf(&mut v));
-    println!("gelu_erf: {:.2} ns/elem", t * 1e9 / (1 << 22) as f64);
-    let t = best(5, || silu(&mut v));
-    println!("silu: {:.2} ns/elem", t * 1e9 / (1 << 22) as f64);
+    peak
+}
+
+/// Read bandwidth: a vectorised sum over 256 MiB on the pool, best of 12, GB/s.
+fn read_bandwidth() -> f64 {
+    let n = 64 << 20;
+    let mut buf = vec![0f32; n];
+    buf.par_chunks_mut(1 << 16).for_each(|c| c.fill(1.0));
+    let t = best(12, || {
+        let s: f32 = buf
+            .par_chunks(1 << 16)
+            .map(|c| {
+                let mut acc = [0f32; 8];
+                for ch in c.chunks_exact(8) {
+                    for (a, v) in acc.iter_mut().zip(ch) {
+                        *a += v;
+                    }
+                }
+                acc.iter().sum::<f32>()
+            })
+            .sum();
+        std::hint::black_box(s);
+    });
+    (n * 4) as f64 / t / 1e9
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let quick = args.iter().any(|a| a == "quick");
+    let mut isas: Vec<Isa> = [Isa::Avx512, Isa::Avx2Fma].into_iter().filter(|i| i.available()).collect();
+    if args.iter().any(|a| a == "portable") {
+        isas.push(Isa::Portable);
+    }
+    println!("threads: {}, detected isa: {:?}, load: {}", rayon::current_num_threads(), Isa::detect(), load());
+    let bw = read_bandwidth();
+    println!("read bandwidth: {bw:.1} GB/s (256 MiB sum, best of 12)");
+
+    // (name, m, n = out, k = in): ViT-bigG at one 448 picture (1024
+    // patches), the decoder at a 300-token prefill.
+    let mut shapes = vec![
+        ("vit c_fc", 1024, 8192, 1664),
+        ("vit c_proj", 1024, 1664, 8192),
+        ("vit in_proj", 1024, 4992, 1664),
+        ("llm c_attn", 300, 12288, 4096),
+        ("llm w1/w2", 300, 11008, 4096),
+        ("llm c_proj(mlp)", 300, 4096, 11008),
+    ];
+    if quick {
+        shapes.truncate(1);
+        shapes.push(("llm c_attn", 300, 12288, 4096));
+    }
+    let weights: Vec<Vec<bf16>> = shapes.iter().map(|&(_, _, n, k)| bf16_data(n * k, 4)).collect();
+    let acts: Vec<Vec<f32>> = shapes.iter().map(|&(_, m, _, k)| data(m * k, 3)).collect();
+    for &isa in &isas {
+        let peak = fma_peak(isa);
+        println!("{isa:?}: FMA peak {peak:.1} GFLOP/s on {} threads", rayon::current_num_threads());
+        for (((name, m, n, k), w), x) in shapes.iter().zip(&weights).zip(&acts) {
+            let (m, n, k) = (*m, *n, *k);
+            let mut y = vec![0.0; m * n];
+            let t = best(3, || {
+                gemm_with_isa(
+                    isa,
+                    MatRef::row_major(Elems::F32(x), m, k),
+                    MatRef::row_major(Elems::BF16(w), n, k).transposed(),
+                    &mut y,
+                    false,
+                )
+            });
+            let gf = gemm_flops(m, n, k) as f64 / t / 1e9;
+            println!(
+                "  gemm {name:<16} {m}x{k} · ({n}x{k})ᵀ bf16: {:7.1} ms {gf:6.1} GFLOP/s = {:.3} of peak",
+                t * 1e3,
+                gf / peak
+            );
+        }
+        // Decode: the widest decoder weights, streamed from DRAM on every call.
+        for &(m, n, k) in &[(1, 12288, 4096), (8, 12288, 4096), (1, 4096, 11008)] {
+            let w = bf16_data(n * k, 5);
+            let x = data(m * k, 6);
+            let mut y = vec![0.0; m * n];
+            let t = best(10, || {
+                gemm_with_isa(
+                    isa,
+                    MatRef::row_major(Elems::F32(&x), m, k),
+                    MatRef::row_major(Elems::BF16(&w), n, k).transposed(),
+                    &mut y,
+                    false,
+                )
+            });
+            let gbs = (n * k * 2) as f64 / t / 1e9;
+            println!(
+                "  gemv {m}x{k} · ({n}x{k})ᵀ bf16: {:6.2} ms {gbs:5.1} GB/s = {:.3} of read bandwidth",
+                t * 1e3,
+                gbs / bw
+            );
+        }
+    }
+    println!("load at the end: {}", load());
 }

@@ -173,7 +173,7 @@ pub(crate) fn swiglu_with_isa(isa: Isa, a: &[f32], b: &[f32], out: &mut [f32]) {
         match isa {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: `isa` was resolved, so the CPU has AVX2 and FMA.
-            Isa::Avx2Fma => unsafe { swiglu_chunk_avx2(a, b, o) },
+            Isa::Avx2Fma | Isa::Avx512 => unsafe { swiglu_chunk_avx2(a, b, o) },
             _ => swiglu_chunk(a, b, o),
         }
     });
@@ -218,7 +218,7 @@ macro_rules! chunk_kernel {
             }
             match isa {
                 #[cfg(target_arch = "x86_64")]
-                Isa::Avx2Fma => avx2,
+                Isa::Avx2Fma | Isa::Avx512 => avx2,
                 _ => portable,
             }
         }

@@ -194,7 +194,7 @@ unsafe fn attend_block(isa: Isa, a: &AttnArgs, past: Past, h: usize, i0: usize, 
         match isa {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: `isa` was resolved, so the CPU has AVX2 and FMA.
-            Isa::Avx2Fma => st.run_avx2(s, &mut m, &mut l, &mut o),
+            Isa::Avx2Fma | Isa::Avx512 => st.run_avx2(s, &mut m, &mut l, &mut o),
             _ => st.run(s, &mut m, &mut l, &mut o),
         }
         // O += P · V_block.

@@ -1,9 +1,12 @@
 //! Plumbing shared by the kernel families: instruction-set selection, dtype
 //! widening of weight slices, and the small parallel-for helpers.
 //!
-//! Invariants: [`Isa::Avx2Fma`] is only ever *used* after a runtime check that
-//! the CPU has AVX2 and FMA ([`Isa::resolve`] downgrades it otherwise), so the
-//! `#[target_feature]` functions elsewhere in the crate are sound to call.
+//! Invariants: [`Isa::Avx2Fma`] and [`Isa::Avx512`] are only ever *used* after
+//! a runtime check that the CPU has their instructions ([`Isa::resolve`]
+//! downgrades them otherwise; AVX-512 implies the AVX2 set here, so an
+//! `Avx512` kernel may call AVX2 helpers), so the `#[target_feature]`
+//! functions elsewhere in the crate are sound to call. Nothing is chosen at
+//! build time: the binary targets baseline x86-64 and runs everywhere.
 //! Widening bf16 is exact (bf16 is the top half of an f32); f16 goes through
 //! `half`, which uses F16C when the CPU has it.
 
@@ -12,8 +15,9 @@ use half::{bf16, f16};
 use qvc_ir::Elems;
 use rayon::prelude::*;
 
-/// Which code path a kernel runs. Results of the two paths agree to rounding
-/// (the AVX2 path fuses multiply-adds); both are tested against the references.
+/// Which code path a kernel runs. Results of the paths agree to rounding
+/// (the AVX2 and AVX-512 paths fuse multiply-adds and sum in other orders);
+/// all are tested against the references.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Isa {
     /// Plain Rust loops over fixed-size arrays, vectorised by the compiler for
@@ -23,16 +27,31 @@ pub enum Isa {
     /// intrinsics in the GEMM kernels and `#[target_feature]` copies of the
     /// other hot loops.
     Avx2Fma,
+    /// x86_64 AVX-512 (F, BW, VL) on top of AVX2 + FMA + F16C: 512-bit
+    /// GEMM micro-kernel, packing and decode dot products. Kernels without
+    /// an AVX-512 version run their AVX2 code on this path.
+    Avx512,
 }
 
 impl Isa {
+    /// Every path, most capable last (tests run each one the CPU has).
+    pub const ALL: [Isa; 3] = [Isa::Portable, Isa::Avx2Fma, Isa::Avx512];
+
     /// The best path this CPU supports.
     pub fn detect() -> Isa {
-        if Isa::Avx2Fma.available() {
+        if Isa::Avx512.available() {
+            Isa::Avx512
+        } else if Isa::Avx2Fma.available() {
             Isa::Avx2Fma
         } else {
             Isa::Portable
         }
+    }
+
+    /// Whether the path has the AVX2 + FMA + F16C instructions (the AVX2
+    /// kernels of families that have no AVX-512 version run on it).
+    pub fn has_avx2(self) -> bool {
+        matches!(self, Isa::Avx2Fma | Isa::Avx512)
     }
 
     /// Whether this CPU can run the path.
@@ -43,17 +62,27 @@ impl Isa {
             Isa::Avx2Fma => {
                 is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c")
             }
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => {
+                Isa::Avx2Fma.available()
+                    && is_x86_feature_detected!("avx512f")
+                    && is_x86_feature_detected!("avx512bw")
+                    && is_x86_feature_detected!("avx512vl")
+            }
             #[cfg(not(target_arch = "x86_64"))]
-            Isa::Avx2Fma => false,
+            Isa::Avx2Fma | Isa::Avx512 => false,
         }
     }
 
-    /// `self` if the CPU supports it, else [`Isa::Portable`]: every entry point
-    /// that takes an `Isa` goes through this, which is what makes the
+    /// `self` if the CPU supports it, else the best path below it (AVX-512
+    /// falls back to AVX2, which falls back to [`Isa::Portable`]): every entry
+    /// point that takes an `Isa` goes through this, which is what makes the
     /// target-feature calls sound.
-    pub(crate) fn resolve(self) -> Isa {
+    pub fn resolve(self) -> Isa {
         if self.available() {
             self
+        } else if self == Isa::Avx512 {
+            Isa::Avx2Fma.resolve()
         } else {
             Isa::Portable
         }
@@ -80,6 +109,13 @@ pub(crate) trait Src: Copy + Send + Sync + 'static {
     /// compiled with AVX2 and F16C enabled.
     #[cfg(target_arch = "x86_64")]
     unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256;
+
+    /// Sixteen elements from `p`, widened into a 512-bit vector.
+    ///
+    /// SAFETY: `p..p+16` must be readable; only call (inlined) from code
+    /// compiled with AVX-512F enabled.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512;
 }
 
 impl Src for f32 {
@@ -91,6 +127,11 @@ impl Src for f32 {
     #[inline(always)]
     unsafe fn load8(p: *const f32) -> std::arch::x86_64::__m256 {
         std::arch::x86_64::_mm256_loadu_ps(p)
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(p: *const f32) -> std::arch::x86_64::__m512 {
+        std::arch::x86_64::_mm512_loadu_ps(p)
     }
 }
 
@@ -112,6 +153,13 @@ impl Src for bf16 {
         let h = _mm_loadu_si128(p as *const __m128i);
         _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h)))
     }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(p: *const bf16) -> std::arch::x86_64::__m512 {
+        use std::arch::x86_64::*;
+        let h = _mm256_loadu_si256(p as *const __m256i);
+        _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)))
+    }
 }
 
 impl Src for f16 {
@@ -126,6 +174,12 @@ impl Src for f16 {
     unsafe fn load8(p: *const f16) -> std::arch::x86_64::__m256 {
         use std::arch::x86_64::*;
         _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(p: *const f16) -> std::arch::x86_64::__m512 {
+        use std::arch::x86_64::*;
+        _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i))
     }
 }
 

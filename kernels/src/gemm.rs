@@ -42,6 +42,17 @@ const KC: usize = 256;
 const MC: usize = 144;
 /// Columns packed at once: bounds the packed-B buffer to `KC×NC` floats (3 MiB).
 const NC: usize = 3072;
+/// Rows of the AVX-512 micro-kernel tile.
+pub const MR_AVX512: usize = 12;
+/// Columns of the AVX-512 micro-kernel tile (two 16-lane vectors): with
+/// `MR_AVX512` rows, 24 of the 32 zmm registers accumulate.
+pub const NR_AVX512: usize = 32;
+/// AVX-512 slice depth: a `KC×NR_AVX512` B panel (32 KiB) stays in a 48 KiB L1.
+const KC_AVX512: usize = 256;
+/// AVX-512 rows per tile (at most): the `MC×KC` A block (240 KiB) stays in L2.
+const MC_AVX512: usize = 240;
+/// The deepest slice of any blocking (sizes the packing's stack buffers).
+const KC_MAX: usize = if KC > KC_AVX512 { KC } else { KC_AVX512 };
 /// Largest m the unpacked (dot/axpy) paths take.
 const SMALL_M: usize = 8;
 /// The largest number of rows (sequences of a batched decode step) for which
@@ -380,9 +391,13 @@ impl DotJob<'_> {
     fn short_cols<T: Src>(&self, w: &[T], j0: usize, j1: usize) {
         match self.isa {
             #[cfg(target_arch = "x86_64")]
-            // SAFETY: `isa` was resolved, so the CPU has AVX2, FMA and F16C;
-            // see `gemv_dot` for C.
-            Isa::Avx2Fma => with_short_panel(self.k, |panel| unsafe { dot_short_cols_avx2(self, w, j0, j1, panel) }),
+            // SAFETY: `isa` was resolved, so the CPU has AVX2, FMA and F16C
+            // (AVX-512 implies them); see `gemv_dot` for C. AVX-512 runs the
+            // same chains: short columns are bound by the transposes, not
+            // by the FMA width.
+            Isa::Avx2Fma | Isa::Avx512 => {
+                with_short_panel(self.k, |panel| unsafe { dot_short_cols_avx2(self, w, j0, j1, panel) })
+            }
             _ => with_short_panel(self.k, |panel| dot_short_cols(self, w, j0, j1, panel)),
         }
     }
@@ -395,17 +410,22 @@ impl DotJob<'_> {
         let a = &self.a[i0 * self.k..(i0 + R) * self.k];
         match self.isa {
             #[cfg(target_arch = "x86_64")]
-            // SAFETY: `isa` was resolved, so the CPU has AVX2, FMA and F16C;
-            // the columns hold k elements each, `a` R rows of k; see
-            // `gemv_dot` for C. The prefetched span is inside `w`.
-            Isa::Avx2Fma => unsafe {
+            // SAFETY: `isa` was resolved, so the CPU has AVX2, FMA and F16C
+            // (and AVX-512F for `Avx512`); the columns hold k elements each,
+            // `a` R rows of k; see `gemv_dot` for C. The prefetched span is
+            // inside `w`.
+            Isa::Avx2Fma | Isa::Avx512 => unsafe {
                 let span = if pf.is_empty() {
                     &w[..0]
                 } else {
                     let start = self.off + pf.start * self.cs;
                     &w[start..self.off + (pf.end - 1) * self.cs + self.k]
                 };
-                dot_tile_avx2::<T, R, C>(self, a, &cols, i0, j, span)
+                if self.isa == Isa::Avx512 {
+                    dot_tile_avx512::<T, R, C>(self, a, &cols, i0, j, span)
+                } else {
+                    dot_tile_avx2::<T, R, C>(self, a, &cols, i0, j, span)
+                }
             },
             // SAFETY: see `gemv_dot` for C. (No prefetching here.)
             _ => {
@@ -496,6 +516,82 @@ unsafe fn dot_tile_avx2<T: Src, const R: usize, const C: usize>(
         for (i, acc_i) in acc.iter().enumerate() {
             let mut lanes = [0f32; DOT_LANES];
             _mm256_storeu_ps(lanes.as_mut_ptr(), acc_i[c]);
+            let mut s = hsum(&lanes);
+            for (q, &x) in wt.iter().enumerate() {
+                s = a_rows[i * k + full + q].mul_add(x, s);
+            }
+            store_c(job.c, (i0 + i) * job.ldc + j + c, s, job.accumulate);
+        }
+    }
+}
+
+/// Lanes of the AVX-512 dot products (see [`DOT_LANES`]).
+const DOT_LANES_AVX512: usize = 16;
+
+/// AVX-512 version of [`dot_tile_avx2`]: `R × C` 16-lane accumulators, B
+/// widened in registers, the same prefetching. Element `(i, j)` is
+/// `hsum(16 lanes) + tail` (lane `l` accumulates `p ≡ l (mod 16)` for
+/// `p < k − k mod 16` with one FMA each, then the `k mod 16` tail products
+/// are added one by one with FMAs), whatever `R`, `C` or the column split:
+/// batch-invariant on this path as [`DOT_LANES`] describes for the others.
+///
+/// SAFETY: as [`dot_tile_avx2`], and the CPU must have AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+unsafe fn dot_tile_avx512<T: Src, const R: usize, const C: usize>(
+    job: &DotJob,
+    a_rows: &[f32],
+    cols: &[&[T]; C],
+    i0: usize,
+    j: usize,
+    prefetch: &[T],
+) {
+    use std::arch::x86_64::*;
+    const L: usize = DOT_LANES_AVX512;
+    let k = job.k;
+    debug_assert_eq!(a_rows.len(), R * k);
+    let a = a_rows.as_ptr();
+    let cp: [*const T; C] = std::array::from_fn(|c| cols[c].as_ptr());
+    let mut acc = [[_mm512_setzero_ps(); C]; R];
+    let full = k - k % L;
+    let (pf, pf_lines) = (prefetch.as_ptr() as *const i8, std::mem::size_of_val(prefetch).div_ceil(64));
+    let mut line = 0;
+    let mut p = 0;
+    // One step: acc[i][c] += a[i, p..p+16] * b[p..p+16, c].
+    macro_rules! step {
+        () => {
+            let av: [__m512; R] = std::array::from_fn(|i| _mm512_loadu_ps(a.add(i * k + p)));
+            for (c, &col) in cp.iter().enumerate() {
+                let wv = T::load16(col.add(p));
+                for (acc_i, &av_i) in acc.iter_mut().zip(&av) {
+                    acc_i[c] = _mm512_fmadd_ps(av_i, wv, acc_i[c]);
+                }
+            }
+            p += L;
+        };
+    }
+    // Prefetches spread evenly over the k loop, a few per chunk of steps
+    // (the same line rate as the AVX2 tile's).
+    const PF_CHUNK: usize = 4 * DOT_LANES_AVX512;
+    let per_chunk = pf_lines.div_ceil(full.div_ceil(PF_CHUNK).max(1));
+    while p < full {
+        let stop = (line + per_chunk).min(pf_lines);
+        while line < stop {
+            // A hint only: the address lies inside `prefetch`.
+            _mm_prefetch::<_MM_HINT_T0>(pf.add(line * 64));
+            line += 1;
+        }
+        let chunk_end = (p + PF_CHUNK).min(full);
+        while p < chunk_end {
+            step!();
+        }
+    }
+    for (c, col) in cols.iter().enumerate() {
+        let mut tail = [0f32; L];
+        let wt = T::as_f32(&col[full..], &mut tail);
+        for (i, acc_i) in acc.iter().enumerate() {
+            let mut lanes = [0f32; L];
+            _mm512_storeu_ps(lanes.as_mut_ptr(), acc_i[c]);
             let mut s = hsum(&lanes);
             for (q, &x) in wt.iter().enumerate() {
                 s = a_rows[i * k + full + q].mul_add(x, s);
@@ -959,8 +1055,10 @@ impl AxpyJob<'_> {
             ($m:literal) => {
                 match self.isa {
                     #[cfg(target_arch = "x86_64")]
-                    // SAFETY: `isa` was resolved, so the CPU has AVX2 and FMA.
-                    Isa::Avx2Fma => unsafe { axpy_cols_avx2::<T, $m>(self, w, j0, j1) },
+                    // SAFETY: `isa` was resolved, so the CPU has AVX2 and FMA
+                    // (AVX-512 implies them and runs the AVX2 code: this path
+                    // is bound by reading B's rows, not by the FMA width).
+                    Isa::Avx2Fma | Isa::Avx512 => unsafe { axpy_cols_avx2::<T, $m>(self, w, j0, j1) },
                     _ => axpy_cols::<T, $m, false>(self, w, j0, j1),
                 }
             };
@@ -1066,11 +1164,29 @@ fn axpy_cols<T: Src, const M: usize, const FMA: bool>(job: &AxpyJob, w: &[T], j0
 /// (+)= A_panel · B_panel over `kc` steps.
 type Kernel = unsafe fn(usize, *const f32, *const f32, *mut f32, usize, usize, usize, bool);
 
-fn kernel_for(isa: Isa) -> Kernel {
+/// Register tile and cache blocking of one ISA's packed path.
+#[derive(Clone, Copy)]
+struct Blocking {
+    /// Micro-kernel tile: `mr` rows × `nr` columns.
+    mr: usize,
+    nr: usize,
+    /// Depth of one packed k slice, rows per task block (at most), columns
+    /// packed at once.
+    kc: usize,
+    mc: usize,
+    nc: usize,
+    kernel: Kernel,
+}
+
+fn blocking(isa: Isa) -> Blocking {
     match isa {
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2Fma => kernel_avx2,
-        _ => kernel_portable,
+        Isa::Avx512 => {
+            Blocking { mr: MR_AVX512, nr: NR_AVX512, kc: KC_AVX512, mc: MC_AVX512, nc: NC, kernel: kernel_avx512 }
+        }
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2Fma => Blocking { mr: MR, nr: NR, kc: KC, mc: MC, nc: NC, kernel: kernel_avx2 },
+        _ => Blocking { mr: MR, nr: NR, kc: KC, mc: MC, nc: NC, kernel: kernel_portable },
     }
 }
 
@@ -1086,25 +1202,32 @@ fn gemm_packed(
     scratch: &mut GemmScratch,
 ) {
     let (m, k, n) = (a.rows, a.cols, b.cols);
-    let kc_max = k.min(KC);
-    let mpanels = m.div_ceil(MR);
-    ensure(&mut scratch.a, mpanels * MR * kc_max);
-    ensure(&mut scratch.b, n.min(NC).div_ceil(NR) * NR * kc_max);
-    let kernel = kernel_for(isa);
+    let Blocking { mr: bmr, nr: bnr, kc: bkc, mc: bmc, nc: bnc, kernel } = blocking(isa);
+    let kc_max = k.min(bkc);
+    let mpanels = m.div_ceil(bmr);
+    ensure(&mut scratch.a, mpanels * bmr * kc_max);
+    ensure(&mut scratch.b, n.min(bnc).div_ceil(bnr) * bnr * kc_max);
     let cp = SyncPtr(c.as_mut_ptr());
-    let mblocks = m.div_ceil(MC);
-    let want_tasks = if parallel { 4 * rayon::current_num_threads() } else { 1 };
+    let threads = if parallel { rayon::current_num_threads() } else { 1 };
+    let want_tasks = 4 * threads;
+    // Row blocks of at most `mc` rows, as even as whole panels allow (1024
+    // rows in blocks of 144 would leave a 16-row straggler), and at least
+    // one per thread when there are enough panels (then B panels are
+    // shared by fewer blocks, but no thread idles).
+    let mblocks = m.div_ceil(bmc).max(threads.min(mpanels));
+    let mc = mpanels.div_ceil(mblocks) * bmr;
+    let mblocks = m.div_ceil(mc);
 
-    for pc in (0..k).step_by(KC) {
-        let kc = KC.min(k - pc);
-        let ap = &mut scratch.a[..mpanels * MR * kc];
-        pack_a(a, pc, kc, ap, parallel && m * kc >= 1 << 15);
+    for pc in (0..k).step_by(bkc) {
+        let kc = bkc.min(k - pc);
+        let ap = &mut scratch.a[..mpanels * bmr * kc];
+        pack_a(a, bmr, pc, kc, ap, parallel && m * kc >= 1 << 15);
         let ap: &[f32] = ap;
-        for jc in (0..n).step_by(NC) {
-            let nc = NC.min(n - jc);
-            let npanels = nc.div_ceil(NR);
-            let bp = &mut scratch.b[..npanels * NR * kc];
-            pack_b(isa, b, pc, kc, jc, nc, bp, parallel && nc * kc >= 1 << 15);
+        for jc in (0..n).step_by(bnc) {
+            let nc = bnc.min(n - jc);
+            let npanels = nc.div_ceil(bnr);
+            let bp = &mut scratch.b[..npanels * bnr * kc];
+            pack_b(isa, b, bnr, pc, kc, jc, nc, bp, parallel && nc * kc >= 1 << 15);
             let bp: &[f32] = bp;
             let overwrite = pc == 0 && !accumulate;
             // Split n too when there are fewer row blocks than tasks wanted.
@@ -1113,20 +1236,20 @@ fn gemm_packed(
             let nsplit = npanels.div_ceil(per_task);
             par_for(mblocks * nsplit, parallel, |t| {
                 let (mb, ns) = (t / nsplit, t % nsplit);
-                let (i_lo, i_hi) = (mb * MC, (mb * MC + MC).min(m));
+                let (i_lo, i_hi) = (mb * mc, (mb * mc + mc).min(m));
                 let (jr_lo, jr_hi) = (ns * per_task, (ns * per_task + per_task).min(npanels));
                 for jr in jr_lo..jr_hi {
-                    let j = jr * NR;
-                    let nr = NR.min(nc - j);
-                    let bpanel = bp[jr * NR * kc..][..NR * kc].as_ptr();
-                    for i in (i_lo..i_hi).step_by(MR) {
-                        let mr = MR.min(m - i);
-                        let apanel = ap[(i / MR) * MR * kc..][..MR * kc].as_ptr();
-                        // SAFETY: the panels hold MR*kc and NR*kc floats; C
-                        // covers rows i..i+mr, columns jc+j..jc+j+nr (checked
-                        // in `gemm_strided`), and this task is the only one
-                        // writing that block (tiles partition C). `kernel`
-                        // matches the resolved `isa`.
+                    let j = jr * bnr;
+                    let nr = bnr.min(nc - j);
+                    let bpanel = bp[jr * bnr * kc..][..bnr * kc].as_ptr();
+                    for i in (i_lo..i_hi).step_by(bmr) {
+                        let mr = bmr.min(m - i);
+                        let apanel = ap[(i / bmr) * bmr * kc..][..bmr * kc].as_ptr();
+                        // SAFETY: the panels hold mr*kc and nr*kc floats of
+                        // this blocking; C covers rows i..i+mr, columns
+                        // jc+j..jc+j+nr (checked in `gemm_strided`), and this
+                        // task is the only one writing that block (tiles
+                        // partition C). `kernel` matches the resolved `isa`.
                         unsafe { kernel(kc, apanel, bpanel, cp.get().add(i * ldc + jc + j), ldc, mr, nr, overwrite) };
                     }
                 }
@@ -1135,31 +1258,31 @@ fn gemm_packed(
     }
 }
 
-/// Pack `A[:, pc..pc+kc]` into MR-row panels: panel r holds, for each p,
-/// the MR values `A[r*MR + ii, pc + p]` contiguously (zero past row m).
-fn pack_a(a: &MatRef, pc: usize, kc: usize, ap: &mut [f32], parallel: bool) {
+/// Pack `A[:, pc..pc+kc]` into `mr`-row panels: panel r holds, for each p,
+/// the `mr` values `A[r*mr + ii, pc + p]` contiguously (zero past row m).
+fn pack_a(a: &MatRef, mr: usize, pc: usize, kc: usize, ap: &mut [f32], parallel: bool) {
     let m = a.rows;
-    par_chunks(ap, MR * kc, parallel, |pi, panel| {
-        let i0 = pi * MR;
-        let rows = MR.min(m - i0);
+    par_chunks(ap, mr * kc, parallel, |pi, panel| {
+        let i0 = pi * mr;
+        let rows = mr.min(m - i0);
         if a.row_stride == 1 && a.col_stride != 1 {
-            // Columns of A are contiguous (A is a transposed view): read MR at a time.
+            // Columns of A are contiguous (A is a transposed view): read mr at a time.
             for p in 0..kc {
-                let dst = &mut panel[p * MR..p * MR + MR];
+                let dst = &mut panel[p * mr..p * mr + mr];
                 gather(&a.data, a.index(i0, pc + p), 1, &mut dst[..rows]);
                 dst[rows..].fill(0.0);
             }
         } else {
-            let mut tmp = [0f32; KC];
-            for ii in 0..MR {
+            let mut tmp = [0f32; KC_MAX];
+            for ii in 0..mr {
                 if ii < rows {
                     gather(&a.data, a.index(i0 + ii, pc), a.col_stride, &mut tmp[..kc]);
                     for p in 0..kc {
-                        panel[p * MR + ii] = tmp[p];
+                        panel[p * mr + ii] = tmp[p];
                     }
                 } else {
                     for p in 0..kc {
-                        panel[p * MR + ii] = 0.0;
+                        panel[p * mr + ii] = 0.0;
                     }
                 }
             }
@@ -1167,60 +1290,79 @@ fn pack_a(a: &MatRef, pc: usize, kc: usize, ap: &mut [f32], parallel: bool) {
     });
 }
 
-/// Pack `B[pc..pc+kc, jc..jc+nc]` into NR-column panels: panel q holds, for
-/// each p, the NR values `B[pc + p, jc + q*NR + jj]` contiguously (zero past nc).
+/// Pack `B[pc..pc+kc, jc..jc+nc]` into `nr`-column panels: panel q holds, for
+/// each p, the `nr` values `B[pc + p, jc + q*nr + jj]` contiguously (zero past nc).
 #[allow(clippy::too_many_arguments)]
-fn pack_b(isa: Isa, b: &MatRef, pc: usize, kc: usize, jc: usize, nc: usize, bp: &mut [f32], parallel: bool) {
-    par_chunks(bp, NR * kc, parallel, |q, panel| {
-        let j0 = jc + q * NR;
-        let cols = NR.min(jc + nc - j0);
+fn pack_b(isa: Isa, b: &MatRef, nr: usize, pc: usize, kc: usize, jc: usize, nc: usize, bp: &mut [f32], parallel: bool) {
+    par_chunks(bp, nr * kc, parallel, |q, panel| {
+        let j0 = jc + q * nr;
+        let cols = nr.min(jc + nc - j0);
         #[cfg(target_arch = "x86_64")]
-        if isa == Isa::Avx2Fma && b.row_stride == 1 && cols == NR {
-            // Transposed weights, full panel: 8×8 register transposes read 16
-            // rows of W at once (more memory parallelism than one column at a
-            // time) and widen in registers.
-            // SAFETY: `isa` was resolved; `b.check` bounds every element read.
+        if isa.has_avx2() && b.row_stride == 1 && cols == nr {
+            // Transposed weights, full panel: 8×8 register transposes read 8
+            // columns of W at once (more memory parallelism than one column
+            // at a time) and widen in registers.
+            // SAFETY: `isa` was resolved (AVX-512 implies AVX2 here);
+            // `b.check` bounds every element read.
+            macro_rules! t_full {
+                ($w:expr) => {
+                    if nr == NR_AVX512 {
+                        pack_b_t_avx2::<_, NR_AVX512>($w, b, pc, kc, j0, panel)
+                    } else {
+                        pack_b_t_avx2::<_, NR>($w, b, pc, kc, j0, panel)
+                    }
+                };
+            }
             unsafe {
                 match b.data {
-                    Elems::F32(w) => pack_b_t_avx2(w, b, pc, kc, j0, panel),
-                    Elems::BF16(w) => pack_b_t_avx2(w, b, pc, kc, j0, panel),
-                    Elems::F16(w) => pack_b_t_avx2(w, b, pc, kc, j0, panel),
+                    Elems::F32(w) => t_full!(w),
+                    Elems::BF16(w) => t_full!(w),
+                    Elems::F16(w) => t_full!(w),
                     Elems::Q4(_) => unreachable!("{Q4_ROUTED}"),
                 }
             }
             return;
         }
         let _ = isa;
-        if b.col_stride == 1 && cols == NR {
+        if b.col_stride == 1 && cols == nr && (nr == NR || nr == NR_AVX512) {
             // Rows of B contiguous (`x · P`), full panel: fixed-size copies
             // (inlined vector moves; a `memcpy` call per 16 floats would
             // dominate small GEMMs such as attention's P·V).
+            macro_rules! rows_full {
+                ($w:expr) => {
+                    if nr == NR {
+                        pack_rows_full::<_, NR>($w, b, pc, kc, j0, panel)
+                    } else {
+                        pack_rows_full::<_, NR_AVX512>($w, b, pc, kc, j0, panel)
+                    }
+                };
+            }
             match b.data {
-                Elems::F32(w) => pack_rows_full(w, b, pc, kc, j0, panel),
-                Elems::BF16(w) => pack_rows_full(w, b, pc, kc, j0, panel),
-                Elems::F16(w) => pack_rows_full(w, b, pc, kc, j0, panel),
+                Elems::F32(w) => rows_full!(w),
+                Elems::BF16(w) => rows_full!(w),
+                Elems::F16(w) => rows_full!(w),
                 Elems::Q4(_) => unreachable!("{Q4_ROUTED}"),
             }
         } else if b.col_stride == 1 {
             // Rows of B contiguous, ragged last panel: one short read per p.
             for p in 0..kc {
-                let dst = &mut panel[p * NR..p * NR + NR];
+                let dst = &mut panel[p * nr..p * nr + nr];
                 gather(&b.data, b.index(pc + p, j0), 1, &mut dst[..cols]);
                 dst[cols..].fill(0.0);
             }
         } else {
             // Columns contiguous (transposed `[out, in]` weights) or general:
             // read each column along k, then scatter into the panel.
-            let mut tmp = [0f32; KC];
-            for jj in 0..NR {
+            let mut tmp = [0f32; KC_MAX];
+            for jj in 0..nr {
                 if jj < cols {
                     gather(&b.data, b.index(pc, j0 + jj), b.row_stride, &mut tmp[..kc]);
                     for p in 0..kc {
-                        panel[p * NR + jj] = tmp[p];
+                        panel[p * nr + jj] = tmp[p];
                     }
                 } else {
                     for p in 0..kc {
-                        panel[p * NR + jj] = 0.0;
+                        panel[p * nr + jj] = 0.0;
                     }
                 }
             }
@@ -1228,16 +1370,16 @@ fn pack_b(isa: Isa, b: &MatRef, pc: usize, kc: usize, jc: usize, nc: usize, bp: 
     });
 }
 
-/// Full NR-wide panel of a B with contiguous rows: row p of the panel is
-/// `B[pc + p, j0..j0 + NR]`.
+/// Full `W`-wide panel of a B with contiguous rows: row p of the panel is
+/// `B[pc + p, j0..j0 + W]`.
 #[inline(always)]
-fn pack_rows_full<T: Src>(w: &[T], b: &MatRef, pc: usize, kc: usize, j0: usize, panel: &mut [f32]) {
-    for (p, dst) in panel[..kc * NR].chunks_exact_mut(NR).enumerate() {
+fn pack_rows_full<T: Src, const W: usize>(w: &[T], b: &MatRef, pc: usize, kc: usize, j0: usize, panel: &mut [f32]) {
+    for (p, dst) in panel[..kc * W].chunks_exact_mut(W).enumerate() {
         let start = b.index(pc + p, j0);
-        let src: &[T; NR] = w[start..start + NR].try_into().unwrap();
-        let mut buf = [0f32; NR];
-        let vals: &[f32; NR] = T::as_f32(src, &mut buf).try_into().unwrap();
-        let dst: &mut [f32; NR] = dst.try_into().unwrap();
+        let src: &[T; W] = w[start..start + W].try_into().unwrap();
+        let mut buf = [0f32; W];
+        let vals: &[f32; W] = T::as_f32(src, &mut buf).try_into().unwrap();
+        let dst: &mut [f32; W] = dst.try_into().unwrap();
         *dst = *vals;
     }
 }
@@ -1275,40 +1417,47 @@ unsafe fn transpose8(r: [std::arch::x86_64::__m256; 8]) -> [std::arch::x86_64::_
     ]
 }
 
-/// Pack one full NR-column panel of a B whose columns are contiguous
-/// (`row_stride == 1`), rows `pc..pc+kc`, columns `j0..j0+NR`.
+/// Pack one full `W`-column panel (`W` a multiple of 8) of a B whose columns
+/// are contiguous (`row_stride == 1`), rows `pc..pc+kc`, columns `j0..j0+W`.
 ///
 /// SAFETY: CPU with AVX2/FMA/F16C; every element of the panel lies in `w`
 /// (`MatRef::check`); `panel` holds `NR * kc` floats.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn pack_b_t_avx2<T: Src>(w: &[T], b: &MatRef, pc: usize, kc: usize, j0: usize, panel: &mut [f32]) {
+unsafe fn pack_b_t_avx2<T: Src, const W: usize>(
+    w: &[T],
+    b: &MatRef,
+    pc: usize,
+    kc: usize,
+    j0: usize,
+    panel: &mut [f32],
+) {
     use std::arch::x86_64::*;
-    debug_assert!(panel.len() >= NR * kc);
+    debug_assert!(panel.len() >= W * kc);
     let base = w.as_ptr();
     let dst = panel.as_mut_ptr();
     let col = |jj: usize| b.index(pc, j0 + jj);
     let full = kc - kc % 8;
     let mut p = 0;
     while p < full {
-        for half in 0..2 {
+        for g in 0..W / 8 {
             let mut r = [_mm256_setzero_ps(); 8];
             for (i, ri) in r.iter_mut().enumerate() {
-                *ri = T::load8(base.add(col(8 * half + i) + p));
+                *ri = T::load8(base.add(col(8 * g + i) + p));
             }
             for (q, v) in transpose8(r).into_iter().enumerate() {
-                _mm256_storeu_ps(dst.add((p + q) * NR + 8 * half), v);
+                _mm256_storeu_ps(dst.add((p + q) * W + 8 * g), v);
             }
         }
         p += 8;
     }
     if p < kc {
         let mut tmp = [0f32; 8];
-        for jj in 0..NR {
+        for jj in 0..W {
             let start = col(jj) + p;
             let vals = T::as_f32(&w[start..start + (kc - p)], &mut tmp);
             for (q, &v) in vals.iter().enumerate() {
-                *dst.add((p + q) * NR + jj) = v;
+                *dst.add((p + q) * W + jj) = v;
             }
         }
     }
@@ -1413,6 +1562,58 @@ unsafe fn kernel_avx2(
     }
 }
 
+/// AVX-512 micro-kernel: 24 zmm accumulators (12 rows × 2×16 columns), per
+/// step two B loads and twelve broadcasts of A for 24 FMAs. Ragged tiles
+/// store (and read, when adding) through lane masks.
+///
+/// SAFETY: `a` holds `MR_AVX512*kc`, `b` `NR_AVX512*kc` floats; C covers
+/// `mr` rows of `nr` elements, `ldc` apart, from `c`; the CPU must have
+/// AVX-512F (and the AVX2 set `Isa::Avx512` implies).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn kernel_avx512(
+    kc: usize,
+    a: *const f32,
+    b: *const f32,
+    c: *mut f32,
+    ldc: usize,
+    mr: usize,
+    nr: usize,
+    overwrite: bool,
+) {
+    use std::arch::x86_64::*;
+    let mut acc = [[_mm512_setzero_ps(); 2]; MR_AVX512];
+    let (mut a, mut b) = (a, b);
+    for _ in 0..kc {
+        let b0 = _mm512_loadu_ps(b);
+        let b1 = _mm512_loadu_ps(b.add(16));
+        for (i, acc_i) in acc.iter_mut().enumerate() {
+            let ai = _mm512_set1_ps(*a.add(i));
+            acc_i[0] = _mm512_fmadd_ps(ai, b0, acc_i[0]);
+            acc_i[1] = _mm512_fmadd_ps(ai, b1, acc_i[1]);
+        }
+        a = a.add(MR_AVX512);
+        b = b.add(NR_AVX512);
+    }
+    // Lanes kept in each half: masked-off lanes are neither read nor
+    // written (no fault either), so a ragged edge needs no staging tile.
+    let lanes = |w: usize| ((1u32 << w.min(16)) - 1) as __mmask16;
+    let (k0, k1) = (lanes(nr), lanes(nr.saturating_sub(16)));
+    for (i, acc_i) in acc.iter().enumerate().take(mr) {
+        let cr = c.add(i * ldc);
+        let (mut v0, mut v1) = (acc_i[0], acc_i[1]);
+        if !overwrite {
+            v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(k0, cr));
+            v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(k1, cr.wrapping_add(16)));
+        }
+        _mm512_mask_storeu_ps(cr, k0, v0);
+        // `wrapping_add`: with nr <= 16 this half may point past C, but its
+        // mask is empty, so nothing there is touched.
+        _mm512_mask_storeu_ps(cr.wrapping_add(16), k1, v1);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1455,7 +1656,7 @@ mod tests {
         }
     }
 
-    const ISAS: [Isa; 2] = [Isa::Portable, Isa::Avx2Fma];
+    const ISAS: [Isa; 3] = Isa::ALL;
 
     #[allow(clippy::too_many_arguments)]
     fn check_case(
@@ -1490,7 +1691,7 @@ mod tests {
         fn gemm_matches_ref(
             m in 0usize..=70, n in 0usize..=70, k in 0usize..=70,
             la in 0u8..3, lb in 0u8..3, da in 0usize..3, db in 0usize..3,
-            pad in 0usize..3, off in 0usize..4, acc: bool, seed: u64, isa in 0usize..2,
+            pad in 0usize..3, off in 0usize..4, acc: bool, seed: u64, isa in 0usize..3,
         ) {
             check_case(ISAS[isa], (m, n, k), (la, lb), (FLOAT_DTYPES[da], FLOAT_DTYPES[db]), pad, off, acc, seed)?;
         }
@@ -1500,7 +1701,7 @@ mod tests {
         fn gemm_small_m_matches_ref(
             m in 0usize..=9, n in 0usize..=600, k in 0usize..=1100,
             la in 0u8..3, lb in 0u8..3, db in 0usize..3,
-            acc: bool, seed: u64, isa in 0usize..2,
+            acc: bool, seed: u64, isa in 0usize..3,
         ) {
             check_case(ISAS[isa], (m, n, k), (la, lb), (DType::F32, FLOAT_DTYPES[db]), 1, 2, acc, seed)?;
         }
@@ -1549,7 +1750,7 @@ mod tests {
         #[test]
         fn small_m_rows_are_batch_invariant(
             m in 1usize..=DECODE_BATCH_INVARIANT_MAX, n in 1usize..=200, k in 1usize..=1300,
-            lb in 0u8..2, db in 0usize..3, pad in 0usize..3, acc: bool, seed: u64, isa in 0usize..2,
+            lb in 0u8..2, db in 0usize..3, pad in 0usize..3, acc: bool, seed: u64, isa in 0usize..3,
         ) {
             check_batch_invariant(ISAS[isa], (m, n, k), lb, FLOAT_DTYPES[db], pad, acc, seed)?;
         }
@@ -1567,7 +1768,7 @@ mod tests {
         #[test]
         fn short_k_rows_equal_for_every_m(
             m in (SMALL_M + 1)..=20, n in 1usize..=120, k in 1usize..=KC,
-            lb in 0u8..2, db in 0usize..3, pad in 0usize..3, acc: bool, seed: u64, isa in 0usize..2,
+            lb in 0u8..2, db in 0usize..3, pad in 0usize..3, acc: bool, seed: u64, isa in 0usize..3,
         ) {
             check_batch_invariant(ISAS[isa], (m, n, k), lb, FLOAT_DTYPES[db], pad, acc, seed)?;
         }

@@ -49,7 +49,7 @@ pub(crate) fn layer_norm_with_isa(isa: Isa, x: &[f32], w: Elems, b: Elems, eps: 
             match isa {
                 #[cfg(target_arch = "x86_64")]
                 // SAFETY: `isa` was resolved, so the CPU has AVX2 and FMA.
-                Isa::Avx2Fma => unsafe { layer_norm_row_avx2(xr, &w, &b, eps, or) },
+                Isa::Avx2Fma | Isa::Avx512 => unsafe { layer_norm_row_avx2(xr, &w, &b, eps, or) },
                 _ => layer_norm_row(xr, &w, &b, eps, or),
             }
         }
@@ -71,7 +71,7 @@ pub(crate) fn rms_norm_with_isa(isa: Isa, x: &[f32], w: Elems, eps: f32, cols: u
             match isa {
                 #[cfg(target_arch = "x86_64")]
                 // SAFETY: `isa` was resolved, so the CPU has AVX2 and FMA.
-                Isa::Avx2Fma => unsafe { rms_norm_row_avx2(xr, &w, eps, or) },
+                Isa::Avx2Fma | Isa::Avx512 => unsafe { rms_norm_row_avx2(xr, &w, eps, or) },
                 _ => rms_norm_row(xr, &w, eps, or),
             }
         }

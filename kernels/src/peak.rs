@@ -14,6 +14,10 @@ use crate::common::Isa;
 /// Independent 8-lane accumulators of the AVX2 loop (12 of the 16 ymm
 /// registers; two more hold the multiplier and the addend).
 const AVX2_CHAINS: usize = 12;
+/// Independent 16-lane accumulators of the AVX-512 loop (24 of the 32 zmm
+/// registers: more than latency × pipes on any AVX-512 core, so the loop is
+/// throughput-bound whether the core has one or two 512-bit FMA pipes).
+const AVX512_CHAINS: usize = 24;
 /// Independent 8-lane accumulators of the portable loop (each is two SSE
 /// registers on the x86_64 baseline: 12 of 16).
 const PORTABLE_CHAINS: usize = 6;
@@ -27,6 +31,9 @@ pub fn fma_loop(isa: Isa, iters: usize) -> (u64, f32) {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: resolve() returned Avx2Fma, so the CPU has AVX2 and FMA.
         Isa::Avx2Fma => unsafe { fma_loop_avx2(iters) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: resolve() returned Avx512, so the CPU has AVX-512F.
+        Isa::Avx512 => unsafe { fma_loop_avx512(iters) },
         _ => fma_loop_portable(iters),
     }
 }
@@ -35,6 +42,7 @@ pub fn fma_loop(isa: Isa, iters: usize) -> (u64, f32) {
 pub fn fma_loop_flops_per_iter(isa: Isa) -> u64 {
     match isa.resolve() {
         Isa::Avx2Fma => (AVX2_CHAINS * 8 * 2) as u64,
+        Isa::Avx512 => (AVX512_CHAINS * 16 * 2) as u64,
         Isa::Portable => (PORTABLE_CHAINS * 8 * 2) as u64,
     }
 }
@@ -82,6 +90,31 @@ unsafe fn fma_loop_avx2(iters: usize) -> (u64, f32) {
     (iters as u64 * fma_loop_flops_per_iter(Isa::Avx2Fma), lanes.iter().sum())
 }
 
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn fma_loop_avx512(iters: usize) -> (u64, f32) {
+    use std::arch::x86_64::*;
+    let m = _mm512_set1_ps(std::hint::black_box(0.999_999_f32));
+    let c = _mm512_set1_ps(std::hint::black_box(1e-7_f32));
+    let mut acc = [_mm512_setzero_ps(); AVX512_CHAINS];
+    for (i, a) in acc.iter_mut().enumerate() {
+        *a = _mm512_set1_ps(i as f32 * 0.01);
+    }
+    for _ in 0..iters {
+        // Unrolled by the compiler (constant trip count): 24 independent FMAs.
+        for a in acc.iter_mut() {
+            *a = _mm512_fmadd_ps(*a, m, c);
+        }
+    }
+    let mut s = _mm512_setzero_ps();
+    for a in acc {
+        s = _mm512_add_ps(s, a);
+    }
+    let mut lanes = [0f32; 16];
+    _mm512_storeu_ps(lanes.as_mut_ptr(), s);
+    (iters as u64 * fma_loop_flops_per_iter(Isa::Avx512), lanes.iter().sum())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -91,18 +124,22 @@ mod tests {
     /// the flop count is the trips times the per-trip constant.
     #[test]
     fn both_paths_compute_the_recurrence_and_count_flops() {
-        for isa in [Isa::Portable, Isa::Avx2Fma] {
-            let chains = if isa.resolve() == Isa::Avx2Fma { AVX2_CHAINS } else { PORTABLE_CHAINS };
+        for isa in Isa::ALL {
+            let (chains, lanes) = match isa.resolve() {
+                Isa::Avx512 => (AVX512_CHAINS, 16),
+                Isa::Avx2Fma => (AVX2_CHAINS, 8),
+                Isa::Portable => (PORTABLE_CHAINS, 8),
+            };
             let iters = 1000;
             let (flops, s) = fma_loop(isa, iters);
-            assert_eq!(flops, iters as u64 * chains as u64 * 16, "{isa:?}");
+            assert_eq!(flops, iters as u64 * chains as u64 * lanes * 2, "{isa:?}");
             let want: f64 = (0..chains)
                 .map(|i| {
                     let mut x = i as f64 * 0.01;
                     for _ in 0..iters {
                         x = x * 0.999_999 + 1e-7;
                     }
-                    8.0 * x
+                    lanes as f64 * x
                 })
                 .sum();
             assert!(((s as f64) - want).abs() <= 1e-4 * want.abs().max(1.0), "{isa:?}: {s} vs {want}");

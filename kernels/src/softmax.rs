@@ -36,7 +36,7 @@ pub(crate) fn softmax_rows_with_isa(isa: Isa, x: &mut [f32], cols: usize) {
             match isa {
                 #[cfg(target_arch = "x86_64")]
                 // SAFETY: `isa` was resolved, so the CPU has AVX2 and FMA.
-                Isa::Avx2Fma => unsafe { softmax_row_avx2(row) },
+                Isa::Avx2Fma | Isa::Avx512 => unsafe { softmax_row_avx2(row) },
                 _ => softmax_row(row),
             }
         }
