@@ -5,12 +5,117 @@
 //! The layout is AutoGPTQ's v1 storage as the checkpoint has it (see
 //! [`Q4Ref`]); act-order was resolved when the weight was loaded, so the
 //! kernels see groups of consecutive stored rows and gather the activation
-//! columns through `perm` once per call, never the weight.
+//! columns through `perm` once per call (into a scratch `xg`, row `i` holding
+//! `x[i, perm[r]]` at stored row `r`), never the weight.
+//!
+//! Two paths:
+//! * **GEMV** (m ≤ [`DECODE_BATCH_INVARIANT_MAX`], decode): reads the packed
+//!   words straight from the memory map. Each task owns a chunk of output
+//!   columns and sweeps the stored rows in order, a word row (8 input rows ×
+//!   the chunk's columns, one contiguous run of `u32`s) at a time, so DRAM
+//!   sees long sequential runs; the next word rows are software-prefetched.
+//!   A word vector (8 or 16 consecutive columns) is dequantized in registers,
+//!   nibble by nibble, exactly: `q − z` as `f32::from_bits(q | 2²³) −
+//!   (2²³ + z)` (an integer in −16..15, no rounding). Each row keeps a
+//!   per-group accumulator `acc = Σ_r (q − z)·xg[r]` (one FMA chain in stored
+//!   row order) and at the end of a group `y = fma(scale, acc, y)`. Every
+//!   element of the result is therefore one fixed sequence of operations
+//!   whatever m, the column chunking or the threads: batched decode is bit
+//!   for bit single decode (on one [`Q4Path`]).
+//! * **Dequantize + GEMM** (larger m: prefill, vision-sized batches): a block
+//!   of output columns × all stored rows is dequantized into an f32 scratch
+//!   (at most [`DEQUANT_BLOCK_FLOATS`] floats, reused across blocks and calls)
+//!   and multiplied by the existing packed f32 GEMM, so dequantization is
+//!   amortised over all m rows and memory stays bounded.
+//!
+//! Code paths ([`Q4Path`]): AVX-512F intrinsics (16 columns a vector,
+//! runtime-detected here: the crate-wide [`Isa`] selects AVX2 vs portable),
+//! AVX2+FMA (8 columns), and portable Rust (8-lane arrays, multiply then add).
 
-use crate::common::Isa;
-use crate::gemm::{gemm_strided, GemmScratch, MatRef};
+use crate::common::{gather, Isa, SyncPtr};
+use crate::gemm::{gemm_strided, GemmScratch, MatRef, DECODE_BATCH_INVARIANT_MAX};
+use half::slice::HalfFloatSliceExt;
 use qvc_ir::{Elems, Q4Ref};
 use rayon::prelude::*;
+use std::cell::Cell;
+
+/// `f32` bits of 2²³: `f32::from_bits(q | MAGIC) == 2²³ + q` for `q < 2²³`.
+const MAGIC: u32 = 0x4B00_0000;
+const MAGIC_F: f32 = 8_388_608.0;
+/// Output columns per GEMV task: each word row is a 2 KiB contiguous run and
+/// the per-task buffers (accumulators and results, 8 rows) stay in L1/L2.
+const GEMV_COLS: usize = 512;
+/// Word rows prefetched ahead in the GEMV sweep.
+const PREFETCH_ROWS: usize = 4;
+/// Largest dequantized block of W (floats) the GEMM path holds at once (16 MiB).
+pub const DEQUANT_BLOCK_FLOATS: usize = 1 << 22;
+
+/// Which code path the int4 kernels run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Q4Path {
+    /// Plain Rust over 8-lane arrays (multiply, then add).
+    Portable,
+    /// AVX2 + FMA + F16C intrinsics, 8 columns a vector.
+    Avx2,
+    /// AVX-512F intrinsics, 16 columns a vector.
+    Avx512,
+}
+
+impl Q4Path {
+    /// Every path, most capable last.
+    pub const ALL: [Q4Path; 3] = [Q4Path::Portable, Q4Path::Avx2, Q4Path::Avx512];
+
+    /// Whether this CPU can run the path.
+    pub fn available(self) -> bool {
+        match self {
+            Q4Path::Portable => true,
+            #[cfg(target_arch = "x86_64")]
+            Q4Path::Avx2 => {
+                is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c")
+            }
+            #[cfg(target_arch = "x86_64")]
+            Q4Path::Avx512 => Q4Path::Avx2.available() && is_x86_feature_detected!("avx512f"),
+            #[cfg(not(target_arch = "x86_64"))]
+            Q4Path::Avx2 | Q4Path::Avx512 => false,
+        }
+    }
+
+    /// The best path this CPU has.
+    pub fn detect() -> Q4Path {
+        Self::ALL.into_iter().rev().find(|p| p.available()).unwrap_or(Q4Path::Portable)
+    }
+
+    /// The path for a crate-wide [`Isa`]: portable stays portable, AVX2+FMA
+    /// runs the AVX2 kernels, anything better the best this CPU has.
+    pub fn for_isa(isa: Isa) -> Q4Path {
+        let isa = isa.resolve();
+        if isa == Isa::Portable {
+            Q4Path::Portable
+        } else if isa == Isa::Avx2Fma {
+            Q4Path::Avx2
+        } else {
+            Q4Path::detect()
+        }
+    }
+
+    /// `self` if the CPU has it, else the best path below it: every entry
+    /// point goes through this, which makes the target-feature calls sound.
+    fn resolve(self) -> Q4Path {
+        match self {
+            _ if self.available() => self,
+            Q4Path::Avx512 => Q4Path::Avx2.resolve(),
+            _ => Q4Path::Portable,
+        }
+    }
+
+    /// The [`Isa`] of the f32 GEMM the dequantizing path runs.
+    fn gemm_isa(self) -> Isa {
+        match self {
+            Q4Path::Portable => Isa::Portable,
+            _ => Isa::detect(),
+        }
+    }
+}
 
 /// Dequantize every row of `w` into `out` (`w.rows × w.cols`, row-major,
 /// columns in input order).
@@ -47,6 +152,40 @@ pub fn q4_linear_ref(x: &[f32], m: usize, w: &Q4Ref, y: &mut [f32], accumulate: 
     }
 }
 
+/// `y (+)= x·Wᵀ` (`x` row-major `m × w.cols`, `y` row-major `m × w.rows`)
+/// as [`crate::gemm`] runs it: the GEMV path for m ≤
+/// [`DECODE_BATCH_INVARIANT_MAX`], else dequantize + GEMM.
+pub fn q4_linear(path: Q4Path, x: &[f32], m: usize, w: &Q4Ref, y: &mut [f32], accumulate: bool) {
+    if m <= DECODE_BATCH_INVARIANT_MAX {
+        q4_gemv(path, x, m, w, y, accumulate)
+    } else {
+        q4_gemm_dequant(path, x, m, w, y, accumulate)
+    }
+}
+
+fn check_sizes(what: &str, x: &[f32], m: usize, w: &Q4Ref, y: &[f32]) {
+    assert_eq!(x.len(), m * w.cols, "{what}: x has {} elements, expected {m}x{}", x.len(), w.cols);
+    assert_eq!(y.len(), m * w.rows, "{what}: y has {} elements, expected {m}x{}", y.len(), w.rows);
+}
+
+/// The GEMV path on any m (rows in batches of 8; the dispatcher only sends
+/// m ≤ 8 here). Public for tests and benchmarks.
+pub fn q4_gemv(path: Q4Path, x: &[f32], m: usize, w: &Q4Ref, y: &mut [f32], accumulate: bool) {
+    check_sizes("q4_gemv", x, m, w, y);
+    let a = MatRef::row_major(Elems::F32(x), m, w.cols);
+    let parallel = rayon::current_num_threads() > 1 && m * w.rows * w.cols >= 1 << 16;
+    with_xg(&a, w, |xg| gemv(path.resolve(), xg, m, w, y, w.rows, accumulate, parallel));
+}
+
+/// The dequantize + GEMM path on any m. Public for tests and benchmarks.
+pub fn q4_gemm_dequant(path: Q4Path, x: &[f32], m: usize, w: &Q4Ref, y: &mut [f32], accumulate: bool) {
+    check_sizes("q4_gemm_dequant", x, m, w, y);
+    let a = MatRef::row_major(Elems::F32(x), m, w.cols);
+    let parallel = rayon::current_num_threads() > 1 && m * w.rows * w.cols >= 1 << 16;
+    let path = path.resolve();
+    with_xg(&a, w, |xg| gemm_dequant(path, path.gemm_isa(), xg, m, w, y, w.rows, accumulate, parallel));
+}
+
 /// `C (+)= A·B` where `B`'s data is the int4 weight `w`.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn gemm_q4(
@@ -59,14 +198,21 @@ pub(crate) fn gemm_q4(
     accumulate: bool,
     parallel: bool,
 ) {
-    let (k, n) = (b.rows, b.cols);
+    let (m, k, n) = (a.rows, b.rows, b.cols);
     // B = Wᵀ restricted to rows r0.. of W: the only view the graphs make
     // (`x · wᵀ`). Any other view is served element by element.
-    let r0 = b.offset / w.cols.max(1);
-    let dequant = if b.row_stride == 1 && b.col_stride == w.cols && b.offset % w.cols.max(1) == 0 && k == w.cols {
-        let mut d = vec![0f32; n * k];
-        dequantize(&w.rows_range(r0, r0 + n), &mut d);
-        d
+    let cols = w.cols.max(1);
+    let r0 = b.offset / cols;
+    if b.row_stride == 1 && b.col_stride == w.cols && b.offset.is_multiple_of(cols) && k == w.cols && r0 + n <= w.rows {
+        let view = w.rows_range(r0, r0 + n);
+        let path = Q4Path::for_isa(isa);
+        with_xg(a, &view, |xg| {
+            if m <= DECODE_BATCH_INVARIANT_MAX {
+                gemv(path, xg, m, &view, c, ldc, accumulate, parallel)
+            } else {
+                gemm_dequant(path, isa.resolve(), xg, m, &view, c, ldc, accumulate, parallel)
+            }
+        });
     } else {
         let mut d = vec![0f32; n * k];
         d.par_chunks_mut(k.max(1)).enumerate().for_each(|(j, row)| {
@@ -74,8 +220,540 @@ pub(crate) fn gemm_q4(
                 *v = b.get(p, j);
             }
         });
-        d
+        let bf = MatRef::row_major(Elems::F32(&d), n, k).transposed();
+        gemm_strided(isa, a, &bf, c, ldc, accumulate, parallel, &mut GemmScratch::default());
+    }
+}
+
+thread_local! {
+    /// Per-thread scratch reused across calls: the gathered activations, and
+    /// for the GEMM path the dequantized block (bounded by
+    /// [`DEQUANT_BLOCK_FLOATS`]) and the packed GEMM's buffers. Taken out of
+    /// the cell while in use, so a nested call on the same thread (a rayon
+    /// task stolen while waiting) just allocates its own.
+    static XG: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
+    static BLOCK: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
+    static GEMM: Cell<Option<GemmScratch>> = const { Cell::new(None) };
+}
+
+/// `f(xg)` with `xg` = `a` widened to f32 and gathered through `w.perm`:
+/// row `i` (k floats) holds `a[i, perm[r]]` at stored row `r`.
+fn with_xg(a: &MatRef, w: &Q4Ref, f: impl FnOnce(&[f32])) {
+    let (m, k) = (a.rows, a.cols);
+    let mut xg = XG.with(Cell::take);
+    if xg.len() < m * k {
+        xg.resize(m * k, 0.0);
+    }
+    let mut row = vec![0f32; if w.perm.is_some() { k } else { 0 }];
+    for i in 0..m {
+        let dst = &mut xg[i * k..(i + 1) * k];
+        match w.perm {
+            None => gather(&a.data, a.index(i, 0), a.col_stride, dst),
+            Some(perm) => {
+                gather(&a.data, a.index(i, 0), a.col_stride, &mut row);
+                for (d, &p) in dst.iter_mut().zip(perm) {
+                    *d = row[p as usize];
+                }
+            }
+        }
+    }
+    f(&xg[..m * k]);
+    XG.with(|c| c.set(xg));
+}
+
+// ---------------------------------------------------------------------------
+// GEMV
+
+/// Per-task buffers of the GEMV path, padded to whole 16-lane vectors.
+#[derive(Default)]
+struct GemvBufs {
+    /// Per-group accumulators, `rows × cwp`.
+    acc: Vec<f32>,
+    /// Results, `rows × cwp`.
+    y: Vec<f32>,
+    /// `2²³ + zero` of the current group, per column.
+    zb: Vec<f32>,
+    /// Scale of the current group, per column.
+    sb: Vec<f32>,
+}
+
+/// What one chunk computes: rows `i0..i0 + M` of `xg` against columns
+/// `c0..c0 + cw` of the view.
+#[derive(Clone, Copy)]
+struct Chunk<'a> {
+    xg: &'a [f32],
+    k: usize,
+    w: &'a Q4Ref<'a>,
+    i0: usize,
+    c0: usize,
+    cw: usize,
+    c: SyncPtr,
+    ldc: usize,
+    accumulate: bool,
+}
+
+#[allow(clippy::too_many_arguments)]
+fn gemv(path: Q4Path, xg: &[f32], m: usize, w: &Q4Ref, c: &mut [f32], ldc: usize, accumulate: bool, parallel: bool) {
+    let (n, k) = (w.rows, w.cols);
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(c.len() >= (m - 1) * ldc + n, "q4 gemv: C too small");
+    if k == 0 {
+        if !accumulate {
+            for i in 0..m {
+                c[i * ldc..i * ldc + n].fill(0.0);
+            }
+        }
+        return;
+    }
+    let cp = SyncPtr(c.as_mut_ptr());
+    let chunks = n.div_ceil(GEMV_COLS);
+    let run = |bufs: &mut GemvBufs, t: usize| {
+        let c0 = t * GEMV_COLS;
+        let cw = GEMV_COLS.min(n - c0);
+        let mut i0 = 0;
+        while i0 < m {
+            let rows = (m - i0).min(8);
+            let ch = Chunk { xg, k, w, i0, c0, cw, c: cp, ldc, accumulate };
+            // SAFETY: `path` is resolved (the CPU has its features); the chunk
+            // writes only C rows i0..i0+rows, columns c0..c0+cw, which no
+            // other task touches; C holds them (asserted above).
+            unsafe { run_chunk(path, rows, &ch, bufs) };
+            i0 += rows;
+        }
     };
-    let bf = MatRef::row_major(Elems::F32(&dequant), n, k).transposed();
-    gemm_strided(isa, a, &bf, c, ldc, accumulate, parallel, &mut GemmScratch::default());
+    if parallel && chunks > 1 {
+        (0..chunks).into_par_iter().for_each_init(GemvBufs::default, run);
+    } else {
+        let mut bufs = GemvBufs::default();
+        (0..chunks).for_each(|t| run(&mut bufs, t));
+    }
+}
+
+/// SAFETY: `path` must be available on this CPU; see [`chunk`].
+unsafe fn run_chunk(path: Q4Path, rows: usize, ch: &Chunk, bufs: &mut GemvBufs) {
+    match path {
+        #[cfg(target_arch = "x86_64")]
+        Q4Path::Avx512 => chunk_avx512(rows, ch, bufs),
+        #[cfg(target_arch = "x86_64")]
+        Q4Path::Avx2 => chunk_avx2(rows, ch, bufs),
+        _ => chunk_portable(rows, ch, bufs),
+    }
+}
+
+macro_rules! dispatch_rows {
+    ($k:ty, $rows:expr, $ch:expr, $bufs:expr) => {
+        match $rows {
+            1 => chunk::<$k, 1>($ch, $bufs),
+            2 => chunk::<$k, 2>($ch, $bufs),
+            3 => chunk::<$k, 3>($ch, $bufs),
+            4 => chunk::<$k, 4>($ch, $bufs),
+            5 => chunk::<$k, 5>($ch, $bufs),
+            6 => chunk::<$k, 6>($ch, $bufs),
+            7 => chunk::<$k, 7>($ch, $bufs),
+            8 => chunk::<$k, 8>($ch, $bufs),
+            r => unreachable!("q4 gemv chunk of {r} rows"),
+        }
+    };
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+unsafe fn chunk_avx512(rows: usize, ch: &Chunk, bufs: &mut GemvBufs) {
+    dispatch_rows!(Avx512K, rows, ch, bufs)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn chunk_avx2(rows: usize, ch: &Chunk, bufs: &mut GemvBufs) {
+    dispatch_rows!(Avx2K, rows, ch, bufs)
+}
+
+unsafe fn chunk_portable(rows: usize, ch: &Chunk, bufs: &mut GemvBufs) {
+    dispatch_rows!(PortableK, rows, ch, bufs)
+}
+
+/// One word vector's worth of work on a code path. `LANES` consecutive
+/// columns; all pointers are to padded buffers (whole vectors readable).
+trait Kern {
+    const LANES: usize;
+    /// Nibbles `J0..J1` (all 8 when `FULL`) of the word vector at `wp`:
+    /// `acc[i] += (q_j − z)·x[i][j]` in nibble order, for each of the `M`
+    /// rows (`x[i]` points at the word row's first input, `acc + i·ld`).
+    ///
+    /// SAFETY: `wp`, `zp` and `LANES` floats at each `acc + i·ld` readable
+    /// (and writable), `x[i] + J1 - 1` readable; the path's CPU features.
+    unsafe fn word<const M: usize>(
+        wp: *const u32,
+        zp: *const f32,
+        x: &[*const f32; M],
+        acc: *mut f32,
+        ld: usize,
+        j0: usize,
+        j1: usize,
+    );
+    /// End of a group over one vector: `y = fma(s, acc, y)`, `acc = 0`.
+    ///
+    /// SAFETY: as for `word`.
+    unsafe fn group_end<const M: usize>(sp: *const f32, acc: *mut f32, y: *mut f32, ld: usize);
+    /// Prefetch the cache line at `p` (no-op where unsupported).
+    #[inline(always)]
+    fn prefetch(p: *const u32) {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: prefetch never faults, whatever the address.
+        unsafe {
+            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p as *const i8)
+        };
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = p;
+    }
+}
+
+/// The GEMV sweep of one chunk over all groups (see the module doc).
+///
+/// SAFETY: `K`'s CPU features; C must hold rows `ch.i0..ch.i0 + M` ×
+/// columns `ch.c0..ch.c0 + ch.cw` and no other thread may touch them.
+#[inline(always)]
+unsafe fn chunk<K: Kern, const M: usize>(ch: &Chunk, bufs: &mut GemvBufs) {
+    let Chunk { xg, k, w, i0, c0, cw, c, ldc, accumulate } = *ch;
+    let cwp = cw.next_multiple_of(16);
+    for v in [&mut bufs.acc, &mut bufs.y] {
+        v.clear();
+        v.resize(M * cwp, 0.0);
+    }
+    for (v, pad) in [(&mut bufs.zb, MAGIC_F), (&mut bufs.sb, 0.0)] {
+        v.clear();
+        v.resize(cwp, pad);
+    }
+    let (acc, y) = (bufs.acc.as_mut_ptr(), bufs.y.as_mut_ptr());
+    let cbase = c.get().add(i0 * ldc + c0);
+    if accumulate {
+        for i in 0..M {
+            std::ptr::copy_nonoverlapping(cbase.add(i * ldc), y.add(i * cwp), cw);
+        }
+    }
+    let o0 = w.row0 + c0;
+    let words = k.div_ceil(8);
+    let qw = w.qweight.as_ptr();
+    assert!(w.qweight.len() >= (words - 1) * w.ld + o0 + cw, "q4 gemv: qweight too short");
+    let mut tail = [0u32; 16];
+    for g in 0..w.groups() {
+        let (ra, rb) = (g * w.group, ((g + 1) * w.group).min(k));
+        fill_group(w, g, o0, cw, &mut bufs.zb, &mut bufs.sb);
+        let (zb, sb) = (bufs.zb.as_ptr(), bufs.sb.as_ptr());
+        let mut r = ra;
+        while r < rb {
+            let p = r / 8;
+            let (j0, j1) = (r % 8, (rb - p * 8).min(8));
+            let row = qw.add(p * w.ld + o0);
+            let pf = (p + PREFETCH_ROWS < words).then(|| qw.add((p + PREFETCH_ROWS) * w.ld + o0));
+            let x: [*const f32; M] = std::array::from_fn(|i| xg.as_ptr().add((i0 + i) * k + p * 8));
+            let mut v = 0;
+            while v + K::LANES <= cw {
+                if let Some(pf) = pf {
+                    if v.is_multiple_of(16) {
+                        K::prefetch(pf.add(v));
+                    }
+                }
+                K::word::<M>(row.add(v), zb.add(v), &x, acc.add(v), cwp, j0, j1);
+                v += K::LANES;
+            }
+            if v < cw {
+                // Ragged last vector: the words through a zero-padded copy
+                // (padding lanes compute 0 − 0, and are never stored to C).
+                tail[..cw - v].copy_from_slice(std::slice::from_raw_parts(row.add(v), cw - v));
+                K::word::<M>(tail.as_ptr(), zb.add(v), &x, acc.add(v), cwp, j0, j1);
+            }
+            r = p * 8 + j1;
+        }
+        let mut v = 0;
+        while v < cw {
+            K::group_end::<M>(sb.add(v), acc.add(v), y.add(v), cwp);
+            v += K::LANES;
+        }
+    }
+    for i in 0..M {
+        std::ptr::copy_nonoverlapping(y.add(i * cwp), cbase.add(i * ldc), cw);
+    }
+}
+
+/// `zb[l] = 2²³ + zero(g, o0 + l)`, `sb[l] = scale(g, o0 + l)` for `l < cw`.
+#[inline(always)]
+fn fill_group(w: &Q4Ref, g: usize, o0: usize, cw: usize, zb: &mut [f32], sb: &mut [f32]) {
+    w.scales[g * w.ld + o0..g * w.ld + o0 + cw].convert_to_f32_slice(&mut sb[..cw]);
+    let zrow = &w.qzeros[g * w.ld / 8..];
+    if o0.is_multiple_of(8) {
+        for (zc, &word) in zb[..cw].chunks_mut(8).zip(&zrow[o0 / 8..]) {
+            for (j, z) in zc.iter_mut().enumerate() {
+                *z = f32::from_bits(((word >> (4 * j)) & 15) + 1 + MAGIC);
+            }
+        }
+    } else {
+        for (l, z) in zb[..cw].iter_mut().enumerate() {
+            let o = o0 + l;
+            *z = f32::from_bits(((zrow[o / 8] >> (4 * (o % 8))) & 15) + 1 + MAGIC);
+        }
+    }
+}
+
+struct PortableK;
+
+// Lane and row loops index several arrays in step; iterators would obscure it.
+
+#[allow(clippy::needless_range_loop)]
+impl Kern for PortableK {
+    const LANES: usize = 8;
+    #[inline(always)]
+    unsafe fn word<const M: usize>(
+        wp: *const u32,
+        zp: *const f32,
+        x: &[*const f32; M],
+        acc: *mut f32,
+        ld: usize,
+        j0: usize,
+        j1: usize,
+    ) {
+        let wv: [u32; 8] = std::ptr::read_unaligned(wp as *const [u32; 8]);
+        let zv: [f32; 8] = std::ptr::read_unaligned(zp as *const [f32; 8]);
+        let mut a: [[f32; 8]; M] =
+            std::array::from_fn(|i| std::ptr::read_unaligned(acc.add(i * ld) as *const [f32; 8]));
+        for j in j0..j1 {
+            let mut q = [0f32; 8];
+            for l in 0..8 {
+                q[l] = f32::from_bits(((wv[l] >> (4 * j)) & 15) | MAGIC) - zv[l];
+            }
+            for i in 0..M {
+                let xv = *x[i].add(j);
+                for l in 0..8 {
+                    a[i][l] += q[l] * xv;
+                }
+            }
+        }
+        for (i, ai) in a.iter().enumerate() {
+            std::ptr::write_unaligned(acc.add(i * ld) as *mut [f32; 8], *ai);
+        }
+    }
+    #[inline(always)]
+    unsafe fn group_end<const M: usize>(sp: *const f32, acc: *mut f32, y: *mut f32, ld: usize) {
+        for i in 0..M {
+            for l in 0..8 {
+                let (a, yy) = (acc.add(i * ld + l), y.add(i * ld + l));
+                *yy += *sp.add(l) * *a;
+                *a = 0.0;
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+struct Avx2K;
+
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::needless_range_loop)]
+impl Kern for Avx2K {
+    const LANES: usize = 8;
+    #[inline(always)]
+    unsafe fn word<const M: usize>(
+        wp: *const u32,
+        zp: *const f32,
+        x: &[*const f32; M],
+        acc: *mut f32,
+        ld: usize,
+        j0: usize,
+        j1: usize,
+    ) {
+        use std::arch::x86_64::*;
+        let wv = _mm256_loadu_si256(wp as *const __m256i);
+        let zv = _mm256_loadu_ps(zp);
+        let (mask, magic) = (_mm256_set1_epi32(15), _mm256_set1_epi32(MAGIC as i32));
+        let mut a: [__m256; M] = std::array::from_fn(|i| _mm256_loadu_ps(acc.add(i * ld)));
+        let nib = |j: usize| {
+            let s = _mm256_srl_epi32(wv, _mm_cvtsi32_si128(4 * j as i32));
+            _mm256_sub_ps(_mm256_castsi256_ps(_mm256_or_si256(_mm256_and_si256(s, mask), magic)), zv)
+        };
+        if j0 == 0 && j1 == 8 {
+            // Unrolled: constant shifts.
+            for j in 0..8 {
+                let q = nib(j);
+                for i in 0..M {
+                    a[i] = _mm256_fmadd_ps(q, _mm256_set1_ps(*x[i].add(j)), a[i]);
+                }
+            }
+        } else {
+            for j in j0..j1 {
+                let q = nib(j);
+                for i in 0..M {
+                    a[i] = _mm256_fmadd_ps(q, _mm256_set1_ps(*x[i].add(j)), a[i]);
+                }
+            }
+        }
+        for (i, ai) in a.iter().enumerate() {
+            _mm256_storeu_ps(acc.add(i * ld), *ai);
+        }
+    }
+    #[inline(always)]
+    unsafe fn group_end<const M: usize>(sp: *const f32, acc: *mut f32, y: *mut f32, ld: usize) {
+        use std::arch::x86_64::*;
+        let s = _mm256_loadu_ps(sp);
+        for i in 0..M {
+            let (a, yy) = (acc.add(i * ld), y.add(i * ld));
+            _mm256_storeu_ps(yy, _mm256_fmadd_ps(s, _mm256_loadu_ps(a), _mm256_loadu_ps(yy)));
+            _mm256_storeu_ps(a, _mm256_setzero_ps());
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+struct Avx512K;
+
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::needless_range_loop)]
+impl Kern for Avx512K {
+    const LANES: usize = 16;
+    #[inline(always)]
+    unsafe fn word<const M: usize>(
+        wp: *const u32,
+        zp: *const f32,
+        x: &[*const f32; M],
+        acc: *mut f32,
+        ld: usize,
+        j0: usize,
+        j1: usize,
+    ) {
+        use std::arch::x86_64::*;
+        let wv = _mm512_loadu_si512(wp as *const __m512i);
+        let zv = _mm512_loadu_ps(zp);
+        let (mask, magic) = (_mm512_set1_epi32(15), _mm512_set1_epi32(MAGIC as i32));
+        let mut a: [__m512; M] = std::array::from_fn(|i| _mm512_loadu_ps(acc.add(i * ld)));
+        // (w >> 4j) & 15 | MAGIC in one ternary-logic op (A & B | C = 0xEA).
+        let nib = |j: usize| {
+            let s = _mm512_srl_epi32(wv, _mm_cvtsi32_si128(4 * j as i32));
+            _mm512_sub_ps(_mm512_castsi512_ps(_mm512_ternarylogic_epi32::<0xEA>(s, mask, magic)), zv)
+        };
+        if j0 == 0 && j1 == 8 {
+            for j in 0..8 {
+                let q = nib(j);
+                for i in 0..M {
+                    a[i] = _mm512_fmadd_ps(q, _mm512_set1_ps(*x[i].add(j)), a[i]);
+                }
+            }
+        } else {
+            for j in j0..j1 {
+                let q = nib(j);
+                for i in 0..M {
+                    a[i] = _mm512_fmadd_ps(q, _mm512_set1_ps(*x[i].add(j)), a[i]);
+                }
+            }
+        }
+        for (i, ai) in a.iter().enumerate() {
+            _mm512_storeu_ps(acc.add(i * ld), *ai);
+        }
+    }
+    #[inline(always)]
+    unsafe fn group_end<const M: usize>(sp: *const f32, acc: *mut f32, y: *mut f32, ld: usize) {
+        use std::arch::x86_64::*;
+        let s = _mm512_loadu_ps(sp);
+        for i in 0..M {
+            let (a, yy) = (acc.add(i * ld), y.add(i * ld));
+            _mm512_storeu_ps(yy, _mm512_fmadd_ps(s, _mm512_loadu_ps(a), _mm512_loadu_ps(yy)));
+            _mm512_storeu_ps(a, _mm512_setzero_ps());
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Dequantize + GEMM
+
+/// `C (+)= xg·Wstoredᵀ` by blocks of output columns: each block dequantized
+/// into the reused scratch (stored rows × block columns, row-major), then the
+/// packed f32 GEMM.
+#[allow(clippy::too_many_arguments)]
+fn gemm_dequant(
+    path: Q4Path,
+    isa: Isa,
+    xg: &[f32],
+    m: usize,
+    w: &Q4Ref,
+    c: &mut [f32],
+    ldc: usize,
+    accumulate: bool,
+    parallel: bool,
+) {
+    let (n, k) = (w.rows, w.cols);
+    if m == 0 || n == 0 {
+        return;
+    }
+    let nb = (DEQUANT_BLOCK_FLOATS / k.max(1)).max(16) / 16 * 16;
+    let nb = nb.min(n);
+    let a = MatRef::row_major(Elems::F32(&xg[..m * k]), m, k);
+    let mut block = BLOCK.with(Cell::take);
+    let mut gs = GEMM.with(Cell::take).unwrap_or_default();
+    if block.len() < k * nb {
+        block.resize(k * nb, 0.0);
+    }
+    let mut b0 = 0;
+    while b0 < n {
+        let bw = nb.min(n - b0);
+        let blk = &mut block[..k * bw];
+        dequant_block(path, w, b0, bw, blk, parallel);
+        let b = MatRef::row_major(Elems::F32(blk), k, bw);
+        gemm_strided(isa, &a, &b, &mut c[b0..], ldc, accumulate, parallel, &mut gs);
+        b0 += bw;
+    }
+    BLOCK.with(|c| c.set(block));
+    GEMM.with(|c| c.set(Some(gs)));
+}
+
+/// `blk[r * bw + l] = W[b0 + l, stored row r]` for all stored rows `r`.
+fn dequant_block(path: Q4Path, w: &Q4Ref, b0: usize, bw: usize, blk: &mut [f32], parallel: bool) {
+    let (k, groups) = (w.cols, w.groups());
+    // Per group: 2²³ + zero and scale of each block column.
+    let mut zs = vec![0f32; groups * bw];
+    let mut ss = vec![0f32; groups * bw];
+    for g in 0..groups {
+        fill_group(w, g, w.row0 + b0, bw, &mut zs[g * bw..], &mut ss[g * bw..]);
+    }
+    let o0 = w.row0 + b0;
+    let job = |p: usize, rows: &mut [f32]| {
+        let words = &w.qweight[p * w.ld + o0..p * w.ld + o0 + bw];
+        for (j, dst) in rows.chunks_mut(bw).enumerate() {
+            let g = (p * 8 + j) / w.group;
+            let (z, s) = (&zs[g * bw..(g + 1) * bw], &ss[g * bw..(g + 1) * bw]);
+            match path {
+                // SAFETY: the path is resolved, so the CPU has the features.
+                #[cfg(target_arch = "x86_64")]
+                Q4Path::Avx512 => unsafe { dequant_row_avx512(words, j, z, s, dst) },
+                #[cfg(target_arch = "x86_64")]
+                Q4Path::Avx2 => unsafe { dequant_row_avx2(words, j, z, s, dst) },
+                _ => dequant_row(words, j, z, s, dst),
+            }
+        }
+    };
+    let blk = &mut blk[..k * bw];
+    if parallel {
+        blk.par_chunks_mut(8 * bw).enumerate().for_each(|(p, rows)| job(p, rows));
+    } else {
+        blk.chunks_mut(8 * bw).enumerate().for_each(|(p, rows)| job(p, rows));
+    }
+}
+
+/// Nibble `j` of each word, dequantized: `(q − z)·s` (exact `q − z`).
+#[inline(always)]
+fn dequant_row(words: &[u32], j: usize, z: &[f32], s: &[f32], dst: &mut [f32]) {
+    for (((d, &wd), &z), &s) in dst.iter_mut().zip(words).zip(z).zip(s) {
+        *d = (f32::from_bits(((wd >> (4 * j)) & 15) | MAGIC) - z) * s;
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn dequant_row_avx512(words: &[u32], j: usize, z: &[f32], s: &[f32], dst: &mut [f32]) {
+    dequant_row(words, j, z, s, dst)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dequant_row_avx2(words: &[u32], j: usize, z: &[f32], s: &[f32], dst: &mut [f32]) {
+    dequant_row(words, j, z, s, dst)
 }

@@ -1,0 +1,356 @@
+//! Int4 (GPTQ) CPU kernels against the naive f64 reference: random ragged
+//! shapes, group sizes (incl. ragged last groups, groups that split a packed
+//! word, and −1 = one group), act-order permutations, symmetric and
+//! asymmetric zeros, row-range views, accumulate, every code path this CPU
+//! has, both the GEMV and the dequantize + GEMM paths, and the `gemm` entry
+//! point that routes int4 weights. Plus batch invariance of the decode path.
+//!
+//! Tolerance: every element within `1e-5 ·` (Σ_c |x_c·W_oc| + |C₀|) of the
+//! reference (plus 1e-30 absolute): f32 sums of that many terms stay far
+//! inside it, while a wrong nibble, zero, scale or permutation shows up at
+//! the 1e-2 level.
+
+use half::f16;
+use proptest::prelude::*;
+use qvc_ir::{Elems, Q4Ref};
+use qvc_kernels::q4::{dequantize, q4_gemm_dequant, q4_gemv, q4_linear, q4_linear_ref, Q4Path};
+use qvc_kernels::testutil::Rng;
+use qvc_kernels::{gemm_with_isa, Isa, MatRef, DECODE_BATCH_INVARIANT_MAX};
+
+const TOL: f64 = 1e-5;
+
+/// A GPTQ v1 weight made from random integers (the test-side quantizer's
+/// output: the kernels never see how the numbers were chosen).
+struct Q4Owned {
+    out: usize,
+    inp: usize,
+    group: usize,
+    /// `q[r][o]`, stored row r.
+    q: Vec<Vec<u32>>,
+    /// Zero points (1..=16, as the kernels use them), `[groups][out]`.
+    z: Vec<Vec<u32>>,
+    scales: Vec<f16>,
+    qweight: Vec<u32>,
+    qzeros: Vec<u32>,
+    perm: Option<Vec<u32>>,
+    inv: Option<Vec<u32>>,
+}
+
+impl Q4Owned {
+    fn random(rng: &mut Rng, out: usize, inp: usize, group: usize, asym: bool, act_order: bool) -> Q4Owned {
+        assert!(out % 8 == 0 && inp % 8 == 0);
+        let groups = inp.div_ceil(group);
+        let q: Vec<Vec<u32>> = (0..inp).map(|_| (0..out).map(|_| (rng.next_u64() % 16) as u32).collect()).collect();
+        let z: Vec<Vec<u32>> = (0..groups)
+            .map(|_| (0..out).map(|_| if asym { (rng.next_u64() % 16) as u32 + 1 } else { 8 }).collect())
+            .collect();
+        // Positive scales over two decades, as GPTQ makes them.
+        let scales: Vec<f16> =
+            (0..groups * out).map(|_| f16::from_f32(0.002 * (1.0 + 9.0 * rng.uniform().abs()))).collect();
+        let mut qweight = vec![0u32; inp / 8 * out];
+        for (r, row) in q.iter().enumerate() {
+            for (o, &v) in row.iter().enumerate() {
+                qweight[r / 8 * out + o] |= v << (4 * (r % 8));
+            }
+        }
+        // v1 stores zero − 1.
+        let mut qzeros = vec![0u32; groups * out / 8];
+        for (g, row) in z.iter().enumerate() {
+            for (o, &v) in row.iter().enumerate() {
+                qzeros[g * out / 8 + o / 8] |= (v - 1) << (4 * (o % 8));
+            }
+        }
+        let (perm, inv) = if act_order {
+            let mut p: Vec<u32> = (0..inp as u32).collect();
+            for i in (1..inp).rev() {
+                p.swap(i, (rng.next_u64() % (i as u64 + 1)) as usize);
+            }
+            let mut inv = vec![0u32; inp];
+            for (r, &c) in p.iter().enumerate() {
+                inv[c as usize] = r as u32;
+            }
+            (Some(p), Some(inv))
+        } else {
+            (None, None)
+        };
+        Q4Owned { out, inp, group, q, z, scales, qweight, qzeros, perm, inv }
+    }
+
+    fn view(&self) -> Q4Ref<'_> {
+        Q4Ref {
+            rows: self.out,
+            cols: self.inp,
+            row0: 0,
+            ld: self.out,
+            group: self.group,
+            qweight: &self.qweight,
+            qzeros: &self.qzeros,
+            scales: &self.scales,
+            perm: self.perm.as_deref(),
+            inv: self.inv.as_deref(),
+        }
+    }
+
+    /// `W[o, c]` straight from the integers (independent of `Q4Ref`'s accessors).
+    fn w(&self, o: usize, c: usize) -> f64 {
+        let r = self.inv.as_ref().map_or(c, |inv| inv[c] as usize);
+        let g = r / self.group;
+        self.scales[g * self.out + o].to_f64() * (self.q[r][o] as f64 - self.z[g][o] as f64)
+    }
+}
+
+/// Reference for output rows `o0..o0 + n`, plus each element's scale for the
+/// tolerance (Σ|x·w| + |C₀|).
+fn reference(
+    wq: &Q4Owned,
+    x: &[f32],
+    m: usize,
+    o0: usize,
+    n: usize,
+    c0: &[f32],
+    accumulate: bool,
+) -> (Vec<f32>, Vec<f64>) {
+    let k = wq.inp;
+    let (mut y, mut scale) = (vec![0f32; m * n], vec![0f64; m * n]);
+    for i in 0..m {
+        for j in 0..n {
+            let init = if accumulate { c0[i * n + j] as f64 } else { 0.0 };
+            let (mut s, mut a) = (init, init.abs());
+            for c in 0..k {
+                let t = x[i * k + c] as f64 * wq.w(o0 + j, c);
+                s += t;
+                a += t.abs();
+            }
+            y[i * n + j] = s as f32;
+            scale[i * n + j] = a;
+        }
+    }
+    (y, scale)
+}
+
+fn check(what: &str, got: &[f32], want: &[f32], scale: &[f64]) -> Result<(), TestCaseError> {
+    for (e, ((&g, &w), &s)) in got.iter().zip(want).zip(scale).enumerate() {
+        let err = (g as f64 - w as f64).abs();
+        prop_assert!(
+            err <= TOL * s + 1e-30,
+            "{what}: element {e}: got {g}, want {w} (error {err:e}, allowed {:e})",
+            TOL * s + 1e-30
+        );
+    }
+    Ok(())
+}
+
+fn paths() -> Vec<Q4Path> {
+    Q4Path::ALL.into_iter().filter(|p| p.available()).collect()
+}
+
+fn isas() -> Vec<Isa> {
+    [Isa::Portable, Isa::Avx2Fma, Isa::detect()].into_iter().filter(|i| i.available()).collect()
+}
+
+/// Group sizes real checkpoints use (32..128, −1 = the whole input) plus
+/// small ones and ones that do not divide a packed word (the loader accepts
+/// any size that makes equal groups but the last).
+fn group_strategy() -> impl Strategy<Value = Option<usize>> {
+    prop_oneof![
+        Just(None),
+        Just(Some(8)),
+        Just(Some(12)),
+        Just(Some(16)),
+        Just(Some(20)),
+        Just(Some(32)),
+        Just(Some(40)),
+        Just(Some(64)),
+        Just(Some(128)),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(96))]
+
+    /// Every path (GEMV, dequantize + GEMM, the dispatcher) on every code
+    /// path, on a random row-range view, against the reference.
+    #[test]
+    fn kernels_match_reference(
+        out8 in 1usize..=24,
+        in8 in 1usize..=48,
+        group in group_strategy(),
+        m in 1usize..=40,
+        asym in any::<bool>(),
+        act_order in any::<bool>(),
+        accumulate in any::<bool>(),
+        range in (0usize..1000, 0usize..1000),
+        seed in any::<u64>(),
+    ) {
+        let (out, inp) = (out8 * 8, in8 * 8);
+        let group = group.unwrap_or(inp);
+        let mut rng = Rng::new(seed);
+        let wq = Q4Owned::random(&mut rng, out, inp, group, asym, act_order);
+        // A random non-empty row range (often not 8-aligned).
+        let a = range.0 % out;
+        let b = a + 1 + range.1 % (out - a);
+        let w = wq.view().rows_range(a, b);
+        let n = b - a;
+        let x = rng.vec(m * inp, 1.0);
+        let c0 = rng.vec(m * n, 1.0);
+        let (want, scale) = reference(&wq, &x, m, a, n, &c0, accumulate);
+
+        // The crate's own reference agrees with this one.
+        let mut y = c0.clone();
+        q4_linear_ref(&x, m, &w, &mut y, accumulate);
+        check("q4_linear_ref", &y, &want, &scale)?;
+
+        for path in paths() {
+            let mut y = c0.clone();
+            q4_gemv(path, &x, m, &w, &mut y, accumulate);
+            check(&format!("gemv {path:?}"), &y, &want, &scale)?;
+            let mut y = c0.clone();
+            q4_gemm_dequant(path, &x, m, &w, &mut y, accumulate);
+            check(&format!("gemm_dequant {path:?}"), &y, &want, &scale)?;
+            let mut y = c0.clone();
+            q4_linear(path, &x, m, &w, &mut y, accumulate);
+            check(&format!("q4_linear {path:?}"), &y, &want, &scale)?;
+        }
+        // Through `gemm`, as the CPU backend calls it: B = Wᵀ of the whole
+        // matrix, restricted to rows a..b by the view's offset.
+        let full = wq.view();
+        let bmat = MatRef { offset: a * inp, rows: n, ..MatRef::row_major(Elems::Q4(full), out, inp) }.transposed();
+        for isa in isas() {
+            let mut y = c0.clone();
+            gemm_with_isa(isa, MatRef::row_major(Elems::F32(&x), m, inp), bmat, &mut y, accumulate);
+            check(&format!("gemm {isa:?}"), &y, &want, &scale)?;
+        }
+    }
+
+    /// Rows of a decode batch (m ≤ DECODE_BATCH_INVARIANT_MAX) are bit for
+    /// bit the rows computed alone, on every path and through `gemm`; and a
+    /// row-range view gives the full matrix's columns bit for bit (the
+    /// column chunking does not matter).
+    #[test]
+    fn decode_is_batch_invariant(
+        out8 in 1usize..=160,
+        in8 in 1usize..=40,
+        group in group_strategy(),
+        asym in any::<bool>(),
+        act_order in any::<bool>(),
+        cut in 0usize..1000,
+        seed in any::<u64>(),
+    ) {
+        let (out, inp) = (out8 * 8, in8 * 8);
+        let group = group.unwrap_or(inp);
+        let mut rng = Rng::new(seed);
+        let wq = Q4Owned::random(&mut rng, out, inp, group, asym, act_order);
+        let w = wq.view();
+        let mmax = DECODE_BATCH_INVARIANT_MAX;
+        let x = rng.vec(mmax * inp, 1.0);
+        for path in paths() {
+            let alone: Vec<Vec<f32>> = (0..mmax)
+                .map(|i| {
+                    let mut y = vec![0f32; out];
+                    q4_linear(path, &x[i * inp..(i + 1) * inp], 1, &w, &mut y, false);
+                    y
+                })
+                .collect();
+            for m in 1..=mmax {
+                let mut y = vec![0f32; m * out];
+                q4_linear(path, &x[..m * inp], m, &w, &mut y, false);
+                for i in 0..m {
+                    prop_assert!(
+                        y[i * out..(i + 1) * out].iter().zip(&alone[i]).all(|(a, b)| a.to_bits() == b.to_bits()),
+                        "{path:?}: row {i} of m={m} differs from the row alone"
+                    );
+                }
+            }
+            let a = cut % out;
+            let mut y = vec![0f32; 3 * (out - a)];
+            q4_linear(path, &x[..3 * inp], 3, &w.rows_range(a, out), &mut y, false);
+            for i in 0..3 {
+                prop_assert!(
+                    y[i * (out - a)..(i + 1) * (out - a)].iter().zip(&alone[i][a..]).all(|(p, q)| p.to_bits() == q.to_bits()),
+                    "{path:?}: rows_range({a}, {out}) differs from the full matrix's columns"
+                );
+            }
+        }
+        for isa in isas() {
+            let b = MatRef::row_major(Elems::Q4(w), out, inp).transposed();
+            let mut one = vec![0f32; out];
+            gemm_with_isa(isa, MatRef::row_major(Elems::F32(&x[..inp]), 1, inp), b, &mut one, false);
+            let mut all = vec![0f32; mmax * out];
+            gemm_with_isa(isa, MatRef::row_major(Elems::F32(&x), mmax, inp), b, &mut all, false);
+            prop_assert!(
+                all[..out].iter().zip(&one).all(|(a, b)| a.to_bits() == b.to_bits()),
+                "gemm {isa:?}: row 0 of m={mmax} differs from m=1"
+            );
+        }
+    }
+}
+
+/// Shapes wide enough for several GEMV tasks and several dequantized blocks
+/// (lm_head-like: many columns, a ragged last vector), act-order, group 128
+/// with a ragged last group; an activation that is a strided bf16 view.
+#[test]
+fn wide_shapes_and_strided_activations() {
+    let mut rng = Rng::new(7);
+    let (out, inp) = (1304, 264);
+    let wq = Q4Owned::random(&mut rng, out, inp, 128, true, true);
+    let w = wq.view();
+    for m in [1, 2, 5, 8, 9, 33] {
+        let x = rng.vec(m * inp, 2.0);
+        let c0 = vec![0f32; m * out];
+        let (want, scale) = reference(&wq, &x, m, 0, out, &c0, false);
+        for path in paths() {
+            type Kernel = fn(Q4Path, &[f32], usize, &Q4Ref, &mut [f32], bool);
+            for (name, f) in [("gemv", q4_gemv as Kernel), ("gemm_dequant", q4_gemm_dequant)] {
+                let mut y = vec![f32::NAN; m * out];
+                f(path, &x, m, &w, &mut y, false);
+                check(&format!("{name} {path:?} m={m}"), &y, &want, &scale).unwrap();
+            }
+        }
+        // x stored transposed (k × m) as bf16-exact values: A is a strided
+        // view of another dtype.
+        let xb: Vec<half::bf16> = (0..inp * m).map(|t| half::bf16::from_f32(x[(t % m) * inp + t / m])).collect();
+        let xr: Vec<f32> = (0..m * inp).map(|t| xb[(t % inp) * m + t / inp].to_f32()).collect();
+        let (want, scale) = reference(&wq, &xr, m, 0, out, &c0, false);
+        let a = MatRef::row_major(Elems::BF16(&xb), inp, m).transposed();
+        for isa in isas() {
+            let mut y = vec![f32::NAN; m * out];
+            gemm_with_isa(isa, a, MatRef::row_major(Elems::Q4(w), out, inp).transposed(), &mut y, false);
+            check(&format!("gemm {isa:?} strided bf16 A m={m}"), &y, &want, &scale).unwrap();
+        }
+    }
+}
+
+/// `dequantize` gives `W[o, c]` exactly (columns in input order).
+#[test]
+fn dequantize_is_exact() {
+    let mut rng = Rng::new(3);
+    let wq = Q4Owned::random(&mut rng, 48, 72, 24, true, true);
+    let w = wq.view().rows_range(5, 41);
+    let mut d = vec![0f32; 36 * 72];
+    dequantize(&w, &mut d);
+    for o in 0..36 {
+        for c in 0..72 {
+            assert_eq!(d[o * 72 + c] as f64, wq.w(5 + o, c), "W[{o}, {c}]");
+        }
+    }
+}
+
+/// A wrong layout must fail the check (guards against a test that cannot
+/// fail): swapping two nibbles of one word changes the result.
+#[test]
+fn a_wrong_weight_is_detected() {
+    let mut rng = Rng::new(11);
+    let mut wq = Q4Owned::random(&mut rng, 16, 16, 8, true, false);
+    let x = rng.vec(16, 1.0);
+    let (want, scale) = reference(&wq, &x, 1, 0, 16, &[0.0; 16], false);
+    // Make nibbles 0 and 1 of column 3 differ, then swap them in storage only.
+    wq.qweight[3] = (wq.qweight[3] & !0xFF) | 0x1F;
+    let mut y = vec![0f32; 16];
+    q4_gemv(Q4Path::detect(), &x, 1, &wq.view(), &mut y, false);
+    let wrong = check("swapped", &y, &want, &scale);
+    if wq.q[0][3] == 15 && wq.q[1][3] == 1 {
+        assert!(wrong.is_ok());
+    } else {
+        assert!(wrong.is_err(), "a changed weight went unnoticed");
+    }
+}
