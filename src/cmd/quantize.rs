@@ -13,13 +13,13 @@ For every decoder Linear (transformer.h.N.{attn.c_attn, attn.c_proj, mlp.w1, mlp
 qweight, qzeros, scales, g_idx and bias; every other tensor (vision tower, embeddings, norms and, by default, \
 lm_head) is kept, stored as fp16. config.json gets quantization_config, and quantize_config.json, the tokenizer, \
 generation_config.json and the other small files of SRC are written beside the weights. The source is read one \
-tensor at a time (a 19 GB checkpoint fits a machine with less memory than that), and DST gets as many shards as SRC.
+tensor at a time, so the largest tensor, not the model, sets the memory; DST gets as many shards as SRC.
 
 This is round-to-nearest: each group of --group-size inputs of one output gets a scale (and with --asym a zero) from \
 its own minimum and maximum, and every weight goes to the nearest of the 16 levels. It is not GPTQ's algorithm, \
 which uses calibration data to push each weight's rounding error onto the weights not yet quantized; \
-round-to-nearest needs no data and takes minutes, but loses noticeably more accuracy than GPTQ at the same \
-settings (higher perplexity, answers that drift further from the bf16 model's), more so with larger groups.";
+round-to-nearest needs no data and no GPU, but loses noticeably more accuracy than GPTQ at the same settings \
+(higher perplexity), more so with larger groups.";
 
 pub const QUANTIZE_EXAMPLES: &str = "Examples:
   qvc quantize ./Qwen-VL-Chat -o ./Qwen-VL-Chat-rtn4
@@ -47,7 +47,7 @@ pub struct QuantizeArgs {
     #[arg(long)]
     asym: bool,
     /// lm_head's format: f16 (as Qwen-VL-Chat-Int4 keeps it) or int4 (recorded as "lm_head": true in
-    /// quantization_config, as GPTQModel does; on a CPU its 1.2 GB is most of what a token reads).
+    /// quantization_config, as GPTQModel does; on a CPU its 1.2 GB in fp16 is a large part of what every token reads).
     #[arg(long, default_value = "f16", value_name = "FORMAT", value_parser = ["f16", "int4"])]
     lm_head: String,
     /// Write into DST even if it is not empty (its old weight files are removed first).
