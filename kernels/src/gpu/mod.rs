@@ -20,6 +20,7 @@ pub mod gemv;
 pub mod generic;
 pub mod norm;
 pub mod patch;
+pub mod q4;
 pub mod rotary;
 pub mod sample;
 pub mod softmax;
