@@ -668,6 +668,82 @@ mod tests {
         let _ = std::fs::remove_dir_all(d);
     }
 
+    /// An act-order int4 weight written as its parts reopens as the same
+    /// weight (same permutation, no re-sort), and so does a row-range view
+    /// (its columns gathered, its zeros repacked from an odd nibble offset).
+    #[test]
+    fn int4_parts_round_trip_through_the_weight_store() {
+        use half::f16;
+        let (out, inp, group) = (24usize, 40usize, 16usize);
+        let groups = inp.div_ceil(group);
+        let mut s = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move || {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            s
+        };
+        let qweight: Vec<u32> = (0..inp / 8 * out).map(|_| next() as u32).collect();
+        let qzeros: Vec<u32> = (0..groups * out / 8).map(|_| next() as u32).collect();
+        let scales: Vec<f16> = (0..groups * out).map(|_| f16::from_f32((next() % 1000) as f32 / 997.0)).collect();
+        let perm: Vec<u32> = {
+            let mut p: Vec<u32> = (0..inp as u32).collect();
+            for i in (1..inp).rev() {
+                p.swap(i, (next() % (i as u64 + 1)) as usize);
+            }
+            p
+        };
+        let mut inv = vec![0u32; inp];
+        for (r, &i) in perm.iter().enumerate() {
+            inv[i as usize] = r as u32;
+        }
+        let q = Q4Ref {
+            rows: out,
+            cols: inp,
+            row0: 0,
+            ld: out,
+            group,
+            qweight: &qweight,
+            qzeros: &qzeros,
+            scales: &scales,
+            perm: Some(&perm),
+            inv: Some(&inv),
+        };
+        let d = tmp("q4");
+        let p = d.join(WEIGHTS);
+        let views = [("full", q), ("rows", q.rows_range(4, 12))];
+        let mut entries = vec![];
+        for (prefix, v) in &views {
+            entries.extend(q4_parts(prefix, v).into_iter().map(|(part, t)| (part, t, *v)));
+        }
+        let ts: Vec<TensorEntry> = entries.iter().map(|e| e.1.clone()).collect();
+        assert!(ts.iter().any(|t| t.name == "full.q4_perm"));
+        write_weights::<std::io::Error>(&p, &ts, |i, buf| {
+            q4_part_bytes(&entries[i].2, entries[i].0, buf);
+            Ok(())
+        })
+        .unwrap();
+        let ws = WeightStore::open_files(std::slice::from_ref(&p)).unwrap();
+        assert_eq!(ws.q4_names(), vec!["full.weight", "rows.weight"]);
+        for (prefix, v) in &views {
+            let name = format!("{prefix}.weight");
+            assert_eq!(ws.info(&name), Some((DType::Q4, Shape::new([v.rows, inp]))));
+            let back = ws.q4(&name).unwrap();
+            assert_eq!(back.perm, Some(&perm[..]), "{name}: the permutation as written");
+            assert_eq!(back.group, group);
+            for o in 0..v.rows {
+                for i in 0..inp {
+                    assert_eq!(back.get(o, i).to_bits(), v.get(o, i).to_bits(), "{name}[{o}, {i}]");
+                }
+            }
+        }
+        // One int4 tensor is never written whole.
+        let whole = [TensorEntry { name: "w".into(), dtype: DType::Q4, shape: Shape::new([out, inp]) }];
+        let e = write_weights::<std::io::Error>(&d.join("x.safetensors"), &whole, |_, _| Ok(())).unwrap_err();
+        assert!(e.to_string().contains("q4_parts"), "{e}");
+        let _ = std::fs::remove_dir_all(d);
+    }
+
     #[test]
     fn wrong_data_length_is_an_error() {
         let d = tmp("len");
