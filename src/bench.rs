@@ -236,6 +236,9 @@ pub struct BenchOptions {
     /// the model's own).
     pub vit_layers: Option<usize>,
     pub llm_layers: Option<usize>,
+    /// `--repeat`: vision, time to first token and prefill are each the best
+    /// of this many runs [default: 3 on a GPU, 1 elsewhere].
+    pub repeat: Option<usize>,
 }
 
 /// Memory a CPU bench of `cfg` with random weights needs, in bytes: the
@@ -735,6 +738,8 @@ struct Report {
     model: String,
     vit_layers: usize,
     llm_layers: usize,
+    /// Runs each of vision, TTFT and prefill is the best of.
+    repeat: usize,
     vision: Vec<serde_json::Value>,
     ttft_ms: Option<f64>,
     ttft_tokens: usize,
@@ -759,6 +764,7 @@ impl Report {
             "model": self.model,
             "vit_layers": self.vit_layers,
             "llm_layers": self.llm_layers,
+            "repeat": self.repeat,
             "vision_ms": self.vision.first().map(|v| v["ms"].clone()),
             "vision": self.vision,
             "ttft_ms": self.ttft_ms,
@@ -1217,7 +1223,9 @@ pub fn run(model: Option<&Model>, synthetic: Option<Synthetic>, opt: &BenchOptio
         Exec::Cpu(_) => format!("cpu ({} threads)", rayon::current_num_threads()),
         Exec::Gpu(g) => format!("{} ({})", g.device_info().0, at.label()),
     };
+    let reps = opt.repeat.unwrap_or(if matches!(at, Where::Cuda(_)) { 3 } else { 1 }).max(1);
     let mut report = Report {
+        repeat: reps,
         device: at.label(),
         device_name: device_name.clone(),
         vit_layers: cfg.visual.layers,
@@ -1244,7 +1252,7 @@ pub fn run(model: Option<&Model>, synthetic: Option<Synthetic>, opt: &BenchOptio
         compiled,
         graphs: HashMap::new(),
     };
-    let reps = if matches!(at, Where::Cuda(_)) { 3 } else { 1 };
+
     let warm_up = matches!(at, Where::Cuda(_));
 
     // Vision.
@@ -1468,6 +1476,7 @@ mod tests {
             json: false,
             vit_layers: vit,
             llm_layers: llm,
+            repeat: None,
         }
     }
 

@@ -182,6 +182,8 @@ fn bench_synthetic_layers_are_built_and_reported() {
     for (vit, llm) in [("1", "1"), ("0", "2")] {
         let (v, err) = bench_json(&[
             "bench",
+            "--repeat",
+            "2",
             "--synthetic",
             "tiny",
             "--vit-layers",
@@ -200,6 +202,7 @@ fn bench_synthetic_layers_are_built_and_reported() {
         ]);
         assert_eq!(v["vit_layers"].to_string(), vit, "{v}");
         assert_eq!(v["llm_layers"].to_string(), llm, "{v}");
+        assert_eq!(v["repeat"], 2, "{v}");
         let note = format!("({vit} of 2 ViT layers, {llm} of 2 decoder layers, full widths)");
         assert!(v["model"].as_str().unwrap().contains(&note), "{v}");
         assert!(err.contains(&note), "{err}");
@@ -220,6 +223,7 @@ fn bench_synthetic_layers_are_built_and_reported() {
         "--json",
     ]);
     assert_eq!((v["vit_layers"].as_u64(), v["llm_layers"].as_u64()), (Some(2), Some(2)), "{v}");
+    assert_eq!(v["repeat"], 1, "the CPU's default: {v}");
     assert!(!v["model"].as_str().unwrap().contains("full widths"), "{v}");
 }
 

@@ -33,6 +33,10 @@ pub struct BenchArgs {
     /// plus 2.5 GB for the embedding and lm_head whatever the count).
     #[arg(long, value_name = "M")]
     llm_layers: Option<usize>,
+    /// Time vision, time to first token and prefill this many times each and keep the best (on a shared, noisy
+    /// machine the best of several is the stable figure) [default: 3 on a GPU, 1 on the CPU and the emulator].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=100))]
+    repeat: Option<u16>,
     /// Picture sizes the vision tower is timed at (comma-separated) [default: 448,896 with --synthetic, else the
     /// model's].
     #[arg(long, value_delimiter = ',', value_name = "N,...")]
@@ -43,7 +47,7 @@ pub struct BenchArgs {
     profile: bool,
     /// Print one JSON object on stdout; the table (and --profile) then go to stderr. Keys (schema 1; null where
     /// not measured): device (cpu, cuda:N, emu), device_name, threads, model, vit_layers and llm_layers (the
-    /// layers built and timed), vision_ms (first size and attention),
+    /// layers built and timed), repeat (vision, ttft and prefill are the best of this many runs), vision_ms (first size and attention),
     /// vision [{size, attention, ms, gflop, floor_fraction}], ttft_ms, ttft_tokens, prefill_ms, prefill_tokens,
     /// prefill_tok_s, prefill_floor_fraction, decode_tok_s, decode_ms_per_token, decode_bytes_per_token (weights +
     /// KV read per step), decode_floor_fraction (achieved bytes/s over the measured read bandwidth; these four at
@@ -67,6 +71,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         json: a.json,
         vit_layers: a.vit_layers,
         llm_layers: a.llm_layers,
+        repeat: a.repeat.map(usize::from),
     };
     let has_model = a.model.path.is_some() || a.model.model.is_some();
     match &a.synthetic {
