@@ -403,7 +403,10 @@ pub fn decoder_graph(cfg: &Config, w: &WeightStore, s: &DecoderShape) -> Result<
             // after its attention only the rows whose logits are wanted feed
             // anything, so its c_proj, MLP, `ln_f` and `lm_head` run on
             // those rows alone (exact: each is row-wise). What llama.cpp
-            // does; a third of a 2-layer prefill's work.
+            // does; a third of a 2-layer prefill's work. The attention
+            // itself keeps every query row: at 300 tokens it is ~1% of a
+            // block, and a bucketed program's last row is a run-time index,
+            // so a one-row causal query would need a run-time offset.
             a = pick_rows(&mut b, wanted, t, a, &mut last_index)?;
             x = pick_rows(&mut b, wanted, t, x, &mut last_index)?;
         }
