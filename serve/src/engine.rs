@@ -209,7 +209,7 @@ impl Engine {
         }
         let model = self.model().ok_or(SubmitError::NotReady)?;
         let context = self.context_len().unwrap_or(MAX_CONTEXT);
-        self.validate(&model, context, &req).map_err(SubmitError::Invalid)?;
+        self.validate(&model, context, &req)?;
         let mut feats = Vec::with_capacity(req.images.len());
         for img in &req.images {
             let f = match img.pixels {
@@ -217,10 +217,7 @@ impl Engine {
                 None => {
                     let f = self.shared.vision().get(img.key);
                     let Some(f) = f else {
-                        return Err(SubmitError::Invalid(format!(
-                            "picture {:?} is not cached any more: send its pixels",
-                            img.name
-                        )));
+                        return Err(SubmitError::NotCached { name: img.name.clone() });
                     };
                     self.shared.metrics.update(|c| c.vision_hits += 1);
                     Some(f)
@@ -247,72 +244,58 @@ impl Engine {
         Ok(id)
     }
 
-    fn validate(&self, model: &Model, context: usize, r: &GenRequest) -> Result<(), String> {
+    fn validate(&self, model: &Model, context: usize, r: &GenRequest) -> Result<(), SubmitError> {
+        let invalid = |why: String| Err(SubmitError::Invalid(why));
         let cfg = &model.config;
         if r.prompt.is_empty() {
-            return Err("the prompt is empty".into());
+            return invalid("the prompt is empty".into());
         }
         if let Some(&bad) = r.prompt.iter().find(|&&i| i as usize >= cfg.vocab_size) {
-            return Err(format!("token id {bad} is outside the vocabulary (0..{})", cfg.vocab_size));
+            return invalid(format!("token id {bad} is outside the vocabulary (0..{})", cfg.vocab_size));
         }
         if r.max_tokens == 0 {
-            return Err("max_tokens must be at least 1".into());
+            return invalid("max_tokens must be at least 1".into());
         }
         let total = r.prompt.len().saturating_add(r.max_tokens);
         if total > context {
-            // The HTTP layer maps "exceed the context" to `context_length_exceeded`.
-            let fix = match context.saturating_sub(r.prompt.len()) {
-                0 => format!(
-                    "the prompt alone leaves no room for an answer: shorten the conversation to fewer than {context} \
-                     tokens"
-                ),
-                room => format!("lower max_tokens to at most {room} or shorten the conversation"),
-            };
-            return Err(format!(
-                "the prompt has {} tokens and max_tokens is {}: {total} tokens exceed the context of {context} tokens \
-                 ({fix})",
-                r.prompt.len(),
-                r.max_tokens,
-            ));
+            return Err(SubmitError::ContextExceeded { prompt: r.prompt.len(), max_tokens: r.max_tokens, context });
         }
-        let spans = model.tokenizer.image_spans(&r.prompt).map_err(|e| e.to_string())?;
+        let spans = model.tokenizer.image_spans(&r.prompt).map_err(|e| SubmitError::Invalid(e.to_string()))?;
         if spans.len() != r.images.len() {
-            return Err(format!("the prompt has {} picture(s) but {} were given", spans.len(), r.images.len()));
+            return invalid(format!("the prompt has {} picture(s) but {} were given", spans.len(), r.images.len()));
         }
         let px = 3 * cfg.visual.image_size * cfg.visual.image_size;
         for (s, img) in spans.iter().zip(&r.images) {
             match &img.pixels {
                 Some(p) if p.len() != px => {
-                    return Err(format!(
+                    return invalid(format!(
                         "picture {:?}: {} preprocessed values, the vision tower needs 3 × {s} × {s}",
                         img.name,
                         p.len(),
                         s = cfg.visual.image_size
                     ))
                 }
-                None if !self.has_image(img.key) => {
-                    return Err(format!("picture {:?} is not cached any more: send its pixels", img.name))
-                }
+                None if !self.has_image(img.key) => return Err(SubmitError::NotCached { name: img.name.clone() }),
                 _ => {}
             }
             if s.path != img.name {
-                return Err(format!(
+                return invalid(format!(
                     "picture {} is named {:?} in the prompt but {:?} was given",
                     s.start, s.path, img.name
                 ));
             }
         }
-        r.sampling.validate()?;
+        r.sampling.validate().map_err(SubmitError::Invalid)?;
         for (name, v) in [("presence_penalty", r.presence_penalty), ("frequency_penalty", r.frequency_penalty)] {
             if !(-2.0..=2.0).contains(&v) {
-                return Err(format!("{name} must be between -2 and 2, got {v}"));
+                return invalid(format!("{name} must be between -2 and 2, got {v}"));
             }
         }
         if r.logprobs.is_some_and(|k| k > MAX_TOP_LOGPROBS) {
-            return Err(format!("top_logprobs must be at most {MAX_TOP_LOGPROBS}"));
+            return invalid(format!("top_logprobs must be at most {MAX_TOP_LOGPROBS}"));
         }
         if r.stop_strings.iter().any(String::is_empty) {
-            return Err("a stop string must not be empty".into());
+            return invalid("a stop string must not be empty".into());
         }
         Ok(())
     }

@@ -180,9 +180,32 @@ pub enum SubmitError {
     /// [`Engine::shutdown`](crate::Engine::shutdown) was called.
     #[error("the server is shutting down")]
     ShuttingDown,
+    /// The prompt plus `max_tokens` does not fit the context (HTTP 400,
+    /// `context_length_exceeded`).
+    #[error(
+        "the prompt has {prompt} tokens and max_tokens is {max_tokens}: {} tokens exceed the context of {context} \
+         tokens ({})",
+        prompt + max_tokens,
+        context_fix(*prompt, *context)
+    )]
+    ContextExceeded { prompt: usize, max_tokens: usize, context: usize },
+    /// A picture sent without pixels whose features the engine no longer
+    /// holds: send it again with its pixels.
+    #[error("picture {name:?} is not cached any more: send its pixels")]
+    NotCached { name: String },
     /// The request cannot run (HTTP 400); the text says why.
     #[error("{0}")]
     Invalid(String),
+}
+
+/// How to make a prompt of `prompt` tokens fit a context of `context`.
+fn context_fix(prompt: usize, context: usize) -> String {
+    match context.saturating_sub(prompt) {
+        0 => format!(
+            "the prompt alone leaves no room for an answer: shorten the conversation to fewer than {context} tokens"
+        ),
+        room => format!("lower max_tokens to at most {room} or shorten the conversation"),
+    }
 }
 
 #[cfg(test)]

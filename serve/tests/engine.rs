@@ -237,8 +237,8 @@ fn invalid_requests_are_refused_with_reasons() {
     let text = ids(&exp["chat"]["text"]["input_ids"]);
     let img = ids(&exp["chat"]["img1"]["input_ids"]);
     let invalid = |r: GenRequest| match engine.submit(r, Box::new(|_| true)) {
-        Err(SubmitError::Invalid(why)) => why,
-        other => panic!("expected Invalid, got {other:?}"),
+        Err(e @ (SubmitError::Invalid(_) | SubmitError::ContextExceeded { .. })) => e.to_string(),
+        other => panic!("expected Invalid or ContextExceeded, got {other:?}"),
     };
     assert!(invalid(GenRequest::greedy(vec![], vec![], 4, vec![])).contains("empty"));
     assert!(invalid(GenRequest::greedy(vec![1, 999_999], vec![], 4, vec![])).contains("999999"));
@@ -394,8 +394,8 @@ fn the_vision_cache_is_bounded_and_a_pictureless_request_needs_its_features() {
     run(&engine, ask("shapes.png", true)).done();
     assert!(!engine.has_image(image(&m, &dir, "grey.png", "grey.png").key), "evicted by the newer picture");
     match engine.submit(ask("grey.png", false), Box::new(|_| true)) {
-        Err(SubmitError::Invalid(why)) => assert!(why.contains("not cached any more: send its pixels"), "{why}"),
-        other => panic!("expected Invalid, got {other:?}"),
+        Err(SubmitError::NotCached { name }) => assert_eq!(name, "grey.png"),
+        other => panic!("expected NotCached, got {other:?}"),
     }
     let c = engine.metrics();
     assert_eq!((c.vision_misses, c.vision_hits), (2, 1));

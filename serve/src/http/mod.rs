@@ -408,15 +408,10 @@ fn submit_error(e: SubmitError, state: EngineState) -> ApiError {
         SubmitError::QueueFull { .. } => ApiError::unavailable("queue_full", 1, e.to_string()),
         SubmitError::NotReady => not_serving(state),
         SubmitError::ShuttingDown => ApiError::unavailable("shutting_down", 5, e.to_string()),
-        SubmitError::Invalid(msg) => {
-            let code = msg.contains("exceed the context").then_some("context_length_exceeded");
-            let mut e = ApiError::invalid("", msg);
-            e.code = code;
-            if code.is_some() {
-                e.param = Some("max_tokens".into());
-            }
-            e
+        SubmitError::ContextExceeded { .. } => {
+            ApiError::invalid_code("max_tokens", "context_length_exceeded", e.to_string())
         }
+        SubmitError::NotCached { .. } | SubmitError::Invalid(_) => ApiError::invalid("", e.to_string()),
     }
 }
 
@@ -604,9 +599,7 @@ async fn chat(st: Shared, body: Result<Bytes, BytesRejection>) -> Result<Respons
         match st.engine.submit(gen, sink) {
             Ok(_) => break images,
             // A cached picture's features were evicted between the check and the submit: send pixels.
-            Err(SubmitError::Invalid(msg))
-                if attempt == 0 && msg.contains("not cached") && images.iter().any(|i| i.pixels.is_none()) =>
-            {
+            Err(SubmitError::NotCached { .. }) if attempt == 0 && images.iter().any(|i| i.pixels.is_none()) => {
                 attempt += 1;
                 load_pictures(&st, &req, image_size, true, &mut pictures).await?;
             }
@@ -876,12 +869,12 @@ mod tests {
         let e = submit_error(SubmitError::ShuttingDown, EngineState::Draining);
         assert_eq!(e.status, StatusCode::SERVICE_UNAVAILABLE);
         let e = submit_error(
-            SubmitError::Invalid(
-                "the prompt has 10 tokens and max_tokens is 9000: 9010 tokens exceed the context".into(),
-            ),
+            SubmitError::ContextExceeded { prompt: 10, max_tokens: 9000, context: 8192 },
             EngineState::Ready,
         );
         assert_eq!((e.status, e.code), (StatusCode::BAD_REQUEST, Some("context_length_exceeded")));
+        assert!(e.message.contains("9010 tokens exceed the context of 8192"), "{}", e.message);
+        assert!(e.message.contains("lower max_tokens to at most 8182"), "{}", e.message);
         let e = not_serving(EngineState::Failed("no weights".into()));
         assert!(e.message.contains("no weights"));
     }
