@@ -46,6 +46,7 @@ qvc generate --model ./Qwen-VL-Chat --raw-prompt-file prompt.txt --json"
     /// Time the vision tower, time to first token, prefill and decode against the device's measured ceilings.
     #[command(after_help = "Examples:\n  qvc bench chat.qvc --device cuda\n  \
 qvc bench --synthetic qwen-vl-chat --device cuda   # full size, random weights, no download\n  \
+qvc bench --synthetic qwen-vl-chat --vit-layers 4 --llm-layers 2 --device cpu   # real widths, 6 layers, ~3.8 GB\n  \
 qvc bench --synthetic tiny --device emu --prompt-len 8 --decode-tokens 2")]
     Bench(cmd::bench::BenchArgs),
     /// Load-test a running `qvc serve` (or any OpenAI-compatible server): streamed requests at each concurrency
