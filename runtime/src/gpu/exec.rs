@@ -17,13 +17,13 @@
 
 use super::device::{DevPtr, Device, DeviceError, KArg};
 use super::lower::{
-    fnv_extend, lower, resolve, Arg, Buf, HostArg, KvShape, Layout, LowerOptions, Lowered, SampleArg, Sampling, Step,
-    WeightKey, FNV_START,
+    fnv_extend, lower, resolve, Arg, Buf, HostArg, KvShape, Layout, LowerOptions, Lowered, Q4Part, SampleArg, Sampling,
+    Step, WeightKey, FNV_START,
 };
 use crate::{Backend, Inputs};
 use half::bf16;
 use qvc_codegen::Module;
-use qvc_ir::{DType, Elems, ExecError, Graph, InputRef, Op, WeightSource};
+use qvc_ir::{DType, Elems, ExecError, Graph, InputRef, Op, Q4Ref, WeightSource};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
@@ -296,6 +296,9 @@ impl GpuBackend {
         let mut seen = std::collections::HashSet::new();
         want.retain(|k| !s.weights.contains_key(k) && seen.insert(k.clone()));
         let size = |k: &WeightKey| -> u64 {
+            if let Layout::Q4(part) = k.layout {
+                return q4_of(weights, &k.name).map_or(0, |q| q4_part_bytes(&q, part));
+            }
             let p = &s.programs[&key].low;
             let n: usize = match (p.consts.get(&k.name), p.params.get(&k.name)) {
                 (Some(c), _) => c.len(),
@@ -312,6 +315,8 @@ impl GpuBackend {
         for k in want {
             let bytes: std::borrow::Cow<[u8]> = if let Some(c) = s.programs[&key].low.consts.get(&k.name) {
                 convert(Elems::F32(c), k.dtype).into()
+            } else if let Layout::Q4(part) = k.layout {
+                q4_part(&q4_of(weights, &k.name)?, part)
             } else {
                 let e = weights.weight(&k.name).ok_or_else(|| ExecError::BadWeight {
                     name: k.name.clone(),
@@ -341,6 +346,56 @@ impl GpuBackend {
     }
 }
 
+/// The int4 weight `name`, whole, in the form the int4 kernels take (see
+/// `qvc_kernels::gpu::q4`): a group size that is a multiple of 8, so that
+/// the 8 rows of a packed word share one scale and zero.
+fn q4_of<'a>(weights: &'a dyn WeightSource, name: &str) -> Result<Q4Ref<'a>, ExecError> {
+    let bad = |why: String| ExecError::Device(format!("int4 weight {name:?}: {why}"));
+    match weights.weight(name) {
+        Some(Elems::Q4(q)) => {
+            if q.row0 != 0 || q.rows != q.ld {
+                return Err(bad(format!("a view of rows {}..{} of {}, not the whole weight", q.row0, q.rows, q.ld)));
+            }
+            if q.group == 0 || !q.group.is_multiple_of(8) {
+                return Err(bad(format!(
+                    "group size {} is not a multiple of 8, which the GPU int4 kernels need (the CPU backend runs it)",
+                    q.group
+                )));
+            }
+            Ok(q)
+        }
+        Some(e) => Err(bad(format!("stored as {}, not as int4", e.dtype()))),
+        None => Err(ExecError::BadWeight { name: name.to_string(), got: 0, want: 1 }),
+    }
+}
+
+/// Bytes of one part of an int4 weight on the device.
+fn q4_part_bytes(q: &Q4Ref, part: Q4Part) -> u64 {
+    let (g, n, k) = (q.groups(), q.ld, q.cols);
+    (match part {
+        Q4Part::QWeight => k / 8 * n * 4,
+        Q4Part::QZeros => g * n / 8 * 4,
+        Q4Part::Scales => g * n * 2,
+        Q4Part::Perm => k * 4,
+    }) as u64
+}
+
+/// One part of an int4 weight as the kernels read it: the checkpoint's
+/// storage straight from the memory map, the identity permutation made up
+/// for a weight without act-order.
+fn q4_part<'a>(q: &Q4Ref<'a>, part: Q4Part) -> std::borrow::Cow<'a, [u8]> {
+    let (g, n, k) = (q.groups(), q.ld, q.cols);
+    match part {
+        Q4Part::QWeight => bytemuck::cast_slice(&q.qweight[..k / 8 * n]).into(),
+        Q4Part::QZeros => bytemuck::cast_slice(&q.qzeros[..g * n / 8]).into(),
+        Q4Part::Scales => bytemuck::cast_slice(&q.scales[..g * n]).into(),
+        Q4Part::Perm => match q.perm {
+            Some(p) => bytemuck::cast_slice(&p[..k]).into(),
+            None => (0..k as u32).flat_map(u32::to_le_bytes).collect::<Vec<u8>>().into(),
+        },
+    }
+}
+
 /// Elements of `e` as little-endian bytes of `dtype` (F32 or BF16).
 fn convert(e: Elems<'_>, dtype: DType) -> Vec<u8> {
     let n = e.len();
@@ -365,6 +420,10 @@ fn layout(e: Elems<'_>, shape: &[usize], k: &WeightKey) -> Result<Vec<u8>, ExecE
     };
     let es = k.dtype.size();
     Ok(match k.layout {
+        Layout::Q4(_) => {
+            // Uploaded by q4_part; a float view of an int4 weight has a float layout.
+            return Err(ExecError::Device(format!("int4 weight {:?}: its parts have no float layout", k.name)));
+        }
         Layout::AsIs => convert(e, k.dtype),
         Layout::PadCols(cols) => {
             let (r, c) = rows_cols()?;
@@ -672,6 +731,7 @@ fn issue(
                         Arg::Buf(b) => KArg::Ptr(ptr(b)?),
                         Arg::U32(v) => KArg::U32(*v),
                         Arg::F32(v) => KArg::F32(*v),
+                        Arg::Q4Group(name) => KArg::U32(q4_of(weights, name)?.group as u32),
                         Arg::Sample(a) => {
                             let x = sample.ok_or_else(|| ExecError::Device("sampling settings missing".into()))?;
                             match a {

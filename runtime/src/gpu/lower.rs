@@ -15,6 +15,12 @@
 //! - weights are read through [`WeightKey`] views (dtype and layout the
 //!   kernel wants: bf16 `[N, K]`, transposed, K padded to a multiple of 8,
 //!   or f32), which the executor uploads once and shares across programs;
+//!   a GPTQ int4 weight (a `Param` of [`DType::Q4`]) read by a `Linear` is
+//!   uploaded as its four parts ([`Q4Part`]: packed words, zeros, scales,
+//!   act-order permutation) and run by the int4 GEMV/GEMM, which dequantize
+//!   in registers; its group size is a launch argument the executor reads
+//!   from the weight ([`Arg::Q4Group`]). Any other use of an int4 weight
+//!   reads it dequantized (bf16 or f32, like any checkpoint tensor);
 //! - the KV cache is the device's, bf16 `[slots, heads, max_seq, head_dim]`
 //!   per layer and K/V: inputs named `past_k.{l}` / `past_v.{l}` (or
 //!   `past_k.{l}.{b}` in a batched step) *are* that cache (never uploaded).
@@ -48,6 +54,7 @@ use qvc_kernels::gpu::generic::{
 };
 use qvc_kernels::gpu::norm::{NormKind, NormSpec};
 use qvc_kernels::gpu::patch::PatchSpec;
+use qvc_kernels::gpu::q4::{Q4GemmSpec, Q4GemvSpec};
 use qvc_kernels::gpu::sample::{ArgmaxSpec, TopPSpec};
 use qvc_kernels::gpu::softmax::SoftmaxSpec;
 use qvc_kernels::KernelSpec;
@@ -71,6 +78,24 @@ pub enum Layout {
     Transposed,
     /// A rank-2 `[N, K]` weight with rows zero-padded to `cols` (GEMM needs K % 8 == 0).
     PadCols(usize),
+    /// One part of a GPTQ int4 weight, as the int4 kernels read it (the key's
+    /// dtype is [`DType::Q4`]).
+    Q4(Q4Part),
+}
+
+/// The device buffers of one GPTQ int4 weight (`qvc_kernels::gpu::q4`):
+/// the checkpoint's v1 storage as it is, plus the act-order permutation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Q4Part {
+    /// u32 `[K/8, N]`.
+    QWeight,
+    /// u32 `[groups, N/8]` (stored zero − 1).
+    QZeros,
+    /// f16 `[groups, N]`.
+    Scales,
+    /// u32 `[K]`: stored row `r` multiplies activation column `perm[r]`
+    /// (the identity for a weight without act-order).
+    Perm,
 }
 
 /// One device copy of a weight (or of a constant of the graph).
@@ -78,7 +103,7 @@ pub enum Layout {
 pub struct WeightKey {
     /// The param's name, or `#const.{hash}` for a graph constant.
     pub name: String,
-    /// F32 or BF16.
+    /// F32 or BF16 (Q4 for the parts of an int4 weight, [`Layout::Q4`]).
     pub dtype: DType,
     pub layout: Layout,
 }
@@ -109,6 +134,9 @@ pub enum Arg {
     F32(f32),
     /// A sampling setting of the run ([`Sampling`]).
     Sample(SampleArg),
+    /// The group size (u32) of the int4 weight param of this name: the
+    /// int4 kernels take it at launch, so lowering needs only the graph.
+    Q4Group(String),
 }
 
 /// The run-time sampling settings a top-p kernel takes as params.
@@ -501,8 +529,71 @@ impl<'g> Lower<'g> {
         Ok(())
     }
 
+    /// The name of the int4 param `id` is, when it is a whole one.
+    fn q4_param(&self, id: NodeId) -> Option<String> {
+        let (leaf, off) = self.leaf_of(id)?;
+        match &self.g.node(leaf).op {
+            Op::Param(name)
+                if off == 0
+                    && self.g.ty(leaf).dtype == DType::Q4
+                    && self.g.shape(id).0 == self.g.shape(leaf).0
+                    && self.g.shape(id).rank() == 2 =>
+            {
+                Some(name.clone())
+            }
+            _ => None,
+        }
+    }
+
+    /// `x·wᵀ` with `w` (and `w2`) GPTQ int4 params: the int4 GEMV for
+    /// decode rows, the int4 tensor-core GEMM otherwise; activations are
+    /// read as they are stored (f32 or bf16, any K).
+    fn linear_q4(&mut self, x: NodeId, names: &[String], extra: Extra, act: Act, n: usize) -> R<()> {
+        let Extra { bias, res, .. } = extra;
+        let k = self.g.shape(x).last();
+        let m = self.g.shape(x).numel() / k.max(1);
+        let epi = Epilogue::new(bias.is_some(), act, res.is_some());
+        let (ad, od) = (self.dt(x), self.dt(self.node));
+        let spec: Box<dyn KernelSpec> = if m <= 8 {
+            Box::new(Q4GemvSpec::new(m, n, k, ad, od, epi).map_err(|e| self.err(format!("{e:?}")))?)
+        } else {
+            Box::new(Q4GemmSpec::new(m, n, k, ad, od, epi).map_err(|e| self.err(format!("{e:?}")))?)
+        };
+        let mut args = vec![Arg::Buf(self.val(x)?)];
+        for name in names {
+            for part in [Q4Part::QWeight, Q4Part::QZeros, Q4Part::Scales, Q4Part::Perm] {
+                let key = WeightKey { name: name.clone(), dtype: DType::Q4, layout: Layout::Q4(part) };
+                args.push(Arg::Buf(Buf::Weight(key, 0)));
+            }
+        }
+        if let Some(b) = bias {
+            args.push(Arg::Buf(self.weight(b, DType::F32, Layout::AsIs)?));
+        }
+        if let Some(r) = res {
+            args.push(Arg::Buf(self.val(r)?));
+        }
+        args.push(Arg::Buf(Buf::Arena(self.out()?)));
+        args.extend(names.iter().map(|n| Arg::Q4Group(n.clone())));
+        self.launch(spec, args);
+        Ok(())
+    }
+
     /// `x·wᵀ` with the GEMM epilogue; `transposed`: `w` is stored `[K, N]`.
     fn linear(&mut self, x: NodeId, w: NodeId, extra: Extra, act: Act, transposed: bool) -> R<()> {
+        if !transposed {
+            // Int4 weights (both, for SwiGLU) go to the int4 kernels; an
+            // int4 weight next to a float one is read dequantized below.
+            let q4: Option<Vec<String>> = std::iter::once(Some(w))
+                .chain(std::iter::once(extra.w2))
+                .flatten()
+                .map(|id| self.q4_param(id))
+                .collect();
+            let k = self.g.shape(x).last();
+            if let Some(names) = q4.filter(|_| k.is_multiple_of(8)) {
+                let n = self.g.shape(w).dim(0);
+                return self.linear_q4(x, &names, extra, act, n);
+            }
+        }
         let Extra { w2, bias, res } = extra;
         let k = self.g.shape(x).last();
         let xs = self.g.shape(x).clone();
