@@ -9,7 +9,7 @@
 //! * **dot** (m ≤ 8 and B's columns contiguous, the decode / lm_head case):
 //!   parallel over column chunks of B. For k ≥ 1024 (memory-bound): register
 //!   tiles of two rows × several columns, B widened in registers, each
-//!   element one fixed 8-lane dot product. For shorter k (the lm_head of a
+//!   element one fixed 8-lane (AVX-512: 16-lane) dot product. For shorter k (the lm_head of a
 //!   small model, attention's q·kᵀ): groups of 32 columns transposed into
 //!   f32 vectors (in registers for m ≤ 2, else into a small panel), each
 //!   element one FMA chain over k, no horizontal sums. Either way a row's
@@ -20,11 +20,18 @@
 //! * **axpy** (m ≤ 8 and B's rows contiguous, `x · P`): parallel over column
 //!   chunks; each row of B is scaled into a small accumulator per A row.
 //! * **packed** (everything else): BLIS-style. For each `KC` slice of k, A is
-//!   packed into `MR`-row panels and, per `NC` block of n, B into `NR`-column
-//!   panels (widened to f32, zero-padded, so ragged edges cost nothing in the
-//!   inner loop); then tiles of `MC` rows × a run of B panels are computed in
-//!   parallel by an `MR×NR` register-blocked micro-kernel (AVX2+FMA
-//!   intrinsics, or a portable fixed-array version).
+//!   packed into `MR`-row panels (once, shared); tasks own runs of B's
+//!   columns, and each packs one `NR`-column B panel at a time (widened to
+//!   f32, zero-padded, so ragged edges cost nothing in the inner loop) and
+//!   runs an `MR×NR` register-blocked micro-kernel over it for every row
+//!   panel of its rows, so B is read and widened once. Micro-kernels: 6×16
+//!   AVX2+FMA, 12×32 AVX-512 (deeper slices: each slice sweeps C once), or
+//!   a portable fixed-array 6×16. The kernels prefetch their C tile before
+//!   the k loop.
+//!
+//! Paths are chosen at run time ([`Isa::detect`]); AVX-512 runs its own
+//! packed micro-kernel and long-k dot tiles (16 lanes) and the AVX2 code of
+//! the short-k dot and axpy paths, which are bound by transposes and loads.
 //!
 //! Invariants: C's rows are `ldc` apart; every tile writes a disjoint block of
 //! C; the first `KC` slice overwrites C unless `accumulate`, later ones add.
@@ -38,19 +45,18 @@ pub const MR: usize = 6;
 pub const NR: usize = 16;
 /// Depth of one packed slice: a `KC×NR` B panel (16 KiB) stays in L1.
 const KC: usize = 256;
-/// Rows per tile: a packed `MC×KC` A block (144 KiB) stays in L2.
-const MC: usize = 144;
-/// Columns packed at once: bounds the packed-B buffer to `KC×NC` floats (3 MiB).
-const NC: usize = 3072;
 /// Rows of the AVX-512 micro-kernel tile.
 pub const MR_AVX512: usize = 12;
 /// Columns of the AVX-512 micro-kernel tile (two 16-lane vectors): with
 /// `MR_AVX512` rows, 24 of the 32 zmm registers accumulate.
 pub const NR_AVX512: usize = 32;
-/// AVX-512 slice depth: a `KC×NR_AVX512` B panel (32 KiB) stays in a 48 KiB L1.
-const KC_AVX512: usize = 256;
-/// AVX-512 rows per tile (at most): the `MC×KC` A block (240 KiB) stays in L2.
-const MC_AVX512: usize = 240;
+/// AVX-512 slice depth. Deep, because each slice sweeps C once (load, add,
+/// store) and the 512-bit kernel finishes a tile's slice twice as fast as
+/// the AVX2 one: measured on Zen 5 (1 thread, the ViT and decoder shapes),
+/// 256 reached 73% of the FMA peak, 512 82%, 1024 86-88%, 2048 no more.
+/// The 128 KiB B panel then lives in L2, which feeds the two loads per 24
+/// FMAs easily.
+const KC_AVX512: usize = 1024;
 /// The deepest slice of any blocking (sizes the packing's stack buffers).
 const KC_MAX: usize = if KC > KC_AVX512 { KC } else { KC_AVX512 };
 /// Largest m the unpacked (dot/axpy) paths take.
@@ -127,7 +133,6 @@ impl<'a> MatRef<'a> {
 #[derive(Default)]
 pub(crate) struct GemmScratch {
     a: Vec<f32>,
-    b: Vec<f32>,
 }
 
 fn ensure(v: &mut Vec<f32>, len: usize) {
@@ -333,7 +338,8 @@ const STREAM_BYTES: usize = 2 << 20;
 /// (an FMA each on AVX2, a multiply then an add on the portable path), the
 /// columns vectorised 8 at a time. Nothing in either sequence depends on `m`,
 /// on the tile or on the column split, which is what makes decode
-/// batch-invariant ([`DECODE_BATCH_INVARIANT_MAX`]). The short-k chain is
+/// batch-invariant ([`DECODE_BATCH_INVARIANT_MAX`]); the AVX-512 path does
+/// the same with 16 lanes ([`DOT_LANES_AVX512`]). The short-k chain is
 /// also what the packed micro-kernels and the axpy path compute when
 /// `k ≤ KC` (one slice), so for such k a row is the same for every m (test
 /// `short_k_rows_equal_for_every_m`); from `KC` on the packed path adds its
@@ -1170,26 +1176,29 @@ struct Blocking {
     /// Micro-kernel tile: `mr` rows × `nr` columns.
     mr: usize,
     nr: usize,
-    /// Depth of one packed k slice, rows per task block (at most), columns
-    /// packed at once.
+    /// Depth of one packed k slice.
     kc: usize,
-    mc: usize,
-    nc: usize,
     kernel: Kernel,
 }
 
 fn blocking(isa: Isa) -> Blocking {
     match isa {
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => {
-            Blocking { mr: MR_AVX512, nr: NR_AVX512, kc: KC_AVX512, mc: MC_AVX512, nc: NC, kernel: kernel_avx512 }
-        }
+        Isa::Avx512 => Blocking { mr: MR_AVX512, nr: NR_AVX512, kc: KC_AVX512, kernel: kernel_avx512 },
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2Fma => Blocking { mr: MR, nr: NR, kc: KC, mc: MC, nc: NC, kernel: kernel_avx2 },
-        _ => Blocking { mr: MR, nr: NR, kc: KC, mc: MC, nc: NC, kernel: kernel_portable },
+        Isa::Avx2Fma => Blocking { mr: MR, nr: NR, kc: KC, kernel: kernel_avx2 },
+        _ => Blocking { mr: MR, nr: NR, kc: KC, kernel: kernel_portable },
     }
 }
 
+/// The packed path, B packed panel by panel by the task that uses it: tasks
+/// own column ranges (and row ranges too only when there are fewer column
+/// panels than tasks wanted); each packs one `kc × nr` B panel into its
+/// thread's buffer, runs every row panel of its rows over it (A, packed
+/// once per k slice and shared by all tasks, streams from L2/L3 at a few
+/// bytes per cycle), then packs the next. So B is read and widened exactly
+/// once when the rows are not split, no packed copy of B outlives its
+/// panel, and packing and computing need no barrier between them.
 #[allow(clippy::too_many_arguments)]
 fn gemm_packed(
     isa: Isa,
@@ -1202,60 +1211,70 @@ fn gemm_packed(
     scratch: &mut GemmScratch,
 ) {
     let (m, k, n) = (a.rows, a.cols, b.cols);
-    let Blocking { mr: bmr, nr: bnr, kc: bkc, mc: bmc, nc: bnc, kernel } = blocking(isa);
+    let Blocking { mr: bmr, nr: bnr, kc: bkc, kernel, .. } = blocking(isa);
     let kc_max = k.min(bkc);
     let mpanels = m.div_ceil(bmr);
+    let npanels = n.div_ceil(bnr);
     ensure(&mut scratch.a, mpanels * bmr * kc_max);
-    ensure(&mut scratch.b, n.min(bnc).div_ceil(bnr) * bnr * kc_max);
     let cp = SyncPtr(c.as_mut_ptr());
-    let threads = if parallel { rayon::current_num_threads() } else { 1 };
-    let want_tasks = 4 * threads;
-    // Row blocks of at most `mc` rows, as even as whole panels allow (1024
-    // rows in blocks of 144 would leave a 16-row straggler), and at least
-    // one per thread when there are enough panels (then B panels are
-    // shared by fewer blocks, but no thread idles).
-    let mblocks = m.div_ceil(bmc).max(threads.min(mpanels));
+    let want_tasks = if parallel { 4 * rayon::current_num_threads() } else { 1 };
+    let nsplit = want_tasks.min(npanels);
+    let per_task = npanels.div_ceil(nsplit);
+    let nsplit = npanels.div_ceil(per_task);
+    let mblocks = want_tasks.div_ceil(nsplit).min(mpanels);
     let mc = mpanels.div_ceil(mblocks) * bmr;
     let mblocks = m.div_ceil(mc);
-
     for pc in (0..k).step_by(bkc) {
         let kc = bkc.min(k - pc);
         let ap = &mut scratch.a[..mpanels * bmr * kc];
         pack_a(a, bmr, pc, kc, ap, parallel && m * kc >= 1 << 15);
         let ap: &[f32] = ap;
-        for jc in (0..n).step_by(bnc) {
-            let nc = bnc.min(n - jc);
-            let npanels = nc.div_ceil(bnr);
-            let bp = &mut scratch.b[..npanels * bnr * kc];
-            pack_b(isa, b, bnr, pc, kc, jc, nc, bp, parallel && nc * kc >= 1 << 15);
-            let bp: &[f32] = bp;
-            let overwrite = pc == 0 && !accumulate;
-            // Split n too when there are fewer row blocks than tasks wanted.
-            let nsplit = if mblocks >= want_tasks { 1 } else { want_tasks.div_ceil(mblocks).min(npanels) };
-            let per_task = npanels.div_ceil(nsplit);
-            let nsplit = npanels.div_ceil(per_task);
-            par_for(mblocks * nsplit, parallel, |t| {
-                let (mb, ns) = (t / nsplit, t % nsplit);
-                let (i_lo, i_hi) = (mb * mc, (mb * mc + mc).min(m));
-                let (jr_lo, jr_hi) = (ns * per_task, (ns * per_task + per_task).min(npanels));
+        let overwrite = pc == 0 && !accumulate;
+        par_for(mblocks * nsplit, parallel, |t| {
+            let (mb, ns) = (t / nsplit, t % nsplit);
+            let (i_lo, i_hi) = (mb * mc, (mb * mc + mc).min(m));
+            let (jr_lo, jr_hi) = (ns * per_task, (ns * per_task + per_task).min(npanels));
+            with_b_panel(bnr * kc, |bp| {
                 for jr in jr_lo..jr_hi {
                     let j = jr * bnr;
-                    let nr = bnr.min(nc - j);
-                    let bpanel = bp[jr * bnr * kc..][..bnr * kc].as_ptr();
+                    let nr = bnr.min(n - j);
+                    pack_b(isa, b, bnr, pc, kc, j, nr, bp, false);
+                    let bpanel = bp.as_ptr();
                     for i in (i_lo..i_hi).step_by(bmr) {
                         let mr = bmr.min(m - i);
                         let apanel = ap[(i / bmr) * bmr * kc..][..bmr * kc].as_ptr();
                         // SAFETY: the panels hold mr*kc and nr*kc floats of
                         // this blocking; C covers rows i..i+mr, columns
-                        // jc+j..jc+j+nr (checked in `gemm_strided`), and this
-                        // task is the only one writing that block (tiles
+                        // j..j+nr (checked in `gemm_strided`), and this task
+                        // is the only one writing that block (tiles
                         // partition C). `kernel` matches the resolved `isa`.
-                        unsafe { kernel(kc, apanel, bpanel, cp.get().add(i * ldc + jc + j), ldc, mr, nr, overwrite) };
+                        unsafe { kernel(kc, apanel, bpanel, cp.get().add(i * ldc + j), ldc, mr, nr, overwrite) };
                     }
                 }
             });
-        }
+        });
     }
+}
+
+thread_local! {
+    /// Each thread's packed B panel for [`gemm_packed`] (grown on
+    /// demand, never shrunk).
+    static B_PANEL_BUF: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` on this thread's B panel buffer: `len` floats from a 64-byte
+/// boundary, so that every 16-float row of a panel is one cache line.
+fn with_b_panel<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    fn aligned(v: &mut Vec<f32>, len: usize) -> &mut [f32] {
+        ensure(v, len + 16);
+        let skip = v.as_ptr().align_offset(64).min(16);
+        &mut v[skip..skip + len]
+    }
+    B_PANEL_BUF.with(|buf| match buf.try_borrow_mut() {
+        Ok(mut v) => f(aligned(&mut v, len)),
+        // Not reached (no GEMM runs inside another on one thread), but safe.
+        Err(_) => f(aligned(&mut Vec::new(), len)),
+    })
 }
 
 /// Pack `A[:, pc..pc+kc]` into `mr`-row panels: panel r holds, for each p,
@@ -1441,11 +1460,8 @@ unsafe fn pack_b_t_avx2<T: Src, const W: usize>(
     let mut p = 0;
     while p < full {
         for g in 0..W / 8 {
-            let mut r = [_mm256_setzero_ps(); 8];
-            for (i, ri) in r.iter_mut().enumerate() {
-                *ri = T::load8(base.add(col(8 * g + i) + p));
-            }
-            for (q, v) in transpose8(r).into_iter().enumerate() {
+            // Columns are `col_stride` apart (bf16 transposed as word pairs).
+            for (q, v) in load_cols8::<T>(base.add(col(8 * g) + p), b.col_stride).into_iter().enumerate() {
                 _mm256_storeu_ps(dst.add((p + q) * W + 8 * g), v);
             }
         }
@@ -1528,6 +1544,12 @@ unsafe fn kernel_avx2(
     overwrite: bool,
 ) {
     use std::arch::x86_64::*;
+    // C's tile is read (or written) only after the k loop: fetch its lines
+    // now (see `kernel_avx512`). Hints only.
+    for i in 0..mr {
+        _mm_prefetch::<_MM_HINT_T0>(c.wrapping_add(i * ldc) as *const i8);
+        _mm_prefetch::<_MM_HINT_T0>(c.wrapping_add(i * ldc + NR - 1) as *const i8);
+    }
     let mut acc = [[_mm256_setzero_ps(); 2]; MR];
     let (mut a, mut b) = (a, b);
     for _ in 0..kc {
@@ -1583,6 +1605,14 @@ unsafe fn kernel_avx512(
     overwrite: bool,
 ) {
     use std::arch::x86_64::*;
+    // C's tile is read (or written) only after the k loop: fetch its lines
+    // now, so that they arrive while the loop runs (C is usually far
+    // bigger than L2, and each k slice sweeps it once). Hints only.
+    for i in 0..mr {
+        let cr = c.wrapping_add(i * ldc) as *const i8;
+        _mm_prefetch::<_MM_HINT_T0>(cr);
+        _mm_prefetch::<_MM_HINT_T0>(cr.wrapping_add(64));
+    }
     let mut acc = [[_mm512_setzero_ps(); 2]; MR_AVX512];
     let (mut a, mut b) = (a, b);
     for _ in 0..kc {
@@ -1790,10 +1820,11 @@ mod tests {
         }
     }
 
-    /// Bigger ragged shapes: several KC slices, more than one MC block, parallel tiles.
+    /// Bigger ragged shapes: several KC slices, several row blocks, parallel tiles.
     #[test]
     fn gemm_bigger_shapes() {
-        let shapes = [(130, 257, 300), (150, 33, 513), (7, 3100, 20), (4, 1000, 700)];
+        // (26, 77, 2100): several AVX-512 slices (KC_AVX512 = 1024), ragged last one.
+        let shapes = [(130, 257, 300), (150, 33, 513), (7, 3100, 20), (4, 1000, 700), (26, 77, 2100)];
         for (si, &(m, n, k)) in shapes.iter().enumerate() {
             for isa in ISAS {
                 for (li, &(la, lb)) in [(0, 1), (0, 0), (1, 2)].iter().enumerate() {
