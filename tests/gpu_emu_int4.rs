@@ -83,3 +83,43 @@ fn int4_text_chat_on_the_emulated_gpu_matches_the_reference() {
 fn int4_image_chat_on_the_emulated_gpu_matches_the_reference() {
     chat_case("img1", 2);
 }
+
+/// A checkpoint `qvc quantize` made from the bf16 fixture, asymmetric zeros,
+/// groups of 32 and `lm_head` in int4 too: its zero GPTQ biases leave
+/// SwiGLU fused, so the two-weight SiLU·mul int4 kernels run, and so does
+/// the int4 `lm_head` (151936 outputs). No reference exists for these
+/// weights: the emulated GPU is held to the CPU backend on the same
+/// checkpoint, prefill and decode.
+#[test]
+fn quantized_with_int4_lm_head_on_the_emulated_gpu_matches_the_cpu_backend() {
+    let Some(src) = common::fixtures() else { return };
+    let dst = std::env::temp_dir().join(format!("qvc-gpu-emu-int4-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dst);
+    let opt = qvc::quantize::QuantizeOptions { group_size: 32, sym: false, lm_head: true, ..Default::default() };
+    qvc::quantize::quantize(&src, &dst, &opt, &indicatif::ProgressBar::hidden()).unwrap();
+    let m = Model::load(&dst, &LoadOptions::default()).unwrap();
+    assert_eq!(m.weights.info("lm_head.weight").unwrap().0, qvc_ir::DType::Q4);
+    let e = Expected::load(&src);
+    let ids = e.ids(&e.json["chat"]["text"]["input_ids"]);
+    let forced = &e.ids(&e.json["chat"]["text"]["greedy"]["ids"])[..2];
+    let gpu: GpuBackend = m.gpu_backend(Box::new(EmuDevice::new(qvc_codegen::Target::Sm80)), 1, ids.len() + 3).unwrap();
+    gpu.start_profile();
+    let g = run(&m, &gpu, &src, &ids, forced);
+    let profile = gpu.take_profile();
+    let cpu = run(&m, &Cpu, &src, &ids, forced);
+    for (k, (x, y)) in g.iter().zip(&cpu).enumerate() {
+        let r = rel_err(x, y);
+        eprintln!("quantized (g32, asym, int4 lm_head): logits {k} emu vs cpu rel err {r:.2e}");
+        assert!(r < TOL, "logits row {k}: emu vs CPU differ by {r:e}");
+    }
+    let ran = |f: &dyn Fn(&str) -> bool| profile.iter().filter(|k| f(&k.kernel)).map(|k| k.launches).sum::<u64>();
+    let silu = ran(&|k| k.starts_with("q4") && k.contains("_silumul"));
+    let lm_head = ran(&|k| k.starts_with("q4gemv_") && k.contains("_n151936_"));
+    eprintln!("SiLU-mul int4 launches {silu}, int4 lm_head launches {lm_head}");
+    // Prefill: layer 0 over the prompt (GEMM), layer 1 narrowed (GEMV); one
+    // per layer per decode step. lm_head: one per run.
+    assert_eq!(silu, 2 + 2 * forced.len() as u64);
+    assert_eq!(lm_head, 1 + forced.len() as u64);
+    assert_eq!(gpu.stats().host_nodes, 0);
+    let _ = std::fs::remove_dir_all(&dst);
+}
