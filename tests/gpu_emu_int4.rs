@@ -123,3 +123,45 @@ fn quantized_with_int4_lm_head_on_the_emulated_gpu_matches_the_cpu_backend() {
     assert_eq!(gpu.stats().host_nodes, 0);
     let _ = std::fs::remove_dir_all(&dst);
 }
+
+/// The int4 fixture compiled for sm_80 (`qvc compile --target sm_80`): the
+/// artifact keeps the int4 Linears as GPTQ parts, and its programs run them
+/// with the int4 kernels (shipped in its PTX) on the emulated GPU.
+#[test]
+fn compiled_int4_artifact_on_the_emulated_gpu_matches_the_reference() {
+    use qvc::compile::{compile, CompileOptions, SourceSpec, Target};
+    let Some(dir) = fixture("tiny-qwen-vl-int4") else { return };
+    let out = std::env::temp_dir().join(format!("qvc-gpu-emu-int4-artifact-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out);
+    let opt = CompileOptions {
+        target: Target::Gpu(qvc_codegen::Target::Sm80),
+        max_seq: 64,
+        image_size: None,
+        force: true,
+        ..Default::default()
+    };
+    compile(&SourceSpec::Checkpoint(dir.clone()), Some(&out), &opt, &indicatif::ProgressBar::hidden()).unwrap();
+    let ptx = std::fs::read_to_string(out.join(qvc_runtime::artifact::PTX)).unwrap();
+    assert!(ptx.contains(".entry q4gemm_") && ptx.contains(".entry q4gemv_"), "the artifact ships the int4 kernels");
+    let m = Model::load(&out, &LoadOptions::default()).unwrap();
+    let e = Expected::load(&dir);
+    let ids = e.ids(&e.json["chat"]["text"]["input_ids"]);
+    let forced = &e.ids(&e.json["chat"]["text"]["greedy"]["ids"])[..2];
+    let gpu: GpuBackend = m.gpu_backend(Box::new(EmuDevice::new(qvc_codegen::Target::Sm80)), 1, 0).unwrap();
+    gpu.start_profile();
+    let g = run(&m, &gpu, &dir, &ids, forced);
+    let profile = gpu.take_profile();
+    let r = rel_err(&g[0], &e.f32("chat/text/last_logits"));
+    eprintln!("artifact: text prefill last logits vs reference: rel err {r:.2e}");
+    assert!(r < TOL, "artifact on the emulated GPU: {r:e}");
+    let cpu = run(&m, &Cpu, &dir, &ids, forced);
+    for (k, (x, y)) in g.iter().zip(&cpu).enumerate().skip(1) {
+        let r = rel_err(x, y);
+        eprintln!("artifact: decode step {k} emu vs cpu rel err {r:.2e}");
+        assert!(r < TOL, "artifact decode step {k}: emu vs CPU differ by {r:e}");
+    }
+    let q4: u64 = profile.iter().filter(|k| k.kernel.starts_with("q4")).map(|k| k.launches).sum();
+    assert_eq!(q4, 10 * (1 + forced.len() as u64), "every int4 Linear of every run on the int4 kernels");
+    assert_eq!(gpu.stats().host_nodes, 0);
+    let _ = std::fs::remove_dir_all(&out);
+}
