@@ -1,0 +1,118 @@
+#!/usr/bin/env bash
+# llama.cpp on the full-width Qwen-VL-Chat decoder slice: writes random-weight GGUFs (F16, BF16,
+# Q4_0 with llama.cpp's default Q6_K output, all-Q4_0) for each layer count and runs llama-bench.
+# A tool for humans comparing qvc with llama.cpp (issues 11 and 12); not part of CI. See README.md.
+set -euo pipefail
+
+usage() {
+  cat <<'USAGE'
+usage: run.sh (--llama-bin DIR | --llama-src DIR | --fetch) [options]
+
+  --llama-bin DIR   use DIR/llama-bench and DIR/llama-quantize (an existing build's bin/)
+  --llama-src DIR   llama.cpp source tree: configure and build it (CPU only, -DGGML_NATIVE=ON, Release)
+                    into WORK/llama-build under `nice -n 19` unless that build already exists
+  --fetch           get the source offline-friendly from PyPI (sdist of llama-cpp-python, which vendors
+                    llama.cpp at vendor/llama.cpp) into WORK, then build it as --llama-src does
+  --work DIR        where GGUFs (and a fetched/built llama.cpp) go (default: a new mktemp -d)
+  --layers "2 8"    decoder layer counts (default "2 8")
+  --types "f16 bf16 q4_0 q4_0-pure"   which GGUFs to bench (default: all four)
+  --threads 1,2     llama-bench -t (default 1,2)
+  --reps N          llama-bench -r (default 3)
+  --keep            keep the GGUFs (default: delete each layer count's files after benching it)
+  PYTHON=...        python with numpy and gguf (pip install gguf numpy); default python3
+USAGE
+}
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+bin="" src="" fetch=0 work="" layers="2 8" types="f16 bf16 q4_0 q4_0-pure" threads="1,2" reps=3 keep=0
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --llama-bin) bin="$2"; shift 2 ;;
+    --llama-src) src="$2"; shift 2 ;;
+    --fetch) fetch=1; shift ;;
+    --work) work="$2"; shift 2 ;;
+    --layers) layers="$2"; shift 2 ;;
+    --types) types="$2"; shift 2 ;;
+    --threads) threads="$2"; shift 2 ;;
+    --reps) reps="$2"; shift 2 ;;
+    --keep) keep=1; shift ;;
+    -h|--help) usage; exit 0 ;;
+    *) echo "run.sh: unknown argument $1" >&2; usage >&2; exit 2 ;;
+  esac
+done
+if [ -z "$bin" ] && [ -z "$src" ] && [ "$fetch" = 0 ]; then
+  echo "run.sh: give --llama-bin, --llama-src or --fetch" >&2; usage >&2; exit 2
+fi
+PYTHON="${PYTHON:-python3}"
+"$PYTHON" -c 'import gguf, numpy' 2>/dev/null || { echo "run.sh: $PYTHON lacks gguf/numpy: pip install gguf numpy" >&2; exit 2; }
+if [ -z "$work" ]; then work="$(mktemp -d -t llama-compare.XXXXXX)"; fi
+mkdir -p "$work"
+work="$(cd "$work" && pwd)"
+echo "work dir: $work"
+
+if [ "$fetch" = 1 ]; then
+  # --no-build-isolation: pip only needs the sdist, and isolation would build cmake from source.
+  # The sdist's metadata step needs scikit-build-core in $PYTHON (pip install scikit-build-core).
+  "$PYTHON" -m pip download --no-deps --no-binary :all: --no-build-isolation llama-cpp-python -d "$work/sdist"
+  tarball="$(ls "$work"/sdist/llama_cpp_python-*.tar.gz | head -n1)"
+  tar -C "$work" -xzf "$tarball"
+  # Use the real path: the vendored tree's .git file points at ../../.git, which a symlink breaks
+  # (ninja then loops on "build.ninja still dirty").
+  src="$work/$(basename "$tarball" .tar.gz)/vendor/llama.cpp"
+fi
+if [ -z "$bin" ]; then
+  src="$(cd "$src" && pwd -P)"
+  build="$work/llama-build"
+  if [ ! -x "$build/bin/llama-bench" ] || [ ! -x "$build/bin/llama-quantize" ]; then
+    gen=(); command -v ninja >/dev/null && gen=(-G Ninja)
+    nice -n 19 cmake -S "$src" -B "$build" "${gen[@]}" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON \
+      -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_EXAMPLES=OFF
+    nice -n 19 cmake --build "$build" -j "$(nproc)" --target llama-bench llama-quantize
+  fi
+  bin="$build/bin"
+fi
+for t in llama-bench llama-quantize; do
+  [ -x "$bin/$t" ] || { echo "run.sh: $bin/$t not found" >&2; exit 2; }
+done
+
+results="$work/results.md"
+{
+  echo "# llama.cpp on the Qwen-VL-Chat decoder slice"
+  echo "date: $(date -u '+%Y-%m-%d %H:%M UTC'), host: $(uname -n), cpu: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ //'), cores: $(nproc)"
+  echo "llama-bench: $("$bin/llama-bench" --version 2>&1 | tr '\n' ' ')"
+} > "$results"
+
+for L in $layers; do
+  f16="$work/slice-${L}l-f16.gguf"
+  declare -A file=(
+    [f16]="$f16"
+    [bf16]="$work/slice-${L}l-bf16.gguf"
+    [q4_0]="$work/slice-${L}l-q4_0.gguf"
+    [q4_0-pure]="$work/slice-${L}l-q4_0-pure.gguf"
+  )
+  for ty in $types; do
+    out="${file[$ty]:?unknown type $ty (f16 bf16 q4_0 q4_0-pure)}"
+    [ -f "$out" ] && continue
+    case "$ty" in
+      f16|bf16) nice -n 10 "$PYTHON" "$here/make_gguf.py" "$out" --layers "$L" --dtype "$ty" ;;
+      q4_0|q4_0-pure)
+        [ -f "$f16" ] || nice -n 10 "$PYTHON" "$here/make_gguf.py" "$f16" --layers "$L" --dtype f16
+        # Default Q4_0 keeps output.weight in Q6_K (llama.cpp's choice); --pure makes every weight Q4_0.
+        pure=(); [ "$ty" = q4_0-pure ] && pure=(--pure)
+        nice -n 10 "$bin/llama-quantize" "${pure[@]}" "$f16" "$out" Q4_0 > "$out.log" 2>&1 \
+          || { tail -n 20 "$out.log" >&2; exit 1; } ;;
+    esac
+  done
+  for ty in $types; do
+    # Load is recorded because other processes on a shared machine skew the numbers.
+    echo; echo "## $L layers, $ty ($(basename "${file[$ty]}"))"
+    echo "load before: $(cut -d' ' -f1-3 /proc/loadavg)"
+    "$bin/llama-bench" -m "${file[$ty]}" -p 300 -n 32 -t "$threads" -r "$reps" -o md 2>/dev/null
+    echo "load after: $(cut -d' ' -f1-3 /proc/loadavg)"
+  done | tee -a "$results"
+  if [ "$keep" = 0 ]; then
+    for ty in f16 bf16 q4_0 q4_0-pure; do rm -f "${file[$ty]}" "${file[$ty]}.log"; done
+  fi
+  unset file
+done
+echo; echo "results: $results"
