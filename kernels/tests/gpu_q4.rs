@@ -313,7 +313,7 @@ fn group_strategy() -> impl Strategy<Value = usize> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(40))]
+    #![proptest_config(ProptestConfig::with_cases(96))]
 
     /// Decode GEMV: M 1..=8, N up to 104 (blocks of 32 columns, ragged),
     /// K up to 600 (chunks of 256 rows, ragged), every group size and

@@ -622,7 +622,15 @@ fn build_gemm(s: &Q4GemmSpec) -> Kernel {
             .map(|(w, &grp)| {
                 // The 8 activation columns of this thread's k-chunk.
                 let pp = b.index_addr(w.perm, kc, 4);
-                let cols: Vec<Reg> = (0..8).map(|e| ld_u32(b, k_ok, Addr::reg(pp, 4 * e))).collect();
+                // (kc is a multiple of 8: two aligned 16-byte loads.)
+                let cols: Vec<Reg> = (0..2)
+                    .flat_map(|h| {
+                        let regs: Vec<Reg> = (0..4).map(|_| b.mov(Ty::B32, 0u32)).collect();
+                        let dst = regs.clone().into();
+                        b.ins_if(k_ok, false, "ld.global.nc.v4.b32", vec![dst, Addr::reg(pp, 16 * h).into()]);
+                        regs
+                    })
+                    .collect();
                 let a = (0..2)
                     .map(|q| {
                         let ok = b.and_pred(k_ok, a_row_ok[q]);
