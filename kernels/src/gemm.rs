@@ -365,8 +365,42 @@ impl DotJob<'_> {
         }
         if self.m == 1 {
             self.tiles::<T, 8>(w, j0, j1)
+        } else if self.isa == Isa::Avx512 && self.m >= 3 {
+            self.tiles_quad::<T, 4>(w, j0, j1)
         } else {
             self.tiles::<T, 6>(w, j0, j1)
+        }
+    }
+
+    /// AVX-512 with three or more rows: [`DotJob::tiles`] with rows in fours
+    /// (then the rest), so each group of `C` columns is widened once per
+    /// four rows, and (C = 4: 32 KiB of bf16 at k = 4096) stays in L1 for
+    /// the next four. 16 accumulators + 4 rows of A fit the 32 zmm
+    /// registers. Measured at 8 × 12288 × 4096 bf16 on Zen 5: 12.3 ms with
+    /// pairs of rows, 8.2 ms with fours (one thread, a loaded machine).
+    #[inline(always)]
+    fn tiles_quad<T: Src, const C: usize>(&self, w: &[T], j0: usize, j1: usize) {
+        let mut j = j0;
+        while j < j1 {
+            let group = if j + C <= j1 { C } else { 1 };
+            let next = (j + group)..(j + group + C).min(j1);
+            let mut i0 = 0;
+            while i0 < self.m {
+                let rows = (self.m - i0).min(4);
+                let pf = if i0 == 0 && self.prefetch { next.clone() } else { 0..0 };
+                match (rows, group == C) {
+                    (4, true) => self.tile::<T, 4, C>(w, i0, j, pf),
+                    (3, true) => self.tile::<T, 3, C>(w, i0, j, pf),
+                    (2, true) => self.tile::<T, 2, C>(w, i0, j, pf),
+                    (_, true) => self.tile::<T, 1, C>(w, i0, j, pf),
+                    (4, false) => self.tile::<T, 4, 1>(w, i0, j, pf),
+                    (3, false) => self.tile::<T, 3, 1>(w, i0, j, pf),
+                    (2, false) => self.tile::<T, 2, 1>(w, i0, j, pf),
+                    (_, false) => self.tile::<T, 1, 1>(w, i0, j, pf),
+                }
+                i0 += rows;
+            }
+            j += group;
         }
     }
 

@@ -1,0 +1,187 @@
+//! Every GEMM code path this CPU can run (portable, AVX2+FMA, AVX-512),
+//! each on the same random cases: results against the f64 reference on
+//! ragged shapes, all layouts and all weight dtypes, and the decode batch
+//! invariance (each row of an m ≤ `DECODE_BATCH_INVARIANT_MAX` product bit
+//! for bit the row computed alone) per path. Paths the CPU lacks are
+//! skipped (and named once on stderr), never silently run as another.
+
+use proptest::prelude::*;
+use qvc_ir::{DType, Elems};
+use qvc_kernels::testutil::{rel_l2, Owned, Rng, FLOAT_DTYPES};
+use qvc_kernels::{gemm_ref, gemm_with_isa, Isa, MatRef, DECODE_BATCH_INVARIANT_MAX};
+
+/// The paths this CPU has, most capable last.
+fn paths() -> Vec<Isa> {
+    let (have, lack): (Vec<Isa>, Vec<Isa>) = Isa::ALL.into_iter().partition(|i| i.available());
+    if !lack.is_empty() {
+        static ONCE: std::sync::Once = std::sync::Once::new();
+        ONCE.call_once(|| eprintln!("gemm_isa: this CPU lacks {lack:?}; those paths are not tested here"));
+    }
+    have
+}
+
+/// Storage of a logical `rows×cols` matrix: owned data plus its view geometry.
+struct Stored {
+    own: Owned,
+    rows: usize,
+    cols: usize,
+    rs: usize,
+    cs: usize,
+    off: usize,
+}
+
+impl Stored {
+    /// `layout`: 0 row-major, 1 column-major (a transposed view, as Linear
+    /// weights are read), 2 both strides > 1. `pad` widens the leading
+    /// stride; junk fills the gaps.
+    fn new(rng: &mut Rng, rows: usize, cols: usize, layout: u8, pad: usize, off: usize, dtype: DType) -> Stored {
+        let (rs, cs) = match layout {
+            0 => (cols + pad, 1),
+            1 => (1, rows + pad),
+            _ => (2 * cols + pad + 1, 2),
+        };
+        let span = if rows > 0 && cols > 0 { (rows - 1) * rs + (cols - 1) * cs + 1 } else { 0 };
+        let data = rng.vec(off + span + 3, 1.0);
+        Stored { own: Owned::from_f32(&data, dtype), rows, cols, rs, cs, off }
+    }
+    fn view(&self) -> MatRef<'_> {
+        MatRef {
+            data: self.own.elems(),
+            rows: self.rows,
+            cols: self.cols,
+            row_stride: self.rs,
+            col_stride: self.cs,
+            offset: self.off,
+        }
+    }
+}
+
+/// One case on every path against the reference.
+#[allow(clippy::too_many_arguments)]
+fn check_all_paths(
+    (m, n, k): (usize, usize, usize),
+    (la, lb): (u8, u8),
+    (da, db): (DType, DType),
+    pad: usize,
+    accumulate: bool,
+    seed: u64,
+) -> Result<(), TestCaseError> {
+    let mut rng = Rng::new(seed);
+    let a = Stored::new(&mut rng, m, k, la, pad, 2, da);
+    let b = Stored::new(&mut rng, k, n, lb, pad, 1, db);
+    let c0 = rng.vec(m * n, 1.0);
+    let mut want = c0.clone();
+    gemm_ref(a.view(), b.view(), &mut want, accumulate);
+    for isa in paths() {
+        let mut got = c0.clone();
+        gemm_with_isa(isa, a.view(), b.view(), &mut got, accumulate);
+        let e = rel_l2(&got, &want);
+        // Inputs are exact after widening, so only the f32 accumulation
+        // order differs: ~sqrt(k)·2⁻²⁴.
+        prop_assert!(e < 1e-5, "{isa:?} {m}x{n}x{k} layouts {la},{lb} dtypes {da},{db} acc {accumulate}: rel err {e}");
+    }
+    Ok(())
+}
+
+/// Each row of an `m`-row product equals, bit for bit, that row computed
+/// alone on the same path. `lb` 0: B is a transposed `[out, in]` weight
+/// (the dot path), 1: row-major (the axpy path).
+fn check_batch_invariant_all_paths(
+    (m, n, k): (usize, usize, usize),
+    lb: u8,
+    db: DType,
+    accumulate: bool,
+    seed: u64,
+) -> Result<(), TestCaseError> {
+    let mut rng = Rng::new(seed);
+    let a = rng.vec(m * k, 1.0);
+    let b = Stored::new(&mut rng, k, n, if lb == 0 { 1 } else { 0 }, 1, 1, db);
+    let c0 = rng.vec(m * n, 1.0);
+    for isa in paths() {
+        let mut batch = c0.clone();
+        gemm_with_isa(isa, MatRef::row_major(Elems::F32(&a), m, k), b.view(), &mut batch, accumulate);
+        for i in 0..m {
+            let row = MatRef { offset: i * k, ..MatRef::row_major(Elems::F32(&a), 1, k) };
+            let mut alone = c0[i * n..(i + 1) * n].to_vec();
+            gemm_with_isa(isa, row, b.view(), &mut alone, accumulate);
+            let got: Vec<u32> = batch[i * n..(i + 1) * n].iter().map(|x| x.to_bits()).collect();
+            let want: Vec<u32> = alone.iter().map(|x| x.to_bits()).collect();
+            prop_assert!(
+                got == want,
+                "{isa:?} row {i} of {m}x{n}x{k} (B layout {lb}, {db}, acc {accumulate}) differs from the row alone"
+            );
+        }
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(48))]
+
+    /// Every path's territory (dot, axpy, packed with ragged tiles), k past
+    /// the short-k dot limit (1024), every layout and dtype pair.
+    #[test]
+    fn every_path_matches_ref(
+        m in 0usize..=30, n in 0usize..=70, k in 0usize..=1100,
+        la in 0u8..3, lb in 0u8..3, da in 0usize..3, db in 0usize..3,
+        pad in 0usize..3, acc: bool, seed: u64,
+    ) {
+        check_all_paths((m, n, k), (la, lb), (FLOAT_DTYPES[da], FLOAT_DTYPES[db]), pad, acc, seed)?;
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(12))]
+
+    /// The packed path over several k slices on every path (AVX-512's are
+    /// 1024 deep, AVX2's and the portable path's 256), ragged last slice,
+    /// weights read as Linear layers do (`[out, in]` transposed).
+    #[test]
+    fn packed_deep_k_matches_ref(
+        m in 9usize..=30, n in 1usize..=70, k in 1000usize..=2300,
+        db in 0usize..3, acc: bool, seed: u64,
+    ) {
+        check_all_paths((m, n, k), (0, 1), (DType::F32, FLOAT_DTYPES[db]), 0, acc, seed)?;
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(48))]
+
+    /// Decode batch invariance on every path, short and long k (the 8-lane
+    /// and 16-lane dot tiles take k ≥ 1024), both B layouts, every dtype.
+    #[test]
+    fn every_path_is_batch_invariant(
+        m in 1usize..=DECODE_BATCH_INVARIANT_MAX, n in 1usize..=150, k in 1usize..=2100,
+        lb in 0u8..2, db in 0usize..3, acc: bool, seed: u64,
+    ) {
+        check_batch_invariant_all_paths((m, n, k), lb, FLOAT_DTYPES[db], acc, seed)?;
+    }
+}
+
+/// Decode-like shapes large enough to split over threads and stream B
+/// (prefetching), every m up to the invariant maximum, k a multiple of 16
+/// and not.
+#[test]
+fn decode_shapes_batch_invariant_every_path() {
+    for m in 1..=DECODE_BATCH_INVARIANT_MAX {
+        for &(n, k) in &[(1000, 4096), (515, 4100), (3000, 1030)] {
+            check_batch_invariant_all_paths((m, n, k), 0, DType::BF16, false, (m * k) as u64).unwrap();
+        }
+    }
+}
+
+/// Path selection: the detected path is available, and asking for any path
+/// yields one the CPU has (the best below it when it lacks the one asked).
+#[test]
+fn detect_and_resolve_pick_available_paths() {
+    assert!(Isa::detect().available());
+    assert_eq!(Isa::detect(), *paths().last().unwrap());
+    for isa in Isa::ALL {
+        let r = isa.resolve();
+        assert!(r.available(), "{isa:?} resolved to {r:?}, which this CPU lacks");
+        if isa.available() {
+            assert_eq!(r, isa);
+        }
+    }
+}
