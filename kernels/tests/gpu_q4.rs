@@ -316,11 +316,12 @@ proptest! {
     #![proptest_config(ProptestConfig::with_cases(96))]
 
     /// Decode GEMV: M 1..=8, N up to 104 (blocks of 32 columns, ragged),
-    /// K up to 600 (chunks of 256 rows, ragged), every group size and
-    /// epilogue, act-order or not, padded strides, in-place residual.
+    /// K up to 1200 (chunks of 1024, 512 or 256 rows by M, ragged), every
+    /// group size and epilogue, act-order or not, padded strides, in-place
+    /// residual.
     #[test]
     fn q4_gemv_matches_reference(
-        m in 1usize..=8, n8 in 1usize..=13, k8 in 1usize..=75, group in group_strategy(),
+        m in 1usize..=8, n8 in 1usize..=13, k8 in 1usize..=150, group in group_strategy(),
         asym: bool, act_order: bool, act in act_strategy(), bias: bool, residual: bool,
         bf16_out: bool, f32_in: bool, lda_pad in 0usize..5, ldc_pad in 0usize..3, in_place: bool, seed: u64,
     ) {

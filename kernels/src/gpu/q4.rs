@@ -30,15 +30,16 @@
 //!
 //! # Decode GEMV ([`Q4GemvSpec`], M ≤ 8)
 //! A block owns 32 output columns (lane = column, so every warp-wide weight
-//! load is 128 contiguous bytes) and walks K in chunks of 256 stored rows.
-//! Per chunk the 256 threads first gather the M activation rows of the
-//! chunk through `perm` into shared memory as f32 (one row index per
-//! thread), then each of the 8 warps takes 4 of the chunk's 32 words:
-//! loads them with their scales and zeros, dequantizes 8 weights per word
-//! and accumulates M dot products per lane from broadcast shared reads.
-//! The 8 warps' partial sums meet in shared memory; thread `(w, lane)` then
-//! finishes row `w` of column `lane` with the fused epilogue, so the M rows'
-//! epilogues run in parallel.
+//! load is 128 contiguous bytes) and walks K in chunks of stored rows (1024
+//! for M ≤ 2, fewer for more rows: [`Q4GemvSpec::chunk`]). Per chunk each of
+//! the 8 warps first issues the loads of its share of the chunk's words with
+//! their scales and zeros (4 to 16 per thread, all in flight at once); then
+//! the 256 threads gather the M activation rows of the chunk through `perm`
+//! into shared memory as f32 while those loads travel; then each thread
+//! dequantizes 8 weights per word and accumulates M dot products from
+//! broadcast shared reads. The 8 warps' partial sums meet in shared memory;
+//! thread `(w, lane)` then finishes row `w` of column `lane` with the fused
+//! epilogue, so the M rows' epilogues run in parallel.
 //!
 //! # Prefill GEMM ([`Q4GemmSpec`])
 //! `mma.sync.m16n8k16` bf16 tensor-core tiles, 64×64 per block (4 warps of
@@ -57,10 +58,9 @@ use qvc_ir::DType;
 use super::gemm::{Act, EpiGen, Epilogue, Problem, SpecError};
 use crate::spec::{Cost, KernelSpec, Launch};
 
-/// GEMV: warps per block, columns per block, stored rows per chunk.
+/// GEMV: warps per block, columns per block.
 const WARPS: u32 = 8;
 const COLS: u32 = 32;
-const KC: u32 = 256;
 /// GEMM: block tile, k-tile, warps.
 const BM: u32 = 64;
 const BN: u32 = 64;
@@ -305,6 +305,21 @@ impl Q4GemvSpec {
     }
 }
 
+impl Q4GemvSpec {
+    /// Stored rows per chunk: 1024 for one or two activation rows (16 words
+    /// in flight per thread: decode is bound by the weight stream, and the
+    /// loads of a chunk are all issued before its activations are gathered),
+    /// fewer as M grows so that the staged activations stay at most 8 KiB
+    /// per weight: 512 for M ≤ 4, 256 for M ≤ 8 (4 words per thread).
+    pub fn chunk(&self) -> u32 {
+        match self.m {
+            1..=2 => 1024,
+            3..=4 => 512,
+            _ => 256,
+        }
+    }
+}
+
 impl KernelSpec for Q4GemvSpec {
     fn name(&self) -> String {
         self.shape().name("q4gemv")
@@ -331,8 +346,11 @@ fn build_gemv(s: &Q4GemvSpec) -> Kernel {
     let mut b = KernelBuilder::new(s.name());
     b.max_threads(WARPS * 32);
     let p = params(&mut b, &s.epilogue);
-    // Per weight set: the gathered activations of a chunk, [m][KC] f32.
-    let stage_bytes = (m as u32) * KC * 4;
+    // Stored rows per chunk and words per thread per chunk (see Q4GemvSpec::chunk).
+    let kc = s.chunk();
+    let wpt = kc / 8 / WARPS;
+    // Per weight set: the gathered activations of a chunk, [m][kc] f32.
+    let stage_bytes = (m as u32) * kc * 4;
     let stage = b.shared("q4_act", stage_bytes * sets as u32, 16);
     // Per set: partial sums [warp][m][lane].
     let red_bytes = WARPS * m as u32 * COLS * 4;
@@ -347,36 +365,20 @@ fn build_gemv(s: &Q4GemvSpec) -> Kernel {
     let o7 = b.and(Ty::B32, o, 7);
     let zshift = b.shl(Ty::B32, o7, 2);
     let words = (s.k / 8) as u32;
-    let chunks = (s.k as u32).div_ceil(KC);
+    let chunks = (s.k as u32).div_ceil(kc);
     let accs: Vec<Vec<Reg>> = (0..sets).map(|_| (0..m).map(|_| b.mov(Ty::F32, 0.0f32)).collect()).collect();
-    // This thread's staging slot (row `tid` of the chunk) and its first word.
+    // This thread's staging slot (rows `tid`, `tid + 256`, … of the chunk)
+    // and its first word.
     let my_stage = b.mad(Ty::U32, tid, 4, stage);
-    let wl0 = b.shl(Ty::B32, warp, 2);
-    // Shared address of this warp's first row of a chunk: warp · 4 words · 8 rows · 4 bytes.
-    let my_words = b.mad(Ty::U32, warp, 32 * 4, stage);
+    let wl0 = b.mul(Ty::U32, warp, wpt);
+    // Shared address of this warp's first row of a chunk: warp · wpt words · 8 rows · 4 bytes.
+    let my_words = b.mad(Ty::U32, warp, wpt * 32, stage);
 
     b.for_range(0u32, chunks, 1, |b, ch| {
-        // Everyone finished reading the previous chunk's activations.
-        b.bar_sync();
-        b.comment("gather the chunk's activations through perm");
-        let r = b.mad(Ty::U32, ch, KC, tid);
-        let r_ok = b.setp(Cmp::Lt, Ty::U32, r, s.k as u32);
-        for (set, w) in p.w.iter().enumerate() {
-            let pp = b.index_addr(w.perm, r, 4);
-            let c = ld_u32(b, r_ok, Addr::reg(pp, 0));
-            let ap = b.index_addr(p.a, c, asz);
-            for i in 0..m {
-                let v = ld_act(b, r_ok, s.a, Addr::reg(ap, (i * s.lda) as i64 * asz as i64));
-                let v = act_f32(b, s.a, v);
-                let off = set as u32 * stage_bytes + i as u32 * KC * 4;
-                b.st(Space::Shared, Ty::F32, Addr::reg(my_stage, off as i64), v);
-            }
-        }
-        b.bar_sync();
-        b.comment("this warp's 4 words of the chunk");
-        let j0 = b.mad(Ty::U32, ch, KC / 8, wl0);
+        b.comment("this warp's words of the chunk: issued first, they do not wait for the activations");
+        let j0 = b.mad(Ty::U32, ch, kc / 8, wl0);
         let mut loaded = vec![];
-        for u in 0..4u32 {
+        for u in 0..wpt {
             let j = b.add(Ty::U32, j0, u);
             let j_ok = b.setp(Cmp::Lt, Ty::U32, j, words);
             let ok = b.and_pred(j_ok, col_ok);
@@ -395,13 +397,33 @@ fn build_gemv(s: &Q4GemvSpec) -> Kernel {
                     .collect();
             loaded.push(per_set);
         }
+        // Everyone finished reading the previous chunk's activations.
+        b.bar_sync();
+        b.comment("gather the chunk's activations through perm");
+        for q in 0..kc / (WARPS * 32) {
+            let r = b.mad(Ty::U32, ch, kc, tid);
+            let r = b.add(Ty::U32, r, q * WARPS * 32);
+            let r_ok = b.setp(Cmp::Lt, Ty::U32, r, s.k as u32);
+            for (set, w) in p.w.iter().enumerate() {
+                let pp = b.index_addr(w.perm, r, 4);
+                let c = ld_u32(b, r_ok, Addr::reg(pp, 0));
+                let ap = b.index_addr(p.a, c, asz);
+                for i in 0..m {
+                    let v = ld_act(b, r_ok, s.a, Addr::reg(ap, (i * s.lda) as i64 * asz as i64));
+                    let v = act_f32(b, s.a, v);
+                    let off = set as u32 * stage_bytes + (i as u32 * kc + q * WARPS * 32) * 4;
+                    b.st(Space::Shared, Ty::F32, Addr::reg(my_stage, off as i64), v);
+                }
+            }
+        }
+        b.bar_sync();
         for (u, per_set) in loaded.into_iter().enumerate() {
             for (set, (word, sc, z)) in per_set.into_iter().enumerate() {
                 let wv = dequant8(b, word, sc, z);
-                // Rows (warp·4 + u)·8.. of the chunk, for each activation row
-                // (the same address in every lane: a broadcast read).
+                // Rows (warp·wpt + u)·8.. of the chunk, for each activation
+                // row (the same address in every lane: a broadcast read).
                 for (i, &acc) in accs[set].iter().enumerate() {
-                    let off = set as u32 * stage_bytes + (i as u32 * KC + u as u32 * 8) * 4;
+                    let off = set as u32 * stage_bytes + (i as u32 * kc + u as u32 * 8) * 4;
                     let x0 = b.ld_v(Space::Shared, Ty::F32, 4, Addr::reg(my_words, off as i64));
                     let x1 = b.ld_v(Space::Shared, Ty::F32, 4, Addr::reg(my_words, off as i64 + 16));
                     for (x, &w) in x0.into_iter().chain(x1).zip(&wv) {
