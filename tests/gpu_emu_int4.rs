@@ -165,3 +165,109 @@ fn compiled_int4_artifact_on_the_emulated_gpu_matches_the_reference() {
     assert_eq!(gpu.stats().host_nodes, 0);
     let _ = std::fs::remove_dir_all(&out);
 }
+
+/// A GPTQ weight with act-order for the executor tests: `[n, k]`, groups of
+/// `group`, asymmetric zeros, stored rows in a shuffled input order.
+struct ActOrder {
+    n: usize,
+    k: usize,
+    group: usize,
+    qweight: Vec<u32>,
+    qzeros: Vec<u32>,
+    scales: Vec<half::f16>,
+    perm: Vec<u32>,
+    inv: Vec<u32>,
+}
+
+impl ActOrder {
+    fn new(n: usize, k: usize, group: usize) -> ActOrder {
+        let mut s = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move || {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            s
+        };
+        let groups = k.div_ceil(group);
+        let mut perm: Vec<u32> = (0..k as u32).collect();
+        for i in (1..k).rev() {
+            perm.swap(i, (next() % (i as u64 + 1)) as usize);
+        }
+        let mut inv = vec![0u32; k];
+        for (r, &c) in perm.iter().enumerate() {
+            inv[c as usize] = r as u32;
+        }
+        ActOrder {
+            n,
+            k,
+            group,
+            qweight: (0..k / 8 * n).map(|_| next() as u32).collect(),
+            qzeros: (0..groups * n / 8).map(|_| next() as u32).collect(),
+            scales: (0..groups * n).map(|_| half::f16::from_f32(0.01 + (next() % 1000) as f32 * 5e-5)).collect(),
+            perm,
+            inv,
+        }
+    }
+}
+
+impl qvc_ir::WeightSource for ActOrder {
+    fn weight(&self, name: &str) -> Option<qvc_ir::Elems<'_>> {
+        (name == "w").then_some(qvc_ir::Elems::Q4(qvc_ir::Q4Ref {
+            rows: self.n,
+            cols: self.k,
+            row0: 0,
+            ld: self.n,
+            group: self.group,
+            qweight: &self.qweight,
+            qzeros: &self.qzeros,
+            scales: &self.scales,
+            perm: Some(&self.perm),
+            inv: Some(&self.inv),
+        }))
+    }
+}
+
+/// `x · wᵀ` for an int4 `w` on the executor: the graph's lowering, the
+/// upload of the four parts (the act-order permutation included: the
+/// fixture has none) and the group size given at launch.
+fn act_order_linear(m: usize, w: &ActOrder) -> Result<(Vec<f32>, Vec<f32>), qvc_ir::ExecError> {
+    use qvc_runtime::gpu::lower::KvShape;
+    let mut g = qvc_ir::Graph::new();
+    let x = g.input("x", qvc_ir::DType::F32, vec![m, w.k]);
+    let wp = g.param("w", qvc_ir::DType::Q4, vec![w.n, w.k]);
+    let y = g.matmul_t(x, wp).unwrap();
+    g.set_output("y", y);
+    let xv: Vec<f32> = (0..m * w.k).map(|i| ((i * 7919 % 2003) as f32 / 1001.0) - 1.0).collect();
+    let inputs = std::collections::HashMap::from([("x".to_string(), qvc_ir::InputRef::F32(&xv))]);
+    let kv = KvShape { layers: 0, heads: 1, head_dim: 8, max_seq: 8 };
+    let gpu = GpuBackend::new(Box::new(EmuDevice::new(qvc_codegen::Target::Sm80)), kv, 1, None);
+    gpu.start_profile();
+    let got = gpu.run(&g, w, &inputs)?.remove("y").unwrap();
+    let family = if m <= 8 { "q4gemv_" } else { "q4gemm_" };
+    assert!(gpu.take_profile().iter().any(|k| k.kernel.starts_with(family)), "{family} ran");
+    let want = qvc_runtime::Reference.run(&g, w, &inputs).unwrap().remove("y").unwrap();
+    Ok((got, want))
+}
+
+#[test]
+fn act_order_weights_run_on_the_int4_kernels() {
+    // Groups of 64 over K = 200: a ragged last group of 8.
+    let w = ActOrder::new(48, 200, 64);
+    // The GEMV dequantizes to the reference's f32 values: f32 accumulation only.
+    let (got, want) = act_order_linear(3, &w).unwrap();
+    let r = rel_err(&got, &want);
+    eprintln!("act-order int4 GEMV vs reference: {r:.2e}");
+    assert!(r < 1e-5, "GEMV: {r:e}");
+    // The GEMM rounds x and the dequantized weights to bf16 (2^-8 relative at most each).
+    let (got, want) = act_order_linear(20, &w).unwrap();
+    let r = rel_err(&got, &want);
+    eprintln!("act-order int4 GEMM vs reference: {r:.2e}");
+    assert!(r < 4e-3, "GEMM: {r:e}");
+}
+
+#[test]
+fn a_group_size_the_kernels_cannot_take_is_refused_by_name() {
+    let w = ActOrder { group: 12, ..ActOrder::new(16, 48, 12) };
+    let e = act_order_linear(2, &w).unwrap_err().to_string();
+    assert!(e.contains("\"w\"") && e.contains("group size 12"), "{e}");
+}
