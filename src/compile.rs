@@ -91,8 +91,10 @@ pub enum SourceSpec {
 #[derive(Clone, Debug)]
 pub struct CompileOptions {
     pub target: Target,
-    /// Stored dtype of the model's weights in the artifact.
-    pub dtype: DType,
+    /// Stored dtype of the model's weights in the artifact; `None` keeps the
+    /// checkpoint's 16-bit type (that of its token embedding; bf16 for an f32
+    /// checkpoint), so an f16 GPTQ checkpoint compiles without rounding.
+    pub dtype: Option<DType>,
     /// Picture size the vision program is compiled for [default: the config's].
     pub image_size: Option<usize>,
     /// `global` or `window:W[,global-every:N]`.
@@ -109,7 +111,7 @@ impl Default for CompileOptions {
     fn default() -> Self {
         CompileOptions {
             target: Target::Cpu,
-            dtype: DType::BF16,
+            dtype: None,
             image_size: None,
             vit_attention: "global".into(),
             max_seq: 2048,
@@ -553,6 +555,10 @@ pub fn compile(
     let const_data: HashMap<&str, &std::sync::Arc<[f32]>> = consts.iter().map(|(n, d, _)| (n.as_str(), d)).collect();
 
     // The weights file: every param any program reads, in its artifact dtype.
+    let wdtype = opt.dtype.unwrap_or(match m.weights.info("transformer.wte.weight") {
+        Some((DType::F16, _)) => DType::F16,
+        _ => DType::BF16,
+    });
     let stored = |name: &str, graph_dtype: DType| -> DType {
         if graph_dtype == DType::Q4 {
             // Only checkpoint Params are int4, and they stay int4.
@@ -560,13 +566,13 @@ pub fn compile(
         } else if const_data.contains_key(name) {
             DType::F32
         } else if folded_by_name.contains_key(name) {
-            if graph_dtype == DType::F32 || opt.dtype == DType::F32 {
+            if graph_dtype == DType::F32 || wdtype == DType::F32 {
                 DType::F32
             } else {
                 graph_dtype
             }
         } else {
-            opt.dtype
+            wdtype
         }
     };
     let mut params: BTreeMap<String, TensorEntry> = BTreeMap::new();
@@ -614,8 +620,8 @@ pub fn compile(
     }
     if f16_rounded > 0 {
         notes.push(format!(
-            "{f16_rounded} checkpoint tensors are f16 and were rounded to bf16 (--dtype bf16); --dtype f16 keeps \
-             them exact"
+            "{f16_rounded} checkpoint tensors are f16 and were rounded to bf16 (--dtype bf16); --dtype f16 or auto \
+             keeps them exact"
         ));
     }
     let entries = entries_file;
@@ -770,7 +776,7 @@ pub fn compile(
             },
             options: artifact::Options {
                 target: opt.target.name().into(),
-                dtype: opt.dtype.to_string(),
+                dtype: wdtype.to_string(),
                 image_size: cfg.visual.image_size,
                 vit_attention: opt.vit_attention.trim().into(),
                 max_seq: opt.max_seq,

@@ -166,7 +166,7 @@ fn image_size_896_with_window_attention_compiles_and_runs() {
     let opt = CompileOptions {
         image_size: Some(896),
         vit_attention: "window:16,global-every:2".into(),
-        dtype: DType::F32,
+        dtype: Some(DType::F32),
         max_seq: 16,
         ..Default::default()
     };

@@ -15,8 +15,10 @@ pub struct CompileArgs {
     /// What the artifact runs on: cpu, sm_80 (A100, Ada) or sm_90 (H100) [default: the first GPU's, else cpu].
     #[arg(long, value_parser = ["cpu", "sm_80", "sm_90"])]
     target: Option<String>,
-    /// Stored dtype of the weights in the artifact.
-    #[arg(long, default_value = "bf16", value_parser = ["bf16", "f16", "f32"])]
+    /// Stored dtype of the weights in the artifact. `auto` keeps the checkpoint's 16-bit type (bf16 for
+    /// Qwen-VL-Chat, f16 for GPTQ Int4 checkpoints, whose other tensors are f16) and stores f32 checkpoints as
+    /// bf16. Int4 weights always stay int4.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "bf16", "f16", "f32"])]
     dtype: String,
     /// Picture size the vision program is compiled for (a multiple of the 14-pixel patch, e.g. 448 or 896) [default: the config's].
     #[arg(long, value_name = "N")]
@@ -58,9 +60,10 @@ pub fn run(a: CompileArgs) -> Result<()> {
             None => default_target(),
         },
         dtype: match a.dtype.as_str() {
-            "f32" => DType::F32,
-            "f16" => DType::F16,
-            _ => DType::BF16,
+            "f32" => Some(DType::F32),
+            "f16" => Some(DType::F16),
+            "bf16" => Some(DType::BF16),
+            _ => None,
         },
         image_size: a.image_size,
         vit_attention: a.vit_attention.clone(),
