@@ -11,7 +11,6 @@
 mod common;
 use common::{fixture, rel_err, Expected};
 use qvc::compile::{compile, CompileOptions, SourceSpec};
-use qvc_ir::DType;
 use qvc_model::{LoadOptions, Model, PrefillOptions, Session};
 use qvc_runtime::Cpu;
 use safetensors::{tensor::TensorView, Dtype};
@@ -290,7 +289,7 @@ fn act_order_checkpoint_matches_the_original_loaded_and_compiled() {
     // and computes the same.
     let out = std::env::temp_dir().join(format!("qvc-int4-errors-{}-act-order.qvc", std::process::id()));
     let _ = std::fs::remove_dir_all(&out);
-    let opt = CompileOptions { dtype: DType::F16, max_seq: 128, force: true, ..Default::default() };
+    let opt = CompileOptions { max_seq: 128, force: true, ..Default::default() };
     compile(&SourceSpec::Checkpoint(dir.clone()), Some(&out), &opt, &indicatif::ProgressBar::hidden()).unwrap();
     let bytes = std::fs::read(out.join("weights.safetensors")).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
