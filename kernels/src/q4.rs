@@ -42,9 +42,16 @@ use std::cell::Cell;
 /// `f32` bits of 2²³: `f32::from_bits(q | MAGIC) == 2²³ + q` for `q < 2²³`.
 const MAGIC: u32 = 0x4B00_0000;
 const MAGIC_F: f32 = 8_388_608.0;
-/// Output columns per GEMV task: each word row is a 2 KiB contiguous run and
-/// the per-task buffers (accumulators and results, 8 rows) stay in L1/L2.
-const GEMV_COLS: usize = 512;
+/// Most output columns per GEMV task for m ≤ 2: each word row is an 8 KiB
+/// contiguous run (DRAM and the hardware prefetchers like long runs) and the
+/// per-task accumulators and zeros (2 × 8 KiB a row) stay in L1.
+const GEMV_COLS: usize = 2048;
+/// The same for m > 2, whose accumulators and results take more room.
+const GEMV_COLS_BATCH: usize = 512;
+/// `16^-t`: the GEMV reads nibble `j` of a word in place, as `q·16^(j%4)`
+/// (see `GemvBufs::zb`), so its input at stored row `r` is prescaled by
+/// `16^-(r%4)`. Powers of two: the products are exactly `q·x`.
+const NIBBLE_SCALE: [f32; 4] = [1.0, 1.0 / 16.0, 1.0 / 256.0, 1.0 / 4096.0];
 /// Word rows prefetched ahead in the GEMV sweep.
 const PREFETCH_ROWS: usize = 4;
 /// Largest dequantized block of W (floats) the GEMM path holds at once (16 MiB).
@@ -174,7 +181,7 @@ pub fn q4_gemv(path: Q4Path, x: &[f32], m: usize, w: &Q4Ref, y: &mut [f32], accu
     check_sizes("q4_gemv", x, m, w, y);
     let a = MatRef::row_major(Elems::F32(x), m, w.cols);
     let parallel = rayon::current_num_threads() > 1 && m * w.rows * w.cols >= 1 << 16;
-    with_xg(&a, w, |xg| gemv(path.resolve(), xg, m, w, y, w.rows, accumulate, parallel));
+    with_xg(&a, w, true, |xg| gemv(path.resolve(), xg, m, w, y, w.rows, accumulate, parallel));
 }
 
 /// The dequantize + GEMM path on any m. Public for tests and benchmarks.
@@ -183,7 +190,7 @@ pub fn q4_gemm_dequant(path: Q4Path, x: &[f32], m: usize, w: &Q4Ref, y: &mut [f3
     let a = MatRef::row_major(Elems::F32(x), m, w.cols);
     let parallel = rayon::current_num_threads() > 1 && m * w.rows * w.cols >= 1 << 16;
     let path = path.resolve();
-    with_xg(&a, w, |xg| gemm_dequant(path, path.gemm_isa(), xg, m, w, y, w.rows, accumulate, parallel));
+    with_xg(&a, w, false, |xg| gemm_dequant(path, path.gemm_isa(), xg, m, w, y, w.rows, accumulate, parallel));
 }
 
 /// `C (+)= A·B` where `B`'s data is the int4 weight `w`.
@@ -206,8 +213,9 @@ pub(crate) fn gemm_q4(
     if b.row_stride == 1 && b.col_stride == w.cols && b.offset.is_multiple_of(cols) && k == w.cols && r0 + n <= w.rows {
         let view = w.rows_range(r0, r0 + n);
         let path = Q4Path::for_isa(isa);
-        with_xg(a, &view, |xg| {
-            if m <= DECODE_BATCH_INVARIANT_MAX {
+        let small = m <= DECODE_BATCH_INVARIANT_MAX;
+        with_xg(a, &view, small, |xg| {
+            if small {
                 gemv(path, xg, m, &view, c, ldc, accumulate, parallel)
             } else {
                 gemm_dequant(path, isa.resolve(), xg, m, &view, c, ldc, accumulate, parallel)
@@ -237,8 +245,9 @@ thread_local! {
 }
 
 /// `f(xg)` with `xg` = `a` widened to f32 and gathered through `w.perm`:
-/// row `i` (k floats) holds `a[i, perm[r]]` at stored row `r`.
-fn with_xg(a: &MatRef, w: &Q4Ref, f: impl FnOnce(&[f32])) {
+/// row `i` (k floats) holds `a[i, perm[r]]` at stored row `r`, times
+/// `NIBBLE_SCALE[r % 4]` when `scaled` (the GEMV's input).
+fn with_xg(a: &MatRef, w: &Q4Ref, scaled: bool, f: impl FnOnce(&[f32])) {
     let (m, k) = (a.rows, a.cols);
     let mut xg = XG.with(Cell::take);
     if xg.len() < m * k {
@@ -256,6 +265,12 @@ fn with_xg(a: &MatRef, w: &Q4Ref, f: impl FnOnce(&[f32])) {
                 }
             }
         }
+        if scaled {
+            // Exact (powers of two), see `GemvBufs::zb`.
+            for (r, d) in dst.iter_mut().enumerate() {
+                *d *= NIBBLE_SCALE[r % 4];
+            }
+        }
     }
     f(&xg[..m * k]);
     XG.with(|c| c.set(xg));
@@ -271,7 +286,12 @@ struct GemvBufs {
     acc: Vec<f32>,
     /// Results, `rows × cwp`.
     y: Vec<f32>,
-    /// `2²³ + zero` of the current group, per column.
+    /// Four rows of `cwp`: row `t` holds `2²³ + zero·16^t` of the current
+    /// group, per column. A nibble `j` of word `w` is read in place as
+    /// `f32::from_bits(w' & (15 << 4t) | 2²³ bits) = 2²³ + q·16^t` (`t = j % 4`,
+    /// `w' = w >> 16` for `j ≥ 4`: one shift per word vector, one
+    /// ternary-logic op per nibble), minus row `t`: exactly `(q − z)·16^t`
+    /// (all values below 2²⁴). The input is prescaled by `16^-t`.
     zb: Vec<f32>,
     /// Scale of the current group, per column.
     sb: Vec<f32>,
@@ -308,10 +328,13 @@ fn gemv(path: Q4Path, xg: &[f32], m: usize, w: &Q4Ref, c: &mut [f32], ldc: usize
         return;
     }
     let cp = SyncPtr(c.as_mut_ptr());
-    let chunks = n.div_ceil(GEMV_COLS);
+    let threads = if parallel { rayon::current_num_threads() } else { 1 };
+    let cap = if m <= 2 { GEMV_COLS } else { GEMV_COLS_BATCH };
+    let gcols = gemv_cols(n, cap, threads);
+    let chunks = n.div_ceil(gcols);
     let run = |bufs: &mut GemvBufs, t: usize| {
-        let c0 = t * GEMV_COLS;
-        let cw = GEMV_COLS.min(n - c0);
+        let c0 = t * gcols;
+        let cw = gcols.min(n - c0);
         let mut i0 = 0;
         while i0 < m {
             let rows = (m - i0).min(8);
@@ -329,6 +352,18 @@ fn gemv(path: Q4Path, xg: &[f32], m: usize, w: &Q4Ref, c: &mut [f32], ldc: usize
         let mut bufs = GemvBufs::default();
         (0..chunks).for_each(|t| run(&mut bufs, t));
     }
+}
+
+/// Columns per GEMV task: at most `cap`, a multiple of 16, and (when the
+/// matrix is wide enough) a number of tasks that is a multiple of the
+/// threads, so that they finish together. Only the speed depends on it.
+fn gemv_cols(n: usize, cap: usize, threads: usize) -> usize {
+    let threads = threads.max(1);
+    let mut chunks = threads;
+    while n.div_ceil(chunks) > cap {
+        chunks += threads;
+    }
+    n.div_ceil(chunks).next_multiple_of(16).max(16)
 }
 
 /// SAFETY: `path` must be available on this CPU; see [`chunk`].
@@ -378,13 +413,19 @@ unsafe fn chunk_portable(rows: usize, ch: &Chunk, bufs: &mut GemvBufs) {
 /// columns; all pointers are to padded buffers (whole vectors readable).
 trait Kern {
     const LANES: usize;
-    /// Nibbles `J0..J1` (all 8 when `FULL`) of the word vector at `wp`:
-    /// `acc[i] += (q_j − z)·x[i][j]` in nibble order, for each of the `M`
-    /// rows (`x[i]` points at the word row's first input, `acc + i·ld`).
+    /// Nibbles `j0..j1` (all 8 when `j0 == 0 && j1 == 8`) of the word
+    /// vector at `wp`: `acc[i] += (q_j − z)·x[i][j]` in nibble order, for
+    /// each of the `M` rows (`x[i]` points at the word row's first prescaled
+    /// input; row `i` of the accumulators at `acc + i·ld`; the four zero rows
+    /// of [`GemvBufs::zb`] at `zp + t·ld`).
     ///
-    /// SAFETY: `wp`, `zp` and `LANES` floats at each `acc + i·ld` readable
-    /// (and writable), `x[i] + J1 - 1` readable; the path's CPU features.
-    unsafe fn word<const M: usize>(
+    /// `U` consecutive word vectors at once (independent FMA chains for the
+    /// out-of-order core; each element's chain is the same whatever `U`).
+    ///
+    /// SAFETY: `U·LANES` elements readable at `wp` and at each `zp + t·ld`,
+    /// readable and writable at each `acc + i·ld`; `x[i] + j1 - 1` readable;
+    /// the path's CPU features.
+    unsafe fn word<const M: usize, const U: usize>(
         wp: *const u32,
         zp: *const f32,
         x: &[*const f32; M],
@@ -422,9 +463,9 @@ unsafe fn chunk<K: Kern, const M: usize>(ch: &Chunk, bufs: &mut GemvBufs) {
         v.clear();
         v.resize(M * cwp, 0.0);
     }
-    for (v, pad) in [(&mut bufs.zb, MAGIC_F), (&mut bufs.sb, 0.0)] {
+    for (v, len, pad) in [(&mut bufs.zb, 4 * cwp, MAGIC_F), (&mut bufs.sb, cwp, 0.0)] {
         v.clear();
-        v.resize(cwp, pad);
+        v.resize(len, pad);
     }
     let (acc, y) = (bufs.acc.as_mut_ptr(), bufs.y.as_mut_ptr());
     let cbase = c.get().add(i0 * ldc + c0);
@@ -441,6 +482,13 @@ unsafe fn chunk<K: Kern, const M: usize>(ch: &Chunk, bufs: &mut GemvBufs) {
     for g in 0..w.groups() {
         let (ra, rb) = (g * w.group, ((g + 1) * w.group).min(k));
         fill_group(w, g, o0, cw, &mut bufs.zb, &mut bufs.sb);
+        let (z0, zt) = bufs.zb.split_at_mut(cwp);
+        for (t, zr) in zt.chunks_mut(cwp).enumerate() {
+            let f = (16u32 << (4 * t)) as f32;
+            for (d, &z) in zr[..cw].iter_mut().zip(&z0[..cw]) {
+                *d = (z - MAGIC_F) * f + MAGIC_F;
+            }
+        }
         let (zb, sb) = (bufs.zb.as_ptr(), bufs.sb.as_ptr());
         let mut r = ra;
         while r < rb {
@@ -450,20 +498,36 @@ unsafe fn chunk<K: Kern, const M: usize>(ch: &Chunk, bufs: &mut GemvBufs) {
             let pf = (p + PREFETCH_ROWS < words).then(|| qw.add((p + PREFETCH_ROWS) * w.ld + o0));
             let x: [*const f32; M] = std::array::from_fn(|i| xg.as_ptr().add((i0 + i) * k + p * 8));
             let mut v = 0;
+            // Few rows: several vectors at once, so that enough independent
+            // FMA chains are in flight (`U` = 4, 2, 1 for M = 1, 2, 3+).
+            let step = K::LANES * unroll(M);
+            while v + step <= cw {
+                if let Some(pf) = pf {
+                    for l in (v..v + step).step_by(16) {
+                        K::prefetch(pf.add(l));
+                    }
+                }
+                match unroll(M) {
+                    4 => K::word::<M, 4>(row.add(v), zb.add(v), &x, acc.add(v), cwp, j0, j1),
+                    2 => K::word::<M, 2>(row.add(v), zb.add(v), &x, acc.add(v), cwp, j0, j1),
+                    _ => K::word::<M, 1>(row.add(v), zb.add(v), &x, acc.add(v), cwp, j0, j1),
+                }
+                v += step;
+            }
             while v + K::LANES <= cw {
                 if let Some(pf) = pf {
                     if v.is_multiple_of(16) {
                         K::prefetch(pf.add(v));
                     }
                 }
-                K::word::<M>(row.add(v), zb.add(v), &x, acc.add(v), cwp, j0, j1);
+                K::word::<M, 1>(row.add(v), zb.add(v), &x, acc.add(v), cwp, j0, j1);
                 v += K::LANES;
             }
             if v < cw {
                 // Ragged last vector: the words through a zero-padded copy
                 // (padding lanes compute 0 − 0, and are never stored to C).
                 tail[..cw - v].copy_from_slice(std::slice::from_raw_parts(row.add(v), cw - v));
-                K::word::<M>(tail.as_ptr(), zb.add(v), &x, acc.add(v), cwp, j0, j1);
+                K::word::<M, 1>(tail.as_ptr(), zb.add(v), &x, acc.add(v), cwp, j0, j1);
             }
             r = p * 8 + j1;
         }
@@ -475,6 +539,15 @@ unsafe fn chunk<K: Kern, const M: usize>(ch: &Chunk, bufs: &mut GemvBufs) {
     }
     for i in 0..M {
         std::ptr::copy_nonoverlapping(y.add(i * cwp), cbase.add(i * ldc), cw);
+    }
+}
+
+/// Word vectors per step of the GEMV sweep for `m` rows.
+const fn unroll(m: usize) -> usize {
+    match m {
+        1 => 4,
+        2 => 2,
+        _ => 1,
     }
 }
 
@@ -500,12 +573,11 @@ fn fill_group(w: &Q4Ref, g: usize, o0: usize, cw: usize, zb: &mut [f32], sb: &mu
 struct PortableK;
 
 // Lane and row loops index several arrays in step; iterators would obscure it.
-
 #[allow(clippy::needless_range_loop)]
 impl Kern for PortableK {
     const LANES: usize = 8;
     #[inline(always)]
-    unsafe fn word<const M: usize>(
+    unsafe fn word<const M: usize, const U: usize>(
         wp: *const u32,
         zp: *const f32,
         x: &[*const f32; M],
@@ -514,24 +586,8 @@ impl Kern for PortableK {
         j0: usize,
         j1: usize,
     ) {
-        let wv: [u32; 8] = std::ptr::read_unaligned(wp as *const [u32; 8]);
-        let zv: [f32; 8] = std::ptr::read_unaligned(zp as *const [f32; 8]);
-        let mut a: [[f32; 8]; M] =
-            std::array::from_fn(|i| std::ptr::read_unaligned(acc.add(i * ld) as *const [f32; 8]));
-        for j in j0..j1 {
-            let mut q = [0f32; 8];
-            for l in 0..8 {
-                q[l] = f32::from_bits(((wv[l] >> (4 * j)) & 15) | MAGIC) - zv[l];
-            }
-            for i in 0..M {
-                let xv = *x[i].add(j);
-                for l in 0..8 {
-                    a[i][l] += q[l] * xv;
-                }
-            }
-        }
-        for (i, ai) in a.iter().enumerate() {
-            std::ptr::write_unaligned(acc.add(i * ld) as *mut [f32; 8], *ai);
+        for u in 0..U {
+            Self::word1::<M>(wp.add(8 * u), zp.add(8 * u), x, acc.add(8 * u), ld, j0, j1);
         }
     }
     #[inline(always)]
@@ -546,6 +602,81 @@ impl Kern for PortableK {
     }
 }
 
+#[allow(clippy::needless_range_loop)]
+impl PortableK {
+    /// One vector of [`Kern::word`].
+    #[inline(always)]
+    unsafe fn word1<const M: usize>(
+        wp: *const u32,
+        zp: *const f32,
+        x: &[*const f32; M],
+        acc: *mut f32,
+        ld: usize,
+        j0: usize,
+        j1: usize,
+    ) {
+        let w0: [u32; 8] = std::ptr::read_unaligned(wp as *const [u32; 8]);
+        let w16 = w0.map(|v| v >> 16);
+        let z: [[f32; 8]; 4] = std::array::from_fn(|t| std::ptr::read_unaligned(zp.add(t * ld) as *const [f32; 8]));
+        let mut a: [[f32; 8]; M] =
+            std::array::from_fn(|i| std::ptr::read_unaligned(acc.add(i * ld) as *const [f32; 8]));
+        for j in j0..j1 {
+            let (src, t) = if j < 4 { (&w0, j) } else { (&w16, j - 4) };
+            let mut q = [0f32; 8];
+            for l in 0..8 {
+                q[l] = f32::from_bits((src[l] & (15 << (4 * t))) | MAGIC) - z[t][l];
+            }
+            for i in 0..M {
+                let xv = *x[i].add(j);
+                for l in 0..8 {
+                    a[i][l] += q[l] * xv;
+                }
+            }
+        }
+        for (i, ai) in a.iter().enumerate() {
+            std::ptr::write_unaligned(acc.add(i * ld) as *mut [f32; 8], *ai);
+        }
+    }
+}
+
+/// The nibble step of the AVX kernels: `$q(u, half, t)` dequantizes nibble
+/// `4·half + t` of word vector `u` exactly (see [`GemvBufs::zb`]); nibbles
+/// `j0..j1` go into the `U × M` accumulators, each chain in nibble order.
+/// Unrolled (constant masks) when the word is whole.
+macro_rules! nibbles {
+    ($q:expr, $fma:expr, $a:expr, $x:expr, $j0:expr, $j1:expr, $m:expr, $u:expr) => {
+        if $j0 == 0 && $j1 == 8 {
+            // Written out: constant half/mask indices keep everything in
+            // registers (a loop over j is not always unrolled).
+            nibbles!(@one $q, $fma, $a, $x, $m, $u, 0, 0, 0);
+            nibbles!(@one $q, $fma, $a, $x, $m, $u, 1, 0, 1);
+            nibbles!(@one $q, $fma, $a, $x, $m, $u, 2, 0, 2);
+            nibbles!(@one $q, $fma, $a, $x, $m, $u, 3, 0, 3);
+            nibbles!(@one $q, $fma, $a, $x, $m, $u, 4, 1, 0);
+            nibbles!(@one $q, $fma, $a, $x, $m, $u, 5, 1, 1);
+            nibbles!(@one $q, $fma, $a, $x, $m, $u, 6, 1, 2);
+            nibbles!(@one $q, $fma, $a, $x, $m, $u, 7, 1, 3);
+        } else {
+            for j in $j0..$j1 {
+                for u in 0..$u {
+                    let q = $q(u, j / 4, j % 4);
+                    for i in 0..$m {
+                        $a[u][i] = $fma(q, *$x[i].add(j), $a[u][i]);
+                    }
+                }
+            }
+        }
+    };
+    (@one $q:expr, $fma:expr, $a:expr, $x:expr, $m:expr, $u:expr, $j:literal, $h:literal, $t:literal) => {
+        for u in 0..$u {
+            let q = $q(u, $h, $t);
+            for i in 0..$m {
+                $a[u][i] = $fma(q, *$x[i].add($j), $a[u][i]);
+            }
+        }
+    };
+}
+
 #[cfg(target_arch = "x86_64")]
 struct Avx2K;
 
@@ -554,7 +685,7 @@ struct Avx2K;
 impl Kern for Avx2K {
     const LANES: usize = 8;
     #[inline(always)]
-    unsafe fn word<const M: usize>(
+    unsafe fn word<const M: usize, const U: usize>(
         wp: *const u32,
         zp: *const f32,
         x: &[*const f32; M],
@@ -564,32 +695,25 @@ impl Kern for Avx2K {
         j1: usize,
     ) {
         use std::arch::x86_64::*;
-        let wv = _mm256_loadu_si256(wp as *const __m256i);
-        let zv = _mm256_loadu_ps(zp);
-        let (mask, magic) = (_mm256_set1_epi32(15), _mm256_set1_epi32(MAGIC as i32));
-        let mut a: [__m256; M] = std::array::from_fn(|i| _mm256_loadu_ps(acc.add(i * ld)));
-        let nib = |j: usize| {
-            let s = _mm256_srl_epi32(wv, _mm_cvtsi32_si128(4 * j as i32));
-            _mm256_sub_ps(_mm256_castsi256_ps(_mm256_or_si256(_mm256_and_si256(s, mask), magic)), zv)
+        let w0: [__m256i; U] = std::array::from_fn(|u| _mm256_loadu_si256(wp.add(8 * u) as *const __m256i));
+        let magic = _mm256_set1_epi32(MAGIC as i32);
+        // As in the AVX-512 kernel: half words under the bits of 2²³.
+        let w: [[__m256i; 2]; U] = std::array::from_fn(|u| {
+            let lo = _mm256_or_si256(_mm256_and_si256(w0[u], _mm256_set1_epi32(0xFFFF)), magic);
+            [lo, _mm256_or_si256(_mm256_srli_epi32::<16>(w0[u]), magic)]
+        });
+        let mut a: [[__m256; M]; U] =
+            std::array::from_fn(|u| std::array::from_fn(|i| _mm256_loadu_ps(acc.add(i * ld + 8 * u))));
+        let q = |u: usize, h: usize, t: usize| {
+            let bits = _mm256_and_si256(w[u][h], _mm256_set1_epi32((15 << (4 * t)) | MAGIC as i32));
+            _mm256_sub_ps(_mm256_castsi256_ps(bits), _mm256_loadu_ps(zp.add(t * ld + 8 * u)))
         };
-        if j0 == 0 && j1 == 8 {
-            // Unrolled: constant shifts.
-            for j in 0..8 {
-                let q = nib(j);
-                for i in 0..M {
-                    a[i] = _mm256_fmadd_ps(q, _mm256_set1_ps(*x[i].add(j)), a[i]);
-                }
+        let fma = |q: __m256, x: f32, a: __m256| _mm256_fmadd_ps(q, _mm256_set1_ps(x), a);
+        nibbles!(q, fma, a, x, j0, j1, M, U);
+        for u in 0..U {
+            for i in 0..M {
+                _mm256_storeu_ps(acc.add(i * ld + 8 * u), a[u][i]);
             }
-        } else {
-            for j in j0..j1 {
-                let q = nib(j);
-                for i in 0..M {
-                    a[i] = _mm256_fmadd_ps(q, _mm256_set1_ps(*x[i].add(j)), a[i]);
-                }
-            }
-        }
-        for (i, ai) in a.iter().enumerate() {
-            _mm256_storeu_ps(acc.add(i * ld), *ai);
         }
     }
     #[inline(always)]
@@ -612,7 +736,7 @@ struct Avx512K;
 impl Kern for Avx512K {
     const LANES: usize = 16;
     #[inline(always)]
-    unsafe fn word<const M: usize>(
+    unsafe fn word<const M: usize, const U: usize>(
         wp: *const u32,
         zp: *const f32,
         x: &[*const f32; M],
@@ -622,32 +746,27 @@ impl Kern for Avx512K {
         j1: usize,
     ) {
         use std::arch::x86_64::*;
-        let wv = _mm512_loadu_si512(wp as *const __m512i);
-        let zv = _mm512_loadu_ps(zp);
-        let (mask, magic) = (_mm512_set1_epi32(15), _mm512_set1_epi32(MAGIC as i32));
-        let mut a: [__m512; M] = std::array::from_fn(|i| _mm512_loadu_ps(acc.add(i * ld)));
-        // (w >> 4j) & 15 | MAGIC in one ternary-logic op (A & B | C = 0xEA).
-        let nib = |j: usize| {
-            let s = _mm512_srl_epi32(wv, _mm_cvtsi32_si128(4 * j as i32));
-            _mm512_sub_ps(_mm512_castsi512_ps(_mm512_ternarylogic_epi32::<0xEA>(s, mask, magic)), zv)
+        let w0: [__m512i; U] = std::array::from_fn(|u| _mm512_loadu_si512(wp.add(16 * u) as *const __m512i));
+        let magic = _mm512_set1_epi32(MAGIC as i32);
+        // Each half word (nibbles 0..4, 4..8) in the low 16 bits under the
+        // exponent bits of 2²³ (`A & B | C` = 0xEA); a nibble is then one
+        // non-destructive AND with `15 << 4t | MAGIC`.
+        let w: [[__m512i; 2]; U] = std::array::from_fn(|u| {
+            let lo = _mm512_ternarylogic_epi32::<0xEA>(w0[u], _mm512_set1_epi32(0xFFFF), magic);
+            [lo, _mm512_or_si512(_mm512_srli_epi32::<16>(w0[u]), magic)]
+        });
+        let mut a: [[__m512; M]; U] =
+            std::array::from_fn(|u| std::array::from_fn(|i| _mm512_loadu_ps(acc.add(i * ld + 16 * u))));
+        let q = |u: usize, h: usize, t: usize| {
+            let bits = _mm512_and_si512(w[u][h], _mm512_set1_epi32((15 << (4 * t)) | MAGIC as i32));
+            _mm512_sub_ps(_mm512_castsi512_ps(bits), _mm512_loadu_ps(zp.add(t * ld + 16 * u)))
         };
-        if j0 == 0 && j1 == 8 {
-            for j in 0..8 {
-                let q = nib(j);
-                for i in 0..M {
-                    a[i] = _mm512_fmadd_ps(q, _mm512_set1_ps(*x[i].add(j)), a[i]);
-                }
+        let fma = |q: __m512, x: f32, a: __m512| _mm512_fmadd_ps(q, _mm512_set1_ps(x), a);
+        nibbles!(q, fma, a, x, j0, j1, M, U);
+        for u in 0..U {
+            for i in 0..M {
+                _mm512_storeu_ps(acc.add(i * ld + 16 * u), a[u][i]);
             }
-        } else {
-            for j in j0..j1 {
-                let q = nib(j);
-                for i in 0..M {
-                    a[i] = _mm512_fmadd_ps(q, _mm512_set1_ps(*x[i].add(j)), a[i]);
-                }
-            }
-        }
-        for (i, ai) in a.iter().enumerate() {
-            _mm512_storeu_ps(acc.add(i * ld), *ai);
         }
     }
     #[inline(always)]

@@ -38,7 +38,7 @@ struct Q4Owned {
 
 impl Q4Owned {
     fn random(rng: &mut Rng, out: usize, inp: usize, group: usize, asym: bool, act_order: bool) -> Q4Owned {
-        assert!(out % 8 == 0 && inp % 8 == 0);
+        assert!(out.is_multiple_of(8) && inp.is_multiple_of(8));
         let groups = inp.div_ceil(group);
         let q: Vec<Vec<u32>> = (0..inp).map(|_| (0..out).map(|_| (rng.next_u64() % 16) as u32).collect()).collect();
         let z: Vec<Vec<u32>> = (0..groups)

@@ -1,0 +1,238 @@
+//! CPU int4 (GPTQ) kernels at Qwen-VL-Chat's decoder widths, group 128.
+//!
+//! GEMV (decode, m = 1 and 8): criterion's throughput is the bytes the kernel
+//! reads from the weight ([`Q4Ref::bytes`]: nibbles, f16 scales, packed
+//! zeros); it is memory-bound, so each shape also prints its GB/s as a
+//! fraction of this machine's read bandwidth, measured here the way
+//! `qvc bench` does (a vectorised sum over 256 MiB on every pool thread, best
+//! of 12). GEMM (prefill, m = 300): criterion counts flops; the printed line
+//! gives GFLOP/s and the fraction of the measured f32 FMA peak
+//! ([`qvc_kernels::peak::fma_loop`] on every thread at once, best of 10).
+//!
+//! Each decoder shape cycles through enough copies of its weight to stream
+//! 128 MiB, so the weights come from DRAM as in a decode step (one 26 MB
+//! matrix would otherwise sit in this CPU's 32 MiB L3). One extra row,
+//! `l2_resident` (1024 → 2048, one 1.1 MB copy), shows the kernel's compute
+//! rate when memory is not the limit.
+//!
+//! Speed is printed, never asserted. Weights are random (uniform nibbles and
+//! zeros, act-order off: the published checkpoint's desc_act is false).
+//! `Q4_BENCH_SHAPES=lm_head` (a substring of the shape names, or `gemm`) and
+//! `Q4_BENCH_M=1,2` narrow the run.
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use half::f16;
+use qvc_ir::Q4Ref;
+use qvc_kernels::q4::{q4_linear, Q4Path};
+use qvc_kernels::Isa;
+use rayon::prelude::*;
+use std::hint::black_box;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+const GROUP: usize = 128;
+
+struct Weight {
+    out: usize,
+    inp: usize,
+    qweight: Vec<u32>,
+    qzeros: Vec<u32>,
+    scales: Vec<f16>,
+}
+
+impl Weight {
+    fn random(out: usize, inp: usize, seed: u64) -> Weight {
+        let groups = inp.div_ceil(GROUP);
+        let words = |n: usize, salt: u64| -> Vec<u32> {
+            let mut v = vec![0u32; n];
+            v.par_chunks_mut(1 << 16).enumerate().for_each(|(c, ch)| {
+                let mut s = (seed ^ salt).wrapping_add(c as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+                for w in ch {
+                    s ^= s >> 12;
+                    s ^= s << 25;
+                    s ^= s >> 27;
+                    *w = (s.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 32) as u32;
+                }
+            });
+            v
+        };
+        let scales = (0..groups * out).map(|i| f16::from_f32(0.002 + (i % 97) as f32 * 1e-4)).collect();
+        Weight { out, inp, qweight: words(inp / 8 * out, 1), qzeros: words(groups * out / 8, 2), scales }
+    }
+
+    fn view(&self) -> Q4Ref<'_> {
+        Q4Ref {
+            rows: self.out,
+            cols: self.inp,
+            row0: 0,
+            ld: self.out,
+            group: GROUP,
+            qweight: &self.qweight,
+            qzeros: &self.qzeros,
+            scales: &self.scales,
+            perm: None,
+            inv: None,
+        }
+    }
+}
+
+/// Read bandwidth in bytes/s, as `qvc bench` measures it: a vectorised sum
+/// over 256 MiB on every pool thread, best of 12. Measured again next to
+/// each shape, because other processes on a shared machine change it.
+fn read_bandwidth() -> f64 {
+    static BUF: OnceLock<Vec<f32>> = OnceLock::new();
+    let buf = BUF.get_or_init(|| {
+        let mut buf = vec![0f32; 64 << 20];
+        buf.par_chunks_mut(1 << 16).for_each(|c| c.fill(1.0));
+        buf
+    });
+    let mut best = f64::MAX;
+    for _ in 0..12 {
+        let t0 = Instant::now();
+        let s: f32 = buf
+            .par_chunks(1 << 16)
+            .map(|c| {
+                let mut acc = [0f32; 8];
+                for ch in c.chunks_exact(8) {
+                    for (a, v) in acc.iter_mut().zip(ch) {
+                        *a += v;
+                    }
+                }
+                acc.iter().sum::<f32>()
+            })
+            .sum();
+        black_box(s);
+        best = best.min(t0.elapsed().as_secs_f64());
+    }
+    (buf.len() * 4) as f64 / best
+}
+
+/// f32 FMA peak in flop/s on every pool thread at once, best of 10 × ~20 ms.
+fn fma_peak() -> f64 {
+    static PEAK: OnceLock<f64> = OnceLock::new();
+    *PEAK.get_or_init(|| {
+        use qvc_kernels::peak::fma_loop;
+        let isa = Isa::detect();
+        let probe = 200_000;
+        let t0 = Instant::now();
+        black_box(fma_loop(isa, probe));
+        let iters = ((0.02 / (t0.elapsed().as_secs_f64().max(1e-9) / probe as f64)) as usize).max(probe);
+        let mut best = 0f64;
+        for _ in 0..10 {
+            let t0 = Instant::now();
+            let done: Vec<(u64, f32)> = rayon::broadcast(|_| fma_loop(isa, iters));
+            let s = t0.elapsed().as_secs_f64();
+            best = best.max(done.iter().map(|d| d.0).sum::<u64>() as f64 / s);
+            black_box(&done);
+        }
+        eprintln!("measured f32 FMA peak: {:.1} GFLOP/s ({isa:?}, all threads, best of 10)", best / 1e9);
+        best
+    })
+}
+
+/// Best wall time of `reps` runs of `f` after one warm-up.
+fn best_of(reps: usize, mut f: impl FnMut()) -> f64 {
+    f();
+    (0..reps)
+        .map(|_| {
+            let t0 = Instant::now();
+            f();
+            t0.elapsed().as_secs_f64()
+        })
+        .fold(f64::MAX, f64::min)
+}
+
+fn bench_gemv(c: &mut Criterion) {
+    let mut g = c.benchmark_group("q4_gemv");
+    g.sample_size(10).measurement_time(Duration::from_secs(3)).warm_up_time(Duration::from_millis(500));
+    let shapes = [
+        ("c_attn", 4096, 12288),
+        ("w1", 4096, 11008),
+        ("c_proj_mlp", 11008, 4096),
+        ("lm_head", 4096, 151_936),
+        ("l2_resident", 1024, 2048),
+    ];
+    for (name, inp, out) in shapes {
+        if std::env::var("Q4_BENCH_SHAPES").is_ok_and(|o| !name.contains(&o)) {
+            continue;
+        }
+        // Enough copies to stream at least 128 MiB, cycled, so that the
+        // weights come from DRAM as in a decode step (a 26 MB matrix would
+        // otherwise be served from this CPU's 32 MiB L3).
+        let first = Weight::random(out, inp, out as u64);
+        let one = first.view().bytes();
+        let copies = if name == "l2_resident" { 1 } else { (128usize << 20).div_ceil(one) };
+        let mut ws = vec![first];
+        ws.extend((1..copies).map(|c| Weight::random(out, inp, (out + c) as u64)));
+        let qs: Vec<Q4Ref> = ws.iter().map(|w| w.view()).collect();
+        let bytes = one;
+        let mut next = 0usize;
+        let mut pick = move || {
+            next = (next + 1) % copies;
+            next
+        };
+        let ms: Vec<usize> = std::env::var("Q4_BENCH_M")
+            .map_or(vec![1, 8], |v| v.split(',').filter_map(|x| x.trim().parse().ok()).collect());
+        for m in ms {
+            let x: Vec<f32> = (0..m * inp).map(|i| ((i * 7919) % 2001) as f32 / 1000.0 - 1.0).collect();
+            let mut y = vec![0f32; m * out];
+            for path in Q4Path::ALL.into_iter().filter(|p| p.available()) {
+                // The portable and AVX2 paths only at m = 1 (the AVX-512 path is
+                // what this machine runs; the others are printed for reference).
+                if path != Q4Path::detect() && m != 1 {
+                    continue;
+                }
+                let bw = read_bandwidth();
+                let s = best_of(if name == "l2_resident" { 2000 } else { 10 }, || {
+                    q4_linear(path, &x, m, &qs[pick()], &mut y, false)
+                });
+                let gbs = bytes as f64 / s / 1e9;
+                eprintln!(
+                    "q4 gemv {name} {inp}->{out} m={m} {path:?}: {:.3} ms, {gbs:.1} GB/s of {:.1} MB = {:.0}% of the \
+                     read bandwidth measured just before ({:.1} GB/s: 256 MiB sum, {} threads, best of 12)",
+                    s * 1e3,
+                    bytes as f64 / 1e6,
+                    100.0 * gbs * 1e9 / bw,
+                    bw / 1e9,
+                    rayon::current_num_threads()
+                );
+                g.throughput(Throughput::Bytes(bytes as u64));
+                g.bench_function(BenchmarkId::new(format!("{name}_m{m}"), format!("{path:?}")), |b| {
+                    b.iter(|| q4_linear(path, black_box(&x), m, &qs[pick()], &mut y, false))
+                });
+            }
+        }
+    }
+    g.finish();
+}
+
+fn bench_gemm(c: &mut Criterion) {
+    if std::env::var("Q4_BENCH_SHAPES").is_ok_and(|o| o != "gemm") {
+        return;
+    }
+    let peak = fma_peak();
+    let mut g = c.benchmark_group("q4_gemm");
+    g.sample_size(10).measurement_time(Duration::from_secs(5)).warm_up_time(Duration::from_millis(500));
+    let (m, inp, out) = (300usize, 4096usize, 11008usize);
+    let w = Weight::random(out, inp, 5);
+    let q = w.view();
+    let x: Vec<f32> = (0..m * inp).map(|i| ((i * 7919) % 2001) as f32 / 1000.0 - 1.0).collect();
+    let mut y = vec![0f32; m * out];
+    let flops = 2 * m * inp * out;
+    let path = Q4Path::detect();
+    let s = best_of(3, || q4_linear(path, &x, m, &q, &mut y, false));
+    eprintln!(
+        "q4 gemm m={m} {inp}->{out} {path:?}: {:.1} ms, {:.1} GFLOP/s = {:.0}% of the FMA peak",
+        s * 1e3,
+        flops as f64 / s / 1e9,
+        100.0 * flops as f64 / s / peak
+    );
+    g.throughput(Throughput::Elements(flops as u64));
+    g.bench_function(BenchmarkId::new(format!("m{m}_{inp}x{out}"), format!("{path:?}")), |b| {
+        b.iter(|| q4_linear(path, black_box(&x), m, &q, &mut y, false))
+    });
+    g.finish();
+}
+
+criterion_group!(benches, bench_gemv, bench_gemm);
+criterion_main!(benches);
