@@ -9,7 +9,7 @@
 //! * **dot** (m ≤ 8 and B's columns contiguous, the decode / lm_head case):
 //!   parallel over column chunks of B. For k ≥ 1024 (memory-bound): register
 //!   tiles of two rows × several columns, B widened in registers, each
-//!   element one fixed 8-lane (AVX-512: 16-lane) dot product. For shorter k (the lm_head of a
+//!   element one fixed 8-lane dot product. For shorter k (the lm_head of a
 //!   small model, attention's q·kᵀ): groups of 32 columns transposed into
 //!   f32 vectors (in registers for m ≤ 2, else into a small panel), each
 //!   element one FMA chain over k, no horizontal sums. Either way a row's
@@ -30,8 +30,10 @@
 //!   the k loop.
 //!
 //! Paths are chosen at run time ([`Isa::detect`]); AVX-512 runs its own
-//! packed micro-kernel and long-k dot tiles (16 lanes) and the AVX2 code of
-//! the short-k dot and axpy paths, which are bound by transposes and loads.
+//! packed micro-kernel, the AVX2 dot arithmetic with four-row tiles (its 32
+//! registers; results bit-identical to the AVX2 path's), and the AVX2 code
+//! of the short-k dot and axpy paths, which are bound by transposes and
+//! loads.
 //!
 //! Invariants: C's rows are `ldc` apart; every tile writes a disjoint block of
 //! C; the first `KC` slice overwrites C unless `accumulate`, later ones add.
@@ -338,8 +340,11 @@ const STREAM_BYTES: usize = 2 << 20;
 /// (an FMA each on AVX2, a multiply then an add on the portable path), the
 /// columns vectorised 8 at a time. Nothing in either sequence depends on `m`,
 /// on the tile or on the column split, which is what makes decode
-/// batch-invariant ([`DECODE_BATCH_INVARIANT_MAX`]); the AVX-512 path does
-/// the same with 16 lanes ([`DOT_LANES_AVX512`]). The short-k chain is
+/// batch-invariant ([`DECODE_BATCH_INVARIANT_MAX`]). The AVX-512 path
+/// computes exactly the AVX2 sequences (8 lanes: 16-lane tiles measured
+/// slower at batch 1 on Zen 5, 4.2-4.6 ms against 3.5-3.9 for 1 × 12288 ×
+/// 4096 bf16, and no faster at batch 8), with tiles of four rows for
+/// m ≥ 3 that its 32 registers allow. The short-k chain is
 /// also what the packed micro-kernels and the axpy path compute when
 /// `k ≤ KC` (one slice), so for such k a row is the same for every m (test
 /// `short_k_rows_equal_for_every_m`); from `KC` on the packed path adds its
@@ -375,9 +380,10 @@ impl DotJob<'_> {
     /// AVX-512 with three or more rows: [`DotJob::tiles`] with rows in fours
     /// (then the rest), so each group of `C` columns is widened once per
     /// four rows, and (C = 4: 32 KiB of bf16 at k = 4096) stays in L1 for
-    /// the next four. 16 accumulators + 4 rows of A fit the 32 zmm
-    /// registers. Measured at 8 × 12288 × 4096 bf16 on Zen 5: 12.3 ms with
-    /// pairs of rows, 8.2 ms with fours (one thread, a loaded machine).
+    /// the next four. 16 accumulators + 4 rows of A need more than AVX2's
+    /// 16 vector registers: AVX-512VL has 32. Measured at 8 × 12288 × 4096
+    /// bf16 on Zen 5, one thread: 10-13 ms with pairs of rows, 7.6-7.9 ms
+    /// with fours.
     #[inline(always)]
     fn tiles_quad<T: Src, const C: usize>(&self, w: &[T], j0: usize, j1: usize) {
         let mut j = j0;
@@ -462,7 +468,7 @@ impl DotJob<'_> {
                     &w[start..self.off + (pf.end - 1) * self.cs + self.k]
                 };
                 if self.isa == Isa::Avx512 {
-                    dot_tile_avx512::<T, R, C>(self, a, &cols, i0, j, span)
+                    dot_tile_avx512vl::<T, R, C>(self, a, &cols, i0, j, span)
                 } else {
                     dot_tile_avx2::<T, R, C>(self, a, &cols, i0, j, span)
                 }
@@ -488,6 +494,41 @@ impl DotJob<'_> {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dot_tile_avx2<T: Src, const R: usize, const C: usize>(
+    job: &DotJob,
+    a_rows: &[f32],
+    cols: &[&[T]; C],
+    i0: usize,
+    j: usize,
+    prefetch: &[T],
+) {
+    dot_tile_8lane::<T, R, C>(job, a_rows, cols, i0, j, prefetch)
+}
+
+/// [`dot_tile_avx2`] compiled for AVX-512 (VL): the same 8-lane
+/// arithmetic, bit for bit, with 32 vector registers, which tiles of four
+/// rows × four columns need (16 accumulators + 4 rows of A).
+///
+/// SAFETY: as [`dot_tile_avx2`], and the CPU must have AVX-512F and VL.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512vl,avx2,fma,f16c")]
+unsafe fn dot_tile_avx512vl<T: Src, const R: usize, const C: usize>(
+    job: &DotJob,
+    a_rows: &[f32],
+    cols: &[&[T]; C],
+    i0: usize,
+    j: usize,
+    prefetch: &[T],
+) {
+    dot_tile_8lane::<T, R, C>(job, a_rows, cols, i0, j, prefetch)
+}
+
+/// The body of [`dot_tile_avx2`] (inlined into its target-feature callers).
+///
+/// SAFETY: as [`dot_tile_avx2`]; only call from code compiled with AVX2,
+/// FMA and F16C.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn dot_tile_8lane<T: Src, const R: usize, const C: usize>(
     job: &DotJob,
     a_rows: &[f32],
     cols: &[&[T]; C],
@@ -556,82 +597,6 @@ unsafe fn dot_tile_avx2<T: Src, const R: usize, const C: usize>(
         for (i, acc_i) in acc.iter().enumerate() {
             let mut lanes = [0f32; DOT_LANES];
             _mm256_storeu_ps(lanes.as_mut_ptr(), acc_i[c]);
-            let mut s = hsum(&lanes);
-            for (q, &x) in wt.iter().enumerate() {
-                s = a_rows[i * k + full + q].mul_add(x, s);
-            }
-            store_c(job.c, (i0 + i) * job.ldc + j + c, s, job.accumulate);
-        }
-    }
-}
-
-/// Lanes of the AVX-512 dot products (see [`DOT_LANES`]).
-const DOT_LANES_AVX512: usize = 16;
-
-/// AVX-512 version of [`dot_tile_avx2`]: `R × C` 16-lane accumulators, B
-/// widened in registers, the same prefetching. Element `(i, j)` is
-/// `hsum(16 lanes) + tail` (lane `l` accumulates `p ≡ l (mod 16)` for
-/// `p < k − k mod 16` with one FMA each, then the `k mod 16` tail products
-/// are added one by one with FMAs), whatever `R`, `C` or the column split:
-/// batch-invariant on this path as [`DOT_LANES`] describes for the others.
-///
-/// SAFETY: as [`dot_tile_avx2`], and the CPU must have AVX-512F.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx2,fma,f16c")]
-unsafe fn dot_tile_avx512<T: Src, const R: usize, const C: usize>(
-    job: &DotJob,
-    a_rows: &[f32],
-    cols: &[&[T]; C],
-    i0: usize,
-    j: usize,
-    prefetch: &[T],
-) {
-    use std::arch::x86_64::*;
-    const L: usize = DOT_LANES_AVX512;
-    let k = job.k;
-    debug_assert_eq!(a_rows.len(), R * k);
-    let a = a_rows.as_ptr();
-    let cp: [*const T; C] = std::array::from_fn(|c| cols[c].as_ptr());
-    let mut acc = [[_mm512_setzero_ps(); C]; R];
-    let full = k - k % L;
-    let (pf, pf_lines) = (prefetch.as_ptr() as *const i8, std::mem::size_of_val(prefetch).div_ceil(64));
-    let mut line = 0;
-    let mut p = 0;
-    // One step: acc[i][c] += a[i, p..p+16] * b[p..p+16, c].
-    macro_rules! step {
-        () => {
-            let av: [__m512; R] = std::array::from_fn(|i| _mm512_loadu_ps(a.add(i * k + p)));
-            for (c, &col) in cp.iter().enumerate() {
-                let wv = T::load16(col.add(p));
-                for (acc_i, &av_i) in acc.iter_mut().zip(&av) {
-                    acc_i[c] = _mm512_fmadd_ps(av_i, wv, acc_i[c]);
-                }
-            }
-            p += L;
-        };
-    }
-    // Prefetches spread evenly over the k loop, a few per chunk of steps
-    // (the same line rate as the AVX2 tile's).
-    const PF_CHUNK: usize = 4 * DOT_LANES_AVX512;
-    let per_chunk = pf_lines.div_ceil(full.div_ceil(PF_CHUNK).max(1));
-    while p < full {
-        let stop = (line + per_chunk).min(pf_lines);
-        while line < stop {
-            // A hint only: the address lies inside `prefetch`.
-            _mm_prefetch::<_MM_HINT_T0>(pf.add(line * 64));
-            line += 1;
-        }
-        let chunk_end = (p + PF_CHUNK).min(full);
-        while p < chunk_end {
-            step!();
-        }
-    }
-    for (c, col) in cols.iter().enumerate() {
-        let mut tail = [0f32; L];
-        let wt = T::as_f32(&col[full..], &mut tail);
-        for (i, acc_i) in acc.iter().enumerate() {
-            let mut lanes = [0f32; L];
-            _mm512_storeu_ps(lanes.as_mut_ptr(), acc_i[c]);
             let mut s = hsum(&lanes);
             for (q, &x) in wt.iter().enumerate() {
                 s = a_rows[i * k + full + q].mul_add(x, s);

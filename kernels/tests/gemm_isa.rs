@@ -185,3 +185,29 @@ fn detect_and_resolve_pick_available_paths() {
         }
     }
 }
+
+/// The AVX-512 path runs the AVX2 dot arithmetic (8-lane tiles, short-k
+/// chains; only its tiles differ), so for m ≤ `DECODE_BATCH_INVARIANT_MAX`
+/// and a transposed weight the two paths agree bit for bit.
+#[test]
+fn avx512_decode_equals_avx2_bit_for_bit() {
+    if !Isa::Avx512.available() {
+        eprintln!("gemm_isa: no AVX-512 here; the AVX-512 = AVX2 decode check is not run");
+        return;
+    }
+    let mut rng = Rng::new(11);
+    for m in 1..=DECODE_BATCH_INVARIANT_MAX {
+        for &(n, k) in &[(300, 4100), (257, 1024), (100, 300), (77, 1500)] {
+            for db in FLOAT_DTYPES {
+                let a = rng.vec(m * k, 1.0);
+                let b = Stored::new(&mut rng, k, n, 1, 0, 0, db);
+                let am = MatRef::row_major(Elems::F32(&a), m, k);
+                let (mut c512, mut c2) = (vec![0f32; m * n], vec![0f32; m * n]);
+                gemm_with_isa(Isa::Avx512, am, b.view(), &mut c512, false);
+                gemm_with_isa(Isa::Avx2Fma, am, b.view(), &mut c2, false);
+                let same = c512.iter().zip(&c2).all(|(x, y)| x.to_bits() == y.to_bits());
+                assert!(same, "{m}x{n}x{k} {db}: AVX-512 and AVX2 decode results differ");
+            }
+        }
+    }
+}
