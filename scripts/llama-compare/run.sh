@@ -19,12 +19,20 @@ usage: run.sh (--llama-bin DIR | --llama-src DIR | --fetch) [options]
   --threads 1,2     llama-bench -t (default 1,2)
   --reps N          llama-bench -r (default 3)
   --keep            keep the GGUFs (default: delete each layer count's files after benching it)
+  --wait-idle S     before each llama-bench run (one model, one thread count), wait up to S seconds
+                    for the machine to be idle (no other runnable process over 5 s), because other
+                    work on a small machine skews the numbers badly (default 0: don't wait)
+  --nice N          run llama-bench under `nice -n N` (default 0). A negative N (root only) keeps
+                    other processes on a busy shared machine from taking the benchmark's cores; with
+                    kernel autogroups (sched_autogroup_enabled=1) plain nice only ranks processes of
+                    one session, so llama-bench then runs in its own session (setsid) whose autogroup
+                    gets the same nice value.
   PYTHON=...        python with numpy and gguf (pip install gguf numpy); default python3
 USAGE
 }
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-bin="" src="" fetch=0 work="" layers="2 8" types="f16 bf16 q4_0 q4_0-pure" threads="1,2" reps=3 keep=0
+bin="" src="" fetch=0 work="" layers="2 8" types="f16 bf16 q4_0 q4_0-pure" threads="1,2" reps=3 keep=0 wait_idle=0 nice_n=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --llama-bin) bin="$2"; shift 2 ;;
@@ -36,6 +44,8 @@ while [ $# -gt 0 ]; do
     --threads) threads="$2"; shift 2 ;;
     --reps) reps="$2"; shift 2 ;;
     --keep) keep=1; shift ;;
+    --wait-idle) wait_idle="$2"; shift 2 ;;
+    --nice) nice_n="$2"; shift 2 ;;
     -h|--help) usage; exit 0 ;;
     *) echo "run.sh: unknown argument $1" >&2; usage >&2; exit 2 ;;
   esac
@@ -75,7 +85,23 @@ for t in llama-bench llama-quantize; do
   [ -x "$bin/$t" ] || { echo "run.sh: $bin/$t not found" >&2; exit 2; }
 done
 
+# Idle = /proc/stat's procs_running (which counts this check itself) is 1 in each of 5 samples 1 s apart.
+wait_for_idle() {
+  local deadline=$((SECONDS + wait_idle)) quiet
+  while [ "$SECONDS" -lt "$deadline" ]; do
+    quiet=1
+    for _ in 1 2 3 4 5; do
+      [ "$(awk '/^procs_running/ {print $2}' /proc/stat)" -le 1 ] || { quiet=0; break; }
+      sleep 1
+    done
+    [ "$quiet" = 1 ] && { echo "idle: yes"; return; }
+    sleep 5
+  done
+  echo "idle: no (waited ${wait_idle}s)"
+}
+
 results="$work/results.md"
+: > "$work/bench.jsonl"
 {
   echo "# llama.cpp on the Qwen-VL-Chat decoder slice"
   echo "date: $(date -u '+%Y-%m-%d %H:%M UTC'), host: $(uname -n), cpu: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ //'), cores: $(nproc)"
@@ -104,15 +130,51 @@ for L in $layers; do
     esac
   done
   for ty in $types; do
-    # Load is recorded because other processes on a shared machine skew the numbers.
-    echo; echo "## $L layers, $ty ($(basename "${file[$ty]}"))"
-    echo "load before: $(cut -d' ' -f1-3 /proc/loadavg)"
-    "$bin/llama-bench" -m "${file[$ty]}" -p 300 -n 32 -t "$threads" -r "$reps" -o md 2>/dev/null
-    echo "load after: $(cut -d' ' -f1-3 /proc/loadavg)"
+    for t in ${threads//,/ }; do
+      # Load is recorded because other processes on a shared machine skew the numbers.
+      echo; echo "## $L layers, $ty, $t thread(s) ($(basename "${file[$ty]}"))"
+      [ "$wait_idle" -gt 0 ] && wait_for_idle
+      before="$(cut -d' ' -f1-3 /proc/loadavg)"
+      echo "load before: $before, $(date -u +%H:%M:%S) UTC, llama-bench nice $nice_n"
+      # md for the eye on stdout; jsonl (with every repetition's tok/s) on stderr for the summary.
+      setsid -w sh -c 'if [ "$1" != 0 ] && [ -w /proc/self/autogroup ]; then echo "$1" > /proc/self/autogroup; fi
+        shift; exec nice -n "$0" "$@"' "$nice_n" "$nice_n" \
+        "$bin/llama-bench" -m "${file[$ty]}" -p 300 -n 32 -t "$t" -r "$reps" -o md -oe jsonl 2> "$work/bench.err" \
+        || { tail -n 20 "$work/bench.err" >&2; exit 1; }
+      after="$(cut -d' ' -f1-3 /proc/loadavg)"
+      echo "load after: $after, $(date -u +%H:%M:%S) UTC"
+      grep '^{' "$work/bench.err" | SLICE="$L $ty $before / $after" "$PYTHON" -c '
+import json, os, sys
+layers, ty, load = os.environ["SLICE"].split(" ", 2)
+for line in sys.stdin:
+    r = json.loads(line)
+    r.update(slice_layers=int(layers), slice_type=ty, loadavg=load)
+    print(json.dumps(r))' >> "$work/bench.jsonl"
+    done
   done | tee -a "$results"
   if [ "$keep" = 0 ]; then
     for ty in f16 bf16 q4_0 q4_0-pure; do rm -f "${file[$ty]}" "${file[$ty]}.log"; done
   fi
   unset file
 done
-echo; echo "results: $results"
+# One row per (layers, type, threads): llama-bench's mean and the best single repetition. On a
+# machine shared with other work the best repetition is the closer estimate of the uncontended speed.
+"$PYTHON" - "$work/bench.jsonl" <<'PY' | tee -a "$results"
+import json, sys
+rows = {}
+for line in open(sys.argv[1]):
+    r = json.loads(line)
+    key = (r["slice_layers"], r["slice_type"], r["n_threads"])
+    test = "pp" if r["n_prompt"] else "tg"
+    rows.setdefault(key, {})[test] = r
+print()
+print("| layers | weights | threads | pp300 mean | pp300 best | tg32 mean | tg32 best | load (1/5/15 min) before / after |")
+print("|---:|---|---:|---:|---:|---:|---:|---|")
+for (layers, ty, t), tests in sorted(rows.items()):
+    cell = lambda k, f: f"{f(tests[k]):.1f}" if k in tests else "-"
+    pp_mean, pp_best = cell("pp", lambda r: r["avg_ts"]), cell("pp", lambda r: max(r["samples_ts"]))
+    tg_mean, tg_best = cell("tg", lambda r: r["avg_ts"]), cell("tg", lambda r: max(r["samples_ts"]))
+    load = next(iter(tests.values()))["loadavg"]
+    print(f"| {layers} | {ty} | {t} | {pp_mean} | {pp_best} | {tg_mean} | {tg_best} | {load} |")
+PY
+echo; echo "results: $results, every repetition: $work/bench.jsonl"
