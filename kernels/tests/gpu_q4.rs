@@ -315,13 +315,13 @@ fn group_strategy() -> impl Strategy<Value = usize> {
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(96))]
 
-    /// Decode GEMV: M 1..=8, N up to 104 (blocks of 32 columns, ragged),
-    /// K up to 1200 (chunks of 1024, 512 or 256 rows by M, ragged), every
-    /// group size and epilogue, act-order or not, padded strides, in-place
-    /// residual.
+    /// Decode GEMV: M 1..=8, N up to 104 (blocks of 8, 16 or 32 columns,
+    /// ragged), K up to 1200 (chunks of 1024 or 512 rows by M, ragged),
+    /// every group size and epilogue, act-order or not, padded strides,
+    /// in-place residual.
     #[test]
     fn q4_gemv_matches_reference(
-        m in 1usize..=8, n8 in 1usize..=13, k8 in 1usize..=150, group in group_strategy(),
+        m in 1usize..=8, n8 in 1usize..=13, k8 in 1usize..=150, cols_log in 3u32..=5, group in group_strategy(),
         asym: bool, act_order: bool, act in act_strategy(), bias: bool, residual: bool,
         bf16_out: bool, f32_in: bool, lda_pad in 0usize..5, ldc_pad in 0usize..3, in_place: bool, seed: u64,
     ) {
@@ -333,8 +333,8 @@ proptest! {
         let in_place = in_place && residual && !bf16_out;
         let c = Case::new(seed, (m, n, k), (spec.lda, spec.ldc), a, out, epi,
             Opts { group, asym, act_order, exact: false });
-        let kernel = spec.build();
-        let got = c.emulate(&kernel, spec.launch(), in_place);
+        let kernel = spec.build_with_cols(1 << cols_log);
+        let got = c.emulate(&kernel, spec.launch_with_cols(1 << cols_log), in_place);
         let e = rel_l2(&got, &c.reference());
         let tol = tolerance(out, act);
         prop_assert!(e <= tol, "{} (group {}, act-order {}): rel L2 {:e} > {:e}", kernel.name, c.w.group, act_order, e, tol);
@@ -401,6 +401,12 @@ fn q4_specs_reject_what_the_kernels_cannot_do() {
     assert_eq!(s.name(), "q4gemv_f32_m3_n64_k128_bias_gelu_res_bf16");
     let g = Q4GemmSpec::new(300, 64, 128, bf, f32_, e).unwrap().with_strides(136, 72).unwrap();
     assert_eq!(g.name(), "q4gemm_bf16_m300_n64_k128_lda136_ldc72_f32");
+    // Columns per block: the widest with two blocks per SM (132 SMs).
+    let cols = |n| Q4GemvSpec::new(1, n, 4096, bf, f32_, e).unwrap().cols();
+    assert_eq!((cols(4096), cols(6144), cols(11008), cols(151936)), (8, 16, 32, 32));
+    let s = Q4GemvSpec::new(1, 4096, 4096, bf, f32_, e).unwrap();
+    assert_eq!(s.launch().grid, [512, 1, 1]);
+    assert_eq!(s.build_with_cols(32).name, "q4gemv_bf16_m1_n4096_k4096_f32_c32");
     // The cost counts half a byte per weight, not two.
     assert!(g.cost().bytes < 300 * 128 * 2 + 64 * 128 + 300 * 72 * 4);
 }
@@ -419,6 +425,12 @@ fn q4_model_shapes_assemble_with_ptxas() {
     kernels.extend(gemm.iter().map(|s| s.build()));
     let e = Epilogue::new(true, Act::Gelu, true);
     kernels.push(Q4GemvSpec::new(5, 1000, 1000, DType::F32, DType::BF16, e).unwrap().build());
+    // 16 columns per block (no model shape takes it), one and eight rows.
+    for m in [1, 8] {
+        let s = Q4GemvSpec::new(m, 6144, 4096, DType::BF16, DType::F32, Epilogue::new(true, Act::None, true)).unwrap();
+        assert_eq!(s.cols(), 16);
+        kernels.push(s.build());
+    }
     kernels.push(Q4GemmSpec::new(300, 1000, 1000, DType::F32, DType::BF16, e).unwrap().build());
     let mut names: Vec<String> = kernels.iter().map(|k| k.name.clone()).collect();
     names.sort();

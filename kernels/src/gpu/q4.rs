@@ -29,17 +29,20 @@
 //! are f32 or bf16 with row stride `lda` (any).
 //!
 //! # Decode GEMV ([`Q4GemvSpec`], M ≤ 8)
-//! A block owns 32 output columns (lane = column, so every warp-wide weight
-//! load is 128 contiguous bytes) and walks K in chunks of stored rows (1024
-//! for M ≤ 2, fewer for more rows: [`Q4GemvSpec::chunk`]). Per chunk each of
-//! the 8 warps first issues the loads of its share of the chunk's words with
-//! their scales and zeros (4 to 16 per thread, all in flight at once); then
+//! A block owns `c` = 32, 16 or 8 output columns ([`Q4GemvSpec::cols`]: the
+//! widest that gives two blocks per SM); a warp covers them over `32 / c`
+//! word rows, so every warp-wide weight load reads whole 32-byte sectors
+//! (128 contiguous bytes at `c` = 32). The block walks K in chunks of
+//! stored rows (1024 for M ≤ 2, fewer for more rows:
+//! [`Q4GemvSpec::chunk`]). Per chunk each of the block's row lanes first
+//! issues the loads of its share of the chunk's words with their scales
+//! and zeros (1 to 16 per thread, all in flight at once); then
 //! the 256 threads gather the M activation rows of the chunk through `perm`
 //! into shared memory as f32 while those loads travel; then each thread
 //! dequantizes 8 weights per word and accumulates M dot products from
-//! broadcast shared reads. The 8 warps' partial sums meet in shared memory;
-//! thread `(w, lane)` then finishes row `w` of column `lane` with the fused
-//! epilogue, so the M rows' epilogues run in parallel.
+//! broadcast shared reads. The row lanes' partial sums meet in shared
+//! memory; thread `t` then finishes row `t / c` of column `t % c` with the
+//! fused epilogue, so the M rows' epilogues run in parallel.
 //!
 //! # Prefill GEMM ([`Q4GemmSpec`])
 //! `mma.sync.m16n8k16` bf16 tensor-core tiles, 64×64 per block (4 warps of
@@ -58,9 +61,11 @@ use qvc_ir::DType;
 use super::gemm::{Act, EpiGen, Epilogue, Problem, SpecError};
 use crate::spec::{Cost, KernelSpec, Launch};
 
-/// GEMV: warps per block, columns per block.
+/// GEMV: warps per block.
 const WARPS: u32 = 8;
-const COLS: u32 = 32;
+/// Streaming multiprocessors of an H100 SXM: the GEMV narrows its blocks
+/// until there are about two per SM.
+const SMS: usize = 132;
 /// GEMM: block tile, k-tile, warps.
 const BM: u32 = 64;
 const BN: u32 = 64;
@@ -306,17 +311,42 @@ impl Q4GemvSpec {
 }
 
 impl Q4GemvSpec {
-    /// Stored rows per chunk: 1024 for one or two activation rows (16 words
-    /// in flight per thread: decode is bound by the weight stream, and the
-    /// loads of a chunk are all issued before its activations are gathered),
-    /// fewer as M grows so that the staged activations stay at most 8 KiB
-    /// per weight: 512 for M ≤ 4, 256 for M ≤ 8 (4 words per thread).
+    /// Stored rows per chunk: 1024 up to four activation rows, 512 for more,
+    /// so that the staged activations stay at most 16 KiB per weight (and a
+    /// SiLU-mul kernel's shared memory within the static 48 KiB). Decode is
+    /// bound by the weight stream and a chunk's loads are all issued before
+    /// its activations are gathered: this puts 2 to 16 words in flight per
+    /// thread (8 to 32 columns per block).
     pub fn chunk(&self) -> u32 {
-        match self.m {
-            1..=2 => 1024,
-            3..=4 => 512,
-            _ => 256,
+        if self.m <= 4 {
+            1024
+        } else {
+            512
         }
+    }
+
+    /// Output columns per block: 32 (a warp reads 128 contiguous bytes of a
+    /// word row) when that still gives two blocks per SM, else 16 or 8 (a
+    /// warp reads 2 or 4 word rows of 64 or 32 bytes: whole 32-byte sectors
+    /// either way), so that N = 4096 runs on 512 blocks instead of 128.
+    pub fn cols(&self) -> u32 {
+        [32u32, 16].into_iter().find(|&c| self.n.div_ceil(c as usize) >= 2 * SMS).unwrap_or(8)
+    }
+
+    /// The kernel with `c` (8, 16 or 32) columns per block instead of
+    /// [`cols`](Self::cols)' choice (for tests of every width on small
+    /// shapes); its name gets a `_c{c}` suffix when the width differs.
+    pub fn build_with_cols(&self, c: u32) -> Kernel {
+        if let Err(e) = self.validate() {
+            panic!("{e}");
+        }
+        assert!(matches!(c, 8 | 16 | 32), "{c} columns per block (8, 16 or 32)");
+        build_gemv(self, c)
+    }
+
+    /// The launch for [`build_with_cols`](Self::build_with_cols).
+    pub fn launch_with_cols(&self, c: u32) -> Launch {
+        Launch::new([self.n.div_ceil(c as usize) as u32, 1, 1], [WARPS * 32, 1, 1])
     }
 }
 
@@ -328,39 +358,46 @@ impl KernelSpec for Q4GemvSpec {
         if let Err(e) = self.validate() {
             panic!("{e}");
         }
-        build_gemv(self)
+        build_gemv(self, self.cols())
     }
     fn launch(&self) -> Launch {
-        Launch::new([self.n.div_ceil(COLS as usize) as u32, 1, 1], [WARPS * 32, 1, 1])
+        self.launch_with_cols(self.cols())
     }
     fn cost(&self) -> Cost {
         self.shape().cost()
     }
 }
 
-fn build_gemv(s: &Q4GemvSpec) -> Kernel {
+fn build_gemv(s: &Q4GemvSpec, c: u32) -> Kernel {
     let m = s.m;
     let silu = s.epilogue.act == Act::SiluMul;
     let sets = 1 + silu as usize;
     let asz = s.a.size() as u32;
-    let mut b = KernelBuilder::new(s.name());
+    let name = if c == s.cols() { s.name() } else { format!("{}_c{c}", s.name()) };
+    // Row lanes: a warp covers c columns × (32 / c) word rows; the block
+    // has `lanes` of them, each taking `wpt` consecutive words of a chunk.
+    let lanes = WARPS * (32 / c);
+    let mut b = KernelBuilder::new(name);
     b.max_threads(WARPS * 32);
     let p = params(&mut b, &s.epilogue);
     // Stored rows per chunk and words per thread per chunk (see Q4GemvSpec::chunk).
     let kc = s.chunk();
-    let wpt = kc / 8 / WARPS;
+    let wpt = kc / 8 / lanes;
     // Per weight set: the gathered activations of a chunk, [m][kc] f32.
     let stage_bytes = (m as u32) * kc * 4;
     let stage = b.shared("q4_act", stage_bytes * sets as u32, 16);
-    // Per set: partial sums [warp][m][lane].
-    let red_bytes = WARPS * m as u32 * COLS * 4;
+    // Per set: partial sums [row lane][m][column].
+    let red_bytes = lanes * m as u32 * c * 4;
     let red = b.shared("q4_red", red_bytes * sets as u32, 16);
 
     let tid = b.special(Sreg::TidX);
     let lane = b.and(Ty::B32, tid, 31);
     let warp = b.shr(Ty::U32, tid, 5);
     let bx = b.special(Sreg::CtaidX);
-    let o = b.mad(Ty::U32, bx, COLS, lane);
+    let col_in = b.and(Ty::B32, lane, c - 1);
+    let sub = b.shr(Ty::U32, lane, c.trailing_zeros());
+    let rl = b.mad(Ty::U32, warp, 32 / c, sub);
+    let o = b.mad(Ty::U32, bx, c, col_in);
     let col_ok = b.setp(Cmp::Lt, Ty::U32, o, s.n as u32);
     let o7 = b.and(Ty::B32, o, 7);
     let zshift = b.shl(Ty::B32, o7, 2);
@@ -370,12 +407,12 @@ fn build_gemv(s: &Q4GemvSpec) -> Kernel {
     // This thread's staging slot (rows `tid`, `tid + 256`, … of the chunk)
     // and its first word.
     let my_stage = b.mad(Ty::U32, tid, 4, stage);
-    let wl0 = b.mul(Ty::U32, warp, wpt);
-    // Shared address of this warp's first row of a chunk: warp · wpt words · 8 rows · 4 bytes.
-    let my_words = b.mad(Ty::U32, warp, wpt * 32, stage);
+    let wl0 = b.mul(Ty::U32, rl, wpt);
+    // Shared address of this row lane's first row of a chunk: rl · wpt words · 8 rows · 4 bytes.
+    let my_words = b.mad(Ty::U32, rl, wpt * 32, stage);
 
     b.for_range(0u32, chunks, 1, |b, ch| {
-        b.comment("this warp's words of the chunk: issued first, they do not wait for the activations");
+        b.comment("this row lane's words of the chunk: issued first, they do not wait for the activations");
         let j0 = b.mad(Ty::U32, ch, kc / 8, wl0);
         let mut loaded = vec![];
         for u in 0..wpt {
@@ -420,8 +457,8 @@ fn build_gemv(s: &Q4GemvSpec) -> Kernel {
         for (u, per_set) in loaded.into_iter().enumerate() {
             for (set, (word, sc, z)) in per_set.into_iter().enumerate() {
                 let wv = dequant8(b, word, sc, z);
-                // Rows (warp·wpt + u)·8.. of the chunk, for each activation
-                // row (the same address in every lane: a broadcast read).
+                // Rows (rl·wpt + u)·8.. of the chunk, for each activation
+                // row (one address per row lane of the warp: broadcast reads).
                 for (i, &acc) in accs[set].iter().enumerate() {
                     let off = set as u32 * stage_bytes + (i as u32 * kc + u as u32 * 8) * 4;
                     let x0 = b.ld_v(Space::Shared, Ty::F32, 4, Addr::reg(my_words, off as i64));
@@ -434,26 +471,30 @@ fn build_gemv(s: &Q4GemvSpec) -> Kernel {
         }
     });
 
-    b.comment("the 8 warps' partial sums meet; thread (w, lane) finishes row w");
-    let my_red = b.mad(Ty::U32, warp, m as u32 * COLS * 4, red);
-    let lane4 = b.shl(Ty::B32, lane, 2);
-    let my_red = b.add(Ty::U32, my_red, lane4);
+    b.comment("the row lanes' partial sums meet; thread t finishes row t / c of column t % c");
+    let my_red = b.mad(Ty::U32, rl, m as u32 * c * 4, red);
+    let col4 = b.shl(Ty::B32, col_in, 2);
+    let my_red = b.add(Ty::U32, my_red, col4);
     for (set, acc) in accs.iter().enumerate() {
         for (i, &a) in acc.iter().enumerate() {
-            let off = set as u32 * red_bytes + i as u32 * COLS * 4;
+            let off = set as u32 * red_bytes + i as u32 * c * 4;
             b.st(Space::Shared, Ty::F32, Addr::reg(my_red, off as i64), a);
         }
     }
     b.bar_sync();
-    // Warps w ≥ M read row M − 1 (written) and store nothing.
-    let row = b.min(Ty::U32, warp, (m - 1) as u32);
-    let rd = b.mad(Ty::U32, row, COLS * 4, red);
-    let rd = b.add(Ty::U32, rd, lane4);
+    // 256 / c ≥ 8 ≥ M rows of threads; rows ≥ M read row M − 1 (written)
+    // and store nothing.
+    let e_row = b.shr(Ty::U32, tid, c.trailing_zeros());
+    let e_col = b.and(Ty::B32, tid, c - 1);
+    let row = b.min(Ty::U32, e_row, (m - 1) as u32);
+    let rd = b.mad(Ty::U32, row, c * 4, red);
+    let e_col4 = b.shl(Ty::B32, e_col, 2);
+    let rd = b.add(Ty::U32, rd, e_col4);
     let sums: Vec<Reg> = (0..sets)
         .map(|set| {
             let total = b.mov(Ty::F32, 0.0f32);
-            for w in 0..WARPS {
-                let off = set as u32 * red_bytes + w * m as u32 * COLS * 4;
+            for l in 0..lanes {
+                let off = set as u32 * red_bytes + l * m as u32 * c * 4;
                 let v = b.ld(Space::Shared, Ty::F32, Addr::reg(rd, off as i64));
                 b.bin_into("add", Ty::F32, total, total, v);
             }
@@ -461,9 +502,10 @@ fn build_gemv(s: &Q4GemvSpec) -> Kernel {
         })
         .collect();
     let ep = EpiGen { p: s.shape().problem(), pbias: p.bias, pres: p.res, pout: p.out, pair: false };
-    let cols = ep.cols(&mut b, o, 1);
+    let e_o = b.mad(Ty::U32, bx, c, e_col);
+    let cols = ep.cols(&mut b, e_o, 1);
     let gates = silu.then(|| &sums[1..2]);
-    ep.store(&mut b, warp, &cols, &sums[0..1], gates);
+    ep.store(&mut b, e_row, &cols, &sums[0..1], gates);
     b.ret();
     b.finish()
 }
