@@ -23,7 +23,7 @@
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use half::f16;
 use qvc_ir::Q4Ref;
-use qvc_kernels::q4::{q4_linear, Q4Path};
+use qvc_kernels::q4::{q4_gemm_dequant, q4_gemv, q4_linear, Q4Path};
 use qvc_kernels::Isa;
 use rayon::prelude::*;
 use std::hint::black_box;
@@ -183,7 +183,7 @@ fn bench_gemv(c: &mut Criterion) {
                     continue;
                 }
                 let bw = read_bandwidth();
-                let s = best_of(if name == "l2_resident" { 2000 } else { 10 }, || {
+                let s = best_of(if name == "l2_resident" { 2000 } else { 40 }, || {
                     q4_linear(path, &x, m, &qs[pick()], &mut y, false)
                 });
                 let gbs = bytes as f64 / s / 1e9;
@@ -227,6 +227,18 @@ fn bench_gemm(c: &mut Criterion) {
         flops as f64 / s / 1e9,
         100.0 * flops as f64 / s / peak
     );
+    // Where the dequantizing path starts to beat the GEMV path (which
+    // re-reads the weight once per 8 rows but never writes it out).
+    for mm in [8usize, 16, 24, 32, 64] {
+        let (xs, mut ys) = (&x[..mm * inp], vec![0f32; mm * out]);
+        let t_gemv = best_of(3, || q4_gemv(path, xs, mm, &q, &mut ys, false));
+        let t_deq = best_of(3, || q4_gemm_dequant(path, xs, mm, &q, &mut ys, false));
+        eprintln!(
+            "q4 m={mm} {inp}->{out} {path:?}: gemv path {:.1} ms, dequantize+gemm path {:.1} ms",
+            t_gemv * 1e3,
+            t_deq * 1e3
+        );
+    }
     g.throughput(Throughput::Elements(flops as u64));
     g.bench_function(BenchmarkId::new(format!("m{m}_{inp}x{out}"), format!("{path:?}")), |b| {
         b.iter(|| q4_linear(path, black_box(&x), m, &q, &mut y, false))

@@ -9,24 +9,31 @@
 //! `x[i, perm[r]]` at stored row `r`), never the weight.
 //!
 //! Two paths:
-//! * **GEMV** (m ≤ [`DECODE_BATCH_INVARIANT_MAX`], decode): reads the packed
+//! * **GEMV** (m ≤ [`GEMV_MAX_M`]: decode, small batches): reads the packed
 //!   words straight from the memory map. Each task owns a chunk of output
-//!   columns and sweeps the stored rows in order, a word row (8 input rows ×
-//!   the chunk's columns, one contiguous run of `u32`s) at a time, so DRAM
-//!   sees long sequential runs; the next word rows are software-prefetched.
-//!   A word vector (8 or 16 consecutive columns) is dequantized in registers,
-//!   nibble by nibble, exactly: `q − z` as `f32::from_bits(q | 2²³) −
-//!   (2²³ + z)` (an integer in −16..15, no rounding). Each row keeps a
-//!   per-group accumulator `acc = Σ_r (q − z)·xg[r]` (one FMA chain in stored
-//!   row order) and at the end of a group `y = fma(scale, acc, y)`. Every
-//!   element of the result is therefore one fixed sequence of operations
-//!   whatever m, the column chunking or the threads: batched decode is bit
-//!   for bit single decode (on one [`Q4Path`]).
-//! * **Dequantize + GEMM** (larger m: prefill, vision-sized batches): a block
-//!   of output columns × all stored rows is dequantized into an f32 scratch
-//!   (at most [`DEQUANT_BLOCK_FLOATS`] floats, reused across blocks and calls)
-//!   and multiplied by the existing packed f32 GEMM, so dequantization is
-//!   amortised over all m rows and memory stays bounded.
+//!   columns (up to 2048) and sweeps the stored rows in order, a word row
+//!   (8 input rows × the chunk's columns, one contiguous run of `u32`s) at a
+//!   time, software-prefetching a few word rows ahead (the hardware
+//!   prefetchers do not follow these strided runs; without it the kernel
+//!   ran at a third of the speed). A word vector (16 or 8 consecutive
+//!   columns) is dequantized in registers, exactly: nibble `j` is read in
+//!   place as the float `2²³ + q·16^(j%4)` (one AND of a half word kept under
+//!   the exponent bits of 2²³) minus the group's `2²³ + z·16^(j%4)`, i.e.
+//!   `(q − z)·16^(j%4)` with no rounding, against an input prescaled by
+//!   `16^-(j%4)` (see `GemvBufs::zb`). Each row keeps a per-group
+//!   accumulator `acc = Σ_r (q − z)·xg[r]` (one FMA chain in stored row
+//!   order) and at the end of a group `y = fma(scale, acc, y)`. Every element
+//!   of the result is therefore one fixed sequence of operations whatever m,
+//!   the column chunking or the threads: batched decode is bit for bit
+//!   single decode (on one [`Q4Path`]), for any m this path takes.
+//!   The exact form costs three vector ops per 16 weights (AND, SUB, FMA);
+//!   on this 2-core machine that, not DRAM, is the GEMV's limit.
+//! * **Dequantize + GEMM** (larger m: prefill, vision-sized batches): one
+//!   task per block of output columns dequantizes the block (all stored
+//!   rows, at most [`DEQUANT_BLOCK_FLOATS`] floats, in a per-thread scratch
+//!   reused across blocks and calls, so it stays in the caches) and runs the
+//!   existing packed f32 GEMM on it, so dequantization is amortised over all
+//!   m rows and memory stays bounded.
 //!
 //! Code paths ([`Q4Path`]): AVX-512F intrinsics (16 columns a vector,
 //! runtime-detected here: the crate-wide [`Isa`] selects AVX2 vs portable),
@@ -54,8 +61,16 @@ const GEMV_COLS_BATCH: usize = 512;
 const NIBBLE_SCALE: [f32; 4] = [1.0, 1.0 / 16.0, 1.0 / 256.0, 1.0 / 4096.0];
 /// Word rows prefetched ahead in the GEMV sweep.
 const PREFETCH_ROWS: usize = 4;
-/// Largest dequantized block of W (floats) the GEMM path holds at once (16 MiB).
-pub const DEQUANT_BLOCK_FLOATS: usize = 1 << 22;
+/// Largest m the GEMV path takes. It must be at least
+/// [`DECODE_BATCH_INVARIANT_MAX`] (its rows are bit-identical to single rows
+/// for every m); above 8 it re-reads W once per 8 rows but never writes a
+/// dequantized copy, which measured faster up to about 16 rows on the
+/// decoder's shapes (kernels/benches/q4_family.rs prints the crossover).
+pub const GEMV_MAX_M: usize = 16;
+const _: () = assert!(GEMV_MAX_M >= DECODE_BATCH_INVARIANT_MAX);
+/// Largest dequantized block of W (floats) one GEMM task holds (4 MiB: a
+/// thread's share of the L3).
+pub const DEQUANT_BLOCK_FLOATS: usize = 1 << 20;
 
 /// Which code path the int4 kernels run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -160,10 +175,10 @@ pub fn q4_linear_ref(x: &[f32], m: usize, w: &Q4Ref, y: &mut [f32], accumulate: 
 }
 
 /// `y (+)= x·Wᵀ` (`x` row-major `m × w.cols`, `y` row-major `m × w.rows`)
-/// as [`crate::gemm`] runs it: the GEMV path for m ≤
-/// [`DECODE_BATCH_INVARIANT_MAX`], else dequantize + GEMM.
+/// as [`crate::gemm`] runs it: the GEMV path for m ≤ [`GEMV_MAX_M`], else
+/// dequantize + GEMM.
 pub fn q4_linear(path: Q4Path, x: &[f32], m: usize, w: &Q4Ref, y: &mut [f32], accumulate: bool) {
-    if m <= DECODE_BATCH_INVARIANT_MAX {
+    if m <= GEMV_MAX_M {
         q4_gemv(path, x, m, w, y, accumulate)
     } else {
         q4_gemm_dequant(path, x, m, w, y, accumulate)
@@ -213,7 +228,7 @@ pub(crate) fn gemm_q4(
     if b.row_stride == 1 && b.col_stride == w.cols && b.offset.is_multiple_of(cols) && k == w.cols && r0 + n <= w.rows {
         let view = w.rows_range(r0, r0 + n);
         let path = Q4Path::for_isa(isa);
-        let small = m <= DECODE_BATCH_INVARIANT_MAX;
+        let small = m <= GEMV_MAX_M;
         with_xg(a, &view, small, |xg| {
             if small {
                 gemv(path, xg, m, &view, c, ldc, accumulate, parallel)
@@ -241,6 +256,7 @@ thread_local! {
     /// task stolen while waiting) just allocates its own.
     static XG: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
     static BLOCK: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
+    static CBLOCK: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
     static GEMM: Cell<Option<GemmScratch>> = const { Cell::new(None) };
 }
 
@@ -784,9 +800,12 @@ impl Kern for Avx512K {
 // ---------------------------------------------------------------------------
 // Dequantize + GEMM
 
-/// `C (+)= xg·Wstoredᵀ` by blocks of output columns: each block dequantized
-/// into the reused scratch (stored rows × block columns, row-major), then the
-/// packed f32 GEMM.
+/// `C (+)= xg·Wstoredᵀ` by blocks of output columns, one block per task:
+/// the task dequantizes its block into its thread's reused scratch (stored
+/// rows × block columns, row-major, at most [`DEQUANT_BLOCK_FLOATS`]: it
+/// stays in the caches while the GEMM reads it), runs the packed f32 GEMM
+/// on one thread into a scratch C block, and copies that into its columns
+/// of C.
 #[allow(clippy::too_many_arguments)]
 fn gemm_dequant(
     path: Q4Path,
@@ -803,29 +822,53 @@ fn gemm_dequant(
     if m == 0 || n == 0 {
         return;
     }
-    let nb = (DEQUANT_BLOCK_FLOATS / k.max(1)).max(16) / 16 * 16;
-    let nb = nb.min(n);
+    assert!(c.len() >= (m - 1) * ldc + n, "q4 gemm: C too small");
+    let threads = if parallel { rayon::current_num_threads() } else { 1 };
+    // At least one block per thread; each at most DEQUANT_BLOCK_FLOATS.
+    let cap = (DEQUANT_BLOCK_FLOATS / k.max(1)) / 16 * 16;
+    let nb = n.div_ceil(threads).next_multiple_of(16).min(cap).max(16).min(n);
     let a = MatRef::row_major(Elems::F32(&xg[..m * k]), m, k);
-    let mut block = BLOCK.with(Cell::take);
-    let mut gs = GEMM.with(Cell::take).unwrap_or_default();
-    if block.len() < k * nb {
-        block.resize(k * nb, 0.0);
-    }
-    let mut b0 = 0;
-    while b0 < n {
+    let cp = SyncPtr(c.as_mut_ptr());
+    let run = |t: usize| {
+        let b0 = t * nb;
         let bw = nb.min(n - b0);
+        let mut block = BLOCK.with(Cell::take);
+        let mut ct_buf = CBLOCK.with(Cell::take);
+        let mut gs = GEMM.with(Cell::take).unwrap_or_default();
+        for (v, len) in [(&mut block, k * bw), (&mut ct_buf, m * bw)] {
+            if v.len() < len {
+                v.resize(len, 0.0);
+            }
+        }
         let blk = &mut block[..k * bw];
-        dequant_block(path, w, b0, bw, blk, parallel);
+        dequant_block(path, w, b0, bw, blk);
+        let ct = &mut ct_buf[..m * bw];
+        // SAFETY (both copies): this task alone owns columns b0..b0 + bw of
+        // C's m rows, which C holds (asserted above).
+        if accumulate {
+            for (i, row) in ct.chunks_mut(bw).enumerate() {
+                unsafe { std::ptr::copy_nonoverlapping(cp.get().add(i * ldc + b0), row.as_mut_ptr(), bw) };
+            }
+        }
         let b = MatRef::row_major(Elems::F32(blk), k, bw);
-        gemm_strided(isa, &a, &b, &mut c[b0..], ldc, accumulate, parallel, &mut gs);
-        b0 += bw;
+        gemm_strided(isa, &a, &b, ct, bw, accumulate, false, &mut gs);
+        for (i, row) in ct.chunks(bw).enumerate() {
+            unsafe { std::ptr::copy_nonoverlapping(row.as_ptr(), cp.get().add(i * ldc + b0), bw) };
+        }
+        BLOCK.with(|c| c.set(block));
+        CBLOCK.with(|c| c.set(ct_buf));
+        GEMM.with(|c| c.set(Some(gs)));
+    };
+    let blocks = n.div_ceil(nb);
+    if parallel && blocks > 1 {
+        (0..blocks).into_par_iter().for_each(run);
+    } else {
+        (0..blocks).for_each(run);
     }
-    BLOCK.with(|c| c.set(block));
-    GEMM.with(|c| c.set(Some(gs)));
 }
 
 /// `blk[r * bw + l] = W[b0 + l, stored row r]` for all stored rows `r`.
-fn dequant_block(path: Q4Path, w: &Q4Ref, b0: usize, bw: usize, blk: &mut [f32], parallel: bool) {
+fn dequant_block(path: Q4Path, w: &Q4Ref, b0: usize, bw: usize, blk: &mut [f32]) {
     let (k, groups) = (w.cols, w.groups());
     // Per group: 2²³ + zero and scale of each block column.
     let mut zs = vec![0f32; groups * bw];
@@ -849,12 +892,7 @@ fn dequant_block(path: Q4Path, w: &Q4Ref, b0: usize, bw: usize, blk: &mut [f32],
             }
         }
     };
-    let blk = &mut blk[..k * bw];
-    if parallel {
-        blk.par_chunks_mut(8 * bw).enumerate().for_each(|(p, rows)| job(p, rows));
-    } else {
-        blk.chunks_mut(8 * bw).enumerate().for_each(|(p, rows)| job(p, rows));
-    }
+    blk[..k * bw].chunks_mut(8 * bw).enumerate().for_each(|(p, rows)| job(p, rows));
 }
 
 /// Nibble `j` of each word, dequantized: `(q − z)·s` (exact `q − z`).

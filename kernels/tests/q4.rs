@@ -13,7 +13,7 @@
 use half::f16;
 use proptest::prelude::*;
 use qvc_ir::{Elems, Q4Ref};
-use qvc_kernels::q4::{dequantize, q4_gemm_dequant, q4_gemv, q4_linear, q4_linear_ref, Q4Path};
+use qvc_kernels::q4::{dequantize, q4_gemm_dequant, q4_gemv, q4_linear, q4_linear_ref, Q4Path, GEMV_MAX_M};
 use qvc_kernels::testutil::Rng;
 use qvc_kernels::{gemm_with_isa, Isa, MatRef, DECODE_BATCH_INVARIANT_MAX};
 
@@ -222,7 +222,7 @@ proptest! {
         }
     }
 
-    /// Rows of a decode batch (m ≤ DECODE_BATCH_INVARIANT_MAX) are bit for
+    /// Rows of a decode batch (m ≤ GEMV_MAX_M ≥ DECODE_BATCH_INVARIANT_MAX) are bit for
     /// bit the rows computed alone, on every path and through `gemm`; and a
     /// row-range view gives the full matrix's columns bit for bit (the
     /// column chunking does not matter).
@@ -241,7 +241,10 @@ proptest! {
         let mut rng = Rng::new(seed);
         let wq = Q4Owned::random(&mut rng, out, inp, group, asym, act_order);
         let w = wq.view();
-        let mmax = DECODE_BATCH_INVARIANT_MAX;
+        // The serving contract is m ≤ DECODE_BATCH_INVARIANT_MAX; the int4
+        // GEMV keeps it for every m it takes.
+        let mmax = GEMV_MAX_M;
+        assert!(mmax >= DECODE_BATCH_INVARIANT_MAX);
         let x = rng.vec(mmax * inp, 1.0);
         for path in paths() {
             let alone: Vec<Vec<f32>> = (0..mmax)
