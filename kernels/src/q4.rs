@@ -61,6 +61,8 @@ const GEMV_COLS_BATCH: usize = 512;
 const NIBBLE_SCALE: [f32; 4] = [1.0, 1.0 / 16.0, 1.0 / 256.0, 1.0 / 4096.0];
 /// Word rows prefetched ahead in the GEMV sweep.
 const PREFETCH_ROWS: usize = 4;
+/// Largest gathered-activation buffer kept for reuse (floats; 4 MiB).
+const XG_KEEP_FLOATS: usize = 1 << 20;
 /// Largest m the GEMV path takes. It must be at least
 /// [`DECODE_BATCH_INVARIANT_MAX`] (its rows are bit-identical to single rows
 /// for every m); above 8 it re-reads W once per 8 rows but never writes a
@@ -289,7 +291,11 @@ fn with_xg(a: &MatRef, w: &Q4Ref, scaled: bool, f: impl FnOnce(&[f32])) {
         }
     }
     f(&xg[..m * k]);
-    XG.with(|c| c.set(xg));
+    // A prefill's gathered activations can be tens of MiB: keep only
+    // decode-sized buffers for the next call.
+    if xg.len() <= XG_KEEP_FLOATS {
+        XG.with(|c| c.set(xg));
+    }
 }
 
 // ---------------------------------------------------------------------------
