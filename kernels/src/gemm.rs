@@ -1643,6 +1643,217 @@ unsafe fn kernel_avx512(
     }
 }
 
+// ------------------------------------------- bf16 products (explicit opt-in)
+
+/// Whether [`gemm_bf16_products`] runs on AVX512-BF16 (`vdpbf16ps`) here.
+pub fn bf16_products_native() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        Isa::Avx512.available() && is_x86_feature_detected!("avx512bf16")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// `C = round_bf16(A) · B` (or `C +=` when `accumulate`): A's elements
+/// rounded to bf16 (to nearest even) before multiplying, the products and
+/// their sums in f32. An explicit opt-in, never what [`gemm`] does: rounding
+/// activations costs about 2⁻⁹ relative per element, far outside the 1e-4
+/// parity of the default path. Where the CPU has AVX512-BF16 and B is bf16,
+/// `vdpbf16ps` does two products per f32 lane (twice the f32 FMA rate);
+/// elsewhere the rounded A goes through [`gemm`], which gives the same
+/// values to f32 rounding.
+pub fn gemm_bf16_products(a: MatRef, b: MatRef, c: &mut [f32], accumulate: bool) {
+    let (m, k, n) = (a.rows, a.cols, b.cols);
+    assert_eq!(b.rows, k, "gemm: A is {m}x{k} but B is {}x{n}", b.rows);
+    assert_eq!(c.len(), m * n, "gemm: C has {} elements, expected {m}x{n}", c.len());
+    a.check("A");
+    b.check("B");
+    #[cfg(target_arch = "x86_64")]
+    if let Elems::BF16(w) = b.data {
+        if bf16_products_native() && m > 0 && n > 0 && k > 0 {
+            // SAFETY: AVX-512 F/BW/VL + BF16 checked just above.
+            unsafe { gemm_bf16_native(&a, &b, w, c, accumulate, worth_parallel(m * n * k)) };
+            return;
+        }
+    }
+    let mut ar = vec![0f32; m * k];
+    for i in 0..m {
+        for (p, x) in ar[i * k..(i + 1) * k].iter_mut().enumerate() {
+            *x = half::bf16::from_f32(a.get(i, p)).to_f32();
+        }
+    }
+    gemm(MatRef::row_major(Elems::F32(&ar), m, k), b, c, accumulate);
+}
+
+/// k pairs per slice of the bf16 path (2048 elements of k).
+#[cfg(target_arch = "x86_64")]
+const KP_BF16: usize = 1024;
+
+/// The AVX512-BF16 packed path: the AVX-512 blocking with k in pairs. A is
+/// packed as `MR_AVX512`-row panels of bf16 pairs (`a[i, 2q]` low,
+/// `a[i, 2q + 1]` high: one dword per row and pair, zero past k); each B
+/// panel as 32 columns of pairs; tasks own column runs as in
+/// [`gemm_packed`].
+///
+/// SAFETY: the CPU must have AVX-512 F/BW/VL and BF16; the views were checked.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16,avx2,fma")]
+unsafe fn gemm_bf16_native(a: &MatRef, b: &MatRef, w: &[half::bf16], c: &mut [f32], accumulate: bool, parallel: bool) {
+    let (m, k, n) = (a.rows, a.cols, b.cols);
+    let (mr, nr) = (MR_AVX512, NR_AVX512);
+    let kpairs = k.div_ceil(2);
+    let mpanels = m.div_ceil(mr);
+    let npanels = n.div_ceil(nr);
+    let want_tasks = if parallel { 4 * rayon::current_num_threads() } else { 1 };
+    let nsplit = want_tasks.min(npanels);
+    let per_task = npanels.div_ceil(nsplit);
+    let nsplit = npanels.div_ceil(per_task);
+    let bits = |x: f32| half::bf16::from_f32(x).to_bits() as u32;
+    let cp = SyncPtr(c.as_mut_ptr());
+    let mut ap = vec![0u32; mpanels * mr * KP_BF16.min(kpairs)];
+    for q0 in (0..kpairs).step_by(KP_BF16) {
+        let kp = KP_BF16.min(kpairs - q0);
+        // A's pairs q0..q0+kp: panel r, pair q, row ii at [r][q][ii].
+        let ap = &mut ap[..mpanels * mr * kp];
+        let pack_panel = |r: usize, panel: &mut [u32]| {
+            for ii in 0..mr {
+                let i = r * mr + ii;
+                for q in 0..kp {
+                    let p = 2 * (q0 + q);
+                    panel[q * mr + ii] = if i >= m {
+                        0
+                    } else {
+                        let hi = if p + 1 < k { bits(a.get(i, p + 1)) } else { 0 };
+                        bits(a.get(i, p)) | hi << 16
+                    };
+                }
+            }
+        };
+        if parallel {
+            use rayon::prelude::*;
+            ap.par_chunks_mut(mr * kp).enumerate().for_each(|(r, panel)| pack_panel(r, panel));
+        } else {
+            ap.chunks_mut(mr * kp).enumerate().for_each(|(r, panel)| pack_panel(r, panel));
+        }
+        let ap: &[u32] = ap;
+        let overwrite = q0 == 0 && !accumulate;
+        par_for(nsplit, parallel, |t| {
+            let mut bp = vec![0u32; nr * kp];
+            for jr in t * per_task..((t + 1) * per_task).min(npanels) {
+                let j = jr * nr;
+                let cols = nr.min(n - j);
+                // SAFETY: `b.check` bounds every element read.
+                unsafe { pack_b_bf16_pairs(b, w, q0, kp, j, cols, &mut bp) };
+                for i in (0..m).step_by(mr) {
+                    let rows = mr.min(m - i);
+                    let apanel = ap[(i / mr) * mr * kp..][..mr * kp].as_ptr();
+                    // SAFETY: as in `gemm_packed`: panels of this blocking,
+                    // C's block i..i+rows × j..j+cols is this task's alone;
+                    // the CPU has AVX512-BF16 (checked by the caller).
+                    unsafe { kernel_bf16(kp, apanel, bp.as_ptr(), cp.get().add(i * n + j), n, rows, cols, overwrite) };
+                }
+            }
+        });
+    }
+}
+
+/// One B panel of bf16 pairs: `bp[q * 32 + jj]` = `B[2(q0+q), j+jj]` (low
+/// word) and `B[2(q0+q)+1, j+jj]` (high), zero past k and past `cols`. A
+/// transposed `[out, in]` weight (pairs adjacent in memory) goes through 8×8
+/// dword transposes; other layouts element by element.
+///
+/// SAFETY: CPU with AVX2; `b`'s elements in `w` (checked by `MatRef::check`).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn pack_b_bf16_pairs(b: &MatRef, w: &[half::bf16], q0: usize, kp: usize, j: usize, cols: usize, bp: &mut [u32]) {
+    use std::arch::x86_64::*;
+    let k = b.rows;
+    let nr = NR_AVX512;
+    let mut q = 0;
+    if b.row_stride == 1 && cols == nr {
+        // Full groups of 8 pairs (16 elements of k) read as 8 dwords per column.
+        let base = w.as_ptr();
+        while q + 8 <= kp && 2 * (q0 + q + 8) <= k {
+            for g in 0..nr / 8 {
+                let r: [__m256; 8] = std::array::from_fn(|c| {
+                    _mm256_loadu_ps(base.add(b.index(2 * (q0 + q), j + 8 * g + c)) as *const f32)
+                });
+                for (qq, v) in transpose8(r).into_iter().enumerate() {
+                    _mm256_storeu_ps(bp.as_mut_ptr().add((q + qq) * nr + 8 * g) as *mut f32, v);
+                }
+            }
+            q += 8;
+        }
+    }
+    for q in q..kp {
+        let p = 2 * (q0 + q);
+        for jj in 0..nr {
+            bp[q * nr + jj] = if jj < cols {
+                let lo = w[b.index(p, j + jj)].to_bits() as u32;
+                let hi = if p + 1 < k { w[b.index(p + 1, j + jj)].to_bits() as u32 } else { 0 };
+                lo | hi << 16
+            } else {
+                0
+            };
+        }
+    }
+}
+
+/// The 12×32 AVX-512 tile with `vdpbf16ps`: per pair step two B loads,
+/// twelve dword broadcasts of A, 24 two-product FMAs. Masked ragged edges
+/// as [`kernel_avx512`].
+///
+/// SAFETY: `a` holds `MR_AVX512*kp`, `b` `NR_AVX512*kp` dwords; C covers
+/// `mr` rows of `nr` elements, `ldc` apart; CPU with AVX-512F and BF16.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn kernel_bf16(
+    kp: usize,
+    a: *const u32,
+    b: *const u32,
+    c: *mut f32,
+    ldc: usize,
+    mr: usize,
+    nr: usize,
+    overwrite: bool,
+) {
+    use std::arch::x86_64::*;
+    for i in 0..mr {
+        let cr = c.wrapping_add(i * ldc) as *const i8;
+        _mm_prefetch::<_MM_HINT_T0>(cr);
+        _mm_prefetch::<_MM_HINT_T0>(cr.wrapping_add(64));
+    }
+    let mut acc = [[_mm512_setzero_ps(); 2]; MR_AVX512];
+    let (mut a, mut b) = (a, b);
+    for _ in 0..kp {
+        let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(b as *const _));
+        let b1: __m512bh = std::mem::transmute(_mm512_loadu_si512(b.add(16) as *const _));
+        for (i, acc_i) in acc.iter_mut().enumerate() {
+            let ai: __m512bh = std::mem::transmute(_mm512_set1_epi32(*a.add(i) as i32));
+            acc_i[0] = _mm512_dpbf16_ps(acc_i[0], ai, b0);
+            acc_i[1] = _mm512_dpbf16_ps(acc_i[1], ai, b1);
+        }
+        a = a.add(MR_AVX512);
+        b = b.add(NR_AVX512);
+    }
+    let lanes = |w: usize| ((1u32 << w.min(16)) - 1) as __mmask16;
+    let (k0, k1) = (lanes(nr), lanes(nr.saturating_sub(16)));
+    for (i, acc_i) in acc.iter().enumerate().take(mr) {
+        let cr = c.add(i * ldc);
+        let (mut v0, mut v1) = (acc_i[0], acc_i[1]);
+        if !overwrite {
+            v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(k0, cr));
+            v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(k1, cr.wrapping_add(16)));
+        }
+        _mm512_mask_storeu_ps(cr, k0, v0);
+        _mm512_mask_storeu_ps(cr.wrapping_add(16), k1, v1);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -211,3 +211,76 @@ fn avx512_decode_equals_avx2_bit_for_bit() {
         }
     }
 }
+
+/// `gemm_bf16_products` (the explicit bf16-activation opt-in) against the
+/// reference on A rounded to bf16: on AVX512-BF16 (`vdpbf16ps`, when B is
+/// bf16) and on the fallback (other B dtypes, or CPUs without it) the only
+/// differences left are f32 summation order.
+fn check_bf16_products(
+    (m, n, k): (usize, usize, usize),
+    (la, lb): (u8, u8),
+    db: DType,
+    acc: bool,
+    seed: u64,
+) -> Result<(), TestCaseError> {
+    use qvc_kernels::gemm::gemm_bf16_products;
+    let mut rng = Rng::new(seed);
+    let a = Stored::new(&mut rng, m, k, la, 1, 2, DType::F32);
+    let b = Stored::new(&mut rng, k, n, lb, 1, 1, db);
+    let c0 = rng.vec(m * n, 1.0);
+    // The reference multiplies the bf16-rounded A (as exact f32 values).
+    let ar: Vec<f32> =
+        (0..m * k).map(|x| half::bf16::from_f32(a.view().get(x / k.max(1), x % k.max(1))).to_f32()).collect();
+    let mut want = c0.clone();
+    gemm_ref(MatRef::row_major(Elems::F32(&ar), m, k), b.view(), &mut want, acc);
+    let mut got = c0;
+    gemm_bf16_products(a.view(), b.view(), &mut got, acc);
+    let e = rel_l2(&got, &want);
+    prop_assert!(e < 1e-5, "{m}x{n}x{k} layouts {la},{lb} {db} acc {acc}: rel err {e}");
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(48))]
+
+    #[test]
+    fn bf16_products_match_ref_on_rounded_activations(
+        m in 0usize..=30, n in 0usize..=70, k in 0usize..=300,
+        la in 0u8..3, lb in 0u8..3, db in 0usize..3, acc: bool, seed: u64,
+    ) {
+        check_bf16_products((m, n, k), (la, lb), FLOAT_DTYPES[db], acc, seed)?;
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(8))]
+
+    /// Several 2048-deep slices of the native path, odd k, bf16 `[out, in]` weights.
+    #[test]
+    fn bf16_products_deep_k(
+        m in 1usize..=30, n in 1usize..=70, k in 2000usize..=4500, acc: bool, seed: u64,
+    ) {
+        check_bf16_products((m, n, k), (0, 1), DType::BF16, acc, seed)?;
+    }
+}
+
+/// The opt-in really rounds: on data whose activations are not bf16-exact,
+/// its result differs from the default GEMM by about bf16's precision, and
+/// the default GEMM keeps f32 precision.
+#[test]
+fn bf16_products_round_activations_default_does_not() {
+    use qvc_kernels::gemm::{bf16_products_native, gemm_bf16_products};
+    eprintln!("gemm_isa: bf16 products native (vdpbf16ps): {}", bf16_products_native());
+    let (m, n, k) = (20, 64, 512);
+    let mut rng = Rng::new(5);
+    let a = rng.vec(m * k, 1.0);
+    let w = Owned::from_f32(&rng.vec(n * k, 1.0), DType::BF16);
+    let (am, bm) = (MatRef::row_major(Elems::F32(&a), m, k), MatRef::row_major(w.elems(), n, k).transposed());
+    let (mut exact, mut fast, mut rounded) = (vec![0f32; m * n], vec![0f32; m * n], vec![0f32; m * n]);
+    gemm_ref(am, bm, &mut exact, false);
+    qvc_kernels::gemm(am, bm, &mut fast, false);
+    gemm_bf16_products(am, bm, &mut rounded, false);
+    let (e_default, e_bf16) = (rel_l2(&fast, &exact), rel_l2(&rounded, &exact));
+    assert!(e_default < 1e-5, "default GEMM rel err {e_default}");
+    assert!(e_bf16 > 1e-4 && e_bf16 < 1e-2, "bf16-activation GEMM rel err {e_bf16}");
+}
