@@ -357,3 +357,38 @@ fn a_wrong_weight_is_detected() {
         assert!(wrong.is_err(), "a changed weight went unnoticed");
     }
 }
+
+/// A view of an int4 weight other than `x · Wᵀ` (here `x · W`, and a column
+/// sub-range of `Wᵀ`) takes `gemm`'s element-by-element fallback and still
+/// matches the reference.
+#[test]
+fn other_views_of_an_int4_weight() {
+    let mut rng = Rng::new(19);
+    let (out, inp) = (40, 24);
+    let wq = Q4Owned::random(&mut rng, out, inp, 8, true, true);
+    let w = wq.view();
+    let views = [
+        ("x·W", MatRef::row_major(Elems::Q4(w), out, inp)),
+        ("x·Wᵀ[:16, :]", MatRef { cols: 16, ..MatRef::row_major(Elems::Q4(w), out, inp) }.transposed()),
+    ];
+    for (name, b) in views {
+        for m in [1, 3, 20] {
+            let a = rng.vec(m * b.rows, 1.0);
+            let am = MatRef::row_major(Elems::F32(&a), m, b.rows);
+            let mut want = vec![0f32; m * b.cols];
+            qvc_kernels::gemm_ref(am, b, &mut want, false);
+            // Scale for the tolerance: Σ|a·b| per element.
+            let mut scale = vec![0f64; m * b.cols];
+            for i in 0..m {
+                for j in 0..b.cols {
+                    scale[i * b.cols + j] = (0..b.rows).map(|p| (am.get(i, p) as f64 * b.get(p, j) as f64).abs()).sum();
+                }
+            }
+            for isa in isas() {
+                let mut y = vec![f32::NAN; m * b.cols];
+                gemm_with_isa(isa, am, b, &mut y, false);
+                check(&format!("{name} {isa:?} m={m}"), &y, &want, &scale).unwrap();
+            }
+        }
+    }
+}
