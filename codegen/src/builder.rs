@@ -334,12 +334,43 @@ impl KernelBuilder {
         d
     }
 
-    /// GELU, erf form: x·½(1 + erf(x/√2)), as ViT-bigG uses.
+    /// GELU, erf form: x·½(1 + erf(x/√2)), as ViT-bigG uses; the CPU
+    /// kernel's algorithm (`qvc_kernels::act`). `1 + erf(z)` is never formed
+    /// by cancellation: below |z| = [`ERF_SPLIT`] it is `1 + z·A(z²)`, above
+    /// it `erfc(|z|)` for z < 0 and `2 − erfc(z)` for z > 0, with
+    /// `erfc(a) = e^(−a²)·t·H(t)`, `t = 1/(1+a)`. So a very negative input
+    /// keeps its small output's relative accuracy (A&S 7.1.26 through
+    /// `1 + erf` lost all of it below about −5).
     pub fn gelu(&mut self, x: Reg) -> Reg {
-        let s = self.mul(Ty::F32, x, std::f32::consts::FRAC_1_SQRT_2);
-        let e = self.erf(s);
-        let h = self.mad(Ty::F32, e, 0.5f32, 0.5f32);
-        self.mul(Ty::F32, x, h)
+        let z = self.mul(Ty::F32, x, std::f32::consts::FRAC_1_SQRT_2);
+        let a = self.abs(Ty::F32, z);
+        let z2 = self.mul(Ty::F32, z, z);
+        let hs = self.horner(&ERF_SMALL, z2);
+        let small = self.mad(Ty::F32, z, hs, 1.0f32);
+        let den = self.add(Ty::F32, a, 1.0f32);
+        let t = self.rcp(den);
+        let hl = self.horner(&ERFC_LARGE, t);
+        let na2 = self.mul(Ty::F32, a, a);
+        let na2 = self.neg(Ty::F32, na2);
+        let e = self.exp(na2);
+        let et = self.mul(Ty::F32, e, t);
+        let q = self.mul(Ty::F32, et, hl);
+        let two_minus_q = self.sub(Ty::F32, 2.0f32, q);
+        let neg = self.setp(Cmp::Lt, Ty::F32, z, 0.0f32);
+        let large = self.selp(Ty::F32, q, two_minus_q, neg);
+        let inside = self.setp(Cmp::Lt, Ty::F32, a, ERF_SPLIT);
+        let one_plus_erf = self.selp(Ty::F32, small, large, inside);
+        let half = self.mul(Ty::F32, x, 0.5f32);
+        self.mul(Ty::F32, half, one_plus_erf)
+    }
+
+    /// `c[0]·x^(n−1) + … + c[n−1]` by Horner's rule (highest degree first).
+    fn horner(&mut self, c: &[f32], x: Reg) -> Reg {
+        let mut s = self.mov(Ty::F32, c[0]);
+        for &ci in &c[1..] {
+            s = self.mad(Ty::F32, s, x, ci);
+        }
+        s
     }
 
     /// SiLU: x / (1 + e^-x).
@@ -591,3 +622,38 @@ impl KernelBuilder {
 pub fn is_float(ty: Ty) -> bool {
     matches!(ty, Ty::F16 | Ty::F16x2 | Ty::BF16 | Ty::BF16x2 | Ty::F32 | Ty::F64)
 }
+
+/// Coefficients (highest degree first) of `erf(x)/x ≈ A(x²)` on `|x| < 0.875`:
+/// a Chebyshev fit (mpmath `chebyfit`, degree 7 in x²), fit error 4e-12.
+pub const ERF_SMALL: [f32; 8] = [
+    -1.068_997_5e-5,
+    1.155_924_6e-4,
+    -8.517_123_6e-4,
+    5.222_876_4e-3,
+    -2.686_595_8e-2,
+    1.128_379e-1,
+    -3.761_263_9e-1,
+    std::f32::consts::FRAC_2_SQRT_PI,
+];
+
+/// Coefficients (highest degree first) of `H(t) = erfc(x)·exp(x²)/t` with
+/// `t = 1/(1+x)`, on `t ∈ [0, 1/1.875]` i.e. `x ∈ [0.875, ∞)`: a Chebyshev fit
+/// (mpmath `chebyfit`, degree 11), relative fit error 7e-10. `H` is smooth and
+/// tends to `1/√π` as x → ∞, which is why this variable is used.
+pub const ERFC_LARGE: [f32; 12] = [
+    10.693_609,
+    -35.667_027,
+    49.637_57,
+    -35.260_36,
+    11.361_982,
+    -0.129_236_7,
+    0.073_941_52,
+    -0.722_150_9,
+    -0.281_290_46,
+    0.282_074_3,
+    0.564_189_8,
+    0.564_189_6,
+];
+
+/// Where `erf_f32` switches from the odd polynomial to the erfc form.
+pub const ERF_SPLIT: f32 = 0.875;

@@ -19,40 +19,9 @@ use crate::common::{par_chunks, worth_parallel, Isa};
 /// Elements per task of the elementwise loops (64 KiB of f32).
 const CHUNK: usize = 16 * 1024;
 
-/// Coefficients (highest degree first) of `erf(x)/x ≈ A(x²)` on `|x| < 0.875`:
-/// a Chebyshev fit (mpmath `chebyfit`, degree 7 in x²), fit error 4e-12.
-const ERF_SMALL: [f32; 8] = [
-    -1.068_997_5e-5,
-    1.155_924_6e-4,
-    -8.517_123_6e-4,
-    5.222_876_4e-3,
-    -2.686_595_8e-2,
-    1.128_379e-1,
-    -3.761_263_9e-1,
-    std::f32::consts::FRAC_2_SQRT_PI,
-];
-
-/// Coefficients (highest degree first) of `H(t) = erfc(x)·exp(x²)/t` with
-/// `t = 1/(1+x)`, on `t ∈ [0, 1/1.875]` i.e. `x ∈ [0.875, ∞)`: a Chebyshev fit
-/// (mpmath `chebyfit`, degree 11), relative fit error 7e-10. `H` is smooth and
-/// tends to `1/√π` as x → ∞, which is why this variable is used.
-const ERFC_LARGE: [f32; 12] = [
-    10.693_609,
-    -35.667_027,
-    49.637_57,
-    -35.260_36,
-    11.361_982,
-    -0.129_236_7,
-    0.073_941_52,
-    -0.722_150_9,
-    -0.281_290_46,
-    0.282_074_3,
-    0.564_189_8,
-    0.564_189_6,
-];
-
-/// Where `erf_f32` switches from the odd polynomial to the erfc form.
-const ERF_SPLIT: f32 = 0.875;
+// The polynomials are shared with the PTX GELU (`KernelBuilder::gelu`), so
+// both devices compute the same function.
+use qvc_codegen::builder::{ERFC_LARGE, ERF_SMALL, ERF_SPLIT};
 
 #[inline(always)]
 fn horner<const N: usize>(c: &[f32; N], x: f32) -> f32 {
@@ -273,13 +242,19 @@ fn erfc_cf(a: f64) -> f64 {
     (-a * a).exp() / (std::f64::consts::PI.sqrt() * f)
 }
 
-/// Reference GELU (erf form) in f64: `x · Φ(x)`, Φ without cancellation.
+/// Reference GELU (erf form) of one value in f64: `x · Φ(x)`, Φ without
+/// cancellation (a very negative `x` keeps its tiny result's relative
+/// accuracy, which `1 + erf` loses).
+pub fn gelu_ref(x: f64) -> f64 {
+    let z = x * std::f64::consts::FRAC_1_SQRT_2;
+    let phi = if z <= -3.0 { 0.5 * erfc_cf(-z) } else { 0.5 * (1.0 + erf_ref(z)) };
+    x * phi
+}
+
+/// Reference GELU (erf form) in f64, in place ([`gelu_ref`]).
 pub fn gelu_erf_ref(x: &mut [f32]) {
     for v in x {
-        let xd = *v as f64;
-        let z = xd * std::f64::consts::FRAC_1_SQRT_2;
-        let phi = if z <= -3.0 { 0.5 * erfc_cf(-z) } else { 0.5 * (1.0 + erf_ref(z)) };
-        *v = (xd * phi) as f32;
+        *v = gelu_ref(*v as f64) as f32;
     }
 }
 

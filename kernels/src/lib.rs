@@ -43,7 +43,7 @@ pub mod spec;
 
 pub mod testutil;
 
-pub use act::{erf_f32, erf_ref, exp_f32, gelu_erf, gelu_erf_ref, silu, silu_ref, swiglu, swiglu_ref};
+pub use act::{erf_f32, erf_ref, exp_f32, gelu_erf, gelu_erf_ref, gelu_ref, silu, silu_ref, swiglu, swiglu_ref};
 pub use attention::{
     attention, attention_flops, attention_min_bytes, attention_ref, attention_with_isa, attention_with_past, AttnArgs,
     Mask,

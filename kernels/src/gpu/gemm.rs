@@ -52,7 +52,7 @@ use qvc_codegen::{Addr, Cmp, Kernel, KernelBuilder, Reg, Space, Sreg, Ty};
 use qvc_ir::{DType, Elems};
 use rayon::prelude::*;
 
-use crate::act::{erf_ref, gelu_erf, swiglu};
+use crate::act::{gelu_erf, gelu_ref, swiglu};
 use crate::gemm::{gemm, MatRef};
 use crate::spec::{Cost, KernelSpec, Launch};
 
@@ -336,7 +336,7 @@ impl Problem {
                 }
                 v = match self.epi.act {
                     Act::None => v,
-                    Act::Gelu => 0.5 * v * (1.0 + erf_ref(v * std::f64::consts::FRAC_1_SQRT_2)),
+                    Act::Gelu => gelu_ref(v),
                     Act::SiluMul => {
                         let g = dot(args.w2.as_ref().expect("checked"));
                         v * g / (1.0 + (-g).exp())

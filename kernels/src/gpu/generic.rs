@@ -24,7 +24,9 @@
 //!   `rcp.rn`), `Tanh`, `Sigmoid`, `Silu` (all built on that exp), `Erf`
 //!   (series below |x| = 0.5, the builder's A&S 7.1.26 form above: absolute
 //!   error < 5e-7); `Gelu` is the builder's erf GELU, the same code as the
-//!   fused GEMM epilogues (absolute error about 5e-7·|x|). Results that
+//!   fused GEMM epilogues and the CPU kernel (relative error about 1e-6,
+//!   up to 1e-5 for very negative inputs, where the reference below, the
+//!   interpreter's `½x(1 + erf)`, is the less accurate one). Results that
 //!   underflow into subnormals may differ by the subnormal itself;
 //! * `Max` (binary and reduction) follows `f64::max`: a NaN operand is
 //!   ignored (the other one is returned), so a reduction over all-NaN gives
