@@ -18,6 +18,8 @@ usage: run.sh (--llama-bin DIR | --llama-src DIR | --fetch) [options]
   --types "f16 bf16 q4_0 q4_0-pure"   which GGUFs to bench (default: all four)
   --threads 1,2     llama-bench -t (default 1,2)
   --reps N          llama-bench -r (default 3)
+  --passes N        run every (file, threads) benchmark N times, one whole round after another, so a
+                    busy spell on a shared machine spoils one pass, not the result (default 1)
   --keep            keep the GGUFs (default: delete each layer count's files after benching it)
   --wait-idle S     before each llama-bench run (one model, one thread count), wait up to S seconds
                     for the machine to be idle (no other runnable process over 5 s), because other
@@ -32,7 +34,7 @@ USAGE
 }
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-bin="" src="" fetch=0 work="" layers="2 8" types="f16 bf16 q4_0 q4_0-pure" threads="1,2" reps=3 keep=0 wait_idle=0 nice_n=0
+bin="" src="" fetch=0 work="" layers="2 8" types="f16 bf16 q4_0 q4_0-pure" threads="1,2" reps=3 keep=0 wait_idle=0 nice_n=0 passes=1
 while [ $# -gt 0 ]; do
   case "$1" in
     --llama-bin) bin="$2"; shift 2 ;;
@@ -46,6 +48,7 @@ while [ $# -gt 0 ]; do
     --keep) keep=1; shift ;;
     --wait-idle) wait_idle="$2"; shift 2 ;;
     --nice) nice_n="$2"; shift 2 ;;
+    --passes) passes="$2"; shift 2 ;;
     -h|--help) usage; exit 0 ;;
     *) echo "run.sh: unknown argument $1" >&2; usage >&2; exit 2 ;;
   esac
@@ -129,10 +132,11 @@ for L in $layers; do
           || { tail -n 20 "$out.log" >&2; exit 1; } ;;
     esac
   done
+  for pass in $(seq "$passes"); do
   for ty in $types; do
     for t in ${threads//,/ }; do
       # Load is recorded because other processes on a shared machine skew the numbers.
-      echo; echo "## $L layers, $ty, $t thread(s) ($(basename "${file[$ty]}"))"
+      echo; echo "## $L layers, $ty, $t thread(s) ($(basename "${file[$ty]}")), pass $pass/$passes"
       [ "$wait_idle" -gt 0 ] && wait_for_idle
       before="$(cut -d' ' -f1-3 /proc/loadavg)"
       echo "load before: $before, $(date -u +%H:%M:%S) UTC, llama-bench nice $nice_n"
@@ -151,14 +155,16 @@ for line in sys.stdin:
     r.update(slice_layers=int(layers), slice_type=ty, loadavg=load)
     print(json.dumps(r))' >> "$work/bench.jsonl"
     done
+  done
   done | tee -a "$results"
   if [ "$keep" = 0 ]; then
     for ty in f16 bf16 q4_0 q4_0-pure; do rm -f "${file[$ty]}" "${file[$ty]}.log"; done
   fi
   unset file
 done
-# One row per (layers, type, threads): llama-bench's mean and the best single repetition. On a
-# machine shared with other work the best repetition is the closer estimate of the uncontended speed.
+# One row per (layers, type, threads): llama-bench's mean (of --reps) from the fastest pass, the range of
+# the passes' means, and the best single repetition. On a machine shared with other work the fastest
+# pass is the closer estimate of the uncontended speed; the range shows how much the sharing moved it.
 "$PYTHON" - "$work/bench.jsonl" <<'PY' | tee -a "$results"
 import json, sys
 rows = {}
@@ -166,15 +172,19 @@ for line in open(sys.argv[1]):
     r = json.loads(line)
     key = (r["slice_layers"], r["slice_type"], r["n_threads"])
     test = "pp" if r["n_prompt"] else "tg"
-    rows.setdefault(key, {})[test] = r
+    rows.setdefault(key, {}).setdefault(test, []).append(r)
+def cells(runs):
+    if not runs:
+        return ["-", "-", "-"]
+    means = [r["avg_ts"] for r in runs]
+    best_rep = max(max(r["samples_ts"]) for r in runs)
+    return [f"{max(means):.1f}", f"{min(means):.1f}-{max(means):.1f}", f"{best_rep:.1f}"]
 print()
-print("| layers | weights | threads | pp300 mean | pp300 best | tg32 mean | tg32 best | load (1/5/15 min) before / after |")
-print("|---:|---|---:|---:|---:|---:|---:|---|")
+print("| layers | weights | threads | pp300 | pp300 passes | pp300 best rep | tg32 | tg32 passes | tg32 best rep | load (1/5/15 min) before / after, fastest pp pass |")
+print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---|")
 for (layers, ty, t), tests in sorted(rows.items()):
-    cell = lambda k, f: f"{f(tests[k]):.1f}" if k in tests else "-"
-    pp_mean, pp_best = cell("pp", lambda r: r["avg_ts"]), cell("pp", lambda r: max(r["samples_ts"]))
-    tg_mean, tg_best = cell("tg", lambda r: r["avg_ts"]), cell("tg", lambda r: max(r["samples_ts"]))
-    load = next(iter(tests.values()))["loadavg"]
-    print(f"| {layers} | {ty} | {t} | {pp_mean} | {pp_best} | {tg_mean} | {tg_best} | {load} |")
+    pp, tg = tests.get("pp", []), tests.get("tg", [])
+    load = max(pp or tg, key=lambda r: r["avg_ts"])["loadavg"]
+    print("| " + " | ".join([str(layers), ty, str(t)] + cells(pp) + cells(tg) + [load]) + " |")
 PY
 echo; echo "results: $results, every repetition: $work/bench.jsonl"
