@@ -12,11 +12,12 @@ The vocabulary is a minimal valid gpt2-style byte-level BPE vocabulary of the re
 byte tokens, one merge, filler tokens, and Qwen's <|endoftext|> (151643) as a control token.
 It only exists so llama.cpp loads the file; llama-bench feeds random token ids.
 
-Tensors are streamed one at a time, so memory stays around two copies of the largest tensor
-(the 151936 x 4096 embedding) even for many layers.
+Tensors are generated and written one at a time (random numbers in 64 MiB blocks), so memory stays
+around one 16-bit copy of the largest tensor (the 151936 x 4096 embedding, 1.2 GB) for any --layers.
 
 Needs only numpy and the `gguf` package from PyPI (pip install gguf numpy).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -169,7 +170,10 @@ def main() -> None:
         total += t.nbytes
         print(f"\r[{k + 1}/{len(plan)}] {name} {total / 2**30:.2f} GiB", end="", file=sys.stderr, flush=True)
     w.close()
-    print(f"\nwrote {args.output} ({total / 2**30:.2f} GiB of tensors, {args.layers} layers, {args.dtype})", file=sys.stderr)
+    print(
+        f"\nwrote {args.output} ({total / 2**30:.2f} GiB of tensors, {args.layers} layers, {args.dtype})",
+        file=sys.stderr,
+    )
 
 
 if __name__ == "__main__":
