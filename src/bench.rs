@@ -143,9 +143,50 @@ impl Synthetic {
 /// Random bf16 weights for every tensor a config's graphs read: N(0, 0.02)
 /// (Irwin–Hall of four 16-bit uniforms), norm weights 1 + N(0, 0.02), biases
 /// N(0, 0.002), so activations stay finite through every layer. Deterministic
-/// in the seed; generated on the host, in parallel.
+/// in the seed; generated on the host, in parallel. With [`SynthQuant`] the
+/// chosen Linears are random GPTQ int4 instead (uniform nibbles, zero 8,
+/// groups of [`SYNTH_GROUP`], scales giving the same spread), as
+/// Qwen-VL-Chat-Int4 stores them.
 pub struct SyntheticWeights {
     tensors: HashMap<String, Vec<bf16>>,
+    q4: HashMap<String, SynthQ4>,
+}
+
+/// Group size of synthetic int4 weights (Qwen-VL-Chat-Int4's).
+pub const SYNTH_GROUP: usize = 128;
+
+/// Which Linears of a synthetic model are int4 (`qvc bench --int4`,
+/// `--int4-lm-head`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SynthQuant {
+    /// The decoder's c_attn, c_proj, w1, w2 and MLP c_proj.
+    pub decoder: bool,
+    /// lm_head too (GPTQModel's `lm_head: true`).
+    pub lm_head: bool,
+}
+
+impl SynthQuant {
+    /// Whether tensor `name` is int4.
+    pub fn is_q4(&self, name: &str) -> bool {
+        let linear =
+            [".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.w1.weight", ".mlp.w2.weight", ".mlp.c_proj.weight"];
+        (self.decoder && name.starts_with("transformer.h.") && linear.iter().any(|l| name.ends_with(l)))
+            || (self.lm_head && name == "lm_head.weight")
+    }
+    /// Bytes of an `[out, inp]` int4 weight: nibbles, f16 scales, packed zeros.
+    fn bytes(out: usize, inp: usize) -> u64 {
+        let groups = inp.div_ceil(SYNTH_GROUP) as u64;
+        (out * inp / 2) as u64 + groups * out as u64 * 2 + groups * out as u64 / 2
+    }
+}
+
+/// One random int4 Linear `[out, inp]` in GPTQ v1 storage.
+struct SynthQ4 {
+    out: usize,
+    inp: usize,
+    qweight: Vec<u32>,
+    qzeros: Vec<u32>,
+    scales: Vec<half::f16>,
 }
 
 fn splitmix(mut z: u64) -> u64 {
@@ -160,10 +201,38 @@ fn fnv(s: &str) -> u64 {
 }
 
 impl SyntheticWeights {
-    pub fn generate(cfg: &Config, seed: u64) -> SyntheticWeights {
+    pub fn generate(cfg: &Config, seed: u64, quant: SynthQuant) -> SyntheticWeights {
         const CHUNK: usize = 1 << 16;
-        let tensors = cfg
-            .expected_tensors()
+        let (quantized, float): (Vec<_>, Vec<_>) =
+            cfg.expected_tensors().into_iter().partition(|(name, _)| quant.is_q4(name));
+        let q4 = quantized
+            .into_iter()
+            .map(|(name, shape)| {
+                let (out, inp) = (shape[0], shape[1]);
+                let groups = inp.div_ceil(SYNTH_GROUP);
+                let base = splitmix(seed ^ fnv(&name));
+                let mut qweight = vec![0u32; inp / 8 * out];
+                qweight.par_chunks_mut(CHUNK).enumerate().for_each(|(c, words)| {
+                    let mut s = splitmix(base ^ (c as u64).wrapping_mul(0xA24B_AED4_963E_E407));
+                    for w in words {
+                        s = splitmix(s);
+                        *w = s as u32;
+                    }
+                });
+                // Uniform nibbles around zero 8 have a standard deviation of
+                // 4.6 steps: this scale gives the float weights' 0.02.
+                let scale = half::f16::from_f32(0.02 / 4.6);
+                let q = SynthQ4 {
+                    out,
+                    inp,
+                    qweight,
+                    qzeros: vec![0x7777_7777; groups * out / 8],
+                    scales: vec![scale; groups * out],
+                };
+                (name, q)
+            })
+            .collect();
+        let tensors = float
             .into_iter()
             .map(|(name, shape)| {
                 let n: usize = shape.iter().product();
@@ -190,28 +259,79 @@ impl SyntheticWeights {
                 (name, v)
             })
             .collect();
-        SyntheticWeights { tensors }
+        SyntheticWeights { tensors, q4 }
     }
 
     pub fn bytes(&self) -> u64 {
-        self.tensors.values().map(|v| v.len() as u64 * 2).sum()
+        let q4: u64 = self.q4.values().map(|q| SynthQuant::bytes(q.out, q.inp)).sum();
+        self.tensors.values().map(|v| v.len() as u64 * 2).sum::<u64>() + q4
     }
 
-    /// Bytes [`SyntheticWeights::generate`] allocates for `cfg` (bf16).
-    pub fn bytes_for(cfg: &Config) -> u64 {
-        cfg.expected_tensors().iter().map(|(_, s)| s.iter().product::<usize>() as u64 * 2).sum()
+    /// Bytes [`SyntheticWeights::generate`] allocates for `cfg` (bf16, int4 where `quant` says).
+    pub fn bytes_for(cfg: &Config, quant: SynthQuant) -> u64 {
+        cfg.expected_tensors()
+            .iter()
+            .map(
+                |(n, s)| {
+                    if quant.is_q4(n) {
+                        SynthQuant::bytes(s[0], s[1])
+                    } else {
+                        s.iter().product::<usize>() as u64 * 2
+                    }
+                },
+            )
+            .sum()
     }
 
-    /// The shapes (bf16) the graph builders read.
-    pub fn shapes(cfg: &Config) -> WeightStore {
-        WeightStore::shapes_only(cfg.expected_tensors().into_iter().map(|(n, s)| (n, DType::BF16, Shape::new(s))))
+    /// The shapes (bf16, or q4 where `quant` says) the graph builders read.
+    pub fn shapes(cfg: &Config, quant: SynthQuant) -> WeightStore {
+        WeightStore::shapes_only(cfg.expected_tensors().into_iter().map(|(n, s)| {
+            let dtype = if quant.is_q4(&n) { DType::Q4 } else { DType::BF16 };
+            (n, dtype, Shape::new(s))
+        }))
     }
 }
 
 impl WeightSource for SyntheticWeights {
     fn weight(&self, name: &str) -> Option<Elems<'_>> {
+        if let Some(q) = self.q4.get(name) {
+            return Some(Elems::Q4(qvc_ir::Q4Ref {
+                rows: q.out,
+                cols: q.inp,
+                row0: 0,
+                ld: q.out,
+                group: SYNTH_GROUP.min(q.inp),
+                qweight: &q.qweight,
+                qzeros: &q.qzeros,
+                scales: &q.scales,
+                perm: None,
+                inv: None,
+            }));
+        }
         self.tensors.get(name).map(|v| Elems::BF16(v))
     }
+}
+
+/// Bytes of weights a decode step of `seqs` sequences reads: every decoder
+/// tensor once in its stored format (int4 at its real size), the token
+/// embedding only its rows. `elem16`: the 16-bit size a GPU stores float
+/// weights in (`None`: as stored).
+fn step_weight_bytes(cfg: &Config, w: &dyn WeightSource, elem16: Option<usize>, seqs: usize) -> f64 {
+    let h = cfg.hidden_size;
+    let mut bytes = 0usize;
+    for (name, shape) in cfg.expected_tensors() {
+        if name.starts_with("transformer.visual.") {
+            continue;
+        }
+        let numel: usize = shape.iter().product();
+        let (numel, per) = match w.weight(&name) {
+            Some(Elems::Q4(q)) => (1, q.bytes()),
+            Some(e) => (numel, elem16.unwrap_or(e.dtype().size())),
+            None => (numel, elem16.unwrap_or(2)),
+        };
+        bytes += if name == "transformer.wte.weight" { seqs * h * per } else { numel * per };
+    }
+    bytes as f64
 }
 
 /// What `qvc bench` measures.
@@ -239,6 +359,8 @@ pub struct BenchOptions {
     /// `--repeat`: vision, time to first token and prefill are each the best
     /// of this many runs [default: 3 on a GPU, 1 elsewhere].
     pub repeat: Option<usize>,
+    /// `--int4`, `--int4-lm-head`: a synthetic model's int4 Linears.
+    pub int4: SynthQuant,
 }
 
 /// Memory a CPU bench of `cfg` with random weights needs, in bytes: the
@@ -246,7 +368,7 @@ pub struct BenchOptions {
 /// interleaved QKV made contiguous, the adapter's in_proj split, the patch
 /// kernel), and working memory (activations of an 896-pixel picture, the
 /// ceilings' test matrices, the host KV cache, the program's buffers).
-pub fn synthetic_cpu_bytes(cfg: &Config) -> u64 {
+pub fn synthetic_cpu_bytes(cfg: &Config, quant: SynthQuant) -> u64 {
     // The peak RSS of `--vit-layers 4 --llm-layers 2` at 448 and 896 pixels
     // was 5.26 GB for 3.79 GB of weights: 1.47 GB of folds and working
     // memory, of which the folds are ~0.12 GB.
@@ -254,7 +376,7 @@ pub fn synthetic_cpu_bytes(cfg: &Config) -> u64 {
     let v = &cfg.visual;
     let folds =
         v.layers * 3 * v.width * v.width + 3 * v.output_dim * v.output_dim + v.width * 3 * v.patch_size * v.patch_size;
-    SyntheticWeights::bytes_for(cfg) + 2 * folds as u64 + WORKING
+    SyntheticWeights::bytes_for(cfg, quant) + 2 * folds as u64 + WORKING
 }
 
 /// `MemAvailable` of `/proc/meminfo` in bytes (`None` where there is none).
@@ -281,7 +403,7 @@ pub fn check_cpu_synthetic(
             let mut c = full.clone();
             c.visual.layers = vit;
             c.layers = llm;
-            synthetic_cpu_bytes(&c)
+            synthetic_cpu_bytes(&c, opt.int4)
         };
         let fixed = sized(0, 0);
         return Err(BenchError::NeedLayers {
@@ -291,7 +413,7 @@ pub fn check_cpu_synthetic(
             fixed_gb: gb(fixed),
         });
     }
-    let need = synthetic_cpu_bytes(cfg);
+    let need = synthetic_cpu_bytes(cfg, opt.int4);
     match avail {
         Some(avail) if need > avail => Err(BenchError::TooMuchMemory {
             name: synthetic.name(),
@@ -713,13 +835,10 @@ pub fn decoder_flops(cfg: &Config, tokens: usize, past: usize, logit_rows: usize
         + 2.0 * (logit_rows * h * cfg.vocab_size) as f64
 }
 
-/// Bytes a decode step reads: every decoder weight once (the embedding table
-/// only its rows), the cache of each sequence.
-fn decode_bytes(cfg: &Config, weight_elem: usize, kv_elem: usize, seqs: usize, past: usize) -> f64 {
-    let (h, f) = (cfg.hidden_size, cfg.mlp_width);
-    let layer = 3 * h * h + 3 * h + h * h + 3 * h * f + 2 * h;
-    let params = cfg.layers * layer + h + cfg.vocab_size * h + seqs * h;
-    (params * weight_elem) as f64 + (seqs * 2 * cfg.layers * past * h * kv_elem) as f64
+/// Bytes a decode step reads: the weights ([`step_weight_bytes`]) and the
+/// cache of each sequence.
+fn decode_bytes(cfg: &Config, weight_bytes: f64, kv_elem: usize, seqs: usize, past: usize) -> f64 {
+    weight_bytes + (seqs * 2 * cfg.layers * past * cfg.hidden_size * kv_elem) as f64
 }
 
 /// One decode measurement (`batch` sequences together).
@@ -1161,8 +1280,8 @@ pub fn run(model: Option<&Model>, synthetic: Option<Synthetic>, opt: &BenchOptio
 
     // Weights.
     let t0 = Instant::now();
-    let synth_w = synthetic.map(|_| SyntheticWeights::generate(&cfg, 0x9E11));
-    let synth_shapes = synthetic.map(|_| SyntheticWeights::shapes(&cfg));
+    let synth_w = synthetic.map(|_| SyntheticWeights::generate(&cfg, 0x9E11, opt.int4));
+    let synth_shapes = synthetic.map(|_| SyntheticWeights::shapes(&cfg, opt.int4));
     let (shapes, base): (&WeightStore, &dyn WeightSource) = match (model, &synth_w, &synth_shapes) {
         (Some(m), _, _) => (&m.weights, &m.weights),
         (None, Some(w), Some(s)) => (s, w),
@@ -1170,7 +1289,7 @@ pub fn run(model: Option<&Model>, synthetic: Option<Synthetic>, opt: &BenchOptio
     };
     let weights_note = match (&synth_w, model) {
         (Some(w), _) => format!(
-            "synthetic {}{}: {:.2} GB random bf16 generated on the host ({} threads) in {:.1} s{}",
+            "synthetic {}{}: {:.2} GB random {} generated on the host ({} threads) in {:.1} s{}",
             synthetic.map_or("", |s| s.name()),
             match synthetic.map(|s| s.config()) {
                 Some(full) if (full.visual.layers, full.layers) != (cfg.visual.layers, cfg.layers) => format!(
@@ -1180,6 +1299,12 @@ pub fn run(model: Option<&Model>, synthetic: Option<Synthetic>, opt: &BenchOptio
                 _ => String::new(),
             },
             w.bytes() as f64 / 1e9,
+            match (opt.int4.decoder, opt.int4.lm_head) {
+                (false, false) => "bf16",
+                (true, false) => "bf16 with int4 decoder Linears (group 128)",
+                (false, true) => "bf16 with an int4 lm_head (group 128)",
+                (true, true) => "bf16 with int4 decoder Linears and lm_head (group 128)",
+            },
             rayon::current_num_threads(),
             t0.elapsed().as_secs_f64(),
             if gpu { ", uploaded on first use" } else { "" }
@@ -1331,7 +1456,6 @@ pub fn run(model: Option<&Model>, synthetic: Option<Synthetic>, opt: &BenchOptio
 
     // Decode, batch 1, then `batch` sequences together; both after a prefill
     // of `prompt_len`.
-    let welem = if gpu { 2 } else { shapes.info("lm_head.weight").map_or(2, |(d, _)| d.size()) };
     let kvelem = if gpu { 2 } else { 4 };
     let batches = if batch > 1 { vec![1, batch] } else { vec![1] };
     for b in batches {
@@ -1352,7 +1476,8 @@ pub fn run(model: Option<&Model>, synthetic: Option<Synthetic>, opt: &BenchOptio
             r.decode(&mut seqs, cap, warm + i)?;
         }
         let step_ms = t0.elapsed().as_secs_f64() * 1e3 / opt.decode_tokens as f64;
-        let bytes = decode_bytes(&cfg, welem, kvelem, b, past + opt.decode_tokens / 2);
+        let wbytes = step_weight_bytes(&cfg, base, gpu.then_some(2), b);
+        let bytes = decode_bytes(&cfg, wbytes, kvelem, b, past + opt.decode_tokens / 2);
         report.decode.push(DecodeResult {
             batch: b,
             step_ms,
@@ -1477,6 +1602,7 @@ mod tests {
             vit_layers: vit,
             llm_layers: llm,
             repeat: None,
+            int4: SynthQuant::default(),
         }
     }
 
@@ -1495,9 +1621,15 @@ mod tests {
         ));
         // Weights alone: 4 ViT layers of ~77 MB, 2 decoder layers of ~404 MB,
         // 2 × 1.24 GB of embedding and lm_head, the adapter and patch kernel.
-        let w = SyntheticWeights::bytes_for(&c) as f64 / 1e9;
+        let w = SyntheticWeights::bytes_for(&c, SynthQuant::default()) as f64 / 1e9;
         assert!((3.7..3.9).contains(&w), "{w} GB");
-        let need = synthetic_cpu_bytes(&c);
+        // Int4 decoder Linears: a nibble plus an f16 scale and a packed zero
+        // per 128 weights (4.16 bits) instead of 16 bits.
+        let q = SynthQuant { decoder: true, lm_head: false };
+        let wq = SyntheticWeights::bytes_for(&c, q) as f64 / 1e9;
+        let linears = 2.0 * (4096.0 * 12288.0 + 4096.0 * 4096.0 + 3.0 * 4096.0 * 11008.0) / 1e9;
+        assert!((w - wq - linears * (2.0 - (0.5 + 2.5 / 128.0))).abs() < 1e-3, "{w} vs {wq} GB");
+        let need = synthetic_cpu_bytes(&c, SynthQuant::default());
         let o = opts(Some(4), Some(2));
         assert!(check_cpu_synthetic(Synthetic::QwenVlChat, &c, &o, Some(need)).is_ok());
         assert!(check_cpu_synthetic(Synthetic::QwenVlChat, &c, &o, None).is_ok());

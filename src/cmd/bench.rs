@@ -33,6 +33,14 @@ pub struct BenchArgs {
     /// plus 2.5 GB for the embedding and lm_head whatever the count).
     #[arg(long, value_name = "M")]
     llm_layers: Option<usize>,
+    /// With --synthetic: the decoder's Linears (c_attn, c_proj, w1, w2, MLP c_proj) are random GPTQ int4 (group
+    /// 128, as Qwen-VL-Chat-Int4 stores them) instead of bf16, so int4 decode is timed against the bytes it
+    /// really reads, e.g. `qvc bench --synthetic qwen-vl-chat --vit-layers 0 --llm-layers 8 --int4 --device cpu`.
+    #[arg(long)]
+    int4: bool,
+    /// With --synthetic: lm_head is int4 too (GPTQModel's `lm_head: true`; `qvc quantize --lm-head int4`).
+    #[arg(long)]
+    int4_lm_head: bool,
     /// Time vision, time to first token and prefill this many times each and keep the best (on a shared, noisy
     /// machine the best of several is the stable figure) [default: 3 on a GPU, 1 on the CPU and the emulator].
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=100))]
@@ -72,7 +80,14 @@ pub fn run(a: BenchArgs) -> Result<()> {
         vit_layers: a.vit_layers,
         llm_layers: a.llm_layers,
         repeat: a.repeat.map(usize::from),
+        int4: crate::bench::SynthQuant { decoder: a.int4, lm_head: a.int4_lm_head },
     };
+    if (a.int4 || a.int4_lm_head) && a.synthetic.is_none() {
+        anyhow::bail!(
+            "--int4 and --int4-lm-head shape a --synthetic model; a checkpoint is timed as stored (quantize one \
+             with `qvc quantize`)"
+        );
+    }
     let has_model = a.model.path.is_some() || a.model.model.is_some();
     match &a.synthetic {
         Some(_) if has_model => Err(BenchError::ModelAndSynthetic.into()),
