@@ -11,23 +11,24 @@
 //! Two paths:
 //! * **GEMV** (m ≤ [`GEMV_MAX_M`]: decode, small batches): reads the packed
 //!   words straight from the memory map. Each task owns a chunk of output
-//!   columns (up to 2048) and sweeps the stored rows in order, a word row
-//!   (8 input rows × the chunk's columns, one contiguous run of `u32`s) at a
-//!   time, software-prefetching a few word rows ahead (the hardware
-//!   prefetchers do not follow these strided runs; without it the kernel
-//!   ran at a third of the speed). A word vector (16 or 8 consecutive
-//!   columns) is dequantized in registers, exactly: nibble `j` is read in
-//!   place as the float `2²³ + q·16^(j%4)` (one AND of a half word kept under
-//!   the exponent bits of 2²³) minus the group's `2²³ + z·16^(j%4)`, i.e.
-//!   `(q − z)·16^(j%4)` with no rounding, against an input prescaled by
-//!   `16^-(j%4)` (see `GemvBufs::zb`). Each row keeps a per-group
-//!   accumulator `acc = Σ_r (q − z)·xg[r]` (one FMA chain in stored row
-//!   order) and at the end of a group `y = fma(scale, acc, y)`. Every element
-//!   of the result is therefore one fixed sequence of operations whatever m,
-//!   the column chunking or the threads: batched decode is bit for bit
-//!   single decode (on one [`Q4Path`]), for any m this path takes.
-//!   The exact form costs three vector ops per 16 weights (AND, SUB, FMA);
-//!   on this 2-core machine that, not DRAM, is the GEMV's limit.
+//!   columns (up to 2048) and sweeps the groups in order; within a group it
+//!   takes a block of 1–4 word vectors (16 or 8 consecutive columns each)
+//!   at a time and runs it over all the group's word rows (8 input rows
+//!   each) with the accumulators in registers, then `y = fma(scale, acc,
+//!   y)`; it software-prefetches the same rows a few blocks ahead, or the
+//!   next group's (the hardware prefetchers do not follow these strided
+//!   runs). A word vector is dequantized in registers, exactly: nibble `j`
+//!   is read in place as the float `2²³ + q·16^(j%4)` (one AND of a half
+//!   word kept under the exponent bits of 2²³) minus the group's
+//!   `2²³ + z·16^(j%4)`, i.e. `(q − z)·16^(j%4)` with no rounding, against
+//!   an input prescaled by `16^-(j%4)` (see `GemvBufs::zb`). Each output
+//!   element keeps a per-group accumulator `acc = Σ_r (q − z)·xg[r]` (one
+//!   FMA chain in stored row order, from 0) and at the end of a group
+//!   `y = fma(scale, acc, y)`. Every element of the result is therefore one
+//!   fixed sequence of operations whatever m, the block width, the column
+//!   chunking or the threads: batched decode is bit for bit single decode
+//!   (on one [`Q4Path`]), for any m this path takes.
+//!   The exact form costs three vector ops per 16 weights (AND, SUB, FMA).
 //! * **Dequantize + GEMM** (larger m: prefill, vision-sized batches): one
 //!   task per block of output columns dequantizes the block (all stored
 //!   rows, at most [`DEQUANT_BLOCK_FLOATS`] floats, in a per-thread scratch
@@ -51,7 +52,7 @@ const MAGIC: u32 = 0x4B00_0000;
 const MAGIC_F: f32 = 8_388_608.0;
 /// Most output columns per GEMV task for m ≤ 2: each word row is an 8 KiB
 /// contiguous run (DRAM and the hardware prefetchers like long runs) and the
-/// per-task accumulators and zeros (2 × 8 KiB a row) stay in L1.
+/// per-task results and zeros (5 × 8 KiB) stay in L1/L2.
 const GEMV_COLS: usize = 2048;
 /// The same for m > 2, whose accumulators and results take more room.
 const GEMV_COLS_BATCH: usize = 512;
@@ -59,8 +60,8 @@ const GEMV_COLS_BATCH: usize = 512;
 /// (see `GemvBufs::zb`), so its input at stored row `r` is prescaled by
 /// `16^-(r%4)`. Powers of two: the products are exactly `q·x`.
 const NIBBLE_SCALE: [f32; 4] = [1.0, 1.0 / 16.0, 1.0 / 256.0, 1.0 / 4096.0];
-/// Word rows prefetched ahead in the GEMV sweep.
-const PREFETCH_ROWS: usize = 4;
+/// Columns prefetched ahead in the GEMV sweep (on each word row of a group).
+const PREFETCH_COLS: usize = 256;
 /// Largest gathered-activation buffer kept for reuse (floats; 4 MiB).
 const XG_KEEP_FLOATS: usize = 1 << 20;
 /// Largest m the GEMV path takes. It must be at least
@@ -304,8 +305,10 @@ fn with_xg(a: &MatRef, w: &Q4Ref, scaled: bool, f: impl FnOnce(&[f32])) {
 /// Per-task buffers of the GEMV path, padded to whole 16-lane vectors.
 #[derive(Default)]
 struct GemvBufs {
-    /// Per-group accumulators, `rows × cwp`.
-    acc: Vec<f32>,
+    /// The ragged last word vector of a chunk, one group's word rows of
+    /// it, 16 words a row, zero-padded (padding lanes compute 0 − 0 and are
+    /// never stored to C).
+    tail: Vec<u32>,
     /// Results, `rows × cwp`.
     y: Vec<f32>,
     /// Four rows of `cwp`: row `t` holds `2²³ + zero·16^t` of the current
@@ -435,31 +438,37 @@ unsafe fn chunk_portable(rows: usize, ch: &Chunk, bufs: &mut GemvBufs) {
 /// columns; all pointers are to padded buffers (whole vectors readable).
 trait Kern {
     const LANES: usize;
+    /// A vector of `LANES` f32 (an accumulator, held in a register).
+    type V: Copy;
+    /// The zero vector.
+    ///
+    /// SAFETY: the path's CPU features.
+    unsafe fn zero() -> Self::V;
     /// Nibbles `j0..j1` (all 8 when `j0 == 0 && j1 == 8`) of the word
-    /// vector at `wp`: `acc[i] += (q_j − z)·x[i][j]` in nibble order, for
+    /// vector at `wp`: `a[u][i] += (q_j − z)·x[i][j]` in nibble order, for
     /// each of the `M` rows (`x[i]` points at the word row's first prescaled
-    /// input; row `i` of the accumulators at `acc + i·ld`; the four zero rows
-    /// of [`GemvBufs::zb`] at `zp + t·ld`).
+    /// input; the four zero rows of [`GemvBufs::zb`] at `zp + t·ld`).
     ///
     /// `U` consecutive word vectors at once (independent FMA chains for the
     /// out-of-order core; each element's chain is the same whatever `U`).
     ///
-    /// SAFETY: `U·LANES` elements readable at `wp` and at each `zp + t·ld`,
-    /// readable and writable at each `acc + i·ld`; `x[i] + j1 - 1` readable;
-    /// the path's CPU features.
+    /// SAFETY: `U·LANES` elements readable at `wp` and at each `zp + t·ld`;
+    /// `x[i] + j1 - 1` readable; the path's CPU features.
     unsafe fn word<const M: usize, const U: usize>(
         wp: *const u32,
         zp: *const f32,
         x: &[*const f32; M],
-        acc: *mut f32,
+        a: &mut [[Self::V; M]; U],
         ld: usize,
         j0: usize,
         j1: usize,
     );
-    /// End of a group over one vector: `y = fma(s, acc, y)`, `acc = 0`.
+    /// End of a group over one vector: `y = fma(s, acc, y)` for each row
+    /// (row `i` of `y` at `y + i·ld`).
     ///
-    /// SAFETY: as for `word`.
-    unsafe fn group_end<const M: usize>(sp: *const f32, acc: *mut f32, y: *mut f32, ld: usize);
+    /// SAFETY: `LANES` elements readable at `sp`, readable and writable at
+    /// each `y + i·ld`; the path's CPU features.
+    unsafe fn group_end<const M: usize>(sp: *const f32, a: &[Self::V; M], y: *mut f32, ld: usize);
     /// Prefetch the cache line at `p` (no-op where unsupported).
     #[inline(always)]
     fn prefetch(p: *const u32) {
@@ -473,6 +482,45 @@ trait Kern {
     }
 }
 
+/// One group over one block of `U` word vectors: the accumulators stay in
+/// registers over all the group's word rows `pa..pb` (stored rows `ra..rb`),
+/// then `y = fma(s, acc, y)`. Word row `p` of the block is at
+/// `wp + (p − pa)·wld`; `pf` (with the same stride, `pf_rows` rows) is
+/// what the sweep reads next, prefetched a row at a time.
+///
+/// SAFETY: as for [`Kern::word`] on every word row, and for
+/// [`Kern::group_end`] on every vector; `xr[i] + rb − 1` readable.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn block<K: Kern, const M: usize, const U: usize>(
+    wp: *const u32,
+    wld: usize,
+    (pa, pb, ra, rb): (usize, usize, usize, usize),
+    (pf, pf_rows): (*const u32, usize),
+    zp: *const f32,
+    sp: *const f32,
+    xr: &[*const f32; M],
+    y: *mut f32,
+    ld: usize,
+) {
+    let mut a = [[K::zero(); M]; U];
+    for p in pa..pb {
+        let (j0, j1) = (ra.max(p * 8) - p * 8, (rb - p * 8).min(8));
+        let d = p - pa;
+        if d < pf_rows {
+            let row = pf.wrapping_add(d * wld);
+            for l in (0..U * K::LANES).step_by(16) {
+                K::prefetch(row.wrapping_add(l));
+            }
+        }
+        let x: [*const f32; M] = std::array::from_fn(|i| xr[i].add(p * 8));
+        K::word::<M, U>(wp.add(d * wld), zp, &x, &mut a, ld, j0, j1);
+    }
+    for (u, au) in a.iter().enumerate() {
+        K::group_end::<M>(sp.add(u * K::LANES), au, y.add(u * K::LANES), ld);
+    }
+}
+
 /// The GEMV sweep of one chunk over all groups (see the module doc).
 ///
 /// SAFETY: `K`'s CPU features; C must hold rows `ch.i0..ch.i0 + M` ×
@@ -481,15 +529,13 @@ trait Kern {
 unsafe fn chunk<K: Kern, const M: usize>(ch: &Chunk, bufs: &mut GemvBufs) {
     let Chunk { xg, k, w, i0, c0, cw, c, ldc, accumulate } = *ch;
     let cwp = cw.next_multiple_of(16);
-    for v in [&mut bufs.acc, &mut bufs.y] {
-        v.clear();
-        v.resize(M * cwp, 0.0);
-    }
+    bufs.y.clear();
+    bufs.y.resize(M * cwp, 0.0);
     for (v, len, pad) in [(&mut bufs.zb, 4 * cwp, MAGIC_F), (&mut bufs.sb, cwp, 0.0)] {
         v.clear();
         v.resize(len, pad);
     }
-    let (acc, y) = (bufs.acc.as_mut_ptr(), bufs.y.as_mut_ptr());
+    let y = bufs.y.as_mut_ptr();
     let cbase = c.get().add(i0 * ldc + c0);
     if accumulate {
         for i in 0..M {
@@ -500,9 +546,13 @@ unsafe fn chunk<K: Kern, const M: usize>(ch: &Chunk, bufs: &mut GemvBufs) {
     let words = k.div_ceil(8);
     let qw = w.qweight.as_ptr();
     assert!(w.qweight.len() >= (words - 1) * w.ld + o0 + cw, "q4 gemv: qweight too short");
-    let mut tail = [0u32; 16];
+    let xr: [*const f32; M] = std::array::from_fn(|i| xg.as_ptr().add((i0 + i) * k));
+    // Few rows: several vectors at once, so that enough independent FMA
+    // chains are in flight (`U` = 4, 2, 1 for M ≤ 2, ≤ 4, more).
+    let step = K::LANES * unroll(M);
     for g in 0..w.groups() {
         let (ra, rb) = (g * w.group, ((g + 1) * w.group).min(k));
+        let (pa, pb) = (ra / 8, rb.div_ceil(8));
         fill_group(w, g, o0, cw, &mut bufs.zb, &mut bufs.sb);
         let (z0, zt) = bufs.zb.split_at_mut(cwp);
         for (t, zr) in zt.chunks_mut(cwp).enumerate() {
@@ -512,51 +562,46 @@ unsafe fn chunk<K: Kern, const M: usize>(ch: &Chunk, bufs: &mut GemvBufs) {
             }
         }
         let (zb, sb) = (bufs.zb.as_ptr(), bufs.sb.as_ptr());
-        let mut r = ra;
-        while r < rb {
-            let p = r / 8;
-            let (j0, j1) = (r % 8, (rb - p * 8).min(8));
-            let row = qw.add(p * w.ld + o0);
-            let pf = (p + PREFETCH_ROWS < words).then(|| qw.add((p + PREFETCH_ROWS) * w.ld + o0));
-            let x: [*const f32; M] = std::array::from_fn(|i| xg.as_ptr().add((i0 + i) * k + p * 8));
-            let mut v = 0;
-            // Few rows: several vectors at once, so that enough independent
-            // FMA chains are in flight (`U` = 4, 2, 1 for M = 1, 2, 3+).
-            let step = K::LANES * unroll(M);
-            while v + step <= cw {
-                if let Some(pf) = pf {
-                    for l in (v..v + step).step_by(16) {
-                        K::prefetch(pf.add(l));
-                    }
-                }
-                match unroll(M) {
-                    4 => K::word::<M, 4>(row.add(v), zb.add(v), &x, acc.add(v), cwp, j0, j1),
-                    2 => K::word::<M, 2>(row.add(v), zb.add(v), &x, acc.add(v), cwp, j0, j1),
-                    _ => K::word::<M, 1>(row.add(v), zb.add(v), &x, acc.add(v), cwp, j0, j1),
-                }
-                v += step;
+        let rows = (pa, pb, ra, rb);
+        // What to prefetch while a block runs: the same word rows
+        // `PREFETCH_COLS` columns on, or past the chunk's end the next
+        // group's rows (each block reads `pb − pa` strided runs, which the
+        // hardware prefetchers do not follow).
+        let pf = |v: usize| -> (*const u32, usize) {
+            let pc = v + PREFETCH_COLS;
+            if pc < cw {
+                (qw.wrapping_add(pa * w.ld + o0 + pc), pb - pa)
+            } else if pb < words {
+                (qw.wrapping_add(pb * w.ld + o0 + pc - cw), (pb - pa).min(words - pb))
+            } else {
+                (qw, 0)
             }
-            while v + K::LANES <= cw {
-                if let Some(pf) = pf {
-                    if v.is_multiple_of(16) {
-                        K::prefetch(pf.add(v));
-                    }
-                }
-                K::word::<M, 1>(row.add(v), zb.add(v), &x, acc.add(v), cwp, j0, j1);
-                v += K::LANES;
-            }
-            if v < cw {
-                // Ragged last vector: the words through a zero-padded copy
-                // (padding lanes compute 0 − 0, and are never stored to C).
-                tail[..cw - v].copy_from_slice(std::slice::from_raw_parts(row.add(v), cw - v));
-                K::word::<M, 1>(tail.as_ptr(), zb.add(v), &x, acc.add(v), cwp, j0, j1);
-            }
-            r = p * 8 + j1;
-        }
+        };
+        let row = qw.add(pa * w.ld + o0);
         let mut v = 0;
-        while v < cw {
-            K::group_end::<M>(sb.add(v), acc.add(v), y.add(v), cwp);
+        while v + step <= cw {
+            let (wp, zp, sp, yp) = (row.add(v), zb.add(v), sb.add(v), y.add(v));
+            match unroll(M) {
+                4 => block::<K, M, 4>(wp, w.ld, rows, pf(v), zp, sp, &xr, yp, cwp),
+                2 => block::<K, M, 2>(wp, w.ld, rows, pf(v), zp, sp, &xr, yp, cwp),
+                _ => block::<K, M, 1>(wp, w.ld, rows, pf(v), zp, sp, &xr, yp, cwp),
+            }
+            v += step;
+        }
+        while v + K::LANES <= cw {
+            block::<K, M, 1>(row.add(v), w.ld, rows, pf(v), zb.add(v), sb.add(v), &xr, y.add(v), cwp);
             v += K::LANES;
+        }
+        if v < cw {
+            // Ragged last vector: its words through a zero-padded copy.
+            let n = cw - v;
+            bufs.tail.clear();
+            bufs.tail.resize((pb - pa) * 16, 0);
+            for (d, t) in bufs.tail.chunks_mut(16).enumerate() {
+                t[..n].copy_from_slice(std::slice::from_raw_parts(row.add(d * w.ld + v), n));
+            }
+            let tp = bufs.tail.as_ptr();
+            block::<K, M, 1>(tp, 16, rows, (qw, 0), zb.add(v), sb.add(v), &xr, y.add(v), cwp);
         }
     }
     for i in 0..M {
@@ -567,8 +612,8 @@ unsafe fn chunk<K: Kern, const M: usize>(ch: &Chunk, bufs: &mut GemvBufs) {
 /// Word vectors per step of the GEMV sweep for `m` rows.
 const fn unroll(m: usize) -> usize {
     match m {
-        1 => 4,
-        2 => 2,
+        1 | 2 => 4,
+        3 | 4 => 2,
         _ => 1,
     }
 }
@@ -598,27 +643,31 @@ struct PortableK;
 #[allow(clippy::needless_range_loop)]
 impl Kern for PortableK {
     const LANES: usize = 8;
+    type V = [f32; 8];
+    #[inline(always)]
+    unsafe fn zero() -> [f32; 8] {
+        [0.0; 8]
+    }
     #[inline(always)]
     unsafe fn word<const M: usize, const U: usize>(
         wp: *const u32,
         zp: *const f32,
         x: &[*const f32; M],
-        acc: *mut f32,
+        a: &mut [[[f32; 8]; M]; U],
         ld: usize,
         j0: usize,
         j1: usize,
     ) {
-        for u in 0..U {
-            Self::word1::<M>(wp.add(8 * u), zp.add(8 * u), x, acc.add(8 * u), ld, j0, j1);
+        for (u, au) in a.iter_mut().enumerate() {
+            Self::word1::<M>(wp.add(8 * u), zp.add(8 * u), x, au, ld, j0, j1);
         }
     }
     #[inline(always)]
-    unsafe fn group_end<const M: usize>(sp: *const f32, acc: *mut f32, y: *mut f32, ld: usize) {
+    unsafe fn group_end<const M: usize>(sp: *const f32, a: &[[f32; 8]; M], y: *mut f32, ld: usize) {
         for i in 0..M {
             for l in 0..8 {
-                let (a, yy) = (acc.add(i * ld + l), y.add(i * ld + l));
-                *yy += *sp.add(l) * *a;
-                *a = 0.0;
+                let yy = y.add(i * ld + l);
+                *yy += *sp.add(l) * a[i][l];
             }
         }
     }
@@ -632,7 +681,7 @@ impl PortableK {
         wp: *const u32,
         zp: *const f32,
         x: &[*const f32; M],
-        acc: *mut f32,
+        a: &mut [[f32; 8]; M],
         ld: usize,
         j0: usize,
         j1: usize,
@@ -640,8 +689,6 @@ impl PortableK {
         let w0: [u32; 8] = std::ptr::read_unaligned(wp as *const [u32; 8]);
         let w16 = w0.map(|v| v >> 16);
         let z: [[f32; 8]; 4] = std::array::from_fn(|t| std::ptr::read_unaligned(zp.add(t * ld) as *const [f32; 8]));
-        let mut a: [[f32; 8]; M] =
-            std::array::from_fn(|i| std::ptr::read_unaligned(acc.add(i * ld) as *const [f32; 8]));
         for j in j0..j1 {
             let (src, t) = if j < 4 { (&w0, j) } else { (&w16, j - 4) };
             let mut q = [0f32; 8];
@@ -654,9 +701,6 @@ impl PortableK {
                     a[i][l] += q[l] * xv;
                 }
             }
-        }
-        for (i, ai) in a.iter().enumerate() {
-            std::ptr::write_unaligned(acc.add(i * ld) as *mut [f32; 8], *ai);
         }
     }
 }
@@ -706,12 +750,17 @@ struct Avx2K;
 #[allow(clippy::needless_range_loop)]
 impl Kern for Avx2K {
     const LANES: usize = 8;
+    type V = std::arch::x86_64::__m256;
+    #[inline(always)]
+    unsafe fn zero() -> Self::V {
+        std::arch::x86_64::_mm256_setzero_ps()
+    }
     #[inline(always)]
     unsafe fn word<const M: usize, const U: usize>(
         wp: *const u32,
         zp: *const f32,
         x: &[*const f32; M],
-        acc: *mut f32,
+        a: &mut [[Self::V; M]; U],
         ld: usize,
         j0: usize,
         j1: usize,
@@ -724,28 +773,20 @@ impl Kern for Avx2K {
             let lo = _mm256_or_si256(_mm256_and_si256(w0[u], _mm256_set1_epi32(0xFFFF)), magic);
             [lo, _mm256_or_si256(_mm256_srli_epi32::<16>(w0[u]), magic)]
         });
-        let mut a: [[__m256; M]; U] =
-            std::array::from_fn(|u| std::array::from_fn(|i| _mm256_loadu_ps(acc.add(i * ld + 8 * u))));
         let q = |u: usize, h: usize, t: usize| {
             let bits = _mm256_and_si256(w[u][h], _mm256_set1_epi32((15 << (4 * t)) | MAGIC as i32));
             _mm256_sub_ps(_mm256_castsi256_ps(bits), _mm256_loadu_ps(zp.add(t * ld + 8 * u)))
         };
         let fma = |q: __m256, x: f32, a: __m256| _mm256_fmadd_ps(q, _mm256_set1_ps(x), a);
         nibbles!(q, fma, a, x, j0, j1, M, U);
-        for u in 0..U {
-            for i in 0..M {
-                _mm256_storeu_ps(acc.add(i * ld + 8 * u), a[u][i]);
-            }
-        }
     }
     #[inline(always)]
-    unsafe fn group_end<const M: usize>(sp: *const f32, acc: *mut f32, y: *mut f32, ld: usize) {
+    unsafe fn group_end<const M: usize>(sp: *const f32, a: &[Self::V; M], y: *mut f32, ld: usize) {
         use std::arch::x86_64::*;
         let s = _mm256_loadu_ps(sp);
         for i in 0..M {
-            let (a, yy) = (acc.add(i * ld), y.add(i * ld));
-            _mm256_storeu_ps(yy, _mm256_fmadd_ps(s, _mm256_loadu_ps(a), _mm256_loadu_ps(yy)));
-            _mm256_storeu_ps(a, _mm256_setzero_ps());
+            let yy = y.add(i * ld);
+            _mm256_storeu_ps(yy, _mm256_fmadd_ps(s, a[i], _mm256_loadu_ps(yy)));
         }
     }
 }
@@ -757,12 +798,17 @@ struct Avx512K;
 #[allow(clippy::needless_range_loop)]
 impl Kern for Avx512K {
     const LANES: usize = 16;
+    type V = std::arch::x86_64::__m512;
+    #[inline(always)]
+    unsafe fn zero() -> Self::V {
+        std::arch::x86_64::_mm512_setzero_ps()
+    }
     #[inline(always)]
     unsafe fn word<const M: usize, const U: usize>(
         wp: *const u32,
         zp: *const f32,
         x: &[*const f32; M],
-        acc: *mut f32,
+        a: &mut [[Self::V; M]; U],
         ld: usize,
         j0: usize,
         j1: usize,
@@ -777,28 +823,20 @@ impl Kern for Avx512K {
             let lo = _mm512_ternarylogic_epi32::<0xEA>(w0[u], _mm512_set1_epi32(0xFFFF), magic);
             [lo, _mm512_or_si512(_mm512_srli_epi32::<16>(w0[u]), magic)]
         });
-        let mut a: [[__m512; M]; U] =
-            std::array::from_fn(|u| std::array::from_fn(|i| _mm512_loadu_ps(acc.add(i * ld + 16 * u))));
         let q = |u: usize, h: usize, t: usize| {
             let bits = _mm512_and_si512(w[u][h], _mm512_set1_epi32((15 << (4 * t)) | MAGIC as i32));
             _mm512_sub_ps(_mm512_castsi512_ps(bits), _mm512_loadu_ps(zp.add(t * ld + 16 * u)))
         };
         let fma = |q: __m512, x: f32, a: __m512| _mm512_fmadd_ps(q, _mm512_set1_ps(x), a);
         nibbles!(q, fma, a, x, j0, j1, M, U);
-        for u in 0..U {
-            for i in 0..M {
-                _mm512_storeu_ps(acc.add(i * ld + 16 * u), a[u][i]);
-            }
-        }
     }
     #[inline(always)]
-    unsafe fn group_end<const M: usize>(sp: *const f32, acc: *mut f32, y: *mut f32, ld: usize) {
+    unsafe fn group_end<const M: usize>(sp: *const f32, a: &[Self::V; M], y: *mut f32, ld: usize) {
         use std::arch::x86_64::*;
         let s = _mm512_loadu_ps(sp);
         for i in 0..M {
-            let (a, yy) = (acc.add(i * ld), y.add(i * ld));
-            _mm512_storeu_ps(yy, _mm512_fmadd_ps(s, _mm512_loadu_ps(a), _mm512_loadu_ps(yy)));
-            _mm512_storeu_ps(a, _mm512_setzero_ps());
+            let yy = y.add(i * ld);
+            _mm512_storeu_ps(yy, _mm512_fmadd_ps(s, a[i], _mm512_loadu_ps(yy)));
         }
     }
 }
