@@ -598,31 +598,7 @@ fn cpu_ceilings(shapes: &[GemmShape]) -> Ceilings {
     let fma_how =
         format!("measured: {isa_name} per thread, on all {threads} threads at once, best of {FMA_REPS} × 20 ms");
 
-    let n = 64 << 20;
-    let mut buf = vec![0f32; n];
-    buf.par_chunks_mut(1 << 16).for_each(|c| c.fill(1.0));
-    let mut best = f64::MAX;
-    for _ in 0..READ_REPS {
-        let t0 = Instant::now();
-        // Eight independent lanes so the sum vectorises and memory, not the
-        // add latency, is the limit.
-        let s: f32 = buf
-            .par_chunks(1 << 16)
-            .map(|c| {
-                let mut acc = [0f32; 8];
-                for ch in c.chunks_exact(8) {
-                    for (a, v) in acc.iter_mut().zip(ch) {
-                        *a += v;
-                    }
-                }
-                acc.iter().sum::<f32>()
-            })
-            .sum();
-        std::hint::black_box(s);
-        best = best.min(t0.elapsed().as_secs_f64());
-    }
-    drop(buf);
-    let bytes_per_s = (n * 4) as f64 / best;
+    let bytes_per_s = qvc_kernels::peak::read_bandwidth(&qvc_kernels::peak::read_buffer(), READ_REPS);
     let bw_how = format!("measured: sum over a 256 MiB buffer on {threads} threads, best of {READ_REPS}");
 
     let mut rows = vec![

@@ -81,30 +81,7 @@ impl Weight {
 /// each shape, because other processes on a shared machine change it.
 fn read_bandwidth() -> f64 {
     static BUF: OnceLock<Vec<f32>> = OnceLock::new();
-    let buf = BUF.get_or_init(|| {
-        let mut buf = vec![0f32; 64 << 20];
-        buf.par_chunks_mut(1 << 16).for_each(|c| c.fill(1.0));
-        buf
-    });
-    let mut best = f64::MAX;
-    for _ in 0..12 {
-        let t0 = Instant::now();
-        let s: f32 = buf
-            .par_chunks(1 << 16)
-            .map(|c| {
-                let mut acc = [0f32; 8];
-                for ch in c.chunks_exact(8) {
-                    for (a, v) in acc.iter_mut().zip(ch) {
-                        *a += v;
-                    }
-                }
-                acc.iter().sum::<f32>()
-            })
-            .sum();
-        black_box(s);
-        best = best.min(t0.elapsed().as_secs_f64());
-    }
-    (buf.len() * 4) as f64 / best
+    qvc_kernels::peak::read_bandwidth(BUF.get_or_init(qvc_kernels::peak::read_buffer), 12)
 }
 
 /// f32 FMA peak in flop/s on every pool thread at once, best of 10 × ~20 ms.

@@ -112,25 +112,7 @@ fn fma_peak(isa: Isa) -> f64 {
 
 /// Read bandwidth: a vectorised sum over 256 MiB on the pool, best of 12, GB/s.
 fn read_bandwidth() -> f64 {
-    let n = 64 << 20;
-    let mut buf = vec![0f32; n];
-    buf.par_chunks_mut(1 << 16).for_each(|c| c.fill(1.0));
-    let t = best(12, || {
-        let s: f32 = buf
-            .par_chunks(1 << 16)
-            .map(|c| {
-                let mut acc = [0f32; 8];
-                for ch in c.chunks_exact(8) {
-                    for (a, v) in acc.iter_mut().zip(ch) {
-                        *a += v;
-                    }
-                }
-                acc.iter().sum::<f32>()
-            })
-            .sum();
-        std::hint::black_box(s);
-    });
-    (n * 4) as f64 / t / 1e9
+    qvc_kernels::peak::read_bandwidth(&qvc_kernels::peak::read_buffer(), 12) / 1e9
 }
 
 fn main() {

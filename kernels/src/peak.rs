@@ -10,6 +10,42 @@
 //! the loop; the AVX2 path runs only after [`Isa::resolve`].
 
 use crate::common::Isa;
+use rayon::prelude::*;
+use std::time::Instant;
+
+/// The buffer [`read_bandwidth`] sums: 256 MiB, far past any cache, filled
+/// in parallel (so its pages are spread over the threads' memory).
+pub fn read_buffer() -> Vec<f32> {
+    let mut buf = vec![0f32; 64 << 20];
+    buf.par_chunks_mut(1 << 16).for_each(|c| c.fill(1.0));
+    buf
+}
+
+/// Read bandwidth in bytes/s: the best of `reps` vectorised sums of `buf`
+/// on every pool thread (eight independent lanes per thread, so memory, not
+/// the add latency, is the limit). What `qvc bench` and the kernel benches
+/// divide memory-bound timings by.
+pub fn read_bandwidth(buf: &[f32], reps: usize) -> f64 {
+    let mut best = f64::MAX;
+    for _ in 0..reps.max(1) {
+        let t0 = Instant::now();
+        let s: f32 = buf
+            .par_chunks(1 << 16)
+            .map(|c| {
+                let mut acc = [0f32; 8];
+                for ch in c.chunks_exact(8) {
+                    for (a, v) in acc.iter_mut().zip(ch) {
+                        *a += v;
+                    }
+                }
+                acc.iter().sum::<f32>()
+            })
+            .sum();
+        std::hint::black_box(s);
+        best = best.min(t0.elapsed().as_secs_f64());
+    }
+    std::mem::size_of_val(buf) as f64 / best
+}
 
 /// Independent 8-lane accumulators of the AVX2 loop (12 of the 16 ymm
 /// registers; two more hold the multiplier and the addend).
