@@ -722,38 +722,7 @@ impl<'s> GemmGen<'s> {
         }
 
         b.comment("ldmatrix lane addresses");
-        // Every fragment row this lane addresses is (a multiple of 8) + a
-        // lane-dependent part whose bits 1..2 are (lane >> 1) & 3: that is the
-        // swizzle term of all its rows. Logical chunk of k-step ks is
-        // 2·ks + half, stored at (2·ks + half) ^ sw = (half ^ sw) ^ 2·ks: one
-        // lane offset per k-step.
-        let sw = b.shr(Ty::U32, lane, 1);
-        let sw = b.and(Ty::B32, sw, 3);
-        let lane_offsets = |b: &mut KernelBuilder, row: Reg, half: Reg| -> Vec<Reg> {
-            let hs = b.xor(Ty::B32, half, sw);
-            (0..BK / 16)
-                .map(|ks| {
-                    let chunk = b.xor(Ty::B32, hs, 2 * ks);
-                    let cb = b.shl(Ty::B32, chunk, 4);
-                    let o = b.mad(Ty::U32, row, ROWB, cb);
-                    b.add(Ty::U32, o, smem)
-                })
-                .collect()
-        };
-        // A (x4): lane l gives row (l & 15) and k-half (l >> 4) of the 16×16 fragment.
-        let l15 = b.and(Ty::B32, lane, 15);
-        let arow = b.mad(Ty::U32, warp_m, wm, l15);
-        let ahalf = b.shr(Ty::U32, lane, 4);
-        let a_lane = lane_offsets(&mut b, arow, ahalf);
-        // B (x4 = two n8 tiles): matrix i = l >> 3 is (n-half i >> 1, k-half i & 1).
-        let l7 = b.and(Ty::B32, lane, 7);
-        let nhalf = b.shr(Ty::U32, lane, 4);
-        let nhalf = b.shl(Ty::B32, nhalf, 3);
-        let brow = b.add(Ty::U32, l7, nhalf);
-        let brow = b.mad(Ty::U32, warp_n, wn, brow);
-        let khalf = b.shr(Ty::U32, lane, 3);
-        let khalf = b.and(Ty::B32, khalf, 1);
-        let b_lane = lane_offsets(&mut b, brow, khalf);
+        let (a_lane, b_lane) = ldmatrix_lanes(&mut b, lane, (warp_m, wm), (warp_n, wn), smem);
 
         let zero_acc = |b: &mut KernelBuilder| -> Vec<[Reg; 4]> {
             (0..mt * nt).map(|_| std::array::from_fn(|_| b.mov(Ty::F32, 0.0f32))).collect()
@@ -976,4 +945,51 @@ pub fn model_specs() -> Vec<GemmSpec> {
     push(tokens, f, h, bf, e(false, SiluMul, false)); // mlp.w1 / w2
     push(tokens, h, f, f32_, e(false, None, true)); // mlp.c_proj
     v
+}
+
+/// Shared-memory addresses this lane hands `ldmatrix` for each k-step of a
+/// `BK`-deep tile, A rows first (tile at `smem`, rows of `ROWB` bytes,
+/// 16-byte chunks swizzled by `(lane >> 1) & 3`), then B rows; the warp's
+/// fragment rows start at `warp_m · wm` and `warp_n · wn`. Shared by the
+/// float GEMM and the int4 GEMM, whose shared tiles have this layout.
+pub(crate) fn ldmatrix_lanes(
+    b: &mut KernelBuilder,
+    lane: Reg,
+    (warp_m, wm): (Reg, u32),
+    (warp_n, wn): (Reg, u32),
+    smem: Reg,
+) -> (Vec<Reg>, Vec<Reg>) {
+    // Every fragment row this lane addresses is (a multiple of 8) + a
+    // lane-dependent part whose bits 1..2 are (lane >> 1) & 3: that is the
+    // swizzle term of all its rows. Logical chunk of k-step ks is
+    // 2·ks + half, stored at (2·ks + half) ^ sw = (half ^ sw) ^ 2·ks: one
+    // lane offset per k-step.
+    let sw = b.shr(Ty::U32, lane, 1);
+    let sw = b.and(Ty::B32, sw, 3);
+    let lane_offsets = |b: &mut KernelBuilder, row: Reg, half: Reg| -> Vec<Reg> {
+        let hs = b.xor(Ty::B32, half, sw);
+        (0..BK / 16)
+            .map(|ks| {
+                let chunk = b.xor(Ty::B32, hs, 2 * ks);
+                let cb = b.shl(Ty::B32, chunk, 4);
+                let o = b.mad(Ty::U32, row, ROWB, cb);
+                b.add(Ty::U32, o, smem)
+            })
+            .collect()
+    };
+    // A (x4): lane l gives row (l & 15) and k-half (l >> 4) of the 16×16 fragment.
+    let l15 = b.and(Ty::B32, lane, 15);
+    let arow = b.mad(Ty::U32, warp_m, wm, l15);
+    let ahalf = b.shr(Ty::U32, lane, 4);
+    let a_lane = lane_offsets(b, arow, ahalf);
+    // B (x4 = two n8 tiles): matrix i = l >> 3 is (n-half i >> 1, k-half i & 1).
+    let l7 = b.and(Ty::B32, lane, 7);
+    let nhalf = b.shr(Ty::U32, lane, 4);
+    let nhalf = b.shl(Ty::B32, nhalf, 3);
+    let brow = b.add(Ty::U32, l7, nhalf);
+    let brow = b.mad(Ty::U32, warp_n, wn, brow);
+    let khalf = b.shr(Ty::U32, lane, 3);
+    let khalf = b.and(Ty::B32, khalf, 1);
+    let b_lane = lane_offsets(b, brow, khalf);
+    (a_lane, b_lane)
 }

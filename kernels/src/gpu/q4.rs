@@ -756,31 +756,7 @@ fn build_gemm(s: &Q4GemmSpec) -> Kernel {
     };
 
     b.comment("ldmatrix lane addresses (as in the float GEMM)");
-    let sw = b.shr(Ty::U32, lane, 1);
-    let sw = b.and(Ty::B32, sw, 3);
-    let lane_offsets = |b: &mut KernelBuilder, row: Reg, half: Reg| -> Vec<Reg> {
-        let hs = b.xor(Ty::B32, half, sw);
-        (0..BK / 16)
-            .map(|ks| {
-                let chunk = b.xor(Ty::B32, hs, 2 * ks);
-                let cb = b.shl(Ty::B32, chunk, 4);
-                let o = b.mad(Ty::U32, row, ROWB, cb);
-                b.add(Ty::U32, o, smem)
-            })
-            .collect()
-    };
-    let l15 = b.and(Ty::B32, lane, 15);
-    let arow = b.mad(Ty::U32, warp_m, wm, l15);
-    let ahalf = b.shr(Ty::U32, lane, 4);
-    let a_lane = lane_offsets(&mut b, arow, ahalf);
-    let l7 = b.and(Ty::B32, lane, 7);
-    let nhalf = b.shr(Ty::U32, lane, 4);
-    let nhalf = b.shl(Ty::B32, nhalf, 3);
-    let brow = b.add(Ty::U32, l7, nhalf);
-    let brow = b.mad(Ty::U32, warp_n, wn, brow);
-    let khalf = b.shr(Ty::U32, lane, 3);
-    let khalf = b.and(Ty::B32, khalf, 1);
-    let b_lane = lane_offsets(&mut b, brow, khalf);
+    let (a_lane, b_lane) = super::gemm::ldmatrix_lanes(&mut b, lane, (warp_m, wm), (warp_n, wn), smem);
 
     let accs: Vec<Vec<[Reg; 4]>> =
         (0..sets).map(|_| (0..mt * nt).map(|_| std::array::from_fn(|_| b.mov(Ty::F32, 0.0f32))).collect()).collect();
