@@ -856,6 +856,7 @@ impl Report {
             "device": self.device,
             "device_name": self.device_name,
             "threads": threads,
+            "cpu_math": qvc_kernels::cpu_math().name(),
             "model": self.model,
             "vit_layers": self.vit_layers,
             "llm_layers": self.llm_layers,

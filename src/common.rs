@@ -12,6 +12,7 @@ use qvc_model::grounding::{box_outputs, parse_groundings, BoxOut, Grounding};
 use qvc_model::image::load_rgb;
 use qvc_model::sampling::{SamplingOverrides, SamplingParams};
 use qvc_model::tokenizer::Specials;
+use qvc_kernels::CpuMath;
 use qvc_model::{LoadOptions, Model, Phase, Session};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -34,9 +35,31 @@ pub(crate) struct ModelArgs {
     /// finds one and the model can run there, else the CPU.
     #[arg(long, default_value = "auto", value_name = "DEVICE", env = "QVC_DEVICE", value_parser = parse_device)]
     pub(crate) device: String,
+    /// CPU arithmetic: `exact` (f32 products of exactly widened weights: matches the reference to 1e-4) or `fast`
+    /// (activations rounded to bf16 against 16-bit weights where the CPU has AVX512-BF16, and to int8 per block
+    /// against int4 weights where it has VNNI, as llama.cpp does: faster prefill and int4 decode, logits within
+    /// about 1e-2 of exact). Kernels without a fast variant on this CPU run exactly.
+    #[arg(long, default_value = "exact", value_name = "MODE", env = "QVC_CPU_MATH", value_parser = parse_cpu_math)]
+    pub(crate) cpu_math: CpuMath,
+}
+
+/// `--cpu-math`: `exact` or `fast`.
+pub(crate) fn parse_cpu_math(s: &str) -> Result<CpuMath, String> {
+    CpuMath::parse(s).ok_or_else(|| format!("unknown CPU math `{s}`: use `exact` (the default) or `fast`"))
 }
 
 impl ModelArgs {
+    /// Sets the process-wide CPU arithmetic from `--cpu-math` (and says so when it is not the default).
+    pub(crate) fn apply_cpu_math(&self) {
+        qvc_kernels::set_cpu_math(self.cpu_math);
+        if self.cpu_math != CpuMath::Exact {
+            eprintln!(
+                "[qvc] --cpu-math {}: CPU activations rounded to bf16/int8 where the CPU multiplies those faster",
+                self.cpu_math.name()
+            );
+        }
+    }
+
     /// The model path, given as MODEL or --model (or $QVC_MODEL).
     pub(crate) fn path(&self) -> Result<&Path> {
         match (&self.path, &self.model) {
@@ -96,6 +119,7 @@ pub(crate) struct SamplingArgs {
 pub(crate) fn load(m: &ModelArgs) -> Result<Model> {
     let t0 = Instant::now();
     let path = m.path()?;
+    m.apply_cpu_math();
     let model = Model::load(path, &LoadOptions { config: m.config.clone(), ..Default::default() })?;
     let kind = if model.compiled().is_some() { "compiled model" } else { "checkpoint" };
     eprintln!(

@@ -119,6 +119,7 @@ fn bench_json(args: &[&str]) -> (serde_json::Value, String) {
         assert!(x.is_finite() && x > 0.0, "{k}: {x}");
     }
     assert_eq!(v["prefill_tokens"], 8, "{v}");
+    assert!(matches!(v["cpu_math"].as_str(), Some("exact" | "fast")), "cpu_math: {v}");
     // The human table is on stderr, not mixed into stdout.
     value(&err, "decode batch 1");
     (v, err)

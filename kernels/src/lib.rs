@@ -18,6 +18,9 @@
 //! * [`attention`]: multi-head attention (optionally causal) reading q/k/v in
 //!   place through token strides, flash-style (online softmax, blocked).
 //!
+//! [`math`] holds the process-wide [`CpuMath`] mode (`--cpu-math`): exact f32
+//! products (the default) or the faster bf16/int8-activation variants.
+//!
 //! [`peak`] is the f32 multiply-add throughput loop `qvc bench` measures the
 //! CPU's FMA ceiling with.
 //!
@@ -34,6 +37,7 @@ pub mod act;
 pub mod attention;
 pub mod gemm;
 pub mod gpu;
+pub mod math;
 pub mod norm;
 pub mod peak;
 pub mod q4;
@@ -49,6 +53,7 @@ pub use attention::{
     Mask,
 };
 pub use common::Isa;
+pub use math::{cpu_math, set_cpu_math, CpuMath};
 pub use gemm::{gemm, gemm_flops, gemm_min_bytes, gemm_ref, gemm_with_isa, MatRef, DECODE_BATCH_INVARIANT_MAX};
 pub use norm::{layer_norm, layer_norm_ref, rms_norm, rms_norm_ref};
 pub use rotary::{rotary, rotary_ref};

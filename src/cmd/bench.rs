@@ -54,7 +54,7 @@ pub struct BenchArgs {
     #[arg(long)]
     profile: bool,
     /// Print one JSON object on stdout; the table (and --profile) then go to stderr. Keys (schema 1; null where
-    /// not measured): device (cpu, cuda:N, emu), device_name, threads, model, vit_layers and llm_layers (the
+    /// not measured): device (cpu, cuda:N, emu), device_name, threads, cpu_math (exact or fast), model, vit_layers and llm_layers (the
     /// layers built and timed), repeat (vision, ttft and prefill are the best of this many runs), vision_ms (first size and attention),
     /// vision [{size, attention, ms, gflop, floor_fraction}], ttft_ms, ttft_tokens, prefill_ms, prefill_tokens,
     /// prefill_tok_s, prefill_floor_fraction, decode_tok_s, decode_ms_per_token, decode_bytes_per_token (weights +
@@ -91,7 +91,10 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let has_model = a.model.path.is_some() || a.model.model.is_some();
     match &a.synthetic {
         Some(_) if has_model => Err(BenchError::ModelAndSynthetic.into()),
-        Some(name) => crate::bench::run(None, Some(Synthetic::parse(name)?), &opt),
+        Some(name) => {
+            a.model.apply_cpu_math();
+            crate::bench::run(None, Some(Synthetic::parse(name)?), &opt)
+        }
         None if a.vit_layers.is_some() || a.llm_layers.is_some() => Err(BenchError::LayersWithoutSynthetic.into()),
         None => {
             let model = load(&a.model)?;
