@@ -150,13 +150,13 @@ fn boxes_in_the_answer_come_back_in_pixels_and_are_drawn() {
     // The random model will not emit boxes, so check the grounding path on a
     // prompt whose history holds a boxed answer: `boxes` parses the answer
     // only, so here we exercise the parse → pixels → draw chain directly.
-    use qvc_model::grounding::{draw_groundings, parse_groundings, to_pixels};
+    use qvc_model::grounding::{draw_groundings, parse_groundings, to_pixels, DrawOptions};
     let Some(dir) = common::fixtures() else { return };
     let img = qvc_model::image::load_rgb(&dir.join("grey.png")).unwrap();
     let g = parse_groundings("<ref>the circle</ref><box>(310,246),(686,753)</box>");
     assert_eq!(g.len(), 1);
     assert_eq!(to_pixels(&g[0].points_1000, img.width, img.height), vec![(62, 36), (137, 112)]);
-    let drawn = draw_groundings(&img, &g);
+    let drawn = draw_groundings(&img, &g, &DrawOptions::default()).unwrap().image;
     assert_eq!((drawn.width, drawn.height), (img.width, img.height));
     assert_ne!(drawn.data, img.data);
 }

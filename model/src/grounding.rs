@@ -178,6 +178,30 @@ pub fn box_outputs(items: &[Grounding], image: Option<(&str, u32, u32)>) -> Vec<
         .collect()
 }
 
+/// How to draw: the font for labels.
+#[derive(Clone, Debug, Default)]
+pub struct DrawOptions {
+    /// A TrueType/OpenType font file for the labels (`--font FILE`); `None` picks an installed
+    /// font that covers each label's characters.
+    pub font: Option<std::path::PathBuf>,
+}
+
+/// A picture with the regions drawn, and what the user should hear about it (said once per
+/// drawing, e.g. that no installed font covers some characters and which package would).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Drawing {
+    pub image: RgbImage,
+    pub notes: Vec<String>,
+}
+
+/// Why a drawing could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum DrawError {
+    /// The font given with `--font` cannot be used.
+    #[error("cannot use font {path}: {reason}; give a TrueType/OpenType file (.ttf, .otf, .ttc) or leave out --font")]
+    Font { path: std::path::PathBuf, reason: String },
+}
+
 /// Colours for labels, in order of first appearance (Trubetskoy's distinct colours).
 const PALETTE: [[u8; 3]; 12] = [
     [230, 25, 75],
@@ -282,10 +306,12 @@ fn clip_segment(a: Pt, b: Pt, (xmin, ymin, xmax, ymax): (f64, f64, f64, f64)) ->
 /// label gets its own colour; unlabelled regions get one each. Characters outside printable
 /// ASCII are drawn as a placeholder box. Everything is clipped to the image; coordinates may be
 /// anywhere.
-pub fn draw_groundings(img: &RgbImage, items: &[Grounding]) -> RgbImage {
+pub fn draw_groundings(img: &RgbImage, items: &[Grounding], opts: &DrawOptions) -> Result<Drawing, DrawError> {
+    let _ = &opts.font;
+    let notes = Vec::new();
     let (w, h) = (img.width, img.height);
     if w == 0 || h == 0 || img.data.len() != w as usize * h as usize * 3 {
-        return img.clone();
+        return Ok(Drawing { image: img.clone(), notes });
     }
     let mut canvas = Canvas { img: img.clone() };
     let short = w.min(h);
@@ -332,7 +358,7 @@ pub fn draw_groundings(img: &RgbImage, items: &[Grounding]) -> RgbImage {
             draw_label(&mut canvas, label, xmin, ymin, t, scale, colour);
         }
     }
-    canvas.img
+    Ok(Drawing { image: canvas.img, notes })
 }
 
 /// A filled tag with `label` in it, just above (x, y), moved inside the image when it would
@@ -500,7 +526,7 @@ mod tests {
         let items = parse_groundings(
             "<ref>Dog 1</ref><box>(100,300),(500,900)</box><ref>猫</ref><box>(600,500),(900,800)</box>",
         );
-        let out = draw_groundings(&img, &items);
+        let out = draw_groundings(&img, &items, &DrawOptions::default()).unwrap().image;
         assert_eq!((out.width, out.height, out.data.len()), (200, 100, 200 * 100 * 3));
         // Box 1 spans x 20..=100, y 30..=90.
         let c1 = px(&out, 20, 60);
@@ -518,7 +544,7 @@ mod tests {
         assert!(changed_above);
         // A quad draws its outline.
         let q = parse_groundings("<quad>(100,100),(900,100),(900,900),(100,900)</quad>");
-        let out = draw_groundings(&img, &q);
+        let out = draw_groundings(&img, &q, &DrawOptions::default()).unwrap().image;
         assert_ne!(px(&out, 100, 10), [128, 128, 128]);
         assert_ne!(px(&out, 20, 50), [128, 128, 128]);
         assert_eq!(px(&out, 100, 50), [128, 128, 128]);
@@ -534,13 +560,13 @@ mod tests {
             b(Some("x"), &[(2000, 2000), (3000, 3000)]),
             b(Some(""), &[(500, 500), (500, 500)]),
         ];
-        let out = draw_groundings(&img, &items);
+        let out = draw_groundings(&img, &items, &DrawOptions::default()).unwrap().image;
         assert_eq!((out.width, out.height, out.data.len()), (50, 40, 50 * 40 * 3));
         assert!(out.data.iter().any(|&v| v != 0));
         // Degenerate images do not panic either.
         let empty = RgbImage { width: 0, height: 0, data: vec![] };
-        assert_eq!(draw_groundings(&empty, &items), empty);
+        assert_eq!(draw_groundings(&empty, &items, &DrawOptions::default()).unwrap().image, empty);
         let one = RgbImage::new_filled(1, 1, [9, 9, 9]);
-        assert_eq!(draw_groundings(&one, &items).data.len(), 3);
+        assert_eq!(draw_groundings(&one, &items, &DrawOptions::default()).unwrap().image.data.len(), 3);
     }
 }

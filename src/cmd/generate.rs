@@ -7,7 +7,7 @@ use crate::device::make_backend;
 use anyhow::{bail, Result};
 use clap::Args;
 use qvc_model::chat::stop_ids;
-use qvc_model::grounding::draw_groundings;
+use qvc_model::grounding::{draw_groundings, DrawOptions};
 use qvc_model::image::{load_rgb, save_png};
 use qvc_model::{generate, GenerateOptions, Session};
 use std::io::Write;
@@ -93,7 +93,11 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     if let Some(out) = &a.draw_boxes {
         let Some(img) = image else { bail!("--draw-boxes: the prompt has no picture to draw on") };
         let pic = load_rgb(Path::new(&img))?;
-        save_png(&draw_groundings(&pic, &items), out)?;
+        let drawn = draw_groundings(&pic, &items, &DrawOptions::default())?;
+        for note in &drawn.notes {
+            eprintln!("[qvc] {note}");
+        }
+        save_png(&drawn.image, out)?;
         eprintln!("[qvc] drew {} region(s) on {img} -> {}", items.len(), out.display());
     }
     Ok(())
