@@ -31,12 +31,17 @@ enum Cmd {
     /// One chat turn: picture(s) and a question in, the answer streamed out.
     #[command(
         after_help = "Examples:\n  qvc generate --model ./Qwen-VL-Chat --image dog.jpg --prompt 'Where is the dog?' --draw-boxes out.png\n  \
+qvc generate --model ./Qwen-VL-Chat --image sign.jpg --prompt '框出图中的文字' --draw-boxes sign-boxes.png --font /usr/share/fonts/truetype/wqy/wqy-microhei.ttc\n  \
 qvc generate --model ./Qwen-VL-Chat --image a.png --image b.png --prompt 'What differs?' --temperature 0\n  \
 qvc generate --model ./Qwen-VL-Chat --raw-prompt-file prompt.txt --json"
     )]
     Generate(cmd::generate::GenerateArgs),
-    /// Interactive multi-turn chat (`/image PATH`, `/reset`, `/quit`).
+    /// Interactive multi-turn chat (`/image PATH`, `/draw OUT.png`, `/reset`, `/quit`).
+    #[command(after_help = cmd::chat::CHAT_HELP)]
     Chat(cmd::chat::ChatArgs),
+    /// Draw a model answer's <ref>/<box>/<quad> regions on its picture (PNG out) and print them in pixels.
+    #[command(after_help = cmd::draw::DRAW_EXAMPLES)]
+    Draw(cmd::draw::DrawArgs),
     /// Write the logits of a prompt to a safetensors file (tensor `logits`, f32 [positions, vocab]).
     Logits(cmd::logits::LogitsArgs),
     /// Print the token ids of a text as JSON: {"ids": [...]}.
@@ -116,6 +121,7 @@ fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::Generate(a) => cmd::generate::run(a),
         Cmd::Chat(a) => cmd::chat::run(a),
+        Cmd::Draw(a) => cmd::draw::run(a),
         Cmd::Logits(a) => cmd::logits::run(a),
         Cmd::Tokenize(a) => cmd::tokenize::run(a),
         Cmd::Demo(a) => cmd::demo::run(a),

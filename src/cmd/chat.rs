@@ -1,11 +1,13 @@
 //! `qvc chat`: an interactive multi-turn conversation on the serving engine
-//! with one KV slot (`/image PATH`, `/reset`, `/quit`).
+//! with one KV slot (`/image PATH`, `/draw OUT.png`, `/reset`, `/quit`).
 
+use super::draw::{box_line, check_font, check_output, draw_on_picture};
 use crate::common::{boxes_for, load, path_str, prompt_ids, sampling_params, ModelArgs, PromptArgs, SamplingArgs};
 use crate::device::make_backend;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use qvc_model::chat::{format_query, stop_ids, Turn, DEFAULT_SYSTEM};
+use qvc_model::grounding::DrawOptions;
 use qvc_model::image::load_rgb;
 use qvc_model::Model;
 use std::io::{BufRead, Write};
@@ -23,6 +25,51 @@ pub struct ChatArgs {
     system: String,
     #[command(flatten)]
     sampling: SamplingArgs,
+    /// A TrueType/OpenType font file (.ttf, .otf, .ttc) for the labels `/draw` draws [default: an installed font
+    /// that covers the labels' characters].
+    #[arg(long, value_name = "FILE")]
+    font: Option<PathBuf>,
+}
+
+/// What `qvc chat --help` shows after the flags.
+pub const CHAT_HELP: &str = "Commands, typed as a message:\n  \
+/image PATH            attach a picture to the next message\n  \
+/draw OUT.png          draw the last answer's <box>/<quad> regions on the picture they refer to (the latest \
+picture of the conversation), as `qvc draw` does; labels use --font or an installed font\n  \
+/draw --force OUT.png  the same, replacing an existing OUT.png\n  \
+/reset                 forget the conversation and its pictures\n  \
+/quit                  leave (so does end of input, Ctrl-D)\n\n\
+Example:\n  qvc chat --model ./Qwen-VL-Chat --image street.jpg\n  \
+> Find the bus\n  <ref>the bus</ref><box>(120,340),(610,700)</box>\n  > /draw bus.png";
+
+/// The chat commands, as the prompt line and `qvc chat --help` list them.
+pub const CHAT_COMMANDS: &str = "/image PATH (attach a picture to the next message), /draw OUT.png (draw the \
+last answer's boxes on its picture; /draw --force OUT.png replaces a file), /reset, /quit";
+
+/// `/draw [--force] OUT.png`: draws the regions of the last answer (its prompt ids and text) on
+/// the picture they refer to, as `qvc draw` does.
+fn draw_last(model: &Model, last: Option<&(Vec<u32>, String)>, args: &str, font: Option<&Path>) -> Result<()> {
+    let (force, out) = match args.trim().strip_prefix("--force") {
+        Some(rest) if rest.is_empty() || rest.starts_with(char::is_whitespace) => (true, rest.trim()),
+        _ => (false, args.trim()),
+    };
+    if out.is_empty() {
+        bail!("/draw needs a file name: /draw OUT.png (or /draw --force OUT.png to replace a file)");
+    }
+    let out = Path::new(out);
+    let Some((ids, text)) = last else { bail!("nothing to draw yet: /draw draws the regions of the last answer") };
+    let (items, boxes, image) = boxes_for(model, ids, text)?;
+    if items.is_empty() {
+        bail!("the last answer has no <box> or <quad>; nothing drawn, {} not written", out.display());
+    }
+    let Some(picture) = image else { bail!("the conversation has no picture to draw on; attach one with /image PATH") };
+    let picture = Path::new(&picture);
+    check_output(out, force, "/draw", &[picture])?;
+    draw_on_picture(picture, &items, &DrawOptions { font: font.map(Path::to_path_buf) }, out, force)?;
+    for b in &boxes {
+        eprintln!("{}", box_line(b));
+    }
+    Ok(())
 }
 
 /// A picture for the chat engine: its bytes' key, named by its path in the prompt.
@@ -49,6 +96,7 @@ const CHAT_PREFILL_CHUNK: usize = 64;
 /// encoded once.
 pub fn run(a: ChatArgs) -> Result<()> {
     use qvc_serve::{Engine, EngineConfig, Event, GenRequest};
+    check_font(a.font.as_deref())?;
     let model = std::sync::Arc::new(load(&a.model)?);
     let (sampling, max_new) = sampling_params(&model, &a.sampling)?;
     let (m, device) = (model.clone(), a.model.device.clone());
@@ -75,7 +123,9 @@ pub fn run(a: ChatArgs) -> Result<()> {
     // Every picture of the conversation, by its name in the prompt.
     let mut pictures: Vec<qvc_serve::ImageInput> = Vec::new();
     let mut pending: Vec<PathBuf> = a.image.clone();
-    eprintln!("Type a message. Commands: /image PATH (attach a picture to the next message), /reset, /quit.");
+    // The last answer and its prompt, for `/draw`.
+    let mut last: Option<(Vec<u32>, String)> = None;
+    eprintln!("Type a message. Commands: {CHAT_COMMANDS}.");
     let stdin = std::io::stdin();
     let mut line = String::new();
     loop {
@@ -95,6 +145,7 @@ pub fn run(a: ChatArgs) -> Result<()> {
             history.clear();
             pending.clear();
             pictures.clear();
+            last = None;
             eprintln!("(history cleared)");
             continue;
         }
@@ -109,8 +160,16 @@ pub fn run(a: ChatArgs) -> Result<()> {
             }
             continue;
         }
+        if let Some(rest) = msg.strip_prefix("/draw") {
+            if rest.is_empty() || rest.starts_with(char::is_whitespace) {
+                if let Err(e) = draw_last(&model, last.as_ref(), rest, a.font.as_deref()) {
+                    eprintln!("error: {e:#}");
+                }
+                continue;
+            }
+        }
         if msg.starts_with('/') {
-            eprintln!("unknown command {msg:?}: use /image PATH, /reset or /quit");
+            eprintln!("unknown command {msg:?}: use {CHAT_COMMANDS}");
             continue;
         }
         let pa = PromptArgs {
@@ -167,14 +226,16 @@ pub fn run(a: ChatArgs) -> Result<()> {
                 }
                 Event::Done { usage, text, .. } => {
                     println!();
-                    if let Ok((_, boxes, _)) = boxes_for(&model, &ids, &text) {
-                        for b in boxes {
-                            eprintln!(
-                                "[box] {:?} {:?}",
-                                b.label.as_deref().unwrap_or("-"),
-                                b.box_px.unwrap_or(b.box_1000)
-                            );
+                    match boxes_for(&model, &ids, &text) {
+                        Ok((_, boxes, _)) => {
+                            for b in &boxes {
+                                eprintln!("{}", box_line(b));
+                            }
+                            if !boxes.is_empty() {
+                                eprintln!("[qvc] /draw OUT.png draws them");
+                            }
                         }
+                        Err(e) => eprintln!("error: the answer's boxes: {e:#}"),
                     }
                     eprintln!(
                         "[qvc] {} prompt tokens ({} reused from the previous turn, {} prefilled), {} new",
@@ -184,6 +245,7 @@ pub fn run(a: ChatArgs) -> Result<()> {
                         usage.completion_tokens
                     );
                     let names: Vec<String> = pending.iter().filter_map(|p| p.to_str().map(str::to_string)).collect();
+                    last = Some((ids.clone(), text.clone()));
                     history.push(Turn { query: format_query(&names, msg), response: text });
                     for img in &images {
                         if !pictures.iter().any(|p| p.name == img.name && p.key == img.key) {

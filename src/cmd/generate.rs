@@ -1,14 +1,14 @@
 //! `qvc generate` (and the `generate` binary): one chat turn, the answer streamed
 //! to stdout or printed as one JSON object, boxes listed or drawn.
 
-use crate::common::{attach_progress, boxes_for, load, prompt_ids, refuse_overwrite, sampling_params};
+use super::draw::{box_line, check_font, check_output, draw_on_picture};
+use crate::common::{attach_progress, boxes_for, load, prompt_ids, sampling_params};
 use crate::common::{ModelArgs, PromptArgs, SamplingArgs};
 use crate::device::make_backend;
 use anyhow::{bail, Result};
 use clap::Args;
 use qvc_model::chat::stop_ids;
-use qvc_model::grounding::{draw_groundings, DrawOptions};
-use qvc_model::image::{load_rgb, save_png};
+use qvc_model::grounding::DrawOptions;
 use qvc_model::{generate, GenerateOptions, Session};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -24,20 +24,31 @@ pub struct GenerateArgs {
     /// Print one JSON object (prompt_tokens, tokens, text, boxes, timings) instead of streaming text.
     #[arg(long)]
     json: bool,
-    /// Draw the answer's boxes and labels on the picture they refer to and save it here (PNG). An existing file is not overwritten unless --force.
+    /// Draw the answer's boxes and labels on the picture they refer to (the last one of the prompt) and save it
+    /// here (PNG), as `qvc draw` does. An existing file is not overwritten unless --force; the picture itself never.
     #[arg(long, value_name = "OUT.png")]
     draw_boxes: Option<PathBuf>,
     /// Allow --draw-boxes to overwrite an existing file.
     #[arg(long)]
     force: bool,
+    /// A TrueType/OpenType font file (.ttf, .otf, .ttc) for the --draw-boxes labels [default: an installed font
+    /// that covers the labels' characters].
+    #[arg(long, value_name = "FILE", requires = "draw_boxes")]
+    font: Option<PathBuf>,
 }
 
 pub fn run(a: GenerateArgs) -> Result<()> {
     if let Some(out) = &a.draw_boxes {
-        refuse_overwrite(out, a.force, "--draw-boxes path")?;
+        // Before the model loads: a bad output name or font should not cost a generation.
+        let pictures: Vec<&Path> = a.prompt.image.iter().map(PathBuf::as_path).collect();
+        check_output(out, a.force, "--draw-boxes", &pictures)?;
+        check_font(a.font.as_deref())?;
     }
     let model = load(&a.model)?;
     let prompt = prompt_ids(&model, &a.prompt, &[])?;
+    if a.draw_boxes.is_some() && model.tokenizer.image_spans(&prompt)?.is_empty() {
+        bail!("--draw-boxes: the prompt has no picture to draw on; give one with --image PATH");
+    }
     let (sampling, max_new) = sampling_params(&model, &a.sampling)?;
     let backend = make_backend(&model, &a.model.device, 1)?;
     let mut session = Session::new(&model, backend.as_ref());
@@ -73,13 +84,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         println!("{}", serde_json::to_string(&v)?);
     } else {
         for b in &boxes {
-            eprintln!(
-                "[box] {:?} {:?} (of 1000) -> {} in {}",
-                b.label.as_deref().unwrap_or("(no label)"),
-                b.box_1000,
-                b.box_px.as_ref().map_or("no picture".into(), |p| format!("{p:?} px")),
-                b.image.as_deref().unwrap_or("-")
-            );
+            eprintln!("{}", box_line(b));
         }
         eprintln!(
             "[qvc] {} prompt tokens, {} new; vision {:.0} ms, prefill {:.0} ms, decode {:.2} tokens/s",
@@ -92,13 +97,16 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     }
     if let Some(out) = &a.draw_boxes {
         let Some(img) = image else { bail!("--draw-boxes: the prompt has no picture to draw on") };
-        let pic = load_rgb(Path::new(&img))?;
-        let drawn = draw_groundings(&pic, &items, &DrawOptions::default())?;
-        for note in &drawn.notes {
-            eprintln!("[qvc] {note}");
+        if items.is_empty() {
+            // The answer is still good; an undrawn copy of the picture would only mislead.
+            eprintln!(
+                "[qvc] --draw-boxes: the answer has no <box> or <quad>; nothing drawn, {} not written",
+                out.display()
+            );
+        } else {
+            let opts = DrawOptions { font: a.font.clone() };
+            draw_on_picture(Path::new(&img), &items, &opts, out, a.force)?;
         }
-        save_png(&drawn.image, out)?;
-        eprintln!("[qvc] drew {} region(s) on {img} -> {}", items.len(), out.display());
     }
     Ok(())
 }

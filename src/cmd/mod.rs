@@ -10,6 +10,7 @@ pub mod chat;
 pub mod compile;
 pub mod demo;
 pub mod devices;
+pub mod draw;
 pub mod generate;
 pub mod inspect;
 pub mod kernels;
