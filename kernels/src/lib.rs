@@ -41,6 +41,7 @@ pub mod math;
 pub mod norm;
 pub mod peak;
 pub mod q4;
+pub mod q4_i8;
 pub mod rotary;
 pub mod softmax;
 pub mod spec;

@@ -36,12 +36,17 @@
 //!   existing packed f32 GEMM on it, so dequantization is amortised over all
 //!   m rows and memory stays bounded.
 //!
+//! Under `--cpu-math fast` ([`crate::CpuMath::Fast`]) the GEMV sizes go to
+//! [`crate::q4_i8`] instead: int8 activations, integer products (VNNI).
+//!
 //! Code paths ([`Q4Path`]): AVX-512F intrinsics (16 columns a vector,
 //! runtime-detected here: the crate-wide [`Isa`] selects AVX2 vs portable),
 //! AVX2+FMA (8 columns), and portable Rust (8-lane arrays, multiply then add).
 
 use crate::common::{gather, Isa, SyncPtr};
 use crate::gemm::{gemm_strided, GemmScratch, MatRef, DECODE_BATCH_INVARIANT_MAX};
+use crate::math::{cpu_math, CpuMath};
+use crate::q4_i8::{gemv_i8, q4_gemv_i8, Q4I8Path};
 use half::slice::HalfFloatSliceExt;
 use qvc_ir::{Elems, Q4Ref};
 use rayon::prelude::*;
@@ -53,15 +58,15 @@ const MAGIC_F: f32 = 8_388_608.0;
 /// Most output columns per GEMV task for m ≤ 2: each word row is an 8 KiB
 /// contiguous run (DRAM and the hardware prefetchers like long runs) and the
 /// per-task results and zeros (5 × 8 KiB) stay in L1/L2.
-const GEMV_COLS: usize = 2048;
+pub(crate) const GEMV_COLS: usize = 2048;
 /// The same for m > 2, whose accumulators and results take more room.
-const GEMV_COLS_BATCH: usize = 512;
+pub(crate) const GEMV_COLS_BATCH: usize = 512;
 /// `16^-t`: the GEMV reads nibble `j` of a word in place, as `q·16^(j%4)`
 /// (see `GemvBufs::zb`), so its input at stored row `r` is prescaled by
 /// `16^-(r%4)`. Powers of two: the products are exactly `q·x`.
 const NIBBLE_SCALE: [f32; 4] = [1.0, 1.0 / 16.0, 1.0 / 256.0, 1.0 / 4096.0];
 /// Columns prefetched ahead in the GEMV sweep (on each word row of a group).
-const PREFETCH_COLS: usize = 256;
+pub(crate) const PREFETCH_COLS: usize = 256;
 /// Largest gathered-activation buffer kept for reuse (floats; 4 MiB).
 const XG_KEEP_FLOATS: usize = 1 << 20;
 /// Largest m the GEMV path takes. It must be at least
@@ -181,7 +186,26 @@ pub fn q4_linear_ref(x: &[f32], m: usize, w: &Q4Ref, y: &mut [f32], accumulate: 
 /// as [`crate::gemm`] runs it: the GEMV path for m ≤ [`GEMV_MAX_M`], else
 /// dequantize + GEMM.
 pub fn q4_linear(path: Q4Path, x: &[f32], m: usize, w: &Q4Ref, y: &mut [f32], accumulate: bool) {
-    if m <= GEMV_MAX_M {
+    q4_linear_with_math(CpuMath::Exact, path, x, m, w, y, accumulate)
+}
+
+/// [`q4_linear`] in a chosen [`CpuMath`] mode, as [`crate::gemm`] runs it
+/// in that mode: under [`CpuMath::Fast`], m ≤ [`GEMV_MAX_M`] takes the
+/// int8-activation GEMV ([`crate::q4_i8`], on [`Q4I8Path::for_q4`]`(path)`);
+/// everything else is exact. For tests and benchmarks (the process-wide
+/// mode is [`crate::cpu_math`]).
+pub fn q4_linear_with_math(
+    math: CpuMath,
+    path: Q4Path,
+    x: &[f32],
+    m: usize,
+    w: &Q4Ref,
+    y: &mut [f32],
+    accumulate: bool,
+) {
+    if m <= GEMV_MAX_M && math == CpuMath::Fast {
+        q4_gemv_i8(Q4I8Path::for_q4(path), x, m, w, y, accumulate)
+    } else if m <= GEMV_MAX_M {
         q4_gemv(path, x, m, w, y, accumulate)
     } else {
         q4_gemm_dequant(path, x, m, w, y, accumulate)
@@ -232,6 +256,10 @@ pub(crate) fn gemm_q4(
         let view = w.rows_range(r0, r0 + n);
         let path = Q4Path::for_isa(isa);
         let small = m <= GEMV_MAX_M;
+        if small && cpu_math() == CpuMath::Fast {
+            gemv_i8(Q4I8Path::for_q4(path), a, &view, c, ldc, accumulate, parallel);
+            return;
+        }
         with_xg(a, &view, small, |xg| {
             if small {
                 gemv(path, xg, m, &view, c, ldc, accumulate, parallel)
@@ -266,7 +294,7 @@ thread_local! {
 /// `f(xg)` with `xg` = `a` widened to f32 and gathered through `w.perm`:
 /// row `i` (k floats) holds `a[i, perm[r]]` at stored row `r`, times
 /// `NIBBLE_SCALE[r % 4]` when `scaled` (the GEMV's input).
-fn with_xg(a: &MatRef, w: &Q4Ref, scaled: bool, f: impl FnOnce(&[f32])) {
+pub(crate) fn with_xg(a: &MatRef, w: &Q4Ref, scaled: bool, f: impl FnOnce(&[f32])) {
     let (m, k) = (a.rows, a.cols);
     let mut xg = XG.with(Cell::take);
     if xg.len() < m * k {
@@ -382,7 +410,7 @@ fn gemv(path: Q4Path, xg: &[f32], m: usize, w: &Q4Ref, c: &mut [f32], ldc: usize
 /// Columns per GEMV task: at most `cap`, a multiple of 16, and (when the
 /// matrix is wide enough) a number of tasks that is a multiple of the
 /// threads, so that they finish together. Only the speed depends on it.
-fn gemv_cols(n: usize, cap: usize, threads: usize) -> usize {
+pub(crate) fn gemv_cols(n: usize, cap: usize, threads: usize) -> usize {
     let threads = threads.max(1);
     let mut chunks = threads;
     while n.div_ceil(chunks) > cap {

@@ -13,9 +13,12 @@
 use half::f16;
 use proptest::prelude::*;
 use qvc_ir::{Elems, Q4Ref};
-use qvc_kernels::q4::{dequantize, q4_gemm_dequant, q4_gemv, q4_linear, q4_linear_ref, Q4Path, GEMV_MAX_M};
+use qvc_kernels::q4::{
+    dequantize, q4_gemm_dequant, q4_gemv, q4_linear, q4_linear_ref, q4_linear_with_math, Q4Path, GEMV_MAX_M,
+};
+use qvc_kernels::q4_i8::{q4_gemv_i8, Q4I8Path, I8_BLOCK_MAX};
 use qvc_kernels::testutil::Rng;
-use qvc_kernels::{gemm_with_isa, Isa, MatRef, DECODE_BATCH_INVARIANT_MAX};
+use qvc_kernels::{gemm_with_isa, CpuMath, Isa, MatRef, DECODE_BATCH_INVARIANT_MAX};
 
 const TOL: f64 = 1e-5;
 
@@ -390,5 +393,257 @@ fn other_views_of_an_int4_weight() {
                 check(&format!("{name} {isa:?} m={m}"), &y, &want, &scale).unwrap();
             }
         }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Int8-activation GEMV (`--cpu-math fast`)
+
+/// Activation blocks as the module doc defines them, written out again
+/// here: each group of stored rows, split into pieces of at most
+/// `I8_BLOCK_MAX` rows from the group's start. `(group, ra, rb)`.
+fn i8_blocks(inp: usize, group: usize) -> Vec<(usize, usize, usize)> {
+    let mut v = Vec::new();
+    for g in 0..inp.div_ceil(group) {
+        let (ga, gb) = (g * group, ((g + 1) * group).min(inp));
+        let mut ra = ga;
+        while ra < gb {
+            let rb = (ra + I8_BLOCK_MAX).min(gb);
+            v.push((g, ra, rb));
+            ra = rb;
+        }
+    }
+    v
+}
+
+/// One row's activations in stored-row order, quantized per block:
+/// `(xq, [(sx, Σxq, max|x|)] per block)`.
+#[allow(clippy::type_complexity)]
+fn i8_quantize(wq: &Q4Owned, x: &[f32]) -> (Vec<i32>, Vec<(f32, i64, f32)>) {
+    let xs: Vec<f32> = (0..wq.inp).map(|r| x[wq.perm.as_ref().map_or(r, |p| p[r] as usize)]).collect();
+    let mut xq = vec![0i32; wq.inp];
+    let mut per = Vec::new();
+    for (_, ra, rb) in i8_blocks(wq.inp, wq.group) {
+        let amax = xs[ra..rb].iter().fold(0f32, |a, v| a.max(v.abs()));
+        let inv = if amax > 0.0 { 127.0 / amax } else { 0.0 };
+        for r in ra..rb {
+            xq[r] = ((xs[r] * inv).round_ties_even() as i32).clamp(-127, 127);
+        }
+        per.push((amax / 127.0, xq[ra..rb].iter().map(|&v| v as i64).sum(), amax));
+    }
+    (xq, per)
+}
+
+/// The int8 GEMV's result computed the plain way: the same quantization,
+/// exact integer dot products per block (i64), then the kernel's f32 steps
+/// `y = fma(f32(acc − z·Σxq), s_w·sx, y)` block by block. The kernels must
+/// match it bit for bit (their integers are exact and their f32 operations
+/// the same).
+fn i8_reference(wq: &Q4Owned, x: &[f32], m: usize, o0: usize, n: usize, c0: &[f32], accumulate: bool) -> Vec<f32> {
+    let k = wq.inp;
+    let blocks = i8_blocks(k, wq.group);
+    let mut y = vec![0f32; m * n];
+    for i in 0..m {
+        let (xq, per) = i8_quantize(wq, &x[i * k..(i + 1) * k]);
+        for j in 0..n {
+            let o = o0 + j;
+            let mut acc = if accumulate { c0[i * n + j] } else { 0.0 };
+            for (&(g, ra, rb), &(sx, sum, _)) in blocks.iter().zip(&per) {
+                let dot: i64 = (ra..rb).map(|r| wq.q[r][o] as i64 * xq[r] as i64).sum();
+                let t = (dot - wq.z[g][o] as i64 * sum) as f32;
+                acc = t.mul_add(wq.scales[g * wq.out + o].to_f32() * sx, acc);
+            }
+            y[i * n + j] = acc;
+        }
+    }
+    y
+}
+
+/// The bound of the module doc on |int8 result − exact result|: each
+/// activation moves by at most max|x_block| / 254 (·(1 + 1e-6) for the f32
+/// rounding of the scale and its inverse), times Σ|W| over the block, plus
+/// the f32-rounding tolerance of the exact tests.
+fn i8_bound(wq: &Q4Owned, x: &[f32], m: usize, o0: usize, n: usize, scale: &[f64]) -> Vec<f64> {
+    let k = wq.inp;
+    let blocks = i8_blocks(k, wq.group);
+    let mut b = vec![0f64; m * n];
+    for i in 0..m {
+        let (_, per) = i8_quantize(wq, &x[i * k..(i + 1) * k]);
+        for j in 0..n {
+            let o = o0 + j;
+            let mut e = 0f64;
+            for (&(_, ra, rb), &(_, _, amax)) in blocks.iter().zip(&per) {
+                let wsum: f64 = (ra..rb)
+                    .map(|r| {
+                        let c = wq.perm.as_ref().map_or(r, |p| p[r] as usize);
+                        wq.w(o, c).abs()
+                    })
+                    .sum();
+                e += amax as f64 / 254.0 * (1.0 + 1e-6) * wsum;
+            }
+            b[i * n + j] = e + TOL * scale[i * n + j] + 1e-30;
+        }
+    }
+    b
+}
+
+fn i8_paths() -> Vec<Q4I8Path> {
+    Q4I8Path::ALL.into_iter().filter(|p| p.available()).collect()
+}
+
+fn bits_eq(a: &[f32], b: &[f32]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|(p, q)| p.to_bits() == q.to_bits())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(96))]
+
+    /// Every int8 path on a random row-range view (ragged columns, groups
+    /// that split words, groups larger than a block, act-order, asymmetric
+    /// zeros, accumulate) equals the plain integer reference bit for bit,
+    /// and stays within the quantization bound of the exact f64 result.
+    #[test]
+    fn i8_gemv_matches_integer_reference(
+        out8 in 1usize..=24,
+        in8 in 1usize..=48,
+        group in prop_oneof![group_strategy(), Just(Some(256))],
+        m in 1usize..=GEMV_MAX_M,
+        asym in any::<bool>(),
+        act_order in any::<bool>(),
+        accumulate in any::<bool>(),
+        range in (0usize..1000, 0usize..1000),
+        seed in any::<u64>(),
+    ) {
+        let (out, inp) = (out8 * 8, in8 * 8);
+        let group = group.unwrap_or(inp);
+        let mut rng = Rng::new(seed);
+        let wq = Q4Owned::random(&mut rng, out, inp, group, asym, act_order);
+        let a = range.0 % out;
+        let b = a + 1 + range.1 % (out - a);
+        let w = wq.view().rows_range(a, b);
+        let n = b - a;
+        // Some rows with one large activation (an outlier sets its block's scale).
+        let mut x = rng.vec(m * inp, 1.0);
+        if seed % 3 == 0 {
+            x[(seed as usize / 3) % (m * inp)] = 40.0;
+        }
+        let c0 = rng.vec(m * n, 1.0);
+        let want = i8_reference(&wq, &x, m, a, n, &c0, accumulate);
+        let (exact, scale) = reference(&wq, &x, m, a, n, &c0, accumulate);
+        let bound = i8_bound(&wq, &x, m, a, n, &scale);
+        for path in i8_paths() {
+            let mut y = c0.clone();
+            q4_gemv_i8(path, &x, m, &w, &mut y, accumulate);
+            for (e, (&g, &r)) in y.iter().zip(&want).enumerate() {
+                prop_assert!(g.to_bits() == r.to_bits(), "{path:?}: element {e}: got {g}, integer reference {r}");
+            }
+            for (e, ((&g, &r), &bd)) in y.iter().zip(&exact).zip(&bound).enumerate() {
+                let err = (g as f64 - r as f64).abs();
+                prop_assert!(err <= bd, "{path:?}: element {e}: {g} vs exact {r}: error {err:e} > bound {bd:e}");
+            }
+        }
+    }
+
+    /// Rows of an int8 batch (m ≤ GEMV_MAX_M) are bit for bit the rows
+    /// alone on every path, and a column sub-range gives the full matrix's
+    /// columns (wide enough for several column chunks and threads).
+    #[test]
+    fn i8_gemv_is_batch_invariant(
+        out8 in 1usize..=300,
+        in8 in 1usize..=40,
+        group in group_strategy(),
+        asym in any::<bool>(),
+        act_order in any::<bool>(),
+        cut in 0usize..1000,
+        seed in any::<u64>(),
+    ) {
+        let (out, inp) = (out8 * 8, in8 * 8);
+        let group = group.unwrap_or(inp);
+        let mut rng = Rng::new(seed);
+        let wq = Q4Owned::random(&mut rng, out, inp, group, asym, act_order);
+        let w = wq.view();
+        let x = rng.vec(GEMV_MAX_M * inp, 1.0);
+        for path in i8_paths() {
+            let alone: Vec<Vec<f32>> = (0..GEMV_MAX_M)
+                .map(|i| {
+                    let mut y = vec![0f32; out];
+                    q4_gemv_i8(path, &x[i * inp..(i + 1) * inp], 1, &w, &mut y, false);
+                    y
+                })
+                .collect();
+            for m in 1..=GEMV_MAX_M {
+                let mut y = vec![0f32; m * out];
+                q4_gemv_i8(path, &x[..m * inp], m, &w, &mut y, false);
+                for i in 0..m {
+                    prop_assert!(bits_eq(&y[i * out..(i + 1) * out], &alone[i]), "{path:?}: row {i} of m={m} differs from the row alone");
+                }
+            }
+            let a = cut % out;
+            let mut y = vec![0f32; 3 * (out - a)];
+            q4_gemv_i8(path, &x[..3 * inp], 3, &w.rows_range(a, out), &mut y, false);
+            for i in 0..3 {
+                prop_assert!(bits_eq(&y[i * (out - a)..(i + 1) * (out - a)], &alone[i][a..]), "{path:?}: rows_range({a}, {out}) differs");
+            }
+        }
+    }
+}
+
+/// `q4_linear_with_math`: Exact is `q4_linear` bit for bit at every m; Fast
+/// is the int8 GEMV (on `Q4I8Path::for_q4(path)`) for m ≤ GEMV_MAX_M, and
+/// exact above. The int8 results differ from the exact ones (so the routing
+/// is really seen).
+#[test]
+fn fast_mode_routes_decode_sizes_to_int8() {
+    let mut rng = Rng::new(23);
+    let (out, inp) = (136, 200);
+    let wq = Q4Owned::random(&mut rng, out, inp, 40, true, true);
+    let w = wq.view();
+    for path in paths() {
+        for m in [1, 2, 8, GEMV_MAX_M, GEMV_MAX_M + 1, 40] {
+            let x = rng.vec(m * inp, 1.0);
+            let run = |f: &dyn Fn(&mut [f32])| {
+                let mut y = vec![f32::NAN; m * out];
+                f(&mut y);
+                y
+            };
+            let exact = run(&|y| q4_linear(path, &x, m, &w, y, false));
+            let exact2 = run(&|y| q4_linear_with_math(CpuMath::Exact, path, &x, m, &w, y, false));
+            let fast = run(&|y| q4_linear_with_math(CpuMath::Fast, path, &x, m, &w, y, false));
+            assert!(bits_eq(&exact, &exact2), "{path:?} m={m}: Exact mode is not q4_linear");
+            if m <= GEMV_MAX_M {
+                let i8 = run(&|y| q4_gemv_i8(Q4I8Path::for_q4(path), &x, m, &w, y, false));
+                assert!(bits_eq(&fast, &i8), "{path:?} m={m}: Fast mode is not the int8 GEMV");
+                assert!(!bits_eq(&fast, &exact), "{path:?} m={m}: Fast mode gave the exact result");
+            } else {
+                assert!(bits_eq(&fast, &exact), "{path:?} m={m}: Fast mode above GEMV_MAX_M is not exact");
+            }
+        }
+    }
+    assert_eq!(Q4I8Path::for_q4(Q4Path::Portable), Q4I8Path::Portable);
+}
+
+/// NaN and infinite activations reach the output as in exact mode (they are
+/// not quantized away), and an all-zero block contributes nothing.
+#[test]
+fn i8_non_finite_and_zero_activations() {
+    let mut rng = Rng::new(29);
+    let (out, inp) = (24, 256);
+    let wq = Q4Owned::random(&mut rng, out, inp, 128, true, false);
+    let w = wq.view();
+    for path in i8_paths() {
+        for bad in [f32::NAN, f32::INFINITY] {
+            let mut x = rng.vec(inp, 1.0);
+            x[5] = bad;
+            let mut y = vec![0f32; out];
+            q4_gemv_i8(path, &x, 1, &w, &mut y, false);
+            assert!(y.iter().all(|v| !v.is_finite()), "{path:?}: {bad} in x gave a finite output");
+        }
+        let mut x = rng.vec(inp, 1.0);
+        x[..128].fill(0.0);
+        let mut y = vec![0f32; out];
+        q4_gemv_i8(path, &x, 1, &w, &mut y, false);
+        let want = i8_reference(&wq, &x, 1, 0, out, &[], false);
+        assert!(bits_eq(&y, &want), "{path:?}: zero block");
+        assert!(y.iter().all(|v| v.is_finite()));
     }
 }
