@@ -363,3 +363,22 @@ fn generate_and_chat_draw_through_the_same_checks() {
     assert_clean_failure(&o, "--font /nonexistent");
     let _ = std::fs::remove_dir_all(t);
 }
+
+#[test]
+fn a_terminal_on_stdin_is_refused_instead_of_waited_on() {
+    let Some(dir) = common::fixtures() else { return };
+    // util-linux `script` runs the command on a pseudo-terminal.
+    if Command::new("script").arg("--version").output().map_or(true, |o| !o.status.success()) {
+        eprintln!("skipped: no `script` (util-linux) to give qvc a terminal");
+        return;
+    }
+    let t = tmp("tty");
+    let out = t.join("out.png");
+    let cmd = format!("'{}' draw -i '{}' -o '{}'", env!("CARGO_BIN_EXE_qvc"), s(&dir.join("grey.png")), s(&out));
+    let o = Command::new("script").args(["-qec", &cmd, "/dev/null"]).stdin(Stdio::null()).output().unwrap();
+    let all = text(&o.stdout) + &text(&o.stderr);
+    assert!(!o.status.success(), "{all}");
+    assert!(all.contains("no text to draw") && all.contains("pipe it on stdin"), "{all}");
+    assert!(!out.exists());
+    let _ = std::fs::remove_dir_all(t);
+}

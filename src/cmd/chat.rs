@@ -65,7 +65,13 @@ fn draw_last(model: &Model, last: Option<&(Vec<u32>, String)>, args: &str, font:
     let Some(picture) = image else { bail!("the conversation has no picture to draw on; attach one with /image PATH") };
     let picture = Path::new(&picture);
     check_output(out, force, "/draw", &[picture])?;
-    draw_on_picture(picture, &items, &DrawOptions { font: font.map(Path::to_path_buf) }, out, force)?;
+    draw_on_picture(
+        picture,
+        &items,
+        &DrawOptions { font: font.map(Path::to_path_buf), ..Default::default() },
+        out,
+        force,
+    )?;
     for b in &boxes {
         eprintln!("{}", box_line(b));
     }

@@ -69,7 +69,7 @@ pub fn run(a: DrawArgs) -> Result<()> {
             a.output.display()
         );
     }
-    let opts = DrawOptions { font: a.font.clone() };
+    let opts = DrawOptions { font: a.font.clone(), ..Default::default() };
     let drawn = draw_on_picture(&a.image, &items, &opts, &a.output, a.force)?;
     if a.json {
         let v = serde_json::json!({

@@ -104,7 +104,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
                 out.display()
             );
         } else {
-            let opts = DrawOptions { font: a.font.clone() };
+            let opts = DrawOptions { font: a.font.clone(), ..Default::default() };
             draw_on_picture(Path::new(&img), &items, &opts, out, a.force)?;
         }
     }
