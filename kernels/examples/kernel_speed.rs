@@ -1,7 +1,8 @@
 //! Timings of the fast kernels at Qwen-VL-Chat's real GEMM shapes, as
 //! fractions of ceilings measured in the same run (not a benchmark suite:
 //! `benches/` is). Run:
-//! `RAYON_NUM_THREADS=2 cargo run -p qvc-kernels --release --example kernel_speed [-- quick] [-- portable]`.
+//! `RAYON_NUM_THREADS=2 cargo run -p qvc-kernels --release --example kernel_speed [-- quick] [-- portable] [-- fast]`
+//! (`fast`: only the `CpuMath::Fast` section, bf16 products against the exact path).
 //!
 //! For every code path the CPU has (AVX-512, AVX2+FMA; portable only when
 //! asked: it is slow): the FMA peak of that path on all pool threads at once
@@ -17,6 +18,7 @@
 
 use half::bf16;
 use qvc_ir::Elems;
+use qvc_kernels::gemm::gemm_with_math;
 use qvc_kernels::peak::{fma_loop, fma_loop_flops_per_iter};
 use qvc_kernels::*;
 use rayon::prelude::*;
@@ -110,6 +112,52 @@ fn fma_peak(isa: Isa) -> f64 {
     peak
 }
 
+/// `vdpbf16ps` peak on every pool thread at once, GFLOP/s (a bf16 product
+/// pair counts 4): 24 independent accumulators, best of 10 × ~20 ms.
+fn dpbf16_peak() -> f64 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx512f,avx512bf16")]
+        unsafe fn dp_loop(iters: usize) -> f32 {
+            use std::arch::x86_64::*;
+            let x: __m512bh = std::mem::transmute(_mm512_set1_ps(std::hint::black_box(0.5)));
+            let y: __m512bh = std::mem::transmute(_mm512_set1_ps(std::hint::black_box(1e-3)));
+            let mut acc = [_mm512_setzero_ps(); 24];
+            for _ in 0..iters {
+                for a in acc.iter_mut() {
+                    *a = _mm512_dpbf16_ps(*a, x, y);
+                }
+            }
+            let mut s = _mm512_setzero_ps();
+            for a in acc {
+                s = _mm512_add_ps(s, a);
+            }
+            _mm512_reduce_add_ps(s)
+        }
+        let flops_per_iter = (24 * 16 * 4) as f64;
+        // SAFETY: called only when `bf16_products_native()` (AVX-512F + BF16).
+        let run = |iters: usize| std::hint::black_box(unsafe { dp_loop(iters) });
+        let probe = 200_000;
+        let t0 = Instant::now();
+        run(probe);
+        let per_trip = t0.elapsed().as_secs_f64().max(1e-9) / probe as f64;
+        let iters = ((0.02 / per_trip) as usize).clamp(probe, 1 << 32);
+        let mut peak = 0f64;
+        for _ in 0..10 {
+            let t0 = Instant::now();
+            let done: Vec<f32> = rayon::broadcast(|_| run(iters));
+            let s = t0.elapsed().as_secs_f64();
+            std::hint::black_box(&done);
+            peak = peak.max(done.len() as f64 * iters as f64 * flops_per_iter / s / 1e9);
+        }
+        peak
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        0.0
+    }
+}
+
 /// Read bandwidth: a vectorised sum over 256 MiB on the pool, best of 12, GB/s.
 fn read_bandwidth() -> f64 {
     qvc_kernels::peak::read_bandwidth(&qvc_kernels::peak::read_buffer(), 12) / 1e9
@@ -118,6 +166,8 @@ fn read_bandwidth() -> f64 {
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let quick = args.iter().any(|a| a == "quick");
+    // `fast`: only the CpuMath::Fast section (with its exact comparison).
+    let fast_only = args.iter().any(|a| a == "fast");
     let mut isas: Vec<Isa> = [Isa::Avx512, Isa::Avx2Fma].into_iter().filter(|i| i.available()).collect();
     if args.iter().any(|a| a == "portable") {
         isas.push(Isa::Portable);
@@ -133,6 +183,7 @@ fn main() {
         ("vit c_proj", 1024, 1664, 8192),
         ("vit in_proj", 1024, 4992, 1664),
         ("llm c_attn", 300, 12288, 4096),
+        ("llm attn c_proj", 300, 4096, 4096),
         ("llm w1/w2", 300, 11008, 4096),
         ("llm c_proj(mlp)", 300, 4096, 11008),
     ];
@@ -143,7 +194,7 @@ fn main() {
     let weights: Vec<Vec<bf16>> = shapes.iter().map(|&(_, _, n, k)| bf16_data(n * k, 4)).collect();
     let acts: Vec<Vec<f32>> = shapes.iter().map(|&(_, m, _, k)| data(m * k, 3)).collect();
     let threads = rayon::current_num_threads();
-    for &isa in &isas {
+    for &isa in isas.iter().filter(|_| !fast_only) {
         let peak = fma_peak(isa);
         let peak1 = fma_peak_one(isa);
         println!("{isa:?}: FMA peak {peak:.1} GFLOP/s on {threads} threads at once, {peak1:.1} per CPU-second of one");
@@ -194,27 +245,37 @@ fn main() {
             );
         }
     }
-    // The explicit bf16-activation opt-in (not what the model runs by
-    // default: it costs ~2⁻⁹ relative per activation), against the f32 peak.
+    // `--cpu-math fast`: bf16 activations × bf16 weights (`vdpbf16ps`),
+    // against the measured `vdpbf16ps` peak (two products per f32 lane, so
+    // nominally twice the FMA peak; measured, since cores differ) and
+    // against the exact AVX-512 path on the same shape.
     if qvc_kernels::gemm::bf16_products_native() {
-        let peak = fma_peak(Isa::Avx512);
-        println!("bf16 products (vdpbf16ps, opt-in): f32 FMA peak {peak:.1} GFLOP/s on {threads} threads");
+        let peak = dpbf16_peak();
+        let peak_fma = fma_peak(Isa::Avx512);
+        println!(
+            "CpuMath::Fast (bf16 products, vdpbf16ps): measured vdpbf16ps peak {peak:.1} GFLOP/s on {threads} threads \
+             ({:.2}x the f32 FMA peak {peak_fma:.1}); load {}",
+            peak / peak_fma,
+            load()
+        );
         for (((name, m, n, k), w), x) in shapes.iter().zip(&weights).zip(&acts) {
             let (m, n, k) = (*m, *n, *k);
             let mut y = vec![0.0; m * n];
-            let t = best(3, || {
-                qvc_kernels::gemm::gemm_bf16_products(
-                    MatRef::row_major(Elems::F32(x), m, k),
-                    MatRef::row_major(Elems::BF16(w), n, k).transposed(),
-                    &mut y,
-                    false,
-                )
-            });
-            let gf = gemm_flops(m, n, k) as f64 / t / 1e9;
+            let (am, bm) =
+                (MatRef::row_major(Elems::F32(x), m, k), MatRef::row_major(Elems::BF16(w), n, k).transposed());
+            let t = best(3, || gemm_with_math(Isa::Avx512, CpuMath::Fast, am, bm, &mut y, false));
+            let t_exact = best(3, || gemm_with_math(Isa::Avx512, CpuMath::Exact, am, bm, &mut y, false));
+            let flops = gemm_flops(m, n, k) as f64;
+            let (gf, gf_exact) = (flops / t / 1e9, flops / t_exact / 1e9);
             println!(
-                "  gemm {name:<16} {m}x{k} · ({n}x{k})ᵀ bf16: {:7.1} ms {gf:6.1} GFLOP/s = {:.3} of the f32 peak",
+                "  gemm {name:<16} {m}x{k} · ({n}x{k})ᵀ bf16: {:7.1} ms {gf:6.1} GFLOP/s = {:.3} of the vdpbf16ps peak, \
+                 {:.3} of 2x the FMA peak; exact {:7.1} ms {gf_exact:6.1} GFLOP/s = {:.3} of the FMA peak; fast/exact {:.2}x",
                 t * 1e3,
-                gf / peak
+                gf / peak,
+                gf / (2.0 * peak_fma),
+                t_exact * 1e3,
+                gf_exact / peak_fma,
+                t_exact / t
             );
         }
     }

@@ -29,16 +29,25 @@
 //!   a portable fixed-array 6×16. The kernels prefetch their C tile before
 //!   the k loop.
 //!
+//! * **bf16 products** (only with [`CpuMath::Fast`], a bf16 B, m above the
+//!   dot path's rows, and AVX512-BF16): the packed path's blocking and
+//!   partitioning with k in pairs: A rounded to bf16 (nearest even) and
+//!   packed as pairs, B packed as pairs, a 12×32 `vdpbf16ps` micro-kernel
+//!   (two products per f32 lane), f32 sums. About twice the exact path's
+//!   speed at prefill and ViT shapes; activations lose ~2⁻⁹ relative, so it
+//!   is never the default. f16 weights stay exact (bf16 would round them).
+//!   [`gemm_bf16_products`] runs the same kernel for any shape.
+//!
 //! Paths are chosen at run time ([`Isa::detect`]); AVX-512 runs its own
-//! packed micro-kernel, the AVX2 dot arithmetic with four-row tiles (its 32
-//! registers; results bit-identical to the AVX2 path's), and the AVX2 code
-//! of the short-k dot and axpy paths, which are bound by transposes and
-//! loads.
+//! packed micro-kernel, its own long-k dot kernel ([`crate::gemv`]: 16-lane
+//! dot products, weight rows streamed), and the AVX2 code of the short-k
+//! dot and axpy paths, which are bound by transposes and loads.
 //!
 //! Invariants: C's rows are `ldc` apart; every tile writes a disjoint block of
 //! C; the first `KC` slice overwrites C unless `accumulate`, later ones add.
 
 use crate::common::{gather, par_chunks, par_for, worth_parallel, Isa, Src, SyncPtr};
+use crate::math::{cpu_math, CpuMath};
 use qvc_ir::{DType, Elems};
 
 /// Rows of the micro-kernel tile (broadcast A values).
@@ -144,18 +153,41 @@ fn ensure(v: &mut Vec<f32>, len: usize) {
 }
 
 /// `C = A·B` (or `C += A·B` when `accumulate`), C `m×n` row-major with
-/// `c.len() == m * n`. Uses the best instruction set the CPU has.
+/// `c.len() == m * n`. Uses the best instruction set the CPU has, in the
+/// process-wide [`CpuMath`] mode ([`cpu_math`]).
 pub fn gemm(a: MatRef, b: MatRef, c: &mut [f32], accumulate: bool) {
-    gemm_with_isa(Isa::detect(), a, b, c, accumulate)
+    gemm_with_math(Isa::detect(), cpu_math(), a, b, c, accumulate)
 }
 
 /// [`gemm`] on a chosen code path (falls back to [`Isa::Portable`] if the CPU
-/// lacks the requested one). For tests and benchmarks.
+/// lacks the requested one), always exact ([`CpuMath::Exact`], whatever the
+/// process-wide mode). For tests and benchmarks.
 pub fn gemm_with_isa(isa: Isa, a: MatRef, b: MatRef, c: &mut [f32], accumulate: bool) {
+    gemm_with_math(isa, CpuMath::Exact, a, b, c, accumulate)
+}
+
+/// [`gemm`] on a chosen code path and arithmetic. [`CpuMath::Fast`] runs the
+/// bf16-product packed path (A rounded to bf16, `vdpbf16ps`, f32 sums; same
+/// partitioning and accumulate semantics as the exact packed path) where
+/// [`fast_bf16_applies`]; every other case, and [`CpuMath::Exact`], runs the
+/// exact paths.
+pub fn gemm_with_math(isa: Isa, math: CpuMath, a: MatRef, b: MatRef, c: &mut [f32], accumulate: bool) {
     let (m, k, n) = (a.rows, a.cols, b.cols);
     assert_eq!(b.rows, k, "gemm: A is {m}x{k} but B is {}x{n}", b.rows);
     assert_eq!(c.len(), m * n, "gemm: C has {} elements, expected {m}x{n}", c.len());
     let parallel = worth_parallel(m * n * k);
+    #[cfg(target_arch = "x86_64")]
+    if math == CpuMath::Fast && fast_bf16_applies(isa, &a, &b) {
+        if let Elems::BF16(w) = b.data {
+            a.check("A");
+            b.check("B");
+            // SAFETY: `fast_bf16_applies` checked AVX-512 F/BW/VL + BF16 and
+            // m, n, k > 0; the views were checked just above; C is m×n.
+            unsafe { gemm_bf16_packed(&a, &b, w, c, n, accumulate, parallel) };
+            return;
+        }
+    }
+    let _ = math;
     gemm_strided(isa.resolve(), &a, &b, c, n, accumulate, parallel, &mut GemmScratch::default());
 }
 
@@ -341,10 +373,9 @@ const STREAM_BYTES: usize = 2 << 20;
 /// columns vectorised 8 at a time. Nothing in either sequence depends on `m`,
 /// on the tile or on the column split, which is what makes decode
 /// batch-invariant ([`DECODE_BATCH_INVARIANT_MAX`]). The AVX-512 path
-/// computes exactly the AVX2 sequences (8 lanes: 16-lane tiles measured
-/// slower at batch 1 on Zen 5, 4.2-4.6 ms against 3.5-3.9 for 1 × 12288 ×
-/// 4096 bf16, and no faster at batch 8), with tiles of four rows for
-/// m ≥ 3 that its 32 registers allow. The short-k chain is
+/// computes the AVX2 short-k chain; for `k ≥ SHORT_K` it runs
+/// [`crate::gemv`], whose sequence is the same with 16 lanes (so its long-k
+/// results differ from AVX2's by rounding). The short-k chain is
 /// also what the packed micro-kernels and the axpy path compute when
 /// `k ≤ KC` (one slice), so for such k a row is the same for every m (test
 /// `short_k_rows_equal_for_every_m`); from `KC` on the packed path adds its
@@ -368,45 +399,20 @@ impl DotJob<'_> {
         if self.k < SHORT_K {
             return self.short_cols(w, j0, j1);
         }
+        #[cfg(target_arch = "x86_64")]
+        if self.isa == Isa::Avx512 {
+            let (a, m, k, off, cs, c, ldc, accumulate) =
+                (self.a, self.m, self.k, self.off, self.cs, self.c, self.ldc, self.accumulate);
+            let job = crate::gemv::GemvJob { a, m, k, off, cs, c, ldc, accumulate, stream: self.prefetch };
+            // SAFETY: `isa` was resolved to Avx512, so the CPU has AVX-512
+            // F/BW/VL, AVX2, FMA and F16C; this task owns columns j0..j1 of C
+            // (see `gemv_dot`).
+            return unsafe { crate::gemv::cols_avx512(&job, w, j0, j1) };
+        }
         if self.m == 1 {
             self.tiles::<T, 8>(w, j0, j1)
-        } else if self.isa == Isa::Avx512 && self.m >= 3 {
-            self.tiles_quad::<T, 4>(w, j0, j1)
         } else {
             self.tiles::<T, 6>(w, j0, j1)
-        }
-    }
-
-    /// AVX-512 with three or more rows: [`DotJob::tiles`] with rows in fours
-    /// (then the rest), so each group of `C` columns is widened once per
-    /// four rows, and (C = 4: 32 KiB of bf16 at k = 4096) stays in L1 for
-    /// the next four. 16 accumulators + 4 rows of A need more than AVX2's
-    /// 16 vector registers: AVX-512VL has 32. Measured at 8 × 12288 × 4096
-    /// bf16 on Zen 5, one thread: 10-13 ms with pairs of rows, 7.6-7.9 ms
-    /// with fours.
-    #[inline(always)]
-    fn tiles_quad<T: Src, const C: usize>(&self, w: &[T], j0: usize, j1: usize) {
-        let mut j = j0;
-        while j < j1 {
-            let group = if j + C <= j1 { C } else { 1 };
-            let next = (j + group)..(j + group + C).min(j1);
-            let mut i0 = 0;
-            while i0 < self.m {
-                let rows = (self.m - i0).min(4);
-                let pf = if i0 == 0 && self.prefetch { next.clone() } else { 0..0 };
-                match (rows, group == C) {
-                    (4, true) => self.tile::<T, 4, C>(w, i0, j, pf),
-                    (3, true) => self.tile::<T, 3, C>(w, i0, j, pf),
-                    (2, true) => self.tile::<T, 2, C>(w, i0, j, pf),
-                    (_, true) => self.tile::<T, 1, C>(w, i0, j, pf),
-                    (4, false) => self.tile::<T, 4, 1>(w, i0, j, pf),
-                    (3, false) => self.tile::<T, 3, 1>(w, i0, j, pf),
-                    (2, false) => self.tile::<T, 2, 1>(w, i0, j, pf),
-                    (_, false) => self.tile::<T, 1, 1>(w, i0, j, pf),
-                }
-                i0 += rows;
-            }
-            j += group;
         }
     }
 
@@ -457,9 +463,9 @@ impl DotJob<'_> {
         match self.isa {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: `isa` was resolved, so the CPU has AVX2, FMA and F16C
-            // (and AVX-512F for `Avx512`); the columns hold k elements each,
-            // `a` R rows of k; see `gemv_dot` for C. The prefetched span is
-            // inside `w`.
+            // (AVX-512 long-k tiles run `crate::gemv` instead); the columns
+            // hold k elements each, `a` R rows of k; see `gemv_dot` for C.
+            // The prefetched span is inside `w`.
             Isa::Avx2Fma | Isa::Avx512 => unsafe {
                 let span = if pf.is_empty() {
                     &w[..0]
@@ -467,11 +473,7 @@ impl DotJob<'_> {
                     let start = self.off + pf.start * self.cs;
                     &w[start..self.off + (pf.end - 1) * self.cs + self.k]
                 };
-                if self.isa == Isa::Avx512 {
-                    dot_tile_avx512vl::<T, R, C>(self, a, &cols, i0, j, span)
-                } else {
-                    dot_tile_avx2::<T, R, C>(self, a, &cols, i0, j, span)
-                }
+                dot_tile_avx2::<T, R, C>(self, a, &cols, i0, j, span)
             },
             // SAFETY: see `gemv_dot` for C. (No prefetching here.)
             _ => {
@@ -494,24 +496,6 @@ impl DotJob<'_> {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dot_tile_avx2<T: Src, const R: usize, const C: usize>(
-    job: &DotJob,
-    a_rows: &[f32],
-    cols: &[&[T]; C],
-    i0: usize,
-    j: usize,
-    prefetch: &[T],
-) {
-    dot_tile_8lane::<T, R, C>(job, a_rows, cols, i0, j, prefetch)
-}
-
-/// [`dot_tile_avx2`] compiled for AVX-512 (VL): the same 8-lane
-/// arithmetic, bit for bit, with 32 vector registers, which tiles of four
-/// rows × four columns need (16 accumulators + 4 rows of A).
-///
-/// SAFETY: as [`dot_tile_avx2`], and the CPU must have AVX-512F and VL.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512vl,avx2,fma,f16c")]
-unsafe fn dot_tile_avx512vl<T: Src, const R: usize, const C: usize>(
     job: &DotJob,
     a_rows: &[f32],
     cols: &[&[T]; C],
@@ -1643,9 +1627,10 @@ unsafe fn kernel_avx512(
     }
 }
 
-// ------------------------------------------- bf16 products (explicit opt-in)
+// ------------------------------------------------------ bf16 products
 
-/// Whether [`gemm_bf16_products`] runs on AVX512-BF16 (`vdpbf16ps`) here.
+/// Whether [`gemm_bf16_products`] (and [`CpuMath::Fast`] GEMMs with bf16
+/// weights) run on AVX512-BF16 (`vdpbf16ps`) here.
 pub fn bf16_products_native() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
@@ -1657,14 +1642,29 @@ pub fn bf16_products_native() -> bool {
     }
 }
 
+/// Whether [`gemm_with_math`] with [`CpuMath::Fast`] multiplies these
+/// operands in bf16 on `isa`: B holds bf16 elements (f16 weights stay exact:
+/// rounding them to bf16 would lose three mantissa bits of the *weights*),
+/// A has more than the dot path's rows (prefill and the ViT; decode-sized
+/// GEMMs keep their own paths), and the path is AVX-512 on a CPU with
+/// AVX512-BF16. Otherwise Fast runs the exact path.
+pub fn fast_bf16_applies(isa: Isa, a: &MatRef, b: &MatRef) -> bool {
+    matches!(b.data, Elems::BF16(_))
+        && a.rows > SMALL_M
+        && a.cols > 0
+        && b.cols > 0
+        && isa.resolve() == Isa::Avx512
+        && bf16_products_native()
+}
+
 /// `C = round_bf16(A) · B` (or `C +=` when `accumulate`): A's elements
 /// rounded to bf16 (to nearest even) before multiplying, the products and
-/// their sums in f32. An explicit opt-in, never what [`gemm`] does: rounding
+/// their sums in f32. An explicit opt-in whatever the shape: rounding
 /// activations costs about 2⁻⁹ relative per element, far outside the 1e-4
 /// parity of the default path. Where the CPU has AVX512-BF16 and B is bf16,
-/// `vdpbf16ps` does two products per f32 lane (twice the f32 FMA rate);
-/// elsewhere the rounded A goes through [`gemm`], which gives the same
-/// values to f32 rounding.
+/// it runs the same packed `vdpbf16ps` path as a [`CpuMath::Fast`] GEMM
+/// (two products per f32 lane); elsewhere the rounded A goes through the
+/// exact [`gemm_with_isa`], which gives the same values to f32 rounding.
 pub fn gemm_bf16_products(a: MatRef, b: MatRef, c: &mut [f32], accumulate: bool) {
     let (m, k, n) = (a.rows, a.cols, b.cols);
     assert_eq!(b.rows, k, "gemm: A is {m}x{k} but B is {}x{n}", b.rows);
@@ -1674,8 +1674,8 @@ pub fn gemm_bf16_products(a: MatRef, b: MatRef, c: &mut [f32], accumulate: bool)
     #[cfg(target_arch = "x86_64")]
     if let Elems::BF16(w) = b.data {
         if bf16_products_native() && m > 0 && n > 0 && k > 0 {
-            // SAFETY: AVX-512 F/BW/VL + BF16 checked just above.
-            unsafe { gemm_bf16_native(&a, &b, w, c, accumulate, worth_parallel(m * n * k)) };
+            // SAFETY: AVX-512 F/BW/VL + BF16 checked just above; views checked.
+            unsafe { gemm_bf16_packed(&a, &b, w, c, n, accumulate, worth_parallel(m * n * k)) };
             return;
         }
     }
@@ -1685,113 +1685,232 @@ pub fn gemm_bf16_products(a: MatRef, b: MatRef, c: &mut [f32], accumulate: bool)
             *x = half::bf16::from_f32(a.get(i, p)).to_f32();
         }
     }
-    gemm(MatRef::row_major(Elems::F32(&ar), m, k), b, c, accumulate);
+    gemm_with_isa(Isa::detect(), MatRef::row_major(Elems::F32(&ar), m, k), b, c, accumulate);
 }
 
-/// k pairs per slice of the bf16 path (2048 elements of k).
+/// k pairs per slice of the bf16 path (2048 elements of k): the same
+/// 128 KiB B panel as the f32 AVX-512 path's 1024-deep slice, twice the
+/// depth, so C is swept half as often.
 #[cfg(target_arch = "x86_64")]
 const KP_BF16: usize = 1024;
 
-/// The AVX512-BF16 packed path: the AVX-512 blocking with k in pairs. A is
-/// packed as `MR_AVX512`-row panels of bf16 pairs (`a[i, 2q]` low,
-/// `a[i, 2q + 1]` high: one dword per row and pair, zero past k); each B
-/// panel as 32 columns of pairs; tasks own column runs as in
-/// [`gemm_packed`].
+thread_local! {
+    /// The calling thread's packed A (bf16 pairs) for [`gemm_bf16_packed`].
+    #[cfg(target_arch = "x86_64")]
+    static A_PAIRS_BUF: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// Each thread's packed B panel (bf16 pairs) for [`gemm_bf16_packed`].
+    #[cfg(target_arch = "x86_64")]
+    static B_PAIRS_BUF: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` on `len` dwords of `buf` from a 64-byte boundary (grown on
+/// demand, never shrunk; a fresh vector if the buffer is already in use).
+#[cfg(target_arch = "x86_64")]
+fn with_pairs<R>(
+    buf: &'static std::thread::LocalKey<std::cell::RefCell<Vec<u32>>>,
+    len: usize,
+    f: impl FnOnce(&mut [u32]) -> R,
+) -> R {
+    fn aligned(v: &mut Vec<u32>, len: usize) -> &mut [u32] {
+        if v.len() < len + 16 {
+            v.resize(len + 16, 0);
+        }
+        let skip = v.as_ptr().align_offset(64).min(16);
+        &mut v[skip..skip + len]
+    }
+    buf.with(|b| match b.try_borrow_mut() {
+        Ok(mut v) => f(aligned(&mut v, len)),
+        Err(_) => f(aligned(&mut Vec::new(), len)),
+    })
+}
+
+/// The bf16-product packed path, the AVX-512 blocking with k in pairs: for
+/// each slice of `KP_BF16` pairs, A is packed once (shared by all tasks) as
+/// `MR_AVX512`-row panels of bf16 pairs (`a[i, 2q]` in the low half of a
+/// dword, `a[i, 2q + 1]` in the high half, zero past k and past m); tasks
+/// own runs of B's column panels (and row blocks only when there are fewer
+/// column panels than tasks wanted), exactly as in [`gemm_packed`]; each
+/// packs one 32-column B panel of pairs at a time and runs the 12×32
+/// `vdpbf16ps` tile over every row panel of its rows. The first slice
+/// overwrites C unless `accumulate`; later ones add. C element `(i, j)` is
+/// `c[i * ldc + j]`.
 ///
-/// SAFETY: the CPU must have AVX-512 F/BW/VL and BF16; the views were checked.
+/// SAFETY: the CPU must have AVX-512 F/BW/VL and BF16; `a` and `b` were
+/// checked (`MatRef::check`), `w` is `b`'s data; C covers `m` rows of `n`
+/// elements, `ldc` apart; m, n, k > 0.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16,avx2,fma")]
-unsafe fn gemm_bf16_native(a: &MatRef, b: &MatRef, w: &[half::bf16], c: &mut [f32], accumulate: bool, parallel: bool) {
+unsafe fn gemm_bf16_packed(
+    a: &MatRef,
+    b: &MatRef,
+    w: &[half::bf16],
+    c: &mut [f32],
+    ldc: usize,
+    accumulate: bool,
+    parallel: bool,
+) {
     let (m, k, n) = (a.rows, a.cols, b.cols);
+    assert!(ldc >= n && c.len() >= (m - 1) * ldc + n, "gemm: C too small for {m}x{n} with ldc {ldc}");
     let (mr, nr) = (MR_AVX512, NR_AVX512);
     let kpairs = k.div_ceil(2);
     let mpanels = m.div_ceil(mr);
     let npanels = n.div_ceil(nr);
+    // The partition of `gemm_packed`.
     let want_tasks = if parallel { 4 * rayon::current_num_threads() } else { 1 };
     let nsplit = want_tasks.min(npanels);
     let per_task = npanels.div_ceil(nsplit);
     let nsplit = npanels.div_ceil(per_task);
-    let bits = |x: f32| half::bf16::from_f32(x).to_bits() as u32;
+    let mblocks = want_tasks.div_ceil(nsplit).min(mpanels);
+    let mc = mpanels.div_ceil(mblocks) * mr;
+    let mblocks = m.div_ceil(mc);
     let cp = SyncPtr(c.as_mut_ptr());
-    let mut ap = vec![0u32; mpanels * mr * KP_BF16.min(kpairs)];
-    for q0 in (0..kpairs).step_by(KP_BF16) {
-        let kp = KP_BF16.min(kpairs - q0);
-        // A's pairs q0..q0+kp: panel r, pair q, row ii at [r][q][ii].
-        let ap = &mut ap[..mpanels * mr * kp];
-        let pack_panel = |r: usize, panel: &mut [u32]| {
-            for ii in 0..mr {
-                let i = r * mr + ii;
-                for q in 0..kp {
-                    let p = 2 * (q0 + q);
-                    panel[q * mr + ii] = if i >= m {
-                        0
-                    } else {
-                        let hi = if p + 1 < k { bits(a.get(i, p + 1)) } else { 0 };
-                        bits(a.get(i, p)) | hi << 16
-                    };
-                }
+    with_pairs(&A_PAIRS_BUF, mpanels * mr * kpairs.min(KP_BF16), |ap| {
+        for q0 in (0..kpairs).step_by(KP_BF16) {
+            let kp = KP_BF16.min(kpairs - q0);
+            let ap = &mut ap[..mpanels * mr * kp];
+            let pack = |r: usize, panel: &mut [u32]| {
+                // SAFETY: AVX512-BF16 (this function's contract); A checked.
+                unsafe { pack_a_bf16_pairs(a, q0, kp, r, panel) }
+            };
+            if parallel && m * kp >= 1 << 14 {
+                use rayon::prelude::*;
+                ap.par_chunks_mut(mr * kp).enumerate().for_each(|(r, panel)| pack(r, panel));
+            } else {
+                ap.chunks_mut(mr * kp).enumerate().for_each(|(r, panel)| pack(r, panel));
             }
-        };
-        if parallel {
-            use rayon::prelude::*;
-            ap.par_chunks_mut(mr * kp).enumerate().for_each(|(r, panel)| pack_panel(r, panel));
-        } else {
-            ap.chunks_mut(mr * kp).enumerate().for_each(|(r, panel)| pack_panel(r, panel));
+            let ap: &[u32] = ap;
+            let overwrite = q0 == 0 && !accumulate;
+            par_for(mblocks * nsplit, parallel, |t| {
+                let (mb, ns) = (t / nsplit, t % nsplit);
+                let (i_lo, i_hi) = (mb * mc, (mb * mc + mc).min(m));
+                let (jr_lo, jr_hi) = (ns * per_task, (ns * per_task + per_task).min(npanels));
+                with_pairs(&B_PAIRS_BUF, nr * kp, |bp| {
+                    for jr in jr_lo..jr_hi {
+                        let j = jr * nr;
+                        let cols = nr.min(n - j);
+                        // SAFETY: AVX-512 BW (contract); `b.check` bounds every element read.
+                        unsafe { pack_b_bf16_pairs(b, w, q0, kp, j, cols, bp) };
+                        for i in (i_lo..i_hi).step_by(mr) {
+                            let rows = mr.min(m - i);
+                            let apanel = ap[(i / mr) * mr * kp..][..mr * kp].as_ptr();
+                            // SAFETY: as in `gemm_packed`: panels of this
+                            // blocking; C's block i..i+rows × j..j+cols is
+                            // this task's alone; the CPU has AVX512-BF16.
+                            unsafe {
+                                kernel_bf16(
+                                    kp,
+                                    apanel,
+                                    bp.as_ptr(),
+                                    cp.get().add(i * ldc + j),
+                                    ldc,
+                                    rows,
+                                    cols,
+                                    overwrite,
+                                )
+                            };
+                        }
+                    }
+                });
+            });
         }
-        let ap: &[u32] = ap;
-        let overwrite = q0 == 0 && !accumulate;
-        par_for(nsplit, parallel, |t| {
-            let mut bp = vec![0u32; nr * kp];
-            for jr in t * per_task..((t + 1) * per_task).min(npanels) {
-                let j = jr * nr;
-                let cols = nr.min(n - j);
-                // SAFETY: `b.check` bounds every element read.
-                unsafe { pack_b_bf16_pairs(b, w, q0, kp, j, cols, &mut bp) };
-                for i in (0..m).step_by(mr) {
-                    let rows = mr.min(m - i);
-                    let apanel = ap[(i / mr) * mr * kp..][..mr * kp].as_ptr();
-                    // SAFETY: as in `gemm_packed`: panels of this blocking,
-                    // C's block i..i+rows × j..j+cols is this task's alone;
-                    // the CPU has AVX512-BF16 (checked by the caller).
-                    unsafe { kernel_bf16(kp, apanel, bp.as_ptr(), cp.get().add(i * n + j), n, rows, cols, overwrite) };
-                }
+    });
+}
+
+/// One `MR_AVX512`-row panel `r` of A's pairs `q0..q0+kp`:
+/// `panel[q * MR_AVX512 + ii]` holds `round_bf16(A[i, 2(q0+q)])` (low word)
+/// and `round_bf16(A[i, 2(q0+q)+1])` (high), `i = r * MR_AVX512 + ii`, zero
+/// past k and past m. Each row is read once (any dtype, any stride) and
+/// rounded 32 elements at a time by `vcvtne2ps2bf16` (round to nearest
+/// even, as `half::bf16::from_f32`; subnormal inputs may flush to zero).
+///
+/// SAFETY: CPU with AVX-512F and BF16; A's elements in bounds (`MatRef::check`);
+/// `panel` holds `MR_AVX512 * kp` dwords, `kp <= KP_BF16`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn pack_a_bf16_pairs(a: &MatRef, q0: usize, kp: usize, r: usize, panel: &mut [u32]) {
+    use std::arch::x86_64::*;
+    let mr = MR_AVX512;
+    let (m, k) = (a.rows, a.cols);
+    debug_assert!(kp <= KP_BF16 && panel.len() >= mr * kp);
+    let p0 = 2 * q0;
+    let len = (2 * kp).min(k - p0);
+    // One row of the slice as f32, zero-padded to whole 32-element groups.
+    let mut row = [0f32; 2 * KP_BF16];
+    let groups = kp.div_ceil(16);
+    let dst = panel.as_mut_ptr();
+    for ii in 0..mr {
+        let i = r * mr + ii;
+        if i >= m {
+            for q in 0..kp {
+                *dst.add(q * mr + ii) = 0;
             }
-        });
+            continue;
+        }
+        gather(&a.data, a.index(i, p0), a.col_stride, &mut row[..len]);
+        row[len..32 * groups].fill(0.0);
+        for g in 0..groups {
+            let src = row.as_ptr().add(32 * g);
+            let v = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(src.add(16)), _mm512_loadu_ps(src));
+            let mut pairs = [0u32; 16];
+            _mm512_storeu_si512(pairs.as_mut_ptr() as *mut _, std::mem::transmute::<__m512bh, __m512i>(v));
+            for (qq, &d) in pairs.iter().enumerate().take(kp - 16 * g) {
+                *dst.add((16 * g + qq) * mr + ii) = d;
+            }
+        }
     }
 }
 
 /// One B panel of bf16 pairs: `bp[q * 32 + jj]` = `B[2(q0+q), j+jj]` (low
 /// word) and `B[2(q0+q)+1, j+jj]` (high), zero past k and past `cols`. A
 /// transposed `[out, in]` weight (pairs adjacent in memory) goes through 8×8
-/// dword transposes; other layouts element by element.
+/// dword transposes; a row-major B through a word interleave of two rows;
+/// ragged panels and other layouts element by element.
 ///
-/// SAFETY: CPU with AVX2; `b`'s elements in `w` (checked by `MatRef::check`).
+/// SAFETY: CPU with AVX-512 F/BW; `b`'s elements in `w` (`MatRef::check`);
+/// `bp` holds `NR_AVX512 * kp` dwords.
 #[cfg(target_arch = "x86_64")]
-#[inline(always)]
+#[target_feature(enable = "avx512f,avx512bw,avx2")]
 unsafe fn pack_b_bf16_pairs(b: &MatRef, w: &[half::bf16], q0: usize, kp: usize, j: usize, cols: usize, bp: &mut [u32]) {
     use std::arch::x86_64::*;
     let k = b.rows;
     let nr = NR_AVX512;
+    debug_assert!(bp.len() >= nr * kp);
+    let base = w.as_ptr();
+    let out = bp.as_mut_ptr();
     let mut q = 0;
     if b.row_stride == 1 && cols == nr {
         // Full groups of 8 pairs (16 elements of k) read as 8 dwords per column.
-        let base = w.as_ptr();
         while q + 8 <= kp && 2 * (q0 + q + 8) <= k {
             for g in 0..nr / 8 {
                 let r: [__m256; 8] = std::array::from_fn(|c| {
                     _mm256_loadu_ps(base.add(b.index(2 * (q0 + q), j + 8 * g + c)) as *const f32)
                 });
                 for (qq, v) in transpose8(r).into_iter().enumerate() {
-                    _mm256_storeu_ps(bp.as_mut_ptr().add((q + qq) * nr + 8 * g) as *mut f32, v);
+                    _mm256_storeu_ps(out.add((q + qq) * nr + 8 * g) as *mut f32, v);
                 }
             }
             q += 8;
+        }
+    } else if b.col_stride == 1 && cols == nr {
+        // Rows contiguous: interleave the words of rows 2q and 2q + 1.
+        let lo = _mm512_set_epi16(
+            47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33,
+            1, 32, 0,
+        );
+        let hi = _mm512_add_epi16(lo, _mm512_set1_epi16(16));
+        while q < kp && 2 * (q0 + q) + 1 < k {
+            let p = 2 * (q0 + q);
+            let r0 = _mm512_loadu_si512(base.add(b.index(p, j)) as *const _);
+            let r1 = _mm512_loadu_si512(base.add(b.index(p + 1, j)) as *const _);
+            _mm512_storeu_si512(out.add(q * nr) as *mut _, _mm512_permutex2var_epi16(r0, lo, r1));
+            _mm512_storeu_si512(out.add(q * nr + 16) as *mut _, _mm512_permutex2var_epi16(r0, hi, r1));
+            q += 1;
         }
     }
     for q in q..kp {
         let p = 2 * (q0 + q);
         for jj in 0..nr {
-            bp[q * nr + jj] = if jj < cols {
+            *out.add(q * nr + jj) = if jj < cols && p < k {
                 let lo = w[b.index(p, j + jj)].to_bits() as u32;
                 let hi = if p + 1 < k { w[b.index(p + 1, j + jj)].to_bits() as u32 } else { 0 };
                 lo | hi << 16
@@ -1804,7 +1923,7 @@ unsafe fn pack_b_bf16_pairs(b: &MatRef, w: &[half::bf16], q0: usize, kp: usize, 
 
 /// The 12×32 AVX-512 tile with `vdpbf16ps`: per pair step two B loads,
 /// twelve dword broadcasts of A, 24 two-product FMAs. Masked ragged edges
-/// as [`kernel_avx512`].
+/// and the C prefetch as [`kernel_avx512`].
 ///
 /// SAFETY: `a` holds `MR_AVX512*kp`, `b` `NR_AVX512*kp` dwords; C covers
 /// `mr` rows of `nr` elements, `ldc` apart; CPU with AVX-512F and BF16.

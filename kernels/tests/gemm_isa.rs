@@ -284,3 +284,136 @@ fn bf16_products_round_activations_default_does_not() {
     assert!(e_default < 1e-5, "default GEMM rel err {e_default}");
     assert!(e_bf16 > 1e-4 && e_bf16 < 1e-2, "bf16-activation GEMM rel err {e_bf16}");
 }
+
+/// `CpuMath::Fast` through `gemm_with_math` on every path, against a
+/// reference that rounds A to bf16 and multiplies in f64. Where the fast
+/// bf16 path applies (bf16 B, m above the dot path's rows, AVX-512 with
+/// AVX512-BF16), each element must be within the f32 accumulation bound
+/// `(k + 4)·ε·Σ|terms|` of that reference (the bf16 products themselves
+/// are exact in f32); everywhere else Fast must be the exact path, bit for
+/// bit. `CpuMath::Exact` is always the exact path, bit for bit.
+#[allow(clippy::too_many_arguments)]
+fn check_fast(
+    (m, n, k): (usize, usize, usize),
+    (la, lb): (u8, u8),
+    (da, db): (DType, DType),
+    pad: usize,
+    acc: bool,
+    seed: u64,
+) -> Result<(), TestCaseError> {
+    use qvc_kernels::gemm::{fast_bf16_applies, gemm_with_math};
+    use qvc_kernels::CpuMath;
+    let mut rng = Rng::new(seed);
+    let a = Stored::new(&mut rng, m, k, la, pad, 2, da);
+    let b = Stored::new(&mut rng, k, n, lb, pad, 1, db);
+    let c0 = rng.vec(m * n, 1.0);
+    let (av, bv) = (a.view(), b.view());
+    for isa in paths() {
+        let mut exact = c0.clone();
+        gemm_with_isa(isa, av, bv, &mut exact, acc);
+        let mut exact_mode = c0.clone();
+        gemm_with_math(isa, CpuMath::Exact, av, bv, &mut exact_mode, acc);
+        prop_assert!(
+            exact.iter().zip(&exact_mode).all(|(x, y)| x.to_bits() == y.to_bits()),
+            "{isa:?} {m}x{n}x{k}: CpuMath::Exact is not the exact path"
+        );
+        let mut got = c0.clone();
+        gemm_with_math(isa, CpuMath::Fast, av, bv, &mut got, acc);
+        if !fast_bf16_applies(isa, &av, &bv) {
+            prop_assert!(
+                exact.iter().zip(&got).all(|(x, y)| x.to_bits() == y.to_bits()),
+                "{isa:?} {m}x{n}x{k} {db}: Fast without the bf16 path must be the exact path"
+            );
+            continue;
+        }
+        for i in 0..m {
+            for j in 0..n {
+                let c_in = if acc { c0[i * n + j] as f64 } else { 0.0 };
+                let (mut s, mut mag) = (c_in, c_in.abs());
+                for p in 0..k {
+                    let t = half::bf16::from_f32(av.get(i, p)).to_f32() as f64 * bv.get(p, j) as f64;
+                    s += t;
+                    mag += t.abs();
+                }
+                let bound = (k + 4) as f64 * f32::EPSILON as f64 * mag + f32::MIN_POSITIVE as f64;
+                let e = (got[i * n + j] as f64 - s).abs();
+                prop_assert!(
+                    e <= bound,
+                    "{isa:?} fast {m}x{n}x{k} layouts {la},{lb} A {da} acc {acc}: C[{i},{j}] = {} want {s} (err {e} > {bound})",
+                    got[i * n + j]
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    /// Ragged shapes (m, n, k not multiples of the 12×32 tile or of 2),
+    /// every layout (row-major, the Linear's transposed `[out, in]`, both
+    /// strided), padded strides, A in every float dtype, accumulate on/off.
+    #[test]
+    fn fast_bf16_gemm_matches_rounded_ref(
+        m in 9usize..=40, n in 1usize..=100, k in 1usize..=300,
+        la in 0u8..3, lb in 0u8..3, da in 0usize..3, pad in 0usize..3, acc: bool, seed: u64,
+    ) {
+        check_fast((m, n, k), (la, lb), (FLOAT_DTYPES[da], DType::BF16), pad, acc, seed)?;
+    }
+
+    /// Fast with f16 or f32 weights is the exact path (f16 weights are
+    /// not rounded to bf16: that would lose weight bits).
+    #[test]
+    fn fast_with_f16_or_f32_weights_is_exact(
+        m in 9usize..=30, n in 1usize..=70, k in 1usize..=200,
+        lb in 0u8..3, db in 0usize..3, acc: bool, seed: u64,
+    ) {
+        let db = FLOAT_DTYPES[db];
+        prop_assume!(db != DType::BF16);
+        check_fast((m, n, k), (0, lb), (DType::F32, db), 0, acc, seed)?;
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(6))]
+
+    /// Several 2048-deep slices (the second and later add to C), odd k,
+    /// the Linear layout, more row panels than one task's block.
+    #[test]
+    fn fast_bf16_gemm_deep_k(
+        m in 9usize..=70, n in 1usize..=90, k in 2040usize..=4300, lb in 0u8..2, acc: bool, seed: u64,
+    ) {
+        check_fast((m, n, k), (0, if lb == 0 { 1 } else { 0 }), (DType::F32, DType::BF16), 1, acc, seed)?;
+    }
+}
+
+/// The Fast path really multiplies in bf16 where it applies: on
+/// activations that are not bf16-exact it differs from the exact GEMM by
+/// about bf16's precision, and it is the same kernel as the explicit
+/// `gemm_bf16_products` (bit for bit).
+#[test]
+fn fast_mode_rounds_activations_like_bf16_products() {
+    use qvc_kernels::gemm::{bf16_products_native, gemm_bf16_products, gemm_with_math};
+    use qvc_kernels::CpuMath;
+    let (m, n, k) = (40, 96, 700);
+    let mut rng = Rng::new(11);
+    let a = rng.vec(m * k, 1.0);
+    let w = Owned::from_f32(&rng.vec(n * k, 1.0), DType::BF16);
+    let (am, bm) = (MatRef::row_major(Elems::F32(&a), m, k), MatRef::row_major(w.elems(), n, k).transposed());
+    let (mut exact, mut fast, mut products) = (vec![0f32; m * n], vec![0f32; m * n], vec![0f32; m * n]);
+    gemm_ref(am, bm, &mut exact, false);
+    gemm_with_math(Isa::detect(), CpuMath::Fast, am, bm, &mut fast, false);
+    gemm_bf16_products(am, bm, &mut products, false);
+    let e = rel_l2(&fast, &exact);
+    if bf16_products_native() {
+        assert!(e > 1e-4 && e < 1e-2, "Fast GEMM rel err {e}: not bf16 products");
+        assert!(
+            fast.iter().zip(&products).all(|(x, y)| x.to_bits() == y.to_bits()),
+            "Fast GEMM and gemm_bf16_products differ"
+        );
+    } else {
+        eprintln!("gemm_isa: no AVX512-BF16 here; Fast GEMMs are exact");
+        assert!(e < 1e-5, "Fast GEMM without AVX512-BF16 rel err {e}");
+    }
+}
