@@ -268,6 +268,8 @@ fn bad_input_gives_clear_errors_and_writes_nothing() {
     // A font that does not exist.
     let o = qvc(&["draw", "-i", s(&picture), "--text", &answer, "-o", s(&out), "--font", "/nonexistent"]);
     assert_clean_failure(&o, "--font /nonexistent");
+    let o = qvc(&["draw", "-i", s(&picture), "--text", &answer, "-o", s(&out), "--font", s(&notpic)]);
+    assert_clean_failure(&o, "cannot use font");
     // An output folder that does not exist.
     let o = qvc(&["draw", "-i", s(&picture), "--text", &answer, "-o", s(&t.join("no/such/dir/out.png"))]);
     assert_clean_failure(&o, "out.png");
@@ -313,6 +315,8 @@ fn generate_and_chat_draw_through_the_same_checks() {
     assert_clean_failure(&o, "is the input picture");
     let o = qvc(&[&base[..], &["--draw-boxes", s(&t.join("o.png")), "--font", "/nonexistent"]].concat());
     assert_clean_failure(&o, "--font /nonexistent");
+    let o = qvc(&[&base[..], &["--draw-boxes", s(&t.join("o.png")), "--font", s(&existing)]].concat());
+    assert_clean_failure(&o, "cannot use font");
     let o = qvc(&[&base[..], &["--draw-boxes", s(&t.join("o.jpg"))]].concat());
     assert_clean_failure(&o, "ending in .png");
     // --font is for --draw-boxes.

@@ -12,7 +12,7 @@
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use qvc_model::grounding::{box_outputs, draw_groundings, parse_groundings, BoxOut, DrawOptions, Grounding};
-use qvc_model::image::{load_rgb, save_png};
+use qvc_model::image::{load_rgb, save_png, RgbImage};
 use std::io::{IsTerminal, Read};
 use std::path::{Path, PathBuf};
 
@@ -156,12 +156,19 @@ fn same_file(a: &Path, b: &Path) -> bool {
     }
 }
 
-/// Refuses a `--font` that is not a readable file before any work is done (the drawing itself
-/// says why a file that exists is not a usable font).
+/// Refuses a `--font` that is not a usable font file before any work is done (for `generate`
+/// and `chat`, before the model loads and answers).
 pub(crate) fn check_font(font: Option<&Path>) -> Result<()> {
     let Some(f) = font else { return Ok(()) };
     match std::fs::metadata(f) {
-        Ok(m) if m.is_file() => Ok(()),
+        Ok(m) if m.is_file() => {
+            // Drawing nothing on an empty picture only loads the font, and fails exactly when
+            // the font cannot be used.
+            let empty = RgbImage { width: 0, height: 0, data: Vec::new() };
+            let opts = DrawOptions { font: Some(f.to_path_buf()), ..Default::default() };
+            draw_groundings(&empty, &[], &opts)?;
+            Ok(())
+        }
         Ok(_) => bail!("--font {} is not a file; give a TrueType/OpenType font file (.ttf, .otf, .ttc)", f.display()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => bail!(
             "--font {}: no such file; give a TrueType/OpenType font file (.ttf, .otf, .ttc), or leave out --font to \
