@@ -36,7 +36,13 @@ pub fn run(a: InspectArgs) -> Result<()> {
     let Some(model) = a.model else {
         bail!("give a compiled artifact (qvc inspect OUT.qvc) or a checkpoint (--model DIR)");
     };
-    let a = ModelArgs { path: None, model: Some(model), config: a.config, device: "cpu".into(), cpu_math: Default::default() };
+    let a = ModelArgs {
+        path: None,
+        model: Some(model),
+        config: a.config,
+        device: "cpu".into(),
+        cpu_math: Default::default(),
+    };
     let model = load(&a)?;
     let c = &model.config;
     println!(
