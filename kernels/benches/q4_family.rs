@@ -1,6 +1,8 @@
 //! CPU int4 (GPTQ) kernels at Qwen-VL-Chat's decoder widths, group 128.
 //!
-//! GEMV (decode, m = 1 and 8): criterion's throughput is the bytes the kernel
+//! GEMV (decode, m = 1 and 8), exact (`--cpu-math exact`: f32 dequantized
+//! in registers) and int8-activation (`--cpu-math fast`: VNNI integer
+//! products, [`qvc_kernels::q4_i8`]): criterion's throughput is the bytes the kernel
 //! reads from the weight ([`Q4Ref::bytes`]: nibbles, f16 scales, packed
 //! zeros); it is memory-bound, so each shape also prints its GB/s as a
 //! fraction of this machine's read bandwidth, measured here the way
@@ -17,13 +19,15 @@
 //!
 //! Speed is printed, never asserted. Weights are random (uniform nibbles and
 //! zeros, act-order off: the published checkpoint's desc_act is false).
-//! `Q4_BENCH_SHAPES=lm_head` (a substring of the shape names, or `gemm`) and
-//! `Q4_BENCH_M=1,2` narrow the run.
+//! `Q4_BENCH_SHAPES=lm_head` (a substring of the shape names, or `gemm`),
+//! `Q4_BENCH_M=1,2` and `Q4_BENCH_PATHS=int8` (a substring of the variant
+//! labels) narrow the run.
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use half::f16;
 use qvc_ir::Q4Ref;
 use qvc_kernels::q4::{q4_gemm_dequant, q4_gemv, q4_linear, Q4Path};
+use qvc_kernels::q4_i8::{q4_gemv_i8, Q4I8Path};
 use qvc_kernels::Isa;
 use rayon::prelude::*;
 use std::hint::black_box;
@@ -119,12 +123,53 @@ fn best_of(reps: usize, mut f: impl FnMut()) -> f64 {
         .fold(f64::MAX, f64::min)
 }
 
+/// One GEMV variant: the exact path (f32 dequantized in registers) or the
+/// int8-activation path of `--cpu-math fast`.
+#[derive(Clone, Copy)]
+enum Variant {
+    Exact(Q4Path),
+    Int8(Q4I8Path),
+}
+
+impl Variant {
+    fn label(self) -> String {
+        match self {
+            Variant::Exact(p) => format!("exact {p:?}"),
+            Variant::Int8(p) => format!("int8 {p:?}"),
+        }
+    }
+    fn run(self, x: &[f32], m: usize, w: &Q4Ref, y: &mut [f32]) {
+        match self {
+            Variant::Exact(p) => q4_linear(p, x, m, w, y, false),
+            Variant::Int8(p) => q4_gemv_i8(p, x, m, w, y, false),
+        }
+    }
+}
+
+/// The variants timed at `m` rows: the best exact and int8 paths, and at
+/// m = 1 the others this CPU has (for reference). `Q4_BENCH_PATHS=int8`
+/// (or `exact`, or a path name) narrows them.
+fn variants(m: usize) -> Vec<Variant> {
+    let mut v: Vec<Variant> = Q4Path::ALL
+        .into_iter()
+        .filter(|p| p.available() && (m == 1 || *p == Q4Path::detect()))
+        .map(Variant::Exact)
+        .collect();
+    v.extend(
+        Q4I8Path::ALL.into_iter().filter(|p| p.available() && (m == 1 || *p == Q4I8Path::detect())).map(Variant::Int8),
+    );
+    v.retain(|v| std::env::var("Q4_BENCH_PATHS").map_or(true, |f| v.label().contains(&f)));
+    v
+}
+
 fn bench_gemv(c: &mut Criterion) {
     let mut g = c.benchmark_group("q4_gemv");
     g.sample_size(10).measurement_time(Duration::from_secs(3)).warm_up_time(Duration::from_millis(500));
     let shapes = [
         ("c_attn", 4096, 12288),
+        ("attn_c_proj", 4096, 4096),
         ("w1", 4096, 11008),
+        ("w1w2", 4096, 22016),
         ("c_proj_mlp", 11008, 4096),
         ("lm_head", 4096, 151_936),
         ("l2_resident", 1024, 2048),
@@ -153,20 +198,14 @@ fn bench_gemv(c: &mut Criterion) {
         for m in ms {
             let x: Vec<f32> = (0..m * inp).map(|i| ((i * 7919) % 2001) as f32 / 1000.0 - 1.0).collect();
             let mut y = vec![0f32; m * out];
-            for path in Q4Path::ALL.into_iter().filter(|p| p.available()) {
-                // The portable and AVX2 paths only at m = 1 (the AVX-512 path is
-                // what this machine runs; the others are printed for reference).
-                if path != Q4Path::detect() && m != 1 {
-                    continue;
-                }
+            for v in variants(m) {
                 let bw = read_bandwidth();
-                let s = best_of(if name == "l2_resident" { 2000 } else { 40 }, || {
-                    q4_linear(path, &x, m, &qs[pick()], &mut y, false)
-                });
+                let s = best_of(if name == "l2_resident" { 2000 } else { 40 }, || v.run(&x, m, &qs[pick()], &mut y));
                 let gbs = bytes as f64 / s / 1e9;
                 eprintln!(
-                    "q4 gemv {name} {inp}->{out} m={m} {path:?}: {:.3} ms, {gbs:.1} GB/s of {:.1} MB = {:.0}% of the \
-                     read bandwidth measured just before ({:.1} GB/s: 256 MiB sum, {} threads, best of 12)",
+                    "q4 gemv {name} {inp}->{out} m={m} {}: {:.3} ms, {gbs:.1} GB/s of {:.1} MB = {:.0}% of the read \
+                     bandwidth measured just before ({:.1} GB/s: 256 MiB sum, {} threads, best of 12)",
+                    v.label(),
                     s * 1e3,
                     bytes as f64 / 1e6,
                     100.0 * gbs * 1e9 / bw,
@@ -174,8 +213,8 @@ fn bench_gemv(c: &mut Criterion) {
                     rayon::current_num_threads()
                 );
                 g.throughput(Throughput::Bytes(bytes as u64));
-                g.bench_function(BenchmarkId::new(format!("{name}_m{m}"), format!("{path:?}")), |b| {
-                    b.iter(|| q4_linear(path, black_box(&x), m, &qs[pick()], &mut y, false))
+                g.bench_function(BenchmarkId::new(format!("{name}_m{m}"), v.label()), |b| {
+                    b.iter(|| v.run(black_box(&x), m, &qs[pick()], &mut y))
                 });
             }
         }
