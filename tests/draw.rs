@@ -261,6 +261,8 @@ fn bad_input_gives_clear_errors_and_writes_nothing() {
     // A picture that is missing, or not a picture.
     let o = qvc(&["draw", "-i", "/no/such/picture.png", "--text", &answer, "-o", s(&out)]);
     assert_clean_failure(&o, "/no/such/picture.png");
+    let o = qvc_stdin(&["draw", "-i", "/no/such/picture.png", "-o", s(&out)], "");
+    assert_clean_failure(&o, "/no/such/picture.png"); // before the text is read
     let notpic = t.join("notes.png");
     std::fs::write(&notpic, "not a picture").unwrap();
     let o = qvc(&["draw", "-i", s(&notpic), "--text", &answer, "-o", s(&out)]);

@@ -59,6 +59,8 @@ pub struct DrawArgs {
 pub fn run(a: DrawArgs) -> Result<()> {
     check_output(&a.output, a.force, "-o/--output", &[&a.image])?;
     check_font(a.font.as_deref())?;
+    // The picture before the text: a wrong path should fail before a pipe's producer has run.
+    let pic = load_picture(&a.image)?;
     let text = read_text(a.text.as_deref(), a.text_file.as_deref())?;
     let items = parse_groundings(&text);
     if items.is_empty() {
@@ -70,7 +72,7 @@ pub fn run(a: DrawArgs) -> Result<()> {
         );
     }
     let opts = DrawOptions { font: a.font.clone(), ..Default::default() };
-    let drawn = draw_on_picture(&a.image, &items, &opts, &a.output, a.force)?;
+    let drawn = draw_loaded(&a.image, &pic, &items, &opts, &a.output, a.force)?;
     if a.json {
         let v = serde_json::json!({
             "boxes": drawn.boxes,
@@ -200,9 +202,24 @@ pub(crate) fn draw_on_picture(
     out: &Path,
     force: bool,
 ) -> Result<Drawn> {
+    draw_loaded(picture, &load_picture(picture)?, items, opts, out, force)
+}
+
+fn load_picture(picture: &Path) -> Result<RgbImage> {
+    load_rgb(picture).with_context(|| format!("cannot draw on {}", picture.display()))
+}
+
+/// [`draw_on_picture`] once the picture (`pic`, read from `picture`) is loaded.
+fn draw_loaded(
+    picture: &Path,
+    pic: &RgbImage,
+    items: &[Grounding],
+    opts: &DrawOptions,
+    out: &Path,
+    force: bool,
+) -> Result<Drawn> {
     check_output(out, force, "output", &[picture])?;
-    let pic = load_rgb(picture).with_context(|| format!("cannot draw on {}", picture.display()))?;
-    let drawing = draw_groundings(&pic, items, opts)?;
+    let drawing = draw_groundings(pic, items, opts)?;
     for note in &drawing.notes {
         eprintln!("[qvc] {note}");
     }
