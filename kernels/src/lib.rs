@@ -9,7 +9,8 @@
 //! Families (one module each, all re-exported here):
 //! * [`gemm`]: `C = A·B (+C)` for any strides and weight dtypes; packed,
 //!   register-blocked and parallel, with an unpacked memory-bound path for
-//!   m ≤ 8 (decode at batch 1..8, lm_head).
+//!   m ≤ 8 (decode at batch 1..8, lm_head), whose long rows run the private
+//!   `gemv` module on AVX-512 (16-lane dot products, weight rows streamed).
 //! * [`norm`]: LayerNorm and RMSNorm over rows.
 //! * [`act`]: GELU (erf form), SiLU, SwiGLU, with the vectorisable
 //!   [`exp_f32`] and [`erf_f32`] they are built on.
@@ -36,6 +37,7 @@ mod common;
 pub mod act;
 pub mod attention;
 pub mod gemm;
+mod gemv;
 pub mod gpu;
 pub mod math;
 pub mod norm;

@@ -1,0 +1,225 @@
+//! Decode GEMV on AVX-512: `C[m×n] (+)= A[m×k] · Wᵀ` for a weight stored
+//! `[n, k]` row-major (a Linear's `[out, in]`, so every output is a dot
+//! product over one contiguous weight row), `m ≤ 8` rows of A, long rows
+//! (`k ≥ 1024`, see `gemm::SHORT_K`). This is the memory-bound core of a
+//! decode step: each step reads every weight once, so the kernel's job is to
+//! keep DRAM streaming while doing `m` exact f32 multiply-adds per weight.
+//!
+//! [`crate::gemm`]'s dot path calls [`cols_avx512`] for its column chunks
+//! (task splitting, widening A to f32 and the short-k and non-AVX-512 paths
+//! stay there).
+//!
+//! **Arithmetic (the batch-invariance contract on AVX-512):** element
+//! `(i, j)` is `hsum16(lanes) + tail`, where lane `l` accumulates
+//! `a[i, p]·w[j, p]` for `p ≡ l (mod 16)`, `p < k − k mod 16`, in increasing
+//! `p`, one FMA each (the weight widened exactly to f32: bf16 by a shift,
+//! f16 by `vcvtph2ps`); [`hsum16`] adds the lanes pairwise, and the
+//! `k mod 16` tail products are added one by one with `mul_add`. Nothing in
+//! that sequence depends on `m`, on how many weight rows a tile holds, or on
+//! the column split, so a row of a batched decode step is bit-identical to
+//! the row computed alone (`DECODE_BATCH_INVARIANT_MAX`). The AVX2 and
+//! portable paths keep gemm's 8-lane sequence, so AVX-512 results differ
+//! from theirs by f32 rounding only.
+//!
+//! **Tiles (measured on Zen 5, 2 cores, weights streamed from DRAM; see
+//! `benches/gemv_family.rs`):** 16-lane zmm FMAs with the weight widened in
+//! registers beat gemm's former 8-lane ymm tiles (half the widening and FMA
+//! instructions per byte). At m = 1 the best access pattern depends on
+//! whether A's row stays in L1 next to the weight stream: for `4k ≤ 16 KiB`
+//! (k ≤ 4096) one weight row at a time (a single sequential stream, which
+//! the hardware prefetcher follows best: 4096×12288 bf16 on one thread ~30
+//! GB/s against ~27 for 8-row tiles); for longer rows (11008) A no longer
+//! fits beside the stream and one-row tiles fall to ~18 GB/s, so 8 rows share
+//! each A load, each row software-prefetched [`AHEAD`] bytes ahead (~28-30
+//! GB/s). With more rows of A, tiles of `R` weight rows × `M` rows of A
+//! (`R·M ≤ 24` accumulators of the 32 zmm registers) load each widened
+//! weight vector once for all `M` rows and each A vector once for `R`
+//! weight rows.
+//!
+//! Invariants: only called after `Isa::resolve` returned `Avx512` (the
+//! `#[target_feature]` functions are then sound); every weight row read lies
+//! in the slice (checked once per call); each call writes only C's columns
+//! `j0..j1` of rows `0..m`, which the caller's task owns.
+
+use crate::common::{Src, SyncPtr};
+use std::any::TypeId;
+
+/// Lanes of every dot product on this path (see the module doc).
+pub(crate) const LANES: usize = 16;
+
+/// Largest k (f32 A row of `4k` bytes: a third of a 48 KiB L1) for which
+/// m = 1 reads one weight row at a time (see the module doc).
+const ONE_ROW_MAX_K: usize = 4096;
+
+/// Software-prefetch distance in each weight row of a multi-row tile, in
+/// bytes (16 cache lines). Measured at 2 threads, 11008 → 4096 bf16: no
+/// prefetch 26.7 GB/s, 1024 bytes 30.0, 2048 worse again.
+const AHEAD: usize = 1024;
+
+/// What one call shares: A's rows (widened to f32, `m × k` contiguous), the
+/// weight's layout (row `j` starts at `off + j·cs`), and C.
+#[derive(Clone, Copy)]
+pub(crate) struct GemvJob<'a> {
+    pub a: &'a [f32],
+    pub m: usize,
+    pub k: usize,
+    pub off: usize,
+    pub cs: usize,
+    pub c: SyncPtr,
+    pub ldc: usize,
+    pub accumulate: bool,
+    /// Whether the weight streams from DRAM (prefetch multi-row tiles).
+    pub stream: bool,
+}
+
+/// C columns `j0..j1` (weight rows `j0..j1`) for all `m` rows of A.
+///
+/// SAFETY: the CPU must have AVX-512 F/BW/VL, AVX2, FMA and F16C (the caller
+/// resolved `Isa::Avx512`); C must cover element `(i, j)` at
+/// `c + i·ldc + j` for `i < m`, `j0 ≤ j < j1`, and no other thread may
+/// touch those elements during the call.
+#[cfg(target_arch = "x86_64")]
+pub(crate) unsafe fn cols_avx512<T: Src>(job: &GemvJob, w: &[T], j0: usize, j1: usize) {
+    if j0 >= j1 || job.m == 0 {
+        return;
+    }
+    assert!(job.m <= 8, "gemv: m = {} > 8", job.m);
+    assert!(job.k >= LANES, "gemv: k = {} shorter than one vector", job.k);
+    assert!(job.a.len() >= job.m * job.k, "gemv: A holds {} < {}x{}", job.a.len(), job.m, job.k);
+    // Every weight element read below lies in `w` (checked once).
+    assert!(job.off + (j1 - 1) * job.cs + job.k <= w.len(), "gemv: weight rows out of bounds");
+    cols_impl::<T>(job, w.as_ptr().add(job.off), j0, j1)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+unsafe fn cols_impl<T: Src>(job: &GemvJob, base: *const T, j0: usize, j1: usize) {
+    let ahead = if job.stream { AHEAD } else { 0 };
+    let mut j = j0;
+    // Full tiles of R weight rows, then the ragged rest one row at a time
+    // (the same arithmetic per element).
+    macro_rules! run {
+        ($r:literal, $m:literal) => {{
+            while j1 - j >= $r {
+                tile::<T, $r, $m>(job, base, j, if $r > 1 { ahead } else { 0 });
+                j += $r;
+            }
+            while j < j1 {
+                tile::<T, 1, $m>(job, base, j, 0);
+                j += 1;
+            }
+        }};
+    }
+    match job.m {
+        1 if job.k <= ONE_ROW_MAX_K => run!(1, 1),
+        1 => run!(8, 1),
+        2 => run!(8, 2),
+        3 => run!(8, 3),
+        4 => run!(6, 4),
+        5 => run!(4, 5),
+        6 => run!(4, 6),
+        7 => run!(3, 7),
+        _ => run!(3, 8),
+    }
+}
+
+/// Sixteen weights from `p`, widened exactly to f32.
+///
+/// SAFETY: `p..p+16` readable; only call from code compiled with AVX-512F
+/// (and F16C).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn load16<T: Src>(p: *const T) -> std::arch::x86_64::__m512 {
+    use std::arch::x86_64::*;
+    if TypeId::of::<T>() == TypeId::of::<half::bf16>() {
+        // Zero-extend the 16-bit patterns and shift them into the high half.
+        let h = _mm256_loadu_si256(p as *const __m256i);
+        _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)))
+    } else if TypeId::of::<T>() == TypeId::of::<half::f16>() {
+        _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i))
+    } else {
+        debug_assert!(TypeId::of::<T>() == TypeId::of::<f32>());
+        _mm512_loadu_ps(p as *const f32)
+    }
+}
+
+/// Weight rows `j..j + R` against the `M` rows of A: `M × R` accumulators of
+/// 16 lanes (the contract in the module doc), each weight vector widened
+/// once per step for all `M` rows, each A vector loaded once for all `R`
+/// weight rows. With `ahead > 0`, each weight row is prefetched `ahead`
+/// bytes in front of its reads (one line per 64 bytes read).
+///
+/// SAFETY: as [`cols_avx512`], with rows `j..j + R` inside the checked span.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn tile<T: Src, const R: usize, const M: usize>(job: &GemvJob, base: *const T, j: usize, ahead: usize) {
+    use std::arch::x86_64::*;
+    let k = job.k;
+    let full = k - k % LANES;
+    let a = job.a.as_ptr();
+    let rows: [*const T; R] = std::array::from_fn(|r| base.add((j + r) * job.cs));
+    let mut acc = [[_mm512_setzero_ps(); R]; M];
+    let size = std::mem::size_of::<T>();
+    // Steps (of 16 elements) per 64-byte line of a weight row.
+    let steps_per_line = (64 / (LANES * size)).max(1);
+    let mut p = 0;
+    let mut step = 0usize;
+    while p < full {
+        if ahead > 0 && step.is_multiple_of(steps_per_line) {
+            for &r in &rows {
+                // A hint only: the address need not be valid.
+                let q = (r.add(p) as *const i8).wrapping_add(ahead);
+                _mm_prefetch::<_MM_HINT_T0>(q);
+                if LANES * size > 64 {
+                    _mm_prefetch::<_MM_HINT_T0>(q.wrapping_add(64));
+                }
+            }
+        }
+        let wv: [__m512; R] = std::array::from_fn(|r| load16::<T>(rows[r].add(p)));
+        for (i, acc_i) in acc.iter_mut().enumerate() {
+            let av = _mm512_loadu_ps(a.add(i * k + p));
+            for (x, &v) in acc_i.iter_mut().zip(&wv) {
+                *x = _mm512_fmadd_ps(av, v, *x);
+            }
+        }
+        p += LANES;
+        step += 1;
+    }
+    for (r, &row) in rows.iter().enumerate() {
+        for (i, acc_i) in acc.iter().enumerate() {
+            let mut lanes = [0f32; LANES];
+            _mm512_storeu_ps(lanes.as_mut_ptr(), acc_i[r]);
+            let mut s = hsum16(&lanes);
+            for q in full..k {
+                s = (*a.add(i * k + q)).mul_add(widen1(*row.add(q)), s);
+            }
+            let dst = job.c.get().add(i * job.ldc + j + r);
+            if job.accumulate {
+                *dst += s;
+            } else {
+                *dst = s;
+            }
+        }
+    }
+}
+
+/// One weight widened to f32 (exact).
+#[inline(always)]
+fn widen1<T: Src>(x: T) -> f32 {
+    let mut buf = [0f32; 1];
+    T::as_f32(&[x], &mut buf)[0]
+}
+
+/// Pairwise sum of the 16 lanes: lane l + lane l+8, then +4, +2, +1.
+#[inline(always)]
+fn hsum16(v: &[f32; LANES]) -> f32 {
+    let mut t = *v;
+    let mut w = LANES;
+    while w > 1 {
+        w /= 2;
+        for l in 0..w {
+            t[l] += t[l + w];
+        }
+    }
+    t[0]
+}
