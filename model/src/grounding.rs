@@ -10,10 +10,11 @@
 //!   malformed is skipped (model output is arbitrary text, so this never fails or panics).
 //! * [`to_pixels`] converts to pixels exactly as the reference does: `int(v / 1000 * W)`.
 //! * [`draw_groundings`] draws box outlines, quad polygons and a filled label tag with the text
-//!   in an embedded 5x7 bitmap font (no font files, no extra dependency), clipped to the image.
+//!   in a TrueType/OpenType font (label_font.rs picks and rasterises it), all sized to the
+//!   picture, clipped to the image, tags kept inside it.
 
-#[path = "font.rs"]
-mod font;
+#[path = "label_font.rs"]
+mod label_font;
 
 use crate::image::RgbImage;
 
@@ -181,9 +182,13 @@ pub fn box_outputs(items: &[Grounding], image: Option<(&str, u32, u32)>) -> Vec<
 /// How to draw: the font for labels.
 #[derive(Clone, Debug, Default)]
 pub struct DrawOptions {
-    /// A TrueType/OpenType font file for the labels (`--font FILE`); `None` picks an installed
-    /// font that covers each label's characters.
+    /// A TrueType/OpenType font file for the labels (`--font FILE`; face 0 of a `.ttc`
+    /// collection, or its first face that parses); characters it lacks come from the installed
+    /// fonts. `None` picks, per character, an installed font that covers it.
     pub font: Option<std::path::PathBuf>,
+    /// Search these folders (recursively) for label fonts instead of the system's font folders;
+    /// `None` (the default) searches the system's. For tests, and for installs that ship fonts.
+    pub font_dirs: Option<Vec<std::path::PathBuf>>,
 }
 
 /// A picture with the regions drawn, and what the user should hear about it (said once per
@@ -192,6 +197,24 @@ pub struct DrawOptions {
 pub struct Drawing {
     pub image: RgbImage,
     pub notes: Vec<String>,
+    /// The label tags as drawn, in the order of `items` (labelled regions only; a label that
+    /// cannot fit at all on a tiny picture is left out).
+    pub labels: Vec<PlacedLabel>,
+}
+
+/// One label tag on the picture.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PlacedLabel {
+    /// The text drawn: the label, shortened with an ellipsis when the picture is too narrow.
+    pub text: String,
+    /// The tag rectangle in pixels, inclusive corners (x0, y0, x1, y1); always inside the
+    /// picture, and the text's ink is inside it.
+    pub rect: [i64; 4],
+    /// The tag's colour (the region's); the text is white or black, whichever reads better.
+    pub colour: [u8; 3],
+    /// The text size in pixels (ascent to descent of the font), [`label_text_px`] unless the
+    /// picture is too short for it.
+    pub text_px: f32,
 }
 
 /// Why a drawing could not be made.
@@ -200,6 +223,18 @@ pub enum DrawError {
     /// The font given with `--font` cannot be used.
     #[error("cannot use font {path}: {reason}; give a TrueType/OpenType file (.ttf, .otf, .ttc) or leave out --font")]
     Font { path: std::path::PathBuf, reason: String },
+}
+
+/// Label text size for a `width` x `height` picture: a thirtieth of its short side, at least
+/// 12 px (the smallest size at which Chinese stays legible), so a label looks the same on a
+/// 300-pixel icon and a 4000-pixel photo.
+pub fn label_text_px(width: u32, height: u32) -> f32 {
+    (width.min(height) as f32 / 30.0).max(12.0)
+}
+
+/// Outline thickness for a `width` x `height` picture: 1/250 of its short side, at least 2 px.
+pub fn line_width(width: u32, height: u32) -> i64 {
+    ((width.min(height) as f64 / 250.0).round() as i64).max(2)
 }
 
 /// Colours for labels, in order of first appearance (Trubetskoy's distinct colours).
@@ -224,10 +259,14 @@ struct Canvas {
 }
 
 impl Canvas {
-    fn put(&mut self, x: i64, y: i64, c: [u8; 3]) {
+    /// Blends `c` over the pixel with weight `a` in 0..=1 (anti-aliased text).
+    fn blend(&mut self, x: i64, y: i64, c: [u8; 3], a: f32) {
         if x >= 0 && y >= 0 && x < self.img.width as i64 && y < self.img.height as i64 {
             let i = (y as usize * self.img.width as usize + x as usize) * 3;
-            self.img.data[i..i + 3].copy_from_slice(&c);
+            for (k, &v) in c.iter().enumerate() {
+                let cur = self.img.data[i + k] as f32;
+                self.img.data[i + k] = (cur + (v as f32 - cur) * a).round().clamp(0.0, 255.0) as u8;
+            }
         }
     }
 
@@ -236,9 +275,13 @@ impl Canvas {
         let (w, h) = (self.img.width as i64, self.img.height as i64);
         let (x0, x1) = (x0.max(0), x1.min(w - 1));
         let (y0, y1) = (y0.max(0), y1.min(h - 1));
+        if x0 > x1 {
+            return;
+        }
         for y in y0..=y1 {
-            for x in x0..=x1 {
-                self.put(x, y, c);
+            let row = (y as usize * w as usize + x0 as usize) * 3;
+            for px in self.img.data[row..row + (x1 - x0 + 1) as usize * 3].chunks_exact_mut(3) {
+                px.copy_from_slice(&c);
             }
         }
     }
@@ -300,25 +343,34 @@ fn clip_segment(a: Pt, b: Pt, (xmin, ymin, xmax, ymax): (f64, f64, f64, f64)) ->
     Some(((a.0 + t0 * dx, a.1 + t0 * dy), (a.0 + t1 * dx, a.1 + t1 * dy)))
 }
 
-/// Draws `items` on a copy of `img`: box outlines (2 px thick, 3 px on images at least 400 px
-/// on their short side), quad outlines, and each label above its region (below the top edge
-/// when there is no room above) as text on a filled tag of the region's colour. Each distinct
-/// label gets its own colour; unlabelled regions get one each. Characters outside printable
-/// ASCII are drawn as a placeholder box. Everything is clipped to the image; coordinates may be
-/// anywhere.
+/// Draws `items` on a copy of `img`: box outlines and quad outlines [`line_width`] thick, then
+/// each label on a filled tag of its region's colour, in a real font ([`DrawOptions`]) at
+/// [`label_text_px`], anti-aliased. Each distinct label gets its own colour; unlabelled regions
+/// get one each. A tag goes above its region, or inside it under the top edge, or below it,
+/// whichever does not cover an earlier tag (else stacked next to them), always inside the
+/// picture; a label wider than the picture is shortened with an ellipsis. Outlines are clipped
+/// to the image; coordinates may be anywhere.
+///
+/// Characters that no font covers are drawn as boxes (printable ASCII in a built-in bitmap font
+/// when there is no font at all), and [`Drawing::notes`] then says, once, which package to
+/// install. Fails only when the `--font` file cannot be used.
 pub fn draw_groundings(img: &RgbImage, items: &[Grounding], opts: &DrawOptions) -> Result<Drawing, DrawError> {
-    let _ = &opts.font;
-    let notes = Vec::new();
+    let user_font = match &opts.font {
+        Some(path) => {
+            Some(label_font::load_font_file(path).map_err(|reason| DrawError::Font { path: path.clone(), reason })?)
+        }
+        None => None,
+    };
     let (w, h) = (img.width, img.height);
     if w == 0 || h == 0 || img.data.len() != w as usize * h as usize * 3 {
-        return Ok(Drawing { image: img.clone(), notes });
+        return Ok(Drawing { image: img.clone(), notes: Vec::new(), labels: Vec::new() });
     }
     let mut canvas = Canvas { img: img.clone() };
-    let short = w.min(h);
-    let t: i64 = if short >= 400 { 3 } else { 2 };
-    let scale: i64 = if short >= 800 { 2 } else { 1 };
+    let t = line_width(w, h);
 
+    // Outlines first, labels after, so that no line crosses a label.
     let mut keys: Vec<Option<&str>> = Vec::new();
+    let mut to_label: Vec<(&str, [i64; 4], [u8; 3])> = Vec::new();
     for item in items {
         let colour = match item.label.as_deref() {
             Some(l) => {
@@ -354,57 +406,106 @@ pub fn draw_groundings(img: &RgbImage, items: &[Grounding], opts: &DrawOptions) 
                 }
             }
         }
-        if let Some(label) = item.label.as_deref().filter(|l| !l.is_empty()) {
-            draw_label(&mut canvas, label, xmin, ymin, t, scale, colour);
+        if let Some(label) = item.label.as_deref().filter(|l| !l.trim().is_empty()) {
+            to_label.push((label, [xmin, ymin, xmax, ymax], colour));
         }
     }
-    Ok(Drawing { image: canvas.img, notes })
+
+    let fonts = label_font::Fonts::new(user_font, opts.font_dirs.as_deref());
+    let mut labels: Vec<PlacedLabel> = Vec::new();
+    let (mut missing, mut bitmap) = (Vec::new(), false);
+    for (label, region, colour) in to_label {
+        let Some(placed) = draw_label(&mut canvas, &fonts, label, region, t, colour, &labels) else {
+            continue;
+        };
+        for c in placed.1.missing.iter() {
+            if !missing.contains(c) {
+                missing.push(*c);
+            }
+        }
+        bitmap |= placed.1.bitmap;
+        labels.push(placed.0);
+    }
+    let notes = if missing.is_empty() && !bitmap {
+        Vec::new()
+    } else {
+        label_font::missing_note(&missing, bitmap, &fonts.catalog().searched, opts.font.as_deref())
+            .into_iter()
+            .collect()
+    };
+    Ok(Drawing { image: canvas.img, notes, labels })
 }
 
-/// A filled tag with `label` in it, just above (x, y), moved inside the image when it would
-/// fall outside.
-fn draw_label(canvas: &mut Canvas, label: &str, x: i64, y: i64, t: i64, s: i64, bg: [u8; 3]) {
+/// Draws one label's tag near `region` (its pixel bounding box, possibly outside the picture)
+/// where it covers none of the `placed` tags if it can; returns the tag and its laid-out line.
+/// `None` when the picture is too small for any tag.
+fn draw_label(
+    canvas: &mut Canvas,
+    fonts: &label_font::Fonts,
+    label: &str,
+    region: [i64; 4],
+    t: i64,
+    colour: [u8; 3],
+    placed: &[PlacedLabel],
+) -> Option<(PlacedLabel, label_font::Line)> {
     let (w, h) = (canvas.img.width as i64, canvas.img.height as i64);
-    let pad = s + 1;
-    let advance = (font::GLYPH_W as i64 + 1) * s;
-    // Only as many characters as can be visible.
-    let max_chars = (w / advance + 1).max(1) as usize;
-    let chars: Vec<char> = label.chars().take(max_chars).collect();
-    let tag_w = chars.len() as i64 * advance - s + 2 * pad;
-    let tag_h = font::GLYPH_H as i64 * s + 2 * pad;
-    let mut top = y.saturating_sub(tag_h);
-    if top < 0 {
-        top = y.saturating_add(t); // inside the box, under its top edge
+    let mut px = label_text_px(w as u32, h as u32);
+    let (line, pad) = loop {
+        let pad = (px * 0.15).round().max(1.0) as i64;
+        let line = fonts.layout_fitting(label, px, w - 2 * pad)?;
+        let tag_h = line.height() + 2 * pad;
+        if tag_h <= h {
+            break (line, pad);
+        }
+        // A picture shorter than the tag: smaller text, down to a size still worth drawing.
+        px = (px * (h - 2 * pad) as f32 / line.height() as f32).floor().min(px - 1.0);
+        if px < 6.0 {
+            return None;
+        }
+    };
+    let (tw, th) = (line.width() + 2 * pad, line.height() + 2 * pad);
+    let clamp = |v: i64, lo: i64, hi: i64| v.max(lo).min(hi);
+    // The region's corner, moved into the picture when it lies outside.
+    let (x0, y0, y1) = (clamp(region[0], 0, w - 1), clamp(region[1], 0, h - 1), clamp(region[3], 0, h - 1));
+    let left = clamp(x0, 0, w - tw);
+    let fits = |top: i64| clamp(top, 0, h - th);
+    let overlap = |top: i64| -> i64 {
+        placed
+            .iter()
+            .map(|p| {
+                let ix = (left + tw - 1).min(p.rect[2]) - left.max(p.rect[0]) + 1;
+                let iy = (top + th - 1).min(p.rect[3]) - top.max(p.rect[1]) + 1;
+                ix.max(0) * iy.max(0)
+            })
+            .sum()
+    };
+    // Above the region, inside under its top edge, below it, inside above its bottom edge; then
+    // stacked up or down from the first, a tag height at a time.
+    let mut candidates = vec![fits(y0 - th), fits(y0 + t), fits(y1 + 1), fits(y1 - t - th + 1)];
+    let first = candidates[0];
+    for k in 1..=(h / th.max(1) + 1) {
+        candidates.push(fits(first + k * th));
+        candidates.push(fits(first - k * th));
     }
-    let top = top.min(h - tag_h).max(0);
-    let left = x.min(w - tag_w).max(0);
-    canvas.fill_rect(left, top, left + tag_w - 1, top + tag_h - 1, bg);
-    let luma = 299 * bg[0] as u32 + 587 * bg[1] as u32 + 114 * bg[2] as u32;
-    let fg = if luma > 150_000 { [0, 0, 0] } else { [255, 255, 255] };
-    for (i, ch) in chars.iter().enumerate() {
-        let gx = left + pad + i as i64 * advance;
-        let gy = top + pad;
-        match font::glyph(*ch) {
-            Some(g) => {
-                for row in 0..font::GLYPH_H {
-                    for col in 0..font::GLYPH_W {
-                        if font::is_set(g, col, row) {
-                            let (px, py) = (gx + col as i64 * s, gy + row as i64 * s);
-                            canvas.fill_rect(px, py, px + s - 1, py + s - 1, fg);
-                        }
-                    }
-                }
-            }
-            None => {
-                // Placeholder: the outline of the glyph cell.
-                let (x1, y1) = (gx + font::GLYPH_W as i64 * s - 1, gy + font::GLYPH_H as i64 * s - 1);
-                canvas.fill_rect(gx, gy, x1, gy + s - 1, fg);
-                canvas.fill_rect(gx, y1 - s + 1, x1, y1, fg);
-                canvas.fill_rect(gx, gy, gx + s - 1, y1, fg);
-                canvas.fill_rect(x1 - s + 1, gy, x1, y1, fg);
-            }
+    let mut best = (i64::MAX, first);
+    for top in candidates {
+        let o = overlap(top);
+        if o < best.0 {
+            best = (o, top);
+        }
+        if o == 0 {
+            break;
         }
     }
+    let top = best.1;
+    canvas.fill_rect(left, top, left + tw - 1, top + th - 1, colour);
+    let luma = 299 * colour[0] as u32 + 587 * colour[1] as u32 + 114 * colour[2] as u32;
+    let fg = if luma > 150_000 { [0, 0, 0] } else { [255, 255, 255] };
+    let (ox, oy) = (left + pad - line.bounds.0, top + pad - line.bounds.1);
+    line.draw(ox, oy, |x, y, a| canvas.blend(x, y, fg, a));
+    let tag =
+        PlacedLabel { text: line.text.clone(), rect: [left, top, left + tw - 1, top + th - 1], colour, text_px: px };
+    Some((tag, line))
 }
 
 #[cfg(test)]
