@@ -7,8 +7,10 @@
 //! zeros); it is memory-bound, so each shape also prints its GB/s as a
 //! fraction of this machine's read bandwidth, measured here the way
 //! `qvc bench` does (a vectorised sum over 256 MiB on every pool thread, best
-//! of 12). GEMM (prefill, m = 300): criterion counts flops; the printed line
-//! gives GFLOP/s and the fraction of the measured f32 FMA peak
+//! of 12). GEMM (prefill, m = 300, at w1, c_proj and c_attn): criterion
+//! counts flops; the printed lines give GFLOP/s next to the same GEMM with
+//! bf16 weights (exact and `--cpu-math fast`), each as a fraction of the
+//! measured f32 FMA peak
 //! ([`qvc_kernels::peak::fma_loop`] on every thread at once, best of 10).
 //!
 //! Each decoder shape cycles through enough copies of its weight to stream
@@ -24,11 +26,12 @@
 //! labels) narrow the run.
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use half::f16;
-use qvc_ir::Q4Ref;
+use half::{bf16, f16};
+use qvc_ir::{Elems, Q4Ref};
+use qvc_kernels::gemm::gemm_with_math;
 use qvc_kernels::q4::{q4_gemm_dequant, q4_gemv, q4_linear, Q4Path};
 use qvc_kernels::q4_i8::{q4_gemv_i8, Q4I8Path};
-use qvc_kernels::Isa;
+use qvc_kernels::{CpuMath, Isa, MatRef};
 use rayon::prelude::*;
 use std::hint::black_box;
 use std::sync::OnceLock;
@@ -229,36 +232,55 @@ fn bench_gemm(c: &mut Criterion) {
     let peak = fma_peak();
     let mut g = c.benchmark_group("q4_gemm");
     g.sample_size(10).measurement_time(Duration::from_secs(5)).warm_up_time(Duration::from_millis(500));
-    let (m, inp, out) = (300usize, 4096usize, 11008usize);
-    let w = Weight::random(out, inp, 5);
-    let q = w.view();
-    let x: Vec<f32> = (0..m * inp).map(|i| ((i * 7919) % 2001) as f32 / 1000.0 - 1.0).collect();
-    let mut y = vec![0f32; m * out];
-    let flops = 2 * m * inp * out;
+    let m = 300usize;
     let path = Q4Path::detect();
-    let s = best_of(3, || q4_linear(path, &x, m, &q, &mut y, false));
-    eprintln!(
-        "q4 gemm m={m} {inp}->{out} {path:?}: {:.1} ms, {:.1} GFLOP/s = {:.0}% of the FMA peak",
-        s * 1e3,
-        flops as f64 / s / 1e9,
-        100.0 * flops as f64 / s / peak
-    );
-    // Where the dequantizing path starts to beat the GEMV path (which
-    // re-reads the weight once per 8 rows but never writes it out).
-    for mm in [8usize, 16, 24, 32, 64] {
-        let (xs, mut ys) = (&x[..mm * inp], vec![0f32; mm * out]);
-        let t_gemv = best_of(3, || q4_gemv(path, xs, mm, &q, &mut ys, false));
-        let t_deq = best_of(3, || q4_gemm_dequant(path, xs, mm, &q, &mut ys, false));
+    // Prefill at the decoder's shapes, against the same GEMM with bf16
+    // weights (the exact path, and the bf16-product path of
+    // `--cpu-math fast`): int4 prefill should be no slower than bf16's.
+    for (name, inp, out) in [("w1", 4096usize, 11008usize), ("c_proj_mlp", 11008, 4096), ("c_attn", 4096, 12288)] {
+        let w = Weight::random(out, inp, 5);
+        let q = w.view();
+        let mut wd = vec![0f32; out * inp];
+        qvc_kernels::q4::dequantize(&q, &mut wd);
+        let wb: Vec<bf16> = wd.iter().map(|&v| bf16::from_f32(v)).collect();
+        drop(wd);
+        let x: Vec<f32> = (0..m * inp).map(|i| ((i * 7919) % 2001) as f32 / 1000.0 - 1.0).collect();
+        let mut y = vec![0f32; m * out];
+        let flops = (2 * m * inp * out) as f64;
+        let a = MatRef::row_major(Elems::F32(&x), m, inp);
+        let b = MatRef::row_major(Elems::BF16(&wb), out, inp).transposed();
+        let t_q4 = best_of(3, || q4_linear(path, &x, m, &q, &mut y, false));
+        let t_bf = best_of(3, || gemm_with_math(Isa::detect(), CpuMath::Exact, a, b, &mut y, false));
+        let t_bff = best_of(3, || gemm_with_math(Isa::detect(), CpuMath::Fast, a, b, &mut y, false));
+        let rate =
+            |t: f64| format!("{:.1} ms, {:.0} GFLOP/s = {:.0}%", t * 1e3, flops / t / 1e9, 100.0 * flops / t / peak);
         eprintln!(
-            "q4 m={mm} {inp}->{out} {path:?}: gemv path {:.1} ms, dequantize+gemm path {:.1} ms",
-            t_gemv * 1e3,
-            t_deq * 1e3
+            "q4 gemm {name} m={m} {inp}->{out} ({} threads): int4 exact {path:?} {} | bf16 exact {} | bf16 fast {} \
+             (% of the measured FMA peak)",
+            rayon::current_num_threads(),
+            rate(t_q4),
+            rate(t_bf),
+            rate(t_bff)
         );
+        if name == "w1" {
+            // Where the dequantizing path starts to beat the GEMV path (which
+            // re-reads the weight once per 8 rows but never writes it out).
+            for mm in [8usize, 16, 24, 32, 64] {
+                let (xs, mut ys) = (&x[..mm * inp], vec![0f32; mm * out]);
+                let t_gemv = best_of(3, || q4_gemv(path, xs, mm, &q, &mut ys, false));
+                let t_deq = best_of(3, || q4_gemm_dequant(path, xs, mm, &q, &mut ys, false));
+                eprintln!(
+                    "q4 m={mm} {inp}->{out} {path:?}: gemv path {:.1} ms, dequantize+gemm path {:.1} ms",
+                    t_gemv * 1e3,
+                    t_deq * 1e3
+                );
+            }
+            g.throughput(Throughput::Elements(flops as u64));
+            g.bench_function(BenchmarkId::new(format!("m{m}_{inp}x{out}"), format!("{path:?}")), |bch| {
+                bch.iter(|| q4_linear(path, black_box(&x), m, &q, &mut y, false))
+            });
+        }
     }
-    g.throughput(Throughput::Elements(flops as u64));
-    g.bench_function(BenchmarkId::new(format!("m{m}_{inp}x{out}"), format!("{path:?}")), |b| {
-        b.iter(|| q4_linear(path, black_box(&x), m, &q, &mut y, false))
-    });
     g.finish();
 }
 

@@ -1183,7 +1183,7 @@ fn blocking(isa: Isa) -> Blocking {
 /// once when the rows are not split, no packed copy of B outlives its
 /// panel, and packing and computing need no barrier between them.
 #[allow(clippy::too_many_arguments)]
-fn gemm_packed(
+pub(crate) fn gemm_packed(
     isa: Isa,
     a: &MatRef,
     b: &MatRef,
@@ -1299,6 +1299,12 @@ fn pack_b(isa: Isa, b: &MatRef, nr: usize, pc: usize, kc: usize, jc: usize, nc: 
     par_chunks(bp, nr * kc, parallel, |q, panel| {
         let j0 = jc + q * nr;
         let cols = nr.min(jc + nc - j0);
+        if let Elems::Q4(w) = b.data {
+            // Only `q4::gemm_q4`'s prefill packs an int4 B: dequantized
+            // straight into the panel there.
+            crate::q4::pack_b_q4(isa, &w, b, pc, kc, j0, cols, nr, panel);
+            return;
+        }
         #[cfg(target_arch = "x86_64")]
         if isa.has_avx2() && b.row_stride == 1 && cols == nr {
             // Transposed weights, full panel: 8×8 register transposes read 8

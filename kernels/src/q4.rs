@@ -29,12 +29,13 @@
 //!   chunking or the threads: batched decode is bit for bit single decode
 //!   (on one [`Q4Path`]), for any m this path takes.
 //!   The exact form costs three vector ops per 16 weights (AND, SUB, FMA).
-//! * **Dequantize + GEMM** (larger m: prefill, vision-sized batches): one
-//!   task per block of output columns dequantizes the block (all stored
-//!   rows, at most [`DEQUANT_BLOCK_FLOATS`] floats, in a per-thread scratch
-//!   reused across blocks and calls, so it stays in the caches) and runs the
-//!   existing packed f32 GEMM on it, so dequantization is amortised over all
-//!   m rows and memory stays bounded.
+//! * **Dequantize + GEMM** (larger m: prefill, vision-sized batches): the
+//!   packed f32 GEMM of [`crate::gemm`], whose B packing dequantizes each
+//!   `kc × nr` panel straight from the nibbles (`pack_b_q4`): A is packed
+//!   once per k slice and shared, W is read and dequantized once, and no
+//!   dequantized copy exists beyond a panel per thread. (Dequantizing column
+//!   blocks into scratch and running one GEMM per block, as before, repacked
+//!   all of A for every block: 43 times for 4096→11008, 52 for 11008→4096.)
 //!
 //! Under `--cpu-math fast` ([`crate::CpuMath::Fast`]) the GEMV sizes go to
 //! [`crate::q4_i8`] instead: int8 activations, integer products (VNNI).
@@ -44,7 +45,7 @@
 //! AVX2+FMA (8 columns), and portable Rust (8-lane arrays, multiply then add).
 
 use crate::common::{gather, Isa, SyncPtr};
-use crate::gemm::{gemm_strided, GemmScratch, MatRef, DECODE_BATCH_INVARIANT_MAX};
+use crate::gemm::{gemm_packed, gemm_strided, GemmScratch, MatRef, DECODE_BATCH_INVARIANT_MAX};
 use crate::math::{cpu_math, CpuMath};
 use crate::q4_i8::{gemv_i8, q4_gemv_i8, Q4I8Path};
 use half::slice::HalfFloatSliceExt;
@@ -76,9 +77,6 @@ const XG_KEEP_FLOATS: usize = 1 << 20;
 /// decoder's shapes (kernels/benches/q4_family.rs prints the crossover).
 pub const GEMV_MAX_M: usize = 16;
 const _: () = assert!(GEMV_MAX_M >= DECODE_BATCH_INVARIANT_MAX);
-/// Largest dequantized block of W (floats) one GEMM task holds (4 MiB: a
-/// thread's share of the L3).
-pub const DEQUANT_BLOCK_FLOATS: usize = 1 << 20;
 
 /// Which code path the int4 kernels run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -142,7 +140,8 @@ impl Q4Path {
     fn gemm_isa(self) -> Isa {
         match self {
             Q4Path::Portable => Isa::Portable,
-            _ => Isa::detect(),
+            Q4Path::Avx2 => Isa::Avx2Fma,
+            Q4Path::Avx512 => Isa::Avx512.resolve(),
         }
     }
 }
@@ -231,8 +230,8 @@ pub fn q4_gemm_dequant(path: Q4Path, x: &[f32], m: usize, w: &Q4Ref, y: &mut [f3
     check_sizes("q4_gemm_dequant", x, m, w, y);
     let a = MatRef::row_major(Elems::F32(x), m, w.cols);
     let parallel = rayon::current_num_threads() > 1 && m * w.rows * w.cols >= 1 << 16;
-    let path = path.resolve();
-    with_xg(&a, w, false, |xg| gemm_dequant(path, path.gemm_isa(), xg, m, w, y, w.rows, accumulate, parallel));
+    let isa = path.resolve().gemm_isa();
+    with_xg(&a, w, false, |xg| gemm_dequant(isa, xg, m, w, y, w.rows, accumulate, parallel));
 }
 
 /// `C (+)= A·B` where `B`'s data is the int4 weight `w`.
@@ -264,7 +263,7 @@ pub(crate) fn gemm_q4(
             if small {
                 gemv(path, xg, m, &view, c, ldc, accumulate, parallel)
             } else {
-                gemm_dequant(path, isa.resolve(), xg, m, &view, c, ldc, accumulate, parallel)
+                gemm_dequant(isa.resolve(), xg, m, &view, c, ldc, accumulate, parallel)
             }
         });
     } else {
@@ -280,14 +279,11 @@ pub(crate) fn gemm_q4(
 }
 
 thread_local! {
-    /// Per-thread scratch reused across calls: the gathered activations, and
-    /// for the GEMM path the dequantized block (bounded by
-    /// [`DEQUANT_BLOCK_FLOATS`]) and the packed GEMM's buffers. Taken out of
+    /// Per-thread scratch reused across calls: the gathered activations and
+    /// the packed GEMM's buffers. Taken out of
     /// the cell while in use, so a nested call on the same thread (a rayon
     /// task stolen while waiting) just allocates its own.
     static XG: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
-    static BLOCK: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
-    static CBLOCK: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
     static GEMM: Cell<Option<GemmScratch>> = const { Cell::new(None) };
 }
 
@@ -935,15 +931,14 @@ impl Kern for Avx512K {
 // ---------------------------------------------------------------------------
 // Dequantize + GEMM
 
-/// `C (+)= xg·Wstoredᵀ` by blocks of output columns, one block per task:
-/// the task dequantizes its block into its thread's reused scratch (stored
-/// rows × block columns, row-major, at most [`DEQUANT_BLOCK_FLOATS`]: it
-/// stays in the caches while the GEMM reads it), runs the packed f32 GEMM
-/// on one thread into a scratch C block, and copies that into its columns
-/// of C.
+/// `C (+)= xg·Wstoredᵀ` through the packed f32 GEMM ([`gemm_packed`]): A
+/// (the gathered activations) is packed once per k slice and shared by all
+/// tasks, and each task dequantizes its `kc × nr` B panels straight from
+/// the nibbles ([`pack_b_q4`], called by the GEMM's B packing), once per
+/// panel, so the weight is read and dequantized exactly once and no
+/// dequantized copy of it exists beyond one panel per thread.
 #[allow(clippy::too_many_arguments)]
 fn gemm_dequant(
-    path: Q4Path,
     isa: Isa,
     xg: &[f32],
     m: usize,
@@ -958,94 +953,97 @@ fn gemm_dequant(
         return;
     }
     assert!(c.len() >= (m - 1) * ldc + n, "q4 gemm: C too small");
-    let threads = if parallel { rayon::current_num_threads() } else { 1 };
-    // At least one block per thread; each at most DEQUANT_BLOCK_FLOATS.
-    let cap = (DEQUANT_BLOCK_FLOATS / k.max(1)) / 16 * 16;
-    let nb = n.div_ceil(threads).next_multiple_of(16).min(cap).max(16).min(n);
+    if k == 0 {
+        if !accumulate {
+            for i in 0..m {
+                c[i * ldc..i * ldc + n].fill(0.0);
+            }
+        }
+        return;
+    }
     let a = MatRef::row_major(Elems::F32(&xg[..m * k]), m, k);
-    let cp = SyncPtr(c.as_mut_ptr());
-    let run = |t: usize| {
-        let b0 = t * nb;
-        let bw = nb.min(n - b0);
-        let mut block = BLOCK.with(Cell::take);
-        let mut ct_buf = CBLOCK.with(Cell::take);
-        let mut gs = GEMM.with(Cell::take).unwrap_or_default();
-        for (v, len) in [(&mut block, k * bw), (&mut ct_buf, m * bw)] {
-            if v.len() < len {
-                v.resize(len, 0.0);
-            }
-        }
-        let blk = &mut block[..k * bw];
-        dequant_block(path, w, b0, bw, blk);
-        let ct = &mut ct_buf[..m * bw];
-        // SAFETY (both copies): this task alone owns columns b0..b0 + bw of
-        // C's m rows, which C holds (asserted above).
-        if accumulate {
-            for (i, row) in ct.chunks_mut(bw).enumerate() {
-                unsafe { std::ptr::copy_nonoverlapping(cp.get().add(i * ldc + b0), row.as_mut_ptr(), bw) };
-            }
-        }
-        let b = MatRef::row_major(Elems::F32(blk), k, bw);
-        gemm_strided(isa, &a, &b, ct, bw, accumulate, false, &mut gs);
-        for (i, row) in ct.chunks(bw).enumerate() {
-            unsafe { std::ptr::copy_nonoverlapping(row.as_ptr(), cp.get().add(i * ldc + b0), bw) };
-        }
-        BLOCK.with(|c| c.set(block));
-        CBLOCK.with(|c| c.set(ct_buf));
-        GEMM.with(|c| c.set(Some(gs)));
-    };
-    let blocks = n.div_ceil(nb);
-    if parallel && blocks > 1 {
-        (0..blocks).into_par_iter().for_each(run);
-    } else {
-        (0..blocks).for_each(run);
+    // B(p, j) = W[j, stored row p]: act-order is already in xg.
+    let stored = Q4Ref { perm: None, inv: None, ..*w };
+    let b = MatRef::row_major(Elems::Q4(stored), n, k).transposed();
+    let mut gs = GEMM.with(Cell::take).unwrap_or_default();
+    gemm_packed(isa, &a, &b, c, ldc, accumulate, parallel, &mut gs);
+    GEMM.with(|c| c.set(Some(gs)));
+}
+
+/// The packed GEMM's B panel of an int4 `b` (as [`gemm_dequant`] makes it:
+/// `B(p, j) = W[j, stored row p]`): `panel[p·nr + jj] = B(pc + p, j0 + jj)`
+/// for `p < kc`, `jj < cols`, zero for `cols ≤ jj < nr`. Each value is
+/// `(q − z)·s` in f32, exactly [`dequantize`]'s.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn pack_b_q4(
+    isa: Isa,
+    w: &Q4Ref,
+    b: &MatRef,
+    pc: usize,
+    kc: usize,
+    j0: usize,
+    cols: usize,
+    nr: usize,
+    panel: &mut [f32],
+) {
+    assert!(
+        w.perm.is_none() && b.offset == 0 && b.row_stride == 1 && b.col_stride == w.cols && b.cols == w.rows,
+        "q4 pack_b: only the stored-row view gemm_dequant makes is packed"
+    );
+    assert!(
+        cols <= nr && j0 + cols <= w.rows && pc + kc <= w.cols && panel.len() >= kc * nr,
+        "q4 pack_b: out of range"
+    );
+    match (isa, nr) {
+        // SAFETY: `isa` is resolved (the CPU has the features).
+        #[cfg(target_arch = "x86_64")]
+        (Isa::Avx512, 32) => unsafe { pack_q4_avx512::<32>(w, pc, kc, j0, cols, panel) },
+        #[cfg(target_arch = "x86_64")]
+        (Isa::Avx2Fma | Isa::Avx512, 16) => unsafe { pack_q4_avx2::<16>(w, pc, kc, j0, cols, panel) },
+        (_, 16) => pack_q4::<16>(w, pc, kc, j0, cols, panel),
+        (_, 32) => pack_q4::<32>(w, pc, kc, j0, cols, panel),
+        (_, nr) => unreachable!("q4 pack_b: panel width {nr}"),
     }
 }
 
-/// `blk[r * bw + l] = W[b0 + l, stored row r]` for all stored rows `r`.
-fn dequant_block(path: Q4Path, w: &Q4Ref, b0: usize, bw: usize, blk: &mut [f32]) {
-    let (k, groups) = (w.cols, w.groups());
-    // Per group: 2²³ + zero and scale of each block column.
-    let mut zs = vec![0f32; groups * bw];
-    let mut ss = vec![0f32; groups * bw];
-    for g in 0..groups {
-        fill_group(w, g, w.row0 + b0, bw, &mut zs[g * bw..], &mut ss[g * bw..]);
-    }
-    let o0 = w.row0 + b0;
-    let job = |p: usize, rows: &mut [f32]| {
-        let words = &w.qweight[p * w.ld + o0..p * w.ld + o0 + bw];
-        for (j, dst) in rows.chunks_mut(bw).enumerate() {
-            let g = (p * 8 + j) / w.group;
-            let (z, s) = (&zs[g * bw..(g + 1) * bw], &ss[g * bw..(g + 1) * bw]);
-            match path {
-                // SAFETY: the path is resolved, so the CPU has the features.
-                #[cfg(target_arch = "x86_64")]
-                Q4Path::Avx512 => unsafe { dequant_row_avx512(words, j, z, s, dst) },
-                #[cfg(target_arch = "x86_64")]
-                Q4Path::Avx2 => unsafe { dequant_row_avx2(words, j, z, s, dst) },
-                _ => dequant_row(words, j, z, s, dst),
-            }
-        }
-    };
-    blk[..k * bw].chunks_mut(8 * bw).enumerate().for_each(|(p, rows)| job(p, rows));
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+unsafe fn pack_q4_avx512<const NR: usize>(w: &Q4Ref, pc: usize, kc: usize, j0: usize, cols: usize, panel: &mut [f32]) {
+    pack_q4::<NR>(w, pc, kc, j0, cols, panel)
 }
 
-/// Nibble `j` of each word, dequantized: `(q − z)·s` (exact `q − z`).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn pack_q4_avx2<const NR: usize>(w: &Q4Ref, pc: usize, kc: usize, j0: usize, cols: usize, panel: &mut [f32]) {
+    pack_q4::<NR>(w, pc, kc, j0, cols, panel)
+}
+
+/// [`pack_b_q4`] for one panel width: the lane loops over `NR` columns
+/// compile to vector shifts, converts and multiplies in the target-feature
+/// copies above.
 #[inline(always)]
-fn dequant_row(words: &[u32], j: usize, z: &[f32], s: &[f32], dst: &mut [f32]) {
-    for (((d, &wd), &z), &s) in dst.iter_mut().zip(words).zip(z).zip(s) {
-        *d = (f32::from_bits(((wd >> (4 * j)) & 15) | MAGIC) - z) * s;
+fn pack_q4<const NR: usize>(w: &Q4Ref, pc: usize, kc: usize, j0: usize, cols: usize, panel: &mut [f32]) {
+    let o0 = w.row0 + j0;
+    let (mut z, mut s, mut words) = ([0f32; NR], [0f32; NR], [0u32; NR]);
+    let mut gcur = usize::MAX;
+    for (p, dst) in panel[..kc * NR].chunks_exact_mut(NR).enumerate() {
+        let r = pc + p;
+        let g = r / w.group;
+        if g != gcur {
+            // Padding columns keep z = s = 0 (and words 0): they pack 0.
+            gcur = g;
+            for l in 0..cols {
+                z[l] = w.zero(g, o0 + l) as f32;
+                s[l] = w.scales[g * w.ld + o0 + l].to_f32();
+            }
+        }
+        if p == 0 || r.is_multiple_of(8) {
+            words[..cols].copy_from_slice(&w.qweight[r / 8 * w.ld + o0..r / 8 * w.ld + o0 + cols]);
+        }
+        let sh = 4 * (r % 8);
+        let dst: &mut [f32; NR] = dst.try_into().expect("chunks of NR");
+        for l in 0..NR {
+            dst[l] = (((words[l] >> sh) & 15) as f32 - z[l]) * s[l];
+        }
     }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx2,fma")]
-unsafe fn dequant_row_avx512(words: &[u32], j: usize, z: &[f32], s: &[f32], dst: &mut [f32]) {
-    dequant_row(words, j, z, s, dst)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn dequant_row_avx2(words: &[u32], j: usize, z: &[f32], s: &[f32], dst: &mut [f32]) {
-    dequant_row(words, j, z, s, dst)
 }

@@ -647,3 +647,26 @@ fn i8_non_finite_and_zero_activations() {
         assert!(y.iter().all(|v| v.is_finite()));
     }
 }
+
+/// Prefill-sized GEMMs deeper than one packed k slice (1024 on AVX-512, 256
+/// otherwise), with groups that straddle slice and word boundaries, on a
+/// row-range view that starts mid-word, with and without act-order.
+#[test]
+fn deep_prefill_gemm_matches_reference() {
+    let mut rng = Rng::new(31);
+    let (out, inp) = (88, 1064);
+    for (group, act_order) in [(40, true), (128, false), (1064, true)] {
+        let wq = Q4Owned::random(&mut rng, out, inp, group, true, act_order);
+        let (a, b) = (3, 77);
+        let w = wq.view().rows_range(a, b);
+        let m = 29;
+        let x = rng.vec(m * inp, 1.0);
+        let c0 = rng.vec(m * (b - a), 1.0);
+        let (want, scale) = reference(&wq, &x, m, a, b - a, &c0, true);
+        for path in paths() {
+            let mut y = c0.clone();
+            q4_gemm_dequant(path, &x, m, &w, &mut y, true);
+            check(&format!("deep gemm_dequant {path:?} group {group}"), &y, &want, &scale).unwrap();
+        }
+    }
+}
