@@ -285,18 +285,30 @@ impl<'a> Fonts<'a> {
             g @ Ink::Glyph(..) => vec![('…', g)],
             _ => (0..3).map(|_| ('.', self.ink('.'))).collect(),
         };
-        let mut keep = inks.len();
-        while keep > 0 {
-            keep -= 1;
+        // The longest head that fits with the ellipsis, by bisection: a label can be a whole
+        // paragraph, and each try rasterises the line. (Width grows with the head; kerning can
+        // take back a fraction of a pixel, which at worst keeps one character fewer.)
+        let shortened = |keep: usize| {
             // Trailing spaces before the ellipsis only waste room.
             let head = inks[..keep].iter().rposition(|(c, _)| !c.is_whitespace()).map_or(0, |i| i + 1);
             let candidate: Vec<(char, Ink)> = inks[..head].iter().chain(&ellipsis).cloned().collect();
-            let line = place(&candidate, px);
+            place(&candidate, px)
+        };
+        let (mut lo, mut hi) = (0, inks.len().saturating_sub(1)); // heads known to fit / not yet known
+        let mut best = shortened(0);
+        if best.width() > max_w {
+            return None;
+        }
+        while lo < hi {
+            let mid = (lo + hi).div_ceil(2);
+            let line = shortened(mid);
             if line.width() <= max_w {
-                return Some(line);
+                (lo, best) = (mid, line);
+            } else {
+                hi = mid - 1;
             }
         }
-        None
+        Some(best)
     }
 }
 
@@ -543,8 +555,15 @@ mod tests {
         line.draw(0, 0, |_, _, c| ink += usize::from(c > 0.5));
         assert!(ink > 0);
         // The ellipsis falls back to dots; a line too wide is shortened, nothing fits in 1 px.
+        // 2 px dots at 18 px: 12 px a character, so two characters and three dots fill 60 px.
         let short = fonts.layout_fitting("abcdefghijklmnop", 18.0, 60).unwrap();
-        assert!(short.width() <= 60);
+        assert_eq!((short.text.as_str(), short.width()), ("ab...", 60));
+        assert_eq!(fonts.layout_fitting("abcdefghijklmnop", 18.0, 71).unwrap().text, "ab...");
+        assert_eq!(fonts.layout_fitting("abcdefghijklmnop", 18.0, 72).unwrap().text, "abc...");
+        // Spaces before the ellipsis are dropped; a paragraph is shortened as quickly.
+        assert_eq!(fonts.layout_fitting("a  bcdefghijklmnop", 18.0, 72).unwrap().text, "a...");
+        let long = "word ".repeat(2000);
+        assert_eq!(fonts.layout_fitting(&long, 18.0, 300).unwrap().text, format!("{}...", &long[..22]));
         assert!(fonts.layout_fitting("abc", 18.0, 1).is_none());
         let _ = std::fs::remove_dir_all(dir);
     }

@@ -144,9 +144,11 @@ fn a_chinese_label_is_drawn_with_the_fonts_glyphs() {
     let (w, h) = (tag.rect[2] - tag.rect[0] + 1, tag.rect[3] - tag.rect[1] + 1);
     let drawn = drawn_mask(&d.image, tag);
     let iou = best_iou(&drawn, &expected_mask(&[(&font, "文字 text")], tag.text_px), w, h);
+    eprintln!("文字 text in WenQuanYi at {} px: IoU {iou:.3}", tag.text_px);
     assert!(iou >= 0.95, "IoU {iou} against the font's rasterisation");
     // The comparison can tell glyphs apart: the same characters in another order do not match.
     let wrong = best_iou(&drawn, &expected_mask(&[(&font, "字文 text")], tag.text_px), w, h);
+    eprintln!("against 字文 text: IoU {wrong:.3}");
     assert!(wrong < 0.8, "IoU {wrong} against a different string");
 }
 
@@ -160,6 +162,7 @@ fn a_latin_label_is_drawn_with_the_fonts_glyphs() {
     let tag = &d.labels[0];
     let (w, h) = (tag.rect[2] - tag.rect[0] + 1, tag.rect[3] - tag.rect[1] + 1);
     let iou = best_iou(&drawn_mask(&d.image, tag), &expected_mask(&[(&font, "Dog AVA 1")], tag.text_px), w, h);
+    eprintln!("Dog AVA 1 in DejaVu Sans at {} px: IoU {iou:.3}", tag.text_px);
     assert!(iou >= 0.95, "IoU {iou}");
 }
 
@@ -180,8 +183,10 @@ fn each_character_comes_from_a_font_that_has_it() {
     let (w, h) = (tag.rect[2] - tag.rect[0] + 1, tag.rect[3] - tag.rect[1] + 1);
     let drawn = drawn_mask(&d.image, tag);
     let mixed = best_iou(&drawn, &expected_mask(&[(&cjk, "文字"), (&latin, " text")], tag.text_px), w, h);
+    eprintln!("文字 (WenQuanYi) + text (DejaVu): IoU {mixed:.3}");
     assert!(mixed >= 0.95, "IoU {mixed}");
     let all_cjk = best_iou(&drawn, &expected_mask(&[(&cjk, "文字 text")], tag.text_px), w, h);
+    eprintln!("against all in WenQuanYi: IoU {all_cjk:.3}");
     assert!(all_cjk < mixed - 0.05, "the Latin letters are DejaVu's: {all_cjk} vs {mixed}");
     let _ = std::fs::remove_dir_all(dirs);
 }
