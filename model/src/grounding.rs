@@ -463,6 +463,9 @@ fn draw_label(
             return None;
         }
     };
+    if line.text.is_empty() {
+        return None; // control characters only: nothing to show
+    }
     let (tw, th) = (line.width() + 2 * pad, line.height() + 2 * pad);
     let clamp = |v: i64, lo: i64, hi: i64| v.max(lo).min(hi);
     // The region's corner, moved into the picture when it lies outside.
@@ -660,9 +663,14 @@ mod tests {
             b(Some("q"), &[(-100000, 0), (3000, 500), (500, 1_000_000), (i64::MAX, i64::MIN)]),
             b(Some("x"), &[(2000, 2000), (3000, 3000)]),
             b(Some(""), &[(500, 500), (500, 500)]),
+            b(Some("\u{7}\u{1b}"), &[(100, 100), (400, 400)]),
         ];
-        let out = draw_groundings(&img, &items, &DrawOptions::default()).unwrap().image;
+        let d = draw_groundings(&img, &items, &DrawOptions::default()).unwrap();
+        let out = d.image;
         assert_eq!((out.width, out.height, out.data.len()), (50, 40, 50 * 40 * 3));
+        // Labels with something to show get a tag inside the picture; control characters do not.
+        assert!(d.labels.iter().all(|l| !l.text.is_empty() && l.rect[0] >= 0 && l.rect[2] < 50 && l.rect[3] < 40));
+        assert_eq!(d.labels.len(), 3, "{:?}", d.labels);
         assert!(out.data.iter().any(|&v| v != 0));
         // Degenerate images do not panic either.
         let empty = RgbImage { width: 0, height: 0, data: vec![] };
