@@ -253,6 +253,8 @@ impl<'a> Fonts<'a> {
         Fonts { user, dirs, own: OnceLock::new() }
     }
 
+    /// The installed faces after the user's: the given folders' or the system's (scanned on
+    /// first call).
     pub(super) fn catalog(&self) -> &Catalog {
         match self.dirs {
             Some(d) => self.own.get_or_init(|| Catalog::from_dirs(d)),
@@ -261,8 +263,10 @@ impl<'a> Fonts<'a> {
     }
 
     fn ink(&self, ch: char) -> Ink {
-        if let Some(g) = self.user.as_ref().and_then(|f| covering_glyph(f.as_ref(), ch)) {
-            return Ink::Glyph(self.user.clone().expect("checked above"), g);
+        if let Some(face) = &self.user {
+            if let Some(g) = covering_glyph(face.as_ref(), ch) {
+                return Ink::Glyph(face.clone(), g);
+            }
         }
         match self.catalog().face_for(ch) {
             Some((face, g)) => Ink::Glyph(face, g),
