@@ -13,7 +13,9 @@
 //!
 //! Plain `main` (no criterion): `cargo bench -p qvc-kernels --bench
 //! gemv_family`. Environment: `GEMV_SHAPES=4096x12288,11008x4096` (in×out),
-//! `GEMV_M=1,8`, `GEMV_THREADS=2,1`, `GEMV_CALLS=60` (calls per path).
+//! `GEMV_M=1,8`, `GEMV_THREADS=2,1`, `GEMV_CALLS=60` (calls per path),
+//! `GEMV_COPIES=1` (one copy: a weight that fits the caches then shows the
+//! kernel's compute rate instead of DRAM's).
 
 use half::bf16;
 use qvc_ir::Elems;
@@ -58,7 +60,10 @@ fn main() {
     println!("paths: {paths:?} (AVX-512: qvc_kernels::gemv, 16 lanes; AVX2: gemm's 8-lane tiles)");
     for &(inp, out) in &shapes {
         let bytes = out * inp * 2;
-        let copies = (256usize << 20).div_ceil(bytes).max(1);
+        let copies = match env_list::<usize>("GEMV_COPIES", "").first() {
+            Some(&c) => c.max(1),
+            None => (256usize << 20).div_ceil(bytes).max(1),
+        };
         let ws: Vec<Vec<bf16>> = (0..copies).map(|c| weight(out, inp, c)).collect();
         for &m in &ms {
             let x: Vec<f32> = (0..m * inp).map(|i| ((i * 7919) % 2001) as f32 / 1000.0 - 1.0).collect();
