@@ -78,7 +78,6 @@ pub(crate) struct GemvJob<'a> {
 /// resolved `Isa::Avx512`); C must cover element `(i, j)` at
 /// `c + i·ldc + j` for `i < m`, `j0 ≤ j < j1`, and no other thread may
 /// touch those elements during the call.
-#[cfg(target_arch = "x86_64")]
 pub(crate) unsafe fn cols_avx512<T: Src>(job: &GemvJob, w: &[T], j0: usize, j1: usize) {
     if j0 >= j1 || job.m == 0 {
         return;
@@ -91,7 +90,6 @@ pub(crate) unsafe fn cols_avx512<T: Src>(job: &GemvJob, w: &[T], j0: usize, j1: 
     cols_impl::<T>(job, w.as_ptr().add(job.off), j0, j1)
 }
 
-#[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
 unsafe fn cols_impl<T: Src>(job: &GemvJob, base: *const T, j0: usize, j1: usize) {
     let ahead = if job.stream { AHEAD } else { 0 };
@@ -127,7 +125,6 @@ unsafe fn cols_impl<T: Src>(job: &GemvJob, base: *const T, j0: usize, j1: usize)
 ///
 /// SAFETY: `p..p+16` readable; only call from code compiled with AVX-512F
 /// (and F16C).
-#[cfg(target_arch = "x86_64")]
 #[inline(always)]
 unsafe fn load16<T: Src>(p: *const T) -> std::arch::x86_64::__m512 {
     use std::arch::x86_64::*;
@@ -150,7 +147,6 @@ unsafe fn load16<T: Src>(p: *const T) -> std::arch::x86_64::__m512 {
 /// bytes in front of its reads (one line per 64 bytes read).
 ///
 /// SAFETY: as [`cols_avx512`], with rows `j..j + R` inside the checked span.
-#[cfg(target_arch = "x86_64")]
 #[inline(always)]
 unsafe fn tile<T: Src, const R: usize, const M: usize>(job: &GemvJob, base: *const T, j: usize, ahead: usize) {
     use std::arch::x86_64::*;
@@ -185,7 +181,6 @@ unsafe fn tile<T: Src, const R: usize, const M: usize>(job: &GemvJob, base: *con
 /// weight stream, not by those stores.)
 ///
 /// SAFETY: as [`tile`].
-#[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
 #[inline(never)]
 unsafe fn dot_loop<T: Src, const R: usize, const M: usize>(
@@ -228,7 +223,6 @@ unsafe fn dot_loop<T: Src, const R: usize, const M: usize>(
 /// value (see [`dot_loop`]).
 ///
 /// SAFETY: as [`tile`]; `p + 16 ≤ k`.
-#[cfg(target_arch = "x86_64")]
 #[inline(always)]
 unsafe fn step<T: Src, const R: usize, const M: usize>(
     mut acc: [[std::arch::x86_64::__m512; R]; M],

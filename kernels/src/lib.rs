@@ -37,6 +37,7 @@ mod common;
 pub mod act;
 pub mod attention;
 pub mod gemm;
+#[cfg(target_arch = "x86_64")]
 mod gemv;
 pub mod gpu;
 pub mod math;
