@@ -31,15 +31,20 @@
 //! GB/s against ~27 for 8-row tiles); for longer rows (11008) A no longer
 //! fits beside the stream and one-row tiles fall to ~18 GB/s, so 8 rows share
 //! each A load, each row software-prefetched [`AHEAD`] bytes ahead (~28-30
-//! GB/s). With more rows of A, tiles of `R` weight rows × `M` rows of A
-//! (`R·M ≤ 24` accumulators of the 32 zmm registers) load each widened
-//! weight vector once for all `M` rows and each A vector once for `R`
-//! weight rows.
+//! GB/s). With more rows of A, the same 8-row tiles run against the rows of
+//! A two at a time: the first pair streams the tile from DRAM, the others
+//! re-read it from L2. Measured from DRAM, one thread, against the tiles of
+//! `R` weight rows × all `M` rows (`R·M ≤ 24` zmm accumulators) this
+//! replaced: m = 8 4096→12288 8.7-8.9 → 12.7-14.0 GB/s, 11008→4096 9.4-9.9
+//! → 15.5-15.7; m = 4 16.9-18.7 → 18.0-20.3 and 19.5 → 22.2-23.1 (quads of
+//! A rows over 4-row tiles were in between). Tiles of 2 weight rows, fastest
+//! when the weight sits in cache, lost from DRAM at every m.
 //!
 //! Invariants: only called after `Isa::resolve` returned `Avx512` (the
 //! `#[target_feature]` functions are then sound); every weight row read lies
 //! in the slice (checked once per call); each call writes only C's columns
-//! `j0..j1` of rows `0..m`, which the caller's task owns.
+//! `j0..j1` of rows `0..m`, which the caller's task owns. The module exists
+//! on x86_64 only (`lib.rs`), like the dot path's call into it.
 
 use crate::common::{Src, SyncPtr};
 use std::any::TypeId;
@@ -50,6 +55,10 @@ pub(crate) const LANES: usize = 16;
 /// Largest k (f32 A row of `4k` bytes: a third of a 48 KiB L1) for which
 /// m = 1 reads one weight row at a time (see the module doc).
 const ONE_ROW_MAX_K: usize = 4096;
+
+/// Weight rows per tile when A's row does not fit L1 beside the stream or
+/// there are several rows of A (see the module doc).
+const TILE_ROWS: usize = 8;
 
 /// Software-prefetch distance in each weight row of a multi-row tile, in
 /// bytes (16 cache lines). Measured at 2 threads, 11008 → 4096 bf16: no
@@ -93,31 +102,42 @@ pub(crate) unsafe fn cols_avx512<T: Src>(job: &GemvJob, w: &[T], j0: usize, j1: 
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
 unsafe fn cols_impl<T: Src>(job: &GemvJob, base: *const T, j0: usize, j1: usize) {
     let ahead = if job.stream { AHEAD } else { 0 };
-    let mut j = j0;
-    // Full tiles of R weight rows, then the ragged rest one row at a time
-    // (the same arithmetic per element).
-    macro_rules! run {
-        ($r:literal, $m:literal) => {{
-            while j1 - j >= $r {
-                tile::<T, $r, $m>(job, base, j, if $r > 1 { ahead } else { 0 });
-                j += $r;
-            }
-            while j < j1 {
-                tile::<T, 1, $m>(job, base, j, 0);
-                j += 1;
-            }
-        }};
+    if job.m == 1 && job.k <= ONE_ROW_MAX_K {
+        // One weight row at a time: a single sequential stream.
+        for j in j0..j1 {
+            tile::<T, 1, 1>(job, base, j, 0, 0);
+        }
+        return;
     }
-    match job.m {
-        1 if job.k <= ONE_ROW_MAX_K => run!(1, 1),
-        1 => run!(8, 1),
-        2 => run!(8, 2),
-        3 => run!(8, 3),
-        4 => run!(6, 4),
-        5 => run!(4, 5),
-        6 => run!(4, 6),
-        7 => run!(3, 7),
-        _ => run!(3, 8),
+    // Tiles of TILE_ROWS weight rows against the rows of A in pairs (the
+    // odd last row alone): the first pair streams the tile from DRAM with
+    // the prefetch, the other pairs find it in L2. Then the ragged rest of
+    // the columns, one weight row at a time.
+    let mut j = j0;
+    while j1 - j >= TILE_ROWS {
+        let mut i0 = 0;
+        while i0 < job.m {
+            let pf = if i0 == 0 { ahead } else { 0 };
+            if job.m - i0 >= 2 {
+                tile::<T, TILE_ROWS, 2>(job, base, j, i0, pf);
+            } else {
+                tile::<T, TILE_ROWS, 1>(job, base, j, i0, pf);
+            }
+            i0 += 2;
+        }
+        j += TILE_ROWS;
+    }
+    while j < j1 {
+        let mut i0 = 0;
+        while i0 < job.m {
+            if job.m - i0 >= 2 {
+                tile::<T, 1, 2>(job, base, j, i0, 0);
+            } else {
+                tile::<T, 1, 1>(job, base, j, i0, 0);
+            }
+            i0 += 2;
+        }
+        j += 1;
     }
 }
 
@@ -140,19 +160,26 @@ unsafe fn load16<T: Src>(p: *const T) -> std::arch::x86_64::__m512 {
     }
 }
 
-/// Weight rows `j..j + R` against the `M` rows of A: `M × R` accumulators of
+/// Weight rows `j..j + R` against rows `i0..i0 + M` of A: `M × R` accumulators of
 /// 16 lanes (the contract in the module doc), each weight vector widened
 /// once per step for all `M` rows, each A vector loaded once for all `R`
 /// weight rows. With `ahead > 0`, each weight row is prefetched `ahead`
 /// bytes in front of its reads (one line per 64 bytes read).
 ///
-/// SAFETY: as [`cols_avx512`], with rows `j..j + R` inside the checked span.
+/// SAFETY: as [`cols_avx512`], with rows `j..j + R` inside the checked span
+/// and `i0 + M ≤ m`.
 #[inline(always)]
-unsafe fn tile<T: Src, const R: usize, const M: usize>(job: &GemvJob, base: *const T, j: usize, ahead: usize) {
+unsafe fn tile<T: Src, const R: usize, const M: usize>(
+    job: &GemvJob,
+    base: *const T,
+    j: usize,
+    i0: usize,
+    ahead: usize,
+) {
     use std::arch::x86_64::*;
     let k = job.k;
     let full = k - k % LANES;
-    let a = job.a.as_ptr();
+    let a = job.a.as_ptr().add(i0 * job.k);
     let rows: [*const T; R] = std::array::from_fn(|r| base.add((j + r) * job.cs));
     let acc = dot_loop::<T, R, M>(a, k, &rows, ahead);
     for (r, &row) in rows.iter().enumerate() {
@@ -163,7 +190,7 @@ unsafe fn tile<T: Src, const R: usize, const M: usize>(job: &GemvJob, base: *con
             for q in full..k {
                 s = (*a.add(i * k + q)).mul_add(widen1(*row.add(q)), s);
             }
-            let dst = job.c.get().add(i * job.ldc + j + r);
+            let dst = job.c.get().add((i0 + i) * job.ldc + j + r);
             if job.accumulate {
                 *dst += s;
             } else {
@@ -173,16 +200,13 @@ unsafe fn tile<T: Src, const R: usize, const M: usize>(job: &GemvJob, base: *con
     }
 }
 
-/// The k loop of [`tile`] up to `k − k mod 16`: the accumulators. Not
-/// inlined into [`tile`], whose tail reads them back through memory: inlined,
-/// the compiler also stored the whole array to the stack on every step
-/// inside the loop; returned by value from here, they stay in registers.
-/// (On Zen 5 the speed was the same either way; the loop is bound by the
-/// weight stream, not by those stores.)
+/// The k loop of [`tile`] up to `k − k mod 16`: the accumulators, passed
+/// by value from step to step ([`step`]). (Written as an in-place array
+/// inside [`tile`], the compiler also stored all accumulators to the stack on
+/// every step; the speed on Zen 5 was the same.)
 ///
 /// SAFETY: as [`tile`].
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
-#[inline(never)]
 unsafe fn dot_loop<T: Src, const R: usize, const M: usize>(
     a: *const f32,
     k: usize,
