@@ -182,8 +182,8 @@ pub fn q4_linear_ref(x: &[f32], m: usize, w: &Q4Ref, y: &mut [f32], accumulate: 
 }
 
 /// `y (+)= x·Wᵀ` (`x` row-major `m × w.cols`, `y` row-major `m × w.rows`)
-/// as [`crate::gemm`] runs it: the GEMV path for m ≤ [`GEMV_MAX_M`], else
-/// dequantize + GEMM.
+/// as [`crate::gemm`] runs it in exact mode: the GEMV path for
+/// m ≤ [`GEMV_MAX_M`], else dequantize + GEMM.
 pub fn q4_linear(path: Q4Path, x: &[f32], m: usize, w: &Q4Ref, y: &mut [f32], accumulate: bool) {
     q4_linear_with_math(CpuMath::Exact, path, x, m, w, y, accumulate)
 }
@@ -216,8 +216,8 @@ fn check_sizes(what: &str, x: &[f32], m: usize, w: &Q4Ref, y: &[f32]) {
     assert_eq!(y.len(), m * w.rows, "{what}: y has {} elements, expected {m}x{}", y.len(), w.rows);
 }
 
-/// The GEMV path on any m (rows in batches of 8; the dispatcher only sends
-/// m ≤ 8 here). Public for tests and benchmarks.
+/// The exact GEMV path on any m (rows in batches of 8; the dispatcher sends
+/// m ≤ [`GEMV_MAX_M`] here in exact mode). Public for tests and benchmarks.
 pub fn q4_gemv(path: Q4Path, x: &[f32], m: usize, w: &Q4Ref, y: &mut [f32], accumulate: bool) {
     check_sizes("q4_gemv", x, m, w, y);
     let a = MatRef::row_major(Elems::F32(x), m, w.cols);
