@@ -112,54 +112,19 @@ fn fma_peak(isa: Isa) -> f64 {
     peak
 }
 
-/// Flops of one trip of [`dp_loop`]: 24 instructions × 16 lanes × two
-/// products (a product and its add count 2 each).
-const DP_FLOPS_PER_ITER: u64 = 24 * 16 * 4;
-
-/// `iters` trips of 24 independent `vdpbf16ps` chains on the calling
-/// thread (the bf16 analogue of `peak::fma_loop`). Returns the flops done
-/// and a value to `black_box`; (0, 0) without AVX512-BF16.
-fn dp_loop(iters: usize) -> (u64, f32) {
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx512f,avx512bf16")]
-    unsafe fn run(iters: usize) -> f32 {
-        use std::arch::x86_64::*;
-        let x: __m512bh = std::mem::transmute(_mm512_set1_ps(std::hint::black_box(0.5)));
-        let y: __m512bh = std::mem::transmute(_mm512_set1_ps(std::hint::black_box(1e-3)));
-        let mut acc = [_mm512_setzero_ps(); 24];
-        for _ in 0..iters {
-            for a in acc.iter_mut() {
-                *a = _mm512_dpbf16_ps(*a, x, y);
-            }
-        }
-        let mut s = _mm512_setzero_ps();
-        for a in acc {
-            s = _mm512_add_ps(s, a);
-        }
-        _mm512_reduce_add_ps(s)
-    }
-    #[cfg(target_arch = "x86_64")]
-    if qvc_kernels::gemm::bf16_products_native() {
-        // SAFETY: AVX-512F + BF16 checked just above.
-        return (iters as u64 * DP_FLOPS_PER_ITER, unsafe { run(iters) });
-    }
-    let _ = iters;
-    (0, 0.0)
-}
-
 /// `vdpbf16ps` peak, GFLOP/s: on every pool thread at once (wall time,
 /// best of 10 × ~20 ms), and on one thread per second of its CPU time
 /// (best of 5 × ~200 ms), as for the FMA peaks.
 fn dpbf16_peaks() -> (f64, f64) {
     let probe = 200_000;
     let t0 = Instant::now();
-    std::hint::black_box(dp_loop(probe));
+    std::hint::black_box(qvc_kernels::peak::bf16_dot_loop(probe));
     let per_trip = t0.elapsed().as_secs_f64().max(1e-9) / probe as f64;
     let iters = ((0.02 / per_trip) as usize).clamp(probe, 1 << 32);
     let mut all = 0f64;
     for _ in 0..10 {
         let t0 = Instant::now();
-        let done: Vec<(u64, f32)> = rayon::broadcast(|_| dp_loop(iters));
+        let done: Vec<(u64, f32)> = rayon::broadcast(|_| qvc_kernels::peak::bf16_dot_loop(iters));
         let s = t0.elapsed().as_secs_f64();
         std::hint::black_box(&done);
         all = all.max(done.iter().map(|d| d.0).sum::<u64>() as f64 / s / 1e9);
@@ -167,7 +132,7 @@ fn dpbf16_peaks() -> (f64, f64) {
     let one = (0..5)
         .map(|_| {
             let (t0, c0) = (Instant::now(), thread_cpu());
-            let (flops, v) = dp_loop(10 * iters);
+            let (flops, v) = qvc_kernels::peak::bf16_dot_loop(10 * iters);
             std::hint::black_box(v);
             let secs = match (c0, thread_cpu()) {
                 (Some(c0), Some(c1)) if c1 > c0 => c1 - c0,

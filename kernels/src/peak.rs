@@ -83,6 +83,45 @@ pub fn fma_loop_flops_per_iter(isa: Isa) -> u64 {
     }
 }
 
+/// Flops of one trip of [`bf16_dot_loop`]: 24 `vdpbf16ps` × 16 lanes × two
+/// products (each product and its add count 2).
+pub const BF16_DOT_FLOPS_PER_ITER: u64 = (AVX512_CHAINS * 16 * 4) as u64;
+
+/// The bf16 analogue of [`fma_loop`], the ceiling of `--cpu-math fast`
+/// GEMMs: `iters` trips of 24 independent `vdpbf16ps` chains on the calling
+/// thread. Returns the flops done and a value to `black_box`; `(0, 0.0)`
+/// where the CPU lacks AVX512-BF16 (see [`crate::gemm::bf16_products_native`]).
+pub fn bf16_dot_loop(iters: usize) -> (u64, f32) {
+    #[cfg(target_arch = "x86_64")]
+    if crate::gemm::bf16_products_native() {
+        // SAFETY: AVX-512F and AVX512-BF16 checked just above.
+        return (iters as u64 * BF16_DOT_FLOPS_PER_ITER, unsafe { bf16_dot_loop_avx512(iters) });
+    }
+    let _ = iters;
+    (0, 0.0)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn bf16_dot_loop_avx512(iters: usize) -> f32 {
+    use std::arch::x86_64::*;
+    // Pairs of bf16 (0.5, 0.5) and (1e-3, 1e-3) reinterpreted from f32 bit patterns: the values
+    // only need to stay finite.
+    let x: __m512bh = std::mem::transmute(_mm512_set1_ps(std::hint::black_box(0.5)));
+    let y: __m512bh = std::mem::transmute(_mm512_set1_ps(std::hint::black_box(1e-3)));
+    let mut acc = [_mm512_setzero_ps(); AVX512_CHAINS];
+    for _ in 0..iters {
+        for a in acc.iter_mut() {
+            *a = _mm512_dpbf16_ps(*a, x, y);
+        }
+    }
+    let mut s = _mm512_setzero_ps();
+    for a in acc {
+        s = _mm512_add_ps(s, a);
+    }
+    _mm512_reduce_add_ps(s)
+}
+
 fn fma_loop_portable(iters: usize) -> (u64, f32) {
     let m = std::hint::black_box(0.999_999_f32);
     let c = std::hint::black_box(1e-7_f32);

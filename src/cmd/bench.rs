@@ -60,7 +60,7 @@ pub struct BenchArgs {
     /// prefill_tok_s, prefill_floor_fraction, decode_tok_s, decode_ms_per_token, decode_bytes_per_token (weights +
     /// KV read per step), decode_floor_fraction (achieved bytes/s over the measured read bandwidth; these four at
     /// batch 1), decode [{batch, tok_s, ms_per_step, bytes_per_step, floor_fraction}], gemm_best_gflops,
-    /// gemm_peak_fraction (best GEMM FLOP/s over the measured FMA peak; CPU only), ceilings {fma_peak_gflops
+    /// gemm_peak_fraction (best GEMM FLOP/s over the measured FMA peak, or the vdpbf16ps peak under --cpu-math fast; CPU only), ceilings {fma_peak_gflops
     /// (CPU: an FMA loop on every thread at once), fma_peak_how, read_bandwidth_gbs (CPU: 256 MiB sum; GPU: 1 GiB
     /// copy), read_bandwidth_how, gemm [{shape, m, n, k, gflops}]}.
     #[arg(long)]
