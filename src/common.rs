@@ -7,12 +7,12 @@
 use crate::device::parse_device;
 use anyhow::{bail, Context, Result};
 use clap::Args;
+use qvc_kernels::CpuMath;
 use qvc_model::chat::{format_query, make_context, Turn, DEFAULT_SYSTEM};
 use qvc_model::grounding::{box_outputs, parse_groundings, BoxOut, Grounding};
 use qvc_model::image::load_rgb;
 use qvc_model::sampling::{SamplingOverrides, SamplingParams};
 use qvc_model::tokenizer::Specials;
-use qvc_kernels::CpuMath;
 use qvc_model::{LoadOptions, Model, Phase, Session};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
