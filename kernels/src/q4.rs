@@ -426,6 +426,10 @@ unsafe fn run_chunk(path: Q4Path, rows: usize, ch: &Chunk, bufs: &mut GemvBufs) 
     }
 }
 
+/// `chunk::<K, rows>(ch, bufs)` for a run-time row count 1..=8: the row
+/// count is a const generic so that each kernel keeps its accumulators in
+/// registers. `chunk` resolves where the macro is used, so the exact kernels
+/// here and the int8 ones in [`crate::q4_i8`] share it.
 macro_rules! dispatch_rows {
     ($k:ty, $rows:expr, $ch:expr, $bufs:expr) => {
         match $rows {
@@ -437,10 +441,11 @@ macro_rules! dispatch_rows {
             6 => chunk::<$k, 6>($ch, $bufs),
             7 => chunk::<$k, 7>($ch, $bufs),
             8 => chunk::<$k, 8>($ch, $bufs),
-            r => unreachable!("q4 gemv chunk of {r} rows"),
+            r => unreachable!("int4 GEMV chunk of {r} rows (chunks hold 1 to 8)"),
         }
     };
 }
+pub(crate) use dispatch_rows;
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2,fma,f16c")]

@@ -44,7 +44,7 @@
 
 use crate::common::SyncPtr;
 use crate::gemm::MatRef;
-use crate::q4::{gemv_cols, with_xg, Q4Path, GEMV_COLS, GEMV_COLS_BATCH, PREFETCH_COLS};
+use crate::q4::{dispatch_rows, gemv_cols, with_xg, Q4Path, GEMV_COLS, GEMV_COLS_BATCH, PREFETCH_COLS};
 use half::f16;
 use half::slice::HalfFloatSliceExt;
 use qvc_ir::{Elems, Q4Ref};
@@ -311,22 +311,6 @@ unsafe fn run_chunk(path: Q4I8Path, rows: usize, ch: &Chunk, bufs: &mut Bufs) {
         Q4I8Path::Avx2 => chunk_avx2(rows, ch, bufs),
         _ => chunk_portable(rows, ch, bufs),
     }
-}
-
-macro_rules! dispatch_rows {
-    ($k:ty, $rows:expr, $ch:expr, $bufs:expr) => {
-        match $rows {
-            1 => chunk::<$k, 1>($ch, $bufs),
-            2 => chunk::<$k, 2>($ch, $bufs),
-            3 => chunk::<$k, 3>($ch, $bufs),
-            4 => chunk::<$k, 4>($ch, $bufs),
-            5 => chunk::<$k, 5>($ch, $bufs),
-            6 => chunk::<$k, 6>($ch, $bufs),
-            7 => chunk::<$k, 7>($ch, $bufs),
-            8 => chunk::<$k, 8>($ch, $bufs),
-            r => unreachable!("q4 gemv i8 chunk of {r} rows"),
-        }
-    };
 }
 
 #[cfg(target_arch = "x86_64")]
