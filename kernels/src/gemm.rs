@@ -1594,14 +1594,7 @@ unsafe fn kernel_avx512(
     overwrite: bool,
 ) {
     use std::arch::x86_64::*;
-    // C's tile is read (or written) only after the k loop: fetch its lines
-    // now, so that they arrive while the loop runs (C is usually far
-    // bigger than L2, and each k slice sweeps it once). Hints only.
-    for i in 0..mr {
-        let cr = c.wrapping_add(i * ldc) as *const i8;
-        _mm_prefetch::<_MM_HINT_T0>(cr);
-        _mm_prefetch::<_MM_HINT_T0>(cr.wrapping_add(64));
-    }
+    prefetch_c_tile(c, ldc, mr);
     let mut acc = [[_mm512_setzero_ps(); 2]; MR_AVX512];
     let (mut a, mut b) = (a, b);
     for _ in 0..kc {
@@ -1615,6 +1608,42 @@ unsafe fn kernel_avx512(
         a = a.add(MR_AVX512);
         b = b.add(NR_AVX512);
     }
+    store_c_tile(&acc, c, ldc, mr, nr, overwrite);
+}
+
+/// Prefetches the `mr` rows of a 12×32 C tile. C's tile is read (or
+/// written) only after the k loop: fetch its lines now, so that they arrive
+/// while the loop runs (C is usually far bigger than L2, and each k slice
+/// sweeps it once). Hints only: nothing is dereferenced. Inlined into the
+/// kernels' `#[target_feature]` bodies.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn prefetch_c_tile(c: *mut f32, ldc: usize, mr: usize) {
+    use std::arch::x86_64::*;
+    for i in 0..mr {
+        let cr = c.wrapping_add(i * ldc) as *const i8;
+        _mm_prefetch::<_MM_HINT_T0>(cr);
+        _mm_prefetch::<_MM_HINT_T0>(cr.wrapping_add(64));
+    }
+}
+
+/// Writes (or, unless `overwrite`, adds) the accumulators of a 12×32 tile
+/// to C's `mr` rows of `nr` columns, for both AVX-512 micro-kernels.
+///
+/// SAFETY: as the kernels: C covers `mr` rows of `nr` elements, `ldc`
+/// apart, from `c`; only call from code compiled with AVX-512F (it is
+/// inlined into the kernels' `#[target_feature]` bodies).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn store_c_tile(
+    acc: &[[std::arch::x86_64::__m512; 2]; MR_AVX512],
+    c: *mut f32,
+    ldc: usize,
+    mr: usize,
+    nr: usize,
+    overwrite: bool,
+) {
+    use std::arch::x86_64::*;
     // Lanes kept in each half: masked-off lanes are neither read nor
     // written (no fault either), so a ragged edge needs no staging tile.
     let lanes = |w: usize| ((1u32 << w.min(16)) - 1) as __mmask16;
@@ -1947,11 +1976,7 @@ unsafe fn kernel_bf16(
     overwrite: bool,
 ) {
     use std::arch::x86_64::*;
-    for i in 0..mr {
-        let cr = c.wrapping_add(i * ldc) as *const i8;
-        _mm_prefetch::<_MM_HINT_T0>(cr);
-        _mm_prefetch::<_MM_HINT_T0>(cr.wrapping_add(64));
-    }
+    prefetch_c_tile(c, ldc, mr);
     let mut acc = [[_mm512_setzero_ps(); 2]; MR_AVX512];
     let (mut a, mut b) = (a, b);
     for _ in 0..kp {
@@ -1965,61 +1990,15 @@ unsafe fn kernel_bf16(
         a = a.add(MR_AVX512);
         b = b.add(NR_AVX512);
     }
-    let lanes = |w: usize| ((1u32 << w.min(16)) - 1) as __mmask16;
-    let (k0, k1) = (lanes(nr), lanes(nr.saturating_sub(16)));
-    for (i, acc_i) in acc.iter().enumerate().take(mr) {
-        let cr = c.add(i * ldc);
-        let (mut v0, mut v1) = (acc_i[0], acc_i[1]);
-        if !overwrite {
-            v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(k0, cr));
-            v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(k1, cr.wrapping_add(16)));
-        }
-        _mm512_mask_storeu_ps(cr, k0, v0);
-        _mm512_mask_storeu_ps(cr.wrapping_add(16), k1, v1);
-    }
+    store_c_tile(&acc, c, ldc, mr, nr, overwrite);
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testutil::{rel_l2, Owned, Rng, FLOAT_DTYPES};
+    use crate::testutil::{rel_l2, Rng, StoredMat, FLOAT_DTYPES};
     use half::bf16;
     use proptest::prelude::*;
-
-    /// Storage of a logical `rows×cols` matrix: owned data plus its view geometry.
-    struct Stored {
-        own: Owned,
-        rows: usize,
-        cols: usize,
-        rs: usize,
-        cs: usize,
-        off: usize,
-    }
-
-    impl Stored {
-        /// `layout`: 0 row-major, 1 column-major (a transposed view), 2 both
-        /// strides > 1. `pad` widens the leading stride; junk fills the gaps.
-        fn new(rng: &mut Rng, rows: usize, cols: usize, layout: u8, pad: usize, off: usize, dtype: DType) -> Stored {
-            let (rs, cs) = match layout {
-                0 => (cols + pad, 1),
-                1 => (1, rows + pad),
-                _ => (2 * cols + pad + 1, 2),
-            };
-            let span = if rows > 0 && cols > 0 { (rows - 1) * rs + (cols - 1) * cs + 1 } else { 0 };
-            let data = rng.vec(off + span + 3, 1.0);
-            Stored { own: Owned::from_f32(&data, dtype), rows, cols, rs, cs, off }
-        }
-        fn view(&self) -> MatRef<'_> {
-            MatRef {
-                data: self.own.elems(),
-                rows: self.rows,
-                cols: self.cols,
-                row_stride: self.rs,
-                col_stride: self.cs,
-                offset: self.off,
-            }
-        }
-    }
 
     const ISAS: [Isa; 3] = Isa::ALL;
 
@@ -2035,8 +2014,8 @@ mod tests {
         seed: u64,
     ) -> Result<(), TestCaseError> {
         let mut rng = Rng::new(seed);
-        let a = Stored::new(&mut rng, m, k, la, pad, off, da);
-        let b = Stored::new(&mut rng, k, n, lb, pad, off + 1, db);
+        let a = StoredMat::new(&mut rng, m, k, la, pad, off, da);
+        let b = StoredMat::new(&mut rng, k, n, lb, pad, off + 1, db);
         let c0 = rng.vec(m * n, 1.0);
         let (mut fast, mut want) = (c0.clone(), c0);
         gemm_with_isa(isa, a.view(), b.view(), &mut fast, accumulate);
@@ -2090,7 +2069,7 @@ mod tests {
         let isa = isa.resolve();
         let mut rng = Rng::new(seed);
         let a = rng.vec(m * k, 1.0);
-        let b = Stored::new(&mut rng, k, n, if lb == 0 { 1 } else { 0 }, pad, 1, db);
+        let b = StoredMat::new(&mut rng, k, n, if lb == 0 { 1 } else { 0 }, pad, 1, db);
         let c0 = rng.vec(m * n, 1.0);
         let mut batch = c0.clone();
         let am = MatRef::row_major(Elems::F32(&a), m, k);

@@ -67,6 +67,46 @@ impl Owned {
     }
 }
 
+/// A logical `rows×cols` matrix stored with some layout, for GEMM tests:
+/// owned data plus the view geometry.
+pub struct StoredMat {
+    own: Owned,
+    rows: usize,
+    cols: usize,
+    rs: usize,
+    cs: usize,
+    off: usize,
+}
+
+impl StoredMat {
+    /// Random data rounded to `dtype`. `layout`: 0 row-major, 1
+    /// column-major (a transposed view, as Linear weights are read), 2 both
+    /// strides > 1. `pad` widens the leading stride and `off` starts the
+    /// view into the buffer; junk fills the gaps.
+    pub fn new(rng: &mut Rng, rows: usize, cols: usize, layout: u8, pad: usize, off: usize, dtype: DType) -> StoredMat {
+        let (rs, cs) = match layout {
+            0 => (cols + pad, 1),
+            1 => (1, rows + pad),
+            _ => (2 * cols + pad + 1, 2),
+        };
+        let span = if rows > 0 && cols > 0 { (rows - 1) * rs + (cols - 1) * cs + 1 } else { 0 };
+        let data = rng.vec(off + span + 3, 1.0);
+        StoredMat { own: Owned::from_f32(&data, dtype), rows, cols, rs, cs, off }
+    }
+
+    /// The matrix as the kernels read it.
+    pub fn view(&self) -> crate::gemm::MatRef<'_> {
+        crate::gemm::MatRef {
+            data: self.own.elems(),
+            rows: self.rows,
+            cols: self.cols,
+            row_stride: self.rs,
+            col_stride: self.cs,
+            offset: self.off,
+        }
+    }
+}
+
 /// The weight dtypes the CPU kernels read.
 pub const FLOAT_DTYPES: [DType; 3] = [DType::F32, DType::BF16, DType::F16];
 

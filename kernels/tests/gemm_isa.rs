@@ -7,7 +7,7 @@
 
 use proptest::prelude::*;
 use qvc_ir::{DType, Elems};
-use qvc_kernels::testutil::{rel_l2, Owned, Rng, FLOAT_DTYPES};
+use qvc_kernels::testutil::{rel_l2, Owned, Rng, StoredMat, FLOAT_DTYPES};
 use qvc_kernels::{gemm_ref, gemm_with_isa, Isa, MatRef, DECODE_BATCH_INVARIANT_MAX};
 
 /// The paths this CPU has, most capable last.
@@ -18,42 +18,6 @@ fn paths() -> Vec<Isa> {
         ONCE.call_once(|| eprintln!("gemm_isa: this CPU lacks {lack:?}; those paths are not tested here"));
     }
     have
-}
-
-/// Storage of a logical `rows×cols` matrix: owned data plus its view geometry.
-struct Stored {
-    own: Owned,
-    rows: usize,
-    cols: usize,
-    rs: usize,
-    cs: usize,
-    off: usize,
-}
-
-impl Stored {
-    /// `layout`: 0 row-major, 1 column-major (a transposed view, as Linear
-    /// weights are read), 2 both strides > 1. `pad` widens the leading
-    /// stride; junk fills the gaps.
-    fn new(rng: &mut Rng, rows: usize, cols: usize, layout: u8, pad: usize, off: usize, dtype: DType) -> Stored {
-        let (rs, cs) = match layout {
-            0 => (cols + pad, 1),
-            1 => (1, rows + pad),
-            _ => (2 * cols + pad + 1, 2),
-        };
-        let span = if rows > 0 && cols > 0 { (rows - 1) * rs + (cols - 1) * cs + 1 } else { 0 };
-        let data = rng.vec(off + span + 3, 1.0);
-        Stored { own: Owned::from_f32(&data, dtype), rows, cols, rs, cs, off }
-    }
-    fn view(&self) -> MatRef<'_> {
-        MatRef {
-            data: self.own.elems(),
-            rows: self.rows,
-            cols: self.cols,
-            row_stride: self.rs,
-            col_stride: self.cs,
-            offset: self.off,
-        }
-    }
 }
 
 /// One case on every path against the reference.
@@ -67,8 +31,8 @@ fn check_all_paths(
     seed: u64,
 ) -> Result<(), TestCaseError> {
     let mut rng = Rng::new(seed);
-    let a = Stored::new(&mut rng, m, k, la, pad, 2, da);
-    let b = Stored::new(&mut rng, k, n, lb, pad, 1, db);
+    let a = StoredMat::new(&mut rng, m, k, la, pad, 2, da);
+    let b = StoredMat::new(&mut rng, k, n, lb, pad, 1, db);
     let c0 = rng.vec(m * n, 1.0);
     let mut want = c0.clone();
     gemm_ref(a.view(), b.view(), &mut want, accumulate);
@@ -95,7 +59,7 @@ fn check_batch_invariant_all_paths(
 ) -> Result<(), TestCaseError> {
     let mut rng = Rng::new(seed);
     let a = rng.vec(m * k, 1.0);
-    let b = Stored::new(&mut rng, k, n, if lb == 0 { 1 } else { 0 }, 1, 1, db);
+    let b = StoredMat::new(&mut rng, k, n, if lb == 0 { 1 } else { 0 }, 1, 1, db);
     let c0 = rng.vec(m * n, 1.0);
     for isa in paths() {
         let mut batch = c0.clone();
@@ -202,7 +166,7 @@ fn avx512_decode_equals_avx2_bit_for_bit() {
         for &(n, k) in &[(300, 1023), (257, 515), (100, 300), (77, 9)] {
             for db in FLOAT_DTYPES {
                 let a = rng.vec(m * k, 1.0);
-                let b = Stored::new(&mut rng, k, n, 1, 0, 0, db);
+                let b = StoredMat::new(&mut rng, k, n, 1, 0, 0, db);
                 let am = MatRef::row_major(Elems::F32(&a), m, k);
                 let (mut c512, mut c2) = (vec![0f32; m * n], vec![0f32; m * n]);
                 gemm_with_isa(Isa::Avx512, am, b.view(), &mut c512, false);
@@ -227,8 +191,8 @@ fn check_bf16_products(
 ) -> Result<(), TestCaseError> {
     use qvc_kernels::gemm::gemm_bf16_products;
     let mut rng = Rng::new(seed);
-    let a = Stored::new(&mut rng, m, k, la, 1, 2, DType::F32);
-    let b = Stored::new(&mut rng, k, n, lb, 1, 1, db);
+    let a = StoredMat::new(&mut rng, m, k, la, 1, 2, DType::F32);
+    let b = StoredMat::new(&mut rng, k, n, lb, 1, 1, db);
     let c0 = rng.vec(m * n, 1.0);
     // The reference multiplies the bf16-rounded A (as exact f32 values).
     let ar: Vec<f32> =
@@ -306,8 +270,8 @@ fn check_fast(
     use qvc_kernels::gemm::{fast_bf16_applies, gemm_with_math};
     use qvc_kernels::CpuMath;
     let mut rng = Rng::new(seed);
-    let a = Stored::new(&mut rng, m, k, la, pad, 2, da);
-    let b = Stored::new(&mut rng, k, n, lb, pad, 1, db);
+    let a = StoredMat::new(&mut rng, m, k, la, pad, 2, da);
+    let b = StoredMat::new(&mut rng, k, n, lb, pad, 1, db);
     let c0 = rng.vec(m * n, 1.0);
     let (av, bv) = (a.view(), b.view());
     for isa in paths() {
