@@ -168,6 +168,51 @@ fn group_strategy() -> impl Strategy<Value = Option<usize>> {
     ]
 }
 
+/// The batch-invariance check both int4 GEMVs share: for every m ≤ `mmax`,
+/// each row of `run` on `x[..m·inp]` is bit for bit that row run alone; and
+/// `run` on the row-range view `rows_range(cut % out, out)` (3 rows) gives
+/// the full matrix's columns bit for bit (the column chunking does not
+/// matter).
+#[allow(clippy::too_many_arguments)]
+fn rows_match_rows_alone(
+    what: &str,
+    x: &[f32],
+    inp: usize,
+    out: usize,
+    mmax: usize,
+    w: &Q4Ref,
+    cut: usize,
+    run: impl Fn(&[f32], usize, &Q4Ref, &mut [f32]),
+) -> Result<(), TestCaseError> {
+    let alone: Vec<Vec<f32>> = (0..mmax)
+        .map(|i| {
+            let mut y = vec![0f32; out];
+            run(&x[i * inp..(i + 1) * inp], 1, w, &mut y);
+            y
+        })
+        .collect();
+    for m in 1..=mmax {
+        let mut y = vec![0f32; m * out];
+        run(&x[..m * inp], m, w, &mut y);
+        for i in 0..m {
+            prop_assert!(
+                bits_eq(&y[i * out..(i + 1) * out], &alone[i]),
+                "{what}: row {i} of m={m} differs from the row alone"
+            );
+        }
+    }
+    let a = cut % out;
+    let mut y = vec![0f32; 3 * (out - a)];
+    run(&x[..3 * inp], 3, &w.rows_range(a, out), &mut y);
+    for i in 0..3 {
+        prop_assert!(
+            bits_eq(&y[i * (out - a)..(i + 1) * (out - a)], &alone[i][a..]),
+            "{what}: rows_range({a}, {out}) differs from the full matrix's columns"
+        );
+    }
+    Ok(())
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(96))]
 
@@ -250,32 +295,9 @@ proptest! {
         assert!(mmax >= DECODE_BATCH_INVARIANT_MAX);
         let x = rng.vec(mmax * inp, 1.0);
         for path in paths() {
-            let alone: Vec<Vec<f32>> = (0..mmax)
-                .map(|i| {
-                    let mut y = vec![0f32; out];
-                    q4_linear(path, &x[i * inp..(i + 1) * inp], 1, &w, &mut y, false);
-                    y
-                })
-                .collect();
-            for m in 1..=mmax {
-                let mut y = vec![0f32; m * out];
-                q4_linear(path, &x[..m * inp], m, &w, &mut y, false);
-                for i in 0..m {
-                    prop_assert!(
-                        y[i * out..(i + 1) * out].iter().zip(&alone[i]).all(|(a, b)| a.to_bits() == b.to_bits()),
-                        "{path:?}: row {i} of m={m} differs from the row alone"
-                    );
-                }
-            }
-            let a = cut % out;
-            let mut y = vec![0f32; 3 * (out - a)];
-            q4_linear(path, &x[..3 * inp], 3, &w.rows_range(a, out), &mut y, false);
-            for i in 0..3 {
-                prop_assert!(
-                    y[i * (out - a)..(i + 1) * (out - a)].iter().zip(&alone[i][a..]).all(|(p, q)| p.to_bits() == q.to_bits()),
-                    "{path:?}: rows_range({a}, {out}) differs from the full matrix's columns"
-                );
-            }
+            rows_match_rows_alone(&format!("{path:?}"), &x, inp, out, mmax, &w, cut, |x, m, w, y| {
+                q4_linear(path, x, m, w, y, false)
+            })?;
         }
         for isa in isas() {
             let b = MatRef::row_major(Elems::Q4(w), out, inp).transposed();
@@ -564,26 +586,9 @@ proptest! {
         let w = wq.view();
         let x = rng.vec(GEMV_MAX_M * inp, 1.0);
         for path in i8_paths() {
-            let alone: Vec<Vec<f32>> = (0..GEMV_MAX_M)
-                .map(|i| {
-                    let mut y = vec![0f32; out];
-                    q4_gemv_i8(path, &x[i * inp..(i + 1) * inp], 1, &w, &mut y, false);
-                    y
-                })
-                .collect();
-            for m in 1..=GEMV_MAX_M {
-                let mut y = vec![0f32; m * out];
-                q4_gemv_i8(path, &x[..m * inp], m, &w, &mut y, false);
-                for i in 0..m {
-                    prop_assert!(bits_eq(&y[i * out..(i + 1) * out], &alone[i]), "{path:?}: row {i} of m={m} differs from the row alone");
-                }
-            }
-            let a = cut % out;
-            let mut y = vec![0f32; 3 * (out - a)];
-            q4_gemv_i8(path, &x[..3 * inp], 3, &w.rows_range(a, out), &mut y, false);
-            for i in 0..3 {
-                prop_assert!(bits_eq(&y[i * (out - a)..(i + 1) * (out - a)], &alone[i][a..]), "{path:?}: rows_range({a}, {out}) differs");
-            }
+            rows_match_rows_alone(&format!("{path:?}"), &x, inp, out, GEMV_MAX_M, &w, cut, |x, m, w, y| {
+                q4_gemv_i8(path, x, m, w, y, false)
+            })?;
         }
     }
 }
