@@ -295,18 +295,8 @@ impl SyntheticWeights {
 impl WeightSource for SyntheticWeights {
     fn weight(&self, name: &str) -> Option<Elems<'_>> {
         if let Some(q) = self.q4.get(name) {
-            return Some(Elems::Q4(qvc_ir::Q4Ref {
-                rows: q.out,
-                cols: q.inp,
-                row0: 0,
-                ld: q.out,
-                group: SYNTH_GROUP.min(q.inp),
-                qweight: &q.qweight,
-                qzeros: &q.qzeros,
-                scales: &q.scales,
-                perm: None,
-                inv: None,
-            }));
+            let group = SYNTH_GROUP.min(q.inp);
+            return Some(Elems::Q4(qvc_ir::Q4Ref::whole(q.out, q.inp, group, &q.qweight, &q.qzeros, &q.scales, None)));
         }
         self.tensors.get(name).map(|v| Elems::BF16(v))
     }

@@ -212,18 +212,9 @@ impl ActOrder {
 
 impl qvc_ir::WeightSource for ActOrder {
     fn weight(&self, name: &str) -> Option<qvc_ir::Elems<'_>> {
-        (name == "w").then_some(qvc_ir::Elems::Q4(qvc_ir::Q4Ref {
-            rows: self.n,
-            cols: self.k,
-            row0: 0,
-            ld: self.n,
-            group: self.group,
-            qweight: &self.qweight,
-            qzeros: &self.qzeros,
-            scales: &self.scales,
-            perm: Some(&self.perm),
-            inv: Some(&self.inv),
-        }))
+        let act_order = Some((self.perm.as_slice(), self.inv.as_slice()));
+        let w = qvc_ir::Q4Ref::whole(self.n, self.k, self.group, &self.qweight, &self.qzeros, &self.scales, act_order);
+        (name == "w").then_some(qvc_ir::Elems::Q4(w))
     }
 }
 

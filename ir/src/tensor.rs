@@ -129,6 +129,22 @@ pub struct Q4Ref<'a> {
 }
 
 impl<'a> Q4Ref<'a> {
+    /// A whole stored matrix (`rows` outputs × `cols` inputs, no row-range
+    /// offset: `row0` 0, `ld` = `rows`), with its act-order permutation and
+    /// its inverse when it has one.
+    pub fn whole(
+        rows: usize,
+        cols: usize,
+        group: usize,
+        qweight: &'a [u32],
+        qzeros: &'a [u32],
+        scales: &'a [half::f16],
+        act_order: Option<(&'a [u32], &'a [u32])>,
+    ) -> Self {
+        let (perm, inv) = act_order.map_or((None, None), |(p, i)| (Some(p), Some(i)));
+        Q4Ref { rows, cols, row0: 0, ld: rows, group, qweight, qzeros, scales, perm, inv }
+    }
+
     /// Number of groups over the input rows (the last may be ragged).
     pub fn groups(&self) -> usize {
         self.cols.div_ceil(self.group)

@@ -68,18 +68,7 @@ impl Weight {
     }
 
     fn view(&self) -> Q4Ref<'_> {
-        Q4Ref {
-            rows: self.out,
-            cols: self.inp,
-            row0: 0,
-            ld: self.out,
-            group: GROUP,
-            qweight: &self.qweight,
-            qzeros: &self.qzeros,
-            scales: &self.scales,
-            perm: None,
-            inv: None,
-        }
+        Q4Ref::whole(self.out, self.inp, GROUP, &self.qweight, &self.qzeros, &self.scales, None)
     }
 }
 

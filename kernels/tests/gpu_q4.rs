@@ -109,18 +109,8 @@ impl QWeight {
     }
 
     fn q4ref(&self) -> Q4Ref<'_> {
-        Q4Ref {
-            rows: self.n,
-            cols: self.k,
-            row0: 0,
-            ld: self.n,
-            group: self.group,
-            qweight: &self.qweight,
-            qzeros: &self.qzeros,
-            scales: &self.scales,
-            perm: self.perm.as_deref(),
-            inv: self.inv.as_deref(),
-        }
+        let act_order = self.perm.as_deref().zip(self.inv.as_deref());
+        Q4Ref::whole(self.n, self.k, self.group, &self.qweight, &self.qzeros, &self.scales, act_order)
     }
 
     /// The kernel's params: qweight, qzeros, scales, perm (identity without act-order).

@@ -80,18 +80,8 @@ impl Q4Owned {
     }
 
     fn view(&self) -> Q4Ref<'_> {
-        Q4Ref {
-            rows: self.out,
-            cols: self.inp,
-            row0: 0,
-            ld: self.out,
-            group: self.group,
-            qweight: &self.qweight,
-            qzeros: &self.qzeros,
-            scales: &self.scales,
-            perm: self.perm.as_deref(),
-            inv: self.inv.as_deref(),
-        }
+        let act_order = self.perm.as_deref().zip(self.inv.as_deref());
+        Q4Ref::whole(self.out, self.inp, self.group, &self.qweight, &self.qzeros, &self.scales, act_order)
     }
 
     /// `W[o, c]` straight from the integers (independent of `Q4Ref`'s accessors).

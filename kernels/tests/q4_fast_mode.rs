@@ -19,18 +19,7 @@ fn global_mode_routes_int4_gemm() {
     let qweight: Vec<u32> = (0..inp / 8 * out).map(|_| rng.next_u64() as u32).collect();
     let qzeros: Vec<u32> = (0..groups * out / 8).map(|_| rng.next_u64() as u32).collect();
     let scales: Vec<f16> = (0..groups * out).map(|_| f16::from_f32(0.002 + 0.01 * rng.uniform().abs())).collect();
-    let w = Q4Ref {
-        rows: out,
-        cols: inp,
-        row0: 0,
-        ld: out,
-        group,
-        qweight: &qweight,
-        qzeros: &qzeros,
-        scales: &scales,
-        perm: None,
-        inv: None,
-    };
+    let w = Q4Ref::whole(out, inp, group, &qweight, &qzeros, &scales, None);
     let path = Q4Path::for_isa(Isa::detect());
     let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
     for m in [1, 5, GEMV_MAX_M, GEMV_MAX_M + 1, 33] {

@@ -697,18 +697,7 @@ mod tests {
         for (r, &i) in perm.iter().enumerate() {
             inv[i as usize] = r as u32;
         }
-        let q = Q4Ref {
-            rows: out,
-            cols: inp,
-            row0: 0,
-            ld: out,
-            group,
-            qweight: &qweight,
-            qzeros: &qzeros,
-            scales: &scales,
-            perm: Some(&perm),
-            inv: Some(&inv),
-        };
+        let q = Q4Ref::whole(out, inp, group, &qweight, &qzeros, &scales, Some((&perm, &inv)));
         let d = tmp("q4");
         let p = d.join(WEIGHTS);
         let views = [("full", q), ("rows", q.rows_range(4, 12))];

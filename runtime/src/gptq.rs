@@ -163,17 +163,14 @@ impl Q4Layout {
 
     /// The weight as kernels read it.
     pub fn view<'a>(&'a self, qweight: &'a [u32], qzeros: &'a [u32], scales: &'a [half::f16]) -> Q4Ref<'a> {
-        Q4Ref {
-            rows: self.out,
-            cols: self.inp,
-            row0: 0,
-            ld: self.out,
-            group: self.group,
-            qweight: self.resorted.as_deref().unwrap_or(qweight),
+        Q4Ref::whole(
+            self.out,
+            self.inp,
+            self.group,
+            self.resorted.as_deref().unwrap_or(qweight),
             qzeros,
             scales,
-            perm: self.perm.as_ref().map(|(p, _)| p.as_slice()),
-            inv: self.perm.as_ref().map(|(_, i)| i.as_slice()),
-        }
+            self.perm.as_ref().map(|(p, i)| (p.as_slice(), i.as_slice())),
+        )
     }
 }
