@@ -343,6 +343,18 @@ fn clip_segment(a: Pt, b: Pt, (xmin, ymin, xmax, ymax): (f64, f64, f64, f64)) ->
     Some(((a.0 + t0 * dx, a.1 + t0 * dy), (a.0 + t1 * dx, a.1 + t1 * dy)))
 }
 
+/// Checks that `path` is a font the labels can be drawn with (`--font FILE`), as
+/// [`draw_groundings`] would load it: so that a command can refuse a bad file before it loads a
+/// model or generates anything.
+pub fn check_font(path: &std::path::Path) -> Result<(), DrawError> {
+    load_user_font(path).map(drop)
+}
+
+/// The `--font` file, parsed; a [`DrawError::Font`] naming it when it cannot be used.
+fn load_user_font(path: &std::path::Path) -> Result<std::sync::Arc<ab_glyph::FontVec>, DrawError> {
+    label_font::load_font_file(path).map_err(|reason| DrawError::Font { path: path.to_path_buf(), reason })
+}
+
 /// Draws `items` on a copy of `img`: box outlines and quad outlines [`line_width`] thick, then
 /// each label on a filled tag of its region's colour, in a real font ([`DrawOptions`]) at
 /// [`label_text_px`], anti-aliased. Each distinct label gets its own colour; unlabelled regions
@@ -355,12 +367,7 @@ fn clip_segment(a: Pt, b: Pt, (xmin, ymin, xmax, ymax): (f64, f64, f64, f64)) ->
 /// when there is no font at all), and [`Drawing::notes`] then says, once, which package to
 /// install. Fails only when the `--font` file cannot be used.
 pub fn draw_groundings(img: &RgbImage, items: &[Grounding], opts: &DrawOptions) -> Result<Drawing, DrawError> {
-    let user_font = match &opts.font {
-        Some(path) => {
-            Some(label_font::load_font_file(path).map_err(|reason| DrawError::Font { path: path.clone(), reason })?)
-        }
-        None => None,
-    };
+    let user_font = opts.font.as_deref().map(load_user_font).transpose()?;
     let (w, h) = (img.width, img.height);
     if w == 0 || h == 0 || img.data.len() != w as usize * h as usize * 3 {
         return Ok(Drawing { image: img.clone(), notes: Vec::new(), labels: Vec::new() });

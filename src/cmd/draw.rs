@@ -164,11 +164,7 @@ pub(crate) fn check_font(font: Option<&Path>) -> Result<()> {
     let Some(f) = font else { return Ok(()) };
     match std::fs::metadata(f) {
         Ok(m) if m.is_file() => {
-            // Drawing nothing on an empty picture only loads the font, and fails exactly when
-            // the font cannot be used.
-            let empty = RgbImage { width: 0, height: 0, data: Vec::new() };
-            let opts = DrawOptions { font: Some(f.to_path_buf()), ..Default::default() };
-            draw_groundings(&empty, &[], &opts)?;
+            qvc_model::grounding::check_font(f)?;
             Ok(())
         }
         Ok(_) => bail!("--font {} is not a file; give a TrueType/OpenType font file (.ttf, .otf, .ttc)", f.display()),
