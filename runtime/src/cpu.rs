@@ -6,7 +6,17 @@
 //! and elementwise ops reuse their input's buffer when they are its last
 //! reader; `Reshape` is free. The result must agree with
 //! [`qvc_ir::run_reference`] on every graph.
+//!
+//! Buffers: a freed value's buffer goes back to a process-wide pool
+//! ([`crate::pool`]) instead of the allocator, and new outputs come from it,
+//! because a large buffer fresh from `mmap` costs a page fault and a kernel
+//! zeroing per page on every op (~10% of a prefill before the pool). Pooled
+//! buffers hold stale data and are not zeroed: every op here writes each
+//! element of the buffer it takes (a GEMM without accumulate, a norm, an
+//! attention, a copy), and none relies on zeros. Values handed to the caller
+//! leave the pool.
 
+use crate::pool::{self, Pooled};
 use qvc_ir::interp::{bind_input, broadcast_offsets, strided_offsets};
 use qvc_ir::{
     Act, BinaryOp, Elems, ExecError, Graph, InputRef, Mask, Node, Op, ReduceOp, Shape, UnaryOp, WeightSource,
@@ -19,7 +29,8 @@ use std::sync::Arc;
 /// A value during execution.
 #[derive(Clone)]
 enum Buf<'a> {
-    Owned(Arc<Vec<f32>>),
+    /// Returns its buffer to the pool when the last holder drops it.
+    Owned(Arc<Pooled>),
     View(Elems<'a>),
     Ids(Arc<Vec<i32>>),
 }
@@ -27,7 +38,7 @@ enum Buf<'a> {
 impl<'a> Buf<'a> {
     fn elems(&self) -> Elems<'_> {
         match self {
-            Buf::Owned(v) => Elems::F32(v),
+            Buf::Owned(v) => Elems::F32(&v[..]),
             Buf::View(e) => *e,
             Buf::Ids(_) => panic!("i32 value used as floats (graph types were checked at build time)"),
         }
@@ -41,14 +52,32 @@ impl<'a> Buf<'a> {
     /// An owned f32 copy, or the buffer itself when nobody else holds it.
     fn into_vec(self) -> Vec<f32> {
         match self {
-            Buf::Owned(a) => Arc::try_unwrap(a).unwrap_or_else(|a| (*a).clone()),
-            Buf::View(e) => e.to_f32_vec(),
+            Buf::Owned(a) => Pooled::into_vec(a),
+            Buf::View(e) => widened(e),
             Buf::Ids(v) => v.iter().map(|&x| x as f32).collect(),
         }
     }
 }
 
 const PAR_CHUNK: usize = 1 << 14;
+
+/// `e` widened to f32 in a pooled buffer.
+fn widened(e: Elems<'_>) -> Vec<f32> {
+    let mut v = pool::take(e.len());
+    e.read_into(0, &mut v);
+    v
+}
+
+/// A pooled buffer with element `i` set to `f(i)`, in parallel.
+fn filled(n: usize, f: impl Fn(usize) -> f32 + Sync) -> Vec<f32> {
+    let mut v = pool::take(n);
+    v.par_chunks_mut(PAR_CHUNK).enumerate().for_each(|(ci, c)| {
+        for (e, x) in c.iter_mut().enumerate() {
+            *x = f(ci * PAR_CHUNK + e);
+        }
+    });
+    v
+}
 
 /// The f32 elements of a value, borrowed when it already is f32.
 fn f32s<'b>(b: &'b Buf<'_>) -> std::borrow::Cow<'b, [f32]> {
@@ -96,13 +125,15 @@ fn strided_copy(src: Elems<'_>, out_shape: &Shape, strides: &[usize], base: usiz
         let inner = out_shape.last();
         let outer = Shape::new(out_shape.0[..r - 1].to_vec());
         let offs = strided_offsets(&outer, &strides[..r - 1]);
-        let mut out = vec![0f32; out_shape.numel()];
+        // Every row of `inner` is copied over.
+        let mut out = pool::take(out_shape.numel());
         if inner > 0 {
             out.par_chunks_mut(inner).zip(offs.par_iter()).for_each(|(dst, &o)| src.read_into(base + o, dst));
         }
         return out;
     }
-    strided_offsets(out_shape, strides).iter().map(|&o| src.get(base + o)).collect()
+    let offs = strided_offsets(out_shape, strides);
+    filled(offs.len(), |e| src.get(base + offs[e]))
 }
 
 /// Run `graph` and return every named output as f32.
@@ -126,11 +157,15 @@ pub fn run(
         }
         vals[i] = Some(eval(graph, n, args, weights, inputs)?);
     }
-    Ok(graph
-        .outputs
-        .iter()
-        .map(|(name, id)| (name.clone(), vals[id.index()].clone().expect("outputs are kept").into_vec()))
-        .collect())
+    // An output's last mention takes the value, so that its buffer is handed
+    // over rather than copied (when no other output shares it).
+    let mut outs = HashMap::with_capacity(graph.outputs.len());
+    for (j, (name, id)) in graph.outputs.iter().enumerate() {
+        let slot = &mut vals[id.index()];
+        let v = if graph.outputs[j + 1..].iter().any(|(_, o)| o == id) { slot.clone() } else { slot.take() };
+        outs.insert(name.clone(), v.expect("outputs are kept").into_vec());
+    }
+    Ok(outs)
 }
 
 fn eval<'a>(
@@ -142,7 +177,7 @@ fn eval<'a>(
 ) -> Result<Buf<'a>, ExecError> {
     let out = &n.ty.shape;
     let shp = |i: usize| g.shape(n.inputs[i]);
-    let owned = |v: Vec<f32>| Buf::Owned(Arc::new(v));
+    let owned = |v: Vec<f32>| Buf::Owned(Pooled::new(v));
     Ok(match &n.op {
         Op::Input(name) => match bind_input(name, &n.ty, inputs)? {
             InputRef::F32(v) => Buf::View(Elems::F32(v)),
@@ -158,7 +193,7 @@ fn eval<'a>(
                 })
             }
         },
-        Op::Const(d) => owned(d.to_vec()),
+        Op::Const(d) => owned(pool::copy_of(d)),
         Op::Unary(u) => {
             let mut x = a.remove(0).into_vec();
             map_inplace(&mut x, unary_fn(*u));
@@ -192,26 +227,22 @@ fn eval<'a>(
             } else {
                 let x = a[0].elems();
                 let (oa, ob) = (broadcast_offsets(out, sa), broadcast_offsets(out, sb));
-                owned(oa.par_iter().zip(ob.par_iter()).map(|(&i, &j)| f(x.get(i), y.get(j))).collect())
+                owned(filled(out.numel(), |e| f(x.get(oa[e]), y.get(ob[e]))))
             }
         }
         Op::Where => {
             let (c, x, y) = (a[0].elems(), a[1].elems(), a[2].elems());
             let (oc, ox, oy) =
                 (broadcast_offsets(out, shp(0)), broadcast_offsets(out, shp(1)), broadcast_offsets(out, shp(2)));
-            owned(
-                (0..out.numel())
-                    .into_par_iter()
-                    .map(|e| if c.get(oc[e]) != 0.0 { x.get(ox[e]) } else { y.get(oy[e]) })
-                    .collect(),
-            )
+            owned(filled(out.numel(), |e| if c.get(oc[e]) != 0.0 { x.get(ox[e]) } else { y.get(oy[e]) }))
         }
         Op::Reduce { op, axis } => {
             let x = a[0].elems();
             let s = shp(0);
             let (outer, len, inner) =
                 (s.0[..*axis].iter().product::<usize>(), s.dim(*axis), s.0[axis + 1..].iter().product::<usize>());
-            let mut r = vec![0f32; outer * inner];
+            // Each element is one reduction, written below.
+            let mut r = pool::take(outer * inner);
             r.par_iter_mut().enumerate().for_each(|(oi, d)| {
                 let (o, i) = (oi / inner, oi % inner);
                 let it = (0..len).map(|kk| x.get((o * len + kk) * inner + i));
@@ -227,14 +258,15 @@ fn eval<'a>(
             let (sa, sb) = (shp(0), shp(1));
             let (m, kd) = (sa.dim(sa.rank() - 2), sa.last());
             let nn = out.last();
-            let batches = sa.numel() / (m * kd).max(1);
+            // Counted on the output: with kd = 0 every batch must still be
+            // written (the GEMM writes zeros, an empty sum), and the buffer is
+            // not zeroed beforehand.
+            let batches = out.numel() / (m * nn).max(1);
             let b_batched = sb.rank() > 2;
             let (x, w) = (a[0].elems(), a[1].elems());
-            let mut c = vec![0f32; out.numel()];
-            for bt in 0..batches.max(1) {
-                if m == 0 || nn == 0 {
-                    break;
-                }
+            // Every batch's m×nn block is written by a non-accumulating GEMM.
+            let mut c = pool::take(out.numel());
+            for bt in 0..batches {
                 let am = k::MatRef { offset: bt * m * kd, ..k::MatRef::row_major(x, m, kd) };
                 let boff = if b_batched { bt * kd * nn } else { 0 };
                 let bm = if *transpose_b {
@@ -266,7 +298,8 @@ fn eval<'a>(
         }
         Op::Concat { axis } => {
             let outer: usize = out.0[..*axis].iter().product();
-            let mut r = vec![0f32; out.numel()];
+            // The inputs' column blocks tile each row.
+            let mut r = pool::take(out.numel());
             let mut col = 0;
             let row: usize = out.0[*axis..].iter().product();
             for (i, b) in a.iter().enumerate() {
@@ -285,7 +318,8 @@ fn eval<'a>(
             if let Some(&bad) = ids.iter().find(|&&id| id < 0 || id as usize >= v) {
                 return Err(ExecError::IndexOutOfRange { op: "gather".into(), index: bad as i64, len: v });
             }
-            let mut r = vec![0f32; out.numel()];
+            // One row per id.
+            let mut r = pool::take(out.numel());
             if h > 0 {
                 r.par_chunks_mut(h).zip(ids.par_iter()).for_each(|(dst, &id)| t.read_into(id as usize * h, dst));
             }
@@ -307,16 +341,17 @@ fn eval<'a>(
         }
         Op::Iota { shape, axis } => {
             let st = shape.strides();
-            owned((0..shape.numel()).map(|e| ((e / st[*axis]) % shape.dim(*axis)) as f32).collect())
+            owned(filled(shape.numel(), |e| ((e / st[*axis]) % shape.dim(*axis)) as f32))
         }
         Op::LayerNorm { eps } => {
-            // Norms write a new buffer, so the input is only borrowed.
-            let mut y = vec![0f32; out.numel()];
+            // Norms write every element of a new buffer, so the input is
+            // only borrowed.
+            let mut y = pool::take(out.numel());
             k::norm::layer_norm(&f32s(&a[0]), a[1].elems(), a[2].elems(), *eps, out.last(), &mut y);
             owned(y)
         }
         Op::RmsNorm { eps } => {
-            let mut y = vec![0f32; out.numel()];
+            let mut y = pool::take(out.numel());
             k::norm::rms_norm(&f32s(&a[0]), a[1].elems(), *eps, out.last(), &mut y);
             owned(y)
         }
@@ -343,7 +378,9 @@ fn eval<'a>(
         Op::Attention { mask, scale } => {
             let (tq, heads, d) = (out.dim(0), out.dim(1), out.dim(2));
             let (q, kk, v) = (f32s(&a[0]), f32s(&a[1]), f32s(&a[2]));
-            let mut o = vec![0f32; out.numel()];
+            // Every (query, head) row is written, also one that sees no key
+            // (zeros); the windows tile the grid.
+            let mut o = pool::take(out.numel());
             let args = k::attention::AttnArgs {
                 q: &q,
                 q_stride: heads * d,
@@ -395,7 +432,8 @@ fn eval<'a>(
             let m = out.numel() / nn.max(1);
             let x = a[0].elems();
             let gemm = |w: Elems<'_>| {
-                let mut c = vec![0f32; out.numel()];
+                // Written whole by the non-accumulating GEMM.
+                let mut c = pool::take(out.numel());
                 if m > 0 && nn > 0 {
                     k::gemm(
                         k::MatRef::row_major(x, m, kd),
@@ -410,9 +448,10 @@ fn eval<'a>(
             let mut i = 2;
             if *act == Act::SiluMul {
                 let gate = gemm(a[2].elems());
-                let mut prod = vec![0f32; y.len()];
+                let mut prod = pool::take(y.len());
                 k::act::swiglu(&y, &gate, &mut prod);
-                y = prod;
+                pool::recycle(std::mem::replace(&mut y, prod));
+                pool::recycle(gate);
                 i += 1;
             }
             // The epilogue in the expansion's order: bias, activation, residual.
@@ -456,12 +495,13 @@ fn eval<'a>(
                     }
                 });
             }
-            let mut o = vec![0f32; out.numel()];
+            let mut o = pool::take(out.numel());
             if *rms {
                 k::norm::rms_norm(&s, a[0].elems(), *eps, out.last(), &mut o);
             } else {
                 k::norm::layer_norm(&s, a[0].elems(), a[1].elems(), *eps, out.last(), &mut o);
             }
+            pool::recycle(s);
             owned(o)
         }
         Op::QkvRotary { offset, heads, logn } => {
@@ -469,7 +509,8 @@ fn eval<'a>(
             let (c, d) = (shp(0).dim(1), out.dim(2));
             let hd = heads * d;
             let x = a[0].elems();
-            let mut y = vec![0f32; out.numel()];
+            // Each token's row of heads·d is copied out of qkv.
+            let mut y = pool::take(out.numel());
             if hd > 0 {
                 y.par_chunks_mut(hd).enumerate().for_each(|(ti, row)| x.read_into(ti * c + offset, row));
             }
@@ -492,7 +533,8 @@ fn eval<'a>(
             let (gh, gw) = (h / p, w / p);
             let x = a[0].elems();
             let cols_per = c * p * p;
-            let mut cols = vec![0f32; gh * gw * cols_per];
+            // Each patch row is filled (c·p rows of p pixels).
+            let mut cols = pool::take(gh * gw * cols_per);
             cols.par_chunks_mut(cols_per).enumerate().for_each(|(t, dst)| {
                 let (gy, gx) = (t / gw, t % gw);
                 for ci in 0..c {
@@ -503,13 +545,14 @@ fn eval<'a>(
                 }
             });
             let o = out.dim(1);
-            let mut y = vec![0f32; out.numel()];
+            let mut y = pool::take(out.numel());
             k::gemm(
                 k::MatRef::row_major(Elems::F32(&cols), gh * gw, cols_per),
                 k::MatRef::row_major(a[1].elems(), o, cols_per).transposed(),
                 &mut y,
                 false,
             );
+            pool::recycle(cols);
             owned(y)
         }
     })
@@ -560,6 +603,195 @@ fn window_attention(
     for (toks, o) in windows.iter().zip(&results) {
         for (r, &t) in toks.iter().enumerate() {
             out[t * hd..(t + 1) * hd].copy_from_slice(&o[r * hd..(r + 1) * hd]);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pool::POOL_HITS;
+    use qvc_ir::passes::{Fuse, Pass};
+    use qvc_ir::DType;
+    use std::cell::Cell;
+
+    /// f32 weights by name.
+    struct Ws(HashMap<String, Vec<f32>>);
+    impl WeightSource for Ws {
+        fn weight(&self, name: &str) -> Option<Elems<'_>> {
+            self.0.get(name).map(|v| Elems::F32(v))
+        }
+    }
+
+    /// Values in [-1, 1) from an LCG (never all zero).
+    fn vals(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (0..n)
+            .map(|_| {
+                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    const T: usize = 12;
+    const H: usize = 32;
+    const HEADS: usize = 4;
+    const D: usize = 8;
+
+    /// A decoder-like block and a vision-like tail with an output for every
+    /// kind of op whose buffer comes from the pool; most values are at
+    /// least `pool::MIN_LEN` long so that they are recycled. Fused (Linear
+    /// with every epilogue, AddNorm, QkvRotary) like the models run.
+    fn graph() -> Graph {
+        let mut g = Graph::new();
+        let x = g.input("x", DType::F32, vec![T, H]);
+        let ids = g.input("ids", DType::I32, vec![T]);
+        let table = g.param("table", DType::F32, vec![20, H]);
+        let emb = g.gather(table, ids).unwrap();
+        let h = g.add(x, emb).unwrap();
+        let n1w = g.param("n1.w", DType::F32, vec![H]);
+        let n1 = g.rms_norm(h, n1w, 1e-6).unwrap();
+        let wqkv = g.param("qkv.w", DType::F32, vec![3 * H, H]);
+        let bqkv = g.param("qkv.b", DType::F32, vec![3 * H]);
+        let qkv = g.linear(n1, wqkv, Some(bqkv)).unwrap();
+        let (cos, sin) = (g.input("cos", DType::F32, vec![T, D]), g.input("sin", DType::F32, vec![T, D]));
+        let logn = g.input("logn", DType::F32, vec![T, 1, 1]);
+        let part = |g: &mut Graph, i: usize, rotate: bool| {
+            let s = g.slice(qkv, 1, i * H, (i + 1) * H).unwrap();
+            let r = g.reshape(s, vec![T, HEADS, D]).unwrap();
+            if !rotate {
+                return r;
+            }
+            let y = g.rotary(r, cos, sin).unwrap();
+            g.mul(y, logn).unwrap()
+        };
+        let (q, k, v) = (part(&mut g, 0, true), part(&mut g, 1, true), part(&mut g, 2, false));
+        let scale = 1.0 / (D as f32).sqrt();
+        let att = g.attention(q, k, v, Mask::Causal, scale).unwrap();
+        let (pk, pv) = (g.input("pk", DType::F32, vec![16, HEADS, D]), g.input("pv", DType::F32, vec![16, HEADS, D]));
+        let plen = g.input("plen", DType::F32, vec![1, 1]);
+        let cached = g.attention_padded(q, k, v, pk, pv, plen, scale).unwrap();
+        let att2 = g.reshape(att, vec![T, H]).unwrap();
+        let wo = g.param("o.w", DType::F32, vec![H, H]);
+        let o = g.matmul_t(att2, wo).unwrap();
+        let o = g.add(h, o).unwrap();
+        let (lw, lb) = (g.param("ln.w", DType::F32, vec![H]), g.param("ln.b", DType::F32, vec![H]));
+        let n2 = g.layer_norm(o, lw, lb, 1e-5).unwrap();
+        let (wu, wg) = (g.param("up.w", DType::F32, vec![2 * H, H]), g.param("gate.w", DType::F32, vec![2 * H, H]));
+        let up = g.matmul_t(n2, wu).unwrap();
+        let gate = g.matmul_t(n2, wg).unwrap();
+        let gate = g.silu(gate).unwrap();
+        let mlp = g.mul(up, gate).unwrap();
+        let wd = g.param("down.w", DType::F32, vec![H, 2 * H]);
+        let bd = g.param("down.b", DType::F32, vec![H]);
+        let down = g.linear(mlp, wd, Some(bd)).unwrap();
+        let down = g.gelu(down).unwrap();
+        let y = g.add(o, down).unwrap();
+        let n3w = g.param("n3.w", DType::F32, vec![H]);
+        let n3 = g.rms_norm(y, n3w, 1e-6).unwrap();
+        // Layout, broadcasting and reductions.
+        let sm = g.softmax(n3).unwrap();
+        let ex = g.unary(qvc_ir::UnaryOp::Exp, sm).unwrap();
+        let red = g.reduce(ReduceOp::Sum, ex, 0).unwrap();
+        let col = g.reduce(ReduceOp::Max, n3, 1).unwrap();
+        let bc = g.reshape(col, vec![T, 1]).unwrap();
+        let row = g.reshape(red, vec![1, H]).unwrap();
+        let outer = g.add(bc, row).unwrap();
+        let perm = g.permute(outer, vec![1, 0]).unwrap();
+        let iota = g.iota(vec![H, T], 1).unwrap();
+        let half = g.scalar(5.5);
+        let cond = g.binary(BinaryOp::Ge, iota, half).unwrap();
+        let wh = g.where_(cond, perm, iota).unwrap();
+        let cat = g.concat(&[n3, y], 1).unwrap();
+        let c = g.constant(vals(T * H, 9), vec![T, H]).unwrap();
+        let rows = g.input("rows", DType::I32, vec![4]);
+        let src = g.slice(n1, 0, 0, 4).unwrap();
+        let sc = g.scatter_rows(c, src, rows).unwrap();
+        // Batched matmuls, one with an empty inner dimension: every batch
+        // must still come out zero.
+        let b3 = g.reshape(cat, vec![3, 4, 2 * H]).unwrap();
+        let bw = g.input("bw", DType::F32, vec![3, 2 * H, 24]);
+        let bmm = g.matmul(b3, bw).unwrap();
+        let e0 = g.input("e0", DType::F32, vec![3, 8, 0]);
+        let e1 = g.input("e1", DType::F32, vec![0, 40]);
+        let empty = g.matmul(e0, e1).unwrap();
+        // Vision: patches, window attention.
+        let img = g.input("img", DType::F32, vec![3, 16, 16]);
+        let pw = g.param("patch.w", DType::F32, vec![H, 3, 4, 4]);
+        let patches = g.conv2d_patch(img, pw, 4).unwrap();
+        let pos = g.param("pos", DType::F32, vec![16, H]);
+        let pp = g.add(patches, pos).unwrap();
+        let pre = g.layer_norm(pp, lw, lb, 1e-6).unwrap();
+        let pr = g.reshape(pre, vec![16, HEADS, D]).unwrap();
+        let win = g.attention(pr, pr, pr, Mask::Window { grid_h: 4, grid_w: 4, window: 3 }, scale).unwrap();
+        for (name, id) in [
+            ("cached", cached),
+            ("y", y),
+            ("wh", wh),
+            ("sc", sc),
+            ("bmm", bmm),
+            ("empty", empty),
+            ("win", win),
+            // The same value twice: one copy, one hand-over.
+            ("y_again", y),
+        ] {
+            g.set_output(name, id);
+        }
+        Fuse.run(&mut g).unwrap();
+        g
+    }
+
+    fn data(g: &Graph, seed: u64) -> (Ws, HashMap<String, Vec<f32>>) {
+        let fill = |named: Vec<(&str, &qvc_ir::TensorType)>, seed: u64| -> HashMap<String, Vec<f32>> {
+            named
+                .iter()
+                .enumerate()
+                .map(|(i, (n, t))| (n.to_string(), vals(t.shape.numel(), seed + i as u64)))
+                .collect()
+        };
+        (Ws(fill(g.params(), seed)), fill(g.inputs(), seed + 100))
+    }
+
+    #[test]
+    fn recycled_buffers_never_leak_into_results() {
+        let g = graph();
+        let fused: Vec<String> = g.nodes.iter().filter(|n| n.op.is_fused()).map(|n| n.op.name()).collect();
+        for want in
+            ["linear+bias", "linear+residual", "linear+silu_mul", "linear+bias+gelu", "qkv_rotary", "add_layer_norm"]
+        {
+            assert!(fused.iter().any(|f| f.starts_with(want)), "{want} not among the fused ops {fused:?}");
+        }
+        let ids: Vec<i32> = (0..T as i32).map(|i| (i * 7) % 20).collect();
+        let rows = vec![3, qvc_ir::NO_ROW, 0, 11];
+        // Dirty the pool with buffers of this graph's sizes, then run on
+        // other data: stale values (and, under cfg(test), NaN in every
+        // taken buffer) must never reach an output.
+        for seed in [1, 2, 3] {
+            let (w, mut x) = data(&g, seed);
+            x.insert("plen".into(), vec![5.0]);
+            let mut ins: HashMap<String, InputRef> = x.iter().map(|(k, v)| (k.clone(), InputRef::F32(v))).collect();
+            ins.insert("ids".into(), InputRef::I32(&ids));
+            ins.insert("rows".into(), InputRef::I32(&rows));
+            let hits = POOL_HITS.with(Cell::get);
+            let got = run(&g, &w, &ins).unwrap();
+            if seed > 1 {
+                assert!(POOL_HITS.with(Cell::get) > hits, "the run took no recycled buffer");
+            }
+            let want = qvc_ir::run_reference(&g, &w, &ins).unwrap();
+            assert_eq!(got.len(), want.len());
+            for (name, v) in want {
+                let (a, b) = (&got[&name], v.into_f32());
+                assert_eq!(a.len(), b.len(), "{name}");
+                let scale = b.iter().map(|q| q.abs()).fold(1.0, f32::max);
+                // A NaN (an element nobody wrote) fails too.
+                let bad = a.iter().zip(&b).position(|(p, q)| (p - q).abs() > 1e-5 * scale || p.is_nan());
+                if let Some(i) = bad {
+                    panic!("{name}, run {seed}: element {i} of {} is {}, want {}", b.len(), a[i], b[i]);
+                }
+            }
+            assert!(got["empty"].iter().all(|&v| v == 0.0));
+            assert_eq!(got["y"], got["y_again"]);
         }
     }
 }

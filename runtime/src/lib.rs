@@ -21,6 +21,7 @@ pub mod cuda;
 pub mod gptq;
 pub mod gpu;
 pub mod kv;
+mod pool;
 pub mod weights;
 
 pub use kv::KvCache;
