@@ -180,13 +180,23 @@ impl SynthQuant {
     }
 }
 
-/// One random int4 Linear `[out, inp]` in GPTQ v1 storage.
+/// One random int4 Linear `[out, inp]` in GPTQ v1 storage, its words
+/// regrouped as the checkpoint loader regroups them for the CPU.
 struct SynthQ4 {
     out: usize,
     inp: usize,
     qweight: Vec<u32>,
+    words: qvc_ir::Q4Words,
     qzeros: Vec<u32>,
     scales: Vec<half::f16>,
+}
+
+impl SynthQ4 {
+    fn view(&self) -> qvc_ir::Q4Ref<'_> {
+        let group = SYNTH_GROUP.min(self.inp);
+        let q = qvc_ir::Q4Ref::whole(self.out, self.inp, group, &self.qweight, &self.qzeros, &self.scales, None);
+        qvc_ir::Q4Ref { words: self.words, ..q }
+    }
 }
 
 fn splitmix(mut z: u64) -> u64 {
@@ -222,13 +232,18 @@ impl SyntheticWeights {
                 // Uniform nibbles around zero 8 have a standard deviation of
                 // 4.6 steps: this scale gives the float weights' 0.02.
                 let scale = half::f16::from_f32(0.02 / 4.6);
-                let q = SynthQ4 {
+                let mut q = SynthQ4 {
                     out,
                     inp,
                     qweight,
+                    words: qvc_ir::Q4Words::Gptq,
                     qzeros: vec![0x7777_7777; groups * out / 8],
                     scales: vec![scale; groups * out],
                 };
+                // What `WeightStore` does with a checkpoint's int4 weights.
+                if let Some(t) = qvc_kernels::q4::tile_words(&q.view()) {
+                    (q.qweight, q.words) = (t, qvc_ir::Q4Words::Tiled);
+                }
                 (name, q)
             })
             .collect();
@@ -295,8 +310,7 @@ impl SyntheticWeights {
 impl WeightSource for SyntheticWeights {
     fn weight(&self, name: &str) -> Option<Elems<'_>> {
         if let Some(q) = self.q4.get(name) {
-            let group = SYNTH_GROUP.min(q.inp);
-            return Some(Elems::Q4(qvc_ir::Q4Ref::whole(q.out, q.inp, group, &q.qweight, &q.qzeros, &q.scales, None)));
+            return Some(Elems::Q4(q.view()));
         }
         self.tensors.get(name).map(|v| Elems::BF16(v))
     }

@@ -25,4 +25,4 @@ pub use graph::{
     broadcast_shapes, Act, BinaryOp, Graph, IrError, Mask, Node, NodeId, Op, ReduceOp, TensorType, UnaryOp, NO_ROW,
 };
 pub use interp::{run_reference, run_reference_output, ExecError, InputRef, Value, WeightSource};
-pub use tensor::{DType, Elems, Q4Ref, Shape};
+pub use tensor::{DType, Elems, Q4Ref, Q4Words, Shape, Q4_TILE};

@@ -23,13 +23,15 @@
 //! zeros, act-order off: the published checkpoint's desc_act is false).
 //! `Q4_BENCH_SHAPES=lm_head` (a substring of the shape names, or `gemm`),
 //! `Q4_BENCH_M=1,2` and `Q4_BENCH_PATHS=int8` (a substring of the variant
-//! labels) narrow the run.
+//! labels) narrow the run; `Q4_BENCH_ORDER=tiled` (or `stored`) times one
+//! word order only (each GEMV runs on both by default: the checkpoint's
+//! stored order and the tiled order the loader puts it in).
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use half::{bf16, f16};
-use qvc_ir::{Elems, Q4Ref};
+use qvc_ir::{Elems, Q4Ref, Q4Words};
 use qvc_kernels::gemm::gemm_with_math;
-use qvc_kernels::q4::{q4_gemm_dequant, q4_gemv, q4_linear, Q4Path};
+use qvc_kernels::q4::{q4_gemm_dequant, q4_gemv, q4_linear, tile_words, Q4Path};
 use qvc_kernels::q4_i8::{q4_gemv_i8, Q4I8Path};
 use qvc_kernels::{CpuMath, Isa, MatRef};
 use rayon::prelude::*;
@@ -178,7 +180,16 @@ fn bench_gemv(c: &mut Criterion) {
         let copies = if name == "l2_resident" { 1 } else { (128usize << 20).div_ceil(one) };
         let mut ws = vec![first];
         ws.extend((1..copies).map(|c| Weight::random(out, inp, (out + c) as u64)));
-        let qs: Vec<Q4Ref> = ws.iter().map(|w| w.view()).collect();
+        // Each copy in both word orders: as stored, and tiled as the
+        // checkpoint loader regroups it for the CPU (`tile_words`).
+        let tiled: Vec<Vec<u32>> = ws.iter().map(|w| tile_words(&w.view()).expect("group 128 tiles")).collect();
+        let orders: Vec<(&str, Vec<Q4Ref>)> = vec![
+            ("stored", ws.iter().map(|w| w.view()).collect()),
+            (
+                "tiled",
+                ws.iter().zip(&tiled).map(|(w, t)| Q4Ref { qweight: t, words: Q4Words::Tiled, ..w.view() }).collect(),
+            ),
+        ];
         let bytes = one;
         let mut next = 0usize;
         let mut pick = move || {
@@ -190,12 +201,15 @@ fn bench_gemv(c: &mut Criterion) {
         for m in ms {
             let x: Vec<f32> = (0..m * inp).map(|i| ((i * 7919) % 2001) as f32 / 1000.0 - 1.0).collect();
             let mut y = vec![0f32; m * out];
-            for v in variants(m) {
+            for (v, (order, qs)) in variants(m).into_iter().flat_map(|v| orders.iter().map(move |o| (v, o))) {
+                if std::env::var("Q4_BENCH_ORDER").is_ok_and(|o| o != *order) {
+                    continue;
+                }
                 let bw = read_bandwidth();
                 let s = best_of(if name == "l2_resident" { 2000 } else { 40 }, || v.run(&x, m, &qs[pick()], &mut y));
                 let gbs = bytes as f64 / s / 1e9;
                 eprintln!(
-                    "q4 gemv {name} {inp}->{out} m={m} {}: {:.3} ms, {gbs:.1} GB/s of {:.1} MB = {:.0}% of the read \
+                    "q4 gemv {name} {inp}->{out} m={m} {} {order}: {:.3} ms, {gbs:.1} GB/s of {:.1} MB = {:.0}% of the read \
                      bandwidth measured just before ({:.1} GB/s: 256 MiB sum, {} threads, best of 12)",
                     v.label(),
                     s * 1e3,
@@ -205,7 +219,7 @@ fn bench_gemv(c: &mut Criterion) {
                     rayon::current_num_threads()
                 );
                 g.throughput(Throughput::Bytes(bytes as u64));
-                g.bench_function(BenchmarkId::new(format!("{name}_m{m}"), v.label()), |b| {
+                g.bench_function(BenchmarkId::new(format!("{name}_m{m}"), format!("{} {order}", v.label())), |b| {
                     b.iter(|| v.run(black_box(&x), m, &qs[pick()], &mut y))
                 });
             }

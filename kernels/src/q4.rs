@@ -49,7 +49,7 @@ use crate::gemm::{gemm_packed, gemm_strided, GemmScratch, MatRef, DECODE_BATCH_I
 use crate::math::{cpu_math, CpuMath};
 use crate::q4_i8::{gemv_i8, q4_gemv_i8, Q4I8Path};
 use half::slice::HalfFloatSliceExt;
-use qvc_ir::{Elems, Q4Ref};
+use qvc_ir::{Elems, Q4Ref, Q4Words, Q4_TILE};
 use rayon::prelude::*;
 use std::cell::Cell;
 
@@ -144,6 +144,30 @@ impl Q4Path {
             Q4Path::Avx512 => Isa::Avx512.resolve(),
         }
     }
+}
+
+/// [`Q4Ref::tiled_words`] in parallel, one task per group of word rows
+/// (each group is one contiguous range of the tiled words): what the
+/// loaders run on whole matrices. `None` when the groups split words.
+pub fn tile_words(w: &Q4Ref) -> Option<Vec<u32>> {
+    if !w.can_tile() {
+        return None;
+    }
+    let tiled = Q4Ref { words: Q4Words::Tiled, ..*w };
+    let (ldp, wpg) = (w.ld.next_multiple_of(Q4_TILE), w.tile_group_rows());
+    let mut out = vec![0u32; tiled.qweight_len()];
+    out.par_chunks_mut(wpg * ldp).enumerate().for_each(|(g, dst)| {
+        let p0 = g * wpg;
+        let mut row = vec![0u32; w.ld];
+        for p in p0..p0 + dst.len() / ldp {
+            w.words_into(p, 0, &mut row);
+            for (t, tile) in row.chunks(Q4_TILE).enumerate() {
+                let i = tiled.word_index(p, t * Q4_TILE) - p0 * ldp;
+                dst[i..i + tile.len()].copy_from_slice(tile);
+            }
+        }
+    });
+    Some(out)
 }
 
 /// Dequantize every row of `w` into `out` (`w.rows × w.cols`, row-major,
@@ -403,7 +427,9 @@ fn gemv(path: Q4Path, xg: &[f32], m: usize, w: &Q4Ref, c: &mut [f32], ldc: usize
     }
 }
 
-/// Columns per GEMV task: at most `cap`, a multiple of 16, and (when the
+/// Columns per GEMV task: at most `cap` (rounded up to a whole tile), a
+/// multiple of [`Q4_TILE`] (so that tiled blocks never cross a tile edge
+/// when the view starts on one), and (when the
 /// matrix is wide enough) a number of tasks that is a multiple of the
 /// threads, so that they finish together. Only the speed depends on it.
 pub(crate) fn gemv_cols(n: usize, cap: usize, threads: usize) -> usize {
@@ -412,7 +438,7 @@ pub(crate) fn gemv_cols(n: usize, cap: usize, threads: usize) -> usize {
     while n.div_ceil(chunks) > cap {
         chunks += threads;
     }
-    n.div_ceil(chunks).next_multiple_of(16).max(16)
+    n.div_ceil(chunks).next_multiple_of(Q4_TILE)
 }
 
 /// SAFETY: `path` must be available on this CPU; see [`chunk`].
@@ -589,7 +615,7 @@ unsafe fn chunk<K: Kern, const M: usize>(ch: &Chunk, bufs: &mut GemvBufs) {
     let o0 = w.row0 + c0;
     let words = k.div_ceil(8);
     let qw = w.qweight.as_ptr();
-    assert!(w.qweight.len() >= (words - 1) * w.ld + o0 + cw, "q4 gemv: qweight too short");
+    assert!(w.qweight.len() >= w.qweight_len(), "q4 gemv: qweight too short");
     let xr: [*const f32; M] = std::array::from_fn(|i| xg.as_ptr().add((i0 + i) * k));
     // Few rows: several vectors at once, so that enough independent FMA
     // chains are in flight (see `unroll`).
@@ -600,50 +626,65 @@ unsafe fn chunk<K: Kern, const M: usize>(ch: &Chunk, bufs: &mut GemvBufs) {
         K::fill(w, g, o0, cw, cwp, &mut bufs.zb, &mut bufs.sb);
         let (zb, sb) = (bufs.zb.as_ptr(), bufs.sb.as_ptr());
         let rows = (pa, pb, ra, rb);
-        // What to prefetch while a block runs: the same word rows
-        // `PREFETCH_COLS` columns on, or past the chunk's end the next
-        // group's rows (each block reads `pb − pa` strided runs, which the
-        // hardware prefetchers do not follow).
-        let pf = |v: usize| -> (*const u32, usize) {
-            let pc = v + PREFETCH_COLS;
-            if pc < cw {
-                (qw.wrapping_add(pa * w.ld + o0 + pc), pb - pa)
-            } else if pb < words {
-                (qw.wrapping_add(pb * w.ld + o0 + pc - cw), (pb - pa).min(words - pb))
-            } else {
-                (qw, 0)
-            }
-        };
-        let row = qw.add(pa * w.ld + o0);
+        let next = (pb, (pb - pa).min(words.saturating_sub(pb)));
+        let pf = |v: usize| prefetch_target(w, (pa, pb - pa), next, o0, v, cw);
         let mut v = 0;
-        while v + step <= cw {
-            let (wp, zp, sp, yp) = (row.add(v), zb.add(v), sb.add(v), y.add(v));
-            match unroll(M, K::LANES) {
-                4 => block::<K, M, 4>(wp, w.ld, rows, pf(v), zp, sp, &xr, yp, cwp),
-                2 => block::<K, M, 2>(wp, w.ld, rows, pf(v), zp, sp, &xr, yp, cwp),
-                _ => block::<K, M, 1>(wp, w.ld, rows, pf(v), zp, sp, &xr, yp, cwp),
+        while v < cw {
+            let (o, zp, sp, yp) = (o0 + v, zb.add(v), sb.add(v), y.add(v));
+            if let Some((i, wld)) = w.word_run(pa, o, step).filter(|_| v + step <= cw) {
+                let wp = qw.add(i);
+                match unroll(M, K::LANES) {
+                    4 => block::<K, M, 4>(wp, wld, rows, pf(v), zp, sp, &xr, yp, cwp),
+                    2 => block::<K, M, 2>(wp, wld, rows, pf(v), zp, sp, &xr, yp, cwp),
+                    _ => block::<K, M, 1>(wp, wld, rows, pf(v), zp, sp, &xr, yp, cwp),
+                }
+                v += step;
+            } else if let Some((i, wld)) = w.word_run(pa, o, K::LANES).filter(|_| v + K::LANES <= cw) {
+                block::<K, M, 1>(qw.add(i), wld, rows, pf(v), zp, sp, &xr, yp, cwp);
+                v += K::LANES;
+            } else {
+                // A ragged last vector, or one across a tile edge: its words
+                // through a zero-padded copy.
+                let n = (cw - v).min(K::LANES);
+                bufs.tail.clear();
+                bufs.tail.resize((pb - pa) * 16, 0);
+                for (d, t) in bufs.tail.chunks_mut(16).enumerate() {
+                    w.words_into(pa + d, o, &mut t[..n]);
+                }
+                block::<K, M, 1>(bufs.tail.as_ptr(), 16, rows, (qw, 0), zp, sp, &xr, yp, cwp);
+                v += n;
             }
-            v += step;
-        }
-        while v + K::LANES <= cw {
-            block::<K, M, 1>(row.add(v), w.ld, rows, pf(v), zb.add(v), sb.add(v), &xr, y.add(v), cwp);
-            v += K::LANES;
-        }
-        if v < cw {
-            // Ragged last vector: its words through a zero-padded copy.
-            let n = cw - v;
-            bufs.tail.clear();
-            bufs.tail.resize((pb - pa) * 16, 0);
-            for (d, t) in bufs.tail.chunks_mut(16).enumerate() {
-                t[..n].copy_from_slice(std::slice::from_raw_parts(row.add(d * w.ld + v), n));
-            }
-            let tp = bufs.tail.as_ptr();
-            block::<K, M, 1>(tp, 16, rows, (qw, 0), zb.add(v), sb.add(v), &xr, y.add(v), cwp);
         }
     }
     for i in 0..M {
         std::ptr::copy_nonoverlapping(y.add(i * cwp), cbase.add(i * ldc), cw);
     }
+}
+
+/// What to prefetch while the block at chunk column `v` of word rows
+/// `here = (p, rows)` runs: the same word rows [`PREFETCH_COLS`] columns
+/// on, or past the chunk's end (`cw` columns from absolute column `o0`) the
+/// start of the word rows read next, `next = (p, rows)`; as (first word,
+/// word rows), their stride being the block's. In the stored order each
+/// block reads `rows` strided runs, which the hardware prefetchers do not
+/// follow; in tiled order this stays a few KiB ahead in the same stream.
+pub(crate) fn prefetch_target(
+    w: &Q4Ref,
+    here: (usize, usize),
+    next: (usize, usize),
+    o0: usize,
+    v: usize,
+    cw: usize,
+) -> (*const u32, usize) {
+    let qw = w.qweight.as_ptr();
+    let (p, o, rows) = match v + PREFETCH_COLS {
+        pc if pc < cw => (here.0, o0 + pc, here.1),
+        pc if next.0 < w.word_rows() => (next.0, o0 + pc - cw, next.1),
+        _ => return (qw, 0),
+    };
+    // Only an address: clamped into the slice, never read.
+    let i = w.word_index(p, o).min(w.qweight.len().saturating_sub(1));
+    (qw.wrapping_add(i), rows)
 }
 
 /// Word vectors per step of the GEMV sweep for `m` rows: enough
@@ -1043,7 +1084,7 @@ fn pack_q4<const NR: usize>(w: &Q4Ref, pc: usize, kc: usize, j0: usize, cols: us
             }
         }
         if p == 0 || r.is_multiple_of(8) {
-            words[..cols].copy_from_slice(&w.qweight[r / 8 * w.ld + o0..r / 8 * w.ld + o0 + cols]);
+            w.words_into(r / 8, o0, &mut words[..cols]);
         }
         let sh = 4 * (r % 8);
         let dst: &mut [f32; NR] = dst.try_into().expect("chunks of NR");

@@ -44,7 +44,7 @@
 
 use crate::common::SyncPtr;
 use crate::gemm::MatRef;
-use crate::q4::{dispatch_rows, gemv_cols, with_xg, Q4Path, GEMV_COLS, GEMV_COLS_BATCH, PREFETCH_COLS};
+use crate::q4::{dispatch_rows, gemv_cols, prefetch_target, with_xg, Q4Path, GEMV_COLS, GEMV_COLS_BATCH};
 use half::f16;
 use half::slice::HalfFloatSliceExt;
 use qvc_ir::{Elems, Q4Ref};
@@ -461,7 +461,7 @@ unsafe fn chunk<K: Kern, const M: usize>(ch: &Chunk, bufs: &mut Bufs) {
     }
     let words = k.div_ceil(8);
     let qw = w.qweight.as_ptr();
-    assert!(w.qweight.len() >= (words - 1) * w.ld + o0 + cw, "q4 gemv i8: qweight too short");
+    assert!(w.qweight.len() >= w.qweight_len(), "q4 gemv i8: qweight too short");
     let nb = act.blk.len();
     let step = K::LANES * unroll(M, K::LANES);
     let mut b = 0;
@@ -481,48 +481,37 @@ unsafe fn chunk<K: Kern, const M: usize>(ch: &Chunk, bufs: &mut Bufs) {
             let q: [*const [i32; 2]; M] = std::array::from_fn(|i| act.quads.as_ptr().add((i0 + i) * act.nq + bl.off));
             let sum: [f32; M] = std::array::from_fn(|i| act.sum[(i0 + i) * nb + b]);
             let sx: [f32; M] = std::array::from_fn(|i| act.scale[(i0 + i) * nb + b]);
-            // What to prefetch while a column step runs: the same word rows
-            // PREFETCH_COLS columns on, or past the chunk's end the next
-            // block's rows (the hardware prefetchers do not follow these
-            // strided runs).
-            let next_pb = act.blk.get(b + 1).map_or(words, |n| n.pb);
-            let next_pa = act.blk.get(b + 1).map_or(words, |n| n.pa);
-            let pf = |v: usize| -> (*const u32, usize) {
-                let pc = v + PREFETCH_COLS;
-                if pc < cw {
-                    (qw.wrapping_add(bl.pa * w.ld + o0 + pc), np)
-                } else if next_pa < words {
-                    (qw.wrapping_add(next_pa * w.ld + o0 + pc - cw), next_pb - next_pa)
-                } else {
-                    (qw, 0)
-                }
-            };
-            let row = qw.add(bl.pa * w.ld + o0);
+            // What to prefetch while a column step runs: see `prefetch_target`
+            // (the next block's rows past the chunk's end).
+            let next = act.blk.get(b + 1).map_or((words, words), |n| (n.pa, n.pb));
+            let pf = |v: usize| prefetch_target(w, (bl.pa, np), (next.0, next.1 - next.0), o0, v, cw);
             let sc = (&sum, &sx);
             let mut v = 0;
-            while v + step <= cw {
-                let (wp, zs, yp) = (row.add(v), (zb.add(v), sb.add(v)), y.add(v));
-                match unroll(M, K::LANES) {
-                    4 => block::<K, M, 4>(wp, w.ld, np, pf(v), &q, zs, sc, yp, cwp),
-                    2 => block::<K, M, 2>(wp, w.ld, np, pf(v), &q, zs, sc, yp, cwp),
-                    _ => block::<K, M, 1>(wp, w.ld, np, pf(v), &q, zs, sc, yp, cwp),
+            while v < cw {
+                let (o, zs, yp) = (o0 + v, (zb.add(v), sb.add(v)), y.add(v));
+                if let Some((i, wld)) = w.word_run(bl.pa, o, step).filter(|_| v + step <= cw) {
+                    let wp = qw.add(i);
+                    match unroll(M, K::LANES) {
+                        4 => block::<K, M, 4>(wp, wld, np, pf(v), &q, zs, sc, yp, cwp),
+                        2 => block::<K, M, 2>(wp, wld, np, pf(v), &q, zs, sc, yp, cwp),
+                        _ => block::<K, M, 1>(wp, wld, np, pf(v), &q, zs, sc, yp, cwp),
+                    }
+                    v += step;
+                } else if let Some((i, wld)) = w.word_run(bl.pa, o, K::LANES).filter(|_| v + K::LANES <= cw) {
+                    block::<K, M, 1>(qw.add(i), wld, np, pf(v), &q, zs, sc, yp, cwp);
+                    v += K::LANES;
+                } else {
+                    // A ragged last vector, or one across a tile edge: its
+                    // words through a zero-padded copy.
+                    let n = (cw - v).min(K::LANES);
+                    bufs.tail.clear();
+                    bufs.tail.resize(np * 16, 0);
+                    for (d, t) in bufs.tail.chunks_mut(16).enumerate() {
+                        w.words_into(bl.pa + d, o, &mut t[..n]);
+                    }
+                    block::<K, M, 1>(bufs.tail.as_ptr(), 16, np, (qw, 0), &q, zs, sc, yp, cwp);
+                    v += n;
                 }
-                v += step;
-            }
-            while v + K::LANES <= cw {
-                block::<K, M, 1>(row.add(v), w.ld, np, pf(v), &q, (zb.add(v), sb.add(v)), sc, y.add(v), cwp);
-                v += K::LANES;
-            }
-            if v < cw {
-                // Ragged last vector: its words through a zero-padded copy.
-                let n = cw - v;
-                bufs.tail.clear();
-                bufs.tail.resize(np * 16, 0);
-                for (d, t) in bufs.tail.chunks_mut(16).enumerate() {
-                    t[..n].copy_from_slice(std::slice::from_raw_parts(row.add(d * w.ld + v), n));
-                }
-                let tp = bufs.tail.as_ptr();
-                block::<K, M, 1>(tp, 16, np, (qw, 0), &q, (zb.add(v), sb.add(v)), sc, y.add(v), cwp);
             }
             b += 1;
         }

@@ -12,7 +12,7 @@
 
 use half::f16;
 use proptest::prelude::*;
-use qvc_ir::{Elems, Q4Ref};
+use qvc_ir::{Elems, Q4Ref, Q4Words};
 use qvc_kernels::q4::{
     dequantize, q4_gemm_dequant, q4_gemv, q4_linear, q4_linear_ref, q4_linear_with_math, Q4Path, GEMV_MAX_M,
 };
@@ -37,6 +37,8 @@ struct Q4Owned {
     qzeros: Vec<u32>,
     perm: Option<Vec<u32>>,
     inv: Option<Vec<u32>>,
+    /// `qweight` in [`Q4Words::Tiled`] order, when the groups allow it.
+    tiled: Option<Vec<u32>>,
 }
 
 impl Q4Owned {
@@ -76,7 +78,20 @@ impl Q4Owned {
         } else {
             (None, None)
         };
-        Q4Owned { out, inp, group, q, z, scales, qweight, qzeros, perm, inv }
+        let mut wq = Q4Owned { out, inp, group, q, z, scales, qweight, qzeros, perm, inv, tiled: None };
+        wq.tiled = qvc_kernels::q4::tile_words(&wq.view());
+        assert_eq!(wq.tiled, wq.view().tiled_words(), "the parallel tiling is the reference one");
+        wq
+    }
+
+    /// The weight in every word order the kernels read: stored, and tiled
+    /// when the groups allow it (then every kernel must give the same bits).
+    fn views(&self) -> Vec<(&'static str, Q4Ref<'_>)> {
+        let mut v = vec![("stored", self.view())];
+        if let Some(t) = &self.tiled {
+            v.push(("tiled", Q4Ref { qweight: t, words: Q4Words::Tiled, ..self.view() }));
+        }
+        v
     }
 
     fn view(&self) -> Q4Ref<'_> {
@@ -203,6 +218,31 @@ fn rows_match_rows_alone(
     Ok(())
 }
 
+/// Every word order of `wq` gives the same bits through `run` at every
+/// m ≤ GEMV_MAX_M (the tiled order changes where words are, not the
+/// arithmetic).
+fn same_bits_in_every_order(
+    wq: &Q4Owned,
+    x: &[f32],
+    run: impl Fn(&[f32], usize, &Q4Ref, &mut [f32]),
+) -> Result<(), TestCaseError> {
+    let views = wq.views();
+    for m in [1, 2, 3, 8, GEMV_MAX_M] {
+        let ys: Vec<Vec<f32>> = views
+            .iter()
+            .map(|(_, w)| {
+                let mut y = vec![0f32; m * wq.out];
+                run(&x[..m * wq.inp], m, w, &mut y);
+                y
+            })
+            .collect();
+        for ((order, _), y) in views.iter().zip(&ys).skip(1) {
+            prop_assert!(bits_eq(y, &ys[0]), "m={m}: {order} order differs from the stored order");
+        }
+    }
+    Ok(())
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(96))]
 
@@ -227,36 +267,37 @@ proptest! {
         // A random non-empty row range (often not 8-aligned).
         let a = range.0 % out;
         let b = a + 1 + range.1 % (out - a);
-        let w = wq.view().rows_range(a, b);
         let n = b - a;
         let x = rng.vec(m * inp, 1.0);
         let c0 = rng.vec(m * n, 1.0);
         let (want, scale) = reference(&wq, &x, m, a, n, &c0, accumulate);
 
-        // The crate's own reference agrees with this one.
-        let mut y = c0.clone();
-        q4_linear_ref(&x, m, &w, &mut y, accumulate);
-        check("q4_linear_ref", &y, &want, &scale)?;
+        for (order, full) in wq.views() {
+            let w = full.rows_range(a, b);
+            // The crate's own reference agrees with this one.
+            let mut y = c0.clone();
+            q4_linear_ref(&x, m, &w, &mut y, accumulate);
+            check(&format!("q4_linear_ref {order}"), &y, &want, &scale)?;
 
-        for path in paths() {
-            let mut y = c0.clone();
-            q4_gemv(path, &x, m, &w, &mut y, accumulate);
-            check(&format!("gemv {path:?}"), &y, &want, &scale)?;
-            let mut y = c0.clone();
-            q4_gemm_dequant(path, &x, m, &w, &mut y, accumulate);
-            check(&format!("gemm_dequant {path:?}"), &y, &want, &scale)?;
-            let mut y = c0.clone();
-            q4_linear(path, &x, m, &w, &mut y, accumulate);
-            check(&format!("q4_linear {path:?}"), &y, &want, &scale)?;
-        }
-        // Through `gemm`, as the CPU backend calls it: B = Wᵀ of the whole
-        // matrix, restricted to rows a..b by the view's offset.
-        let full = wq.view();
-        let bmat = MatRef { offset: a * inp, rows: n, ..MatRef::row_major(Elems::Q4(full), out, inp) }.transposed();
-        for isa in isas() {
-            let mut y = c0.clone();
-            gemm_with_isa(isa, MatRef::row_major(Elems::F32(&x), m, inp), bmat, &mut y, accumulate);
-            check(&format!("gemm {isa:?}"), &y, &want, &scale)?;
+            for path in paths() {
+                let mut y = c0.clone();
+                q4_gemv(path, &x, m, &w, &mut y, accumulate);
+                check(&format!("gemv {path:?} {order}"), &y, &want, &scale)?;
+                let mut y = c0.clone();
+                q4_gemm_dequant(path, &x, m, &w, &mut y, accumulate);
+                check(&format!("gemm_dequant {path:?} {order}"), &y, &want, &scale)?;
+                let mut y = c0.clone();
+                q4_linear(path, &x, m, &w, &mut y, accumulate);
+                check(&format!("q4_linear {path:?} {order}"), &y, &want, &scale)?;
+            }
+            // Through `gemm`, as the CPU backend calls it: B = Wᵀ of the whole
+            // matrix, restricted to rows a..b by the view's offset.
+            let bmat = MatRef { offset: a * inp, rows: n, ..MatRef::row_major(Elems::Q4(full), out, inp) }.transposed();
+            for isa in isas() {
+                let mut y = c0.clone();
+                gemm_with_isa(isa, MatRef::row_major(Elems::F32(&x), m, inp), bmat, &mut y, accumulate);
+                check(&format!("gemm {isa:?} {order}"), &y, &want, &scale)?;
+            }
         }
     }
 
@@ -278,17 +319,22 @@ proptest! {
         let group = group.unwrap_or(inp);
         let mut rng = Rng::new(seed);
         let wq = Q4Owned::random(&mut rng, out, inp, group, asym, act_order);
-        let w = wq.view();
         // The serving contract is m ≤ DECODE_BATCH_INVARIANT_MAX; the int4
         // GEMV keeps it for every m it takes.
         let mmax = GEMV_MAX_M;
         assert!(mmax >= DECODE_BATCH_INVARIANT_MAX);
         let x = rng.vec(mmax * inp, 1.0);
-        for path in paths() {
-            rows_match_rows_alone(&format!("{path:?}"), &x, inp, out, mmax, &w, cut, |x, m, w, y| {
-                q4_linear(path, x, m, w, y, false)
-            })?;
+        for (order, w) in wq.views() {
+            for path in paths() {
+                rows_match_rows_alone(&format!("{path:?} {order}"), &x, inp, out, mmax, &w, cut, |x, m, w, y| {
+                    q4_linear(path, x, m, w, y, false)
+                })?;
+            }
         }
+        for path in paths() {
+            same_bits_in_every_order(&wq, &x, |x, m, w, y| q4_linear(path, x, m, w, y, false))?;
+        }
+        let w = wq.view();
         for isa in isas() {
             let b = MatRef::row_major(Elems::Q4(w), out, inp).transposed();
             let mut one = vec![0f32; out];
@@ -532,7 +578,6 @@ proptest! {
         let wq = Q4Owned::random(&mut rng, out, inp, group, asym, act_order);
         let a = range.0 % out;
         let b = a + 1 + range.1 % (out - a);
-        let w = wq.view().rows_range(a, b);
         let n = b - a;
         // Some rows with one large activation (an outlier sets its block's scale).
         let mut x = rng.vec(m * inp, 1.0);
@@ -543,11 +588,15 @@ proptest! {
         let want = i8_reference(&wq, &x, m, a, n, &c0, accumulate);
         let (exact, scale) = reference(&wq, &x, m, a, n, &c0, accumulate);
         let bound = i8_bound(&wq, &x, m, a, n, &scale);
-        for path in i8_paths() {
+        for (path, (order, full)) in i8_paths().into_iter().flat_map(|p| wq.views().into_iter().map(move |v| (p, v))) {
+            let w = full.rows_range(a, b);
             let mut y = c0.clone();
             q4_gemv_i8(path, &x, m, &w, &mut y, accumulate);
             for (e, (&g, &r)) in y.iter().zip(&want).enumerate() {
-                prop_assert!(g.to_bits() == r.to_bits(), "{path:?}: element {e}: got {g}, integer reference {r}");
+                prop_assert!(
+                    g.to_bits() == r.to_bits(),
+                    "{path:?} {order}: element {e}: got {g}, integer reference {r}"
+                );
             }
             for (e, ((&g, &r), &bd)) in y.iter().zip(&exact).zip(&bound).enumerate() {
                 let err = (g as f64 - r as f64).abs();
@@ -573,12 +622,16 @@ proptest! {
         let group = group.unwrap_or(inp);
         let mut rng = Rng::new(seed);
         let wq = Q4Owned::random(&mut rng, out, inp, group, asym, act_order);
-        let w = wq.view();
         let x = rng.vec(GEMV_MAX_M * inp, 1.0);
+        for (order, w) in wq.views() {
+            for path in i8_paths() {
+                rows_match_rows_alone(&format!("{path:?} {order}"), &x, inp, out, GEMV_MAX_M, &w, cut, |x, m, w, y| {
+                    q4_gemv_i8(path, x, m, w, y, false)
+                })?;
+            }
+        }
         for path in i8_paths() {
-            rows_match_rows_alone(&format!("{path:?}"), &x, inp, out, GEMV_MAX_M, &w, cut, |x, m, w, y| {
-                q4_gemv_i8(path, x, m, w, y, false)
-            })?;
+            same_bits_in_every_order(&wq, &x, |x, m, w, y| q4_gemv_i8(path, x, m, w, y, false))?;
         }
     }
 }
@@ -653,15 +706,15 @@ fn deep_prefill_gemm_matches_reference() {
     for (group, act_order) in [(40, true), (128, false), (1064, true)] {
         let wq = Q4Owned::random(&mut rng, out, inp, group, true, act_order);
         let (a, b) = (3, 77);
-        let w = wq.view().rows_range(a, b);
         let m = 29;
         let x = rng.vec(m * inp, 1.0);
         let c0 = rng.vec(m * (b - a), 1.0);
         let (want, scale) = reference(&wq, &x, m, a, b - a, &c0, true);
-        for path in paths() {
+        for ((order, full), path) in wq.views().into_iter().flat_map(|v| paths().into_iter().map(move |p| (v, p))) {
+            let w = full.rows_range(a, b);
             let mut y = c0.clone();
             q4_gemm_dequant(path, &x, m, &w, &mut y, true);
-            check(&format!("deep gemm_dequant {path:?} group {group}"), &y, &want, &scale).unwrap();
+            check(&format!("deep gemm_dequant {path:?} group {group} {order}"), &y, &want, &scale).unwrap();
         }
     }
 }

@@ -337,9 +337,11 @@ pub fn q4_part_bytes(q: &Q4Ref, part: Q4Part, buf: &mut Vec<u8>) {
     let (o0, out, inp) = (q.row0, q.rows, q.cols);
     match part {
         Q4Part::QWeight => {
+            // In stored order, whatever order the words are in memory.
+            let mut row = vec![0u32; out];
             for r8 in 0..inp / 8 {
-                let row = &q.qweight[r8 * q.ld + o0..r8 * q.ld + o0 + out];
-                buf.extend_from_slice(bytemuck::cast_slice(row));
+                q.words_into(r8, o0, &mut row);
+                buf.extend_from_slice(bytemuck::cast_slice(&row));
             }
         }
         Q4Part::QZeros => {

@@ -12,7 +12,7 @@
 //! ever see consecutive groups. A compiled artifact stores the re-sorted rows
 //! and the permutation (`X.q4_perm`) and maps them as they are.
 
-use qvc_ir::{DType, Q4Ref, Shape};
+use qvc_ir::{DType, Q4Ref, Q4Words, Shape};
 use std::borrow::Cow;
 
 /// Suffixes of the tensors one quantized Linear `X` is stored as.
@@ -53,6 +53,10 @@ pub struct Q4Layout {
     /// Act-order from `g_idx`: the stored rows had to be re-sorted, and this
     /// is the new qweight (the file's is not in group order).
     pub resorted: Option<Vec<u32>>,
+    /// The qweight in [`Q4Words::Tiled`] order (the CPU GEMV's streaming
+    /// order), made once at load by [`Q4Layout::tile`]; it replaces both the
+    /// file's words and `resorted`.
+    pub tiled: Option<Vec<u32>>,
 }
 
 impl Q4Layout {
@@ -158,12 +162,25 @@ impl Q4Layout {
             }
             None => None,
         };
-        Ok(Q4Layout { out, inp, group, perm, resorted })
+        Ok(Q4Layout { out, inp, group, perm, resorted, tiled: None })
+    }
+
+    /// Regroup the words into [`Q4Words::Tiled`] order when the group size
+    /// allows it (`qweight` is the file's, as for [`Q4Layout::view`]): the
+    /// CPU's decode GEMV then reads one contiguous run per group and task
+    /// instead of short runs a whole row apart. Costs one pass over the
+    /// words at load and their size in memory (instead of the map's pages).
+    pub fn tile(&mut self, qweight: &[u32], qzeros: &[u32], scales: &[half::f16]) {
+        let tiled = qvc_kernels::q4::tile_words(&self.view(qweight, qzeros, scales));
+        if tiled.is_some() {
+            self.resorted = None;
+            self.tiled = tiled;
+        }
     }
 
     /// The weight as kernels read it.
     pub fn view<'a>(&'a self, qweight: &'a [u32], qzeros: &'a [u32], scales: &'a [half::f16]) -> Q4Ref<'a> {
-        Q4Ref::whole(
+        let q = Q4Ref::whole(
             self.out,
             self.inp,
             self.group,
@@ -171,6 +188,10 @@ impl Q4Layout {
             qzeros,
             scales,
             self.perm.as_ref().map(|(p, i)| (p.as_slice(), i.as_slice())),
-        )
+        );
+        match &self.tiled {
+            Some(t) => Q4Ref { qweight: t, words: Q4Words::Tiled, ..q },
+            None => q,
+        }
     }
 }

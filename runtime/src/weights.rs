@@ -220,10 +220,14 @@ impl WeightStore {
                 g_idx: part(gptq::G_IDX).map(|e| (e.dtype, e.shape.clone(), u32s(e))),
                 perm: part(gptq::PERM).map(|e| (e.dtype, e.shape.clone(), u32s(e))),
             };
-            let layout = Q4Layout::check(&prefix, &parts)?;
+            let mut layout = Q4Layout::check(&prefix, &parts)?;
+            if let (Some(z), Some(s)) = (&parts.qzeros, &parts.scales) {
+                layout.tile(&parts.qweight.2, &z.2, &s.2);
+            }
             let owned_u32 = |c: &Cow<'_, [u32]>| matches!(c, Cow::Owned(_)).then(|| c.to_vec());
             let entry = Q4Entry {
-                qweight: owned_u32(&parts.qweight.2),
+                // Tiled words replace the file's: keep no copy of those.
+                qweight: owned_u32(&parts.qweight.2).filter(|_| layout.tiled.is_none()),
                 qzeros: parts.qzeros.as_ref().and_then(|z| owned_u32(&z.2)),
                 scales: parts.scales.as_ref().and_then(|s| matches!(s.2, Cow::Owned(_)).then(|| s.2.to_vec())),
                 parts: [gptq::QWEIGHT, gptq::QZEROS, gptq::SCALES].map(|s| format!("{prefix}{s}")),

@@ -23,7 +23,7 @@ use super::lower::{
 use crate::{Backend, Inputs};
 use half::bf16;
 use qvc_codegen::Module;
-use qvc_ir::{DType, Elems, ExecError, Graph, InputRef, Op, Q4Ref, WeightSource};
+use qvc_ir::{DType, Elems, ExecError, Graph, InputRef, Op, Q4Ref, Q4Words, WeightSource};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
@@ -381,12 +381,20 @@ fn q4_part_bytes(q: &Q4Ref, part: Q4Part) -> u64 {
 }
 
 /// One part of an int4 weight as the kernels read it: the checkpoint's
-/// storage straight from the memory map, the identity permutation made up
+/// storage straight from the memory map (the words put back in stored order
+/// when the loader tiled them for the CPU), the identity permutation made up
 /// for a weight without act-order.
 fn q4_part<'a>(q: &Q4Ref<'a>, part: Q4Part) -> std::borrow::Cow<'a, [u8]> {
     let (g, n, k) = (q.groups(), q.ld, q.cols);
     match part {
-        Q4Part::QWeight => bytemuck::cast_slice(&q.qweight[..k / 8 * n]).into(),
+        Q4Part::QWeight if q.words == Q4Words::Gptq => bytemuck::cast_slice(&q.qweight[..k / 8 * n]).into(),
+        // Regrouped for the CPU at load: back to the stored order the GPU
+        // kernels read.
+        Q4Part::QWeight => (0..k / 8)
+            .flat_map(|p| (0..n).map(move |o| q.word(p, o)))
+            .flat_map(u32::to_le_bytes)
+            .collect::<Vec<u8>>()
+            .into(),
         Q4Part::QZeros => bytemuck::cast_slice(&q.qzeros[..g * n / 8]).into(),
         Q4Part::Scales => bytemuck::cast_slice(&q.scales[..g * n]).into(),
         Q4Part::Perm => match q.perm {
