@@ -54,7 +54,8 @@ fn compiled_int4_fixture_matches_the_reference() {
     // The default --dtype auto keeps the fixture's other tensors in their f16, exact.
     let out = compile_to(&src, "f16", CompileOptions { max_seq: 512, ..Default::default() });
 
-    // The weights file holds each int4 Linear as its GPTQ parts.
+    // The weights file holds each int4 Linear as its GPTQ parts, the words
+    // in the CPU GEMV's tiled order (mapped as they are at open).
     let art = Artifact::open_verified(&out).unwrap();
     let q4 = art.weights.q4_names();
     assert_eq!(q4.len(), 10, "five int4 Linears per decoder layer: {q4:?}");
@@ -63,13 +64,15 @@ fn compiled_int4_fixture_matches_the_reference() {
         let prefix = n.strip_suffix(".weight").unwrap();
         assert!(!names.contains(n), "{n} is stored dequantized");
         for (part, dtype) in
-            [("qweight", DType::I32), ("qzeros", DType::I32), ("scales", DType::F16), ("g_idx", DType::I32)]
+            [("q4_tiled", DType::I32), ("qzeros", DType::I32), ("scales", DType::F16), ("g_idx", DType::I32)]
         {
             let name = format!("{prefix}.{part}");
             assert_eq!(art.weights.info(&name).map(|i| i.0), Some(dtype), "{name}");
         }
         assert!(art.weights.info(&format!("{prefix}.q4_perm")).is_none(), "{prefix}: no act-order, no permutation");
+        assert!(art.weights.info(&format!("{prefix}.qweight")).is_none(), "{prefix}: the words are written once");
         assert!(art.weights.q4(n).unwrap().perm.is_none());
+        assert_eq!(art.weights.q4(n).unwrap().words, qvc_ir::Q4Words::Tiled, "{n}");
     }
     // Every program reads the int4 Params as Q4 of the logical [out, in].
     let params = params_of(&art.manifest);

@@ -29,7 +29,9 @@
 //!
 //! An int4 Param `X.weight` ([`DType::Q4`]) is stored as the tensors of a
 //! GPTQ v1 Linear with act-order already resolved ([`q4_parts`]):
-//! `X.qweight` (I32, rows sorted by group), `X.qzeros` (I32), `X.scales`
+//! `X.qweight` (I32, rows sorted by group; written as `X.q4_tiled`, the same
+//! words in [`Q4Words::Tiled`] order, when the groups are whole words, so
+//! the CPU kernels stream them from the map), `X.qzeros` (I32), `X.scales`
 //! (F16), `X.g_idx` (I32, `r / G`) and, for an act-order weight, `X.q4_perm`
 //! (I32: stored row `r` holds input `perm[r]`). [`WeightStore`] serves them
 //! as the virtual `X.weight` again, mapped as they are (no re-sort at open).
@@ -41,7 +43,7 @@
 
 use crate::gptq;
 use crate::weights::{WeightError, WeightStore};
-use qvc_ir::{DType, Graph, Op, Q4Ref, Shape};
+use qvc_ir::{DType, Graph, Op, Q4Ref, Q4Words, Shape, Q4_TILE};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -285,10 +287,20 @@ impl TensorEntry {
     }
 }
 
+/// Whether `q` is written in tiled order: a whole matrix (not a row range)
+/// whose groups are whole words. Tiled words are mapped as they are at open,
+/// in the order the CPU's decode GEMV streams; anything else is written as
+/// the stored `qweight` and tiled at open.
+fn tiles_whole(q: &Q4Ref) -> bool {
+    q.row0 == 0 && q.rows == q.ld && q.can_tile()
+}
+
 /// One of the tensors an int4 weight is written as.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Q4Part {
     QWeight,
+    /// The qweight in tiled order (`X.q4_tiled`), instead of `QWeight`.
+    Tiled,
     QZeros,
     Scales,
     GIdx,
@@ -300,6 +312,7 @@ impl Q4Part {
     pub fn suffix(self) -> &'static str {
         match self {
             Q4Part::QWeight => gptq::QWEIGHT,
+            Q4Part::Tiled => gptq::TILED,
             Q4Part::QZeros => gptq::QZEROS,
             Q4Part::Scales => gptq::SCALES,
             Q4Part::GIdx => gptq::G_IDX,
@@ -314,8 +327,13 @@ impl Q4Part {
 /// `q4_perm` when `q` has act-order. Their bytes come from [`q4_part_bytes`].
 pub fn q4_parts(prefix: &str, q: &Q4Ref) -> Vec<(Q4Part, TensorEntry)> {
     let (out, inp, groups) = (q.rows, q.cols, q.groups());
+    let words = if tiles_whole(q) {
+        (Q4Part::Tiled, DType::I32, vec![inp / 8, out.next_multiple_of(Q4_TILE)])
+    } else {
+        (Q4Part::QWeight, DType::I32, vec![inp / 8, out])
+    };
     let mut v = vec![
-        (Q4Part::QWeight, DType::I32, vec![inp / 8, out]),
+        words,
         (Q4Part::QZeros, DType::I32, vec![groups, out / 8]),
         (Q4Part::Scales, DType::F16, vec![groups, out]),
         (Q4Part::GIdx, DType::I32, vec![inp]),
@@ -336,6 +354,16 @@ pub fn q4_parts(prefix: &str, q: &Q4Ref) -> Vec<(Q4Part, TensorEntry)> {
 pub fn q4_part_bytes(q: &Q4Ref, part: Q4Part, buf: &mut Vec<u8>) {
     let (o0, out, inp) = (q.row0, q.rows, q.cols);
     match part {
+        Q4Part::Tiled => {
+            assert!(tiles_whole(q), "q4_part_bytes: only a whole matrix with groups of whole words is written tiled");
+            match q.words {
+                Q4Words::Tiled => buf.extend_from_slice(bytemuck::cast_slice(&q.qweight[..q.qweight_len()])),
+                Q4Words::Gptq => {
+                    let t = qvc_kernels::q4::tile_words(q).expect("tiles_whole checked the groups");
+                    buf.extend_from_slice(bytemuck::cast_slice(&t));
+                }
+            }
+        }
         Q4Part::QWeight => {
             // In stored order, whatever order the words are in memory.
             let mut row = vec![0u32; out];
@@ -702,26 +730,36 @@ mod tests {
         let q = Q4Ref::whole(out, inp, group, &qweight, &qzeros, &scales, Some((&perm, &inv)));
         let d = tmp("q4");
         let p = d.join(WEIGHTS);
-        let views = [("full", q), ("rows", q.rows_range(4, 12))];
+        // The whole matrix is written tiled, from stored words and from
+        // words the loader already tiled; a row range as stored qweight.
+        let tiled_words = qvc_kernels::q4::tile_words(&q).unwrap();
+        let tiled = Q4Ref { qweight: &tiled_words, words: Q4Words::Tiled, ..q };
+        let views = [("full", q), ("rows", q.rows_range(4, 12)), ("from_tiled", tiled)];
         let mut entries = vec![];
         for (prefix, v) in &views {
             entries.extend(q4_parts(prefix, v).into_iter().map(|(part, t)| (part, t, *v)));
         }
         let ts: Vec<TensorEntry> = entries.iter().map(|e| e.1.clone()).collect();
         assert!(ts.iter().any(|t| t.name == "full.q4_perm"));
+        for t in ["full.q4_tiled", "rows.qweight", "from_tiled.q4_tiled"] {
+            assert!(ts.iter().any(|e| e.name == t), "{t} is written");
+        }
+        assert!(!ts.iter().any(|e| e.name == "full.qweight"));
         write_weights::<std::io::Error>(&p, &ts, |i, buf| {
             q4_part_bytes(&entries[i].2, entries[i].0, buf);
             Ok(())
         })
         .unwrap();
         let ws = WeightStore::open_files(std::slice::from_ref(&p)).unwrap();
-        assert_eq!(ws.q4_names(), vec!["full.weight", "rows.weight"]);
+        assert_eq!(ws.q4_names(), vec!["from_tiled.weight", "full.weight", "rows.weight"]);
         for (prefix, v) in &views {
             let name = format!("{prefix}.weight");
             assert_eq!(ws.info(&name), Some((DType::Q4, Shape::new([v.rows, inp]))));
             let back = ws.q4(&name).unwrap();
             assert_eq!(back.perm, Some(&perm[..]), "{name}: the permutation as written");
             assert_eq!(back.group, group);
+            // Every matrix is served tiled (mapped as written, or tiled at open).
+            assert_eq!(back.words, Q4Words::Tiled, "{name}");
             for o in 0..v.rows {
                 for i in 0..inp {
                     assert_eq!(back.get(o, i).to_bits(), v.get(o, i).to_bits(), "{name}[{o}, {i}]");

@@ -22,6 +22,10 @@ pub const SCALES: &str = ".scales";
 pub const G_IDX: &str = ".g_idx";
 /// Written by `qvc compile` for act-order weights: stored row `r` holds input `perm[r]`.
 pub const PERM: &str = ".q4_perm";
+/// Written by `qvc compile` instead of `X.qweight`: the same words in
+/// [`Q4Words::Tiled`] order, I32 `[in / 8, out rounded up to 64]`, so the
+/// CPU kernels read them straight from the map (rows in group order).
+pub const TILED: &str = ".q4_tiled";
 
 /// What is wrong with one quantized Linear.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -33,7 +37,9 @@ pub struct Q4Error {
 
 /// The raw tensors of one quantized Linear, as read from the files.
 pub struct Q4Parts<'a> {
+    /// `X.qweight`, or `X.q4_tiled` when `words` is [`Q4Words::Tiled`].
     pub qweight: (DType, Shape, Cow<'a, [u32]>),
+    pub words: Q4Words,
     pub qzeros: Option<(DType, Shape, Cow<'a, [u32]>)>,
     pub scales: Option<(DType, Shape, Cow<'a, [half::f16]>)>,
     pub g_idx: Option<(DType, Shape, Cow<'a, [u32]>)>,
@@ -53,6 +59,8 @@ pub struct Q4Layout {
     /// Act-order from `g_idx`: the stored rows had to be re-sorted, and this
     /// is the new qweight (the file's is not in group order).
     pub resorted: Option<Vec<u32>>,
+    /// The order of the file's words (tiled in a `qvc compile` artifact).
+    pub file_words: Q4Words,
     /// The qweight in [`Q4Words::Tiled`] order (the CPU GEMV's streaming
     /// order), made once at load by [`Q4Layout::tile`]; it replaces both the
     /// file's words and `resorted`.
@@ -90,7 +98,17 @@ impl Q4Layout {
                 "in = {inp} and out = {out} features: both must be positive multiples of 8 to pack 4-bit values"
             )));
         }
-        if qs.dims() != [inp / 8, out] {
+        let tiled = p.words == Q4Words::Tiled;
+        if tiled && qs.dims() != [inp / 8, out.next_multiple_of(qvc_ir::Q4_TILE)] {
+            return Err(err(format!(
+                "{prefix}{TILED} has shape {qs}, expected [{}, {}] (in/8 × out rounded up to {}); was the artifact \
+                 written by another version of qvc? Compile it again",
+                inp / 8,
+                out.next_multiple_of(qvc_ir::Q4_TILE),
+                qvc_ir::Q4_TILE
+            )));
+        }
+        if !tiled && qs.dims() != [inp / 8, out] {
             return Err(err(format!(
                 "{prefix}{QWEIGHT} has shape {qs}, expected [{}, {out}] (in/8 × out for 4-bit values, in = {inp} from \
                  {prefix}{G_IDX}, out = {out} from {prefix}{SCALES}); is this a 4-bit GPTQ v1 checkpoint?",
@@ -121,6 +139,12 @@ impl Q4Layout {
             )));
         }
         let in_order = g_idx.iter().enumerate().all(|(r, &g)| g as usize == r / group);
+        if tiled && !(in_order && (group >= inp || group.is_multiple_of(8))) {
+            return Err(err(format!(
+                "{prefix}{TILED} needs {prefix}{G_IDX} in group order and groups of whole words (group {group}); \
+                 was the artifact written by another version of qvc? Compile it again"
+            )));
+        }
         let file_perm = match &p.perm {
             Some((d, s, v)) => {
                 if *d != DType::I32 || s.dims() != [inp] {
@@ -162,7 +186,7 @@ impl Q4Layout {
             }
             None => None,
         };
-        Ok(Q4Layout { out, inp, group, perm, resorted, tiled: None })
+        Ok(Q4Layout { out, inp, group, perm, resorted, file_words: p.words, tiled: None })
     }
 
     /// Regroup the words into [`Q4Words::Tiled`] order when the group size
@@ -171,6 +195,9 @@ impl Q4Layout {
     /// instead of short runs a whole row apart. Costs one pass over the
     /// words at load and their size in memory (instead of the map's pages).
     pub fn tile(&mut self, qweight: &[u32], qzeros: &[u32], scales: &[half::f16]) {
+        if self.file_words == Q4Words::Tiled {
+            return;
+        }
         let tiled = qvc_kernels::q4::tile_words(&self.view(qweight, qzeros, scales));
         if tiled.is_some() {
             self.resorted = None;
@@ -191,7 +218,47 @@ impl Q4Layout {
         );
         match &self.tiled {
             Some(t) => Q4Ref { qweight: t, words: Q4Words::Tiled, ..q },
-            None => q,
+            None => Q4Ref { words: self.file_words, ..q },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Parts of a `[out = 72, in = 16]` Linear, group 8, the words as `words`
+    /// of shape `qshape`, `g_idx` as given.
+    fn parts(words: Q4Words, qshape: [usize; 2], g_idx: Vec<u32>) -> Q4Parts<'static> {
+        let (out, inp, groups) = (72usize, 16usize, 2usize);
+        let n = qshape[0] * qshape[1];
+        Q4Parts {
+            qweight: (DType::I32, Shape::new(qshape), Cow::Owned(vec![0x1234_5678; n])),
+            words,
+            qzeros: Some((DType::I32, Shape::new([groups, out / 8]), Cow::Owned(vec![0; groups * out / 8]))),
+            scales: Some((DType::F16, Shape::new([groups, out]), Cow::Owned(vec![half::f16::ONE; groups * out]))),
+            g_idx: Some((DType::I32, Shape::new([inp]), Cow::Owned(g_idx))),
+            perm: None,
+        }
+    }
+
+    /// An artifact's tiled words are taken as they are (padded width, no
+    /// second tiling); a wrong width or an out-of-order `g_idx` is refused
+    /// by name.
+    #[test]
+    fn tiled_words_from_an_artifact() {
+        let in_order: Vec<u32> = (0..16).map(|r| r / 8).collect();
+        let mut l = Q4Layout::check("x", &parts(Q4Words::Tiled, [2, 128], in_order.clone())).unwrap();
+        let words = vec![0x1234_5678u32; 2 * 128];
+        let (z, s) = (vec![0u32; 18], vec![half::f16::ONE; 144]);
+        l.tile(&words, &z, &s);
+        assert!(l.tiled.is_none(), "already tiled: no copy");
+        assert_eq!(l.view(&words, &z, &s).words, Q4Words::Tiled);
+
+        let e = Q4Layout::check("x", &parts(Q4Words::Tiled, [2, 72], in_order)).unwrap_err();
+        assert!(e.detail.contains("x.q4_tiled has shape [2, 72], expected [2, 128]"), "{e}");
+        let shuffled: Vec<u32> = (0..16).map(|r| (r % 2) as u32).collect();
+        let e = Q4Layout::check("x", &parts(Q4Words::Tiled, [2, 128], shuffled)).unwrap_err();
+        assert!(e.detail.contains("group order"), "{e}");
     }
 }

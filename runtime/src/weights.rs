@@ -14,7 +14,7 @@
 use crate::gptq::{self, Q4Error, Q4Layout, Q4Parts};
 use half::{bf16, f16};
 use memmap2::Mmap;
-use qvc_ir::{DType, Elems, Shape, WeightSource};
+use qvc_ir::{DType, Elems, Q4Words, Shape, WeightSource};
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fs::File;
@@ -76,7 +76,8 @@ pub struct WeightStore {
 }
 
 fn parse_dtype(d: safetensors::Dtype, name: &str) -> Option<DType> {
-    let int_part = [gptq::QWEIGHT, gptq::QZEROS, gptq::G_IDX, gptq::PERM].iter().any(|s| name.ends_with(s));
+    let int_part =
+        [gptq::QWEIGHT, gptq::TILED, gptq::QZEROS, gptq::G_IDX, gptq::PERM].iter().any(|s| name.ends_with(s));
     match d {
         safetensors::Dtype::BF16 => Some(DType::BF16),
         safetensors::Dtype::F16 => Some(DType::F16),
@@ -196,9 +197,17 @@ impl WeightStore {
 
     /// Find every GPTQ Linear (`X.qweight`), check it, and serve it as `X.weight`.
     fn index_q4(&mut self) -> Result<(), WeightError> {
-        let prefixes: Vec<String> =
-            self.entries.keys().filter_map(|n| n.strip_suffix(gptq::QWEIGHT).map(str::to_string)).collect();
-        for prefix in prefixes {
+        // `X.qweight` (a checkpoint), or `X.q4_tiled` (a `qvc compile`
+        // artifact: the same words already in the CPU kernels' order).
+        let prefixes: Vec<(String, &str)> = self
+            .entries
+            .keys()
+            .filter_map(|n| {
+                let by = |s: &'static str| n.strip_suffix(s).map(|p| (p.to_string(), s));
+                by(gptq::QWEIGHT).or_else(|| by(gptq::TILED))
+            })
+            .collect();
+        for (prefix, words_part) in prefixes {
             let part = |suffix: &str| self.entries.get(&format!("{prefix}{suffix}"));
             let u32s = |e: &Entry| -> Cow<'_, [u32]> {
                 match self.bytes(e) {
@@ -206,9 +215,22 @@ impl WeightStore {
                     None => Cow::Owned(vec![0; e.shape.numel()]),
                 }
             };
-            let qw = part(gptq::QWEIGHT).expect("found by its name");
+            if words_part == gptq::TILED && part(gptq::QWEIGHT).is_some() {
+                return Err(Q4Error {
+                    prefix: prefix.clone(),
+                    detail: format!(
+                        "has both {prefix}{} and {prefix}{}; which one is meant?",
+                        gptq::QWEIGHT,
+                        gptq::TILED
+                    ),
+                }
+                .into());
+            }
+            let qw = part(words_part).expect("found by its name");
+            let words = if words_part == gptq::TILED { Q4Words::Tiled } else { Q4Words::Gptq };
             let parts = Q4Parts {
                 qweight: (qw.dtype, qw.shape.clone(), u32s(qw)),
+                words,
                 qzeros: part(gptq::QZEROS).map(|e| (e.dtype, e.shape.clone(), u32s(e))),
                 scales: part(gptq::SCALES).map(|e| {
                     let v: Cow<'_, [f16]> = match self.bytes(e) {
@@ -230,7 +252,7 @@ impl WeightStore {
                 qweight: owned_u32(&parts.qweight.2).filter(|_| layout.tiled.is_none()),
                 qzeros: parts.qzeros.as_ref().and_then(|z| owned_u32(&z.2)),
                 scales: parts.scales.as_ref().and_then(|s| matches!(s.2, Cow::Owned(_)).then(|| s.2.to_vec())),
-                parts: [gptq::QWEIGHT, gptq::QZEROS, gptq::SCALES].map(|s| format!("{prefix}{s}")),
+                parts: [words_part, gptq::QZEROS, gptq::SCALES].map(|s| format!("{prefix}{s}")),
                 layout,
             };
             let name = format!("{prefix}.weight");

@@ -150,13 +150,13 @@ fn inspect_artifact(dir: &Path, verify: bool) -> Result<()> {
 /// and `lm_head`), their group sizes, act-order, and the raw
 /// quantization_config of the checkpoint whose config.json is `config`.
 fn print_formats(w: &WeightStore, layers: usize, config: &Path) -> Result<()> {
-    use qvc_runtime::gptq::{G_IDX, PERM, QWEIGHT, QZEROS, SCALES};
+    use qvc_runtime::gptq::{G_IDX, PERM, QWEIGHT, QZEROS, SCALES, TILED};
     let q4 = w.q4_names();
     let parts: HashSet<String> = q4
         .iter()
         .flat_map(|n| {
             let prefix = n.strip_suffix(".weight").unwrap_or(n);
-            [QWEIGHT, QZEROS, SCALES, G_IDX, PERM].map(|s| format!("{prefix}{s}"))
+            [QWEIGHT, TILED, QZEROS, SCALES, G_IDX, PERM].map(|s| format!("{prefix}{s}"))
         })
         .collect();
     let mut by: BTreeMap<&str, (usize, u64)> = BTreeMap::new();
