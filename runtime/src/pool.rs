@@ -1,13 +1,14 @@
 //! Recycled f32 buffers for the CPU executor ([`crate::cpu`]).
 //!
 //! Why: the executor gives almost every op a new output buffer and frees
-//! values after their last reader. Large buffers (a prefill's 300×11008
-//! MLP activations are 13 MB, a 448-pixel vision layer's 1024×8192 are 33
-//! MB) come from `mmap` and go back with `munmap`, so without recycling every
-//! op page-faults its output in and the kernel zeroes the fresh pages
-//! (`clear_page_erms`, `exc_page_fault` and the unmap TLB flushes were ~10%
-//! of a prefill). Here a freed buffer goes into one process-wide pool and the
-//! next op of about the same size takes it back, already mapped.
+//! values after their last reader. A buffer at or above glibc's mmap
+//! threshold (which adapts up to 32 MiB; a 448-pixel vision layer's
+//! 1024×8192 MLP activations are 32 MiB) comes from `mmap` and goes back
+//! with `munmap`, so every op page-faults its output in and the kernel
+//! zeroes the fresh pages; a smaller one is recycled by `malloc` but still
+//! zero-filled by `vec![0; n]`. Here a freed buffer goes into one
+//! process-wide pool and the next op of about the same size takes it back,
+//! already mapped.
 //!
 //! A taken buffer holds stale data: every caller overwrites all of it (see
 //! the call sites in `cpu.rs`), so nothing is zeroed. Under `cfg(test)` a
@@ -16,9 +17,9 @@
 //!
 //! Bounds: at most [`MAX_BUFS`] buffers and [`MAX_BYTES`] bytes stay pooled
 //! (the oldest are freed first), buffers under [`MIN_LEN`] elements are left
-//! to `malloc`, and a
-//! request takes the smallest buffer that fits and is at most twice its size
-//! (a small value must not pin a large buffer a later large op needs). The
+//! to `malloc`, and a request takes the smallest buffer that fits and is at
+//! most twice its size (a small value must not pin a large buffer a later
+//! large op needs). The
 //! pool is one `Mutex`: only the thread that runs a graph takes and returns
 //! buffers (the kernels' rayon tasks never do), once per op, so the lock is
 //! uncontended unless several graphs run at once, and it persists across
