@@ -7,14 +7,14 @@
 //! reader; `Reshape` is free. The result must agree with
 //! [`qvc_ir::run_reference`] on every graph.
 //!
-//! Buffers: a freed value's buffer goes back to a process-wide pool
-//! (the private `pool` module) instead of the allocator, and new outputs come from it,
-//! because a large buffer fresh from `mmap` costs a page fault and a kernel
-//! zeroing per page on every op, and a recycled `malloc` one a memset.
-//! Pooled buffers hold stale data and are not zeroed: every op here writes each
-//! element of the buffer it takes (a GEMM without accumulate, a norm, an
-//! attention, a copy), and none relies on zeros. Values handed to the caller
-//! leave the pool.
+//! Buffers: a freed value's buffer goes back to a process-wide pool (the
+//! private `pool` module) instead of the allocator, and new outputs come
+//! from it, because a large buffer fresh from `mmap` costs a page fault and
+//! a kernel zeroing per page on every op, and a recycled `malloc` one a
+//! memset. Pooled buffers hold stale data and are not zeroed: every op here
+//! writes each element of the buffer it takes (a GEMM without accumulate, a
+//! norm, an attention, a copy), and none relies on zeros. Values handed to
+//! the caller leave the pool.
 
 use crate::pool::{self, Pooled};
 use qvc_ir::interp::{bind_input, broadcast_offsets, strided_offsets};
