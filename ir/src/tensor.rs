@@ -184,11 +184,13 @@ impl<'a> Q4Ref<'a> {
     }
 
     /// Word rows: `cols / 8` rounded up.
+    #[inline]
     pub fn word_rows(&self) -> usize {
         self.cols.div_ceil(8)
     }
     /// Word rows per group in [`Q4Words::Tiled`] order (the last group may
     /// have fewer).
+    #[inline]
     pub fn tile_group_rows(&self) -> usize {
         if self.group >= self.cols {
             self.word_rows().max(1)
@@ -268,6 +270,7 @@ impl<'a> Q4Ref<'a> {
     }
 
     /// Number of groups over the input rows (the last may be ragged).
+    #[inline]
     pub fn groups(&self) -> usize {
         self.cols.div_ceil(self.group)
     }

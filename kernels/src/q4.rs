@@ -668,6 +668,7 @@ unsafe fn chunk<K: Kern, const M: usize>(ch: &Chunk, bufs: &mut GemvBufs) {
 /// word rows), their stride being the block's. In the stored order each
 /// block reads `rows` strided runs, which the hardware prefetchers do not
 /// follow; in tiled order this stays a few KiB ahead in the same stream.
+#[inline(always)]
 pub(crate) fn prefetch_target(
     w: &Q4Ref,
     here: (usize, usize),
