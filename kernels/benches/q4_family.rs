@@ -182,7 +182,16 @@ fn bench_gemv(c: &mut Criterion) {
         ws.extend((1..copies).map(|c| Weight::random(out, inp, (out + c) as u64)));
         // Each copy in both word orders: as stored, and tiled as the
         // checkpoint loader regroups it for the CPU (`tile_words`).
+        let t0 = Instant::now();
         let tiled: Vec<Vec<u32>> = ws.iter().map(|w| tile_words(&w.view()).expect("group 128 tiles")).collect();
+        let tiled_mb = tiled.iter().map(|t| t.len() * 4).sum::<usize>() as f64 / 1e6;
+        eprintln!(
+            "q4 tile_words {name}: {tiled_mb:.0} MB of words regrouped in {:.1} ms ({:.1} GB/s, {} threads; what a \
+             checkpoint's load pays once)",
+            t0.elapsed().as_secs_f64() * 1e3,
+            tiled_mb / 1e3 / t0.elapsed().as_secs_f64(),
+            rayon::current_num_threads()
+        );
         let orders: Vec<(&str, Vec<Q4Ref>)> = vec![
             ("stored", ws.iter().map(|w| w.view()).collect()),
             (

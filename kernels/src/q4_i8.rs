@@ -44,7 +44,9 @@
 
 use crate::common::SyncPtr;
 use crate::gemm::MatRef;
-use crate::q4::{dispatch_rows, gemv_cols, prefetch_target, with_xg, Q4Path, GEMV_COLS, GEMV_COLS_BATCH};
+use crate::q4::{
+    dispatch_rows, gemv_cols, prefetch_group_params, prefetch_target, with_xg, Q4Path, GEMV_COLS, GEMV_COLS_BATCH,
+};
 use half::f16;
 use half::slice::HalfFloatSliceExt;
 use qvc_ir::{Elems, Q4Ref};
@@ -468,6 +470,7 @@ unsafe fn chunk<K: Kern, const M: usize>(ch: &Chunk, bufs: &mut Bufs) {
     for g in 0..w.groups() {
         // The group's scales and zeros over the chunk's columns.
         K::scales(&w.scales[g * w.ld + o0..g * w.ld + o0 + cw], &mut bufs.s[..cw]);
+        prefetch_group_params(w, g + 1, o0, cw);
         let zrow = &w.qzeros[g * w.ld / 8 + o0 / 8..g * w.ld / 8 + (o0 + cw).div_ceil(8)];
         for (zc, &word) in bufs.z.chunks_exact_mut(8).zip(zrow) {
             for (j, z) in zc.iter_mut().enumerate() {

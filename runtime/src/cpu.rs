@@ -623,15 +623,9 @@ mod tests {
         }
     }
 
-    /// Values in [-1, 1) from an LCG (never all zero).
+    /// Values in [-1, 1) (the kernels' deterministic test RNG).
     fn vals(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-        (0..n)
-            .map(|_| {
-                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-            })
-            .collect()
+        qvc_kernels::testutil::Rng::new(seed).vec(n, 1.0)
     }
 
     const T: usize = 12;
