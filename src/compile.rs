@@ -22,8 +22,10 @@
 //!
 //! Weight dtypes: checkpoint tensors are stored in `--dtype`, except int4
 //! (GPTQ) weights, which stay int4: a `Param` of [`DType::Q4`] is written as
-//! its parts `X.qweight`, `X.qzeros`, `X.scales`, `X.g_idx` (and `X.q4_perm`
-//! for act-order), rows already sorted by group ([`artifact::q4_parts`]), and
+//! its parts `X.q4_tiled` (the packed words in the CPU kernels' tiled order;
+//! `X.qweight` for a matrix whose groups split words), `X.qzeros`,
+//! `X.scales`, `X.g_idx` (and `X.q4_perm` for act-order), rows already
+//! sorted by group ([`artifact::q4_parts`]), and
 //! the weights byte counts are those real bytes. Weights made by
 //! folding keep their folded dtype when it is narrower than f32 or when
 //! `--dtype` is f32; folded f32 results of arithmetic are kept f32 (rounding

@@ -9,7 +9,9 @@
 //! ragged). Act-order (`desc_act`: `g_idx` is not `i / G`) is resolved here
 //! too: the stored rows are re-sorted by group into an owned copy and the
 //! permutation kept for the activations, as exllama does, so kernels only
-//! ever see consecutive groups. A compiled artifact stores the re-sorted rows
+//! ever see consecutive groups. The words are then regrouped once into the
+//! CPU kernels' tiled order ([`Q4Layout::tile`], `qvc_ir::Q4Words`). A
+//! compiled artifact stores the re-sorted rows already tiled (`X.q4_tiled`)
 //! and the permutation (`X.q4_perm`) and maps them as they are.
 
 use qvc_ir::{DType, Q4Ref, Q4Words, Shape};
