@@ -261,12 +261,30 @@ impl<'a> Q4Ref<'a> {
         }
         let tiled = Q4Ref { words: Q4Words::Tiled, ..*self };
         let mut out = vec![0u32; tiled.qweight_len()];
-        for p in 0..self.word_rows() {
-            for o in 0..self.ld {
-                out[tiled.word_index(p, o)] = self.word(p, o);
-            }
+        if out.is_empty() {
+            return Some(out);
+        }
+        let group_words = self.tile_group_rows() * self.ld.next_multiple_of(Q4_TILE);
+        for (g, dst) in out.chunks_mut(group_words).enumerate() {
+            self.tile_group_into(g, dst);
         }
         Some(out)
+    }
+    /// Group `g`'s part of [`Q4Ref::tiled_words`] (one contiguous range of
+    /// it, `dst`: the group's word rows times `ld` rounded up to a tile),
+    /// so that callers can fill the groups in parallel. Needs
+    /// [`Q4Ref::can_tile`].
+    pub fn tile_group_into(&self, g: usize, dst: &mut [u32]) {
+        let tiled = Q4Ref { words: Q4Words::Tiled, ..*self };
+        let (ldp, p0) = (self.ld.next_multiple_of(Q4_TILE), g * self.tile_group_rows());
+        let mut row = vec![0u32; self.ld];
+        for p in p0..p0 + dst.len() / ldp {
+            self.words_into(p, 0, &mut row);
+            for (t, tile) in row.chunks(Q4_TILE).enumerate() {
+                let i = tiled.word_index(p, t * Q4_TILE) - p0 * ldp;
+                dst[i..i + tile.len()].copy_from_slice(tile);
+            }
+        }
     }
 
     /// Number of groups over the input rows (the last may be ragged).

@@ -147,26 +147,19 @@ impl Q4Path {
 }
 
 /// [`Q4Ref::tiled_words`] in parallel, one task per group of word rows
-/// (each group is one contiguous range of the tiled words): what the
-/// loaders run on whole matrices. `None` when the groups split words.
+/// ([`Q4Ref::tile_group_into`]): what the loaders run on whole matrices.
+/// `None` when the groups split words.
 pub fn tile_words(w: &Q4Ref) -> Option<Vec<u32>> {
     if !w.can_tile() {
         return None;
     }
     let tiled = Q4Ref { words: Q4Words::Tiled, ..*w };
-    let (ldp, wpg) = (w.ld.next_multiple_of(Q4_TILE), w.tile_group_rows());
     let mut out = vec![0u32; tiled.qweight_len()];
-    out.par_chunks_mut(wpg * ldp).enumerate().for_each(|(g, dst)| {
-        let p0 = g * wpg;
-        let mut row = vec![0u32; w.ld];
-        for p in p0..p0 + dst.len() / ldp {
-            w.words_into(p, 0, &mut row);
-            for (t, tile) in row.chunks(Q4_TILE).enumerate() {
-                let i = tiled.word_index(p, t * Q4_TILE) - p0 * ldp;
-                dst[i..i + tile.len()].copy_from_slice(tile);
-            }
-        }
-    });
+    if out.is_empty() {
+        return Some(out);
+    }
+    let group_words = w.tile_group_rows() * w.ld.next_multiple_of(Q4_TILE);
+    out.par_chunks_mut(group_words).enumerate().for_each(|(g, dst)| w.tile_group_into(g, dst));
     Some(out)
 }
 
@@ -539,17 +532,6 @@ trait Kern {
             }
         }
     }
-    /// Prefetch the cache line at `p` (no-op where unsupported).
-    #[inline(always)]
-    fn prefetch(p: *const u32) {
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: prefetch never faults, whatever the address.
-        unsafe {
-            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p as *const i8)
-        };
-        #[cfg(not(target_arch = "x86_64"))]
-        let _ = p;
-    }
 }
 
 /// One group over one block of `U` word vectors: the accumulators stay in
@@ -580,7 +562,7 @@ unsafe fn block<K: Kern, const M: usize, const U: usize>(
         if d < pf_rows {
             let row = pf.wrapping_add(d * wld);
             for l in (0..U * K::LANES).step_by(16) {
-                K::prefetch(row.wrapping_add(l));
+                prefetch(row.wrapping_add(l));
             }
         }
         let x: [*const f32; M] = std::array::from_fn(|i| xr[i].add(p * 8));
@@ -631,30 +613,25 @@ unsafe fn chunk<K: Kern, const M: usize>(ch: &Chunk, bufs: &mut GemvBufs) {
         let pf = |v: usize| prefetch_target(w, (pa, pb - pa), next, o0, v, cw);
         let mut v = 0;
         while v < cw {
-            let (o, zp, sp, yp) = (o0 + v, zb.add(v), sb.add(v), y.add(v));
-            if let Some((i, wld)) = w.word_run(pa, o, step).filter(|_| v + step <= cw) {
-                let wp = qw.add(i);
-                match unroll(M, K::LANES) {
-                    4 => block::<K, M, 4>(wp, wld, rows, pf(v), zp, sp, &xr, yp, cwp),
-                    2 => block::<K, M, 2>(wp, wld, rows, pf(v), zp, sp, &xr, yp, cwp),
-                    _ => block::<K, M, 1>(wp, wld, rows, pf(v), zp, sp, &xr, yp, cwp),
+            let (zp, sp, yp) = (zb.add(v), sb.add(v), y.add(v));
+            v += match col_block(w, (pa, pb - pa), o0 + v, cw - v, step, K::LANES, &mut bufs.tail) {
+                ColBlock::Wide(wp, wld) => {
+                    match unroll(M, K::LANES) {
+                        4 => block::<K, M, 4>(wp, wld, rows, pf(v), zp, sp, &xr, yp, cwp),
+                        2 => block::<K, M, 2>(wp, wld, rows, pf(v), zp, sp, &xr, yp, cwp),
+                        _ => block::<K, M, 1>(wp, wld, rows, pf(v), zp, sp, &xr, yp, cwp),
+                    }
+                    step
                 }
-                v += step;
-            } else if let Some((i, wld)) = w.word_run(pa, o, K::LANES).filter(|_| v + K::LANES <= cw) {
-                block::<K, M, 1>(qw.add(i), wld, rows, pf(v), zp, sp, &xr, yp, cwp);
-                v += K::LANES;
-            } else {
-                // A ragged last vector, or one across a tile edge: its words
-                // through a zero-padded copy.
-                let n = (cw - v).min(K::LANES);
-                bufs.tail.clear();
-                bufs.tail.resize((pb - pa) * 16, 0);
-                for (d, t) in bufs.tail.chunks_mut(16).enumerate() {
-                    w.words_into(pa + d, o, &mut t[..n]);
+                ColBlock::One(wp, wld) => {
+                    block::<K, M, 1>(wp, wld, rows, pf(v), zp, sp, &xr, yp, cwp);
+                    K::LANES
                 }
-                block::<K, M, 1>(bufs.tail.as_ptr(), 16, rows, (qw, 0), zp, sp, &xr, yp, cwp);
-                v += n;
-            }
+                ColBlock::Copied(tp, n) => {
+                    block::<K, M, 1>(tp, 16, rows, (qw, 0), zp, sp, &xr, yp, cwp);
+                    n
+                }
+            };
         }
     }
     for i in 0..M {
@@ -662,13 +639,58 @@ unsafe fn chunk<K: Kern, const M: usize>(ch: &Chunk, bufs: &mut GemvBufs) {
     }
 }
 
-/// What to prefetch while the block at chunk column `v` of word rows
-/// `here = (p, rows)` runs: the same word rows [`PREFETCH_COLS`] columns
-/// on, or past the chunk's end (`cw` columns from absolute column `o0`) the
-/// start of the word rows read next, `next = (p, rows)`; as (first word,
-/// word rows), their stride being the block's. In the stored order each
-/// block reads `rows` strided runs, which the hardware prefetchers do not
-/// follow; in tiled order this stays a few KiB ahead in the same stream.
+/// Prefetch the cache line at `p` into L1 (no-op where unsupported).
+#[inline(always)]
+pub(crate) fn prefetch<T>(p: *const T) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: prefetch never faults, whatever the address.
+    unsafe {
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p as *const i8)
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
+}
+
+/// Where the GEMV sweep's next block of columns comes from (both int4
+/// GEMVs): `Wide` is `step` columns (the unrolled block) in place, `One`
+/// one vector of `lanes` columns in place, each as (first word, word-row
+/// stride); `Copied` is a ragged last vector or one across a tile edge,
+/// its words copied into `tail` (16 words a row, zero-padded), with its
+/// column count.
+pub(crate) enum ColBlock {
+    Wide(*const u32, usize),
+    One(*const u32, usize),
+    Copied(*const u32, usize),
+}
+
+/// The block at absolute column `o` of word rows `(p, rows)` with `left`
+/// columns left in the chunk (see [`ColBlock`]).
+#[inline(always)]
+pub(crate) fn col_block(
+    w: &Q4Ref,
+    (p, rows): (usize, usize),
+    o: usize,
+    left: usize,
+    step: usize,
+    lanes: usize,
+    tail: &mut Vec<u32>,
+) -> ColBlock {
+    let at = |(i, wld): (usize, usize)| (w.qweight.as_ptr().wrapping_add(i), wld);
+    if let Some((wp, wld)) = w.word_run(p, o, step).filter(|_| step <= left).map(at) {
+        return ColBlock::Wide(wp, wld);
+    }
+    if let Some((wp, wld)) = w.word_run(p, o, lanes).filter(|_| lanes <= left).map(at) {
+        return ColBlock::One(wp, wld);
+    }
+    let n = left.min(lanes);
+    tail.clear();
+    tail.resize(rows * 16, 0);
+    for (d, t) in tail.chunks_mut(16).enumerate() {
+        w.words_into(p + d, o, &mut t[..n]);
+    }
+    ColBlock::Copied(tail.as_ptr(), n)
+}
+
 /// Prefetch group `g`'s scales and zeros over absolute columns
 /// `o0..o0 + cw` (nothing past the last group). Each group's are one short
 /// run a whole row after the previous group's, which the hardware
@@ -679,25 +701,23 @@ pub(crate) fn prefetch_group_params(w: &Q4Ref, g: usize, o0: usize, cw: usize) {
     if g >= w.groups() {
         return;
     }
-    let line = |p: *const u8| {
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: prefetch never faults, whatever the address.
-        unsafe {
-            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p as *const i8)
-        };
-        #[cfg(not(target_arch = "x86_64"))]
-        let _ = p;
-    };
     let s = w.scales.as_ptr().wrapping_add(g * w.ld + o0) as *const u8;
     for b in (0..cw * 2).step_by(64) {
-        line(s.wrapping_add(b));
+        prefetch(s.wrapping_add(b));
     }
     let z = w.qzeros.as_ptr().wrapping_add((g * w.ld + o0) / 8) as *const u8;
     for b in (0..cw.div_ceil(2)).step_by(64) {
-        line(z.wrapping_add(b));
+        prefetch(z.wrapping_add(b));
     }
 }
 
+/// What to prefetch while the block at chunk column `v` of word rows
+/// `here = (p, rows)` runs: the same word rows [`PREFETCH_COLS`] columns
+/// on, or past the chunk's end (`cw` columns from absolute column `o0`) the
+/// start of the word rows read next, `next = (p, rows)`; as (first word,
+/// word rows), their stride being the block's. In the stored order each
+/// block reads `rows` strided runs, which the hardware prefetchers do not
+/// follow; in tiled order this stays a few KiB ahead in the same stream.
 #[inline(always)]
 pub(crate) fn prefetch_target(
     w: &Q4Ref,

@@ -45,7 +45,8 @@
 use crate::common::SyncPtr;
 use crate::gemm::MatRef;
 use crate::q4::{
-    dispatch_rows, gemv_cols, prefetch_group_params, prefetch_target, with_xg, Q4Path, GEMV_COLS, GEMV_COLS_BATCH,
+    col_block, dispatch_rows, gemv_cols, prefetch, prefetch_group_params, prefetch_target, with_xg, ColBlock, Q4Path,
+    GEMV_COLS, GEMV_COLS_BATCH,
 };
 use half::f16;
 use half::slice::HalfFloatSliceExt;
@@ -424,18 +425,6 @@ unsafe fn block<K: Kern, const M: usize, const U: usize>(
     }
 }
 
-/// Prefetch the cache line at `p` (no-op where unsupported).
-#[inline(always)]
-fn prefetch(p: *const u32) {
-    #[cfg(target_arch = "x86_64")]
-    // SAFETY: prefetch never faults, whatever the address.
-    unsafe {
-        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p as *const i8)
-    };
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = p;
-}
-
 /// The sweep of one chunk: groups in order, each group's blocks in order,
 /// each block over the chunk's columns.
 ///
@@ -491,30 +480,25 @@ unsafe fn chunk<K: Kern, const M: usize>(ch: &Chunk, bufs: &mut Bufs) {
             let sc = (&sum, &sx);
             let mut v = 0;
             while v < cw {
-                let (o, zs, yp) = (o0 + v, (zb.add(v), sb.add(v)), y.add(v));
-                if let Some((i, wld)) = w.word_run(bl.pa, o, step).filter(|_| v + step <= cw) {
-                    let wp = qw.add(i);
-                    match unroll(M, K::LANES) {
-                        4 => block::<K, M, 4>(wp, wld, np, pf(v), &q, zs, sc, yp, cwp),
-                        2 => block::<K, M, 2>(wp, wld, np, pf(v), &q, zs, sc, yp, cwp),
-                        _ => block::<K, M, 1>(wp, wld, np, pf(v), &q, zs, sc, yp, cwp),
+                let (zs, yp) = ((zb.add(v), sb.add(v)), y.add(v));
+                v += match col_block(w, (bl.pa, np), o0 + v, cw - v, step, K::LANES, &mut bufs.tail) {
+                    ColBlock::Wide(wp, wld) => {
+                        match unroll(M, K::LANES) {
+                            4 => block::<K, M, 4>(wp, wld, np, pf(v), &q, zs, sc, yp, cwp),
+                            2 => block::<K, M, 2>(wp, wld, np, pf(v), &q, zs, sc, yp, cwp),
+                            _ => block::<K, M, 1>(wp, wld, np, pf(v), &q, zs, sc, yp, cwp),
+                        }
+                        step
                     }
-                    v += step;
-                } else if let Some((i, wld)) = w.word_run(bl.pa, o, K::LANES).filter(|_| v + K::LANES <= cw) {
-                    block::<K, M, 1>(qw.add(i), wld, np, pf(v), &q, zs, sc, yp, cwp);
-                    v += K::LANES;
-                } else {
-                    // A ragged last vector, or one across a tile edge: its
-                    // words through a zero-padded copy.
-                    let n = (cw - v).min(K::LANES);
-                    bufs.tail.clear();
-                    bufs.tail.resize(np * 16, 0);
-                    for (d, t) in bufs.tail.chunks_mut(16).enumerate() {
-                        w.words_into(bl.pa + d, o, &mut t[..n]);
+                    ColBlock::One(wp, wld) => {
+                        block::<K, M, 1>(wp, wld, np, pf(v), &q, zs, sc, yp, cwp);
+                        K::LANES
                     }
-                    block::<K, M, 1>(bufs.tail.as_ptr(), 16, np, (qw, 0), &q, zs, sc, yp, cwp);
-                    v += n;
-                }
+                    ColBlock::Copied(tp, n) => {
+                        block::<K, M, 1>(tp, 16, np, (qw, 0), &q, zs, sc, yp, cwp);
+                        n
+                    }
+                };
             }
             b += 1;
         }

@@ -243,6 +243,30 @@ fn same_bits_in_every_order(
     Ok(())
 }
 
+/// The decode checks both int4 GEMVs share, on every path and word order:
+/// [`rows_match_rows_alone`] (batch rows are the rows alone, a row range is
+/// the full matrix's columns) and [`same_bits_in_every_order`].
+fn batch_invariant_in_every_order<P: Copy + std::fmt::Debug>(
+    wq: &Q4Owned,
+    x: &[f32],
+    mmax: usize,
+    cut: usize,
+    paths: Vec<P>,
+    run: impl Fn(P, &[f32], usize, &Q4Ref, &mut [f32]),
+) -> Result<(), TestCaseError> {
+    for (order, w) in wq.views() {
+        for &path in &paths {
+            rows_match_rows_alone(&format!("{path:?} {order}"), x, wq.inp, wq.out, mmax, &w, cut, |x, m, w, y| {
+                run(path, x, m, w, y)
+            })?;
+        }
+    }
+    for &path in &paths {
+        same_bits_in_every_order(wq, x, |x, m, w, y| run(path, x, m, w, y))?;
+    }
+    Ok(())
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(96))]
 
@@ -324,16 +348,9 @@ proptest! {
         let mmax = GEMV_MAX_M;
         assert!(mmax >= DECODE_BATCH_INVARIANT_MAX);
         let x = rng.vec(mmax * inp, 1.0);
-        for (order, w) in wq.views() {
-            for path in paths() {
-                rows_match_rows_alone(&format!("{path:?} {order}"), &x, inp, out, mmax, &w, cut, |x, m, w, y| {
-                    q4_linear(path, x, m, w, y, false)
-                })?;
-            }
-        }
-        for path in paths() {
-            same_bits_in_every_order(&wq, &x, |x, m, w, y| q4_linear(path, x, m, w, y, false))?;
-        }
+        batch_invariant_in_every_order(&wq, &x, mmax, cut, paths(), |path, x, m, w, y| {
+            q4_linear(path, x, m, w, y, false)
+        })?;
         let w = wq.view();
         for isa in isas() {
             let b = MatRef::row_major(Elems::Q4(w), out, inp).transposed();
@@ -623,16 +640,9 @@ proptest! {
         let mut rng = Rng::new(seed);
         let wq = Q4Owned::random(&mut rng, out, inp, group, asym, act_order);
         let x = rng.vec(GEMV_MAX_M * inp, 1.0);
-        for (order, w) in wq.views() {
-            for path in i8_paths() {
-                rows_match_rows_alone(&format!("{path:?} {order}"), &x, inp, out, GEMV_MAX_M, &w, cut, |x, m, w, y| {
-                    q4_gemv_i8(path, x, m, w, y, false)
-                })?;
-            }
-        }
-        for path in i8_paths() {
-            same_bits_in_every_order(&wq, &x, |x, m, w, y| q4_gemv_i8(path, x, m, w, y, false))?;
-        }
+        batch_invariant_in_every_order(&wq, &x, GEMV_MAX_M, cut, i8_paths(), |path, x, m, w, y| {
+            q4_gemv_i8(path, x, m, w, y, false)
+        })?;
     }
 }
 
