@@ -389,12 +389,12 @@ fn q4_part<'a>(q: &Q4Ref<'a>, part: Q4Part) -> std::borrow::Cow<'a, [u8]> {
     match part {
         Q4Part::QWeight if q.words == Q4Words::Gptq => bytemuck::cast_slice(&q.qweight[..k / 8 * n]).into(),
         // Regrouped for the CPU at load: back to the stored order the GPU
-        // kernels read.
-        Q4Part::QWeight => (0..k / 8)
-            .flat_map(|p| (0..n).map(move |o| q.word(p, o)))
-            .flat_map(u32::to_le_bytes)
-            .collect::<Vec<u8>>()
-            .into(),
+        // kernels read, as an artifact's `X.qweight` is written.
+        Q4Part::QWeight => {
+            let mut buf = Vec::with_capacity(k / 8 * n * 4);
+            crate::artifact::q4_part_bytes(q, crate::artifact::Q4Part::QWeight, &mut buf);
+            buf.into()
+        }
         Q4Part::QZeros => bytemuck::cast_slice(&q.qzeros[..g * n / 8]).into(),
         Q4Part::Scales => bytemuck::cast_slice(&q.scales[..g * n]).into(),
         Q4Part::Perm => match q.perm {
