@@ -606,13 +606,13 @@ unsafe fn chunk<K: Kern, const M: usize>(ch: &Chunk, bufs: &mut GemvBufs) {
         let (ra, rb) = (g * w.group, ((g + 1) * w.group).min(k));
         let (pa, pb) = (ra / 8, rb.div_ceil(8));
         K::fill(w, g, o0, cw, cwp, &mut bufs.zb, &mut bufs.sb);
-        prefetch_group_params(w, g + 1, o0, cw);
         let (zb, sb) = (bufs.zb.as_ptr(), bufs.sb.as_ptr());
         let rows = (pa, pb, ra, rb);
         let next = (pb, (pb - pa).min(words.saturating_sub(pb)));
         let pf = |v: usize| prefetch_target(w, (pa, pb - pa), next, o0, v, cw);
         let mut v = 0;
         while v < cw {
+            prefetch_group_params(w, g + 1, o0 + v);
             let (zp, sp, yp) = (zb.add(v), sb.add(v), y.add(v));
             v += match col_block(w, (pa, pb - pa), o0 + v, cw - v, step, K::LANES, &mut bufs.tail) {
                 ColBlock::Wide(wp, wld) => {
@@ -691,24 +691,37 @@ pub(crate) fn col_block(
     ColBlock::Copied(tail.as_ptr(), n)
 }
 
-/// Prefetch group `g`'s scales and zeros over absolute columns
-/// `o0..o0 + cw` (nothing past the last group). Each group's are one short
-/// run a whole row after the previous group's, which the hardware
-/// prefetchers do not follow: without this the first read of them stalled
-/// (`perf annotate`: 7.6% of an int4 decode step on the scales' load).
+/// Prefetch, into L2, group `g`'s scales and zeros for the block of
+/// [`Q4_TILE`] columns from absolute column `o` (nothing past the last
+/// group). The sweeps call it for the next group on every block of the
+/// current one, so the next group's parameters, one short run a whole row
+/// after this group's that the hardware prefetchers do not follow, arrive
+/// a few lines at a time. Prefetching a chunk's whole run at a group's
+/// start stalled on the first scales of each group all the same
+/// (`perf annotate`: 4.6% of an lm_head GEMV on `vcvtph2ps` of the
+/// scales): 64 lines issued at once into a full stream of weight misses,
+/// then evicted from L1 by the 128 KiB of words read before their use.
 #[inline(always)]
-pub(crate) fn prefetch_group_params(w: &Q4Ref, g: usize, o0: usize, cw: usize) {
+pub(crate) fn prefetch_group_params(w: &Q4Ref, g: usize, o: usize) {
     if g >= w.groups() {
         return;
     }
-    let s = w.scales.as_ptr().wrapping_add(g * w.ld + o0) as *const u8;
-    for b in (0..cw * 2).step_by(64) {
-        prefetch(s.wrapping_add(b));
-    }
-    let z = w.qzeros.as_ptr().wrapping_add((g * w.ld + o0) / 8) as *const u8;
-    for b in (0..cw.div_ceil(2)).step_by(64) {
-        prefetch(z.wrapping_add(b));
-    }
+    let s = w.scales.as_ptr().wrapping_add(g * w.ld + o) as *const u8;
+    prefetch_l2(s);
+    prefetch_l2(s.wrapping_add(64));
+    prefetch_l2(w.qzeros.as_ptr().wrapping_add((g * w.ld + o) / 8));
+}
+
+/// Prefetch the cache line at `p` into L2 (no-op where unsupported).
+#[inline(always)]
+fn prefetch_l2<T>(p: *const T) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: prefetch never faults, whatever the address.
+    unsafe {
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(p as *const i8)
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
 }
 
 /// What to prefetch while the block at chunk column `v` of word rows

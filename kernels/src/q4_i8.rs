@@ -459,7 +459,6 @@ unsafe fn chunk<K: Kern, const M: usize>(ch: &Chunk, bufs: &mut Bufs) {
     for g in 0..w.groups() {
         // The group's scales and zeros over the chunk's columns.
         K::scales(&w.scales[g * w.ld + o0..g * w.ld + o0 + cw], &mut bufs.s[..cw]);
-        prefetch_group_params(w, g + 1, o0, cw);
         let zrow = &w.qzeros[g * w.ld / 8 + o0 / 8..g * w.ld / 8 + (o0 + cw).div_ceil(8)];
         for (zc, &word) in bufs.z.chunks_exact_mut(8).zip(zrow) {
             for (j, z) in zc.iter_mut().enumerate() {
@@ -480,6 +479,7 @@ unsafe fn chunk<K: Kern, const M: usize>(ch: &Chunk, bufs: &mut Bufs) {
             let sc = (&sum, &sx);
             let mut v = 0;
             while v < cw {
+                prefetch_group_params(w, g + 1, o0 + v);
                 let (zs, yp) = ((zb.add(v), sb.add(v)), y.add(v));
                 v += match col_block(w, (bl.pa, np), o0 + v, cw - v, step, K::LANES, &mut bufs.tail) {
                     ColBlock::Wide(wp, wld) => {
