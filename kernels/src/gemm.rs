@@ -172,6 +172,32 @@ pub fn gemm_with_isa(isa: Isa, a: MatRef, b: MatRef, c: &mut [f32], accumulate: 
 /// [`fast_bf16_applies`]; every other case, and [`CpuMath::Exact`], runs the
 /// exact paths.
 pub fn gemm_with_math(isa: Isa, math: CpuMath, a: MatRef, b: MatRef, c: &mut [f32], accumulate: bool) {
+    gemm_then(isa, math, a, b, c, accumulate, None)
+}
+
+/// What a Linear layer does to its GEMM's result before anyone reads it
+/// (bias, activation, residual): `f(row, col0, values)` gets a stretch of
+/// row `row` of C from column `col0`, holding final GEMM values, and may
+/// change them in place. Every element of C is passed exactly once.
+pub type Epilogue<'e> = &'e (dyn Fn(usize, usize, &mut [f32]) + Sync);
+
+/// [`gemm_with_math`], then `epi` on every element of C. The packed paths
+/// (exact and bf16 products: prefill, the ViT) run it on each micro-tile as
+/// the tile's last k slice finishes, while the tile is still in L1; the
+/// others (decode rows, int4) on each row after the product. Either way an
+/// element gets the same operations as a pass over C afterwards would give
+/// it, so results are bit for bit those of the unfused sequence; what is
+/// saved is reading and writing C again per epilogue step (for the ViT's
+/// MLP, 32 MiB of f32 twice per layer).
+pub fn gemm_then(
+    isa: Isa,
+    math: CpuMath,
+    a: MatRef,
+    b: MatRef,
+    c: &mut [f32],
+    accumulate: bool,
+    epi: Option<Epilogue>,
+) {
     let (m, k, n) = (a.rows, a.cols, b.cols);
     assert_eq!(b.rows, k, "gemm: A is {m}x{k} but B is {}x{n}", b.rows);
     assert_eq!(c.len(), m * n, "gemm: C has {} elements, expected {m}x{n}", c.len());
@@ -183,12 +209,36 @@ pub fn gemm_with_math(isa: Isa, math: CpuMath, a: MatRef, b: MatRef, c: &mut [f3
             b.check("B");
             // SAFETY: `fast_bf16_applies` checked AVX-512 F/BW/VL + BF16 and
             // m, n, k > 0; the views were checked just above; C is m×n.
-            unsafe { gemm_bf16_packed(&a, &b, w, c, n, accumulate, parallel) };
+            unsafe { gemm_bf16_packed(&a, &b, w, c, n, accumulate, parallel, epi) };
             return;
         }
     }
     let _ = math;
-    gemm_strided(isa.resolve(), &a, &b, c, n, accumulate, parallel, &mut GemmScratch::default());
+    let isa = isa.resolve();
+    let mut scratch = GemmScratch::default();
+    if epi.is_some() && m > SMALL_M && k > 0 && !matches!(b.data, Elems::Q4(_)) {
+        a.check("A");
+        b.check("B");
+        gemm_packed(isa, &a, &b, c, n, accumulate, parallel, &mut scratch, epi);
+        return;
+    }
+    gemm_strided(isa, &a, &b, c, n, accumulate, parallel, &mut scratch);
+    if let Some(f) = epi {
+        if n > 0 {
+            par_chunks(c, n, parallel, |i, row| f(i, 0, row));
+        }
+    }
+}
+
+/// Runs `epi` on rows `i..i + rows`, columns `j..j + cols` of C (`ldc`
+/// apart), one call per row.
+///
+/// SAFETY: that block lies in C and no other thread touches it.
+#[inline]
+unsafe fn tile_epilogue(epi: Epilogue, c: SyncPtr, ldc: usize, (i, rows): (usize, usize), (j, cols): (usize, usize)) {
+    for r in i..i + rows {
+        epi(r, j, std::slice::from_raw_parts_mut(c.get().add(r * ldc + j), cols));
+    }
 }
 
 /// The engine behind [`gemm`]: C element `(i, j)` is `c[i * ldc + j]`.
@@ -228,7 +278,7 @@ pub(crate) fn gemm_strided(
     } else if m <= SMALL_M && b.col_stride == 1 {
         gemv_axpy(isa, a, b, c, ldc, accumulate, parallel, scratch);
     } else {
-        gemm_packed(isa, a, b, c, ldc, accumulate, parallel, scratch);
+        gemm_packed(isa, a, b, c, ldc, accumulate, parallel, scratch, None);
     }
 }
 
@@ -1192,6 +1242,7 @@ pub(crate) fn gemm_packed(
     accumulate: bool,
     parallel: bool,
     scratch: &mut GemmScratch,
+    epi: Option<Epilogue>,
 ) {
     let (m, k, n) = (a.rows, a.cols, b.cols);
     let Blocking { mr: bmr, nr: bnr, kc: bkc, kernel, .. } = blocking(isa);
@@ -1213,6 +1264,7 @@ pub(crate) fn gemm_packed(
         pack_a(a, bmr, pc, kc, ap, parallel && m * kc >= 1 << 15);
         let ap: &[f32] = ap;
         let overwrite = pc == 0 && !accumulate;
+        let last = if pc + kc == k { epi } else { None };
         par_for(mblocks * nsplit, parallel, |t| {
             let (mb, ns) = (t / nsplit, t % nsplit);
             let (i_lo, i_hi) = (mb * mc, (mb * mc + mc).min(m));
@@ -1232,6 +1284,10 @@ pub(crate) fn gemm_packed(
                         // is the only one writing that block (tiles
                         // partition C). `kernel` matches the resolved `isa`.
                         unsafe { kernel(kc, apanel, bpanel, cp.get().add(i * ldc + j), ldc, mr, nr, overwrite) };
+                        if let Some(f) = last {
+                            // SAFETY: the tile just written, this task's alone.
+                            unsafe { tile_epilogue(f, cp, ldc, (i, mr), (j, nr)) };
+                        }
                     }
                 }
             });
@@ -1710,7 +1766,7 @@ pub fn gemm_bf16_products(a: MatRef, b: MatRef, c: &mut [f32], accumulate: bool)
     if let Elems::BF16(w) = b.data {
         if bf16_products_native() && m > 0 && n > 0 && k > 0 {
             // SAFETY: AVX-512 F/BW/VL + BF16 checked just above; views checked.
-            unsafe { gemm_bf16_packed(&a, &b, w, c, n, accumulate, worth_parallel(m * n * k)) };
+            unsafe { gemm_bf16_packed(&a, &b, w, c, n, accumulate, worth_parallel(m * n * k), None) };
             return;
         }
     }
@@ -1775,6 +1831,7 @@ fn with_pairs<R>(
 /// elements, `ldc` apart; m, n, k > 0.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16,avx2,fma")]
+#[allow(clippy::too_many_arguments)]
 unsafe fn gemm_bf16_packed(
     a: &MatRef,
     b: &MatRef,
@@ -1783,6 +1840,7 @@ unsafe fn gemm_bf16_packed(
     ldc: usize,
     accumulate: bool,
     parallel: bool,
+    epi: Option<Epilogue>,
 ) {
     let (m, k, n) = (a.rows, a.cols, b.cols);
     assert!(ldc >= n && c.len() >= (m - 1) * ldc + n, "gemm: C too small for {m}x{n} with ldc {ldc}");
@@ -1815,6 +1873,7 @@ unsafe fn gemm_bf16_packed(
             }
             let ap: &[u32] = ap;
             let overwrite = q0 == 0 && !accumulate;
+            let last = if q0 + kp == kpairs { epi } else { None };
             par_for(mblocks * nsplit, parallel, |t| {
                 let (mb, ns) = (t / nsplit, t % nsplit);
                 let (i_lo, i_hi) = (mb * mc, (mb * mc + mc).min(m));
@@ -1843,6 +1902,10 @@ unsafe fn gemm_bf16_packed(
                                     overwrite,
                                 )
                             };
+                            if let Some(f) = last {
+                                // SAFETY: the tile just written, this task's alone.
+                                unsafe { tile_epilogue(f, cp, ldc, (i, rows), (j, cols)) };
+                            }
                         }
                     }
                 });

@@ -1076,7 +1076,7 @@ fn gemm_dequant(
     let stored = Q4Ref { perm: None, inv: None, ..*w };
     let b = MatRef::row_major(Elems::Q4(stored), n, k).transposed();
     let mut gs = GEMM.with(Cell::take).unwrap_or_default();
-    gemm_packed(isa, &a, &b, c, ldc, accumulate, parallel, &mut gs);
+    gemm_packed(isa, &a, &b, c, ldc, accumulate, parallel, &mut gs, None);
     GEMM.with(|c| c.set(Some(gs)));
 }
 

@@ -383,3 +383,77 @@ fn fast_mode_rounds_activations_like_bf16_products() {
         assert!(e < 1e-5, "Fast GEMM without AVX512-BF16 rel err {e}");
     }
 }
+
+/// `gemm_then` = the product, then the epilogue over C, bit for bit, on
+/// every path and both maths, and the epilogue sees every element exactly
+/// once at its own (row, column). The epilogue depends on the position, so
+/// a tile handed over with the wrong row or column offset fails.
+#[allow(clippy::too_many_arguments)]
+fn check_epilogue(
+    (m, n, k): (usize, usize, usize),
+    (la, lb): (u8, u8),
+    db: DType,
+    acc: bool,
+    seed: u64,
+) -> Result<(), TestCaseError> {
+    use qvc_kernels::gemm::gemm_with_math;
+    use qvc_kernels::{gemm_then, CpuMath};
+    use std::sync::atomic::{AtomicU32, Ordering};
+    let mut rng = Rng::new(seed);
+    let a = StoredMat::new(&mut rng, m, k, la, 1, 2, DType::F32);
+    let b = StoredMat::new(&mut rng, k, n, lb, 1, 1, db);
+    let c0 = rng.vec(m * n, 1.0);
+    let visits: Vec<AtomicU32> = (0..m * n).map(|_| AtomicU32::new(0)).collect();
+    let f = |r: usize, c: usize, v: &mut [f32]| {
+        for (e, x) in v.iter_mut().enumerate() {
+            *x = (*x * 0.5 + ((r * 1000 + c + e) as f32) * 1e-3).max(-0.25);
+            visits[r * n + c + e].fetch_add(1, Ordering::Relaxed);
+        }
+    };
+    for isa in paths() {
+        for math in [CpuMath::Exact, CpuMath::Fast] {
+            let mut want = c0.clone();
+            gemm_with_math(isa, math, a.view(), b.view(), &mut want, acc);
+            for (i, row) in want.chunks_mut(n).enumerate() {
+                f(i, 0, row);
+            }
+            visits.iter().for_each(|v| v.store(0, Ordering::Relaxed));
+            let mut got = c0.clone();
+            gemm_then(isa, math, a.view(), b.view(), &mut got, acc, Some(&f));
+            let bad = got.iter().zip(&want).position(|(x, y)| x.to_bits() != y.to_bits());
+            prop_assert!(
+                bad.is_none(),
+                "{isa:?} {math:?} {m}x{n}x{k} {db} acc {acc}: element {bad:?} differs from the pass after the GEMM"
+            );
+            let seen = visits.iter().position(|v| v.load(Ordering::Relaxed) != 1);
+            prop_assert!(
+                seen.is_none(),
+                "{isa:?} {math:?} {m}x{n}x{k}: element {seen:?} was not given to the epilogue exactly once"
+            );
+        }
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(48))]
+
+    /// Decode rows (m ≤ 8: dot and axpy paths, epilogue after the product)
+    /// and packed tiles (epilogue per tile), ragged edges, bf16/f16/f32 weights.
+    #[test]
+    fn gemm_then_is_the_product_then_the_epilogue(
+        m in 1usize..=40, n in 1usize..=100, k in 1usize..=300,
+        la in 0u8..3, lb in 0u8..3, db in 0usize..3, acc: bool, seed: u64,
+    ) {
+        check_epilogue((m, n, k), (la, lb), FLOAT_DTYPES[db], acc, seed)?;
+    }
+}
+
+/// Several k slices (past both KC sizes): the epilogue must wait for the last.
+#[test]
+fn gemm_then_runs_after_the_last_k_slice() {
+    for (k, seed) in [(1030, 1), (2100, 2), (257, 3)] {
+        check_epilogue((27, 70, k), (0, 1), DType::BF16, false, seed).unwrap();
+        check_epilogue((13, 33, k), (0, 0), DType::F32, true, seed).unwrap();
+    }
+}

@@ -431,49 +431,51 @@ fn eval<'a>(
             let (kd, nn) = (shp(1).dim(1), shp(1).dim(0));
             let m = out.numel() / nn.max(1);
             let x = a[0].elems();
-            let gemm = |w: Elems<'_>| {
+            // The epilogue in the expansion's order: bias, activation, residual,
+            // applied by the GEMM to each finished tile (see `k::gemm_then`).
+            let mut i = if *act == Act::SiluMul { 3 } else { 2 };
+            let bias_v = bias.then(|| {
+                i += 1;
+                a[i - 1].elems().to_f32_vec()
+            });
+            let res = residual.then(|| a[i].elems());
+            let gelu = (*act == Act::Gelu).then(k::act::gelu_erf_serial);
+            let epi = |r: usize, c0: usize, v: &mut [f32]| {
+                if let Some(b) = &bias_v {
+                    v.iter_mut().zip(&b[c0..]).for_each(|(x, bv)| *x += bv);
+                }
+                if let Some(g) = gelu {
+                    g(v);
+                }
+                match res {
+                    Some(Elems::F32(rs)) => v.iter_mut().zip(&rs[r * nn + c0..]).for_each(|(x, rv)| *x += rv),
+                    Some(rs) => v.iter_mut().enumerate().for_each(|(e, x)| *x += rs.get(r * nn + c0 + e)),
+                    None => {}
+                }
+            };
+            let fused = bias_v.is_some() || gelu.is_some() || res.is_some();
+            let gemm = |w: Elems<'_>, epi: Option<k::Epilogue>| {
                 // Written whole by the non-accumulating GEMM.
                 let mut c = pool::take(out.numel());
                 if m > 0 && nn > 0 {
-                    k::gemm(
-                        k::MatRef::row_major(x, m, kd),
-                        k::MatRef::row_major(w, nn, kd).transposed(),
-                        &mut c,
-                        false,
-                    );
+                    let (wm, xm) = (k::MatRef::row_major(w, nn, kd).transposed(), k::MatRef::row_major(x, m, kd));
+                    k::gemm_then(k::Isa::detect(), k::cpu_math(), xm, wm, &mut c, false, epi);
                 }
                 c
             };
-            let mut y = gemm(a[1].elems());
-            let mut i = 2;
             if *act == Act::SiluMul {
-                let gate = gemm(a[2].elems());
+                let (y, gate) = (gemm(a[1].elems(), None), gemm(a[2].elems(), None));
                 let mut prod = pool::take(y.len());
                 k::act::swiglu(&y, &gate, &mut prod);
-                pool::recycle(std::mem::replace(&mut y, prod));
+                pool::recycle(y);
                 pool::recycle(gate);
-                i += 1;
-            }
-            // The epilogue in the expansion's order: bias, activation, residual.
-            if *bias {
-                let b = a[i].elems().to_f32_vec();
-                if nn > 0 {
-                    y.par_chunks_mut(nn).for_each(|row| row.iter_mut().zip(&b).for_each(|(v, bv)| *v += bv));
+                if fused && nn > 0 {
+                    prod.par_chunks_mut(nn).enumerate().for_each(|(r, row)| epi(r, 0, row));
                 }
-                i += 1;
+                owned(prod)
+            } else {
+                owned(gemm(a[1].elems(), fused.then_some(&epi as k::Epilogue)))
             }
-            if *act == Act::Gelu {
-                k::act::gelu_erf(&mut y);
-            }
-            if *residual {
-                let r = a[i].elems();
-                y.par_chunks_mut(PAR_CHUNK).enumerate().for_each(|(ci, c)| {
-                    for (e, v) in c.iter_mut().enumerate() {
-                        *v += r.get(ci * PAR_CHUNK + e);
-                    }
-                });
-            }
-            owned(y)
         }
         Op::AddNorm { rms, eps } => {
             // The sum reuses the first operand's buffer when this is its last reader.
