@@ -1251,24 +1251,19 @@ pub(crate) fn gemm_packed(
     let npanels = n.div_ceil(bnr);
     ensure(&mut scratch.a, mpanels * bmr * kc_max);
     let cp = SyncPtr(c.as_mut_ptr());
-    let want_tasks = if parallel { 4 * rayon::current_num_threads() } else { 1 };
-    let nsplit = want_tasks.min(npanels);
-    let per_task = npanels.div_ceil(nsplit);
-    let nsplit = npanels.div_ceil(per_task);
-    let mblocks = want_tasks.div_ceil(nsplit).min(mpanels);
-    let mc = mpanels.div_ceil(mblocks) * bmr;
-    let mblocks = m.div_ceil(mc);
+    let part = Partition::new(m, bmr, npanels, parallel);
+    let Partition { nsplit, mblocks, mc, .. } = part;
     for pc in (0..k).step_by(bkc) {
         let kc = bkc.min(k - pc);
         let ap = &mut scratch.a[..mpanels * bmr * kc];
-        pack_a(a, bmr, pc, kc, ap, parallel && m * kc >= 1 << 15);
+        pack_a(isa, a, bmr, pc, kc, ap, parallel && m * kc >= 1 << 15);
         let ap: &[f32] = ap;
         let overwrite = pc == 0 && !accumulate;
         let last = if pc + kc == k { epi } else { None };
         par_for(mblocks * nsplit, parallel, |t| {
             let (mb, ns) = (t / nsplit, t % nsplit);
             let (i_lo, i_hi) = (mb * mc, (mb * mc + mc).min(m));
-            let (jr_lo, jr_hi) = (ns * per_task, (ns * per_task + per_task).min(npanels));
+            let (jr_lo, jr_hi) = part.panels(ns);
             with_b_panel(bnr * kc, |bp| {
                 for jr in jr_lo..jr_hi {
                     let j = jr * bnr;
@@ -1295,6 +1290,39 @@ pub(crate) fn gemm_packed(
     }
 }
 
+/// How the packed paths split C into tasks: `nsplit` runs of column
+/// panels ([`Partition::panels`]), times `mblocks` blocks of `mc` rows.
+/// About 4 tasks per thread, so work stealing evens out cores that run at
+/// different speeds; rows are split only when there are fewer column panels
+/// than that (each row block packs its B panels again).
+struct Partition {
+    nsplit: usize,
+    npanels: usize,
+    mblocks: usize,
+    mc: usize,
+}
+
+impl Partition {
+    fn new(m: usize, mr: usize, npanels: usize, parallel: bool) -> Partition {
+        let want_tasks = if parallel { 4 * rayon::current_num_threads() } else { 1 };
+        let nsplit = want_tasks.min(npanels).max(1);
+        let mpanels = m.div_ceil(mr);
+        let mblocks = want_tasks.div_ceil(nsplit).min(mpanels).max(1);
+        let mc = mpanels.div_ceil(mblocks) * mr;
+        Partition { nsplit, npanels, mblocks: m.div_ceil(mc), mc }
+    }
+
+    /// Column panels `lo..hi` of run `ns`: the panels dealt out evenly (runs
+    /// differ by at most one). Runs of `ceil(npanels / nsplit)` with the rest
+    /// in the last left, e.g. for the ViT's c_proj (52 panels, 8 runs), a
+    /// last run of 3 against 7: one thread idled for ~4 panels at the end of
+    /// every k slice (kernel_speed, 2 threads, two rounds: 0.79-0.80 of the
+    /// FMA peak then, 0.86-0.87 dealt evenly).
+    fn panels(&self, ns: usize) -> (usize, usize) {
+        (ns * self.npanels / self.nsplit, (ns + 1) * self.npanels / self.nsplit)
+    }
+}
+
 thread_local! {
     /// Each thread's packed B panel for [`gemm_packed`] (grown on
     /// demand, never shrunk).
@@ -1318,11 +1346,23 @@ fn with_b_panel<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
 
 /// Pack `A[:, pc..pc+kc]` into `mr`-row panels: panel r holds, for each p,
 /// the `mr` values `A[r*mr + ii, pc + p]` contiguously (zero past row m).
-fn pack_a(a: &MatRef, mr: usize, pc: usize, kc: usize, ap: &mut [f32], parallel: bool) {
+fn pack_a(isa: Isa, a: &MatRef, mr: usize, pc: usize, kc: usize, ap: &mut [f32], parallel: bool) {
     let m = a.rows;
     par_chunks(ap, mr * kc, parallel, |pi, panel| {
         let i0 = pi * mr;
         let rows = mr.min(m - i0);
+        #[cfg(target_arch = "x86_64")]
+        if let (Elems::F32(s), true, true) = (&a.data, a.col_stride == 1, matches!(isa, Isa::Avx2Fma | Isa::Avx512)) {
+            // Row-major f32 (the activations of every Linear): 8×8 transposes.
+            let (base, last) = (a.index(i0, pc), a.index(i0 + rows - 1, pc + kc - 1));
+            assert!(last < s.len() && mr <= 16, "pack_a: A's rows run past its data");
+            // SAFETY: the CPU has AVX2 (`isa` is resolved); rows i0..i0+rows,
+            // columns pc..pc+kc lie in `s` (the last element was checked, and
+            // rows are `row_stride` apart); `panel` holds mr·kc floats.
+            unsafe { pack_a_rows_avx2(s, base, a.row_stride, rows, mr, kc, panel) };
+            return;
+        }
+        let _ = isa;
         if a.row_stride == 1 && a.col_stride != 1 {
             // Columns of A are contiguous (A is a transposed view): read mr at a time.
             for p in 0..kc {
@@ -1346,6 +1386,52 @@ fn pack_a(a: &MatRef, mr: usize, pc: usize, kc: usize, ap: &mut [f32], parallel:
             }
         }
     });
+}
+
+/// [`pack_a`]'s panel for a row-major f32 A: rows `base`, `base + rs`, …
+/// (`rows` of them, the rest of the `mr` zero), `kc` columns; eight columns
+/// at a time, each group of up to 8 rows loaded as 8 vectors and transposed,
+/// so each column's values are one store instead of `mr` scalar ones.
+///
+/// SAFETY: AVX2; `s[base + i·rs + p]` exists for i < rows, p < kc; mr ≤ 16;
+/// `panel` holds `mr·kc` floats.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn pack_a_rows_avx2(s: &[f32], base: usize, rs: usize, rows: usize, mr: usize, kc: usize, panel: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let (src, dst) = (s.as_ptr().add(base), panel.as_mut_ptr());
+    let mut p0 = 0;
+    while p0 + 8 <= kc {
+        for g in (0..mr).step_by(8) {
+            let r: [__m256; 8] = std::array::from_fn(|t| {
+                if g + t < rows {
+                    _mm256_loadu_ps(src.add((g + t) * rs + p0))
+                } else {
+                    _mm256_setzero_ps()
+                }
+            });
+            let t = transpose8(r);
+            let w = (mr - g).min(8);
+            for (q, v) in t.iter().enumerate() {
+                let d = dst.add((p0 + q) * mr + g);
+                if w == 8 {
+                    _mm256_storeu_ps(d, *v);
+                } else {
+                    // A short last group (mr = 12: 4 rows, mr = 6: 6): no
+                    // full-width store past this column's values.
+                    let mut tmp = [0f32; 8];
+                    _mm256_storeu_ps(tmp.as_mut_ptr(), *v);
+                    std::ptr::copy_nonoverlapping(tmp.as_ptr(), d, w);
+                }
+            }
+        }
+        p0 += 8;
+    }
+    for p in p0..kc {
+        for ii in 0..mr {
+            *dst.add(p * mr + ii) = if ii < rows { *src.add(ii * rs + p) } else { 0.0 };
+        }
+    }
 }
 
 /// Pack `B[pc..pc+kc, jc..jc+nc]` into `nr`-column panels: panel q holds, for
@@ -1848,14 +1934,8 @@ unsafe fn gemm_bf16_packed(
     let kpairs = k.div_ceil(2);
     let mpanels = m.div_ceil(mr);
     let npanels = n.div_ceil(nr);
-    // The partition of `gemm_packed`.
-    let want_tasks = if parallel { 4 * rayon::current_num_threads() } else { 1 };
-    let nsplit = want_tasks.min(npanels);
-    let per_task = npanels.div_ceil(nsplit);
-    let nsplit = npanels.div_ceil(per_task);
-    let mblocks = want_tasks.div_ceil(nsplit).min(mpanels);
-    let mc = mpanels.div_ceil(mblocks) * mr;
-    let mblocks = m.div_ceil(mc);
+    let part = Partition::new(m, mr, npanels, parallel);
+    let Partition { nsplit, mblocks, mc, .. } = part;
     let cp = SyncPtr(c.as_mut_ptr());
     with_pairs(&A_PAIRS_BUF, mpanels * mr * kpairs.min(KP_BF16), |ap| {
         for q0 in (0..kpairs).step_by(KP_BF16) {
@@ -1877,7 +1957,7 @@ unsafe fn gemm_bf16_packed(
             par_for(mblocks * nsplit, parallel, |t| {
                 let (mb, ns) = (t / nsplit, t % nsplit);
                 let (i_lo, i_hi) = (mb * mc, (mb * mc + mc).min(m));
-                let (jr_lo, jr_hi) = (ns * per_task, (ns * per_task + per_task).min(npanels));
+                let (jr_lo, jr_hi) = part.panels(ns);
                 with_pairs(&B_PAIRS_BUF, nr * kp, |bp| {
                     for jr in jr_lo..jr_hi {
                         let j = jr * nr;
@@ -2059,6 +2139,26 @@ unsafe fn kernel_bf16(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Column runs cover every panel once, in order, and differ by at most
+    /// one panel; rows are split only when panels are fewer than tasks.
+    #[test]
+    fn partition_deals_panels_evenly() {
+        for (m, npanels, parallel) in [(1024, 52, true), (300, 384, true), (7, 3, true), (300, 52, false), (13, 1, true)] {
+            let p = Partition::new(m, MR_AVX512, npanels, parallel);
+            let runs: Vec<(usize, usize)> = (0..p.nsplit).map(|ns| p.panels(ns)).collect();
+            assert_eq!(runs.first().map(|r| r.0), Some(0));
+            assert_eq!(runs.last().map(|r| r.1), Some(npanels));
+            assert!(runs.windows(2).all(|w| w[0].1 == w[1].0), "{runs:?}");
+            let sizes: Vec<usize> = runs.iter().map(|r| r.1 - r.0).collect();
+            let (lo, hi) = (sizes.iter().min().unwrap(), sizes.iter().max().unwrap());
+            assert!(hi - lo <= 1 && *lo >= 1, "{npanels} panels: runs {sizes:?}");
+            assert!(p.mblocks * p.mc >= m && (p.mblocks - 1) * p.mc < m);
+            if !parallel {
+                assert_eq!((p.nsplit, p.mblocks), (1, 1));
+            }
+        }
+    }
     use crate::testutil::{rel_l2, Rng, StoredMat, FLOAT_DTYPES};
     use half::bf16;
     use proptest::prelude::*;
