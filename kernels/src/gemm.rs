@@ -2144,7 +2144,9 @@ mod tests {
     /// one panel; rows are split only when panels are fewer than tasks.
     #[test]
     fn partition_deals_panels_evenly() {
-        for (m, npanels, parallel) in [(1024, 52, true), (300, 384, true), (7, 3, true), (300, 52, false), (13, 1, true)] {
+        for (m, npanels, parallel) in
+            [(1024, 52, true), (300, 384, true), (7, 3, true), (300, 52, false), (13, 1, true)]
+        {
             let p = Partition::new(m, MR_AVX512, npanels, parallel);
             let runs: Vec<(usize, usize)> = (0..p.nsplit).map(|ns| p.panels(ns)).collect();
             assert_eq!(runs.first().map(|r| r.0), Some(0));

@@ -388,7 +388,6 @@ fn fast_mode_rounds_activations_like_bf16_products() {
 /// every path and both maths, and the epilogue sees every element exactly
 /// once at its own (row, column). The epilogue depends on the position, so
 /// a tile handed over with the wrong row or column offset fails.
-#[allow(clippy::too_many_arguments)]
 fn check_epilogue(
     (m, n, k): (usize, usize, usize),
     (la, lb): (u8, u8),

@@ -433,12 +433,10 @@ fn eval<'a>(
             let x = a[0].elems();
             // The epilogue in the expansion's order: bias, activation, residual,
             // applied by the GEMM to each finished tile (see `k::gemm_then`).
-            let mut i = if *act == Act::SiluMul { 3 } else { 2 };
-            let bias_v = bias.then(|| {
-                i += 1;
-                a[i - 1].elems().to_f32_vec()
-            });
-            let res = residual.then(|| a[i].elems());
+            // Inputs: x, the weight (and the gate's), then the bias, then the residual.
+            let bias_at = if *act == Act::SiluMul { 3 } else { 2 };
+            let bias_v = bias.then(|| a[bias_at].elems().to_f32_vec());
+            let res = residual.then(|| a[bias_at + usize::from(*bias)].elems());
             let gelu = (*act == Act::Gelu).then(k::act::gelu_erf_serial);
             let epi = |r: usize, c0: usize, v: &mut [f32]| {
                 if let Some(b) = &bias_v {
