@@ -10,11 +10,12 @@
 //! stay there).
 //!
 //! **Arithmetic (the batch-invariance contract on AVX-512):** element
-//! `(i, j)` is `hsum16(lanes) + tail`, where lane `l` accumulates
-//! `a[i, p]·w[j, p]` for `p ≡ l (mod 16)`, `p < k − k mod 16`, in increasing
-//! `p`, one FMA each (the weight widened exactly to f32: bf16 by a shift,
-//! f16 by `vcvtph2ps`); [`hsum16`] adds the lanes pairwise, and the
-//! `k mod 16` tail products are added one by one with `mul_add`. Nothing in
+//! `(i, j)` is `hsum16(c0 + c1) + tail`, where lane `l` of chain `c`
+//! accumulates `a[i, p]·w[j, p]` for `p ≡ l (mod 16)`, `⌊p/16⌋ ≡ c (mod 2)`,
+//! `p < k − k mod 16`, in increasing `p`, one FMA each (the weight widened
+//! exactly to f32: bf16 by a shift, f16 by `vcvtph2ps`); the two chains are
+//! added lane by lane, [`hsum16`] adds the lanes pairwise, and the `k mod 16`
+//! tail products are added one by one with `mul_add`. Nothing in
 //! that sequence depends on `m`, on how many weight rows a tile holds, or on
 //! the column split, so a row of a batched decode step is bit-identical to
 //! the row computed alone (`DECODE_BATCH_INVARIANT_MAX`). The AVX2 and
@@ -31,14 +32,24 @@
 //! GB/s against ~27 for 8-row tiles); for longer rows (11008) A no longer
 //! fits beside the stream and one-row tiles fall to ~18 GB/s, so 8 rows share
 //! each A load, each row software-prefetched [`AHEAD`] bytes ahead (~28-30
-//! GB/s). With more rows of A, the same 8-row tiles run against the rows of
-//! A two at a time: the first pair streams the tile from DRAM, the others
-//! re-read it from L2. Measured from DRAM, one thread, against the tiles of
+//! GB/s). With more rows of A, 4-row tiles run against the rows of A two at
+//! a time: the first pair streams the tile from DRAM, the others re-read it
+//! from L2 (8-row tiles before the second chain; see below). Measured from
+//! DRAM, one thread, against the tiles of
 //! `R` weight rows × all `M` rows (`R·M ≤ 24` zmm accumulators) this
 //! replaced: m = 8 4096→12288 8.7-8.9 → 12.7-14.0 GB/s, 11008→4096 9.4-9.9
 //! → 15.5-15.7; m = 4 16.9-18.7 → 18.0-20.3 and 19.5 → 22.2-23.1 (quads of
 //! A rows over 4-row tiles were in between). Tiles of 2 weight rows, fastest
 //! when the weight sits in cache, lost from DRAM at every m.
+//!
+//! **Two chains (Zen 4, 2026-12-03):** with one accumulator per dot product
+//! the k loop is one FMA dependency chain, 32 bytes of bf16 per FMA latency:
+//! the ~30 GB/s per core above was that bound, not DRAM (a weight that sits
+//! in L3, 4096→1024, one thread: 30.6-30.9 GB/s at m = 1). Alternate
+//! 16-element steps now go to two accumulators: 54.7-55.4 GB/s at m = 1,
+//! 41-43 (from 22) at m = 2, 21.6-21.8 (from 10.9) at m = 4, so a core can
+//! follow a faster DRAM stream. From DRAM on that machine (≈ 32 GB/s for
+//! two threads) both versions read at the memory's speed.
 //!
 //! Invariants: only called after `Isa::resolve` returned `Avx512` (the
 //! `#[target_feature]` functions are then sound); every weight row read lies
@@ -109,23 +120,27 @@ unsafe fn cols_impl<T: Src>(job: &GemvJob, base: *const T, j0: usize, j1: usize)
         }
         return;
     }
-    // Tiles of TILE_ROWS weight rows against the rows of A in pairs (the
-    // odd last row alone): the first pair streams the tile from DRAM with
-    // the prefetch, the other pairs find it in L2. Then the ragged rest of
-    // the columns, one weight row at a time.
+    // Tiles of weight rows against the rows of A in pairs (the odd last row
+    // alone): the first pair streams the tile from DRAM with the prefetch,
+    // the other pairs find it in L2. TILE_ROWS rows for one row of A, half as
+    // many for pairs (2 chains × rows × rows of A ≤ 16 zmm accumulators).
+    // Then the ragged rest of the columns, one weight row at a time.
+    let rows = if job.m == 1 { TILE_ROWS } else { TILE_ROWS / 2 };
     let mut j = j0;
-    while j1 - j >= TILE_ROWS {
+    while j1 - j >= rows {
         let mut i0 = 0;
         while i0 < job.m {
             let pf = if i0 == 0 { ahead } else { 0 };
             if job.m - i0 >= 2 {
-                tile::<T, TILE_ROWS, 2>(job, base, j, i0, pf);
-            } else {
+                tile::<T, { TILE_ROWS / 2 }, 2>(job, base, j, i0, pf);
+            } else if rows == TILE_ROWS {
                 tile::<T, TILE_ROWS, 1>(job, base, j, i0, pf);
+            } else {
+                tile::<T, { TILE_ROWS / 2 }, 1>(job, base, j, i0, pf);
             }
             i0 += 2;
         }
-        j += TILE_ROWS;
+        j += rows;
     }
     while j < j1 {
         let mut i0 = 0;
@@ -160,11 +175,12 @@ unsafe fn load16<T: Src>(p: *const T) -> std::arch::x86_64::__m512 {
     }
 }
 
-/// Weight rows `j..j + R` against rows `i0..i0 + M` of A: `M × R` accumulators of
-/// 16 lanes (the contract in the module doc), each weight vector widened
-/// once per step for all `M` rows, each A vector loaded once for all `R`
-/// weight rows. With `ahead > 0`, each weight row is prefetched `ahead`
-/// bytes in front of its reads (one line per 64 bytes read).
+/// Weight rows `j..j + R` against rows `i0..i0 + M` of A: `M × R` sums, each
+/// [`CHAINS`] accumulators of 16 lanes (the contract in the module doc), each
+/// weight vector widened once per step for all `M` rows, each A vector loaded
+/// once for all `R` weight rows. With `ahead > 0`, each weight row is
+/// prefetched `ahead` bytes in front of its reads (one line per 64 bytes
+/// read).
 ///
 /// SAFETY: as [`cols_avx512`], with rows `j..j + R` inside the checked span
 /// and `i0 + M ≤ m`.
@@ -181,11 +197,12 @@ unsafe fn tile<T: Src, const R: usize, const M: usize>(
     let full = k - k % LANES;
     let a = job.a.as_ptr().add(i0 * job.k);
     let rows: [*const T; R] = std::array::from_fn(|r| base.add((j + r) * job.cs));
-    let acc = dot_loop::<T, R, M>(a, k, &rows, ahead);
+    let [c0, c1] = dot_loop::<T, R, M>(a, k, &rows, ahead);
     for (r, &row) in rows.iter().enumerate() {
-        for (i, acc_i) in acc.iter().enumerate() {
+        for i in 0..M {
+            // The chains folded in one fixed order, then the lanes.
             let mut lanes = [0f32; LANES];
-            _mm512_storeu_ps(lanes.as_mut_ptr(), acc_i[r]);
+            _mm512_storeu_ps(lanes.as_mut_ptr(), _mm512_add_ps(c0[i][r], c1[i][r]));
             let mut s = hsum16(&lanes);
             for q in full..k {
                 s = (*a.add(i * k + q)).mul_add(widen1(*row.add(q)), s);
@@ -200,10 +217,20 @@ unsafe fn tile<T: Src, const R: usize, const M: usize>(
     }
 }
 
-/// The k loop of [`tile`] up to `k − k mod 16`: the accumulators, passed
-/// by value from step to step ([`step`]). (Written as an in-place array
-/// inside [`tile`], the compiler also stored all accumulators to the stack on
-/// every step; the speed on Zen 5 was the same.)
+/// Accumulators per dot product: 16-element step `s` (elements
+/// `16s..16s+16`) goes to chain `s mod CHAINS`. One chain would bound a
+/// one-row stream by the FMA latency: 32 bytes of bf16 per 4 cycles, about
+/// 30 GB/s per core at 3.7 GHz, below what one core's DRAM stream delivers.
+/// [`dot_loop`] and [`tile`] are written for exactly two.
+const CHAINS: usize = 2;
+
+/// One chain's accumulators of a tile: `[row of A][weight row]`.
+type Acc<const R: usize, const M: usize> = [[std::arch::x86_64::__m512; R]; M];
+
+/// The k loop of [`tile`] up to `k − k mod 16`: the accumulators of both
+/// chains, passed by value from step to step ([`step`]). (Written as an
+/// in-place array inside [`tile`], the compiler also stored all accumulators
+/// to the stack on every step; the speed on Zen 5 was the same.)
 ///
 /// SAFETY: as [`tile`].
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
@@ -212,14 +239,14 @@ unsafe fn dot_loop<T: Src, const R: usize, const M: usize>(
     k: usize,
     rows: &[*const T; R],
     ahead: usize,
-) -> [[std::arch::x86_64::__m512; R]; M] {
+) -> [Acc<R, M>; CHAINS] {
     use std::arch::x86_64::*;
     let full = k - k % LANES;
-    let mut acc = [[_mm512_setzero_ps(); R]; M];
+    let [mut c0, mut c1] = [[[_mm512_setzero_ps(); R]; M]; CHAINS];
     let size = std::mem::size_of::<T>();
-    // Two 16-element steps per trip: 64 bytes of each bf16/f16 row (one
+    // One step per chain per trip: 64 bytes of each bf16/f16 row (one
     // prefetched line), 128 of an f32 row (two).
-    let full2 = k - k % (2 * LANES);
+    let full2 = k - k % (CHAINS * LANES);
     let mut p = 0;
     while p < full2 {
         if ahead > 0 {
@@ -232,14 +259,15 @@ unsafe fn dot_loop<T: Src, const R: usize, const M: usize>(
                 }
             }
         }
-        acc = step::<T, R, M>(acc, a, k, rows, p);
-        acc = step::<T, R, M>(acc, a, k, rows, p + LANES);
-        p += 2 * LANES;
+        c0 = step::<T, R, M>(c0, a, k, rows, p);
+        c1 = step::<T, R, M>(c1, a, k, rows, p + LANES);
+        p += CHAINS * LANES;
     }
     if p < full {
-        acc = step::<T, R, M>(acc, a, k, rows, p);
+        // Step full2 / 16 is even: chain 0.
+        c0 = step::<T, R, M>(c0, a, k, rows, p);
     }
-    acc
+    [c0, c1]
 }
 
 /// One 16-element step at `p`: every weight row's vector widened once, every
@@ -249,12 +277,12 @@ unsafe fn dot_loop<T: Src, const R: usize, const M: usize>(
 /// SAFETY: as [`tile`]; `p + 16 ≤ k`.
 #[inline(always)]
 unsafe fn step<T: Src, const R: usize, const M: usize>(
-    mut acc: [[std::arch::x86_64::__m512; R]; M],
+    mut acc: Acc<R, M>,
     a: *const f32,
     k: usize,
     rows: &[*const T; R],
     p: usize,
-) -> [[std::arch::x86_64::__m512; R]; M] {
+) -> Acc<R, M> {
     use std::arch::x86_64::*;
     let wv: [__m512; R] = std::array::from_fn(|r| load16::<T>(rows[r].add(p)));
     for (i, acc_i) in acc.iter_mut().enumerate() {
