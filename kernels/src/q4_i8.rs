@@ -45,8 +45,8 @@
 use crate::common::SyncPtr;
 use crate::gemm::MatRef;
 use crate::q4::{
-    col_block, dispatch_rows, gemv_cols, prefetch, prefetch_group_params, prefetch_target, with_xg, ColBlock, Q4Path,
-    GEMV_COLS, GEMV_COLS_BATCH,
+    col_block, dispatch_rows, gemv_cols, prefetch_group_params, prefetch_l2, prefetch_target, with_xg, ColBlock,
+    Q4Path, GEMV_COLS, GEMV_COLS_BATCH,
 };
 use half::f16;
 use half::slice::HalfFloatSliceExt;
@@ -413,7 +413,7 @@ unsafe fn block<K: Kern, const M: usize, const U: usize>(
         if d < pf_rows {
             let row = pf.wrapping_add(d * wld);
             for l in (0..U * K::LANES).step_by(16) {
-                prefetch(row.wrapping_add(l));
+                prefetch_l2(row.wrapping_add(l));
             }
         }
         let qd: [*const [i32; 2]; M] = std::array::from_fn(|i| q[i].add(d));
