@@ -73,7 +73,11 @@ const TILE_ROWS: usize = 8;
 
 /// Software-prefetch distance in each weight row of a multi-row tile, in
 /// bytes (16 cache lines). Measured at 2 threads, 11008 → 4096 bf16: no
-/// prefetch 26.7 GB/s, 1024 bytes 30.0, 2048 worse again.
+/// prefetch 26.7 GB/s, 1024 bytes 30.0, 2048 worse again. The lines go to
+/// L2 (`prefetcht1`), not L1: an L1 prefetch holds one of the core's few L1
+/// miss buffers for a whole DRAM latency (Zen 4 VM, 3 interleaved rounds:
+/// 11008 → 4096 best 30.8-33.8 → 38.6-41.3 GB/s at m = 1, 4096 → 12288
+/// 17.9-18.6 → 20.4-22.2 at m = 4).
 const AHEAD: usize = 1024;
 
 /// What one call shares: A's rows (widened to f32, `m × k` contiguous), the
@@ -253,9 +257,9 @@ unsafe fn dot_loop<T: Src, const R: usize, const M: usize>(
             for &r in rows {
                 // A hint only: the address need not be valid.
                 let q = (r.add(p) as *const i8).wrapping_add(ahead);
-                _mm_prefetch::<_MM_HINT_T0>(q);
+                _mm_prefetch::<_MM_HINT_T1>(q);
                 if size > 2 {
-                    _mm_prefetch::<_MM_HINT_T0>(q.wrapping_add(64));
+                    _mm_prefetch::<_MM_HINT_T1>(q.wrapping_add(64));
                 }
             }
         }
