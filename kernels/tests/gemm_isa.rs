@@ -178,6 +178,21 @@ fn avx512_decode_equals_avx2_bit_for_bit() {
     }
 }
 
+/// A (f32, `m × k`, layout `la`), B (`db`, `k × n`, layout `lb`) and a
+/// starting C (`m × n`), drawn in that order from `seed`.
+fn f32_a_and_b(
+    (m, n, k): (usize, usize, usize),
+    (la, lb): (u8, u8),
+    db: DType,
+    seed: u64,
+) -> (StoredMat, StoredMat, Vec<f32>) {
+    let mut rng = Rng::new(seed);
+    let a = StoredMat::new(&mut rng, m, k, la, 1, 2, DType::F32);
+    let b = StoredMat::new(&mut rng, k, n, lb, 1, 1, db);
+    let c0 = rng.vec(m * n, 1.0);
+    (a, b, c0)
+}
+
 /// `gemm_bf16_products` (the explicit bf16-activation opt-in) against the
 /// reference on A rounded to bf16: on AVX512-BF16 (`vdpbf16ps`, when B is
 /// bf16) and on the fallback (other B dtypes, or CPUs without it) the only
@@ -190,10 +205,7 @@ fn check_bf16_products(
     seed: u64,
 ) -> Result<(), TestCaseError> {
     use qvc_kernels::gemm::gemm_bf16_products;
-    let mut rng = Rng::new(seed);
-    let a = StoredMat::new(&mut rng, m, k, la, 1, 2, DType::F32);
-    let b = StoredMat::new(&mut rng, k, n, lb, 1, 1, db);
-    let c0 = rng.vec(m * n, 1.0);
+    let (a, b, c0) = f32_a_and_b((m, n, k), (la, lb), db, seed);
     // The reference multiplies the bf16-rounded A (as exact f32 values).
     let ar: Vec<f32> =
         (0..m * k).map(|x| half::bf16::from_f32(a.view().get(x / k.max(1), x % k.max(1))).to_f32()).collect();
@@ -398,10 +410,7 @@ fn check_epilogue(
     use qvc_kernels::gemm::gemm_with_math;
     use qvc_kernels::{gemm_then, CpuMath};
     use std::sync::atomic::{AtomicU32, Ordering};
-    let mut rng = Rng::new(seed);
-    let a = StoredMat::new(&mut rng, m, k, la, 1, 2, DType::F32);
-    let b = StoredMat::new(&mut rng, k, n, lb, 1, 1, db);
-    let c0 = rng.vec(m * n, 1.0);
+    let (a, b, c0) = f32_a_and_b((m, n, k), (la, lb), db, seed);
     let visits: Vec<AtomicU32> = (0..m * n).map(|_| AtomicU32::new(0)).collect();
     let f = |r: usize, c: usize, v: &mut [f32]| {
         for (e, x) in v.iter_mut().enumerate() {
