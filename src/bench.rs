@@ -221,7 +221,7 @@ impl SyntheticWeights {
                 let (out, inp) = (shape[0], shape[1]);
                 let groups = inp.div_ceil(SYNTH_GROUP);
                 let base = splitmix(seed ^ fnv(&name));
-                let mut qweight = vec![0u32; inp / 8 * out];
+                let mut qweight = qvc_kernels::pages::huge_vec(inp / 8 * out, 0u32);
                 qweight.par_chunks_mut(CHUNK).enumerate().for_each(|(c, words)| {
                     let mut s = splitmix(base ^ (c as u64).wrapping_mul(0xA24B_AED4_963E_E407));
                     for w in words {
@@ -261,7 +261,7 @@ impl SyntheticWeights {
                 // sqrt(3): four U(0,1) sum to variance 1/3.
                 let scale = std * 3f32.sqrt();
                 let base = splitmix(seed ^ fnv(&name));
-                let mut v = vec![bf16::ZERO; n];
+                let mut v = qvc_kernels::pages::huge_vec(n, bf16::ZERO);
                 v.par_chunks_mut(CHUNK).enumerate().for_each(|(c, out)| {
                     let mut s = splitmix(base ^ (c as u64).wrapping_mul(0xA24B_AED4_963E_E407));
                     for x in out {

@@ -53,7 +53,7 @@ impl Weight {
     fn random(out: usize, inp: usize, seed: u64) -> Weight {
         let groups = inp.div_ceil(GROUP);
         let words = |n: usize, salt: u64| -> Vec<u32> {
-            let mut v = vec![0u32; n];
+            let mut v = qvc_kernels::pages::huge_vec(n, 0u32);
             v.par_chunks_mut(1 << 16).enumerate().for_each(|(c, ch)| {
                 let mut s = (seed ^ salt).wrapping_add(c as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
                 for w in ch {

@@ -42,6 +42,7 @@ mod gemv;
 pub mod gpu;
 pub mod math;
 pub mod norm;
+pub mod pages;
 pub mod peak;
 pub mod q4;
 pub mod q4_i8;

@@ -154,7 +154,8 @@ pub fn tile_words(w: &Q4Ref) -> Option<Vec<u32>> {
         return None;
     }
     let tiled = Q4Ref { words: Q4Words::Tiled, ..*w };
-    let mut out = vec![0u32; tiled.qweight_len()];
+    // Decode streams these words every token: huge pages (see `pages`).
+    let mut out = crate::pages::huge_vec(tiled.qweight_len(), 0u32);
     if out.is_empty() {
         return Some(out);
     }

@@ -40,6 +40,13 @@ impl KvCache {
         let (at, end) = (self.len * self.row, self.len * self.row + k.len());
         for (dst, src) in [(&mut self.k[layer], k), (&mut self.v[layer], v)] {
             if dst.len() < end {
+                if dst.capacity() < end {
+                    // Grow by doubling, and ask for huge pages once a layer's
+                    // rows are megabytes: long-context decode streams them
+                    // every token, as it does the weights.
+                    dst.reserve_exact(end.max(2 * dst.capacity()) - dst.len());
+                    qvc_kernels::pages::advise_huge(dst.spare_capacity_mut());
+                }
                 dst.resize(end, 0.0);
             }
             dst[at..end].copy_from_slice(src);
