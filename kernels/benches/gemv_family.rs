@@ -1,5 +1,6 @@
 //! Decode GEMV (`gemm` with m ≤ 8 rows against a transposed `[out, in]`
-//! bf16 weight: the dot path, `qvc_kernels::gemv` on AVX-512) at
+//! bf16 weight: the dot path, `qvc_kernels::gemv` on AVX-512, exact and
+//! with `--cpu-math fast`'s bf16 products) at
 //! Qwen-VL-Chat's decoder shapes, as GB/s of weight bytes and as a fraction
 //! of the read bandwidth measured in the same process on the same threads
 //! (`qvc_kernels::peak::read_bandwidth`, best of 8, once before and once
@@ -19,7 +20,8 @@
 
 use half::bf16;
 use qvc_ir::Elems;
-use qvc_kernels::{gemm_with_isa, Isa, MatRef};
+use qvc_kernels::gemm::{bf16_products_native, gemm_with_math};
+use qvc_kernels::{CpuMath, Isa, MatRef};
 use rayon::prelude::*;
 use std::time::Instant;
 
@@ -33,7 +35,7 @@ fn env_list<T: std::str::FromStr>(name: &str, default: &str) -> Vec<T> {
 
 /// A random bf16 weight `[out, in]`, filled in parallel.
 fn weight(out: usize, inp: usize, seed: usize) -> Vec<bf16> {
-    let mut v = vec![bf16::ZERO; out * inp];
+    let mut v = qvc_kernels::pages::huge_vec(out * inp, bf16::ZERO);
     v.par_chunks_mut(1 << 16).enumerate().for_each(|(c, ch)| {
         for (e, x) in ch.iter_mut().enumerate() {
             let h = ((c << 16) + e + seed).wrapping_mul(2_654_435_761) % 1000;
@@ -55,9 +57,20 @@ fn main() {
     let ms: Vec<usize> = env_list("GEMV_M", "1,4,8");
     let threads: Vec<usize> = env_list("GEMV_THREADS", "2,1");
     let calls: usize = env_list("GEMV_CALLS", "60").first().copied().unwrap_or(60);
-    let paths: Vec<Isa> = [Isa::Avx512, Isa::Avx2Fma].into_iter().filter(|i| i.available()).collect();
+    // (label, path, math): the exact paths the CPU has, and `--cpu-math
+    // fast` (bf16 products, `vdpbf16ps`) where it has AVX512-BF16.
+    let mut paths: Vec<(&str, Isa, CpuMath)> = vec![("Avx512", Isa::Avx512, CpuMath::Exact)];
+    if bf16_products_native() {
+        paths.push(("fast-bf16", Isa::Avx512, CpuMath::Fast));
+    }
+    paths.push(("Avx2Fma", Isa::Avx2Fma, CpuMath::Exact));
+    paths.retain(|p| p.1.available());
     let buf = qvc_kernels::peak::read_buffer();
-    println!("paths: {paths:?} (AVX-512: qvc_kernels::gemv, 16 lanes; AVX2: gemm's 8-lane tiles)");
+    let labels: Vec<&str> = paths.iter().map(|p| p.0).collect();
+    println!(
+        "paths: {labels:?} (AVX-512: qvc_kernels::gemv, 16 lanes; fast-bf16: the same tiles with bf16 products; \
+         AVX2: gemm's 8-lane tiles)"
+    );
     for &(inp, out) in &shapes {
         let bytes = out * inp * 2;
         let copies = match env_list::<usize>("GEMV_COPIES", "").first() {
@@ -75,17 +88,17 @@ fn main() {
                     let mut times = vec![Vec::with_capacity(calls); paths.len()];
                     let mut next = 0;
                     for _ in 0..calls {
-                        for (pi, &isa) in paths.iter().enumerate() {
+                        for (pi, &(_, isa, math)) in paths.iter().enumerate() {
                             next = (next + 1) % copies;
                             let w = MatRef::row_major(Elems::BF16(&ws[next]), out, inp).transposed();
                             let t0 = Instant::now();
-                            gemm_with_isa(isa, MatRef::row_major(Elems::F32(&x), m, inp), w, &mut y, false);
+                            gemm_with_math(isa, math, MatRef::row_major(Elems::F32(&x), m, inp), w, &mut y, false);
                             times[pi].push(t0.elapsed().as_secs_f64());
                         }
                     }
                     let bw1 = qvc_kernels::peak::read_bandwidth(&buf, 8);
                     let bw = bw0.max(bw1);
-                    for (pi, isa) in paths.iter().enumerate() {
+                    for (pi, (label, ..)) in paths.iter().enumerate() {
                         let mut s = times[pi].clone();
                         s.sort_by(f64::total_cmp);
                         let (best, med) = (s[0], s[s.len() / 2]);
@@ -93,7 +106,7 @@ fn main() {
                         println!(
                             "{inp:>5}->{out:<6} m={m} t={t} {:<8} best {:6.3} ms {:5.1} GB/s {:4.0}%   median {:6.3} ms \
                              {:5.1} GB/s {:4.0}%   (read bw {:.1} / {:.1} GB/s)",
-                            format!("{isa:?}"),
+                            label,
                             best * 1e3,
                             gbs(best),
                             100.0 * gbs(best) * 1e9 / bw,

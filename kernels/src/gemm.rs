@@ -36,7 +36,11 @@
 //!   (two products per f32 lane), f32 sums. About twice the exact path's
 //!   speed at prefill and ViT shapes; activations lose ~2⁻⁹ relative, so it
 //!   is never the default. f16 weights stay exact (bf16 would round them).
-//!   [`gemm_bf16_products`] runs the same kernel for any shape.
+//!   [`gemm_bf16_products`] runs the same kernel for any shape. Decode-sized
+//!   Fast GEMMs (m ≤ 8, k ≥ `SHORT_K`, a bf16 `[out, in]` weight) run the
+//!   dot path's tiles with `vdpbf16ps` instead ([`fast_bf16_dot_applies`]):
+//!   half the instructions per weight byte keeps more of the stream in
+//!   flight.
 //!
 //! Paths are chosen at run time ([`Isa::detect`]); AVX-512 runs its own
 //! packed micro-kernel, its own long-k dot kernel ([`crate::gemv`]: 16-lane
@@ -144,6 +148,8 @@ impl<'a> MatRef<'a> {
 #[derive(Default)]
 pub(crate) struct GemmScratch {
     a: Vec<f32>,
+    /// A's rows rounded to bf16 (bit patterns) for [`gemv_dot_bf16`].
+    a16: Vec<u16>,
 }
 
 fn ensure(v: &mut Vec<f32>, len: usize) {
@@ -221,6 +227,21 @@ pub fn gemm_then(
         b.check("B");
         gemm_packed(isa, &a, &b, c, n, accumulate, parallel, &mut scratch, epi);
         return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if math == CpuMath::Fast && fast_bf16_dot_applies(isa, &a, &b) {
+        if let Elems::BF16(w) = b.data {
+            a.check("A");
+            b.check("B");
+            // SAFETY: `fast_bf16_dot_applies` checked AVX-512 F/BW/VL + BF16,
+            // 1 ≤ m ≤ SMALL_M, k ≥ SHORT_K, n > 0 and B's rows contiguous; the
+            // views were checked just above; C is m×n.
+            unsafe { gemv_dot_bf16(&a, &b, w, c, n, accumulate, parallel, &mut scratch) };
+            if let Some(f) = epi {
+                par_chunks(c, n, parallel, |i, row| f(i, 0, row));
+            }
+            return;
+        }
     }
     gemm_strided(isa, &a, &b, c, n, accumulate, parallel, &mut scratch);
     if let Some(f) = epi {
@@ -1816,6 +1837,91 @@ pub fn bf16_products_native() -> bool {
     #[cfg(not(target_arch = "x86_64"))]
     {
         false
+    }
+}
+
+/// Whether a [`CpuMath::Fast`] GEMM with these operands runs the decode
+/// dot path with bf16 products ([`gemv_dot_bf16`]): bf16 weight rows
+/// (B's rows contiguous: a Linear's `[out, in]` weight), 1 to `SMALL_M`
+/// rows of A, `k ≥ SHORT_K` (the exact dot path's own vectors from there),
+/// AVX-512 with AVX512-BF16. Otherwise decode-sized Fast GEMMs run exact.
+pub fn fast_bf16_dot_applies(isa: Isa, a: &MatRef, b: &MatRef) -> bool {
+    matches!(b.data, Elems::BF16(_))
+        && (1..=SMALL_M).contains(&a.rows)
+        && a.cols >= SHORT_K
+        && b.cols > 0
+        && b.row_stride == 1
+        && isa.resolve() == Isa::Avx512
+        && bf16_products_native()
+}
+
+/// The decode dot path ([`gemv_dot`]) with bf16 products: A's rows rounded
+/// to bf16 (nearest even), then [`crate::gemv::cols_bf16_products`] over the
+/// same column tasks. Decode is bound by the weight stream; the bf16 loop
+/// keeps more of it in flight (see there).
+///
+/// SAFETY: [`fast_bf16_dot_applies`] holds; A and B checked; C holds
+/// `(m − 1)·ldc + n` elements.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemv_dot_bf16(
+    a: &MatRef,
+    b: &MatRef,
+    w: &[half::bf16],
+    c: &mut [f32],
+    ldc: usize,
+    accumulate: bool,
+    parallel: bool,
+    scratch: &mut GemmScratch,
+) {
+    let (m, k, n) = (a.rows, a.cols, b.cols);
+    assert!(ldc >= n && c.len() >= (m - 1) * ldc + n, "gemm: C too small for {m}x{n} with ldc {ldc}");
+    widen_a_rows(a, scratch);
+    scratch.a16.resize(m * k, 0);
+    for i in 0..m {
+        // Row by row, so each element rounds the same way whatever m is.
+        round_bf16_bits(&scratch.a[i * k..(i + 1) * k], &mut scratch.a16[i * k..(i + 1) * k]);
+    }
+    let cols = cols_per_task(n, m * k, parallel, usize::MAX);
+    let stream = n * k * 2 >= STREAM_BYTES;
+    let job = crate::gemv::GemvJob {
+        a: &scratch.a16[..m * k],
+        m,
+        k,
+        off: b.offset,
+        cs: b.col_stride,
+        c: SyncPtr(c.as_mut_ptr()),
+        ldc,
+        accumulate,
+        stream,
+    };
+    par_for(n.div_ceil(cols), parallel, |t| {
+        let (j0, j1) = (t * cols, ((t + 1) * cols).min(n));
+        // SAFETY: the CPU has AVX-512 + BF16 (the caller's check); task t
+        // owns columns j0..j1 of C, which C covers (asserted above).
+        unsafe { crate::gemv::cols_bf16_products(&job, w, j0, j1) };
+    });
+}
+
+/// `dst[p]` = the bf16 bits of `src[p]` rounded to nearest even, 32 at a
+/// time by `vcvtne2ps2bf16` (subnormals may flush to zero, as in
+/// [`pack_a_bf16_pairs`]), the rest by `half`.
+///
+/// SAFETY: CPU with AVX-512F and BF16; `dst.len() == src.len()`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn round_bf16_bits(src: &[f32], dst: &mut [u16]) {
+    use std::arch::x86_64::*;
+    debug_assert_eq!(src.len(), dst.len());
+    let full = src.len() - src.len() % 32;
+    let mut p = 0;
+    while p < full {
+        let v = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(src.as_ptr().add(p + 16)), _mm512_loadu_ps(src.as_ptr().add(p)));
+        _mm512_storeu_si512(dst.as_mut_ptr().add(p) as *mut __m512i, std::mem::transmute::<__m512bh, __m512i>(v));
+        p += 32;
+    }
+    for (d, &x) in dst[full..].iter_mut().zip(&src[full..]) {
+        *d = half::bf16::from_f32(x).to_bits();
     }
 }
 

@@ -279,7 +279,7 @@ fn check_fast(
     acc: bool,
     seed: u64,
 ) -> Result<(), TestCaseError> {
-    use qvc_kernels::gemm::{fast_bf16_applies, gemm_with_math};
+    use qvc_kernels::gemm::{fast_bf16_applies, fast_bf16_dot_applies, gemm_with_math};
     use qvc_kernels::CpuMath;
     let mut rng = Rng::new(seed);
     let a = StoredMat::new(&mut rng, m, k, la, pad, 2, da);
@@ -297,7 +297,7 @@ fn check_fast(
         );
         let mut got = c0.clone();
         gemm_with_math(isa, CpuMath::Fast, av, bv, &mut got, acc);
-        if !fast_bf16_applies(isa, &av, &bv) {
+        if !fast_bf16_applies(isa, &av, &bv) && !fast_bf16_dot_applies(isa, &av, &bv) {
             prop_assert!(
                 exact.iter().zip(&got).all(|(x, y)| x.to_bits() == y.to_bits()),
                 "{isa:?} {m}x{n}x{k} {db}: Fast without the bf16 path must be the exact path"
@@ -363,6 +363,55 @@ proptest! {
         m in 9usize..=70, n in 1usize..=90, k in 2040usize..=4300, lb in 0u8..2, acc: bool, seed: u64,
     ) {
         check_fast((m, n, k), (0, if lb == 0 { 1 } else { 0 }), (DType::F32, DType::BF16), 1, acc, seed)?;
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(24))]
+
+    /// Decode-sized Fast GEMMs (m ≤ 8) on bf16 `[out, in]` weights: the
+    /// bf16-product dot path, ragged k (k mod 64 both below and above 32:
+    /// the odd last step of chain 0, then the scalar tail), k past 4096
+    /// (8-row tiles at m = 1), padded strides, A in every dtype.
+    #[test]
+    fn fast_bf16_decode_matches_rounded_ref(
+        m in 1usize..=8, n in 1usize..=40, k in 1024usize..=4700,
+        da in 0usize..3, pad in 0usize..2, acc: bool, seed: u64,
+    ) {
+        check_fast((m, n, k), (0, 1), (FLOAT_DTYPES[da], DType::BF16), pad, acc, seed)?;
+    }
+}
+
+/// Fast decode keeps the batch-invariance contract: each row of an m-row
+/// GEMM is bit for bit the row computed alone, on the bf16-product dot path
+/// too (one-row stream, tiles with pairs of A rows, the odd row, the
+/// software-prefetched stream of a weight past 2 MiB).
+#[test]
+fn fast_bf16_decode_is_batch_invariant() {
+    use qvc_kernels::gemm::{fast_bf16_dot_applies, gemm_with_math};
+    use qvc_kernels::CpuMath;
+    for (m, n, k) in [(8, 37, 1100), (3, 300, 4096), (5, 45, 4700), (2, 19, 1024 + 63)] {
+        let mut rng = Rng::new((m * n * k) as u64);
+        let a = rng.vec(m * k, 1.0);
+        let w = Owned::from_f32(&rng.vec(n * k, 1.0), DType::BF16);
+        let bm = MatRef::row_major(w.elems(), n, k).transposed();
+        let am = MatRef::row_major(Elems::F32(&a), m, k);
+        let isa = Isa::detect();
+        if !fast_bf16_dot_applies(isa, &am, &bm) {
+            eprintln!("gemm_isa: no AVX512-BF16 here; the bf16 decode path does not run");
+            return;
+        }
+        let mut batch = vec![0f32; m * n];
+        gemm_with_math(isa, CpuMath::Fast, am, bm, &mut batch, false);
+        for i in 0..m {
+            let row = MatRef::row_major(Elems::F32(&a[i * k..(i + 1) * k]), 1, k);
+            let mut alone = vec![0f32; n];
+            gemm_with_math(isa, CpuMath::Fast, row, bm, &mut alone, false);
+            assert!(
+                alone.iter().zip(&batch[i * n..(i + 1) * n]).all(|(x, y)| x.to_bits() == y.to_bits()),
+                "{m}x{n}x{k}: row {i} of the batch differs from the row alone"
+            );
+        }
     }
 }
 
