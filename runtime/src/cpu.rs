@@ -137,7 +137,23 @@ fn strided_copy(src: Elems<'_>, out_shape: &Shape, strides: &[usize], base: usiz
 }
 
 /// Run `graph` and return every named output as f32.
+///
+/// The whole graph runs on a worker of rayon's global pool (`rayon::scope`
+/// from any other thread hands it one): each kernel's parallel loop then
+/// starts on a pool thread, which works on its own share at once. Called
+/// from outside the pool, every loop was injected into the pool and the
+/// caller slept until woken: two cross-thread wake-ups per kernel, a few
+/// hundred per decode step, each an inter-processor interrupt in a VM.
 pub fn run(
+    graph: &Graph,
+    weights: &dyn WeightSource,
+    inputs: &HashMap<String, InputRef<'_>>,
+) -> Result<HashMap<String, Vec<f32>>, ExecError> {
+    rayon::scope(|_| run_here(graph, weights, inputs))
+}
+
+/// [`run`] on the calling thread.
+fn run_here(
     graph: &Graph,
     weights: &dyn WeightSource,
     inputs: &HashMap<String, InputRef<'_>>,
