@@ -357,14 +357,7 @@ unsafe fn dot_loop<T: Src, const R: usize, const M: usize>(
     let mut p = 0;
     while p < full2 {
         if ahead > 0 {
-            for &r in rows {
-                // A hint only: the address need not be valid.
-                let q = (r.add(p) as *const i8).wrapping_add(ahead);
-                _mm_prefetch::<_MM_HINT_T1>(q);
-                if size > 2 {
-                    _mm_prefetch::<_MM_HINT_T1>(q.wrapping_add(64));
-                }
-            }
+            prefetch_rows(rows, p, ahead, if size > 2 { 2 } else { 1 });
         }
         c0 = step::<T, R, M>(c0, a, k, rows, p);
         c1 = step::<T, R, M>(c1, a, k, rows, p + LANES);
@@ -375,6 +368,22 @@ unsafe fn dot_loop<T: Src, const R: usize, const M: usize>(
         c0 = step::<T, R, M>(c0, a, k, rows, p);
     }
     [c0, c1]
+}
+
+/// Prefetch into L2 `lines` 64-byte lines of each row, `ahead` bytes past
+/// its element `p` (one trip of [`dot_loop`] or [`dot_loop_bf16`]).
+///
+/// SAFETY: `rows[r].add(p)` in bounds (the prefetched addresses need not be:
+/// a prefetch is a hint).
+#[inline(always)]
+unsafe fn prefetch_rows<T, const R: usize>(rows: &[*const T; R], p: usize, ahead: usize, lines: usize) {
+    use std::arch::x86_64::*;
+    for &r in rows {
+        let q = (r.add(p) as *const i8).wrapping_add(ahead);
+        for l in 0..lines {
+            _mm_prefetch::<_MM_HINT_T1>(q.wrapping_add(64 * l));
+        }
+    }
 }
 
 /// One 16-element step at `p`: every weight row's vector widened once, every
@@ -422,12 +431,7 @@ unsafe fn dot_loop_bf16<const R: usize, const M: usize>(
     let mut p = 0;
     while p < full2 {
         if ahead > 0 {
-            for &r in rows {
-                // A hint only: the address need not be valid.
-                let q = (r.add(p) as *const i8).wrapping_add(ahead);
-                _mm_prefetch::<_MM_HINT_T1>(q);
-                _mm_prefetch::<_MM_HINT_T1>(q.wrapping_add(64));
-            }
+            prefetch_rows(rows, p, ahead, 2);
         }
         c0 = step_bf16::<R, M>(c0, a, k, rows, p);
         c1 = step_bf16::<R, M>(c1, a, k, rows, p + STEP);
