@@ -219,7 +219,6 @@ pub fn gemm_then(
             return;
         }
     }
-    let _ = math;
     let isa = isa.resolve();
     let mut scratch = GemmScratch::default();
     if epi.is_some() && m > SMALL_M && k > 0 && !matches!(b.data, Elems::Q4(_)) {
@@ -228,22 +227,9 @@ pub fn gemm_then(
         gemm_packed(isa, &a, &b, c, n, accumulate, parallel, &mut scratch, epi);
         return;
     }
-    #[cfg(target_arch = "x86_64")]
-    if math == CpuMath::Fast && fast_bf16_dot_applies(isa, &a, &b) {
-        if let Elems::BF16(w) = b.data {
-            a.check("A");
-            b.check("B");
-            // SAFETY: `fast_bf16_dot_applies` checked AVX-512 F/BW/VL + BF16,
-            // 1 ≤ m ≤ SMALL_M, k ≥ SHORT_K, n > 0 and B's rows contiguous; the
-            // views were checked just above; C is m×n.
-            unsafe { gemv_dot_bf16(&a, &b, w, c, n, accumulate, parallel, &mut scratch) };
-            if let Some(f) = epi {
-                par_chunks(c, n, parallel, |i, row| f(i, 0, row));
-            }
-            return;
-        }
+    if !fast_dot(isa, math, &a, &b, c, accumulate, parallel, &mut scratch) {
+        gemm_strided(isa, &a, &b, c, n, accumulate, parallel, &mut scratch);
     }
-    gemm_strided(isa, &a, &b, c, n, accumulate, parallel, &mut scratch);
     if let Some(f) = epi {
         if n > 0 {
             par_chunks(c, n, parallel, |i, row| f(i, 0, row));
@@ -1853,6 +1839,35 @@ pub fn fast_bf16_dot_applies(isa: Isa, a: &MatRef, b: &MatRef) -> bool {
         && b.row_stride == 1
         && isa.resolve() == Isa::Avx512
         && bf16_products_native()
+}
+
+/// Runs [`gemv_dot_bf16`] (C = m×n) where a Fast GEMM qualifies
+/// ([`fast_bf16_dot_applies`]); whether it ran.
+#[allow(clippy::too_many_arguments)]
+#[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
+fn fast_dot(
+    isa: Isa,
+    math: CpuMath,
+    a: &MatRef,
+    b: &MatRef,
+    c: &mut [f32],
+    accumulate: bool,
+    parallel: bool,
+    scratch: &mut GemmScratch,
+) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if math == CpuMath::Fast && fast_bf16_dot_applies(isa, a, b) {
+        if let Elems::BF16(w) = b.data {
+            a.check("A");
+            b.check("B");
+            // SAFETY: `fast_bf16_dot_applies` checked AVX-512 F/BW/VL + BF16,
+            // 1 ≤ m ≤ SMALL_M, k ≥ SHORT_K, n > 0 and B's rows contiguous; the
+            // views were checked just above; C is m×n.
+            unsafe { gemv_dot_bf16(a, b, w, c, b.cols, accumulate, parallel, scratch) };
+            return true;
+        }
+    }
+    false
 }
 
 /// The decode dot path ([`gemv_dot`]) with bf16 products: A's rows rounded

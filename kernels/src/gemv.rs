@@ -113,15 +113,7 @@ pub(crate) struct GemvJob<'a, A = f32> {
 /// `c + i·ldc + j` for `i < m`, `j0 ≤ j < j1`, and no other thread may
 /// touch those elements during the call.
 pub(crate) unsafe fn cols_avx512<T: Src>(job: &GemvJob, w: &[T], j0: usize, j1: usize) {
-    if j0 >= j1 || job.m == 0 {
-        return;
-    }
-    assert!(job.m <= 8, "gemv: m = {} > 8", job.m);
-    assert!(job.k >= LANES, "gemv: k = {} shorter than one vector", job.k);
-    assert!(job.a.len() >= job.m * job.k, "gemv: A holds {} < {}x{}", job.a.len(), job.m, job.k);
-    // Every weight element read below lies in `w` (checked once).
-    assert!(job.off + (j1 - 1) * job.cs + job.k <= w.len(), "gemv: weight rows out of bounds");
-    cols_impl::<Exact, T>(job, w.as_ptr().add(job.off), j0, j1)
+    cols_checked::<Exact, T>(job, w, j0, j1)
 }
 
 /// [`cols_avx512`] with bf16 products (`--cpu-math fast`): A's rows come
@@ -142,13 +134,22 @@ pub(crate) unsafe fn cols_avx512<T: Src>(job: &GemvJob, w: &[T], j0: usize, j1: 
 ///
 /// SAFETY: as [`cols_avx512`], and the CPU must have AVX512-BF16.
 pub(crate) unsafe fn cols_bf16_products(job: &GemvJob<u16>, w: &[half::bf16], j0: usize, j1: usize) {
+    cols_checked::<Bf16Pairs, half::bf16>(job, w, j0, j1)
+}
+
+/// Both entry points: the job's bounds checked once, then [`cols_impl`].
+///
+/// SAFETY: as the entry point's.
+unsafe fn cols_checked<P: Products, T: Src>(job: &GemvJob<P::A>, w: &[T], j0: usize, j1: usize) {
     if j0 >= j1 || job.m == 0 {
         return;
     }
     assert!(job.m <= 8, "gemv: m = {} > 8", job.m);
+    assert!(job.k >= LANES, "gemv: k = {} shorter than one vector", job.k);
     assert!(job.a.len() >= job.m * job.k, "gemv: A holds {} < {}x{}", job.a.len(), job.m, job.k);
+    // Every weight element read below lies in `w` (checked once).
     assert!(job.off + (j1 - 1) * job.cs + job.k <= w.len(), "gemv: weight rows out of bounds");
-    cols_impl::<Bf16Pairs, half::bf16>(job, w.as_ptr().add(job.off), j0, j1)
+    cols_impl::<P, T>(job, w.as_ptr().add(job.off), j0, j1)
 }
 
 /// How a tile multiplies A by the weight rows: which A it reads, how many
