@@ -27,14 +27,10 @@ fn agree(g: &Graph, w: &W, inputs: &HashMap<String, Vec<f32>>) {
 
 /// Like [`agree`], for outputs that are sums of products (linear, conv,
 /// matmul, attention's weighted sum of values; layout ops pass through
-/// exactly), where `‖b‖` is the wrong yardstick: a dot product that cancels
-/// (seen in CI: k = 24 terms summing to a small fraction of their
-/// magnitudes) has an f32 rounding error set by its terms, not its result,
-/// in every backend that accumulates in f32. The error is measured against
-/// the same sums of the terms' magnitudes, the yardstick of the standard
-/// bound `|ŷ − y| ≤ γ_k·Σ|xᵢ||wᵢ|`: the graph run with the inputs and
-/// weights named in `signed` replaced by their absolute values (for
-/// attention only `v`: the probabilities are already positive).
+/// exactly), measured with [`rel_to`] (seen in CI: a k = 24 dot summing to a
+/// small fraction of its terms): the yardstick is the graph run with the
+/// inputs and weights named in `signed` replaced by their absolute values
+/// (for attention only `v`: the probabilities are already positive).
 fn agree_sums(g: &Graph, w: &W, inputs: &HashMap<String, Vec<f32>>, signed: &[&str]) {
     let abs_w = W(w
         .0
@@ -56,9 +52,7 @@ fn agree_sums(g: &Graph, w: &W, inputs: &HashMap<String, Vec<f32>>, signed: &[&s
     let b = Reference.run(g, w, &refs(inputs)).unwrap();
     let mag = Reference.run(g, &abs_w, &refs(&abs_in)).unwrap();
     for (name, want) in &b {
-        let err: f64 = a[name].iter().zip(want).map(|(x, y)| (*x as f64 - *y as f64).powi(2)).sum();
-        let size: f64 = mag[name].iter().map(|m| (*m as f64).powi(2)).sum();
-        let r = (err / size.max(1e-30)).sqrt();
+        let r = rel_to(&a[name], want, &mag[name]);
         assert!(r < 2e-6, "{name}: error relative to the terms' magnitudes {r:e}\n{g}");
     }
 }

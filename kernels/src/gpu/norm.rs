@@ -5,8 +5,9 @@
 //!   previous block's output), written back to `x` in place: the new residual stream;
 //! * then `y = norm(x) · w (+ b)` with `w`, `b` bf16 `[cols]`:
 //!   LayerNorm `(x − mean)·rsqrt(var + eps)` (biased variance, two passes over
-//!   registers: the second pass sums `(x − mean)²`, which avoids the
-//!   cancellation of `E[x²] − mean²`), or RMSNorm `x·rsqrt(mean(x²) + eps)` in
+//!   registers: the second pass sums `d = x − mean` and `d²`, which avoids
+//!   the cancellation of `E[x²] − mean²` and corrects the f32 mean's own
+//!   rounding by `Σd/n`), or RMSNorm `x·rsqrt(mean(x²) + eps)` in
 //!   f32, as Qwen does;
 //! * `y` is written as `out` (bf16 for the next GEMM, or f32).
 //!
@@ -484,26 +485,46 @@ impl KernelSpec for NormSpec {
                 let total = row_sum(&mut b, &g, s, tid, "red_mean");
                 let mean = b.mul(Ty::F32, total, inv_n);
                 let mut d = vec![];
-                let mut sq = None;
+                let (mut sq, mut lin) = (None, None);
+                let acc = |b: &mut KernelBuilder, acc: &mut Option<Reg>, v: Reg| {
+                    *acc = Some(match *acc {
+                        None => v,
+                        Some(a) => b.add(Ty::F32, a, v),
+                    });
+                };
                 for i in 0..per {
                     let di: Vec<Reg> = xs[i].iter().map(|&v| b.sub(Ty::F32, v, mean)).collect();
                     for &dv in &di {
                         // Zero-filled chunks past the row end have d = −mean: keep them out.
-                        let sqv = b.mul(Ty::F32, dv, dv);
-                        let sqv = match valid[i] {
-                            Some(p) => b.selp(Ty::F32, sqv, 0.0f32, p),
-                            None => sqv,
+                        let dv = match valid[i] {
+                            Some(p) => b.selp(Ty::F32, dv, 0.0f32, p),
+                            None => dv,
                         };
-                        sq = Some(match sq {
-                            None => sqv,
-                            Some(acc) => b.add(Ty::F32, acc, sqv),
-                        });
+                        let sqv = b.mul(Ty::F32, dv, dv);
+                        acc(&mut b, &mut sq, sqv);
+                        acc(&mut b, &mut lin, dv);
                     }
                     d.push(di);
                 }
+                // The f32 mean is off by up to half an ulp of itself, which
+                // shifts every deviation: for a row whose spread is small
+                // next to its mean (two close values near 3) that is 1e-5
+                // of the output. `x − mean` is exact for such rows
+                // (Sterbenz), so the deviations' own mean `drift` is the
+                // mean's error: subtract it, and take it out of the variance
+                // (the corrected two-pass formula, Σd² − (Σd)²/n).
+                let drift_sum = row_sum(&mut b, &g, lin.unwrap(), tid, "red_drift");
+                let drift = b.mul(Ty::F32, drift_sum, inv_n);
                 let var_sum = row_sum(&mut b, &g, sq.unwrap(), tid, "red_var");
+                let neg = b.mul(Ty::F32, drift_sum, drift);
+                let var_sum = b.sub(Ty::F32, var_sum, neg);
                 let var = b.mul(Ty::F32, var_sum, inv_n);
                 let ve = b.add(Ty::F32, var, self.eps);
+                for di in d.iter_mut() {
+                    for dv in di.iter_mut() {
+                        *dv = b.sub(Ty::F32, *dv, drift);
+                    }
+                }
                 (d, b.rsqrt(ve))
             }
             NormKind::RmsNorm => {
@@ -546,10 +567,11 @@ impl KernelSpec for NormSpec {
     fn cost(&self) -> Cost {
         let n = (self.rows * self.cols) as u64;
         let cols = self.cols as u64;
-        // Per element: LayerNorm sum, subtract, square-add, scale, fma with w and b;
+        // Per element: LayerNorm sum, subtract, square, two adds (Σd², Σd), the
+        // drift subtract, scale, fma with w and b;
         // RMSNorm square-add, scale, multiply by w; the residual add is one more.
         let per_el = match self.kind {
-            NormKind::LayerNorm { .. } => 7,
+            NormKind::LayerNorm { .. } => 9,
             NormKind::RmsNorm => 4,
         } + self.residual as u64;
         let weights = cols * 2 * (1 + self.has_bias() as u64);

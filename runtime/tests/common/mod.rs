@@ -1,5 +1,5 @@
 //! Helpers shared by the runtime's test files: bf16 test weights, a
-//! deterministic value stream, and the relative error the tolerances use.
+//! deterministic value stream, and the relative errors the tolerances use.
 #![allow(dead_code)] // each test file uses a subset
 
 use half::bf16;
@@ -30,5 +30,19 @@ pub fn rel(a: &[f32], b: &[f32]) -> f64 {
     assert_eq!(a.len(), b.len());
     let n: f64 = a.iter().zip(b).map(|(x, y)| (*x as f64 - *y as f64).powi(2)).sum();
     let d: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
+    (n / d.max(1e-30)).sqrt()
+}
+
+/// ‖a − b‖ / ‖mag‖ in f64: the error of a sum of products measured against
+/// the sums of its terms' magnitudes (`mag`: the same computation on `|x|`,
+/// `|w|`), the yardstick of the f32 dot bound `|ŷ − y| ≤ γ_k·Σ|xᵢ||wᵢ|`. A
+/// result that cancels to near zero has a rounding error set by its terms,
+/// in every backend that accumulates in f32, so `‖b‖` would measure the
+/// data's conditioning, not the backend.
+pub fn rel_to(a: &[f32], b: &[f32], mag: &[f32]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    assert_eq!(a.len(), mag.len());
+    let n: f64 = a.iter().zip(b).map(|(x, y)| (*x as f64 - *y as f64).powi(2)).sum();
+    let d: f64 = mag.iter().map(|m| (*m as f64).powi(2)).sum();
     (n / d.max(1e-30)).sqrt()
 }
