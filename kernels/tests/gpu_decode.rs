@@ -299,6 +299,74 @@ fn threads_for(cols: usize, small: bool) -> u32 {
 const SOFTMAX_TOL: f64 = 1e-6;
 const SOFTMAX_CPU_TOL: f64 = 4e-6;
 
+/// One top-p case against the reference (see `top_p_matches_reference`).
+#[allow(clippy::too_many_arguments)]
+fn top_p_case(
+    rows: usize,
+    cols: usize,
+    temperature: f32,
+    top_p: f32,
+    top_k_sel: usize,
+    scale: f32,
+    dups: usize,
+    vec4: bool,
+    small: bool,
+    u_edge: usize,
+    seed: u64,
+) -> Result<(), TestCaseError> {
+    let cols = if vec4 { cols.next_multiple_of(4) } else { cols };
+    let mut rng = Rng::new(seed);
+    let masked = rng.below(4);
+    let mut x = logits(&mut rng, rows, cols, scale, masked);
+    for r in 0..rows {
+        let row = &mut x[r * cols..(r + 1) * cols];
+        // Exact duplicates (ties at the threshold go to the lowest index),
+        // a NaN (weight 0) and a -0.0 (equal to +0.0).
+        for _ in 0..dups {
+            let v = row[rng.below(cols)];
+            row[rng.below(cols)] = v;
+        }
+        if cols > 3 {
+            row[1 + rng.below(cols - 1)] = f32::NAN;
+            row[1 + rng.below(cols - 1)] = -0.0;
+        }
+        row[0] = if row[0].is_finite() { row[0] } else { 0.5 };
+    }
+    let top_k = [0, 1, 3, 40, cols as u32 + 7][top_k_sel];
+    let p = TopPParams { temperature, top_p, top_k };
+    let mut u: Vec<f32> = (0..rows).map(|_| rng.unit()).collect();
+    // The ends of [0, 1): the first kept token, and the last one (where
+    // f32 rounding may leave the walk without a crossing: the fallback).
+    match u_edge {
+        0 => u[0] = 0.0,
+        1 => u[0] = 1.0 - f32::EPSILON / 2.0,
+        _ => {}
+    }
+    let spec = TopPSpec { rows, cols, threads: threads_for(cols, small) };
+    spec.validate().unwrap();
+    let got = emulate_top_p(&spec, &x, &u, &p);
+    let mut cpu = vec![-1; rows];
+    spec.cpu(&x, &u, &p, &mut cpu);
+    let mut want = vec![-1; rows];
+    spec.reference(&x, &u, &p, &mut want);
+    for r in 0..rows {
+        let row = &x[r * cols..(r + 1) * cols];
+        let ok = top_p_accepts(&spec, row, &p, u[r]);
+        prop_assert!(ok.contains(&(want[r] as usize)), "the reference itself is accepted");
+        prop_assert!(ok.contains(&(got[r] as usize)), "PTX row {}: id {} not in {:?} (ref {})", r, got[r], ok, want[r]);
+        prop_assert!(ok.contains(&(cpu[r] as usize)), "CPU row {}: id {} not in {:?} (ref {})", r, cpu[r], ok, want[r]);
+    }
+    Ok(())
+}
+
+/// Found by the proptest: top_p = 1 and u = 0, where token 0's weight is
+/// 1e-17 of the row's: the definition keeps it and picks it, and the f64
+/// reference's running sum used to drop it.
+#[test]
+fn top_p_one_keeps_the_tiny_tail() {
+    top_p_case(1, 737, 0.3, 1.0, 0, 10.0, 1, true, false, 0, 3112515728910797701).unwrap();
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(16))]
 
@@ -472,48 +540,7 @@ proptest! {
         top_k_sel in 0usize..5, scale in prop::sample::select(vec![1.0f32, 4.0, 10.0]),
         dups in 0usize..6, small: bool, vec4: bool, u_edge in 0usize..4, seed: u64,
     ) {
-        let cols = if vec4 { cols.next_multiple_of(4) } else { cols };
-        let mut rng = Rng::new(seed);
-        let masked = rng.below(4);
-        let mut x = logits(&mut rng, rows, cols, scale, masked);
-        for r in 0..rows {
-            let row = &mut x[r * cols..(r + 1) * cols];
-            // Exact duplicates (ties at the threshold go to the lowest index),
-            // a NaN (weight 0) and a -0.0 (equal to +0.0).
-            for _ in 0..dups {
-                let v = row[rng.below(cols)];
-                row[rng.below(cols)] = v;
-            }
-            if cols > 3 {
-                row[1 + rng.below(cols - 1)] = f32::NAN;
-                row[1 + rng.below(cols - 1)] = -0.0;
-            }
-            row[0] = if row[0].is_finite() { row[0] } else { 0.5 };
-        }
-        let top_k = [0, 1, 3, 40, cols as u32 + 7][top_k_sel];
-        let p = TopPParams { temperature, top_p, top_k };
-        let mut u: Vec<f32> = (0..rows).map(|_| rng.unit()).collect();
-        // The ends of [0, 1): the first kept token, and the last one (where
-        // f32 rounding may leave the walk without a crossing: the fallback).
-        match u_edge {
-            0 => u[0] = 0.0,
-            1 => u[0] = 1.0 - f32::EPSILON / 2.0,
-            _ => {}
-        }
-        let spec = TopPSpec { rows, cols, threads: threads_for(cols, small) };
-        spec.validate().unwrap();
-        let got = emulate_top_p(&spec, &x, &u, &p);
-        let mut cpu = vec![-1; rows];
-        spec.cpu(&x, &u, &p, &mut cpu);
-        let mut want = vec![-1; rows];
-        spec.reference(&x, &u, &p, &mut want);
-        for r in 0..rows {
-            let row = &x[r * cols..(r + 1) * cols];
-            let ok = top_p_accepts(&spec, row, &p, u[r]);
-            prop_assert!(ok.contains(&(want[r] as usize)), "the reference itself is accepted");
-            prop_assert!(ok.contains(&(got[r] as usize)), "PTX row {}: id {} not in {:?} (ref {})", r, got[r], ok, want[r]);
-            prop_assert!(ok.contains(&(cpu[r] as usize)), "CPU row {}: id {} not in {:?} (ref {})", r, cpu[r], ok, want[r]);
-        }
+        top_p_case(rows, cols, temperature, top_p, top_k_sel, scale, dups, vec4, small, u_edge, seed)?;
     }
 }
 

@@ -292,7 +292,13 @@ impl TopPSpec {
         let target = p.top_p as f64 * zk;
         let mut cum = 0.0;
         let mut n = nk;
-        for (i, &j) in idx[..nk].iter().enumerate() {
+        // top_p = 1: in exact arithmetic only the whole positive-weight
+        // prefix reaches Z_k, and the zero-weight rest changes no pick, so
+        // keep all n_k. (The f64 running sum reaches Z_k early, once the
+        // tail is below its rounding: it dropped a token of weight 1e-17·Z
+        // that u = 0 picks by the definition.)
+        let nucleus = if p.top_p >= 1.0 { &idx[..0] } else { &idx[..nk] };
+        for (i, &j) in nucleus.iter().enumerate() {
             cum += w(j);
             if cum >= target {
                 n = i + 1;
