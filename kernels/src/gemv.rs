@@ -43,6 +43,18 @@
 //! A rows over 4-row tiles were in between). Tiles of 2 weight rows, fastest
 //! when the weight sits in cache, lost from DRAM at every m.
 //!
+//! **The next tile during the L2 passes (Zen 4 VM, 2026-12-03):** with
+//! m ≥ 3 a tile is read in `⌈m/2⌉` passes and only the first streams from
+//! DRAM, so DRAM idled while the others re-read the tile from L2. Each pass
+//! now also prefetches its share of the next tile ([`Pf`]), keeping the
+//! stream busy through the whole tile. `gemv_family`, 2 threads, medians of
+//! 30 calls, three interleaved rounds before → after: m = 4 4096→12288
+//! exact 20.0/18.8/14.8 → 25.4/28.6/25.9 GB/s, `fast` 22.6/22.6/19.4 →
+//! 26.5/30.7/26.2 (best calls 0.90-0.95 of the read bandwidth); m = 8
+//! exact 13.4/12.6/12.5 → 15.9/17.0/12.9, `fast` 16.1/15.8/16.0 →
+//! 19.9/21.1/17.4; 11008→4096 m = 8 `fast` 17.9/16.2/12.7 → 20.9/18.3/19.2.
+//! m = 8 stays below the stream: four passes of `vdpbf16ps`/FMA from L2.
+//!
 //! **Two chains (Zen 4, 2026-12-03):** with one accumulator per dot product
 //! the k loop is one FMA dependency chain, 32 bytes of bf16 per FMA latency:
 //! the ~30 GB/s per core above was that bound, not DRAM (a weight that sits
@@ -166,7 +178,7 @@ trait Products {
         a: *const Self::A,
         k: usize,
         rows: &[*const T; R],
-        ahead: usize,
+        pf: &Pf<R>,
     ) -> [Acc<R, M>; CHAINS];
     /// An A element as the f32 the tail multiplies.
     fn f32(a: Self::A) -> f32;
@@ -183,9 +195,9 @@ impl Products for Exact {
         a: *const f32,
         k: usize,
         rows: &[*const T; R],
-        ahead: usize,
+        pf: &Pf<R>,
     ) -> [Acc<R, M>; CHAINS] {
-        dot_loop::<T, R, M>(a, k, rows, ahead)
+        dot_loop::<T, R, M>(a, k, rows, pf)
     }
     #[inline(always)]
     fn f32(a: f32) -> f32 {
@@ -205,10 +217,10 @@ impl Products for Bf16Pairs {
         a: *const u16,
         k: usize,
         rows: &[*const T; R],
-        ahead: usize,
+        pf: &Pf<R>,
     ) -> [Acc<R, M>; CHAINS] {
         debug_assert!(TypeId::of::<T>() == TypeId::of::<half::bf16>());
-        dot_loop_bf16::<R, M>(a, k, &rows.map(|r| r as *const u16), ahead)
+        dot_loop_bf16::<R, M>(a, k, &rows.map(|r| r as *const u16), pf)
     }
     #[inline(always)]
     fn f32(a: u16) -> f32 {
@@ -222,9 +234,9 @@ unsafe fn cols_impl<P: Products, T: Src>(job: &GemvJob<P::A>, base: *const T, j0
     if job.m == 1 && job.k <= ONE_ROW_MAX_K {
         // One weight row at a time: a single sequential stream, prefetched
         // into L2 a few KiB ahead.
-        let ahead = if job.stream { ONE_ROW_AHEAD } else { 0 };
+        let pf = Pf::ahead(if job.stream { ONE_ROW_AHEAD } else { 0 });
         for j in j0..j1 {
-            tile::<P, T, 1, 1>(job, base, j, 0, ahead);
+            tile::<P, T, 1, 1>(job, base, j, 0, &pf);
         }
         return;
     }
@@ -232,19 +244,26 @@ unsafe fn cols_impl<P: Products, T: Src>(job: &GemvJob<P::A>, base: *const T, j0
     // alone): the first pair streams the tile from DRAM with the prefetch,
     // the other pairs find it in L2. TILE_ROWS rows for one row of A, half as
     // many for pairs (2 chains × rows × rows of A ≤ 16 zmm accumulators).
-    // Then the ragged rest of the columns, one weight row at a time.
+    // With several passes, each also prefetches its share of the next tile
+    // (see [`Pf`]). Then the ragged rest of the columns, one weight row at a
+    // time.
     let rows = if job.m == 1 { TILE_ROWS } else { TILE_ROWS / 2 };
+    let passes = job.m.div_ceil(2);
     let mut j = j0;
     while j1 - j >= rows {
+        let next = job.stream && passes > 1 && j1 - j >= 2 * rows;
         let mut i0 = 0;
         while i0 < job.m {
-            let pf = if i0 == 0 { ahead } else { 0 };
+            let pass = i0 / 2;
+            let pf_ahead = if i0 == 0 { ahead } else { 0 };
             if job.m - i0 >= 2 {
-                tile::<P, T, { TILE_ROWS / 2 }, 2>(job, base, j, i0, pf);
+                let pf = Pf::<{ TILE_ROWS / 2 }>::with_next(pf_ahead, next, base, j + rows, job.cs, passes, pass);
+                tile::<P, T, { TILE_ROWS / 2 }, 2>(job, base, j, i0, &pf);
             } else if rows == TILE_ROWS {
-                tile::<P, T, TILE_ROWS, 1>(job, base, j, i0, pf);
+                tile::<P, T, TILE_ROWS, 1>(job, base, j, i0, &Pf::ahead(pf_ahead));
             } else {
-                tile::<P, T, { TILE_ROWS / 2 }, 1>(job, base, j, i0, pf);
+                let pf = Pf::<{ TILE_ROWS / 2 }>::with_next(pf_ahead, next, base, j + rows, job.cs, passes, pass);
+                tile::<P, T, { TILE_ROWS / 2 }, 1>(job, base, j, i0, &pf);
             }
             i0 += 2;
         }
@@ -254,13 +273,66 @@ unsafe fn cols_impl<P: Products, T: Src>(job: &GemvJob<P::A>, base: *const T, j0
         let mut i0 = 0;
         while i0 < job.m {
             if job.m - i0 >= 2 {
-                tile::<P, T, 1, 2>(job, base, j, i0, 0);
+                tile::<P, T, 1, 2>(job, base, j, i0, &Pf::ahead(0));
             } else {
-                tile::<P, T, 1, 1>(job, base, j, i0, 0);
+                tile::<P, T, 1, 1>(job, base, j, i0, &Pf::ahead(0));
             }
             i0 += 2;
         }
         j += 1;
+    }
+}
+
+/// What a tile's k loop prefetches into L2: each of its own rows `ahead`
+/// bytes in front of the reads (0: none), and, when a tile is read in
+/// several passes (one per pair of A rows), a share of the next tile's rows.
+/// Only the first pass streams a tile from DRAM; the others re-read it from
+/// L2, and without the next-tile share DRAM would idle through them. Pass
+/// `phase` of `period` prefetches the lines of trips `t ≡ phase (mod
+/// period)` of the next tile, at the same offsets it reads, so the passes
+/// together fetch every line of it once, spread over the whole tile.
+struct Pf<const R: usize> {
+    ahead: usize,
+    /// The next tile's rows (as bytes), or `None`.
+    next: Option<[*const u8; R]>,
+    period: usize,
+    phase: usize,
+}
+
+impl<const R: usize> Pf<R> {
+    fn ahead(ahead: usize) -> Self {
+        Pf { ahead, next: None, period: 1, phase: 0 }
+    }
+
+    /// With the next tile (rows `j..j + R` at stride `cs` from `base`) when `next`.
+    fn with_next<T>(
+        ahead: usize,
+        next: bool,
+        base: *const T,
+        j: usize,
+        cs: usize,
+        period: usize,
+        phase: usize,
+    ) -> Self {
+        let rows = next.then(|| std::array::from_fn(|r| base.wrapping_add((j + r) * cs) as *const u8));
+        Pf { ahead, next: rows, period, phase }
+    }
+
+    /// The prefetches of k-loop trip `trip`, which reads `bytes` bytes of
+    /// each row from byte offset `off`.
+    ///
+    /// SAFETY: none needed (a prefetch is a hint; addresses may be anywhere).
+    #[inline(always)]
+    unsafe fn trip<T>(&self, rows: &[*const T; R], p: usize, trip: usize, lines: usize) {
+        if self.ahead > 0 {
+            prefetch_rows(rows, p, self.ahead, lines);
+        }
+        if let Some(next) = &self.next {
+            if (trip as u32) % (self.period as u32) == self.phase as u32 {
+                let off = p * std::mem::size_of::<T>();
+                prefetch_rows(&next.map(|r| r.wrapping_add(off)), 0, 0, lines);
+            }
+        }
     }
 }
 
@@ -298,14 +370,14 @@ unsafe fn tile<P: Products, T: Src, const R: usize, const M: usize>(
     base: *const T,
     j: usize,
     i0: usize,
-    ahead: usize,
+    pf: &Pf<R>,
 ) {
     use std::arch::x86_64::*;
     let k = job.k;
     let full = k - k % P::STEP;
     let a = job.a.as_ptr().add(i0 * job.k);
     let rows: [*const T; R] = std::array::from_fn(|r| base.add((j + r) * job.cs));
-    let [c0, c1] = P::dot::<T, R, M>(a, k, &rows, ahead);
+    let [c0, c1] = P::dot::<T, R, M>(a, k, &rows, pf);
     for (r, &row) in rows.iter().enumerate() {
         for i in 0..M {
             // The chains folded in one fixed order, then the lanes.
@@ -346,7 +418,7 @@ unsafe fn dot_loop<T: Src, const R: usize, const M: usize>(
     a: *const f32,
     k: usize,
     rows: &[*const T; R],
-    ahead: usize,
+    pf: &Pf<R>,
 ) -> [Acc<R, M>; CHAINS] {
     use std::arch::x86_64::*;
     let full = k - k % LANES;
@@ -357,9 +429,7 @@ unsafe fn dot_loop<T: Src, const R: usize, const M: usize>(
     let full2 = k - k % (CHAINS * LANES);
     let mut p = 0;
     while p < full2 {
-        if ahead > 0 {
-            prefetch_rows(rows, p, ahead, if size > 2 { 2 } else { 1 });
-        }
+        pf.trip(rows, p, p / (CHAINS * LANES), if size > 2 { 2 } else { 1 });
         c0 = step::<T, R, M>(c0, a, k, rows, p);
         c1 = step::<T, R, M>(c1, a, k, rows, p + LANES);
         p += CHAINS * LANES;
@@ -421,7 +491,7 @@ unsafe fn dot_loop_bf16<const R: usize, const M: usize>(
     a: *const u16,
     k: usize,
     rows: &[*const u16; R],
-    ahead: usize,
+    pf: &Pf<R>,
 ) -> [Acc<R, M>; CHAINS] {
     use std::arch::x86_64::*;
     const STEP: usize = 2 * LANES;
@@ -431,9 +501,7 @@ unsafe fn dot_loop_bf16<const R: usize, const M: usize>(
     let full2 = k - k % (CHAINS * STEP);
     let mut p = 0;
     while p < full2 {
-        if ahead > 0 {
-            prefetch_rows(rows, p, ahead, 2);
-        }
+        pf.trip(rows, p, p / (CHAINS * STEP), 2);
         c0 = step_bf16::<R, M>(c0, a, k, rows, p);
         c1 = step_bf16::<R, M>(c1, a, k, rows, p + STEP);
         p += CHAINS * STEP;
