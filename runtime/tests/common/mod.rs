@@ -33,16 +33,7 @@ pub fn rel(a: &[f32], b: &[f32]) -> f64 {
     (n / d.max(1e-30)).sqrt()
 }
 
-/// ‖a − b‖ / ‖mag‖ in f64: the error of a sum of products measured against
-/// the sums of its terms' magnitudes (`mag`: the same computation on `|x|`,
-/// `|w|`), the yardstick of the f32 dot bound `|ŷ − y| ≤ γ_k·Σ|xᵢ||wᵢ|`. A
-/// result that cancels to near zero has a rounding error set by its terms,
-/// in every backend that accumulates in f32, so `‖b‖` would measure the
-/// data's conditioning, not the backend.
-pub fn rel_to(a: &[f32], b: &[f32], mag: &[f32]) -> f64 {
-    assert_eq!(a.len(), b.len());
-    assert_eq!(a.len(), mag.len());
-    let n: f64 = a.iter().zip(b).map(|(x, y)| (*x as f64 - *y as f64).powi(2)).sum();
-    let d: f64 = mag.iter().map(|m| (*m as f64).powi(2)).sum();
-    (n / d.max(1e-30)).sqrt()
-}
+/// ‖a − b‖ / ‖mag‖: the error of sums of products against the sums of their
+/// terms' magnitudes (see the kernels' test utilities, where it is defined).
+#[allow(unused_imports)] // each test file uses a subset
+pub use qvc_kernels::testutil::rel_to_magnitude as rel_to;
