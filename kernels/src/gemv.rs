@@ -318,10 +318,11 @@ impl<const R: usize> Pf<R> {
         Pf { ahead, next: rows, period, phase }
     }
 
-    /// The prefetches of k-loop trip `trip`, which reads `bytes` bytes of
-    /// each row from byte offset `off`.
+    /// The prefetches of k-loop trip number `trip`, which reads `lines`
+    /// cache lines of each row from element `p`.
     ///
-    /// SAFETY: none needed (a prefetch is a hint; addresses may be anywhere).
+    /// SAFETY: `rows[r].add(p)` in bounds, as for [`prefetch_rows`]; the
+    /// prefetched addresses themselves may be anywhere (a prefetch is a hint).
     #[inline(always)]
     unsafe fn trip<T>(&self, rows: &[*const T; R], p: usize, trip: usize, lines: usize) {
         if self.ahead > 0 {
