@@ -254,16 +254,16 @@ unsafe fn cols_impl<P: Products, T: Src>(job: &GemvJob<P::A>, base: *const T, j0
         let next = job.stream && passes > 1 && j1 - j >= 2 * rows;
         let mut i0 = 0;
         while i0 < job.m {
-            let pass = i0 / 2;
             let pf_ahead = if i0 == 0 { ahead } else { 0 };
-            if job.m - i0 >= 2 {
-                let pf = Pf::<{ TILE_ROWS / 2 }>::with_next(pf_ahead, next, base, j + rows, job.cs, passes, pass);
-                tile::<P, T, { TILE_ROWS / 2 }, 2>(job, base, j, i0, &pf);
-            } else if rows == TILE_ROWS {
+            if rows == TILE_ROWS {
                 tile::<P, T, TILE_ROWS, 1>(job, base, j, i0, &Pf::ahead(pf_ahead));
             } else {
-                let pf = Pf::<{ TILE_ROWS / 2 }>::with_next(pf_ahead, next, base, j + rows, job.cs, passes, pass);
-                tile::<P, T, { TILE_ROWS / 2 }, 1>(job, base, j, i0, &pf);
+                let pf = Pf::<{ TILE_ROWS / 2 }>::with_next(pf_ahead, next, base, j + rows, job.cs, passes, i0 / 2);
+                if job.m - i0 >= 2 {
+                    tile::<P, T, { TILE_ROWS / 2 }, 2>(job, base, j, i0, &pf);
+                } else {
+                    tile::<P, T, { TILE_ROWS / 2 }, 1>(job, base, j, i0, &pf);
+                }
             }
             i0 += 2;
         }
@@ -321,8 +321,9 @@ impl<const R: usize> Pf<R> {
     /// The prefetches of k-loop trip number `trip`, which reads `lines`
     /// cache lines of each row from element `p`.
     ///
-    /// SAFETY: `rows[r].add(p)` in bounds, as for [`prefetch_rows`]; the
-    /// prefetched addresses themselves may be anywhere (a prefetch is a hint).
+    /// SAFETY: `rows[r].add(p)` in bounds, and so the same element of the
+    /// next tile's rows (they lie in the same checked span); the prefetched
+    /// addresses themselves may be anywhere (a prefetch is a hint).
     #[inline(always)]
     unsafe fn trip<T>(&self, rows: &[*const T; R], p: usize, trip: usize, lines: usize) {
         if self.ahead > 0 {
@@ -330,8 +331,7 @@ impl<const R: usize> Pf<R> {
         }
         if let Some(next) = &self.next {
             if (trip as u32) % (self.period as u32) == self.phase as u32 {
-                let off = p * std::mem::size_of::<T>();
-                prefetch_rows(&next.map(|r| r.wrapping_add(off)), 0, 0, lines);
+                prefetch_rows(next, p * std::mem::size_of::<T>(), 0, lines);
             }
         }
     }

@@ -133,6 +133,19 @@ pub fn rel_to_magnitude(got: &[f32], want: &[f32], mag: &[f32]) -> f64 {
     }
 }
 
+/// The yardstick of [`rel_to_magnitude`] for `C (+)= A·B`: element `(i, j)`
+/// is `Σₚ |a[i,p]|·|b[p,j]|`, plus `|c0[i,j]|` when accumulating.
+pub fn gemm_magnitudes(a: &crate::MatRef, b: &crate::MatRef, c0: &[f32], accumulate: bool) -> Vec<f32> {
+    let (m, n, k) = (a.rows, b.cols, a.cols);
+    (0..m * n)
+        .map(|e| {
+            let (i, j) = (e / n, e % n);
+            let dot: f64 = (0..k).map(|p| (a.get(i, p) as f64 * b.get(p, j) as f64).abs()).sum();
+            (dot + if accumulate { c0[e].abs() as f64 } else { 0.0 }) as f32
+        })
+        .collect()
+}
+
 /// ‖got − want‖₂ / ‖want‖₂ (0 when both are zero; inf on a NaN).
 ///
 /// # Panics

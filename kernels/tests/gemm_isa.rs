@@ -7,7 +7,7 @@
 
 use proptest::prelude::*;
 use qvc_ir::{DType, Elems};
-use qvc_kernels::testutil::{rel_l2, rel_to_magnitude, Owned, Rng, StoredMat, FLOAT_DTYPES};
+use qvc_kernels::testutil::{gemm_magnitudes, rel_l2, rel_to_magnitude, Owned, Rng, StoredMat, FLOAT_DTYPES};
 use qvc_kernels::{gemm_ref, gemm_with_isa, Isa, MatRef, DECODE_BATCH_INVARIANT_MAX};
 
 /// The paths this CPU has, most capable last.
@@ -38,14 +38,7 @@ fn check_all_paths(
     gemm_ref(a.view(), b.view(), &mut want, accumulate);
     // The terms' magnitudes: a small m·n whose dots cancel would otherwise
     // measure the data's conditioning (see `rel_to_magnitude`).
-    let (av, bv) = (a.view(), b.view());
-    let mag: Vec<f32> = (0..m * n)
-        .map(|e| {
-            let (i, j) = (e / n, e % n);
-            let dot: f64 = (0..k).map(|p| (av.get(i, p) as f64 * bv.get(p, j) as f64).abs()).sum();
-            (dot + if accumulate { c0[e].abs() as f64 } else { 0.0 }) as f32
-        })
-        .collect();
+    let mag = gemm_magnitudes(&a.view(), &b.view(), &c0, accumulate);
     for isa in paths() {
         let mut got = c0.clone();
         gemm_with_isa(isa, a.view(), b.view(), &mut got, accumulate);

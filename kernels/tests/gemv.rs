@@ -16,7 +16,7 @@
 
 use proptest::prelude::*;
 use qvc_ir::{DType, Elems};
-use qvc_kernels::testutil::{rel_to_magnitude, Owned, Rng, FLOAT_DTYPES};
+use qvc_kernels::testutil::{gemm_magnitudes, rel_to_magnitude, Owned, Rng, FLOAT_DTYPES};
 use qvc_kernels::{gemm_ref, gemm_with_isa, Isa, MatRef, DECODE_BATCH_INVARIANT_MAX};
 
 /// The paths this CPU has.
@@ -121,13 +121,7 @@ fn case(
     let mut want = c0.clone();
     gemm_ref(am, w.view(), &mut want, acc);
     // The terms' magnitudes, the yardstick for a dot that may cancel.
-    let mag: Vec<f32> = (0..m * n)
-        .map(|e| {
-            let (i, j) = (e / n, e % n);
-            let dot: f64 = (0..k).map(|p| (a[i * k + p] as f64 * w.view().get(p, j) as f64).abs()).sum();
-            (dot + if acc { c0[e].abs() as f64 } else { 0.0 }) as f32
-        })
-        .collect();
+    let mag = gemm_magnitudes(&am, &w.view(), &c0, acc);
     for isa in paths() {
         let mut got = c0.clone();
         gemm_with_isa(isa, am, w.view(), &mut got, acc);

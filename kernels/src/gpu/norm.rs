@@ -516,8 +516,8 @@ impl KernelSpec for NormSpec {
                 let drift_sum = row_sum(&mut b, &g, lin.unwrap(), tid, "red_drift");
                 let drift = b.mul(Ty::F32, drift_sum, inv_n);
                 let var_sum = row_sum(&mut b, &g, sq.unwrap(), tid, "red_var");
-                let neg = b.mul(Ty::F32, drift_sum, drift);
-                let var_sum = b.sub(Ty::F32, var_sum, neg);
+                let drift_sq = b.mul(Ty::F32, drift_sum, drift);
+                let var_sum = b.sub(Ty::F32, var_sum, drift_sq);
                 let var = b.mul(Ty::F32, var_sum, inv_n);
                 let ve = b.add(Ty::F32, var, self.eps);
                 for di in d.iter_mut() {

@@ -297,12 +297,13 @@ impl TopPSpec {
         // keep all n_k. (The f64 running sum reaches Z_k early, once the
         // tail is below its rounding: it dropped a token of weight 1e-17·Z
         // that u = 0 picks by the definition.)
-        let nucleus = if p.top_p >= 1.0 { &idx[..0] } else { &idx[..nk] };
-        for (i, &j) in nucleus.iter().enumerate() {
-            cum += w(j);
-            if cum >= target {
-                n = i + 1;
-                break;
+        if p.top_p < 1.0 {
+            for (i, &j) in idx[..nk].iter().enumerate() {
+                cum += w(j);
+                if cum >= target {
+                    n = i + 1;
+                    break;
+                }
             }
         }
         let mut kept = idx[..n].to_vec();
