@@ -6,7 +6,8 @@
 //!
 //! Three paths, chosen by shape and layout (all give the same result to f32
 //! rounding, and all are tested against [`gemm_ref`]):
-//! * **dot** (m ≤ 8 and B's columns contiguous, the decode / lm_head case):
+//! * **dot** (m ≤ 8, on AVX-512 with k ≥ 1024 m ≤ 24, and B's columns
+//!   contiguous: the decode / lm_head case, batched decode, short prompts):
 //!   parallel over column chunks of B. For k ≥ 1024 (memory-bound): register
 //!   tiles of two rows × several columns, B widened in registers, each
 //!   element one fixed 8-lane dot product. For shorter k (the lm_head of a
@@ -37,7 +38,7 @@
 //!   speed at prefill and ViT shapes; activations lose ~2⁻⁹ relative, so it
 //!   is never the default. f16 weights stay exact (bf16 would round them).
 //!   [`gemm_bf16_products`] runs the same kernel for any shape. Decode-sized
-//!   Fast GEMMs (m ≤ 8, k ≥ `SHORT_K`, a bf16 `[out, in]` weight) run the
+//!   Fast GEMMs (m ≤ 24, k ≥ `SHORT_K`, a bf16 `[out, in]` weight) run the
 //!   dot path's tiles with `vdpbf16ps` instead ([`fast_bf16_dot_applies`]):
 //!   half the instructions per weight byte keeps more of the stream in
 //!   flight.
@@ -76,6 +77,27 @@ const KC_AVX512: usize = 1024;
 const KC_MAX: usize = if KC > KC_AVX512 { KC } else { KC_AVX512 };
 /// Largest m the unpacked (dot/axpy) paths take.
 const SMALL_M: usize = 8;
+/// Largest m the AVX-512 decode dot path ([`crate::gemv`]) takes for long
+/// rows (`k ≥ SHORT_K`, B's rows contiguous): it reads each weight tile once
+/// from DRAM and re-reads it from L2 per pair of A rows, which beats
+/// packing (widening) the whole weight for the blocked GEMM, whose A panels
+/// are mostly empty at such m. `gemv_family`, Zen 4 VM, 2 threads, bf16,
+/// GB/s of weight (best/median), packed → dot: exact m = 12 4096→12288
+/// 6.5/6.0 → 14.0/7.3 and 7.7/7.1 → 11.8/11.2; m = 16 4.8/4.6 → 9.7/7.4,
+/// 11008→4096 5.5/5.1 → 9.3/8.5; m = 20 4.6/3.5 → 7.4/6.6; m = 24 4.5/3.9
+/// → 6.6/6.2 (`fast` 7.7/6.7 → 8.0/7.4); at m = 32 `fast` was a tie
+/// (6.6/5.6 against 5.9/5.6).
+const DOT_M_AVX512: usize = 24;
+
+/// Whether `C = A·B` runs the AVX-512 decode dot path although `m >
+/// SMALL_M` (see [`DOT_M_AVX512`]).
+fn wide_dot(isa: Isa, a: &MatRef, b: &MatRef) -> bool {
+    (SMALL_M + 1..=DOT_M_AVX512).contains(&a.rows)
+        && a.cols >= SHORT_K
+        && b.row_stride == 1
+        && !matches!(b.data, Elems::Q4(_))
+        && isa.resolve() == Isa::Avx512
+}
 /// The largest number of rows (sequences of a batched decode step) for which
 /// every row of `gemm`'s result is bit-identical to computing that row alone
 /// (same ISA), whatever the other rows, the column split or the threads: up
@@ -221,7 +243,7 @@ pub fn gemm_then(
     }
     let isa = isa.resolve();
     let mut scratch = GemmScratch::default();
-    if epi.is_some() && m > SMALL_M && k > 0 && !matches!(b.data, Elems::Q4(_)) {
+    if epi.is_some() && m > SMALL_M && k > 0 && !matches!(b.data, Elems::Q4(_)) && !wide_dot(isa, &a, &b) {
         a.check("A");
         b.check("B");
         gemm_packed(isa, &a, &b, c, n, accumulate, parallel, &mut scratch, epi);
@@ -280,7 +302,7 @@ pub(crate) fn gemm_strided(
     }
     if let Elems::Q4(w) = b.data {
         crate::q4::gemm_q4(isa, a, b, &w, c, ldc, accumulate, parallel);
-    } else if m <= SMALL_M && b.row_stride == 1 {
+    } else if (m <= SMALL_M || wide_dot(isa, a, b)) && b.row_stride == 1 {
         gemv_dot(isa, a, b, c, ldc, accumulate, parallel, scratch);
     } else if m <= SMALL_M && b.col_stride == 1 {
         gemv_axpy(isa, a, b, c, ldc, accumulate, parallel, scratch);
@@ -1828,12 +1850,12 @@ pub fn bf16_products_native() -> bool {
 
 /// Whether a [`CpuMath::Fast`] GEMM with these operands runs the decode
 /// dot path with bf16 products ([`gemv_dot_bf16`]): bf16 weight rows
-/// (B's rows contiguous: a Linear's `[out, in]` weight), 1 to `SMALL_M`
-/// rows of A, `k ≥ SHORT_K` (the exact dot path's own vectors from there),
+/// (B's rows contiguous: a Linear's `[out, in]` weight), 1 to
+/// `DOT_M_AVX512` rows of A, `k ≥ SHORT_K` (the exact dot path's own vectors from there),
 /// AVX-512 with AVX512-BF16. Otherwise decode-sized Fast GEMMs run exact.
 pub fn fast_bf16_dot_applies(isa: Isa, a: &MatRef, b: &MatRef) -> bool {
     matches!(b.data, Elems::BF16(_))
-        && (1..=SMALL_M).contains(&a.rows)
+        && (1..=DOT_M_AVX512).contains(&a.rows)
         && a.cols >= SHORT_K
         && b.cols > 0
         && b.row_stride == 1
@@ -1861,7 +1883,7 @@ fn fast_dot(
             a.check("A");
             b.check("B");
             // SAFETY: `fast_bf16_dot_applies` checked AVX-512 F/BW/VL + BF16,
-            // 1 ≤ m ≤ SMALL_M, k ≥ SHORT_K, n > 0 and B's rows contiguous; the
+            // 1 ≤ m ≤ DOT_M_AVX512, k ≥ SHORT_K, n > 0 and B's rows contiguous; the
             // views were checked just above; C is m×n.
             unsafe { gemv_dot_bf16(a, b, w, c, b.cols, accumulate, parallel, scratch) };
             return true;
@@ -1949,6 +1971,7 @@ unsafe fn round_bf16_bits(src: &[f32], dst: &mut [u16]) {
 pub fn fast_bf16_applies(isa: Isa, a: &MatRef, b: &MatRef) -> bool {
     matches!(b.data, Elems::BF16(_))
         && a.rows > SMALL_M
+        && !wide_dot(isa, a, b)
         && a.cols > 0
         && b.cols > 0
         && isa.resolve() == Isa::Avx512
@@ -2401,6 +2424,25 @@ mod tests {
             lb in 0u8..2, db in 0usize..3, pad in 0usize..3, acc: bool, seed: u64, isa in 0usize..3,
         ) {
             check_batch_invariant(ISAS[isa], (m, n, k), lb, FLOAT_DTYPES[db], pad, acc, seed)?;
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(32))]
+
+        /// m from `SMALL_M + 1` to `DOT_M_AVX512` against `[out, in]` weights
+        /// with long rows: on AVX-512 the decode dot path ([`wide_dot`]),
+        /// elsewhere the packed path. Either way the reference agrees, and
+        /// on AVX-512 each row is also bit for bit that row alone.
+        #[test]
+        fn wide_dot_rows(
+            m in (SMALL_M + 1)..=DOT_M_AVX512, n in 1usize..=90, k in SHORT_K..=SHORT_K + 300,
+            db in 0usize..3, pad in 0usize..3, acc: bool, seed: u64, isa in 0usize..3,
+        ) {
+            check_case(ISAS[isa], (m, n, k), (0, 1), (DType::F32, FLOAT_DTYPES[db]), pad, 1, acc, seed)?;
+            if ISAS[isa].resolve() == Isa::Avx512 {
+                check_batch_invariant(ISAS[isa], (m, n, k), 0, FLOAT_DTYPES[db], pad, acc, seed)?;
+            }
         }
     }
 

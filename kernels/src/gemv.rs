@@ -1,6 +1,7 @@
 //! Decode GEMV on AVX-512: `C[m×n] (+)= A[m×k] · Wᵀ` for a weight stored
 //! `[n, k]` row-major (a Linear's `[out, in]`, so every output is a dot
-//! product over one contiguous weight row), `m ≤ 8` rows of A, long rows
+//! product over one contiguous weight row), `m ≤ 24` rows of A (decode, batched
+//! decode, short prompts; `gemm::DOT_M_AVX512`), long rows
 //! (`k ≥ 1024`, see `gemm::SHORT_K`). This is the memory-bound core of a
 //! decode step: each step reads every weight once, so the kernel's job is to
 //! keep DRAM streaming while doing `m` exact f32 multiply-adds per weight.
@@ -156,7 +157,7 @@ unsafe fn cols_checked<P: Products, T: Src>(job: &GemvJob<P::A>, w: &[T], j0: us
     if j0 >= j1 || job.m == 0 {
         return;
     }
-    assert!(job.m <= 8, "gemv: m = {} > 8", job.m);
+    assert!(job.m <= 24, "gemv: m = {} > 24", job.m);
     assert!(job.k >= LANES, "gemv: k = {} shorter than one vector", job.k);
     assert!(job.a.len() >= job.m * job.k, "gemv: A holds {} < {}x{}", job.a.len(), job.m, job.k);
     // Every weight element read below lies in `w` (checked once).
