@@ -372,13 +372,13 @@ proptest! {
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(24))]
 
-    /// Decode-sized Fast GEMMs (m ≤ 8) on bf16 `[out, in]` weights: the
-    /// bf16-product dot path, ragged k (k mod 64 both below and above 32:
+    /// Decode-sized Fast GEMMs (m ≤ 24: batched decode and short prompts
+    /// on AVX-512) on bf16 `[out, in]` weights: the bf16-product dot path, ragged k (k mod 64 both below and above 32:
     /// the odd last step of chain 0, then the scalar tail), k past 4096
     /// (8-row tiles at m = 1), padded strides, A in every dtype.
     #[test]
     fn fast_bf16_decode_matches_rounded_ref(
-        m in 1usize..=8, n in 1usize..=40, k in 1024usize..=4700,
+        m in 1usize..=24, n in 1usize..=40, k in 1024usize..=4700,
         da in 0usize..3, pad in 0usize..2, acc: bool, seed: u64,
     ) {
         check_fast((m, n, k), (0, 1), (FLOAT_DTYPES[da], DType::BF16), pad, acc, seed)?;
@@ -393,7 +393,8 @@ proptest! {
 fn fast_bf16_decode_is_batch_invariant() {
     use qvc_kernels::gemm::{fast_bf16_dot_applies, gemm_with_math};
     use qvc_kernels::CpuMath;
-    for (m, n, k) in [(8, 37, 1100), (3, 300, 4096), (5, 45, 4700), (2, 19, 1024 + 63)] {
+    for (m, n, k) in [(8, 37, 1100), (3, 300, 4096), (5, 45, 4700), (2, 19, 1024 + 63), (16, 41, 1100), (23, 30, 4103)]
+    {
         let mut rng = Rng::new((m * n * k) as u64);
         let a = rng.vec(m * k, 1.0);
         let w = Owned::from_f32(&rng.vec(n * k, 1.0), DType::BF16);
