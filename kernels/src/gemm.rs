@@ -105,21 +105,6 @@ fn wide_dot(isa: Isa, a: &MatRef, b: &MatRef) -> bool {
 /// sequence of operations (see `DOT_LANES`). Larger m take the packed path,
 /// whose blocking depends on m.
 pub const DECODE_BATCH_INVARIANT_MAX: usize = SMALL_M;
-/// The most rows `m` for which each row of `x · Wᵀ` (the `[out, in]`
-/// weight `w` read transposed, `k` inputs, any [`CpuMath`]) is bit for bit
-/// that row computed alone on this CPU: what a batched decode step may hold
-/// without its answers depending on the batch. At least
-/// [`DECODE_BATCH_INVARIANT_MAX`]; int4 weights take their GEMV up to
-/// [`crate::q4::GEMV_MAX_M`] rows, long rows on AVX-512 the dot path up to
-/// [`DOT_M_AVX512`] (both keep one fixed sequence per element for any m).
-pub fn batch_invariant_rows(w: &Elems, k: usize) -> usize {
-    match w {
-        Elems::Q4(_) => crate::q4::GEMV_MAX_M,
-        _ if k >= SHORT_K && Isa::detect() == Isa::Avx512 => DOT_M_AVX512,
-        _ => DECODE_BATCH_INVARIANT_MAX,
-    }
-}
-
 /// Columns per task in the axpy path (its accumulators live on the stack).
 const AXPY_COLS: usize = 256;
 
@@ -2457,20 +2442,6 @@ mod tests {
             check_case(ISAS[isa], (m, n, k), (0, 1), (DType::F32, FLOAT_DTYPES[db]), pad, 1, acc, seed)?;
             if ISAS[isa].resolve() == Isa::Avx512 {
                 check_batch_invariant(ISAS[isa], (m, n, k), 0, FLOAT_DTYPES[db], pad, acc, seed)?;
-            }
-        }
-    }
-
-    /// What [`batch_invariant_rows`] promises, at the bound it names: long
-    /// rows and short ones, every float dtype, on the ISA it was asked for.
-    #[test]
-    fn batch_invariant_rows_hold_at_their_bound() {
-        for db in FLOAT_DTYPES {
-            for (n, k) in [(70, SHORT_K), (33, 4100), (90, 700)] {
-                let w = StoredMat::new(&mut Rng::new(1), k, n, 1, 0, 0, db);
-                let m = batch_invariant_rows(&w.view().data, k);
-                assert!(m >= DECODE_BATCH_INVARIANT_MAX);
-                check_batch_invariant(Isa::detect(), (m, n, k), 0, db, 0, false, (m + k) as u64).unwrap();
             }
         }
     }

@@ -333,24 +333,6 @@ impl Model {
         Ok(g)
     }
 
-    /// The most sequences one batched CPU decode step may hold with every
-    /// sequence's logits bit for bit those of decoding it alone: the least
-    /// over the decoder's Linears and `lm_head` of what the CPU kernels keep
-    /// batch-invariant for that weight ([`qvc_runtime::batch_invariant_rows`]:
-    /// 8 everywhere; at Qwen-VL-Chat's widths, with AVX-512, 24 for 16-bit
-    /// weights and 16 with int4 ones). Everything else in a decode step works
-    /// row by row.
-    pub fn cpu_decode_invariant_rows(&self) -> usize {
-        let (h, f) = (self.config.hidden_size, self.config.mlp_width);
-        let linears = [("attn.c_attn", h), ("attn.c_proj", h), ("mlp.w1", h), ("mlp.w2", h), ("mlp.c_proj", f)];
-        let layers = (0..self.config.layers)
-            .flat_map(|i| linears.map(|(n, k)| (format!("transformer.h.{i}.{n}.weight"), k)))
-            .chain([("lm_head.weight".to_string(), h)]);
-        let rows =
-            layers.filter_map(|(name, k)| Some(qvc_runtime::batch_invariant_rows(&self.weights.weight(&name)?, k)));
-        rows.min().unwrap_or(qvc_runtime::DECODE_BATCH_INVARIANT_MAX).max(qvc_runtime::DECODE_BATCH_INVARIANT_MAX)
-    }
-
     /// The artifact's manifest when this model was loaded from `qvc compile` output.
     pub fn compiled(&self) -> Option<&Manifest> {
         self.compiled.as_ref()

@@ -25,10 +25,6 @@ mod pool;
 pub mod weights;
 
 pub use kv::KvCache;
-/// Per weight, how many rows this CPU keeps batch-invariant (at least
-/// [`DECODE_BATCH_INVARIANT_MAX`]; more for int4 weights and, with AVX-512,
-/// for long rows).
-pub use qvc_kernels::batch_invariant_rows;
 /// The largest decode batch whose every row is bit-identical, on the [`Cpu`]
 /// backend, to decoding that sequence alone (the GEMV and the padded-cache
 /// attention are batch- and padding-invariant up to it): a scheduler that

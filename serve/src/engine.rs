@@ -12,7 +12,7 @@
 //!    `prefill_chunk`). After the prompt's last chunk the first token is
 //!    sampled (`Started`, then text);
 //! 3. runs one batched decode step over every decoding request, whatever
-//!    their slots (on the CPU in batch-invariant groups, see
+//!    their slots (on the CPU in groups of at most [`CPU_DECODE_GROUP`], see
 //!    [`decode_group_size`]), samples each row on the host and streams it.
 //!
 //! A request's life: `Queued → Prefill → Decode → Done | Cancelled | Failed`,
@@ -40,15 +40,11 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
-/// Decode rows per batched step on the CPU on every CPU and model: larger
-/// batches run as several groups. The CPU decode kernels give every row the
+/// Decode rows per batched step on the CPU: larger batches run as several
+/// groups of at most this many. The CPU decode kernels give every row the
 /// same bits for any batch size up to this bound
 /// ([`qvc_runtime::DECODE_BATCH_INVARIANT_MAX`]), so a greedy answer does not
-/// depend on what else runs. Where the kernels keep more rows invariant for
-/// the model's weights ([`Model::cpu_decode_invariant_rows`]: int4 weights,
-/// or AVX-512 and rows of at least 1024 inputs, as every Qwen-VL-Chat
-/// Linear has) the groups are that large, so 16 users share one pass over
-/// the weights instead of two.
+/// depend on what else runs.
 pub const CPU_DECODE_GROUP: usize = qvc_runtime::DECODE_BATCH_INVARIANT_MAX;
 
 /// How the engine runs.
@@ -350,7 +346,7 @@ impl Engine {
 
 /// The largest decode batch one step may run with `backend` and `model`.
 pub fn decode_group_size(model: &Model, backend: &dyn Backend, slots: usize) -> usize {
-    let most = if backend.kv_on_device() { slots.max(1) } else { model.cpu_decode_invariant_rows() };
+    let most = if backend.kv_on_device() { slots.max(1) } else { CPU_DECODE_GROUP };
     match model.compiled() {
         // Compiled decode programs exist for 1..=--max-batch sequences.
         Some(m) => most.min(m.options.max_batch.max(1)),

@@ -81,8 +81,8 @@ fn concurrent_greedy_requests_equal_each_alone() {
     let alone: Vec<Outcome> = reqs.iter().map(|r| run(&alone_engine, r.clone())).collect();
     // 10 slots for 16 requests: the rest queue, join the batch as others
     // leave, and prefill while others decode; a decode batch of more than
-    // the CPU's invariant group (8 at the fixture's widths) runs as two groups.
-    assert!(m.cpu_decode_invariant_rows() < 10);
+    // CPU_DECODE_GROUP (8) runs as two groups.
+    const { assert!(qvc_serve::engine::CPU_DECODE_GROUP < 10) };
     let engine = cpu_engine(&dir, cfg(10));
     let rxs: Vec<mpsc::Receiver<Event>> = reqs.iter().map(|r| submit(&engine, r.clone())).collect();
     for (i, (rx, want)) in rxs.iter().zip(&alone).enumerate() {
