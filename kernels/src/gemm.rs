@@ -6,7 +6,7 @@
 //!
 //! Three paths, chosen by shape and layout (all give the same result to f32
 //! rounding, and all are tested against [`gemm_ref`]):
-//! * **dot** (m ≤ 8, on AVX-512 with k ≥ 1024 m ≤ 24, and B's columns
+//! * **dot** (m ≤ 8, or m ≤ 24 on AVX-512 when k ≥ 1024, and B's columns
 //!   contiguous: the decode / lm_head case, batched decode, short prompts):
 //!   parallel over column chunks of B. For k ≥ 1024 (memory-bound): register
 //!   tiles of two rows × several columns, B widened in registers, each
@@ -98,12 +98,15 @@ fn wide_dot(isa: Isa, a: &MatRef, b: &MatRef) -> bool {
         && !matches!(b.data, Elems::Q4(_))
         && isa.resolve() == Isa::Avx512
 }
+
 /// The largest number of rows (sequences of a batched decode step) for which
 /// every row of `gemm`'s result is bit-identical to computing that row alone
 /// (same ISA), whatever the other rows, the column split or the threads: up
 /// to this m, the dot and axpy paths compute each element with one fixed
 /// sequence of operations (see `DOT_LANES`). Larger m take the packed path,
-/// whose blocking depends on m.
+/// whose blocking depends on m, except on AVX-512 for rows of at least
+/// `SHORT_K` inputs, which stay on the dot path (and so invariant) up to
+/// `DOT_M_AVX512` (24); this constant is the bound on every CPU.
 pub const DECODE_BATCH_INVARIANT_MAX: usize = SMALL_M;
 /// Columns per task in the axpy path (its accumulators live on the stack).
 const AXPY_COLS: usize = 256;
