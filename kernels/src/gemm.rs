@@ -1854,8 +1854,8 @@ pub fn bf16_products_native() -> bool {
 /// Whether a [`CpuMath::Fast`] GEMM with these operands runs the decode
 /// dot path with bf16 products ([`gemv_dot_bf16`]): bf16 weight rows
 /// (B's rows contiguous: a Linear's `[out, in]` weight), 1 to
-/// `DOT_M_AVX512` rows of A, `k ≥ SHORT_K` (the exact dot path's own vectors from there),
-/// AVX-512 with AVX512-BF16. Otherwise decode-sized Fast GEMMs run exact.
+/// `DOT_M_AVX512` rows of A, `k ≥ SHORT_K` (the exact dot path's own
+/// vectors from there), AVX-512 with AVX512-BF16. Otherwise decode-sized Fast GEMMs run exact.
 pub fn fast_bf16_dot_applies(isa: Isa, a: &MatRef, b: &MatRef) -> bool {
     matches!(b.data, Elems::BF16(_))
         && (1..=DOT_M_AVX512).contains(&a.rows)

@@ -373,9 +373,10 @@ proptest! {
     #![proptest_config(ProptestConfig::with_cases(24))]
 
     /// Decode-sized Fast GEMMs (m ≤ 24: batched decode and short prompts
-    /// on AVX-512) on bf16 `[out, in]` weights: the bf16-product dot path, ragged k (k mod 64 both below and above 32:
-    /// the odd last step of chain 0, then the scalar tail), k past 4096
-    /// (8-row tiles at m = 1), padded strides, A in every dtype.
+    /// on AVX-512) on bf16 `[out, in]` weights: the bf16-product dot path,
+    /// ragged k (k mod 64 both below and above 32: the odd last step of
+    /// chain 0, then the scalar tail), k past 4096 (8-row tiles at m = 1),
+    /// padded strides, A in every dtype.
     #[test]
     fn fast_bf16_decode_matches_rounded_ref(
         m in 1usize..=24, n in 1usize..=40, k in 1024usize..=4700,
