@@ -24,6 +24,8 @@
 //! - `--json` prints exactly one JSON object on stdout (the table and the
 //!   profile go to stderr), keys documented on [`crate::cmd::bench`].
 
+mod profile;
+
 use crate::device::DeviceChoice;
 use anyhow::{bail, Context, Result};
 use half::bf16;
@@ -1558,69 +1560,40 @@ pub fn run(model: Option<&Model>, synthetic: Option<Synthetic>, opt: &BenchOptio
         println!("{}", report.json(ceilings.as_ref(), rayon::current_num_threads()));
     }
 
-    if let (true, Exec::Gpu(g)) = (opt.profile, &exec) {
-        let what = if at == Where::Emu { "emulation wall time, not GPU time" } else { "each launch timed alone" };
-        g.start_profile();
-        r.run_vision(&vkey, size0)?;
-        say(profile(&format!("vision {size0} {} ({what})", attentions[0]), &g.take_profile()));
+    if opt.profile {
+        // Each run is timed kernel by kernel (GPU) or op by op (CPU) on its own.
+        let (what, src) = match (&exec, at) {
+            (Exec::Gpu(_), Where::Emu) => ("emulation wall time, not GPU time", profile::Source::Kernels),
+            (Exec::Gpu(_), _) => ("each launch timed alone", profile::Source::Kernels),
+            (Exec::Cpu(_), _) => (
+                "each op timed alone",
+                profile::Source::Ops { ceilings: ceilings.as_ref().map(|c| (c.flops, c.bytes_per_s)) },
+            ),
+        };
+        let timed = |f: &mut dyn FnMut() -> Result<()>| -> Result<Vec<qvc_runtime::KernelTime>> {
+            match &exec {
+                Exec::Gpu(g) => {
+                    g.start_profile();
+                    f()?;
+                    Ok(g.take_profile())
+                }
+                Exec::Cpu(_) => {
+                    qvc_runtime::cpu::start_profile();
+                    let r = f();
+                    let k = qvc_runtime::cpu::take_profile();
+                    r.map(|()| k)
+                }
+            }
+        };
+        let k = timed(&mut || r.run_vision(&vkey, size0).map(drop))?;
+        say(profile::render(&format!("vision {size0} {} ({what})", attentions[0]), &k, src));
         let mut s = new_seq(0);
-        g.start_profile();
-        r.prefill(&mut s, &ids, &[], &[])?;
-        say(profile(&format!("prefill {prompt_len} tokens ({what})"), &g.take_profile()));
-        g.start_profile();
-        r.decode(std::slice::from_mut(&mut s), cap, 0)?;
-        say(profile(&format!("decode step, batch 1, {} cached ({what})", s.len - 1), &g.take_profile()));
+        let k = timed(&mut || r.prefill(&mut s, &ids, &[], &[]))?;
+        say(profile::render(&format!("prefill {prompt_len} tokens ({what})"), &k, src));
+        let k = timed(&mut || r.decode(std::slice::from_mut(&mut s), cap, 0))?;
+        say(profile::render(&format!("decode step, batch 1, {} cached ({what})", s.len - 1), &k, src));
     }
     Ok(())
-}
-
-/// Where one run's time went: families, then the slowest kernels.
-fn profile(title: &str, k: &[qvc_runtime::gpu::KernelTime]) -> String {
-    use std::fmt::Write;
-    let mut out = String::new();
-    let total: f64 = k.iter().map(|k| k.ms).sum();
-    let _ =
-        writeln!(out, "\nprofile: {title}: {:.3} ms in {} launches", total, k.iter().map(|k| k.launches).sum::<u64>());
-    let rate = |k: &qvc_runtime::gpu::KernelTime| {
-        let s = k.ms.max(1e-9) / 1e3;
-        (k.flops as f64 / s / 1e12, k.bytes as f64 / s / 1e9)
-    };
-    let mut fam: HashMap<&str, qvc_runtime::gpu::KernelTime> = HashMap::new();
-    for x in k {
-        let f = fam.entry(crate::compile::family_of(&x.kernel)).or_default();
-        f.launches += x.launches;
-        f.ms += x.ms;
-        f.flops += x.flops;
-        f.bytes += x.bytes;
-    }
-    let mut fam: Vec<_> = fam.into_iter().collect();
-    fam.sort_by(|a, b| b.1.ms.total_cmp(&a.1.ms));
-    let _ = writeln!(
-        out,
-        "  {:<48} {:>8} {:>10} {:>6} {:>9} {:>9}",
-        "family / kernel", "launches", "ms", "share", "TFLOP/s", "GB/s"
-    );
-    let line = |name: &str, x: &qvc_runtime::gpu::KernelTime| {
-        let (tf, gb) = rate(x);
-        format!(
-            "  {:<48} {:>8} {:>10.3} {:>5.1}% {:>9.2} {:>9.1}",
-            name,
-            x.launches,
-            x.ms,
-            100.0 * x.ms / total.max(1e-12),
-            tf,
-            gb
-        )
-    };
-    for (f, x) in &fam {
-        let _ = writeln!(out, "{}", line(f, x));
-    }
-    let _ = writeln!(out, "  slowest kernels:");
-    for x in k.iter().take(12) {
-        let name: String = x.kernel.chars().take(46).collect();
-        let _ = writeln!(out, "{}", line(&format!("  {name}"), x));
-    }
-    out
 }
 
 #[cfg(test)]

@@ -91,6 +91,43 @@ fn bench_tiny_on_the_cpu_has_floors() {
     assert!(frac.contains('%'), "{frac}");
 }
 
+/// `--profile` on the CPU: each phase timed op by op, families first, every
+/// line with its share of the measured ceilings; the decode step's Linears
+/// and its attention over the cache are there with their shapes.
+#[test]
+fn bench_profile_on_the_cpu_names_ops_and_ceilings() {
+    let o = qvc(&[
+        "bench",
+        "--synthetic",
+        "tiny",
+        "--device",
+        "cpu",
+        "--prompt-len",
+        "8",
+        "--decode-tokens",
+        "2",
+        "--image-sizes",
+        "224",
+        "--profile",
+    ]);
+    let out = text(&o.stdout);
+    assert!(o.status.success(), "{}\n{out}", text(&o.stderr));
+    for phase in ["profile: vision 224", "profile: prefill 8 tokens", "profile: decode step, batch 1"] {
+        let at = out.find(phase).unwrap_or_else(|| panic!("no {phase:?} in\n{out}"));
+        let section = &out[at..];
+        let section = &section[..section[1..].find("\nprofile:").map_or(section.len(), |e| e + 1)];
+        assert!(section.contains("of ceiling") && section.contains("slowest ops:"), "{section}");
+        assert!(section.lines().any(|l| l.trim_start().starts_with("linear ")), "{section}");
+        assert!(section.lines().any(|l| l.trim_start().starts_with("attention ")), "{section}");
+        // Every family line ends with its share of a ceiling, F or B.
+        let fam = section.lines().find(|l| l.trim_start().starts_with("linear ")).unwrap();
+        assert!(fam.ends_with('F') || fam.ends_with('B'), "{fam}");
+    }
+    let at = out.find("profile: decode step").unwrap();
+    assert!(out[at..].contains("attention causal 1 new + 8 cached"), "{}", &out[at..]);
+    assert!(out[at..].contains("linear 1x128->"), "{}", &out[at..]);
+}
+
 /// The `--json` keys every device reports (numbers; `null` only where the
 /// device has no ceilings, see [`bench_json`]).
 const JSON_TIMINGS: [&str; 9] = [

@@ -37,6 +37,47 @@ fn bench_decode_attention(c: &mut Criterion) {
     }
 }
 
+/// The CPU decode step's attention (`attention_with_past`, f32 cache
+/// `[len, 32 heads, 128]`, one query) at several cache lengths, over 8
+/// layers' caches in turn so that each call reads from DRAM as in a step.
+fn bench_attention_with_past(c: &mut Criterion) {
+    use qvc_kernels::attention::{attention_with_past, AttnArgs, Mask};
+    let mut g = c.benchmark_group("attention_with_past_cpu");
+    g.sample_size(20);
+    let (heads, d) = (32usize, 128usize);
+    let hd = heads * d;
+    for past in [300usize, 1024, 2048] {
+        let caches: Vec<(Vec<f32>, Vec<f32>)> =
+            (0..std::env::var("ATT_COPIES").ok().and_then(|s| s.parse().ok()).unwrap_or(8))
+                .map(|l| (data(past * hd + l), data(past * hd + 2 * l)))
+                .collect();
+        let (q, kn, vn) = (data(hd), data(hd), data(hd));
+        let mut out = vec![0f32; hd];
+        g.throughput(Throughput::Bytes((8 * past * hd + 16 * hd) as u64));
+        let mut layer = 0;
+        g.bench_function(BenchmarkId::from_parameter(format!("past{past}")), |bch| {
+            bch.iter(|| {
+                layer = (layer + 1) % caches.len();
+                let (pk, pv) = &caches[layer];
+                let args = AttnArgs {
+                    q: &q,
+                    q_stride: hd,
+                    k: &kn,
+                    v: &vn,
+                    kv_stride: hd,
+                    tq: 1,
+                    tk: 1,
+                    heads,
+                    d,
+                    scale: 1.0 / (d as f32).sqrt(),
+                    mask: Mask::Causal,
+                };
+                attention_with_past(&args, &pk[..past * hd], &pv[..past * hd], black_box(&mut out))
+            })
+        });
+    }
+}
+
 /// Logits with a realistic spread (a few strong tokens, a long tail).
 fn logits(rows: usize, cols: usize) -> Vec<f32> {
     data(rows * cols).into_iter().enumerate().map(|(i, x)| x * 8.0 + if i % 9973 == 0 { 6.0 } else { 0.0 }).collect()
@@ -72,5 +113,5 @@ fn bench_vocab(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, bench_decode_attention, bench_vocab);
+criterion_group!(benches, bench_attention_with_past, bench_decode_attention, bench_vocab);
 criterion_main!(benches);

@@ -20,7 +20,11 @@
 //! `S = Q·Kᵀ` by the crate's GEMM (reading q and k in place), scaled and
 //! masked, then an online softmax (running max `m` and sum `l` per query,
 //! rescaling the partial output when the max grows) and `O += P·V`. Scratch
-//! is allocated once per task; nothing is allocated per key block.
+//! is allocated once per task; nothing is allocated per key block. A single
+//! query (a decode step) runs the `decode` submodule instead: chunks of keys
+//! over groups of heads, each key row read once, merged per head.
+
+mod decode;
 
 use crate::act::exp_f32;
 use crate::common::{worth_parallel, Isa, SyncPtr};
@@ -131,6 +135,9 @@ fn run(isa: Isa, args: &AttnArgs, past: Past, out: &mut [f32]) {
         return;
     }
     let isa = isa.resolve();
+    if tq == 1 {
+        return decode::decode(isa, args, past, out);
+    }
     let qblocks = tq.div_ceil(QB);
     let work = 4 * tq * args.tk * heads * d;
     let parallel = worth_parallel(work);
@@ -416,11 +423,49 @@ mod tests {
             run(tq, tq + extra, heads, d, mask, interleaved, pad, seed, isa)?;
         }
 
-        /// Decode: one query against a long cache.
+        /// Decode: one query against a long cache (the `decode` path: ragged
+        /// last chunks, head groups, every path this CPU has).
         #[test]
-        fn decode_matches_ref(tk in 1usize..=700, d in prop::sample::select(vec![16usize, 128]), seed: u64, portable: bool) {
-            let isa = if portable { Isa::Portable } else { Isa::Avx2Fma };
-            run(1, tk, 2, d, Mask::Causal, false, 1, seed, isa)?;
+        fn decode_matches_ref(
+            tk in 1usize..=700, heads in 1usize..=12, d in prop::sample::select(vec![1usize, 7, 16, 40, 128]),
+            causal: bool, seed: u64, isa in prop::sample::select(Isa::ALL.to_vec()),
+        ) {
+            let isa = if isa.available() { isa } else { Isa::Portable };
+            let mask = if causal { Mask::Causal } else { Mask::None };
+            run(1, tk, heads, d, mask, false, 1, seed, isa)?;
+        }
+    }
+
+    /// A decode step's output does not depend on how many threads split it
+    /// (the head groups change with the pool; the arithmetic must not).
+    #[test]
+    fn decode_is_the_same_on_every_pool() {
+        let (past, heads, d) = (300, 32, 128);
+        let mut rng = Rng::new(7);
+        let hd = heads * d;
+        let (k, v, q) = (rng.vec((past + 1) * hd, 2.0), rng.vec((past + 1) * hd, 2.0), rng.vec(hd, 2.0));
+        let args = AttnArgs {
+            q: &q,
+            q_stride: hd,
+            k: &k[past * hd..],
+            v: &v[past * hd..],
+            kv_stride: hd,
+            tq: 1,
+            tk: 1,
+            heads,
+            d,
+            scale: 0.09,
+            mask: Mask::Causal,
+        };
+        let on = |threads: usize| {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+            let mut out = vec![f32::NAN; hd];
+            pool.install(|| attention_with_past(&args, &k[..past * hd], &v[..past * hd], &mut out));
+            out
+        };
+        let one = on(1);
+        for threads in [2, 3, 5] {
+            assert!(on(threads) == one, "{threads} threads differ from 1");
         }
     }
 

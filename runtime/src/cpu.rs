@@ -16,6 +16,10 @@
 //! norm, an attention, a copy), and none relies on zeros. Values handed to
 //! the caller leave the pool.
 
+mod profile;
+
+pub use profile::{start as start_profile, take as take_profile};
+
 use crate::pool::{self, Pooled};
 use qvc_ir::interp::{bind_input, broadcast_offsets, strided_offsets};
 use qvc_ir::{
@@ -169,6 +173,14 @@ fn run_here(
                 args.push(vals[inp.index()].take().expect("computed before use"));
             } else {
                 args.push(vals[inp.index()].clone().expect("computed before use"));
+            }
+        }
+        if profile::on() {
+            if let Some(cost) = profile::cost(graph, n, &args) {
+                let t = std::time::Instant::now();
+                vals[i] = Some(eval(graph, n, args, weights, inputs)?);
+                profile::record(cost, t.elapsed().as_secs_f64() * 1e3);
+                continue;
             }
         }
         vals[i] = Some(eval(graph, n, args, weights, inputs)?);

@@ -39,6 +39,21 @@ pub use weights::{WeightError, WeightStore};
 use qvc_ir::{ExecError, Graph, InputRef, WeightSource};
 use std::collections::HashMap;
 
+/// One kernel's (GPU) or op's (CPU) share of a profile: how often it ran,
+/// for how long, and the work it did by the backend's cost model
+/// ([`gpu::GpuBackend::start_profile`], [`cpu::start_profile`]).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct KernelTime {
+    /// The kernel's name (GPU) or the op with its shapes (CPU).
+    pub kernel: String,
+    pub launches: u64,
+    /// Total time, milliseconds.
+    pub ms: f64,
+    /// Total work of those launches.
+    pub flops: u64,
+    pub bytes: u64,
+}
+
 /// Named run-time inputs of a program.
 pub type Inputs<'a> = HashMap<String, InputRef<'a>>;
 

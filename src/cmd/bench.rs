@@ -49,8 +49,10 @@ pub struct BenchArgs {
     /// model's].
     #[arg(long, value_delimiter = ',', value_name = "N,...")]
     image_sizes: Vec<usize>,
-    /// After the table, time every kernel of one vision run, one prefill and one decode step on their own (GPU or
-    /// emulator) and print where the time goes, with each kernel's TFLOP/s and GB/s.
+    /// After the table, time one vision run, one prefill and one decode step kernel by kernel (GPU, emulator) or op
+    /// by op (CPU: each Linear, attention, norm, … with its shapes and weight type) and print where the time goes:
+    /// totals per family, then the slowest, each with its FLOP/s and GB/s (on the CPU also the share of the measured
+    /// FMA peak or read bandwidth, whichever binds).
     #[arg(long)]
     profile: bool,
     /// Print one JSON object on stdout; the table (and --profile) then go to stderr. Keys (schema 1; null where

@@ -20,7 +20,7 @@ use super::lower::{
     fnv_extend, lower, resolve, Arg, Buf, HostArg, KvShape, Layout, LowerOptions, Lowered, Q4Part, SampleArg, Sampling,
     Step, WeightKey, FNV_START,
 };
-use crate::{Backend, Inputs};
+use crate::{Backend, Inputs, KernelTime};
 use half::bf16;
 use qvc_codegen::Module;
 use qvc_ir::{DType, Elems, ExecError, Graph, InputRef, Op, Q4Ref, Q4Words, WeightSource};
@@ -90,18 +90,6 @@ pub struct GpuBackend {
     graphs: bool,
     /// Called as weights upload: (bytes done, bytes of this batch).
     progress: Option<Progress>,
-}
-
-/// One kernel's share of a profile ([`GpuBackend::start_profile`]).
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct KernelTime {
-    pub kernel: String,
-    pub launches: u64,
-    /// Total time, milliseconds.
-    pub ms: f64,
-    /// Total work of those launches (the spec's cost model).
-    pub flops: u64,
-    pub bytes: u64,
 }
 
 /// A weight-upload progress callback: (bytes done, bytes to do).

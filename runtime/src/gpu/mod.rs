@@ -8,7 +8,8 @@ pub mod emu;
 pub mod exec;
 pub mod lower;
 
+pub use crate::KernelTime;
 pub use cuda::CudaDevice;
 pub use device::{DevPtr, Device, DeviceError, KArg, MemInfo};
 pub use emu::EmuDevice;
-pub use exec::{ExecStats, GpuBackend, KernelTime};
+pub use exec::{ExecStats, GpuBackend};
