@@ -1,5 +1,8 @@
-//! CPU fast paths of the decode family (decode attention over a full KV
-//! cache, softmax, argmax and top-p over the 151936-token vocabulary) at
+//! CPU fast paths of the decode family (the CPU decode step's attention over
+//! its f32 cache, `attention_with_past_cpu`: 8 layers' caches in turn so each
+//! call reads from DRAM, `ATT_COPIES=1` for one that stays in L3; the GPU
+//! decode attention spec's CPU path over a full KV cache; softmax, argmax and
+//! top-p over the 151936-token vocabulary) at
 //! Qwen-VL-Chat shapes, in GB/s (`Throughput::Bytes`): all are memory-bound,
 //! so compare with the machine's memory bandwidth. Bytes are what the CPU path
 //! must move, each buffer once (attention: q, the `len` valid K and V rows and

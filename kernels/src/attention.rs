@@ -28,8 +28,10 @@ mod decode;
 
 use crate::act::exp_f32;
 use crate::common::{worth_parallel, Isa, SyncPtr};
-use crate::gemm::{gemm_strided, GemmScratch, MatRef};
+use crate::gemm::{bf16_products_native, gemm_strided, GemmScratch, MatRef};
+use crate::math::{cpu_math, CpuMath};
 use crate::softmax::{exp_sub_sum, row_max};
+use half::bf16;
 use qvc_ir::Elems;
 
 /// Queries per task: enough rows for the packed GEMM to run full tiles,
@@ -95,15 +97,53 @@ impl AttnArgs<'_> {
     }
 }
 
-/// Attention on the best code path for this CPU.
+/// Attention on the best code path for this CPU, in the process's
+/// [`cpu_math`] mode (see [`attention_with_math`]).
 pub fn attention(args: &AttnArgs, out: &mut [f32]) {
-    attention_with_isa(Isa::detect(), args, out)
+    attention_with_math(Isa::detect(), cpu_math(), args, out)
 }
 
-/// [`attention`] on a chosen code path (for tests and benchmarks).
+/// [`attention`] on a chosen code path, exact (for tests and benchmarks).
 pub fn attention_with_isa(isa: Isa, args: &AttnArgs, out: &mut [f32]) {
+    attention_with_math(isa, CpuMath::Exact, args, out)
+}
+
+/// [`attention`] on a chosen code path and arithmetic. [`CpuMath::Fast`]
+/// on an AVX-512 path of a CPU with AVX512-BF16, with more than one query:
+/// k and v are rounded to bf16 (nearest even) once, and both products of
+/// every block run as `vdpbf16ps` GEMMs (q and the probabilities rounded to
+/// bf16 as they are packed, sums in f32), as the Linears do in that mode:
+/// about twice the f32 rate on the vision tower's attention. Otherwise, and
+/// for a single query (a decode step, bound by reading the cache), exact.
+pub fn attention_with_math(isa: Isa, math: CpuMath, args: &AttnArgs, out: &mut [f32]) {
     args.check(out);
-    run(isa, args, Past { k: &[], v: &[], len: 0 }, out)
+    let isa = isa.resolve();
+    let kv16 =
+        (math == CpuMath::Fast && isa == Isa::Avx512 && args.tq > 1 && bf16_products_native()).then(|| Kv16::new(args));
+    run(isa, args, Past { k: &[], v: &[], len: 0 }, kv16.as_ref(), out)
+}
+
+/// Keys and values rounded to bf16 for [`CpuMath::Fast`], `[tk, heads, d]`
+/// contiguous.
+struct Kv16 {
+    k: Vec<bf16>,
+    v: Vec<bf16>,
+}
+
+impl Kv16 {
+    fn new(a: &AttnArgs) -> Kv16 {
+        let hd = a.heads * a.d;
+        let round = |x: &[f32]| -> Vec<bf16> {
+            let mut r = vec![bf16::ZERO; a.tk * hd];
+            for (t, row) in r.chunks_exact_mut(hd.max(1)).enumerate() {
+                for (y, &v) in row.iter_mut().zip(&x[t * a.kv_stride..t * a.kv_stride + hd]) {
+                    *y = bf16::from_f32(v);
+                }
+            }
+            r
+        };
+        Kv16 { k: round(a.k), v: round(a.v) }
+    }
 }
 
 /// Attention over a KV cache without concatenating it: the keys are the
@@ -117,7 +157,7 @@ pub fn attention_with_past(args: &AttnArgs, past_k: &[f32], past_v: &[f32], out:
     let len = past_k.len().checked_div(hd).unwrap_or(0);
     assert_eq!(len * hd, past_k.len(), "attention: the past is not whole [heads, d] rows");
     let full = AttnArgs { tk: len + args.tk, ..*args };
-    run(Isa::detect(), &full, Past { k: past_k, v: past_v, len }, out)
+    run(Isa::detect(), &full, Past { k: past_k, v: past_v, len }, None, out)
 }
 
 /// KV-cache rows that come before `args.k` (stride heads·d).
@@ -129,7 +169,8 @@ struct Past<'a> {
 }
 
 /// `args.tk` counts the past rows too; keys `j < past.len` come from `past`.
-fn run(isa: Isa, args: &AttnArgs, past: Past, out: &mut [f32]) {
+/// With `kv16` (no past then), every block's products are bf16 ones.
+fn run(isa: Isa, args: &AttnArgs, past: Past, kv16: Option<&Kv16>, out: &mut [f32]) {
     let (tq, heads, d) = (args.tq, args.heads, args.d);
     if tq == 0 || heads == 0 || d == 0 {
         return;
@@ -148,7 +189,7 @@ fn run(isa: Isa, args: &AttnArgs, past: Past, out: &mut [f32]) {
         let rows = QB.min(tq - i0);
         // SAFETY: this task writes only out[i0..i0+rows, h, :], and tasks
         // differ in (h, query block); `check` sized `out`.
-        unsafe { attend_block(isa, args, past, h, i0, rows, op) };
+        unsafe { attend_block(isa, args, past, kv16, h, i0, rows, op) };
     };
     if parallel {
         use rayon::prelude::*;
@@ -163,7 +204,16 @@ fn run(isa: Isa, args: &AttnArgs, past: Past, out: &mut [f32]) {
 /// SAFETY: `out` points at the `[tq, heads, d]` output and no other task
 /// writes rows `i0..i0+rows` of head `h`.
 #[allow(clippy::too_many_arguments)]
-unsafe fn attend_block(isa: Isa, a: &AttnArgs, past: Past, h: usize, i0: usize, rows: usize, out: SyncPtr) {
+unsafe fn attend_block(
+    isa: Isa,
+    a: &AttnArgs,
+    past: Past,
+    kv16: Option<&Kv16>,
+    h: usize,
+    i0: usize,
+    rows: usize,
+    out: SyncPtr,
+) {
     let d = a.d;
     let hd = a.heads * d;
     let keys = a.visible(i0 + rows - 1); // the last query sees the most
@@ -199,7 +249,21 @@ unsafe fn attend_block(isa: Isa, a: &AttnArgs, past: Past, h: usize, i0: usize, 
             col_stride: stride,
             offset: local * stride + h * d,
         };
-        gemm_strided(isa, &q, &kt, s, kb, false, false, &mut gs);
+        match kv16 {
+            #[cfg(target_arch = "x86_64")]
+            Some(kv) => {
+                // The same Kᵀ block in the bf16 copy (stride heads·d, no past).
+                let kt =
+                    MatRef { data: Elems::BF16(&kv.k), row_stride: 1, col_stride: hd, offset: j0 * hd + h * d, ..kt };
+                q.check("Q");
+                kt.check("K");
+                // SAFETY: `kv16` exists only where `bf16_products_native()`
+                // (AVX-512 F/BW/VL + BF16); q and Kᵀ are checked views; S
+                // holds rows × kb.
+                unsafe { crate::gemm::gemm_bf16_packed(&q, &kt, &kv.k, s, kb, false, false, None) };
+            }
+            _ => gemm_strided(isa, &q, &kt, s, kb, false, false, &mut gs),
+        }
         let st = SoftmaxStep { a, i0, j0, kb, d };
         match isa {
             #[cfg(target_arch = "x86_64")]
@@ -217,7 +281,17 @@ unsafe fn attend_block(isa: Isa, a: &AttnArgs, past: Past, h: usize, i0: usize, 
             col_stride: 1,
             offset: local * stride + h * d,
         };
-        gemm_strided(isa, &p, &vb, &mut o, d, true, false, &mut gs);
+        match kv16 {
+            #[cfg(target_arch = "x86_64")]
+            Some(kv) => {
+                let vb = MatRef { data: Elems::BF16(&kv.v), row_stride: hd, offset: j0 * hd + h * d, ..vb };
+                p.check("P");
+                vb.check("V");
+                // SAFETY: as for S above; O holds rows × d.
+                unsafe { crate::gemm::gemm_bf16_packed(&p, &vb, &kv.v, &mut o, d, true, false, None) };
+            }
+            _ => gemm_strided(isa, &p, &vb, &mut o, d, true, false, &mut gs),
+        }
         j0 += kb;
     }
     for r in 0..rows {
@@ -433,6 +507,56 @@ mod tests {
             let isa = if isa.available() { isa } else { Isa::Portable };
             let mask = if causal { Mask::Causal } else { Mask::None };
             run(1, tk, heads, d, mask, false, 1, seed, isa)?;
+        }
+    }
+
+    /// `--cpu-math fast` (AVX512-BF16 CPUs only): q, k and v rounded to bf16
+    /// as the kernel rounds them, so the reference on those rounded inputs
+    /// differs only by the probabilities' bf16 rounding (≤ 2⁻⁹ relative
+    /// each) and f32 sums.
+    fn run_fast(
+        tq: usize,
+        tk: usize,
+        heads: usize,
+        d: usize,
+        mask: Mask,
+        interleaved: bool,
+        seed: u64,
+    ) -> Result<(), TestCaseError> {
+        if !bf16_products_native() {
+            return Ok(());
+        }
+        let mut rng = Rng::new(seed);
+        let hd = heads * d;
+        let r16 = |v: Vec<f32>| -> Vec<f32> { v.into_iter().map(|x| bf16::from_f32(x).to_f32()).collect() };
+        let scale = 1.0 / (d as f32).sqrt();
+        let t = tq.max(tk);
+        let (buf, kbuf, vbuf) = if interleaved {
+            (r16(rng.vec(t * 3 * hd, 2.0)), vec![], vec![])
+        } else {
+            (r16(rng.vec(tq * hd, 2.0)), r16(rng.vec(tk * hd, 2.0)), r16(rng.vec(tk * hd, 2.0)))
+        };
+        let (k, v, stride): (&[f32], &[f32], usize) =
+            if interleaved { (&buf[hd..], &buf[2 * hd..], 3 * hd) } else { (&kbuf, &vbuf, hd) };
+        let args = AttnArgs { q: &buf, q_stride: stride, k, v, kv_stride: stride, tq, tk, heads, d, scale, mask };
+        let (mut got, mut want) = (vec![f32::NAN; tq * hd], vec![f32::NAN; tq * hd]);
+        attention_with_math(Isa::Avx512, CpuMath::Fast, &args, &mut got);
+        attention_ref(&args, &mut want);
+        let e = rel_l2(&got, &want);
+        prop_assert!(e < 4e-3, "fast tq {tq} tk {tk} heads {heads} d {d} {mask:?}: rel err {e}");
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(32))]
+
+        #[test]
+        fn fast_attention_matches_ref_on_rounded_inputs(
+            tq in 2usize..=140, extra in 0usize..=300, heads in 1usize..=3,
+            d in prop::sample::select(vec![1usize, 7, 16, 104, 128]), causal: bool, interleaved: bool, seed: u64,
+        ) {
+            let mask = if causal { Mask::Causal } else { Mask::None };
+            run_fast(tq, tq + extra, heads, d, mask, interleaved, seed)?;
         }
     }
 

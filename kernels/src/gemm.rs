@@ -151,7 +151,7 @@ impl<'a> MatRef<'a> {
 
     /// Panics unless every element of the view lies inside `data`; the packing
     /// code relies on this (it indexes with checks, but a clear message helps).
-    fn check(&self, what: &str) {
+    pub(crate) fn check(&self, what: &str) {
         if self.rows > 0 && self.cols > 0 {
             let last = self.index(self.rows - 1, self.cols - 1);
             assert!(
@@ -2065,7 +2065,7 @@ fn with_pairs<R>(
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16,avx2,fma")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn gemm_bf16_packed(
+pub(crate) unsafe fn gemm_bf16_packed(
     a: &MatRef,
     b: &MatRef,
     w: &[half::bf16],
