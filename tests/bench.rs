@@ -91,25 +91,27 @@ fn bench_tiny_on_the_cpu_has_floors() {
     assert!(frac.contains('%'), "{frac}");
 }
 
+/// A short CPU bench of the tiny synthetic model, one picture size.
+const TINY_CPU: [&str; 11] = [
+    "bench",
+    "--synthetic",
+    "tiny",
+    "--device",
+    "cpu",
+    "--prompt-len",
+    "8",
+    "--decode-tokens",
+    "2",
+    "--image-sizes",
+    "224",
+];
+
 /// `--profile` on the CPU: each phase timed op by op, families first, every
 /// line with its share of the measured ceilings; the decode step's Linears
 /// and its attention over the cache are there with their shapes.
 #[test]
 fn bench_profile_on_the_cpu_names_ops_and_ceilings() {
-    let o = qvc(&[
-        "bench",
-        "--synthetic",
-        "tiny",
-        "--device",
-        "cpu",
-        "--prompt-len",
-        "8",
-        "--decode-tokens",
-        "2",
-        "--image-sizes",
-        "224",
-        "--profile",
-    ]);
+    let o = qvc(&[&TINY_CPU[..], &["--profile"]].concat());
     let out = text(&o.stdout);
     assert!(o.status.success(), "{}\n{out}", text(&o.stderr));
     for phase in ["profile: vision 224", "profile: prefill 8 tokens", "profile: decode step, batch 1"] {
@@ -171,20 +173,7 @@ fn number(v: &serde_json::Value, path: &[&str]) -> f64 {
 
 #[test]
 fn bench_json_on_the_cpu_has_every_key_and_measured_ceilings() {
-    let (v, err) = bench_json(&[
-        "bench",
-        "--synthetic",
-        "tiny",
-        "--device",
-        "cpu",
-        "--prompt-len",
-        "8",
-        "--decode-tokens",
-        "2",
-        "--image-sizes",
-        "224",
-        "--json",
-    ]);
+    let (v, err) = bench_json(&[&TINY_CPU[..], &["--json"]].concat());
     assert_eq!(v["device"], "cpu", "{v}");
     let fma = number(&v, &["ceilings", "fma_peak_gflops"]);
     let bw = number(&v, &["ceilings", "read_bandwidth_gbs"]);

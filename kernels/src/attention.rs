@@ -426,6 +426,14 @@ mod tests {
     }
 
     /// q, k, v storage: separate padded buffers, or one interleaved `[t, 3, heads, d]` qkv buffer.
+    ///
+    /// With [`CpuMath::Fast`] (AVX512-BF16 CPUs only; elsewhere nothing to
+    /// check) q, k and v are first rounded to bf16 as the kernel rounds them,
+    /// so the reference on those rounded inputs differs only by the
+    /// probabilities' bf16 rounding and f32 sums: each rounded probability is
+    /// off by at most 2⁻⁸ of itself (bf16 keeps 8 significant bits), so an
+    /// output is off by at most 2⁻⁸ of the scale [`close_to_ref`] measures
+    /// against (4e-3: that and f32 sums).
     #[allow(clippy::too_many_arguments)]
     fn run(
         tq: usize,
@@ -437,30 +445,44 @@ mod tests {
         pad: usize,
         seed: u64,
         isa: Isa,
+        math: CpuMath,
     ) -> Result<(), TestCaseError> {
+        let fast = math == CpuMath::Fast;
+        if fast && !bf16_products_native() {
+            return Ok(());
+        }
         let mut rng = Rng::new(seed);
-        let hd = heads * d;
         let scale = 1.0 / (d as f32).sqrt() * (1.0 + rng.uniform());
+        let mut vec = |n: usize| -> Vec<f32> {
+            let v = rng.vec(n, 2.0);
+            if fast {
+                v.into_iter().map(|x| bf16::from_f32(x).to_f32()).collect()
+            } else {
+                v
+            }
+        };
+        let hd = heads * d;
         let (qbuf, kbuf, vbuf, q_stride, kv_stride, koff, voff);
         if interleaved {
             let t = tq.max(tk);
-            qbuf = rng.vec(t * 3 * hd, 2.0);
+            qbuf = vec(t * 3 * hd);
             kbuf = Vec::new();
             vbuf = Vec::new();
             (q_stride, kv_stride, koff, voff) = (3 * hd, 3 * hd, hd, 2 * hd);
         } else {
             q_stride = hd + pad;
             kv_stride = hd + 2 * pad;
-            qbuf = rng.vec(tq * q_stride, 2.0);
-            kbuf = rng.vec(tk * kv_stride, 2.0);
-            vbuf = rng.vec(tk * kv_stride, 2.0);
+            qbuf = vec(tq * q_stride);
+            kbuf = vec(tk * kv_stride);
+            vbuf = vec(tk * kv_stride);
             (koff, voff) = (0, 0);
         }
         let (k, v): (&[f32], &[f32]) = if interleaved { (&qbuf[koff..], &qbuf[voff..]) } else { (&kbuf, &vbuf) };
         let args = AttnArgs { q: &qbuf, q_stride, k, v, kv_stride, tq, tk, heads, d, scale, mask };
         let mut got = vec![f32::NAN; tq * hd];
-        attention_with_isa(isa, &args, &mut got);
-        close_to_ref(&args, &got, 2e-5, &format!("{isa:?} tq {tq} tk {tk} heads {heads} d {d} {mask:?}"))
+        attention_with_math(isa, math, &args, &mut got);
+        let what = format!("{isa:?} {math:?} tq {tq} tk {tk} heads {heads} d {d} {mask:?}");
+        close_to_ref(&args, &got, if fast { 4e-3 } else { 2e-5 }, &what)
     }
 
     /// The cache-reading entry point equals attention over the concatenation.
@@ -506,7 +528,7 @@ mod tests {
         ) {
             let mask = if causal { Mask::Causal } else { Mask::None };
             let isa = if portable { Isa::Portable } else { Isa::Avx2Fma };
-            run(tq, tq + extra, heads, d, mask, interleaved, pad, seed, isa)?;
+            run(tq, tq + extra, heads, d, mask, interleaved, pad, seed, isa, CpuMath::Exact)?;
         }
 
         /// Decode: one query against a long cache (the `decode` path: ragged
@@ -518,44 +540,8 @@ mod tests {
         ) {
             let isa = if isa.available() { isa } else { Isa::Portable };
             let mask = if causal { Mask::Causal } else { Mask::None };
-            run(1, tk, heads, d, mask, false, 1, seed, isa)?;
+            run(1, tk, heads, d, mask, false, 1, seed, isa, CpuMath::Exact)?;
         }
-    }
-
-    /// `--cpu-math fast` (AVX512-BF16 CPUs only): q, k and v rounded to bf16
-    /// as the kernel rounds them, so the reference on those rounded inputs
-    /// differs only by the probabilities' bf16 rounding and f32 sums. Each
-    /// rounded probability is off by at most 2⁻⁸ of itself (bf16 keeps 8
-    /// significant bits), so an output is off by at most 2⁻⁸ of the scale
-    /// [`close_to_ref`] measures against (4e-3: that and f32 sums).
-    fn run_fast(
-        tq: usize,
-        tk: usize,
-        heads: usize,
-        d: usize,
-        mask: Mask,
-        interleaved: bool,
-        seed: u64,
-    ) -> Result<(), TestCaseError> {
-        if !bf16_products_native() {
-            return Ok(());
-        }
-        let mut rng = Rng::new(seed);
-        let hd = heads * d;
-        let r16 = |v: Vec<f32>| -> Vec<f32> { v.into_iter().map(|x| bf16::from_f32(x).to_f32()).collect() };
-        let scale = 1.0 / (d as f32).sqrt();
-        let t = tq.max(tk);
-        let (buf, kbuf, vbuf) = if interleaved {
-            (r16(rng.vec(t * 3 * hd, 2.0)), vec![], vec![])
-        } else {
-            (r16(rng.vec(tq * hd, 2.0)), r16(rng.vec(tk * hd, 2.0)), r16(rng.vec(tk * hd, 2.0)))
-        };
-        let (k, v, stride): (&[f32], &[f32], usize) =
-            if interleaved { (&buf[hd..], &buf[2 * hd..], 3 * hd) } else { (&kbuf, &vbuf, hd) };
-        let args = AttnArgs { q: &buf, q_stride: stride, k, v, kv_stride: stride, tq, tk, heads, d, scale, mask };
-        let mut got = vec![f32::NAN; tq * hd];
-        attention_with_math(Isa::Avx512, CpuMath::Fast, &args, &mut got);
-        close_to_ref(&args, &got, 4e-3, &format!("fast tq {tq} tk {tk} heads {heads} d {d} {mask:?}"))
     }
 
     proptest! {
@@ -567,7 +553,7 @@ mod tests {
             d in prop::sample::select(vec![1usize, 7, 16, 104, 128]), causal: bool, interleaved: bool, seed: u64,
         ) {
             let mask = if causal { Mask::Causal } else { Mask::None };
-            run_fast(tq, tq + extra, heads, d, mask, interleaved, seed)?;
+            run(tq, tq + extra, heads, d, mask, interleaved, 1, seed, Isa::Avx512, CpuMath::Fast)?;
         }
     }
 
@@ -609,10 +595,10 @@ mod tests {
         // Several query blocks (a ragged last one) and key blocks, d = 128
         // (the decoder) and 104 (the ViT), on every path this CPU has.
         for isa in Isa::ALL.into_iter().filter(|i| i.available()) {
-            run(130, 300, 2, 128, Mask::Causal, false, 0, 1, isa).unwrap();
-            run(100, 100, 2, 104, Mask::None, true, 0, 2, isa).unwrap();
-            run(300, 300, 2, 104, Mask::None, true, 0, 3, isa).unwrap();
-            run(260, 400, 3, 128, Mask::Causal, false, 1, 4, isa).unwrap();
+            run(130, 300, 2, 128, Mask::Causal, false, 0, 1, isa, CpuMath::Exact).unwrap();
+            run(100, 100, 2, 104, Mask::None, true, 0, 2, isa, CpuMath::Exact).unwrap();
+            run(300, 300, 2, 104, Mask::None, true, 0, 3, isa, CpuMath::Exact).unwrap();
+            run(260, 400, 3, 128, Mask::Causal, false, 1, 4, isa, CpuMath::Exact).unwrap();
         }
     }
 
@@ -620,7 +606,7 @@ mod tests {
     fn more_queries_than_keys() {
         // Causal with tq > tk: the first tq − tk queries see nothing → zeros.
         for isa in [Isa::Portable, Isa::Avx2Fma] {
-            run(9, 4, 2, 8, Mask::Causal, false, 0, 3, isa).unwrap();
+            run(9, 4, 2, 8, Mask::Causal, false, 0, 3, isa, CpuMath::Exact).unwrap();
         }
         let q = [1.0f32; 3 * 2];
         let kv = [1.0f32; 2];

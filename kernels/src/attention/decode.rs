@@ -273,11 +273,7 @@ unsafe fn dot16x4_avx512(x: *const f32, y: [*const f32; 4], full: usize) -> [f32
             *a = _mm512_fmadd_ps(xv, _mm512_loadu_ps(y.add(p)), *a);
         }
     }
-    acc.map(|a| {
-        let lo = _mm512_castps512_ps256(a);
-        let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(a)));
-        hsum8(_mm256_add_ps(lo, hi))
-    })
+    acc.map(|a| hsum16(a))
 }
 
 /// The first `full` (a multiple of 16) products of [`dot`], one zmm.
@@ -291,8 +287,18 @@ unsafe fn dot16_avx512(x: *const f32, y: *const f32, full: usize) -> f32 {
     for p in (0..full).step_by(LANES) {
         acc = _mm512_fmadd_ps(_mm512_loadu_ps(x.add(p)), _mm512_loadu_ps(y.add(p)), acc);
     }
-    let lo = _mm512_castps512_ps256(acc);
-    let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(acc)));
+    hsum16(acc)
+}
+
+/// Lanes of a zmm added pairwise: l + l+8, then [`hsum8`].
+///
+/// SAFETY: AVX-512F enabled by the caller.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn hsum16(a: std::arch::x86_64::__m512) -> f32 {
+    use std::arch::x86_64::*;
+    let lo = _mm512_castps512_ps256(a);
+    let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(a)));
     hsum8(_mm256_add_ps(lo, hi))
 }
 
