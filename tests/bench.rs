@@ -207,26 +207,9 @@ fn bench_json_on_the_cpu_has_every_key_and_measured_ceilings() {
 #[test]
 fn bench_synthetic_layers_are_built_and_reported() {
     for (vit, llm) in [("1", "1"), ("0", "2")] {
-        let (v, err) = bench_json(&[
-            "bench",
-            "--repeat",
-            "2",
-            "--synthetic",
-            "tiny",
-            "--vit-layers",
-            vit,
-            "--llm-layers",
-            llm,
-            "--device",
-            "cpu",
-            "--prompt-len",
-            "8",
-            "--decode-tokens",
-            "2",
-            "--image-sizes",
-            "224",
-            "--json",
-        ]);
+        let (v, err) = bench_json(
+            &[&TINY_CPU[..], &["--repeat", "2", "--vit-layers", vit, "--llm-layers", llm, "--json"]].concat(),
+        );
         assert_eq!(v["vit_layers"].to_string(), vit, "{v}");
         assert_eq!(v["llm_layers"].to_string(), llm, "{v}");
         assert_eq!(v["repeat"], 2, "{v}");
@@ -235,20 +218,7 @@ fn bench_synthetic_layers_are_built_and_reported() {
         assert!(err.contains(&note), "{err}");
     }
     // Without the flags: the model's own depth, no slice note.
-    let (v, _) = bench_json(&[
-        "bench",
-        "--synthetic",
-        "tiny",
-        "--device",
-        "cpu",
-        "--prompt-len",
-        "8",
-        "--decode-tokens",
-        "2",
-        "--image-sizes",
-        "224",
-        "--json",
-    ]);
+    let (v, _) = bench_json(&[&TINY_CPU[..], &["--json"]].concat());
     assert_eq!((v["vit_layers"].as_u64(), v["llm_layers"].as_u64()), (Some(2), Some(2)), "{v}");
     assert_eq!(v["repeat"], 1, "the CPU's default: {v}");
     assert!(!v["model"].as_str().unwrap().contains("full widths"), "{v}");
