@@ -131,14 +131,22 @@ struct Kv16 {
 }
 
 impl Kv16 {
+    /// Built only where [`bf16_products_native`] holds (AVX-512F and BF16),
+    /// so the rows round 32 at a time as the GEMMs round their A panels
+    /// (`gemm::round_bf16_bits`).
     fn new(a: &AttnArgs) -> Kv16 {
         let hd = a.heads * a.d;
         let round = |x: &[f32]| -> Vec<bf16> {
             let mut r = vec![bf16::ZERO; a.tk * hd];
             for (t, row) in r.chunks_exact_mut(hd.max(1)).enumerate() {
-                for (y, &v) in row.iter_mut().zip(&x[t * a.kv_stride..t * a.kv_stride + hd]) {
-                    *y = bf16::from_f32(v);
-                }
+                let src = &x[t * a.kv_stride..t * a.kv_stride + hd];
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: see above; `src` and `row` both hold hd elements.
+                unsafe {
+                    crate::gemm::round_bf16_bits(src, bytemuck::cast_slice_mut(row))
+                };
+                #[cfg(not(target_arch = "x86_64"))]
+                row.iter_mut().zip(src).for_each(|(y, &v)| *y = bf16::from_f32(v));
             }
             r
         };
@@ -230,6 +238,10 @@ unsafe fn attend_block(
         col_stride: 1,
         offset: i0 * a.q_stride + h * d,
     };
+    if kv16.is_some() {
+        // The bf16 GEMMs below take it checked (once: it is every block's A).
+        q.check("Q");
+    }
     let mut j0 = 0;
     while j0 < keys {
         // Blocks never straddle the cache boundary: each reads one buffer.
@@ -255,10 +267,9 @@ unsafe fn attend_block(
                 // The same Kᵀ block in the bf16 copy (stride heads·d, no past).
                 let kt =
                     MatRef { data: Elems::BF16(&kv.k), row_stride: 1, col_stride: hd, offset: j0 * hd + h * d, ..kt };
-                q.check("Q");
                 kt.check("K");
                 // SAFETY: `kv16` exists only where `bf16_products_native()`
-                // (AVX-512 F/BW/VL + BF16); q and Kᵀ are checked views; S
+                // (AVX-512 F/BW/VL + BF16); q (above) and Kᵀ are checked views; S
                 // holds rows × kb.
                 unsafe { crate::gemm::gemm_bf16_packed(&q, &kt, &kv.k, s, kb, false, false, None) };
             }

@@ -1950,7 +1950,7 @@ unsafe fn gemv_dot_bf16(
 /// SAFETY: CPU with AVX-512F and BF16; `dst.len() == src.len()`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bf16")]
-unsafe fn round_bf16_bits(src: &[f32], dst: &mut [u16]) {
+pub(crate) unsafe fn round_bf16_bits(src: &[f32], dst: &mut [u16]) {
     use std::arch::x86_64::*;
     debug_assert_eq!(src.len(), dst.len());
     let full = src.len() - src.len() % 32;

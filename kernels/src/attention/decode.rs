@@ -135,19 +135,23 @@ fn chunk<'a, const ISA: u8>(a: &AttnArgs<'a>, past: Past<'a>, keys: std::ops::Ra
         }
     };
     let q = &a.q[..hd];
-    let rows = |buf_past: &'a [f32], buf_new: &'a [f32], j: usize| -> &'a [f32] {
-        match at(j) {
-            (true, o) => &buf_past[o..o + nh * d],
-            (false, o) => &buf_new[o..o + nh * d],
-        }
+    // The chunk's keys four at a time: (offset in the chunk, how many
+    // are real, their rows in the cache `buf_past` or the new `buf_new`),
+    // the last real row repeated where fewer than four are left.
+    let quads = |buf_past: &'a [f32], buf_new: &'a [f32]| {
+        (0..kb).step_by(4).map(move |jj| {
+            let n4 = (kb - jj).min(4);
+            let rows: [&'a [f32]; 4] = std::array::from_fn(|i| match at(keys.start + jj + i.min(n4 - 1)) {
+                (true, o) => &buf_past[o..o + nh * d],
+                (false, o) => &buf_new[o..o + nh * d],
+            });
+            (jj, n4, rows)
+        })
     };
     // Scores, one row of kb per head, four keys at a time (four
     // independent dot products per head; each key row read once).
     let mut s = vec![0f32; nh * kb];
-    let mut jj = 0;
-    while jj < kb {
-        let n4 = (kb - jj).min(4);
-        let k: [&[f32]; 4] = std::array::from_fn(|i| rows(past.k, a.k, keys.start + jj + i.min(n4 - 1)));
+    for (jj, n4, k) in quads(past.k, a.k) {
         for h in 0..nh {
             let hs = h * d..(h + 1) * d;
             let dots = dot4::<ISA>(&q[hs.clone()], k.map(|k| &k[hs.clone()]));
@@ -155,7 +159,6 @@ fn chunk<'a, const ISA: u8>(a: &AttnArgs<'a>, past: Past<'a>, keys: std::ops::Ra
                 s[h * kb + jj + i] = x * a.scale;
             }
         }
-        jj += n4;
     }
     let (mut m, mut l) = (vec![0f32; nh], vec![0f32; nh]);
     for h in 0..nh {
@@ -166,10 +169,7 @@ fn chunk<'a, const ISA: u8>(a: &AttnArgs<'a>, past: Past<'a>, keys: std::ops::Ra
     // o += p·v in key order; four keys per pass over o (the same sums as
     // one key at a time, with a quarter of the loads and stores of o).
     let mut o = vec![0f32; nh * d];
-    let mut jj = 0;
-    while jj < kb {
-        let n4 = (kb - jj).min(4);
-        let v: [&[f32]; 4] = std::array::from_fn(|i| rows(past.v, a.v, keys.start + jj + i.min(n4 - 1)));
+    for (jj, n4, v) in quads(past.v, a.v) {
         for h in 0..nh {
             let hs = h * d..(h + 1) * d;
             let p: [f32; 4] = std::array::from_fn(|i| s[h * kb + jj + i.min(n4 - 1)]);
@@ -194,7 +194,6 @@ fn chunk<'a, const ISA: u8>(a: &AttnArgs<'a>, past: Past<'a>, keys: std::ops::Ra
                 }
             }
         }
-        jj += n4;
     }
     Partial { m, l, o }
 }

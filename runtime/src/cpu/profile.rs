@@ -147,7 +147,7 @@ pub(super) fn cost(g: &Graph, n: &Node, args: &[Buf<'_>]) -> Option<Pending> {
         Op::Reduce { op, axis } => ew(format!("{op:?}@{axis}").to_lowercase()),
         // These read only the rows they copy.
         Op::Slice { .. } | Op::Gather => {
-            let per = args.first().map_or(4, |a| moved_bytes(a) / a_len(a).max(1));
+            let per = args.first().map_or(4, elem_size);
             let ids = args.get(1).map_or(0, moved_bytes);
             let what = if matches!(n.op, Op::Gather) { "gather" } else { "slice" };
             (format!("copy {what} {}", dims(out)), 0, (per + 4) * out.numel() as u64 + ids)
@@ -184,19 +184,17 @@ fn moved_bytes(b: &Buf<'_>) -> u64 {
     match b {
         Buf::Ids(v) => 4 * v.len() as u64,
         b => match b.elems() {
-            Elems::F32(s) => 4 * s.len() as u64,
-            Elems::BF16(s) => 2 * s.len() as u64,
-            Elems::F16(s) => 2 * s.len() as u64,
             Elems::Q4(q) => q.bytes() as u64,
+            e => (e.len() * e.dtype().size()) as u64,
         },
     }
 }
 
-/// Elements of one input.
-fn a_len(b: &Buf<'_>) -> u64 {
+/// Bytes of one element of an input as stored (a copy reads only some).
+fn elem_size(b: &Buf<'_>) -> u64 {
     match b {
-        Buf::Ids(v) => v.len() as u64,
-        b => b.elems().len() as u64,
+        Buf::Ids(_) => 4,
+        b => b.elems().dtype().size() as u64,
     }
 }
 
