@@ -2,6 +2,9 @@
 //! (`gpu::attention::model_specs`): ViT global and window attention, the
 //! adapter's cross attention, decoder causal prefill. Throughput is the spec's
 //! flop count (attended pairs only), so criterion prints GFLOP/s.
+//!
+//! `ATT_MATH=fast` times `--cpu-math fast` (bf16 products where the CPU
+//! has AVX512-BF16) instead of the exact default.
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use half::bf16;
@@ -18,6 +21,9 @@ fn buffer(tokens: u32, s: qvc_kernels::gpu::attention::Strides, spec: &FlashSpec
 }
 
 fn bench_attention(c: &mut Criterion) {
+    if let Some(m) = std::env::var("ATT_MATH").ok().and_then(|s| qvc_kernels::CpuMath::parse(&s)) {
+        qvc_kernels::math::set_cpu_math(m);
+    }
     let mut g = c.benchmark_group("attention_family");
     g.sample_size(10);
     for spec in model_specs() {

@@ -27,12 +27,14 @@
 mod decode;
 
 use crate::act::exp_f32;
-use crate::common::{worth_parallel, Isa, SyncPtr};
-use crate::gemm::{bf16_products_native, gemm_strided, GemmScratch, MatRef};
+use crate::common::{par_for, worth_parallel, Isa, SyncPtr};
+use crate::gemm::{bf16_products_native, MatRef, PanelGemm};
 use crate::math::{cpu_math, CpuMath};
 use crate::softmax::{exp_sub_sum, row_max};
 use half::bf16;
 use qvc_ir::Elems;
+use std::cell::RefCell;
+use std::thread::LocalKey;
 
 /// Queries per task: enough rows for the packed GEMM to run full tiles,
 /// and to amortise packing each key and value block (the GEMMs pack B per
@@ -176,6 +178,13 @@ struct Past<'a> {
     len: usize,
 }
 
+/// Bytes of packed keys and values one call may hold for all heads at once
+/// (a ViT layer's are 15 MB, the adapter's and a 1024-token prefill's 34
+/// MB, a 2048-token prefill's 67 MB); the buffer is kept for the next call
+/// ([`PREPACKED`]), so this bounds what stays allocated. Past it (longer
+/// prompts and caches) each task packs the blocks it reads as it goes.
+const PREPACK_MAX_BYTES: usize = 128 << 20;
+
 /// `args.tk` counts the past rows too; keys `j < past.len` come from `past`.
 /// With `kv16` (no past then), every block's products are bf16 ones.
 fn run(isa: Isa, args: &AttnArgs, past: Past, kv16: Option<&Kv16>, out: &mut [f32]) {
@@ -187,129 +196,281 @@ fn run(isa: Isa, args: &AttnArgs, past: Past, kv16: Option<&Kv16>, out: &mut [f3
     if tq == 1 {
         return decode::decode(isa, args, past, out);
     }
+    let plan = Plan::new(isa, args, past, kv16);
     let qblocks = tq.div_ceil(QB);
-    let work = 4 * tq * args.tk * heads * d;
-    let parallel = worth_parallel(work);
+    let parallel = worth_parallel(4 * tq * args.tk * heads * d);
     let op = SyncPtr(out.as_mut_ptr());
-    let task = |t: usize| {
-        let (h, qb) = (t % heads, t / heads);
-        let i0 = qb * QB;
-        let rows = QB.min(tq - i0);
-        // SAFETY: this task writes only out[i0..i0+rows, h, :], and tasks
-        // differ in (h, query block); `check` sized `out`.
-        unsafe { attend_block(isa, args, past, kv16, h, i0, rows, op) };
+    let tasks = |shared: Option<Packed>| {
+        par_for(heads * qblocks, parallel, |t| {
+            let (h, qb) = (t % heads, t / heads);
+            let i0 = qb * QB;
+            // SAFETY: this task writes only out[i0..i0+rows, h, :], and tasks
+            // differ in (h, query block); `check` sized `out`.
+            unsafe { plan.attend(shared, h, i0, QB.min(tq - i0), op) };
+        })
     };
-    if parallel {
-        use rayon::prelude::*;
-        (0..heads * qblocks).into_par_iter().for_each(task);
+    // Several query blocks read the same keys and values: pack them once.
+    let (k_len, v_len) = plan.packed_lens();
+    if qblocks > 1 && 4 * (k_len + v_len) <= PREPACK_MAX_BYTES {
+        with_buffer(&PREPACKED, k_len + v_len, |buf| {
+            let (k, v) = buf.split_at_mut(k_len);
+            plan.prepack(k, v, parallel);
+            tasks(Some(Packed { k, v }))
+        })
     } else {
-        (0..heads * qblocks).for_each(task);
+        tasks(None)
     }
 }
 
-/// One (head, query block) task.
-///
-/// SAFETY: `out` points at the `[tq, heads, d]` output and no other task
-/// writes rows `i0..i0+rows` of head `h`.
-#[allow(clippy::too_many_arguments)]
-unsafe fn attend_block(
+/// Keys and values of every (head, key block), packed once
+/// ([`Plan::prepack`]): block `t = h · blocks + b` at `t · k_len` and
+/// `t · v_len`.
+#[derive(Clone, Copy)]
+struct Packed<'p> {
+    k: &'p [f32],
+    v: &'p [f32],
+}
+
+thread_local! {
+    /// The calling thread's packed keys and values ([`Packed`]), kept
+    /// between calls: a fresh allocation of a ViT layer's 15 MB is faulted
+    /// in page by page on every call, which cost more than the packing
+    /// saved (2 threads, the adapter's 256×1024 attention: 87 → 53-63
+    /// GFLOP/s before this buffer was kept).
+    static PREPACKED: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    /// Each thread's scratch for its tasks ([`Plan::attend`]), kept for the
+    /// same reason.
+    static TASK_SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` on `len` floats of this thread's `buf` (grown on demand, never
+/// shrunk, contents left from earlier calls), or of a fresh vector when
+/// the buffer is in use (an attention nested in another on one thread).
+fn with_buffer<R>(buf: &'static LocalKey<RefCell<Vec<f32>>>, len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    buf.with(|b| match b.try_borrow_mut() {
+        Ok(mut v) => {
+            if v.len() < len {
+                v.resize(len, 0.0);
+            }
+            f(&mut v[..len])
+        }
+        Err(_) => f(&mut vec![0.0; len]),
+    })
+}
+
+/// One task's scratch, carved from [`TASK_SCRATCH`]: the packed query
+/// block, S, the packed probabilities, the unnormalised output O, the
+/// running max and sum per query, and (without [`Packed`]) the task's own
+/// packed key block.
+struct TaskScratch<'s> {
+    qp: &'s mut [f32],
+    s: &'s mut [f32],
+    pp: &'s mut [f32],
+    o: &'s mut [f32],
+    m: &'s mut [f32],
+    l: &'s mut [f32],
+    own: &'s mut [f32],
+}
+
+/// How one call's products run: the key blocks (`KB` keys, never
+/// straddling the cache boundary), the GEMM pieces (f32 panels, or bf16
+/// pairs with `kv16`), and the packed size of a block. Both products of a
+/// block are tiles over caller-packed panels ([`PanelGemm`]): the query
+/// block is packed once per task, each key block's Kᵀ and V once per call
+/// (or per task, see [`PREPACK_MAX_BYTES`]), and only the probabilities
+/// once per block, where the GEMM calls this replaced packed all four for
+/// every (query block, key block): at the ViT's d = 104 packing then cost
+/// about as much as the products.
+struct Plan<'a, 'k> {
+    /// Resolved; the softmax's path.
     isa: Isa,
-    a: &AttnArgs,
-    past: Past,
-    kv16: Option<&Kv16>,
-    h: usize,
-    i0: usize,
-    rows: usize,
-    out: SyncPtr,
-) {
-    let d = a.d;
-    let hd = a.heads * d;
-    let keys = a.visible(i0 + rows - 1); // the last query sees the most
-    let mut s = vec![0f32; rows * KB.min(keys.max(1))];
-    let mut o = vec![0f32; rows * d];
-    let mut m = vec![f32::NEG_INFINITY; rows];
-    let mut l = vec![0f32; rows];
-    let mut gs = GemmScratch::default();
-    let q = MatRef {
-        data: Elems::F32(a.q),
-        rows,
-        cols: d,
-        row_stride: a.q_stride,
-        col_stride: 1,
-        offset: i0 * a.q_stride + h * d,
-    };
-    if kv16.is_some() {
-        // The bf16 GEMMs below take it checked (once: it is every block's A).
-        q.check("Q");
+    a: AttnArgs<'a>,
+    past: Past<'a>,
+    kv16: Option<&'k Kv16>,
+    g: PanelGemm,
+    /// (first key, keys) of every key block.
+    blocks: Vec<(usize, usize)>,
+    /// Depth of one slice of d in `Q·Kᵀ`: all of d unless it is deeper
+    /// than a panel may be.
+    dk: usize,
+    /// Floats of one packed Kᵀ block: slices of d × key panels, each
+    /// `nr · depth(dk)`.
+    k_len: usize,
+    /// Floats of one packed V block: panels of d, each `nr · depth(KB)`.
+    v_len: usize,
+}
+
+impl<'a, 'k> Plan<'a, 'k> {
+    fn new(isa: Isa, a: &AttnArgs<'a>, past: Past<'a>, kv16: Option<&'k Kv16>) -> Self {
+        let g = PanelGemm::new(isa, kv16.is_some());
+        let mut blocks = Vec::new();
+        for (lo, hi) in [(0, past.len), (past.len, a.tk)] {
+            blocks.extend((lo..hi).step_by(KB).map(|j0| (j0, KB.min(hi - j0))));
+        }
+        // max_kc is even, so every slice of a bf16 Kᵀ starts on a pair.
+        let dk = a.d.min(g.max_kc());
+        let k_len = a.d.div_ceil(dk) * KB.div_ceil(g.nr()) * g.nr() * g.depth(dk);
+        let v_len = a.d.div_ceil(g.nr()) * g.nr() * g.depth(KB);
+        Plan { isa, a: *a, past, kv16, g, blocks, dk, k_len, v_len }
     }
-    let mut j0 = 0;
-    while j0 < keys {
-        // Blocks never straddle the cache boundary: each reads one buffer.
-        let (kbuf, vbuf, stride, local, seg_end) = if j0 < past.len {
-            (past.k, past.v, hd, j0, past.len.min(keys))
+
+    /// Floats of every head's packed keys, and values ([`Packed`]).
+    fn packed_lens(&self) -> (usize, usize) {
+        let n = self.a.heads * self.blocks.len();
+        (n * self.k_len, n * self.v_len)
+    }
+
+    /// Kᵀ (`d × kb`) and V (`kb × d`) of head `h`'s keys `j0..j0 + kb`, in
+    /// whichever buffer holds them.
+    fn views(&self, h: usize, j0: usize, kb: usize) -> (MatRef<'_>, MatRef<'_>) {
+        let (d, hd) = (self.a.d, self.a.heads * self.a.d);
+        let (k, v, stride, local) = match self.kv16 {
+            Some(kv) => (Elems::BF16(&kv.k), Elems::BF16(&kv.v), hd, j0),
+            None if j0 < self.past.len => (Elems::F32(self.past.k), Elems::F32(self.past.v), hd, j0),
+            None => (Elems::F32(self.a.k), Elems::F32(self.a.v), self.a.kv_stride, j0 - self.past.len),
+        };
+        let offset = local * stride + h * d;
+        let kt = MatRef { data: k, rows: d, cols: kb, row_stride: 1, col_stride: stride, offset };
+        let v = MatRef { data: v, rows: kb, cols: d, row_stride: stride, col_stride: 1, offset };
+        (kt, v)
+    }
+
+    /// Head `h`'s keys `j0..j0 + kb` (`kb ≤ KB`, within one block) packed:
+    /// Kᵀ's panels into `k` (slice `s`, key panel `jp` at
+    /// `(s · ⌈KB/nr⌉ + jp) · nr · depth(dk)`), V's into `v` (panel `dp` of d
+    /// at `dp · nr · depth(KB)`).
+    fn pack_block(&self, h: usize, j0: usize, kb: usize, k: &mut [f32], v: &mut [f32]) {
+        let (kt, vv) = self.views(h, j0, kb);
+        let (g, d, dk, nr) = (self.g, self.a.d, self.dk, self.g.nr());
+        let kstep = nr * g.depth(dk);
+        for (s, p0) in (0..d).step_by(dk).enumerate() {
+            for (jp, j) in (0..kb).step_by(nr).enumerate() {
+                g.pack_b(&kt, p0, dk.min(d - p0), j, &mut k[(s * KB.div_ceil(nr) + jp) * kstep..]);
+            }
+        }
+        let vstep = nr * g.depth(KB);
+        for (dp, j) in (0..d).step_by(nr).enumerate() {
+            g.pack_b(&vv, 0, kb, j, &mut v[dp * vstep..]);
+        }
+    }
+
+    /// Every (head, key block) packed into `k` and `v` ([`packed_lens`](Self::packed_lens)), in parallel.
+    fn prepack(&self, k: &mut [f32], v: &mut [f32], parallel: bool) {
+        let (nb, k_len, v_len) = (self.blocks.len(), self.k_len, self.v_len);
+        let pack = |t: usize, (kc, vc): (&mut [f32], &mut [f32])| {
+            let (j0, kb) = self.blocks[t % nb];
+            self.pack_block(t / nb, j0, kb, kc, vc)
+        };
+        if parallel {
+            use rayon::prelude::*;
+            k.par_chunks_mut(k_len).zip(v.par_chunks_mut(v_len)).enumerate().for_each(|(t, kv)| pack(t, kv));
         } else {
-            (a.k, a.v, a.kv_stride, j0 - past.len, keys)
-        };
-        let kb = KB.min(seg_end - j0);
-        let s = &mut s[..rows * kb];
-        // S = Q · K_blockᵀ: Kᵀ is d×kb with the d values of a key contiguous.
-        let kt = MatRef {
-            data: Elems::F32(kbuf),
-            rows: d,
-            cols: kb,
-            row_stride: 1,
-            col_stride: stride,
-            offset: local * stride + h * d,
-        };
-        match kv16 {
-            #[cfg(target_arch = "x86_64")]
-            Some(kv) => {
-                // The same Kᵀ block in the bf16 copy (stride heads·d, no past).
-                let kt =
-                    MatRef { data: Elems::BF16(&kv.k), row_stride: 1, col_stride: hd, offset: j0 * hd + h * d, ..kt };
-                kt.check("K");
-                // SAFETY: `kv16` exists only where `bf16_products_native()`
-                // (AVX-512 F/BW/VL + BF16); q (above) and Kᵀ are checked views; S
-                // holds rows × kb.
-                unsafe { crate::gemm::gemm_bf16_packed(&q, &kt, &kv.k, s, kb, false, false, None) };
-            }
-            _ => gemm_strided(isa, &q, &kt, s, kb, false, false, &mut gs),
+            k.chunks_mut(k_len).zip(v.chunks_mut(v_len)).enumerate().for_each(|(t, kv)| pack(t, kv));
         }
-        let st = SoftmaxStep { a, i0, j0, kb, d };
-        match isa {
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: `isa` was resolved, so the CPU has AVX2 and FMA.
-            Isa::Avx2Fma | Isa::Avx512 => st.run_avx2(s, &mut m, &mut l, &mut o),
-            _ => st.run(s, &mut m, &mut l, &mut o),
-        }
-        // O += P · V_block.
-        let p = MatRef { data: Elems::F32(s), rows, cols: kb, row_stride: kb, col_stride: 1, offset: 0 };
-        let vb = MatRef {
-            data: Elems::F32(vbuf),
-            rows: kb,
-            cols: d,
-            row_stride: stride,
-            col_stride: 1,
-            offset: local * stride + h * d,
-        };
-        match kv16 {
-            #[cfg(target_arch = "x86_64")]
-            Some(kv) => {
-                let vb = MatRef { data: Elems::BF16(&kv.v), row_stride: hd, offset: j0 * hd + h * d, ..vb };
-                p.check("P");
-                vb.check("V");
-                // SAFETY: as for S above; O holds rows × d.
-                unsafe { crate::gemm::gemm_bf16_packed(&p, &vb, &kv.v, &mut o, d, true, false, None) };
-            }
-            _ => gemm_strided(isa, &p, &vb, &mut o, d, true, false, &mut gs),
-        }
-        j0 += kb;
     }
-    for r in 0..rows {
-        let inv = if l[r] > 0.0 { 1.0 / l[r] } else { 0.0 };
-        let dst = out.get().add((i0 + r) * hd + h * d);
-        for (c, &x) in o[r * d..(r + 1) * d].iter().enumerate() {
-            *dst.add(c) = x * inv;
+
+    /// One (head, query block) task: queries `i0..i0 + rows` of head `h`,
+    /// over the key blocks they see, with the online softmax between the
+    /// two products of each block.
+    ///
+    /// SAFETY: `out` points at the `[tq, heads, d]` output and no other task
+    /// writes rows `i0..i0+rows` of head `h`; `shared` is this plan's.
+    unsafe fn attend(&self, shared: Option<Packed>, h: usize, i0: usize, rows: usize, out: SyncPtr) {
+        let g = self.g;
+        let (d, slices) = (self.a.d, self.a.d.div_ceil(self.dk));
+        let q_len = g.a_len(rows, self.dk);
+        let own = if shared.is_some() { 0 } else { self.k_len + self.v_len };
+        let lens = [slices * q_len, rows * KB, g.a_len(rows, KB), rows * d, rows, rows];
+        with_buffer(&TASK_SCRATCH, lens.iter().sum::<usize>() + own, |buf| {
+            let (qp, rest) = buf.split_at_mut(lens[0]);
+            let (s, rest) = rest.split_at_mut(lens[1]);
+            let (pp, rest) = rest.split_at_mut(lens[2]);
+            let (o, rest) = rest.split_at_mut(lens[3]);
+            let (m, rest) = rest.split_at_mut(lens[4]);
+            let (l, own) = rest.split_at_mut(lens[5]);
+            let scratch = TaskScratch { qp, s, pp, o, m, l, own };
+            self.attend_in(shared, h, i0, rows, out, scratch)
+        })
+    }
+
+    /// [`attend`](Self::attend) on its scratch.
+    ///
+    /// SAFETY: as `attend`.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn attend_in(&self, shared: Option<Packed>, h: usize, i0: usize, rows: usize, out: SyncPtr, t: TaskScratch) {
+        let (a, g) = (&self.a, self.g);
+        let (d, hd, mr, nr) = (a.d, a.heads * a.d, g.mr(), g.nr());
+        let keys = a.visible(i0 + rows - 1); // the last query sees the most
+        let TaskScratch { qp, s, pp, o, m, l, own } = t;
+        o.fill(0.0);
+        m.fill(f32::NEG_INFINITY);
+        l.fill(0.0);
+        // The query block, packed once: one A per slice of d.
+        let slices: Vec<(usize, usize)> = (0..d).step_by(self.dk).map(|p0| (p0, self.dk.min(d - p0))).collect();
+        let q_len = g.a_len(rows, self.dk);
+        for (s, &(p0, kc)) in slices.iter().enumerate() {
+            let offset = i0 * a.q_stride + h * d + p0;
+            let q = MatRef { data: Elems::F32(a.q), rows, cols: kc, row_stride: a.q_stride, col_stride: 1, offset };
+            g.pack_a(&q, &mut qp[s * q_len..]);
+        }
+        let (own_k, own_v) = own.split_at_mut(own.len().min(self.k_len));
+        let (kstep, vstep, kpanels) = (nr * g.depth(self.dk), nr * g.depth(KB), KB.div_ceil(nr));
+        for (b, &(j0, kb)) in self.blocks.iter().enumerate() {
+            if j0 >= keys {
+                break;
+            }
+            let kb = kb.min(keys - j0);
+            let (kp, vp): (&[f32], &[f32]) = match shared {
+                Some(p) => {
+                    let t = h * self.blocks.len() + b;
+                    (&p.k[t * self.k_len..][..self.k_len], &p.v[t * self.v_len..][..self.v_len])
+                }
+                None => {
+                    self.pack_block(h, j0, kb, own_k, own_v);
+                    (own_k, own_v)
+                }
+            };
+            // S = Q · K_blockᵀ, slice by slice of d.
+            let s = &mut s[..rows * kb];
+            for (jp, j) in (0..kb).step_by(nr).enumerate() {
+                for i in (0..rows).step_by(mr) {
+                    for (si, &(_, kc)) in slices.iter().enumerate() {
+                        let ap = qp[si * q_len + (i / mr) * mr * g.depth(kc)..].as_ptr();
+                        let bp = kp[(si * kpanels + jp) * kstep..].as_ptr();
+                        let c = s.as_mut_ptr().add(i * kb + j);
+                        // SAFETY: the panels were packed by `g` at these
+                        // depths; C is S's rows i.., columns j.. (within
+                        // rows × kb), this task's own buffer.
+                        g.tile(kc, ap, bp, c, kb, mr.min(rows - i), nr.min(kb - j), si == 0);
+                    }
+                }
+            }
+            let st = SoftmaxStep { a, i0, j0, kb, d };
+            match self.isa {
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: `isa` was resolved, so the CPU has AVX2 and FMA.
+                Isa::Avx2Fma | Isa::Avx512 => st.run_avx2(s, m, l, o),
+                _ => st.run(s, m, l, o),
+            }
+            // O += P · V_block.
+            let p = MatRef { data: Elems::F32(s), rows, cols: kb, row_stride: kb, col_stride: 1, offset: 0 };
+            g.pack_a(&p, pp);
+            for (dp, j) in (0..d).step_by(nr).enumerate() {
+                for i in (0..rows).step_by(mr) {
+                    let ap = pp[(i / mr) * mr * g.depth(kb)..].as_ptr();
+                    let c = o.as_mut_ptr().add(i * d + j);
+                    // SAFETY: as above; C is O's rows i.., columns j..
+                    // (within rows × d).
+                    g.tile(kb, ap, vp[dp * vstep..].as_ptr(), c, d, mr.min(rows - i), nr.min(d - j), false);
+                }
+            }
+        }
+        for r in 0..rows {
+            let inv = if l[r] > 0.0 { 1.0 / l[r] } else { 0.0 };
+            let dst = out.get().add((i0 + r) * hd + h * d);
+            for (c, &x) in o[r * d..(r + 1) * d].iter().enumerate() {
+                *dst.add(c) = x * inv;
+            }
         }
     }
 }
@@ -535,10 +696,10 @@ mod tests {
         fn attention_matches_ref(
             tq in 1usize..=70, extra in 0usize..=280, heads in 1usize..=3,
             d in prop::sample::select(vec![1usize, 3, 7, 16, 32, 40]),
-            causal: bool, interleaved: bool, pad in 0usize..3, seed: u64, portable: bool,
+            causal: bool, interleaved: bool, pad in 0usize..3, seed: u64, isa in prop::sample::select(Isa::ALL.to_vec()),
         ) {
             let mask = if causal { Mask::Causal } else { Mask::None };
-            let isa = if portable { Isa::Portable } else { Isa::Avx2Fma };
+            let isa = if isa.available() { isa } else { Isa::Portable };
             run(tq, tq + extra, heads, d, mask, interleaved, pad, seed, isa, CpuMath::Exact)?;
         }
 
@@ -611,6 +772,21 @@ mod tests {
             run(300, 300, 2, 104, Mask::None, true, 0, 3, isa, CpuMath::Exact).unwrap();
             run(260, 400, 3, 128, Mask::Causal, false, 1, 4, isa, CpuMath::Exact).unwrap();
         }
+    }
+
+    /// Heads deeper than one packed slice (256 on the AVX2 and portable
+    /// blockings, 1024 on AVX-512, 2048 bf16 pairs' worth under `fast`):
+    /// `Q·Kᵀ` sums its slices into S. And a cache read by several query
+    /// blocks, whose packed blocks then start at the cache boundary.
+    #[test]
+    fn deep_heads_and_blocks_over_a_cache() {
+        for isa in Isa::ALL.into_iter().filter(|i| i.available()) {
+            run(20, 37, 2, 300, Mask::Causal, false, 1, 5, isa, CpuMath::Exact).unwrap();
+            run(140, 150, 1, 1100, Mask::None, true, 0, 6, isa, CpuMath::Exact).unwrap();
+        }
+        run(140, 150, 1, 2100, Mask::Causal, false, 1, 7, Isa::Avx512, CpuMath::Fast).unwrap();
+        run_past(300, 130, 130, 2, 40, 8).unwrap();
+        run_past(5, 260, 260, 1, 16, 9).unwrap();
     }
 
     #[test]

@@ -1836,6 +1836,149 @@ unsafe fn store_c_tile(
     }
 }
 
+// ------------------------------------------------------ caller-packed operands
+
+/// The packed path's pieces for a caller that packs an operand once and
+/// multiplies it many times, tile by tile: attention packs each head's keys
+/// and values once for all its query blocks, and each query block once for
+/// all its key blocks, where [`gemm_packed`] would pack both again on every
+/// call. f32 panels on the ISA's blocking, or with `bf16` the pairs of the
+/// bf16-product path (each dword two bf16 of consecutive k, kept in f32
+/// buffers: both are 4 bytes, and only [`PanelGemm::tile`] reads them).
+///
+/// A panels: `mr` rows × `depth(kc)` ([`PanelGemm::pack_a`] packs every row
+/// panel of an A); B panels: `nr` columns × `depth(kc)`, one per call of
+/// [`PanelGemm::pack_b`]. Ragged rows and columns are zero-padded by the
+/// packers, and `tile` masks them on store, as in [`gemm_packed`].
+#[derive(Clone, Copy)]
+pub(crate) struct PanelGemm {
+    isa: Isa,
+    bf16: bool,
+    blk: Blocking,
+}
+
+impl PanelGemm {
+    /// The f32 blocking of `isa` (resolved here), or with `bf16` the
+    /// `vdpbf16ps` path, which needs [`bf16_products_native`] (asserted).
+    pub(crate) fn new(isa: Isa, bf16: bool) -> PanelGemm {
+        let isa = isa.resolve();
+        assert!(!bf16 || (isa == Isa::Avx512 && bf16_products_native()), "PanelGemm: bf16 products need AVX512-BF16");
+        PanelGemm { isa, bf16, blk: blocking(isa) }
+    }
+
+    /// Rows of an A panel.
+    pub(crate) fn mr(&self) -> usize {
+        if self.bf16 {
+            MR_AVX512
+        } else {
+            self.blk.mr
+        }
+    }
+
+    /// Columns of a B panel.
+    pub(crate) fn nr(&self) -> usize {
+        if self.bf16 {
+            NR_AVX512
+        } else {
+            self.blk.nr
+        }
+    }
+
+    /// Packed steps of a `kc`-deep slice: `kc`, or its pairs.
+    pub(crate) fn depth(&self, kc: usize) -> usize {
+        if self.bf16 {
+            kc.div_ceil(2)
+        } else {
+            kc
+        }
+    }
+
+    /// The deepest slice one panel may hold.
+    pub(crate) fn max_kc(&self) -> usize {
+        #[cfg(target_arch = "x86_64")]
+        if self.bf16 {
+            return 2 * KP_BF16;
+        }
+        self.blk.kc
+    }
+
+    /// Floats of the packed A of `rows` rows and a `kc`-deep slice.
+    pub(crate) fn a_len(&self, rows: usize, kc: usize) -> usize {
+        rows.div_ceil(self.mr()) * self.mr() * self.depth(kc)
+    }
+
+    /// Every row panel of `a` (all of its `a.cols ≤ max_kc` columns) into
+    /// `out` (at least [`a_len`](Self::a_len) floats), panel `r` at
+    /// `r · mr · depth`; bf16 rounds to nearest even as the bf16 GEMMs do.
+    pub(crate) fn pack_a(&self, a: &MatRef, out: &mut [f32]) {
+        let (mr, kc) = (self.mr(), a.cols);
+        assert!(kc > 0 && kc <= self.max_kc(), "PanelGemm: A slice of {kc} columns");
+        let len = self.a_len(a.rows, kc);
+        a.check("A");
+        #[cfg(target_arch = "x86_64")]
+        if self.bf16 {
+            let kp = self.depth(kc);
+            let out: &mut [u32] = bytemuck::cast_slice_mut(&mut out[..len]);
+            for (r, panel) in out.chunks_exact_mut(mr * kp).enumerate() {
+                // SAFETY: `new` checked AVX512-BF16; A was checked; the panel
+                // holds mr·kp dwords, kp ≤ KP_BF16 (max_kc).
+                unsafe { pack_a_bf16_pairs(a, 0, kp, r, panel) };
+            }
+            return;
+        }
+        pack_a(self.isa, a, mr, 0, kc, &mut out[..len], false)
+    }
+
+    /// One B panel: rows `k0..k0 + kc` (`kc ≤ max_kc`, k0 even for bf16)
+    /// and columns `j..j + nr` of `b` (zero past `b.cols`) into `out` (at
+    /// least `nr · depth(kc)` floats). bf16 needs `b` in bf16.
+    pub(crate) fn pack_b(&self, b: &MatRef, k0: usize, kc: usize, j: usize, out: &mut [f32]) {
+        let nr = self.nr();
+        assert!(kc > 0 && kc <= self.max_kc() && k0 + kc <= b.rows && j < b.cols, "PanelGemm: B panel out of range");
+        let cols = nr.min(b.cols - j);
+        let out = &mut out[..nr * self.depth(kc)];
+        b.check("B");
+        #[cfg(target_arch = "x86_64")]
+        if self.bf16 {
+            let Elems::BF16(w) = b.data else { panic!("PanelGemm: bf16 products need a bf16 B") };
+            assert!(k0.is_multiple_of(2), "PanelGemm: bf16 B panels start at an even k");
+            // Pairs past the slice's kc (an odd kc's last high half) must be
+            // zero: the packer reads up to b.rows, so cut the view at k0 + kc.
+            let cut = MatRef { rows: k0 + kc, ..*b };
+            // SAFETY: `new` checked AVX-512 BW; the view lies in `w` (checked
+            // above, and `cut` only shortens it); out holds nr·kp dwords.
+            unsafe { pack_b_bf16_pairs(&cut, w, k0 / 2, self.depth(kc), j, cols, bytemuck::cast_slice_mut(out)) };
+            return;
+        }
+        pack_b(self.isa, b, nr, k0, kc, j, cols, out, false)
+    }
+
+    /// `C[rows × cols] (+)= A panel · B panel` over a `kc`-deep slice:
+    /// overwrite C when `overwrite`, else add.
+    ///
+    /// SAFETY: `a` holds `mr · depth(kc)` and `b` `nr · depth(kc)` floats
+    /// packed by this `PanelGemm`; C covers `rows ≤ mr` rows of
+    /// `cols ≤ nr` elements, `ldc` apart, and no other thread touches them.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) unsafe fn tile(
+        &self,
+        kc: usize,
+        a: *const f32,
+        b: *const f32,
+        c: *mut f32,
+        ldc: usize,
+        rows: usize,
+        cols: usize,
+        overwrite: bool,
+    ) {
+        #[cfg(target_arch = "x86_64")]
+        if self.bf16 {
+            return kernel_bf16(self.depth(kc), a as *const u32, b as *const u32, c, ldc, rows, cols, overwrite);
+        }
+        (self.blk.kernel)(kc, a, b, c, ldc, rows, cols, overwrite)
+    }
+}
+
 // ------------------------------------------------------ bf16 products
 
 /// Whether [`gemm_bf16_products`] (and [`CpuMath::Fast`] GEMMs with bf16
