@@ -15,12 +15,14 @@
 //! [`attention_with_past`] reads a KV cache and the new keys as two
 //! segments, so a decode step never copies the cache.
 //!
-//! Fast path (flash-attention style): tasks are (head, block of `QB` queries),
-//! in parallel. Each walks the visible keys in blocks of `KB`: scores
-//! `S = Q·Kᵀ` by the crate's GEMM (reading q and k in place), scaled and
-//! masked, then an online softmax (running max `m` and sum `l` per query,
-//! rescaling the partial output when the max grows) and `O += P·V`. Scratch
-//! is allocated once per task; nothing is allocated per key block. A single
+//! Fast path (flash-attention style): every head's keys and values are
+//! packed once into GEMM panels, then tasks (head, block of `QB` queries)
+//! run in parallel. Each packs its queries once and walks the visible keys
+//! in blocks of `KB`: scores `S = Q·Kᵀ` as micro-kernel tiles over the
+//! packed panels (`gemm::PanelGemm`), scaled and masked, then an online softmax
+//! (running max `m` and sum `l` per query, rescaling the partial output when
+//! the max grows) and `O += P·V`. Scratch is kept per thread; nothing is
+//! allocated per task or key block. A single
 //! query (a decode step) runs the `decode` submodule instead: chunks of keys
 //! over groups of heads, each key row read once, merged per head.
 
@@ -36,10 +38,11 @@ use qvc_ir::Elems;
 use std::cell::RefCell;
 use std::thread::LocalKey;
 
-/// Queries per task: enough rows for the packed GEMM to run full tiles,
-/// and to amortise packing each key and value block (the GEMMs pack B per
-/// call) over more queries. Measured on the ViT's 1024×16×104 attention,
-/// 2 threads, Zen 5: 64 rows 32 ms a call, 128 rows 28.6, 256 rows 30.
+/// Queries per task: enough rows for full micro-kernel tiles, and to
+/// amortise a task's own packing of key blocks where they are not packed
+/// once per call ([`PREPACK_MAX_BYTES`]). Measured on the ViT's 1024×16×104
+/// attention, 2 threads, Zen 5, when every task packed its key blocks: 64
+/// rows 32 ms a call, 128 rows 28.6, 256 rows 30.
 const QB: usize = 128;
 /// Keys per block: the `QB×KB` score tile (128 KiB) stays in L2.
 const KB: usize = 256;
