@@ -339,7 +339,7 @@ fn top_p_case(
     // f32 rounding may leave the walk without a crossing: the fallback).
     match u_edge {
         0 => u[0] = 0.0,
-        1 => u[0] = 1.0 - f32::EPSILON / 2.0,
+        1 => u[0] = LAST_BELOW_ONE,
         _ => {}
     }
     let spec = TopPSpec { rows, cols, threads: threads_for(cols, small) };
@@ -365,6 +365,15 @@ fn top_p_case(
 #[test]
 fn top_p_one_keeps_the_tiny_tail() {
     top_p_case(1, 737, 0.3, 1.0, 0, 10.0, 1, true, false, 0, 3112515728910797701).unwrap();
+}
+
+/// Found by the proptest (in CI, 2026-12-03): u = the largest f32 below 1,
+/// top_p = 1, logits spread ×10, so the last kept tokens weigh almost
+/// nothing; the acceptance window's upper end was clamped below u, and
+/// rejected the reference's own pick.
+#[test]
+fn top_p_u_at_the_last_f32_below_one() {
+    top_p_case(1, 2220, 0.8, 1.0, 4, 10.0, 0, false, false, 1, 6869236523010062046).unwrap();
 }
 
 proptest! {
@@ -510,6 +519,9 @@ fn emulate_top_p(spec: &TopPSpec, x: &[f32], u: &[f32], p: &TopPParams) -> Vec<i
 /// may move the choice.
 const TOP_P_EPS: f64 = 1e-4;
 
+/// The largest f32 below 1.
+const LAST_BELOW_ONE: f32 = 1.0 - f32::EPSILON / 2.0;
+
 /// The ids the f64 definition gives when `u` and `top_p` move by at most
 /// `TOP_P_EPS`: for each perturbed kept set, every kept id between the picks
 /// at `u − ε` and `u + ε` (the pick is monotone in `u`).
@@ -519,7 +531,10 @@ fn top_p_accepts(spec: &TopPSpec, row: &[f32], p: &TopPParams, u: f32) -> Vec<us
         let pp = TopPParams { top_p: ((p.top_p as f64 * f).min(1.0)) as f32, ..*p };
         let kept = spec.reference_kept(row, &pp);
         let lo = spec.reference_pick(row, &kept, &pp, (u as f64 - TOP_P_EPS).max(0.0) as f32);
-        let hi = spec.reference_pick(row, &kept, &pp, (u as f64 + TOP_P_EPS).min(0.999_999_9) as f32);
+        // u stays below 1, but not below u itself: u may be the largest f32
+        // under 1 (0.99999994), past the old clamp at 0.9999999, which then
+        // shut out the pick at u of a row whose tail weights are tiny.
+        let hi = spec.reference_pick(row, &kept, &pp, (u as f64 + TOP_P_EPS).min(f64::from(LAST_BELOW_ONE)) as f32);
         ok.extend(kept.iter().copied().filter(|&j| lo <= j && j <= hi));
     }
     ok.sort_unstable();
@@ -605,7 +620,7 @@ fn top_p_u_just_below_one() {
     let (rows, cols) = (128, 700);
     let mut rng = Rng::new(11);
     let x = rng.vec(rows * cols, 3.0);
-    let u = vec![1.0 - f32::EPSILON / 2.0; rows];
+    let u = vec![LAST_BELOW_ONE; rows];
     let spec = TopPSpec { rows, cols, threads: 64 };
     let p = TopPParams { temperature: 1.0, top_p: 0.9, top_k: 0 };
     let got = emulate_top_p(&spec, &x, &u, &p);
