@@ -409,9 +409,9 @@ impl<'a, 'k> Plan<'a, 'k> {
         m.fill(f32::NEG_INFINITY);
         l.fill(0.0);
         // The query block, packed once: one A per slice of d.
-        let slices: Vec<(usize, usize)> = (0..d).step_by(self.dk).map(|p0| (p0, self.dk.min(d - p0))).collect();
+        let slices = || (0..d).step_by(self.dk).map(|p0| (p0, self.dk.min(d - p0))).enumerate();
         let q_len = g.a_len(rows, self.dk);
-        for (s, &(p0, kc)) in slices.iter().enumerate() {
+        for (s, (p0, kc)) in slices() {
             let offset = i0 * a.q_stride + h * d + p0;
             let q = MatRef { data: Elems::F32(a.q), rows, cols: kc, row_stride: a.q_stride, col_stride: 1, offset };
             g.pack_a(&q, &mut qp[s * q_len..]);
@@ -437,7 +437,7 @@ impl<'a, 'k> Plan<'a, 'k> {
             let s = &mut s[..rows * kb];
             for (jp, j) in (0..kb).step_by(nr).enumerate() {
                 for i in (0..rows).step_by(mr) {
-                    for (si, &(_, kc)) in slices.iter().enumerate() {
+                    for (si, (_, kc)) in slices() {
                         let ap = qp[si * q_len + (i / mr) * mr * g.depth(kc)..].as_ptr();
                         let bp = kp[(si * kpanels + jp) * kstep..].as_ptr();
                         let c = s.as_mut_ptr().add(i * kb + j);
