@@ -32,7 +32,7 @@ use crate::act::exp_f32;
 use crate::common::{par_for, worth_parallel, Isa, SyncPtr};
 use crate::gemm::{bf16_products_native, MatRef, PanelGemm};
 use crate::math::{cpu_math, CpuMath};
-use crate::softmax::{exp_sub_sum, row_max};
+use crate::softmax::{exp_sub_sum, exp_sub_sum16, row_max_lanes};
 use half::bf16;
 use qvc_ir::Elems;
 use std::cell::RefCell;
@@ -452,7 +452,10 @@ impl<'a, 'k> Plan<'a, 'k> {
             match self.isa {
                 #[cfg(target_arch = "x86_64")]
                 // SAFETY: `isa` was resolved, so the CPU has AVX2 and FMA.
-                Isa::Avx2Fma | Isa::Avx512 => st.run_avx2(s, m, l, o),
+                Isa::Avx2Fma => st.run_avx2(s, m, l, o),
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: `isa` was resolved, so the CPU has AVX-512F (and AVX2, FMA).
+                Isa::Avx512 => st.run_avx512(s, m, l, o),
                 _ => st.run(s, m, l, o),
             }
             // O += P · V_block.
@@ -494,6 +497,13 @@ impl SoftmaxStep<'_, '_> {
     /// `p = exp(score − m_new)` (0 where masked), adding them to `l[r]`.
     #[inline(always)]
     fn run(&self, s: &mut [f32], m: &mut [f32], l: &mut [f32], o: &mut [f32]) {
+        self.run_lanes::<8>(s, m, l, o)
+    }
+
+    /// [`run`](Self::run) with the row max and the exponentials in `L`
+    /// lanes (8, or 16 on AVX-512).
+    #[inline(always)]
+    fn run_lanes<const L: usize>(&self, s: &mut [f32], m: &mut [f32], l: &mut [f32], o: &mut [f32]) {
         let (a, d) = (self.a, self.d);
         for (r, srow) in s.chunks_exact_mut(self.kb).enumerate() {
             let vis = a.visible(self.i0 + r).saturating_sub(self.j0).min(self.kb);
@@ -507,10 +517,10 @@ impl SoftmaxStep<'_, '_> {
             for x in live.iter_mut() {
                 *x *= a.scale;
             }
-            let m_new = m[r].max(row_max(live));
+            let m_new = m[r].max(row_max_lanes::<L>(live));
             // exp(−inf) = 0: the first block simply starts the sums.
             let corr = exp_f32(m[r] - m_new);
-            let sum = exp_sub_sum(live, m_new);
+            let sum = if L == 16 { exp_sub_sum16(live, m_new) } else { exp_sub_sum(live, m_new) };
             l[r] = l[r] * corr + sum;
             if corr != 1.0 {
                 for x in &mut o[r * d..(r + 1) * d] {
@@ -526,6 +536,13 @@ impl SoftmaxStep<'_, '_> {
     #[target_feature(enable = "avx2,fma")]
     unsafe fn run_avx2(&self, s: &mut [f32], m: &mut [f32], l: &mut [f32], o: &mut [f32]) {
         self.run(s, m, l, o)
+    }
+
+    /// SAFETY: the CPU must have AVX-512F, AVX2 and FMA.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    unsafe fn run_avx512(&self, s: &mut [f32], m: &mut [f32], l: &mut [f32], o: &mut [f32]) {
+        self.run_lanes::<16>(s, m, l, o)
     }
 }
 

@@ -46,10 +46,17 @@ pub(crate) fn softmax_rows_with_isa(isa: Isa, x: &mut [f32], cols: usize) {
 /// Maximum of a row, with 8 lanes so that it vectorises.
 #[inline(always)]
 pub(crate) fn row_max(x: &[f32]) -> f32 {
-    let mut m = [f32::NEG_INFINITY; 8];
-    let mut it = x.chunks_exact(8);
+    row_max_lanes::<8>(x)
+}
+
+/// Maximum of a row in `L` lanes (16: one zmm where the caller enables
+/// AVX-512).
+#[inline(always)]
+pub(crate) fn row_max_lanes<const L: usize>(x: &[f32]) -> f32 {
+    let mut m = [f32::NEG_INFINITY; L];
+    let mut it = x.chunks_exact(L);
     for c in &mut it {
-        for l in 0..8 {
+        for l in 0..L {
             m[l] = m[l].max(c[l]);
         }
     }
@@ -62,10 +69,26 @@ pub(crate) fn row_max(x: &[f32]) -> f32 {
 /// `x_j = exp(x_j − max)` in place; returns Σ x_j (8 lanes).
 #[inline(always)]
 pub(crate) fn exp_sub_sum(x: &mut [f32], max: f32) -> f32 {
-    let mut s = [0f32; 8];
-    let mut it = x.chunks_exact_mut(8);
+    sum8(exp_sub_lanes::<8>(x, max))
+}
+
+/// [`exp_sub_sum`] in 16 lanes (one zmm where the caller enables
+/// AVX-512), the lanes folded to 8 (`s[l] + s[l + 8]`) and then summed as
+/// there.
+#[inline(always)]
+pub(crate) fn exp_sub_sum16(x: &mut [f32], max: f32) -> f32 {
+    let s = exp_sub_lanes::<16>(x, max);
+    sum8(std::array::from_fn(|l| s[l] + s[l + 8]))
+}
+
+/// `x_j = exp(x_j − max)` in place; the per-lane sums (element j in lane
+/// `j mod L`, the ragged end in the first lanes).
+#[inline(always)]
+fn exp_sub_lanes<const L: usize>(x: &mut [f32], max: f32) -> [f32; L] {
+    let mut s = [0f32; L];
+    let mut it = x.chunks_exact_mut(L);
     for c in &mut it {
-        for l in 0..8 {
+        for l in 0..L {
             c[l] = exp_f32(c[l] - max);
             s[l] += c[l];
         }
@@ -74,6 +97,11 @@ pub(crate) fn exp_sub_sum(x: &mut [f32], max: f32) -> f32 {
         *v = exp_f32(*v - max);
         s[l] += *v;
     }
+    s
+}
+
+#[inline(always)]
+fn sum8(s: [f32; 8]) -> f32 {
     ((s[0] + s[4]) + (s[1] + s[5])) + ((s[2] + s[6]) + (s[3] + s[7]))
 }
 
