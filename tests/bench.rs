@@ -36,23 +36,7 @@ fn value(table: &str, what: &str) -> f64 {
 
 #[test]
 fn bench_tiny_on_the_emulator_prints_every_row() {
-    let args = [
-        "bench",
-        "--synthetic",
-        "tiny",
-        "--device",
-        "emu",
-        "--prompt-len",
-        "8",
-        "--decode-tokens",
-        "2",
-        "--batch",
-        "2",
-        "--image-sizes",
-        "224",
-        "--profile",
-    ];
-    let o = qvc(&args);
+    let o = qvc(&[&tiny_bench("emu")[..], &["--batch", "2", "--profile"]].concat());
     let out = text(&o.stdout);
     assert!(o.status.success(), "{}\n{out}", text(&o.stderr));
     for row in [
@@ -91,27 +75,29 @@ fn bench_tiny_on_the_cpu_has_floors() {
     assert!(frac.contains('%'), "{frac}");
 }
 
-/// A short CPU bench of the tiny synthetic model, one picture size.
-const TINY_CPU: [&str; 11] = [
-    "bench",
-    "--synthetic",
-    "tiny",
-    "--device",
-    "cpu",
-    "--prompt-len",
-    "8",
-    "--decode-tokens",
-    "2",
-    "--image-sizes",
-    "224",
-];
+/// A short bench of the tiny synthetic model on `device`, one picture size.
+fn tiny_bench(device: &'static str) -> [&'static str; 11] {
+    [
+        "bench",
+        "--synthetic",
+        "tiny",
+        "--device",
+        device,
+        "--prompt-len",
+        "8",
+        "--decode-tokens",
+        "2",
+        "--image-sizes",
+        "224",
+    ]
+}
 
 /// `--profile` on the CPU: each phase timed op by op, families first, every
 /// line with its share of the measured ceilings; the decode step's Linears
 /// and its attention over the cache are there with their shapes.
 #[test]
 fn bench_profile_on_the_cpu_names_ops_and_ceilings() {
-    let o = qvc(&[&TINY_CPU[..], &["--profile"]].concat());
+    let o = qvc(&[&tiny_bench("cpu")[..], &["--profile"]].concat());
     let out = text(&o.stdout);
     assert!(o.status.success(), "{}\n{out}", text(&o.stderr));
     for phase in ["profile: vision 224", "profile: prefill 8 tokens", "profile: decode step, batch 1"] {
@@ -173,7 +159,7 @@ fn number(v: &serde_json::Value, path: &[&str]) -> f64 {
 
 #[test]
 fn bench_json_on_the_cpu_has_every_key_and_measured_ceilings() {
-    let (v, err) = bench_json(&[&TINY_CPU[..], &["--json"]].concat());
+    let (v, err) = bench_json(&[&tiny_bench("cpu")[..], &["--json"]].concat());
     assert_eq!(v["device"], "cpu", "{v}");
     let fma = number(&v, &["ceilings", "fma_peak_gflops"]);
     let bw = number(&v, &["ceilings", "read_bandwidth_gbs"]);
@@ -208,7 +194,7 @@ fn bench_json_on_the_cpu_has_every_key_and_measured_ceilings() {
 fn bench_synthetic_layers_are_built_and_reported() {
     for (vit, llm) in [("1", "1"), ("0", "2")] {
         let (v, err) = bench_json(
-            &[&TINY_CPU[..], &["--repeat", "2", "--vit-layers", vit, "--llm-layers", llm, "--json"]].concat(),
+            &[&tiny_bench("cpu")[..], &["--repeat", "2", "--vit-layers", vit, "--llm-layers", llm, "--json"]].concat(),
         );
         assert_eq!(v["vit_layers"].to_string(), vit, "{v}");
         assert_eq!(v["llm_layers"].to_string(), llm, "{v}");
@@ -218,7 +204,7 @@ fn bench_synthetic_layers_are_built_and_reported() {
         assert!(err.contains(&note), "{err}");
     }
     // Without the flags: the model's own depth, no slice note.
-    let (v, _) = bench_json(&[&TINY_CPU[..], &["--json"]].concat());
+    let (v, _) = bench_json(&[&tiny_bench("cpu")[..], &["--json"]].concat());
     assert_eq!((v["vit_layers"].as_u64(), v["llm_layers"].as_u64()), (Some(2), Some(2)), "{v}");
     assert_eq!(v["repeat"], 1, "the CPU's default: {v}");
     assert!(!v["model"].as_str().unwrap().contains("full widths"), "{v}");
@@ -239,20 +225,7 @@ fn bench_help_shows_the_layer_flags() {
 
 #[test]
 fn bench_json_on_the_emulator_has_null_ceilings() {
-    let (v, _) = bench_json(&[
-        "bench",
-        "--synthetic",
-        "tiny",
-        "--device",
-        "emu",
-        "--prompt-len",
-        "8",
-        "--decode-tokens",
-        "2",
-        "--image-sizes",
-        "224",
-        "--json",
-    ]);
+    let (v, _) = bench_json(&[&tiny_bench("emu")[..], &["--json"]].concat());
     assert_eq!(v["device"], "emu", "{v}");
     for k in ["ceilings", "gemm_peak_fraction", "decode_floor_fraction", "prefill_floor_fraction"] {
         assert!(v.get(k).is_some_and(|x| x.is_null()), "{k} should be present and null on the emulator: {v}");

@@ -123,26 +123,33 @@ pub fn attention_with_isa(isa: Isa, args: &AttnArgs, out: &mut [f32]) {
 pub fn attention_with_math(isa: Isa, math: CpuMath, args: &AttnArgs, out: &mut [f32]) {
     args.check(out);
     let isa = isa.resolve();
-    let kv16 =
-        (math == CpuMath::Fast && isa == Isa::Avx512 && args.tq > 1 && bf16_products_native()).then(|| Kv16::new(args));
-    run(isa, args, Past { k: &[], v: &[], len: 0 }, kv16.as_ref(), out)
+    let no_past = Past { k: &[], v: &[], len: 0 };
+    if math == CpuMath::Fast && isa == Isa::Avx512 && args.tq > 1 && bf16_products_native() {
+        let n = args.tk * args.heads * args.d;
+        with_buffer(&ROUNDED_KV, 2 * n, |buf| {
+            let kv16 = Kv16::new(args, buf.split_at_mut(n));
+            run(isa, args, no_past, Some(&kv16), out)
+        })
+    } else {
+        run(isa, args, no_past, None, out)
+    }
 }
 
 /// Keys and values rounded to bf16 for [`CpuMath::Fast`], `[tk, heads, d]`
-/// contiguous.
-struct Kv16 {
-    k: Vec<bf16>,
-    v: Vec<bf16>,
+/// contiguous, in this thread's [`ROUNDED_KV`].
+struct Kv16<'b> {
+    k: &'b [bf16],
+    v: &'b [bf16],
 }
 
-impl Kv16 {
+impl<'b> Kv16<'b> {
     /// Built only where [`bf16_products_native`] holds (AVX-512F and BF16),
     /// so the rows round 32 at a time as the GEMMs round their A panels
-    /// (`gemm::round_bf16_bits`).
-    fn new(a: &AttnArgs) -> Kv16 {
+    /// (`gemm::round_bf16_bits`). Every element of `k` and `v` (`tk` rows
+    /// of `heads·d` each) is written.
+    fn new(a: &AttnArgs, (k, v): (&'b mut [bf16], &'b mut [bf16])) -> Kv16<'b> {
         let hd = a.heads * a.d;
-        let round = |x: &[f32]| -> Vec<bf16> {
-            let mut r = vec![bf16::ZERO; a.tk * hd];
+        let round = |x: &[f32], r: &'b mut [bf16]| -> &'b [bf16] {
             for (t, row) in r.chunks_exact_mut(hd.max(1)).enumerate() {
                 let src = &x[t * a.kv_stride..t * a.kv_stride + hd];
                 #[cfg(target_arch = "x86_64")]
@@ -155,7 +162,7 @@ impl Kv16 {
             }
             r
         };
-        Kv16 { k: round(a.k), v: round(a.v) }
+        Kv16 { k: round(a.k, k), v: round(a.v, v) }
     }
 }
 
@@ -190,7 +197,7 @@ const PREPACK_MAX_BYTES: usize = 128 << 20;
 
 /// `args.tk` counts the past rows too; keys `j < past.len` come from `past`.
 /// With `kv16` (no past then), every block's products are bf16 ones.
-fn run(isa: Isa, args: &AttnArgs, past: Past, kv16: Option<&Kv16>, out: &mut [f32]) {
+fn run(isa: Isa, args: &AttnArgs, past: Past, kv16: Option<&Kv16<'_>>, out: &mut [f32]) {
     let (tq, heads, d) = (args.tq, args.heads, args.d);
     if tq == 0 || heads == 0 || d == 0 {
         return;
@@ -244,20 +251,27 @@ thread_local! {
     /// Each thread's scratch for its tasks ([`Plan::attend`]), kept for the
     /// same reason.
     static TASK_SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    /// The calling thread's keys and values rounded to bf16 ([`Kv16`]),
+    /// kept for the same reason.
+    static ROUNDED_KV: RefCell<Vec<bf16>> = const { RefCell::new(Vec::new()) };
 }
 
 /// Runs `f` on `len` floats of this thread's `buf` (grown on demand, never
 /// shrunk, contents left from earlier calls), or of a fresh vector when
 /// the buffer is in use (an attention nested in another on one thread).
-fn with_buffer<R>(buf: &'static LocalKey<RefCell<Vec<f32>>>, len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+fn with_buffer<T: Copy + Default + 'static, R>(
+    buf: &'static LocalKey<RefCell<Vec<T>>>,
+    len: usize,
+    f: impl FnOnce(&mut [T]) -> R,
+) -> R {
     buf.with(|b| match b.try_borrow_mut() {
         Ok(mut v) => {
             if v.len() < len {
-                v.resize(len, 0.0);
+                v.resize(len, T::default());
             }
             f(&mut v[..len])
         }
-        Err(_) => f(&mut vec![0.0; len]),
+        Err(_) => f(&mut vec![T::default(); len]),
     })
 }
 
@@ -289,7 +303,7 @@ struct Plan<'a, 'k> {
     isa: Isa,
     a: AttnArgs<'a>,
     past: Past<'a>,
-    kv16: Option<&'k Kv16>,
+    kv16: Option<&'k Kv16<'k>>,
     g: PanelGemm,
     /// (first key, keys) of every key block.
     blocks: Vec<(usize, usize)>,
@@ -304,7 +318,7 @@ struct Plan<'a, 'k> {
 }
 
 impl<'a, 'k> Plan<'a, 'k> {
-    fn new(isa: Isa, a: &AttnArgs<'a>, past: Past<'a>, kv16: Option<&'k Kv16>) -> Self {
+    fn new(isa: Isa, a: &AttnArgs<'a>, past: Past<'a>, kv16: Option<&'k Kv16<'k>>) -> Self {
         let g = PanelGemm::new(isa, kv16.is_some());
         let mut blocks = Vec::new();
         for (lo, hi) in [(0, past.len), (past.len, a.tk)] {
@@ -328,7 +342,7 @@ impl<'a, 'k> Plan<'a, 'k> {
     fn views(&self, h: usize, j0: usize, kb: usize) -> (MatRef<'_>, MatRef<'_>) {
         let (d, hd) = (self.a.d, self.a.heads * self.a.d);
         let (k, v, stride, local) = match self.kv16 {
-            Some(kv) => (Elems::BF16(&kv.k), Elems::BF16(&kv.v), hd, j0),
+            Some(kv) => (Elems::BF16(kv.k), Elems::BF16(kv.v), hd, j0),
             None if j0 < self.past.len => (Elems::F32(self.past.k), Elems::F32(self.past.v), hd, j0),
             None => (Elems::F32(self.a.k), Elems::F32(self.a.v), self.a.kv_stride, j0 - self.past.len),
         };
