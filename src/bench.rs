@@ -884,6 +884,51 @@ struct DecodeResult {
     step_ms: f64,
     bytes_per_step: f64,
     floor_fraction: Option<f64>,
+    /// Against the bandwidth probed beside every step (CPU, large weights).
+    paired: Option<Paired>,
+}
+
+/// Decode steps against read probes taken beside them.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Paired {
+    /// Median over the steps of (the step's floor at the bandwidth probed
+    /// on either side of it) / (its time).
+    fraction: f64,
+    /// Median of the probes, GB/s.
+    read_gbs: f64,
+}
+
+/// Weights per step from which decode steps are paired with read probes: the
+/// probe's own 256 MiB. Smaller steps are partly served by the caches (and a
+/// probe between them would evict what they keep there), so a DRAM floor
+/// says little about them.
+const PAIRED_MIN_BYTES: usize = 256 << 20;
+
+/// The decode floor measured beside the steps. The ceiling's bandwidth is
+/// the best of 12 probes taken before anything else runs; on a shared
+/// machine (the VMs these sessions get swing between 14 and 50 GB/s within
+/// minutes) the bandwidth a decode gets ten seconds later can be far from
+/// it in either direction. Here one probe pass runs before the first step
+/// and after every step, so step `i` (`steps[i]` ms, `bytes_at(i)` bytes)
+/// is compared with the mean of probes `i` and `i + 1` (bytes/s), the ones
+/// just around it. Returns the median of those ratios and of the probes, or
+/// `None` without a step or with the wrong number of probes.
+fn paired_floor_fraction(steps: &[f64], probes: &[f64], bytes_at: impl Fn(usize) -> f64) -> Option<Paired> {
+    if steps.is_empty() || probes.len() != steps.len() + 1 {
+        return None;
+    }
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        let n = v.len();
+        if n % 2 == 1 {
+            v[n / 2]
+        } else {
+            (v[n / 2 - 1] + v[n / 2]) / 2.0
+        }
+    };
+    let ratios =
+        steps.iter().enumerate().map(|(i, &ms)| bytes_at(i) / ((probes[i] + probes[i + 1]) / 2.0) * 1e3 / ms).collect();
+    Some(Paired { fraction: median(ratios), read_gbs: median(probes.to_vec()) / 1e9 })
 }
 
 /// What `--json` prints, filled as the bench runs.
@@ -934,12 +979,15 @@ impl Report {
             "decode_ms_per_token": d1.map(|d| d.step_ms),
             "decode_bytes_per_token": d1.map(|d| d.bytes_per_step),
             "decode_floor_fraction": d1.and_then(|d| d.floor_fraction),
+            "decode_paired_floor_fraction": d1.and_then(|d| d.paired.map(|p| p.fraction)),
             "decode": self.decode.iter().map(|d| serde_json::json!({
                 "batch": d.batch,
                 "tok_s": d.batch as f64 / d.step_ms * 1e3,
                 "ms_per_step": d.step_ms,
                 "bytes_per_step": d.bytes_per_step,
                 "floor_fraction": d.floor_fraction,
+                "paired_floor_fraction": d.paired.map(|p| p.fraction),
+                "paired_read_gbs": d.paired.map(|p| p.read_gbs),
             })).collect::<Vec<_>>(),
             "gemm_best_gflops": gemm_best,
             // Of the ceiling the GEMMs run against: the FMA peak, or the vdpbf16ps peak under --cpu-math fast.
@@ -1510,25 +1558,46 @@ pub fn run(model: Option<&Model>, synthetic: Option<Synthetic>, opt: &BenchOptio
             continue;
         }
         let past = seqs[0].len;
-        let t0 = Instant::now();
-        for i in 0..opt.decode_tokens {
-            r.decode(&mut seqs, cap, warm + i)?;
-        }
-        let step_ms = t0.elapsed().as_secs_f64() * 1e3 / opt.decode_tokens as f64;
         let wbytes = step_weight_bytes(&cfg, base, gpu.then_some(2), b);
+        // On the CPU, with weights that stream from DRAM, a one-pass read
+        // probe before the first step and after every step (see
+        // [`paired_floor_fraction`]); the steps alone are timed.
+        let probe_buf =
+            (!gpu && ceilings.is_some() && wbytes >= PAIRED_MIN_BYTES as f64).then(qvc_kernels::peak::read_buffer);
+        let probe = |buf: &[f32]| qvc_kernels::peak::read_bandwidth(buf, 1);
+        let mut steps = Vec::with_capacity(opt.decode_tokens);
+        let mut probes: Vec<f64> = probe_buf.iter().map(|b| probe(b)).collect();
+        for i in 0..opt.decode_tokens {
+            let t0 = Instant::now();
+            r.decode(&mut seqs, cap, warm + i)?;
+            steps.push(t0.elapsed().as_secs_f64() * 1e3);
+            if let Some(buf) = &probe_buf {
+                probes.push(probe(buf));
+            }
+        }
+        let step_ms = steps.iter().sum::<f64>() / opt.decode_tokens as f64;
         let bytes = decode_bytes(&cfg, wbytes, kvelem, b, past + opt.decode_tokens / 2);
+        let paired = probe_buf.is_some().then(|| {
+            let bytes_at = |i: usize| decode_bytes(&cfg, wbytes, kvelem, b, past + i);
+            paired_floor_fraction(&steps, &probes, bytes_at)
+        });
+        let paired = paired.flatten();
         report.decode.push(DecodeResult {
             batch: b,
             step_ms,
             bytes_per_step: bytes,
             floor_fraction: bw_floor(bytes).map(|f| f / step_ms),
+            paired,
+        });
+        let paired_note = paired.map_or(String::new(), |p| {
+            format!("; {:.2} of the read bandwidth probed beside each step ({:.1} GB/s median)", p.fraction, p.read_gbs)
         });
         rows.push(
             Row::num(
                 format!("decode batch {b}"),
                 b as f64 / step_ms * 1e3,
                 "tok/s",
-                format!("{step_ms:.3} ms/step, {:.2} GB read per step (weights + KV)", bytes / 1e9),
+                format!("{step_ms:.3} ms/step, {:.2} GB read per step (weights + KV){paired_note}", bytes / 1e9),
             )
             .timed(step_ms, bw_floor(bytes)),
         );
@@ -1599,6 +1668,20 @@ pub fn run(model: Option<&Model>, synthetic: Option<Synthetic>, opt: &BenchOptio
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn paired_floor_pairs_each_step_with_the_probes_around_it() {
+        // Probes in bytes/s; step i sits between probes i and i + 1.
+        let (steps, probes) = ([10.0, 20.0, 10.0], [1e9, 1e9, 3e9, 1e9]);
+        // 1e7 bytes: floors 10, 5 and 5 ms, ratios 1, 0.25, 0.5.
+        let p = paired_floor_fraction(&steps, &probes, |_| 1e7).unwrap();
+        assert_eq!(p, Paired { fraction: 0.5, read_gbs: 1.0 });
+        // Each step's own bytes: ratios 1, 0.5, 1.5.
+        let p = paired_floor_fraction(&steps, &probes, |i| 1e7 * (i + 1) as f64).unwrap();
+        assert_eq!(p.fraction, 1.0);
+        assert_eq!(paired_floor_fraction(&steps, &probes[..3], |_| 1e7), None);
+        assert_eq!(paired_floor_fraction(&[], &[1e9], |_| 1e7), None);
+    }
 
     fn opts(vit: Option<usize>, llm: Option<usize>) -> BenchOptions {
         BenchOptions {

@@ -61,7 +61,10 @@ pub struct BenchArgs {
     /// vision [{size, attention, ms, gflop, floor_fraction}], ttft_ms, ttft_tokens, prefill_ms, prefill_tokens,
     /// prefill_tok_s, prefill_floor_fraction, decode_tok_s, decode_ms_per_token, decode_bytes_per_token (weights +
     /// KV read per step), decode_floor_fraction (achieved bytes/s over the measured read bandwidth; these four at
-    /// batch 1), decode [{batch, tok_s, ms_per_step, bytes_per_step, floor_fraction}], gemm_best_gflops,
+    /// batch 1), decode_paired_floor_fraction (CPU, steps reading ≥ 256 MiB: one read probe before the first step
+    /// and after each; the median over steps of the floor at the mean of the two probes around a step over its
+    /// time; batch 1), decode [{batch, tok_s, ms_per_step, bytes_per_step, floor_fraction, paired_floor_fraction,
+    /// paired_read_gbs (median of those probes)}], gemm_best_gflops,
     /// gemm_peak_fraction (best GEMM FLOP/s over the measured FMA peak, or the vdpbf16ps peak under --cpu-math fast; CPU only), ceilings {fma_peak_gflops
     /// (CPU: an FMA loop on every thread at once), fma_peak_how, read_bandwidth_gbs (CPU: 256 MiB sum; GPU: 1 GiB
     /// copy), read_bandwidth_how, gemm [{shape, m, n, k, gflops}]}.
