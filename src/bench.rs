@@ -911,24 +911,17 @@ const PAIRED_MIN_BYTES: usize = 256 << 20;
 /// it in either direction. Here one probe pass runs before the first step
 /// and after every step, so step `i` (`steps[i]` ms, `bytes_at(i)` bytes)
 /// is compared with the mean of probes `i` and `i + 1` (bytes/s), the ones
-/// just around it. Returns the median of those ratios and of the probes, or
+/// just around it. Returns the median (nearest rank, as `qvc bench-serve`'s
+/// p50) of those ratios and of the probes, or
 /// `None` without a step or with the wrong number of probes.
 fn paired_floor_fraction(steps: &[f64], probes: &[f64], bytes_at: impl Fn(usize) -> f64) -> Option<Paired> {
     if steps.is_empty() || probes.len() != steps.len() + 1 {
         return None;
     }
-    let median = |mut v: Vec<f64>| {
-        v.sort_by(f64::total_cmp);
-        let n = v.len();
-        if n % 2 == 1 {
-            v[n / 2]
-        } else {
-            (v[n / 2 - 1] + v[n / 2]) / 2.0
-        }
-    };
-    let ratios =
+    let mut ratios: Vec<f64> =
         steps.iter().enumerate().map(|(i, &ms)| bytes_at(i) / ((probes[i] + probes[i + 1]) / 2.0) * 1e3 / ms).collect();
-    Some(Paired { fraction: median(ratios), read_gbs: median(probes.to_vec()) / 1e9 })
+    let fraction = crate::common::percentile(&mut ratios, 50.0);
+    Some(Paired { fraction, read_gbs: crate::common::percentile(&mut probes.to_vec(), 50.0) / 1e9 })
 }
 
 /// What `--json` prints, filled as the bench runs.
@@ -1577,11 +1570,9 @@ pub fn run(model: Option<&Model>, synthetic: Option<Synthetic>, opt: &BenchOptio
         }
         let step_ms = steps.iter().sum::<f64>() / opt.decode_tokens as f64;
         let bytes = decode_bytes(&cfg, wbytes, kvelem, b, past + opt.decode_tokens / 2);
-        let paired = probe_buf.is_some().then(|| {
-            let bytes_at = |i: usize| decode_bytes(&cfg, wbytes, kvelem, b, past + i);
-            paired_floor_fraction(&steps, &probes, bytes_at)
-        });
-        let paired = paired.flatten();
+        let paired = probe_buf
+            .as_ref()
+            .and_then(|_| paired_floor_fraction(&steps, &probes, |i| decode_bytes(&cfg, wbytes, kvelem, b, past + i)));
         report.decode.push(DecodeResult {
             batch: b,
             step_ms,

@@ -13,6 +13,7 @@
 //! connection per request, chunked transfer encoding, server-sent events);
 //! the integration tests use it too.
 
+use crate::common::percentile;
 use anyhow::{bail, Context, Result};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -484,15 +485,6 @@ fn synthetic_bmp(seed: usize, w: u32, h: u32) -> Vec<u8> {
     b
 }
 
-fn percentile(v: &mut [f64], p: f64) -> f64 {
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    v.sort_by(|a, b| a.total_cmp(b));
-    let i = ((p / 100.0) * (v.len() - 1) as f64).round() as usize;
-    v[i.min(v.len() - 1)]
-}
-
 struct Bench {
     url: http::Url,
     model: String,
@@ -748,13 +740,5 @@ mod tests {
         assert_eq!(b.len(), 54 + row * 7);
         assert_eq!(&b[..2], b"BM");
         assert_eq!(u32::from_le_bytes(b[2..6].try_into().unwrap()) as usize, b.len());
-    }
-
-    #[test]
-    fn percentiles() {
-        let mut v = vec![5.0, 1.0, 3.0, 2.0, 4.0];
-        assert_eq!(percentile(&mut v, 50.0), 3.0);
-        assert_eq!(percentile(&mut v, 99.0), 5.0);
-        assert!(percentile(&mut [], 50.0).is_nan());
     }
 }

@@ -1,7 +1,7 @@
 //! What several commands share: the `--model`, prompt and sampling flag
 //! groups, loading a model with a progress line, the prefill spinner, prompt
 //! ids from the flags, sampling parameters, `--force` checks and the boxes of
-//! an answer. Imports only [`crate::device`] of this crate; the command
+//! an answer, and the percentile both benches report. Imports only [`crate::device`] of this crate; the command
 //! modules, [`crate::bench`] and [`crate::demo`] import it, never the reverse.
 
 use crate::device::parse_device;
@@ -233,4 +233,29 @@ pub(crate) fn boxes_for(
     let picture = image.as_deref().zip(dims).map(|(name, (w, h))| (name, w, h));
     let out = box_outputs(&items, picture);
     Ok((items, out, image))
+}
+
+/// The nearest-rank `p`-th percentile of `v` (sorted in place), NaN when
+/// empty: what `qvc bench-serve` reports as p50/p99 and `qvc bench` as the
+/// median of its paired decode steps.
+pub(crate) fn percentile(v: &mut [f64], p: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    let i = ((p / 100.0) * (v.len() - 1) as f64).round() as usize;
+    v[i.min(v.len() - 1)]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles() {
+        let mut v = vec![5.0, 1.0, 3.0, 2.0, 4.0];
+        assert_eq!(percentile(&mut v, 50.0), 3.0);
+        assert_eq!(percentile(&mut v, 99.0), 5.0);
+        assert!(percentile(&mut [], 50.0).is_nan());
+    }
 }
