@@ -605,10 +605,23 @@ fn cpu_ceilings(shapes: &[GemmShape]) -> Ceilings {
         Row::num("ceiling: f32 compute", fma_flops / 1e9, "GFLOP/s", fma_how.clone()),
         Row::num("ceiling: memory read", bytes_per_s / 1e9, "GB/s", bw_how.clone()),
     ];
-    // Under `--cpu-math fast` the bf16 GEMMs run on vdpbf16ps (two products per f32 lane), so
-    // their ceiling is that instruction's measured rate, not the FMA peak.
+    // Under `--cpu-math fast` the bf16 GEMMs run on AMX tiles where the CPU has them, else on
+    // vdpbf16ps (two products per f32 lane), so their ceiling is that instruction's measured
+    // rate, not the FMA peak.
     let fast_bf16 = qvc_kernels::cpu_math() == qvc_kernels::CpuMath::Fast && qvc_kernels::gemm::bf16_products_native();
-    let (gemm_ceiling, gemm_ceiling_name) = if fast_bf16 {
+    let (gemm_ceiling, gemm_ceiling_name) = if fast_bf16 && qvc_kernels::gemm::amx::available() {
+        let dp = best_loop_rate(FMA_REPS, qvc_kernels::gemm::amx::dot_loop);
+        rows.push(Row::num(
+            "ceiling: bf16 compute",
+            dp / 1e9,
+            "GFLOP/s",
+            format!(
+                "measured: 4 independent AMX tdpbf16ps (16x16x32) per thread, on all {threads} threads at once, \
+                 best of {FMA_REPS} × 20 ms (--cpu-math fast)"
+            ),
+        ));
+        (dp, "AMX tdpbf16ps peak")
+    } else if fast_bf16 {
         let dp = best_loop_rate(FMA_REPS, bf16_dot_loop);
         rows.push(Row::num(
             "ceiling: bf16 compute",

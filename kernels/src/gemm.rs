@@ -52,6 +52,8 @@
 //! C; the first `KC` slice overwrites C unless `accumulate`, later ones add.
 
 use crate::common::{gather, par_chunks, par_for, worth_parallel, Isa, Src, SyncPtr};
+#[cfg(target_arch = "x86_64")]
+pub mod amx;
 use crate::math::{cpu_math, CpuMath};
 use qvc_ir::{DType, Elems};
 
@@ -240,7 +242,7 @@ pub fn gemm_then(
             b.check("B");
             // SAFETY: `fast_bf16_applies` checked AVX-512 F/BW/VL + BF16 and
             // m, n, k > 0; the views were checked just above; C is m×n.
-            unsafe { gemm_bf16_packed(&a, &b, w, c, n, accumulate, parallel, epi) };
+            unsafe { gemm_bf16_fast(&a, &b, w, c, n, accumulate, parallel, epi) };
             return;
         }
     }
@@ -2142,7 +2144,7 @@ pub fn gemm_bf16_products(a: MatRef, b: MatRef, c: &mut [f32], accumulate: bool)
     if let Elems::BF16(w) = b.data {
         if bf16_products_native() && m > 0 && n > 0 && k > 0 {
             // SAFETY: AVX-512 F/BW/VL + BF16 checked just above; views checked.
-            unsafe { gemm_bf16_packed(&a, &b, w, c, n, accumulate, worth_parallel(m * n * k), None) };
+            unsafe { gemm_bf16_fast(&a, &b, w, c, n, accumulate, worth_parallel(m * n * k), None) };
             return;
         }
     }
@@ -2189,6 +2191,29 @@ fn with_pairs<R>(
         Ok(mut v) => f(aligned(&mut v, len)),
         Err(_) => f(aligned(&mut Vec::new(), len)),
     })
+}
+
+/// The bf16-product GEMM: AMX tiles ([`amx::gemm`]) where [`amx::available`],
+/// else the `vdpbf16ps` packed path ([`gemm_bf16_packed`]). Same contract.
+///
+/// SAFETY: as [`gemm_bf16_packed`].
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn gemm_bf16_fast(
+    a: &MatRef,
+    b: &MatRef,
+    w: &[half::bf16],
+    c: &mut [f32],
+    ldc: usize,
+    accumulate: bool,
+    parallel: bool,
+    epi: Option<Epilogue>,
+) {
+    if amx::available() {
+        amx::gemm(a, b, w, c, ldc, accumulate, parallel, epi)
+    } else {
+        gemm_bf16_packed(a, b, w, c, ldc, accumulate, parallel, epi)
+    }
 }
 
 /// The bf16-product packed path, the AVX-512 blocking with k in pairs: for

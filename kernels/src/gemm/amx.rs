@@ -1,0 +1,579 @@
+//! AMX tiles for the `--cpu-math fast` bf16 GEMMs (Intel Sapphire Rapids and
+//! later: AMX-TILE + AMX-BF16).
+//!
+//! One `tdpbf16ps` multiplies a 16×32 bf16 tile of A by a 32×16 tile of B
+//! into a 16×16 f32 tile of C: 8192 products per instruction, eight times the
+//! rate of the `vdpbf16ps` path beside it ([`super::gemm_bf16_packed`]) at
+//! the same numerics (bf16 products summed in f32; inputs that are bf16
+//! subnormals read as zero). The operands are the ones that path already
+//! prepares: A rounded to bf16 (nearest even) and B packed as 32-column
+//! panels of k pairs, which is exactly the layout a B tile wants (row `q` of
+//! a panel holds the pairs `(B[2q, j], B[2q+1, j])` of its 32 columns, so a
+//! 16-column tile is every other 64 bytes).
+//!
+//! Stable Rust has no AMX intrinsics and no `amx-*` target features, so the
+//! instructions are written in `asm!`; the compiler never allocates tile
+//! registers, so state left in them between blocks is ours. Linux hands a
+//! process the 8 KiB of tile state only after `arch_prctl(ARCH_REQ_XCOMP_PERM)`,
+//! which [`available`] asks for once; every thread loads the tile
+//! configuration before its first tile instruction ([`Tiles`]) and releases
+//! it when done, so a context switch outside a GEMM saves nothing extra.
+//!
+//! `QVC_AMX=0` turns the path off (the `vdpbf16ps` path runs instead), for
+//! comparing the two.
+
+use super::{pack_b_bf16_pairs, round_bf16_bits, tile_epilogue, Epilogue, Partition, NR_AVX512};
+use crate::common::{gather, par_for, SyncPtr};
+use crate::MatRef;
+use std::arch::asm;
+use std::sync::OnceLock;
+
+/// Rows of C one kernel call computes: two 16-row tiles.
+pub(crate) const MR_AMX: usize = 32;
+/// Elements of k one tile step consumes: a 64-byte tile row of bf16.
+const K_STEP: usize = 32;
+/// Kernel steps (32 elements of k each) per slice: a task's 32-column B
+/// panel of one slice is 32 KiB and stays in L1 while the kernel runs it
+/// down the task's rows, whose slice of A (`rows × 512` bf16, 1 MiB at 1024
+/// rows) stays in L2 for the `NB_AMX` panels of a group.
+const KC_STEPS: usize = 16;
+/// B panels per group: the C blocks of a group (`rows × 128` f32, 512 KiB
+/// at 1024 rows) stay in L2 across the slices; C itself is written once.
+const NB_AMX: usize = 4;
+/// How many steps ahead the kernel prefetches A into L1 (A streams from L2;
+/// B's panel is reused down the rows and stays in L1).
+const PREFETCH_STEPS: usize = 1;
+
+/// Whether this process may run AMX-BF16 tiles: the CPU reports AMX-TILE and
+/// AMX-BF16 with a palette of at least 8 tiles of 16 rows × 64 bytes, the OS
+/// enabled the tile state (XCR0 bits 17 and 18), Linux granted it to this
+/// process, AVX-512 BF16 is there for the rounding and packing around the
+/// tiles, and `QVC_AMX` is not `0`/`off`. Asked once per process.
+pub fn available() -> bool {
+    static AVAILABLE: OnceLock<bool> = OnceLock::new();
+    *AVAILABLE.get_or_init(|| {
+        let off = std::env::var("QVC_AMX").is_ok_and(|v| matches!(v.trim(), "0" | "off" | "false"));
+        !off && super::bf16_products_native() && cpu_has_amx_bf16() && linux_grants_tile_data()
+    })
+}
+
+fn cpu_has_amx_bf16() -> bool {
+    use std::arch::x86_64::{__cpuid, __cpuid_count};
+    #[allow(unused_unsafe)]
+    // SAFETY: CPUID exists on every x86-64 CPU.
+    let (max_leaf, osxsave) = unsafe {
+        let l0 = __cpuid(0);
+        (l0.eax, __cpuid(1).ecx & (1 << 27) != 0)
+    };
+    if max_leaf < 0x1d || !osxsave {
+        return false;
+    }
+    #[allow(unused_unsafe)]
+    // SAFETY: as above; leaves up to `max_leaf` exist.
+    let (l7, palette) = unsafe { (__cpuid_count(7, 0), __cpuid_count(0x1d, 1)) };
+    let (amx_bf16, amx_tile) = (l7.edx & (1 << 22) != 0, l7.edx & (1 << 24) != 0);
+    // Palette 1: bytes per row (EBX low), tile names (EBX high), rows (ECX low).
+    let fits = palette.ebx & 0xffff >= 64 && palette.ebx >> 16 >= 8 && palette.ecx & 0xffff >= 16;
+    // SAFETY: OSXSAVE is set, so XGETBV is enabled.
+    let xcr0 = unsafe { xcr0() };
+    amx_bf16 && amx_tile && fits && xcr0 & (3 << 17) == 3 << 17
+}
+
+#[target_feature(enable = "xsave")]
+unsafe fn xcr0() -> u64 {
+    std::arch::x86_64::_xgetbv(0)
+}
+
+/// `arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)`: without it the
+/// first tile instruction of the process faults. The grant covers the whole
+/// process, threads started before it included.
+#[cfg(target_os = "linux")]
+fn linux_grants_tile_data() -> bool {
+    const SYS_ARCH_PRCTL: i64 = 158;
+    const ARCH_REQ_XCOMP_PERM: i64 = 0x1023;
+    const XFEATURE_XTILEDATA: i64 = 18;
+    let ret: i64;
+    // SAFETY: a plain system call; it reads no memory of ours, and the
+    // registers the `syscall` instruction clobbers are declared.
+    unsafe {
+        asm!("syscall", inlateout("rax") SYS_ARCH_PRCTL => ret, in("rdi") ARCH_REQ_XCOMP_PERM,
+             in("rsi") XFEATURE_XTILEDATA, lateout("rcx") _, lateout("r11") _, options(nostack));
+    }
+    ret == 0
+}
+
+#[cfg(not(target_os = "linux"))]
+fn linux_grants_tile_data() -> bool {
+    false
+}
+
+/// The tile configuration every kernel here runs under: palette 1, tiles
+/// 0-7 all 16 rows × 64 bytes. tmm0-3 accumulate a 32×32 block of C
+/// (row halves × column halves), tmm4-5 hold A's two 16-row halves, tmm6-7
+/// B's two 16-column halves.
+#[repr(C, align(64))]
+struct TileConfig([u8; 64]);
+
+const CONFIG: TileConfig = {
+    let mut c = [0u8; 64];
+    c[0] = 1;
+    let mut t = 0;
+    while t < 8 {
+        c[16 + 2 * t] = 64; // bytes per row (little-endian u16)
+        c[48 + t] = 16; // rows
+        t += 1;
+    }
+    TileConfig(c)
+};
+
+/// This thread's tiles, configured while the guard lives and released
+/// (`tilerelease`) when it drops.
+pub(crate) struct Tiles(());
+
+impl Tiles {
+    /// SAFETY: [`available`] returned true.
+    pub(crate) unsafe fn configure() -> Tiles {
+        asm!("ldtilecfg [{}]", in(reg) CONFIG.0.as_ptr(), options(nostack, readonly));
+        Tiles(())
+    }
+}
+
+impl Drop for Tiles {
+    fn drop(&mut self) {
+        // SAFETY: tiles were configured by `configure`, so AMX is usable.
+        unsafe { asm!("tilerelease", options(nostack, nomem)) };
+    }
+}
+
+/// One 32×32 block of C over `steps` × 32 elements of k: `c` (32 rows of
+/// 32 floats, 128 bytes apart) `+=` A's 32 rows × B's 32 columns, or `=`
+/// when `!load` (the tiles start from zero instead of from `c`). `a` holds
+/// the block's rows in tile order ([`pack_a`]: per step, 32 rows × 32 bf16
+/// contiguous); `b` a 32-column panel of pairs ([`pack_b_bf16_pairs`]), 16
+/// pair rows per step. Every tile is 1 or 2 KiB of consecutive memory, so
+/// no load strides across pages or cache sets.
+///
+/// SAFETY: [`Tiles`] configured on this thread; `a` holds `1024 * steps`
+/// bf16, `b` `16 * steps` rows of 32 dwords, `c` 1024 floats; all 64-byte aligned.
+unsafe fn kernel(steps: usize, a: *const u16, b: *const u32, c: *mut f32, load: bool) {
+    if load {
+        asm!(
+            "tileloadd tmm0, [{c} + {ld}]",
+            "tileloadd tmm1, [{c} + {ld} + 64]",
+            "tileloadd tmm2, [{c} + {ld} + 2048]",
+            "tileloadd tmm3, [{c} + {ld} + 2112]",
+            c = in(reg) c, ld = in(reg) 128usize, options(nostack, readonly),
+        );
+    } else {
+        asm!("tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3", options(nostack, nomem));
+    }
+    // Tile registers are not renamed: a load into a tile waits until the
+    // products reading it are done. So each step's loads go in as soon as
+    // the tile they replace has been read for the last time, and the tile
+    // unit always has products queued while the next operands arrive.
+    asm!(
+        "tileloadd tmm4, [{a} + {lda}]",
+        "tileloadd tmm6, [{b} + {ldb}]",
+        "tileloadd tmm7, [{b} + {ldb} + 64]",
+        "tileloadd tmm5, [{a} + {lda} + 1024]",
+        a = in(reg) a, b = in(reg) b, lda = in(reg) 64usize, ldb = in(reg) NR_AVX512 * 4,
+        options(nostack, readonly),
+    );
+    for s in 1..steps {
+        // A prefetch is only a hint (it never faults), so the last steps may
+        // point past A: `wrapping_add` keeps that address arithmetic defined.
+        let next = a.wrapping_add((s + PREFETCH_STEPS) * 1024) as *const i8;
+        for line in 0..32 {
+            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(next.wrapping_add(64 * line));
+        }
+        asm!(
+            "tdpbf16ps tmm0, tmm4, tmm6",
+            "tdpbf16ps tmm1, tmm4, tmm7",
+            "tileloadd tmm4, [{a} + {lda}]",
+            "tdpbf16ps tmm2, tmm5, tmm6",
+            "tileloadd tmm6, [{b} + {ldb}]",
+            "tdpbf16ps tmm3, tmm5, tmm7",
+            "tileloadd tmm7, [{b} + {ldb} + 64]",
+            "tileloadd tmm5, [{a} + {lda} + 1024]",
+            a = in(reg) a.add(s * 1024),
+            b = in(reg) b.add(s * 16 * NR_AVX512),
+            lda = in(reg) 64usize,
+            ldb = in(reg) NR_AVX512 * 4,
+            options(nostack, readonly),
+        );
+    }
+    asm!(
+        "tdpbf16ps tmm0, tmm4, tmm6",
+        "tdpbf16ps tmm1, tmm4, tmm7",
+        "tdpbf16ps tmm2, tmm5, tmm6",
+        "tdpbf16ps tmm3, tmm5, tmm7",
+        options(nostack, nomem),
+    );
+    asm!(
+        "tilestored [{c} + {ld}], tmm0",
+        "tilestored [{c} + {ld} + 64], tmm1",
+        "tilestored [{c} + {ld} + 2048], tmm2",
+        "tilestored [{c} + {ld} + 2112], tmm3",
+        c = in(reg) c, ld = in(reg) 128usize, options(nostack),
+    );
+}
+
+/// C's block (the first `rows` × `cols` of it, `ldc` apart) `=` or `+=` the
+/// finished 32×32 block `t` (rows 32 floats apart), 16 lanes at a time,
+/// masked at the edges.
+#[target_feature(enable = "avx512f")]
+unsafe fn merge(t: *const f32, c: *mut f32, ldc: usize, rows: usize, cols: usize, overwrite: bool) {
+    use std::arch::x86_64::*;
+    let halves = [(0usize, cols.min(16)), (16, cols.saturating_sub(16))];
+    for r in 0..rows {
+        for &(j, w) in halves.iter().filter(|h| h.1 > 0) {
+            let mask: __mmask16 = if w == 16 { u16::MAX } else { (1u16 << w) - 1 };
+            let (src, dst) = (t.add(r * 32 + j), c.add(r * ldc + j));
+            let mut v = _mm512_load_ps(src);
+            if !overwrite {
+                v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, dst));
+            }
+            _mm512_mask_storeu_ps(dst, mask, v);
+        }
+    }
+}
+
+thread_local! {
+    /// The calling thread's A rounded to bf16 in tile order (see [`pack_a`]).
+    static A_BF16: std::cell::RefCell<Vec<u16>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// Each thread's C blocks in progress (see [`gemm`]).
+    static C_STAGE: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// `C = round_bf16(A) · B` (or `+=` when `accumulate`), then `epi` on each
+/// finished block: the contract and partition of [`super::gemm_bf16_packed`]
+/// on AMX tiles. A is rounded once into tile order ([`pack_a`]). Each task
+/// takes its column panels `NB_AMX` at a time and goes through k in slices
+/// of `KC_STEPS` kernel steps; in each slice it packs one 32-column B panel
+/// at a time and runs the 32×32 tile kernel down its rows, the partial sums
+/// kept in tile-ordered staging blocks (L2) until the last slice merges
+/// them into C and runs the epilogue.
+///
+/// SAFETY: [`available`]; `a` and `b` checked (`MatRef::check`), `w` is
+/// `b`'s data; C covers `m` rows of `n` elements, `ldc` apart; m, n, k > 0.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16,avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn gemm(
+    a: &MatRef,
+    b: &MatRef,
+    w: &[half::bf16],
+    c: &mut [f32],
+    ldc: usize,
+    accumulate: bool,
+    parallel: bool,
+    epi: Option<Epilogue>,
+) {
+    let (m, k, n) = (a.rows, a.cols, b.cols);
+    assert!(ldc >= n && c.len() >= (m - 1) * ldc + n, "gemm: C too small for {m}x{n} with ldc {ldc}");
+    let steps = k.div_ceil(K_STEP);
+    let npanels = n.div_ceil(NR_AVX512);
+    let part = Partition::new(m, MR_AMX, npanels, parallel);
+    let cp = SyncPtr(c.as_mut_ptr());
+    with_buf(&A_BF16, m.div_ceil(MR_AMX) * steps * 1024, |abuf| {
+        pack_a(a, abuf, steps, parallel);
+        let abuf: &[u16] = abuf;
+        par_for(part.mblocks * part.nsplit, parallel, |t| {
+            let (mb, ns) = (t / part.nsplit, t % part.nsplit);
+            let (i_lo, i_hi) = (mb * part.mc, (mb * part.mc + part.mc).min(m));
+            let (jr_lo, jr_hi) = part.panels(ns);
+            let row_blocks = (i_hi - i_lo).div_ceil(MR_AMX);
+            let kc_steps = KC_STEPS.min(steps);
+            super::with_pairs(&super::B_PAIRS_BUF, NR_AVX512 * kc_steps * 16, |bp| {
+                with_buf(&C_STAGE, row_blocks * NB_AMX * 1024, |stage| {
+                    // SAFETY: `available` (this function's contract).
+                    let _tiles = unsafe { Tiles::configure() };
+                    for jg in (jr_lo..jr_hi).step_by(NB_AMX) {
+                        let group = jg..(jg + NB_AMX).min(jr_hi);
+                        for s0 in (0..steps).step_by(KC_STEPS) {
+                            let ks = KC_STEPS.min(steps - s0);
+                            for jr in group.clone() {
+                                let (j, cols) = (jr * NR_AVX512, NR_AVX512.min(n - jr * NR_AVX512));
+                                // SAFETY: AVX-512 BW (contract); `b.check` bounds every
+                                // element read; `bp` holds 32 × 16·ks dwords.
+                                unsafe { pack_b_bf16_pairs(b, w, 16 * s0, 16 * ks, j, cols, bp) };
+                                for rb in 0..row_blocks {
+                                    let ab = (i_lo / MR_AMX + rb) * steps + s0;
+                                    let cs = (rb * NB_AMX + jr - jg) * 1024;
+                                    // SAFETY: block `ab` and the next ks - 1 lie in A's
+                                    // packed rows; the panel holds 16·ks pair rows; the
+                                    // staging block is this thread's.
+                                    unsafe {
+                                        kernel(
+                                            ks,
+                                            abuf.as_ptr().add(ab * 1024),
+                                            bp.as_ptr(),
+                                            stage.as_mut_ptr().add(cs),
+                                            s0 > 0,
+                                        )
+                                    };
+                                }
+                            }
+                        }
+                        for jr in group.clone() {
+                            let (j, cols) = (jr * NR_AVX512, NR_AVX512.min(n - jr * NR_AVX512));
+                            for rb in 0..row_blocks {
+                                let i = i_lo + rb * MR_AMX;
+                                let rows = MR_AMX.min(i_hi - i);
+                                let cs = (rb * NB_AMX + jr - jg) * 1024;
+                                // SAFETY: C's block is this task's alone (the partition).
+                                unsafe {
+                                    merge(
+                                        stage.as_ptr().add(cs),
+                                        cp.get().add(i * ldc + j),
+                                        ldc,
+                                        rows,
+                                        cols,
+                                        !accumulate,
+                                    );
+                                    if let Some(f) = epi {
+                                        tile_epilogue(f, cp, ldc, (i, rows), (j, cols));
+                                    }
+                                }
+                            }
+                        }
+                    }
+                });
+            });
+        });
+    });
+}
+
+/// A 32×32 f32 block on a 64-byte boundary (tile stores, aligned loads).
+#[repr(C, align(64))]
+struct Block([f32; 1024]);
+
+/// Runs `f` on `len` elements of this thread's `buf` from a 64-byte
+/// boundary (grown on demand, never shrunk; a fresh vector if the buffer is
+/// already in use).
+fn with_buf<T: Copy + Default, R>(
+    buf: &'static std::thread::LocalKey<std::cell::RefCell<Vec<T>>>,
+    len: usize,
+    f: impl FnOnce(&mut [T]) -> R,
+) -> R {
+    fn aligned<T: Copy + Default>(v: &mut Vec<T>, len: usize) -> &mut [T] {
+        let slack = 64 / std::mem::size_of::<T>();
+        if v.len() < len + slack {
+            v.resize(len + slack, T::default());
+        }
+        let skip = v.as_ptr().align_offset(64).min(slack);
+        &mut v[skip..skip + len]
+    }
+    buf.with(|b| match b.try_borrow_mut() {
+        Ok(mut v) => f(aligned(&mut v, len)),
+        Err(_) => f(aligned(&mut Vec::new(), len)),
+    })
+}
+
+/// A rounded to bf16 (nearest even) in tile order: block `(rb, s)` at
+/// `abuf[(rb * steps + s) * 1024..]` holds rows `32 rb..32 rb + 32` ×
+/// elements `32 s..32 s + 32`, row by row (the two 16-row tiles of a
+/// kernel step, one after the other); zero past m and past k.
+///
+/// SAFETY: AVX-512F and BF16; `abuf` holds `ceil(m / 32) * steps * 1024`
+/// elements, `steps * 32 ≥ k`.
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn pack_a(a: &MatRef, abuf: &mut [u16], steps: usize, parallel: bool) {
+    let (m, k) = (a.rows, a.cols);
+    let lda = steps * K_STEP;
+    let pack = |rb: usize, block: &mut [u16]| {
+        let (mut f, mut row) = (vec![0f32; k], vec![0u16; lda]);
+        for r in 0..MR_AMX {
+            let i = rb * MR_AMX + r;
+            if i < m {
+                gather(&a.data, a.index(i, 0), a.col_stride, &mut f);
+                // SAFETY: AVX-512F + BF16 (the caller's contract); equal lengths.
+                unsafe { round_bf16_bits(&f, &mut row[..k]) };
+            } else {
+                row[..k].fill(0);
+            }
+            for (s, chunk) in row.chunks_exact(K_STEP).enumerate() {
+                block[s * 1024 + r * K_STEP..][..K_STEP].copy_from_slice(chunk);
+            }
+        }
+    };
+    let block = steps * 1024;
+    if parallel && m * k >= 1 << 15 {
+        use rayon::prelude::*;
+        abuf.par_chunks_mut(block).enumerate().for_each(|(rb, b)| pack(rb, b));
+    } else {
+        abuf.chunks_mut(block).enumerate().for_each(|(rb, b)| pack(rb, b));
+    }
+}
+
+/// Flops of one trip of [`dot_loop`]: 4 `tdpbf16ps` of 16×16×32 products,
+/// each product and its add counted as 2.
+pub const DOT_LOOP_FLOPS_PER_ITER: u64 = 4 * 16 * 16 * 32 * 2;
+
+/// The AMX analogue of [`crate::peak::bf16_dot_loop`]: `iters` trips of four
+/// independent `tdpbf16ps` (into tmm0-3, from tiles loaded once) on the
+/// calling thread. `(0, 0.0)` where [`available`] is false.
+pub fn dot_loop(iters: usize) -> (u64, f32) {
+    if !available() {
+        return (0, 0.0);
+    }
+    let ones = Block([f32::from_bits(0x3f80_3f80); 1024]); // bf16 pairs (1.0, 1.0)
+    let mut out = Block([0f32; 1024]);
+    // SAFETY: `available`; the loads read 16 rows of 64 bytes from `ones`
+    // (4 KiB), the store writes 16 rows of 64 bytes into `out`.
+    unsafe {
+        let _tiles = Tiles::configure();
+        asm!(
+            "tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3",
+            "tileloadd tmm4, [{p} + {ld}]", "tileloadd tmm5, [{p} + {ld}]",
+            "tileloadd tmm6, [{p} + {ld}]", "tileloadd tmm7, [{p} + {ld}]",
+            p = in(reg) ones.0.as_ptr(), ld = in(reg) 64usize, options(nostack, readonly),
+        );
+        for _ in 0..iters {
+            asm!(
+                "tdpbf16ps tmm0, tmm4, tmm6",
+                "tdpbf16ps tmm1, tmm4, tmm7",
+                "tdpbf16ps tmm2, tmm5, tmm6",
+                "tdpbf16ps tmm3, tmm5, tmm7",
+                options(nostack, nomem),
+            );
+        }
+        asm!("tilestored [{p} + {ld}], tmm0", p = in(reg) out.0.as_mut_ptr(), ld = in(reg) 64usize, options(nostack));
+    }
+    (iters as u64 * DOT_LOOP_FLOPS_PER_ITER, out.0[0])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testutil::{Rng, StoredMat};
+    use proptest::prelude::*;
+    use qvc_ir::{DType, Elems};
+
+    /// `C (+)= round_bf16(A)·B` then the test epilogue, in f64, and the
+    /// error each element may carry: f32 sums of `k` products (the bound of
+    /// `tests/gemm_isa.rs`).
+    fn reference(a: &MatRef, b: &MatRef, c0: &[f32], acc: bool, epi: bool) -> Vec<(f64, f64)> {
+        let (m, k, n) = (a.rows, a.cols, b.cols);
+        let mut out = Vec::with_capacity(m * n);
+        for i in 0..m {
+            for j in 0..n {
+                let c_in = if acc { c0[i * n + j] as f64 } else { 0.0 };
+                let (mut s, mut mag) = (c_in, c_in.abs());
+                for p in 0..k {
+                    let t = half::bf16::from_f32(a.get(i, p)).to_f32() as f64 * b.get(p, j) as f64;
+                    s += t;
+                    mag += t.abs();
+                }
+                let bound = (k + 4) as f64 * f32::EPSILON as f64 * mag + f32::MIN_POSITIVE as f64;
+                out.push(if epi {
+                    // The epilogue's own f32 add rounds once more.
+                    let v = 2.0 * s + test_bias(i, j);
+                    (v, 2.0 * bound + f32::EPSILON as f64 * v.abs())
+                } else {
+                    (s, bound)
+                });
+            }
+        }
+        out
+    }
+
+    fn test_bias(i: usize, j: usize) -> f64 {
+        i as f64 - j as f64 / 64.0
+    }
+
+    fn double_plus_bias(i: usize, j0: usize, row: &mut [f32]) {
+        for (x, v) in row.iter_mut().enumerate() {
+            *v = 2.0 * *v + test_bias(i, j0 + x) as f32;
+        }
+    }
+
+    /// The AMX path and, beside it, the `vdpbf16ps` path it replaces
+    /// (which the dispatch no longer reaches on this CPU) against the
+    /// reference, on one case.
+    #[allow(clippy::too_many_arguments)]
+    fn check(
+        (m, n, k): (usize, usize, usize),
+        (la, lb): (u8, u8),
+        da: DType,
+        pad: usize,
+        acc: bool,
+        epi: bool,
+        parallel: bool,
+        seed: u64,
+    ) -> Result<(), TestCaseError> {
+        let mut rng = Rng::new(seed);
+        let a = StoredMat::new(&mut rng, m, k, la, pad, 2, da);
+        let b = StoredMat::new(&mut rng, k, n, lb, pad, 1, DType::BF16);
+        let c0 = rng.vec(m * n, 1.0);
+        let (av, bv) = (a.view(), b.view());
+        let Elems::BF16(w) = bv.data else { unreachable!("B is bf16") };
+        let want = reference(&av, &bv, &c0, acc, epi);
+        let f: Option<Epilogue> = if epi { Some(&double_plus_bias) } else { None };
+        for path in ["amx", "vdpbf16ps"] {
+            let mut got = c0.clone();
+            // SAFETY: `available` (the caller) implies AVX-512 BF16; views
+            // from StoredMat are in bounds; C is m×n; m, n, k > 0.
+            unsafe {
+                if path == "amx" {
+                    gemm(&av, &bv, w, &mut got, n, acc, parallel, f);
+                } else {
+                    super::super::gemm_bf16_packed(&av, &bv, w, &mut got, n, acc, parallel, f);
+                }
+            }
+            for (idx, (&g, &(s, bound))) in got.iter().zip(&want).enumerate() {
+                let e = (g as f64 - s).abs();
+                prop_assert!(
+                    e <= bound,
+                    "{path} {m}x{n}x{k} layouts {la},{lb} A {da} acc {acc} epi {epi}: C[{}, {}] = {g}, want {s} (err {e} > {bound})",
+                    idx / n,
+                    idx % n
+                );
+            }
+        }
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        /// Ragged m, n and k around the 32-row, 32-column and 32-deep
+        /// tile steps, every A layout and dtype, B `[out, in]` or row-major.
+        #[test]
+        fn amx_matches_reference(
+            m in 1usize..=100, n in 1usize..=100, k in 1usize..=170,
+            la in 0u8..3, lb in 0u8..3, da in 0usize..3, pad in 0usize..3,
+            acc: bool, epi: bool, parallel: bool, seed: u64,
+        ) {
+            if !available() {
+                return Ok(());
+            }
+            let da = crate::testutil::FLOAT_DTYPES[da];
+            check((m, n, k), (la, lb), da, pad, acc, epi, parallel, seed)?;
+        }
+    }
+
+    /// Shapes with several tasks, row blocks and long k.
+    #[test]
+    fn amx_bigger_shapes() {
+        if !available() {
+            eprintln!("no AMX-BF16 here: skipped");
+            return;
+        }
+        for (s, &(m, n, k)) in [(130, 257, 300), (300, 70, 1100), (33, 1000, 64), (64, 64, 2500)].iter().enumerate() {
+            check((m, n, k), (0, 1), DType::F32, 0, s % 2 == 1, s == 2, true, s as u64).unwrap();
+        }
+    }
+
+    /// The peak loop multiplies tiles of ones: every element of C is
+    /// 32 products of 1 per instruction, summed over the iterations.
+    #[test]
+    fn dot_loop_counts_and_computes() {
+        let (flops, v) = dot_loop(10);
+        if available() {
+            assert_eq!(flops, 10 * DOT_LOOP_FLOPS_PER_ITER);
+            assert_eq!(v, 320.0);
+        } else {
+            assert_eq!((flops, v), (0, 0.0));
+        }
+    }
+}
