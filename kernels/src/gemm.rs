@@ -1846,7 +1846,9 @@ unsafe fn store_c_tile(
 /// all its key blocks, where [`gemm_packed`] would pack both again on every
 /// call. f32 panels on the ISA's blocking, or with `bf16` the pairs of the
 /// bf16-product path (each dword two bf16 of consecutive k, kept in f32
-/// buffers: both are 4 bytes, and only [`PanelGemm::tile`] reads them).
+/// buffers: both are 4 bytes, and only [`PanelGemm::tile`] reads them);
+/// where [`amx::available`], the bf16 A panels are 32 rows in AMX tile order
+/// and the tiles multiply them ([`amx::tile`]).
 ///
 /// A panels: `mr` rows × `depth(kc)` ([`PanelGemm::pack_a`] packs every row
 /// panel of an A); B panels: `nr` columns × `depth(kc)`, one per call of
@@ -1856,6 +1858,8 @@ unsafe fn store_c_tile(
 pub(crate) struct PanelGemm {
     isa: Isa,
     bf16: bool,
+    /// bf16 products on AMX tiles ([`amx::tile`]) rather than `vdpbf16ps`.
+    amx: bool,
     blk: Blocking,
 }
 
@@ -1865,11 +1869,19 @@ impl PanelGemm {
     pub(crate) fn new(isa: Isa, bf16: bool) -> PanelGemm {
         let isa = isa.resolve();
         assert!(!bf16 || (isa == Isa::Avx512 && bf16_products_native()), "PanelGemm: bf16 products need AVX512-BF16");
-        PanelGemm { isa, bf16, blk: blocking(isa) }
+        #[cfg(target_arch = "x86_64")]
+        let amx = bf16 && amx::available();
+        #[cfg(not(target_arch = "x86_64"))]
+        let amx = false;
+        PanelGemm { isa, bf16, amx, blk: blocking(isa) }
     }
 
     /// Rows of an A panel.
     pub(crate) fn mr(&self) -> usize {
+        #[cfg(target_arch = "x86_64")]
+        if self.amx {
+            return amx::MR_AMX;
+        }
         if self.bf16 {
             MR_AVX512
         } else {
@@ -1886,9 +1898,12 @@ impl PanelGemm {
         }
     }
 
-    /// Packed steps of a `kc`-deep slice: `kc`, or its pairs.
+    /// Packed steps of a `kc`-deep slice: `kc`, or its pairs (on AMX padded
+    /// to whole tile steps of 16 pairs).
     pub(crate) fn depth(&self, kc: usize) -> usize {
-        if self.bf16 {
+        if self.amx {
+            kc.div_ceil(32) * 16
+        } else if self.bf16 {
             kc.div_ceil(2)
         } else {
             kc
@@ -1917,6 +1932,14 @@ impl PanelGemm {
         assert!(kc > 0 && kc <= self.max_kc(), "PanelGemm: A slice of {kc} columns");
         let len = self.a_len(a.rows, kc);
         a.check("A");
+        #[cfg(target_arch = "x86_64")]
+        if self.amx {
+            let out: &mut [u16] = bytemuck::cast_slice_mut(&mut out[..len]);
+            // SAFETY: `new` saw `amx::available` (AVX-512 BF16 included); A
+            // was checked; `out` is ⌈rows/32⌉ panels of depth(kc)/16 steps.
+            unsafe { amx::pack_a(a, out, self.depth(kc) / 16, false) };
+            return;
+        }
         #[cfg(target_arch = "x86_64")]
         if self.bf16 {
             let kp = self.depth(kc);
@@ -1973,6 +1996,10 @@ impl PanelGemm {
         cols: usize,
         overwrite: bool,
     ) {
+        #[cfg(target_arch = "x86_64")]
+        if self.amx {
+            return amx::tile(self.depth(kc) / 16, a as *const u16, b as *const u32, c, ldc, rows, cols, overwrite);
+        }
         #[cfg(target_arch = "x86_64")]
         if self.bf16 {
             return kernel_bf16(self.depth(kc), a as *const u32, b as *const u32, c, ldc, rows, cols, overwrite);

@@ -16,8 +16,7 @@
 //! registers, so state left in them between blocks is ours. Linux hands a
 //! process the 8 KiB of tile state only after `arch_prctl(ARCH_REQ_XCOMP_PERM)`,
 //! which [`available`] asks for once; every thread loads the tile
-//! configuration before its first tile instruction ([`Tiles`]) and releases
-//! it when done, so a context switch outside a GEMM saves nothing extra.
+//! configuration before its first tile instruction ([`configure`]).
 //!
 //! `QVC_AMX=0` turns the path off (the `vdpbf16ps` path runs instead), for
 //! comparing the two.
@@ -126,43 +125,48 @@ const CONFIG: TileConfig = {
     TileConfig(c)
 };
 
-/// This thread's tiles, configured while the guard lives and released
-/// (`tilerelease`) when it drops.
-pub(crate) struct Tiles(());
-
-impl Tiles {
-    /// SAFETY: [`available`] returned true.
-    pub(crate) unsafe fn configure() -> Tiles {
-        asm!("ldtilecfg [{}]", in(reg) CONFIG.0.as_ptr(), options(nostack, readonly));
-        Tiles(())
-    }
+thread_local! {
+    /// Whether this thread has loaded [`CONFIG`].
+    static CONFIGURED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
-impl Drop for Tiles {
-    fn drop(&mut self) {
-        // SAFETY: tiles were configured by `configure`, so AMX is usable.
-        unsafe { asm!("tilerelease", options(nostack, nomem)) };
-    }
+/// Loads [`CONFIG`] on this thread the first time. Every kernel here runs
+/// under the same configuration, so it is loaded once per thread and kept:
+/// the attention runs a tile kernel per 32×32 block of scores, where a
+/// load and release around each call would cost a fair share of the call.
+/// The price is the 8 KiB of tile state that a context switch saves for a
+/// thread that has used the tiles.
+///
+/// SAFETY: [`available`] returned true.
+pub(crate) unsafe fn configure() {
+    CONFIGURED.with(|c| {
+        if !c.get() {
+            // SAFETY: AMX is usable (the caller's contract); CONFIG is a valid palette-1 configuration.
+            unsafe { asm!("ldtilecfg [{}]", in(reg) CONFIG.0.as_ptr(), options(nostack, readonly)) };
+            c.set(true);
+        }
+    })
 }
 
 /// One 32×32 block of C over `steps` × 32 elements of k: `c` (32 rows of
-/// 32 floats, 128 bytes apart) `+=` A's 32 rows × B's 32 columns, or `=`
+/// 32 floats, `ldc` floats apart) `+=` A's 32 rows × B's 32 columns, or `=`
 /// when `!load` (the tiles start from zero instead of from `c`). `a` holds
 /// the block's rows in tile order ([`pack_a`]: per step, 32 rows × 32 bf16
 /// contiguous); `b` a 32-column panel of pairs ([`pack_b_bf16_pairs`]), 16
 /// pair rows per step. Every tile is 1 or 2 KiB of consecutive memory, so
 /// no load strides across pages or cache sets.
 ///
-/// SAFETY: [`Tiles`] configured on this thread; `a` holds `1024 * steps`
-/// bf16, `b` `16 * steps` rows of 32 dwords, `c` 1024 floats; all 64-byte aligned.
-unsafe fn kernel(steps: usize, a: *const u16, b: *const u32, c: *mut f32, load: bool) {
+/// SAFETY: [`configure`]d on this thread; `a` holds `1024 * steps` bf16,
+/// `b` `16 * steps` rows of 32 dwords, `c` 32 rows of 32 floats `ldc` apart.
+unsafe fn kernel(steps: usize, a: *const u16, b: *const u32, c: *mut f32, ldc: usize, load: bool) {
+    let (c2, ldc) = (c.add(16 * ldc), ldc * 4);
     if load {
         asm!(
             "tileloadd tmm0, [{c} + {ld}]",
             "tileloadd tmm1, [{c} + {ld} + 64]",
-            "tileloadd tmm2, [{c} + {ld} + 2048]",
-            "tileloadd tmm3, [{c} + {ld} + 2112]",
-            c = in(reg) c, ld = in(reg) 128usize, options(nostack, readonly),
+            "tileloadd tmm2, [{c2} + {ld}]",
+            "tileloadd tmm3, [{c2} + {ld} + 64]",
+            c = in(reg) c, c2 = in(reg) c2, ld = in(reg) ldc, options(nostack, readonly),
         );
     } else {
         asm!("tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3", options(nostack, nomem));
@@ -212,9 +216,9 @@ unsafe fn kernel(steps: usize, a: *const u16, b: *const u32, c: *mut f32, load: 
     asm!(
         "tilestored [{c} + {ld}], tmm0",
         "tilestored [{c} + {ld} + 64], tmm1",
-        "tilestored [{c} + {ld} + 2048], tmm2",
-        "tilestored [{c} + {ld} + 2112], tmm3",
-        c = in(reg) c, ld = in(reg) 128usize, options(nostack),
+        "tilestored [{c2} + {ld}], tmm2",
+        "tilestored [{c2} + {ld} + 64], tmm3",
+        c = in(reg) c, c2 = in(reg) c2, ld = in(reg) ldc, options(nostack),
     );
 }
 
@@ -236,6 +240,45 @@ unsafe fn merge(t: *const f32, c: *mut f32, ldc: usize, rows: usize, cols: usize
             _mm512_mask_storeu_ps(dst, mask, v);
         }
     }
+}
+
+/// `C[rows × cols] (+)= A panel · B panel` for [`super::PanelGemm`]'s AMX
+/// mode: `a` one 32-row panel in tile order ([`pack_a`]), `b` one 32-column
+/// panel of pairs, `steps` × 32 deep; overwrite C when `overwrite`, else
+/// add. A whole 32×32 block is loaded and stored in place; a ragged one goes
+/// through a staging block.
+///
+/// SAFETY: [`available`]; the panels hold `steps` steps; C covers `rows ≤
+/// 32` rows of `cols ≤ 32` elements, `ldc` apart, and no other thread
+/// touches them.
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn tile(
+    steps: usize,
+    a: *const u16,
+    b: *const u32,
+    c: *mut f32,
+    ldc: usize,
+    rows: usize,
+    cols: usize,
+    overwrite: bool,
+) {
+    use std::arch::x86_64::*;
+    configure();
+    if rows == MR_AMX && cols == NR_AVX512 {
+        return kernel(steps, a, b, c, ldc, !overwrite);
+    }
+    let mut t = Block([0f32; 1024]);
+    if !overwrite {
+        for r in 0..rows {
+            for (j, w) in [(0usize, cols.min(16)), (16, cols.saturating_sub(16))] {
+                let mask: __mmask16 = if w >= 16 { u16::MAX } else { (1u16 << w) - 1 };
+                _mm512_store_ps(t.0.as_mut_ptr().add(r * 32 + j), _mm512_maskz_loadu_ps(mask, c.add(r * ldc + j)));
+            }
+        }
+    }
+    kernel(steps, a, b, t.0.as_mut_ptr(), 32, !overwrite);
+    merge(t.0.as_ptr(), c, ldc, rows, cols, true);
 }
 
 thread_local! {
@@ -286,7 +329,7 @@ pub(crate) unsafe fn gemm(
             super::with_pairs(&super::B_PAIRS_BUF, NR_AVX512 * kc_steps * 16, |bp| {
                 with_buf(&C_STAGE, row_blocks * NB_AMX * 1024, |stage| {
                     // SAFETY: `available` (this function's contract).
-                    let _tiles = unsafe { Tiles::configure() };
+                    unsafe { configure() };
                     for jg in (jr_lo..jr_hi).step_by(NB_AMX) {
                         let group = jg..(jg + NB_AMX).min(jr_hi);
                         for s0 in (0..steps).step_by(KC_STEPS) {
@@ -308,6 +351,7 @@ pub(crate) unsafe fn gemm(
                                             abuf.as_ptr().add(ab * 1024),
                                             bp.as_ptr(),
                                             stage.as_mut_ptr().add(cs),
+                                            32,
                                             s0 > 0,
                                         )
                                     };
@@ -377,7 +421,7 @@ fn with_buf<T: Copy + Default, R>(
 /// SAFETY: AVX-512F and BF16; `abuf` holds `ceil(m / 32) * steps * 1024`
 /// elements, `steps * 32 ≥ k`.
 #[target_feature(enable = "avx512f,avx512bf16")]
-unsafe fn pack_a(a: &MatRef, abuf: &mut [u16], steps: usize, parallel: bool) {
+pub(crate) unsafe fn pack_a(a: &MatRef, abuf: &mut [u16], steps: usize, parallel: bool) {
     let (m, k) = (a.rows, a.cols);
     let lda = steps * K_STEP;
     let pack = |rb: usize, block: &mut [u16]| {
@@ -421,7 +465,7 @@ pub fn dot_loop(iters: usize) -> (u64, f32) {
     // SAFETY: `available`; the loads read 16 rows of 64 bytes from `ones`
     // (4 KiB), the store writes 16 rows of 64 bytes into `out`.
     unsafe {
-        let _tiles = Tiles::configure();
+        configure();
         asm!(
             "tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3",
             "tileloadd tmm4, [{p} + {ld}]", "tileloadd tmm5, [{p} + {ld}]",
