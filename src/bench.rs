@@ -470,9 +470,13 @@ fn resolve(device: &str, cpu_artifact: bool) -> Result<Where> {
 /// Measured ceilings of the machine.
 struct Ceilings {
     /// FLOP/s the floors divide by: the measured FMA peak on the CPU (the
-    /// `vdpbf16ps` peak under `--cpu-math fast`, where the GEMMs run on it),
+    /// bf16 peak under `--cpu-math fast`, AMX `tdpbf16ps` or `vdpbf16ps`,
+    /// whichever the GEMMs run on),
     /// the best GEMM on a GPU.
     flops: f64,
+    /// Which ceiling `flops` is, for `--json` (`ceilings.gemm_peak_of`):
+    /// `fma`, `amx_tdpbf16ps`, `vdpbf16ps` or, on a GPU, `best_gemm`.
+    flops_of: &'static str,
     /// Bytes/s the decode floor divides by.
     bytes_per_s: f64,
     /// Table rows describing them.
@@ -609,7 +613,7 @@ fn cpu_ceilings(shapes: &[GemmShape]) -> Ceilings {
     // vdpbf16ps (two products per f32 lane), so their ceiling is that instruction's measured
     // rate, not the FMA peak.
     let fast_bf16 = qvc_kernels::cpu_math() == qvc_kernels::CpuMath::Fast && qvc_kernels::gemm::bf16_products_native();
-    let (gemm_ceiling, gemm_ceiling_name) = if fast_bf16 && qvc_kernels::gemm::amx::available() {
+    let (gemm_ceiling, gemm_ceiling_name, flops_of) = if fast_bf16 && qvc_kernels::gemm::amx::available() {
         let dp = best_loop_rate(FMA_REPS, qvc_kernels::gemm::amx::dot_loop);
         rows.push(Row::num(
             "ceiling: bf16 compute",
@@ -620,7 +624,7 @@ fn cpu_ceilings(shapes: &[GemmShape]) -> Ceilings {
                  best of {FMA_REPS} × 20 ms (--cpu-math fast)"
             ),
         ));
-        (dp, "AMX tdpbf16ps peak")
+        (dp, "AMX tdpbf16ps peak", "amx_tdpbf16ps")
     } else if fast_bf16 {
         let dp = best_loop_rate(FMA_REPS, bf16_dot_loop);
         rows.push(Row::num(
@@ -632,9 +636,9 @@ fn cpu_ceilings(shapes: &[GemmShape]) -> Ceilings {
                  {FMA_REPS} × 20 ms (--cpu-math fast)"
             ),
         ));
-        (dp, "vdpbf16ps peak")
+        (dp, "vdpbf16ps peak", "vdpbf16ps")
     } else {
-        (fma_flops, "FMA peak")
+        (fma_flops, "FMA peak", "fma")
     };
     let mut gemms = vec![];
     let mut best_gemm = 0f64;
@@ -677,6 +681,7 @@ fn cpu_ceilings(shapes: &[GemmShape]) -> Ceilings {
     }
     Ceilings {
         flops: gemm_ceiling,
+        flops_of,
         bytes_per_s,
         rows,
         fma_flops: Some(fma_flops),
@@ -840,6 +845,7 @@ fn cuda_ceilings(ordinal: usize, shapes: &[GemmShape]) -> Result<Ceilings> {
     ));
     Ok(Ceilings {
         flops: best * 1e12,
+        flops_of: "best_gemm",
         bytes_per_s,
         rows,
         fma_flops: None,
@@ -996,11 +1002,13 @@ impl Report {
                 "paired_read_gbs": d.paired.map(|p| p.read_gbs),
             })).collect::<Vec<_>>(),
             "gemm_best_gflops": gemm_best,
-            // Of the ceiling the GEMMs run against: the FMA peak, or the vdpbf16ps peak under --cpu-math fast.
+            // Of the ceiling the GEMMs run against: the FMA peak, or the AMX / vdpbf16ps peak under --cpu-math fast.
             "gemm_peak_fraction": c.and_then(|c| c.fma_flops.map(|_| c.best_gemm_flops / c.flops)),
             "ceilings": c.map(|c| serde_json::json!({
                 "fma_peak_gflops": c.fma_flops.map(|f| f / 1e9),
                 "fma_peak_how": c.fma_how,
+                "gemm_peak_gflops": c.flops / 1e9,
+                "gemm_peak_of": c.flops_of,
                 "read_bandwidth_gbs": c.bytes_per_s / 1e9,
                 "read_bandwidth_how": c.bw_how,
                 "gemm": c.gemms.iter().map(|g| serde_json::json!({

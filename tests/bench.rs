@@ -157,6 +157,25 @@ fn number(v: &serde_json::Value, path: &[&str]) -> f64 {
     x
 }
 
+/// Under `--cpu-math fast` the GEMM ceiling is the peak of the instruction
+/// the bf16 GEMMs run on here: AMX tiles, else `vdpbf16ps`, else (no
+/// AVX512-BF16: fast runs those GEMMs exactly) the FMA peak.
+#[test]
+#[cfg(target_arch = "x86_64")]
+fn bench_json_names_the_fast_gemm_ceiling() {
+    let (v, _) = bench_json(&[&tiny_bench("cpu")[..], &["--json", "--cpu-math", "fast"]].concat());
+    let want = if qvc_kernels::gemm::amx::available() {
+        "amx_tdpbf16ps"
+    } else if qvc_kernels::gemm::bf16_products_native() {
+        "vdpbf16ps"
+    } else {
+        "fma"
+    };
+    assert_eq!(v["ceilings"]["gemm_peak_of"], want, "{v}");
+    let (peak, fma) = (number(&v, &["ceilings", "gemm_peak_gflops"]), number(&v, &["ceilings", "fma_peak_gflops"]));
+    assert_eq!(peak == fma, want == "fma", "{v}");
+}
+
 #[test]
 fn bench_json_on_the_cpu_has_every_key_and_measured_ceilings() {
     let (v, err) = bench_json(&[&tiny_bench("cpu")[..], &["--json"]].concat());
@@ -164,6 +183,9 @@ fn bench_json_on_the_cpu_has_every_key_and_measured_ceilings() {
     let fma = number(&v, &["ceilings", "fma_peak_gflops"]);
     let bw = number(&v, &["ceilings", "read_bandwidth_gbs"]);
     assert!(v["ceilings"]["fma_peak_how"].as_str().unwrap().starts_with("measured"), "{v}");
+    // Exact mode's GEMMs run on the FMAs, so their ceiling is the FMA peak.
+    assert_eq!(v["ceilings"]["gemm_peak_of"], "fma", "{v}");
+    assert_eq!(number(&v, &["ceilings", "gemm_peak_gflops"]), fma, "{v}");
     assert!(v["ceilings"]["read_bandwidth_how"].as_str().unwrap().starts_with("measured"), "{v}");
     // The table prints the same measured ceilings (to stderr).
     assert!((value(&err, "ceiling: f32 compute") / fma - 1.0).abs() < 0.01, "{fma}\n{err}");

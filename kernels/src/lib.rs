@@ -11,6 +11,8 @@
 //!   register-blocked and parallel, with an unpacked memory-bound path for
 //!   m ≤ 8 (decode at batch 1..8, lm_head), whose long rows run the private
 //!   `gemv` module on AVX-512 (16-lane dot products, weight rows streamed).
+//!   Under `--cpu-math fast` bf16 weights meet bf16-rounded activations on
+//!   `vdpbf16ps`, or on AMX tiles where the CPU has them ([`gemm::amx`]).
 //! * [`norm`]: LayerNorm and RMSNorm over rows.
 //! * [`act`]: GELU (erf form), SiLU, SwiGLU, with the vectorisable
 //!   [`exp_f32`] and [`erf_f32`] they are built on.

@@ -4,7 +4,7 @@
 //!
 //! On the CPU each line also says how close it came to the machine's
 //! measured ceilings: its FLOP/s over the FMA peak the bench measured (the
-//! `vdpbf16ps` peak under `--cpu-math fast`) or its bytes/s over the read
+//! AMX or `vdpbf16ps` peak under `--cpu-math fast`) or its bytes/s over the read
 //! bandwidth, whichever is larger, marked `F` or `B`. The costs are
 //! `qvc_runtime::cpu`'s profile model (weights at their stored size).
 
