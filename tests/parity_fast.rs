@@ -5,11 +5,14 @@
 //! for the bf16 weights and the attention's products (AVX512-BF16 CPUs; on
 //! others fast runs exactly and this is the exact parity again).
 //!
+//! The same for the GPTQ int4 fixture's prompts, whose int4 Linears run
+//! the int8-activation GEMV (VNNI) and, on AMX CPUs, the bf16 tiles.
+//!
 //! Its own test binary because it sets the process-wide mode, which the
 //! exact parity tests in other binaries must not see.
 
 mod common;
-use common::{check, fixtures, rel_err, Expected};
+use common::{check, fixture, fixtures, rel_err, Expected};
 use qvc_model::graphs::VisionOptions;
 use qvc_model::{LoadOptions, Model, PrefillOptions, Session};
 use qvc_runtime::{Backend, Cpu};
@@ -47,5 +50,22 @@ fn fast_mode_stays_near_the_reference() {
     // Fast really rounds where the CPU can: not the exact path's 1e-6.
     if qvc_kernels::gemm::bf16_products_native() {
         assert!(worst > 1e-5, "fast vision matched to {worst:e}: the bf16 paths did not run");
+    }
+}
+
+#[test]
+fn fast_mode_int4_stays_near_the_reference() {
+    let Some(dir) = fixture("tiny-qwen-vl-int4") else { return };
+    qvc_kernels::set_cpu_math(qvc_kernels::CpuMath::Fast);
+    let m = Model::load(&dir, &LoadOptions::default()).expect("int4 fixture model loads");
+    let e = Expected::load(&dir);
+    for case in ["text", "img1", "img2", "ground"] {
+        let c = &e.json["chat"][case];
+        let mut s = Session::new(&m, &Cpu);
+        s.set_image_dir(&dir);
+        let out = s.prefill(&e.ids(&c["input_ids"]), &PrefillOptions::default()).unwrap();
+        let v = m.config.vocab_size;
+        let want = e.f32(&format!("chat/{case}/last_logits"));
+        check(&format!("fast int4 chat/{case}/last_logits"), &out.logits[out.logits.len() - v..], &want, FAST_TOL);
     }
 }

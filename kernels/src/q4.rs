@@ -38,7 +38,10 @@
 //!   all of A for every block: 43 times for 4096→11008, 52 for 11008→4096.)
 //!
 //! Under `--cpu-math fast` ([`crate::CpuMath::Fast`]) the GEMV sizes go to
-//! [`crate::q4_i8`] instead: int8 activations, integer products (VNNI).
+//! [`crate::q4_i8`] instead: int8 activations, integer products (VNNI); and
+//! where the CPU has AMX the GEMM sizes run on its tiles
+//! ([`crate::gemm::amx`]), the panels dequantized as here, then rounded to
+//! bf16 with the activations.
 //!
 //! Code paths ([`Q4Path`]): AVX-512F intrinsics (16 columns a vector,
 //! runtime-detected here: the crate-wide [`Isa`] selects AVX2 vs portable),
@@ -1072,6 +1075,13 @@ fn gemm_dequant(
     // B(p, j) = W[j, stored row p]: act-order is already in xg.
     let stored = Q4Ref { perm: None, inv: None, ..*w };
     let b = MatRef::row_major(Elems::Q4(stored), n, k).transposed();
+    #[cfg(target_arch = "x86_64")]
+    if cpu_math() == CpuMath::Fast && isa == Isa::Avx512 && crate::gemm::amx::available() {
+        // SAFETY: AMX is available; A is m × k f32 rows; C covers m rows of
+        // n, ldc apart (asserted above); m, n, k > 0.
+        unsafe { crate::gemm::amx::gemm_q4(&a, &b, &stored, c, ldc, accumulate, parallel) };
+        return;
+    }
     let mut gs = GEMM.with(Cell::take).unwrap_or_default();
     gemm_packed(isa, &a, &b, c, ldc, accumulate, parallel, &mut gs, None);
     GEMM.with(|c| c.set(Some(gs)));

@@ -1,6 +1,7 @@
 //! The process-wide `--cpu-math` mode reaches the int4 kernels through
 //! `gemm` (as the CPU backend calls it): Fast sends decode-sized m to the
-//! int8-activation GEMV, Exact (the default) never does. Its own test binary
+//! int8-activation GEMV and, on AMX CPUs, larger m to the bf16 tiles;
+//! Exact (the default) never does either. Its own test binary
 //! because it flips the global mode, which tests running in parallel in
 //! another binary (kernels/tests/q4.rs) must not see.
 
@@ -10,6 +11,18 @@ use qvc_kernels::q4::{q4_linear, Q4Path, GEMV_MAX_M};
 use qvc_kernels::q4_i8::{q4_gemv_i8, Q4I8Path};
 use qvc_kernels::testutil::Rng;
 use qvc_kernels::{gemm, set_cpu_math, CpuMath, Isa, MatRef};
+
+/// Whether Fast runs the int4 GEMM sizes on AMX tiles here.
+fn amx() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        Isa::detect() == Isa::Avx512 && qvc_kernels::gemm::amx::available()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
 
 #[test]
 fn global_mode_routes_int4_gemm() {
@@ -44,6 +57,11 @@ fn global_mode_routes_int4_gemm() {
             q4_gemv_i8(Q4I8Path::for_q4(path), &x, m, &w, &mut want, false);
             assert_eq!(bits(&fast), bits(&want), "m={m}: Fast mode through gemm is not the int8 GEMV");
             assert_ne!(bits(&fast), bits(&exact), "m={m}: Fast mode gave the exact result");
+        } else if amx() {
+            // On AMX tiles: activations and dequantized weights rounded to
+            // bf16 (each up to 2⁻⁹ relative), products summed in f32.
+            let e = qvc_kernels::testutil::rel_l2(&fast, &exact);
+            assert!(e > 0.0 && e < 1e-2, "m={m}: Fast mode on AMX is {e} from exact");
         } else {
             assert_eq!(bits(&fast), bits(&exact), "m={m}: Fast mode above GEMV_MAX_M is not exact");
         }

@@ -287,6 +287,8 @@ pub(crate) unsafe fn tile(
 thread_local! {
     /// The calling thread's A rounded to bf16 in tile order (see [`pack_a`]).
     static A_BF16: std::cell::RefCell<Vec<u16>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// Each thread's dequantized int4 B panel (see [`gemm_q4`]).
+    static Q4_PANEL: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
     /// Each thread's C blocks in progress (see [`gemm`]).
     static C_STAGE: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
@@ -314,7 +316,33 @@ pub(crate) unsafe fn gemm(
     parallel: bool,
     epi: Option<Epilogue>,
 ) {
-    let (m, k, n) = (a.rows, a.cols, b.cols);
+    let pack = |q0: usize, kp: usize, j: usize, cols: usize, bp: &mut [u32]| {
+        // SAFETY: AVX-512 BW (this function's contract); `b.check` bounds
+        // every element read; `bp` holds 32 × kp dwords.
+        unsafe { pack_b_bf16_pairs(b, w, q0, kp, j, cols, bp) }
+    };
+    gemm_with(a, b.cols, &pack, c, ldc, accumulate, parallel, epi)
+}
+
+/// `C = round_bf16(A) · B` for a B of `n` columns (and A's k rows) that
+/// `pack_b(q0, kp, j, cols, panel)` packs, 32 columns `j..j + cols` of pair
+/// rows `q0..q0 + kp` at a time, zero past k and past `cols`: [`gemm`]'s
+/// body, shared with the int4 weights ([`gemm_q4`]).
+///
+/// SAFETY: as [`gemm`]; `pack_b` fills the whole panel.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16,avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_with(
+    a: &MatRef,
+    n: usize,
+    pack_b: &(dyn Fn(usize, usize, usize, usize, &mut [u32]) + Sync),
+    c: &mut [f32],
+    ldc: usize,
+    accumulate: bool,
+    parallel: bool,
+    epi: Option<Epilogue>,
+) {
+    let (m, k) = (a.rows, a.cols);
     assert!(ldc >= n && c.len() >= (m - 1) * ldc + n, "gemm: C too small for {m}x{n} with ldc {ldc}");
     let steps = k.div_ceil(K_STEP);
     let npanels = n.div_ceil(NR_AVX512);
@@ -339,9 +367,7 @@ pub(crate) unsafe fn gemm(
                             let ks = KC_STEPS.min(steps - s0);
                             for jr in group.clone() {
                                 let (j, cols) = (jr * NR_AVX512, NR_AVX512.min(n - jr * NR_AVX512));
-                                // SAFETY: AVX-512 BW (contract); `b.check` bounds every
-                                // element read; `bp` holds 32 × 16·ks dwords.
-                                unsafe { pack_b_bf16_pairs(b, w, 16 * s0, 16 * ks, j, cols, bp) };
+                                pack_b(16 * s0, 16 * ks, j, cols, bp);
                                 for rb in 0..row_blocks {
                                     let ab = (i_lo / MR_AMX + rb) * steps + s0;
                                     let cs = (rb * NB_AMX + jr - jg) * 1024;
@@ -388,6 +414,66 @@ pub(crate) unsafe fn gemm(
             });
         });
     });
+}
+
+/// `C = round_bf16(A) · B` for int4 weights under `--cpu-math fast`: `a`
+/// the activations already gathered through act-order's permutation (`m ×
+/// k`, [`crate::q4`]'s `xg`), `b` the stored-row view of `w` that
+/// [`crate::q4::pack_b_q4`] packs (`B(p, j) = W[j, stored row p]`). Each B
+/// panel is dequantized exactly to f32 (`(q − z)·s`) by that packer, then
+/// rounded to bf16 pairs: the weights lose what bf16 cannot hold of
+/// `(q − z)·s` (up to 2⁻⁹ relative), as the activations do.
+///
+/// SAFETY: [`available`]; `a` is m × k f32 rows; C covers `m` rows of `n =
+/// b.cols` elements, `ldc` apart; m, n, k > 0.
+pub(crate) unsafe fn gemm_q4(
+    a: &MatRef,
+    b: &MatRef,
+    w: &qvc_ir::Q4Ref,
+    c: &mut [f32],
+    ldc: usize,
+    accumulate: bool,
+    parallel: bool,
+) {
+    let k = a.cols;
+    let pack = |q0: usize, kp: usize, j: usize, cols: usize, bp: &mut [u32]| {
+        let (p0, kc) = (2 * q0, (2 * kp).min(k - 2 * q0));
+        with_buf(&Q4_PANEL, 2 * kp * NR_AVX512, |f| {
+            f[kc * NR_AVX512..].fill(0.0);
+            crate::q4::pack_b_q4(crate::Isa::Avx512, w, b, p0, kc, j, cols, NR_AVX512, f);
+            // SAFETY: AVX-512 BF16 and BW (the contract); `f` holds 2·kp
+            // rows of 32 floats, `bp` kp rows of 32 dwords.
+            unsafe { pairs_from_f32(f, kp, bp) };
+        })
+    };
+    gemm_with(a, b.cols, &pack, c, ldc, accumulate, parallel, None)
+}
+
+/// `bp[q·32 + j]` = the bf16 pair (`f[2q·32 + j]`, `f[(2q+1)·32 + j]`),
+/// each rounded to nearest even: a 32-column f32 panel of `2·kp` rows as a
+/// B panel of pairs.
+///
+/// SAFETY: AVX-512 F, BW and BF16; `f` holds `64·kp` floats, `bp` `32·kp`.
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+unsafe fn pairs_from_f32(f: &[f32], kp: usize, bp: &mut [u32]) {
+    use std::arch::x86_64::*;
+    debug_assert!(f.len() >= 64 * kp && bp.len() >= 32 * kp);
+    // Word 2j of the result from word j of row 2q, word 2j + 1 from row 2q + 1.
+    let lo = _mm512_set_epi16(
+        47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1,
+        32, 0,
+    );
+    let hi = _mm512_add_epi16(lo, _mm512_set1_epi16(16));
+    let row = |r: usize| {
+        let p = f.as_ptr().add(r * 32);
+        std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(_mm512_loadu_ps(p.add(16)), _mm512_loadu_ps(p)))
+    };
+    for q in 0..kp {
+        let (r0, r1) = (row(2 * q), row(2 * q + 1));
+        let out = bp.as_mut_ptr().add(q * 32) as *mut __m512i;
+        _mm512_storeu_si512(out, _mm512_permutex2var_epi16(r0, lo, r1));
+        _mm512_storeu_si512(out.add(1), _mm512_permutex2var_epi16(r0, hi, r1));
+    }
 }
 
 /// A 32×32 f32 block on a 64-byte boundary (tile stores, aligned loads).
@@ -596,6 +682,64 @@ mod tests {
             }
             let da = crate::testutil::FLOAT_DTYPES[da];
             check((m, n, k), (la, lb), da, pad, acc, epi, parallel, seed)?;
+        }
+    }
+
+    /// The int4 path: B dequantized exactly, then rounded to bf16 with A.
+    fn check_q4(m: usize, n8: usize, k8: usize, group: usize, acc: bool, seed: u64) -> Result<(), TestCaseError> {
+        let (n, k) = (8 * n8, 8 * k8);
+        let mut rng = Rng::new(seed);
+        let groups = k.div_ceil(group);
+        let qweight: Vec<u32> = (0..k / 8 * n).map(|_| rng.next_u64() as u32).collect();
+        let qzeros: Vec<u32> = (0..groups * n / 8).map(|_| rng.next_u64() as u32).collect();
+        let scales: Vec<half::f16> =
+            (0..groups * n).map(|_| half::f16::from_f32(0.002 + 0.01 * rng.uniform().abs())).collect();
+        let w = qvc_ir::Q4Ref::whole(n, k, group, &qweight, &qzeros, &scales, None);
+        let mut deq = vec![0f32; n * k];
+        crate::q4::dequantize(&w, &mut deq);
+        let x = rng.vec(m * k, 1.0);
+        let c0 = rng.vec(m * n, 1.0);
+        let a = MatRef::row_major(Elems::F32(&x), m, k);
+        let b = MatRef::row_major(Elems::Q4(w), n, k).transposed();
+        let mut got = c0.clone();
+        // SAFETY: `available` (the caller); A is m × k f32; C is m × n.
+        unsafe { gemm_q4(&a, &b, &w, &mut got, n, acc, true) };
+        let r = |v: f32| half::bf16::from_f32(v).to_f32() as f64;
+        for i in 0..m {
+            for j in 0..n {
+                let c_in = if acc { c0[i * n + j] as f64 } else { 0.0 };
+                let (mut s, mut mag) = (c_in, c_in.abs());
+                for p in 0..k {
+                    let t = r(x[i * k + p]) * r(deq[j * k + p]);
+                    s += t;
+                    mag += t.abs();
+                }
+                let bound = (k + 4) as f64 * f32::EPSILON as f64 * mag + f32::MIN_POSITIVE as f64;
+                let e = (got[i * n + j] as f64 - s).abs();
+                prop_assert!(
+                    e <= bound,
+                    "q4 {m}x{n}x{k} g{group} acc {acc}: C[{i}, {j}] = {}, want {s}",
+                    got[i * n + j]
+                );
+            }
+        }
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(32))]
+
+        /// Ragged m and k around the tile steps, group sizes 32 to 128 and
+        /// one group over all of k, k past one 512-deep slice.
+        #[test]
+        fn amx_q4_matches_reference(
+            m in 1usize..=70, n8 in 1usize..=9, k8 in 1usize..=90, g in 0usize..4, acc: bool, seed: u64,
+        ) {
+            if !available() {
+                return Ok(());
+            }
+            let group = [32, 64, 128, usize::MAX][g].min(8 * k8);
+            check_q4(m, n8, k8, group, acc, seed)?;
         }
     }
 
