@@ -324,6 +324,9 @@ pub(crate) unsafe fn gemm(
     gemm_with(a, b.cols, &pack, c, ldc, accumulate, parallel, epi)
 }
 
+/// `pack_b(q0, kp, j, cols, panel)`: see [`gemm_with`].
+type PackB<'p> = dyn Fn(usize, usize, usize, usize, &mut [u32]) + Sync + 'p;
+
 /// `C = round_bf16(A) · B` for a B of `n` columns (and A's k rows) that
 /// `pack_b(q0, kp, j, cols, panel)` packs, 32 columns `j..j + cols` of pair
 /// rows `q0..q0 + kp` at a time, zero past k and past `cols`: [`gemm`]'s
@@ -335,7 +338,7 @@ pub(crate) unsafe fn gemm(
 unsafe fn gemm_with(
     a: &MatRef,
     n: usize,
-    pack_b: &(dyn Fn(usize, usize, usize, usize, &mut [u32]) + Sync),
+    pack_b: &PackB,
     c: &mut [f32],
     ldc: usize,
     accumulate: bool,
