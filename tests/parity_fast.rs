@@ -38,15 +38,7 @@ fn fast_mode_stays_near_the_reference() {
         check(&format!("fast vision/{img}"), &out["features"], &want, FAST_TOL);
         worst = worst.max(rel_err(&out["features"], &want));
     }
-    for case in ["text", "img1", "img2", "ground"] {
-        let c = &e.json["chat"][case];
-        let mut s = Session::new(&m, &Cpu);
-        s.set_image_dir(&dir);
-        let out = s.prefill(&e.ids(&c["input_ids"]), &PrefillOptions::default()).unwrap();
-        let v = m.config.vocab_size;
-        let want = e.f32(&format!("chat/{case}/last_logits"));
-        check(&format!("fast chat/{case}/last_logits"), &out.logits[out.logits.len() - v..], &want, FAST_TOL);
-    }
+    chat_cases_near_reference(&m, &e, &dir, "fast");
     // Fast really rounds where the CPU can: not the exact path's 1e-6.
     if qvc_kernels::gemm::bf16_products_native() {
         assert!(worst > 1e-5, "fast vision matched to {worst:e}: the bf16 paths did not run");
@@ -59,13 +51,18 @@ fn fast_mode_int4_stays_near_the_reference() {
     qvc_kernels::set_cpu_math(qvc_kernels::CpuMath::Fast);
     let m = Model::load(&dir, &LoadOptions::default()).expect("int4 fixture model loads");
     let e = Expected::load(&dir);
+    chat_cases_near_reference(&m, &e, &dir, "fast int4");
+}
+
+/// Every chat prompt of the fixture: its last logits within [`FAST_TOL`].
+fn chat_cases_near_reference(m: &Model, e: &Expected, dir: &std::path::Path, label: &str) {
     for case in ["text", "img1", "img2", "ground"] {
         let c = &e.json["chat"][case];
-        let mut s = Session::new(&m, &Cpu);
-        s.set_image_dir(&dir);
+        let mut s = Session::new(m, &Cpu);
+        s.set_image_dir(dir);
         let out = s.prefill(&e.ids(&c["input_ids"]), &PrefillOptions::default()).unwrap();
         let v = m.config.vocab_size;
         let want = e.f32(&format!("chat/{case}/last_logits"));
-        check(&format!("fast int4 chat/{case}/last_logits"), &out.logits[out.logits.len() - v..], &want, FAST_TOL);
+        check(&format!("{label} chat/{case}/last_logits"), &out.logits[out.logits.len() - v..], &want, FAST_TOL);
     }
 }

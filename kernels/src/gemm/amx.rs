@@ -590,13 +590,16 @@ mod tests {
     /// `tests/gemm_isa.rs`).
     fn reference(a: &MatRef, b: &MatRef, c0: &[f32], acc: bool, epi: bool) -> Vec<(f64, f64)> {
         let (m, k, n) = (a.rows, a.cols, b.cols);
+        let r = |v: f32| half::bf16::from_f32(v).to_f32() as f64;
         let mut out = Vec::with_capacity(m * n);
         for i in 0..m {
             for j in 0..n {
                 let c_in = if acc { c0[i * n + j] as f64 } else { 0.0 };
                 let (mut s, mut mag) = (c_in, c_in.abs());
                 for p in 0..k {
-                    let t = half::bf16::from_f32(a.get(i, p)).to_f32() as f64 * b.get(p, j) as f64;
+                    // B rounds too: a no-op on bf16 weights, the int4 path's
+                    // rounding of its dequantized ones.
+                    let t = r(a.get(i, p)) * r(b.get(p, j));
                     s += t;
                     mag += t.abs();
                 }
@@ -656,15 +659,16 @@ mod tests {
                     super::super::gemm_bf16_packed(&av, &bv, w, &mut got, n, acc, parallel, f);
                 }
             }
-            for (idx, (&g, &(s, bound))) in got.iter().zip(&want).enumerate() {
-                let e = (g as f64 - s).abs();
-                prop_assert!(
-                    e <= bound,
-                    "{path} {m}x{n}x{k} layouts {la},{lb} A {da} acc {acc} epi {epi}: C[{}, {}] = {g}, want {s} (err {e} > {bound})",
-                    idx / n,
-                    idx % n
-                );
-            }
+            within(&got, &want, n, &format!("{path} {m}x{n}x{k} layouts {la},{lb} A {da} acc {acc} epi {epi}"))?;
+        }
+        Ok(())
+    }
+
+    /// Every element of `got` (rows of `n`) within its reference bound.
+    fn within(got: &[f32], want: &[(f64, f64)], n: usize, what: &str) -> Result<(), TestCaseError> {
+        for (idx, (&g, &(s, bound))) in got.iter().zip(want).enumerate() {
+            let e = (g as f64 - s).abs();
+            prop_assert!(e <= bound, "{what}: C[{}, {}] = {g}, want {s} (err {e} > {bound})", idx / n, idx % n);
         }
         Ok(())
     }
@@ -707,26 +711,8 @@ mod tests {
         let mut got = c0.clone();
         // SAFETY: `available` (the caller); A is m × k f32; C is m × n.
         unsafe { gemm_q4(&a, &b, &w, &mut got, n, acc, true) };
-        let r = |v: f32| half::bf16::from_f32(v).to_f32() as f64;
-        for i in 0..m {
-            for j in 0..n {
-                let c_in = if acc { c0[i * n + j] as f64 } else { 0.0 };
-                let (mut s, mut mag) = (c_in, c_in.abs());
-                for p in 0..k {
-                    let t = r(x[i * k + p]) * r(deq[j * k + p]);
-                    s += t;
-                    mag += t.abs();
-                }
-                let bound = (k + 4) as f64 * f32::EPSILON as f64 * mag + f32::MIN_POSITIVE as f64;
-                let e = (got[i * n + j] as f64 - s).abs();
-                prop_assert!(
-                    e <= bound,
-                    "q4 {m}x{n}x{k} g{group} acc {acc}: C[{i}, {j}] = {}, want {s}",
-                    got[i * n + j]
-                );
-            }
-        }
-        Ok(())
+        let deq = MatRef::row_major(Elems::F32(&deq), n, k).transposed();
+        within(&got, &reference(&a, &deq, &c0, acc, false), n, &format!("q4 {m}x{n}x{k} g{group} acc {acc}"))
     }
 
     proptest! {
