@@ -112,19 +112,20 @@ fn fma_peak(isa: Isa) -> f64 {
     peak
 }
 
-/// `vdpbf16ps` peak, GFLOP/s: on every pool thread at once (wall time,
-/// best of 10 × ~20 ms), and on one thread per second of its CPU time
-/// (best of 5 × ~200 ms), as for the FMA peaks.
-fn dpbf16_peaks() -> (f64, f64) {
+/// The bf16 peak of `run_loop` (`vdpbf16ps` chains or AMX tiles), GFLOP/s:
+/// on every pool thread at once (wall time, best of 10 × ~20 ms), and on
+/// one thread per second of its CPU time (best of 5 × ~200 ms), as for the
+/// FMA peaks.
+fn dpbf16_peaks(run_loop: fn(usize) -> (u64, f32)) -> (f64, f64) {
     let probe = 200_000;
     let t0 = Instant::now();
-    std::hint::black_box(qvc_kernels::peak::bf16_dot_loop(probe));
+    std::hint::black_box(run_loop(probe));
     let per_trip = t0.elapsed().as_secs_f64().max(1e-9) / probe as f64;
     let iters = ((0.02 / per_trip) as usize).clamp(probe, 1 << 32);
     let mut all = 0f64;
     for _ in 0..10 {
         let t0 = Instant::now();
-        let done: Vec<(u64, f32)> = rayon::broadcast(|_| qvc_kernels::peak::bf16_dot_loop(iters));
+        let done: Vec<(u64, f32)> = rayon::broadcast(|_| run_loop(iters));
         let s = t0.elapsed().as_secs_f64();
         std::hint::black_box(&done);
         all = all.max(done.iter().map(|d| d.0).sum::<u64>() as f64 / s / 1e9);
@@ -132,7 +133,7 @@ fn dpbf16_peaks() -> (f64, f64) {
     let one = (0..5)
         .map(|_| {
             let (t0, c0) = (Instant::now(), thread_cpu());
-            let (flops, v) = qvc_kernels::peak::bf16_dot_loop(10 * iters);
+            let (flops, v) = run_loop(10 * iters);
             std::hint::black_box(v);
             let secs = match (c0, thread_cpu()) {
                 (Some(c0), Some(c1)) if c1 > c0 => c1 - c0,
@@ -239,17 +240,24 @@ fn main() {
             );
         }
     }
-    // `--cpu-math fast`: bf16 activations × bf16 weights (`vdpbf16ps`),
-    // against the measured `vdpbf16ps` peak (two products per f32 lane, so
+    // `--cpu-math fast`: bf16 activations × bf16 weights (AMX tiles where
+    // the CPU has them, else `vdpbf16ps`), against the measured peak of the
+    // instruction they run on (`vdpbf16ps`: two products per f32 lane, so
     // nominally twice the FMA peak; measured, since cores differ) and
     // against the exact AVX-512 path on the same shape. Per CPU-second
     // figures too: on a shared machine the wall-clock ones mostly measure
     // the neighbours.
     if qvc_kernels::gemm::bf16_products_native() {
-        let (peak, peak1) = dpbf16_peaks();
+        let amx = qvc_kernels::gemm::amx::available();
+        let (name, run_loop): (&str, fn(usize) -> (u64, f32)) = if amx {
+            ("AMX tdpbf16ps", qvc_kernels::gemm::amx::dot_loop)
+        } else {
+            ("vdpbf16ps", qvc_kernels::peak::bf16_dot_loop)
+        };
+        let (peak, peak1) = dpbf16_peaks(run_loop);
         let (peak_fma, peak_fma1) = (fma_peak(Isa::Avx512), fma_peak_one(Isa::Avx512));
         println!(
-            "CpuMath::Fast (bf16 products, vdpbf16ps) on {threads} threads, load {}: vdpbf16ps peak {peak:.1} GFLOP/s \
+            "CpuMath::Fast (bf16 products, {name}) on {threads} threads, load {}: {name} peak {peak:.1} GFLOP/s \
              on all threads at once, {peak1:.1} per CPU-second of one ({:.2}x the f32 FMA peak {peak_fma:.1} / {peak_fma1:.1})",
             load(),
             peak1 / peak_fma1
@@ -263,7 +271,7 @@ fn main() {
             let (te, cpue) = best_wall_cpu(3, || gemm_with_math(Isa::Avx512, CpuMath::Exact, am, bm, &mut y, false));
             let flops = gemm_flops(m, n, k) as f64 / 1e9;
             println!(
-                "  {name:<16} {m}x{k} · ({n}x{k})ᵀ bf16: fast {:6.1} ms {:6.1} GFLOP/s = {:.3} of the dp peak \
+                "  {name:<16} {m}x{k} · ({n}x{k})ᵀ bf16: fast {:6.1} ms {:6.1} GFLOP/s = {:.3} of the bf16 peak \
                  (per CPU-s {:6.1} = {:.3} of one thread's); exact {:6.1} ms {:6.1} GFLOP/s = {:.3} of the FMA peak \
                  (per CPU-s {:6.1} = {:.3}); fast/exact {:.2}x (per CPU-s {:.2}x)",
                 t * 1e3,
