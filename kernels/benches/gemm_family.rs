@@ -8,10 +8,11 @@
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use half::bf16;
 use qvc_ir::{DType, Elems};
+use qvc_kernels::gemm::gemm_with_math;
 use qvc_kernels::gpu::gemm::{Act, Epilogue, GemmSpec, LinearArgs, OutMut};
 use qvc_kernels::gpu::gemv::GemvSpec;
 use qvc_kernels::gpu::patch::PatchSpec;
-use qvc_kernels::{gemm_flops, gemm_with_isa, Isa, KernelSpec, MatRef};
+use qvc_kernels::{gemm_flops, gemm_with_isa, CpuMath, Isa, KernelSpec, MatRef};
 use std::hint::black_box;
 use std::time::Duration;
 
@@ -109,8 +110,9 @@ fn bench_patch(c: &mut Criterion) {
 
 /// The packed GEMM on each code path the CPU has (AVX-512, AVX2+FMA), at
 /// the real shapes' widths with fewer rows: f32 activations × a bf16
-/// `[out, in]` weight, as Linear layers run it. `kernel_speed` reports the
-/// same against the measured FMA peak.
+/// `[out, in]` weight, as Linear layers run it, then the same under
+/// `--cpu-math fast`. `kernel_speed` reports the same against the measured
+/// FMA and bf16 peaks.
 fn bench_gemm_isa(c: &mut Criterion) {
     let mut g = c.benchmark_group("gemm_isa");
     g.sample_size(10).measurement_time(Duration::from_secs(3)).warm_up_time(Duration::from_secs(1));
@@ -127,6 +129,29 @@ fn bench_gemm_isa(c: &mut Criterion) {
                 bch.iter(|| {
                     gemm_with_isa(
                         isa,
+                        MatRef::row_major(Elems::F32(black_box(&a)), m, k),
+                        MatRef::row_major(Elems::BF16(&w), n, k).transposed(),
+                        &mut out,
+                        false,
+                    )
+                })
+            });
+        }
+    }
+    // `--cpu-math fast` on AVX-512: bf16 products on AMX tiles where the CPU
+    // has them (`QVC_AMX=0` times the `vdpbf16ps` path instead).
+    if Isa::Avx512.available() && qvc_kernels::gemm::bf16_products_native() {
+        let path = if qvc_kernels::gemm::amx::available() { "fast-amx" } else { "fast-vdpbf16ps" };
+        for (m, n, k) in shapes {
+            let a = data(m * k);
+            let w = bf(n * k);
+            let mut out = vec![0f32; m * n];
+            g.throughput(Throughput::Elements(gemm_flops(m, n, k)));
+            g.bench_function(BenchmarkId::new(path, format!("{m}x{n}x{k}")), |bch| {
+                bch.iter(|| {
+                    gemm_with_math(
+                        Isa::Avx512,
+                        CpuMath::Fast,
                         MatRef::row_major(Elems::F32(black_box(&a)), m, k),
                         MatRef::row_major(Elems::BF16(&w), n, k).transposed(),
                         &mut out,
