@@ -112,11 +112,14 @@ fn fma_peak(isa: Isa) -> f64 {
     peak
 }
 
+/// A peak loop of `qvc_kernels::peak` shape: iterations in, (flops, value to keep) out.
+type PeakLoop = fn(usize) -> (u64, f32);
+
 /// The bf16 peak of `run_loop` (`vdpbf16ps` chains or AMX tiles), GFLOP/s:
 /// on every pool thread at once (wall time, best of 10 × ~20 ms), and on
 /// one thread per second of its CPU time (best of 5 × ~200 ms), as for the
 /// FMA peaks.
-fn dpbf16_peaks(run_loop: fn(usize) -> (u64, f32)) -> (f64, f64) {
+fn dpbf16_peaks(run_loop: PeakLoop) -> (f64, f64) {
     let probe = 200_000;
     let t0 = Instant::now();
     std::hint::black_box(run_loop(probe));
@@ -249,7 +252,7 @@ fn main() {
     // the neighbours.
     if qvc_kernels::gemm::bf16_products_native() {
         let amx = qvc_kernels::gemm::amx::available();
-        let (name, run_loop): (&str, fn(usize) -> (u64, f32)) = if amx {
+        let (name, run_loop): (&str, PeakLoop) = if amx {
             ("AMX tdpbf16ps", qvc_kernels::gemm::amx::dot_loop)
         } else {
             ("vdpbf16ps", qvc_kernels::peak::bf16_dot_loop)
