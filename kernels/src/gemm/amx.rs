@@ -390,11 +390,16 @@ unsafe fn gemm_with(
                                 }
                             }
                         }
-                        for jr in group.clone() {
-                            let (j, cols) = (jr * NR_AVX512, NR_AVX512.min(n - jr * NR_AVX512));
-                            for rb in 0..row_blocks {
-                                let i = i_lo + rb * MR_AMX;
-                                let rows = MR_AMX.min(i_hi - i);
+                        // The group's finished blocks into C, then the epilogue
+                        // once per row over the whole group (up to 128 columns):
+                        // per 32-column block its calls cost more than the
+                        // block's products.
+                        let (j_lo, j_hi) = (jg * NR_AVX512, (group.end * NR_AVX512).min(n));
+                        for rb in 0..row_blocks {
+                            let i = i_lo + rb * MR_AMX;
+                            let rows = MR_AMX.min(i_hi - i);
+                            for jr in group.clone() {
+                                let (j, cols) = (jr * NR_AVX512, NR_AVX512.min(n - jr * NR_AVX512));
                                 let cs = (rb * NB_AMX + jr - jg) * 1024;
                                 // SAFETY: C's block is this task's alone (the partition).
                                 unsafe {
@@ -405,11 +410,12 @@ unsafe fn gemm_with(
                                         rows,
                                         cols,
                                         !accumulate,
-                                    );
-                                    if let Some(f) = epi {
-                                        tile_epilogue(f, cp, ldc, (i, rows), (j, cols));
-                                    }
-                                }
+                                    )
+                                };
+                            }
+                            if let Some(f) = epi {
+                                // SAFETY: rows i.., columns j_lo..j_hi are this task's.
+                                unsafe { tile_epilogue(f, cp, ldc, (i, rows), (j_lo, j_hi - j_lo)) };
                             }
                         }
                     }
