@@ -39,7 +39,7 @@ pub(crate) struct ModelArgs {
     /// (activations rounded to bf16 against 16-bit weights where the CPU has AVX512-BF16, and to int8 per block
     /// against int4 weights where it has VNNI, as llama.cpp does: prefill and vision about 1.7-1.9× faster, and on
     /// CPUs with AMX (Intel Sapphire Rapids and later) the bf16 products run on AMX tiles, prefill and vision
-    /// about 4× faster than exact; memory-bound decode gains little; logits within about 1e-2 of exact). Kernels
+    /// about 3× faster than exact; memory-bound decode gains little; logits within about 1e-2 of exact). Kernels
     /// without a fast variant on this CPU run exactly. `QVC_AMX=0` keeps AMX off.
     #[arg(long, default_value = "exact", value_name = "MODE", env = "QVC_CPU_MATH", value_parser = parse_cpu_math)]
     pub(crate) cpu_math: CpuMath,
