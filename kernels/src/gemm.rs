@@ -1298,7 +1298,7 @@ pub(crate) fn gemm_packed(
             let (mb, ns) = (t / nsplit, t % nsplit);
             let (i_lo, i_hi) = (mb * mc, (mb * mc + mc).min(m));
             let (jr_lo, jr_hi) = part.panels(ns);
-            with_b_panel(bnr * kc, |bp| {
+            with_aligned(&B_PANEL_BUF, bnr * kc, |bp| {
                 for jr in jr_lo..jr_hi {
                     let j = jr * bnr;
                     let nr = bnr.min(n - j);
@@ -1363,17 +1363,25 @@ thread_local! {
     static B_PANEL_BUF: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// Runs `f` on this thread's B panel buffer: `len` floats from a 64-byte
-/// boundary, so that every 16-float row of a panel is one cache line.
-fn with_b_panel<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
-    fn aligned(v: &mut Vec<f32>, len: usize) -> &mut [f32] {
-        ensure(v, len + 16);
-        let skip = v.as_ptr().align_offset(64).min(16);
+/// Runs `f` on `len` elements of this thread's `buf` from a 64-byte
+/// boundary, so that every 64-byte row of a panel or tile is one cache line
+/// (grown on demand, never shrunk; a fresh vector when the buffer is
+/// already in use, which no GEMM nested in another on one thread reaches).
+pub(crate) fn with_aligned<T: Copy + Default, R>(
+    buf: &'static std::thread::LocalKey<std::cell::RefCell<Vec<T>>>,
+    len: usize,
+    f: impl FnOnce(&mut [T]) -> R,
+) -> R {
+    fn aligned<T: Copy + Default>(v: &mut Vec<T>, len: usize) -> &mut [T] {
+        let slack = 64 / std::mem::size_of::<T>();
+        if v.len() < len + slack {
+            v.resize(len + slack, T::default());
+        }
+        let skip = v.as_ptr().align_offset(64).min(slack);
         &mut v[skip..skip + len]
     }
-    B_PANEL_BUF.with(|buf| match buf.try_borrow_mut() {
+    buf.with(|b| match b.try_borrow_mut() {
         Ok(mut v) => f(aligned(&mut v, len)),
-        // Not reached (no GEMM runs inside another on one thread), but safe.
         Err(_) => f(aligned(&mut Vec::new(), len)),
     })
 }
@@ -2199,27 +2207,6 @@ thread_local! {
     static B_PAIRS_BUF: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// Runs `f` on `len` dwords of `buf` from a 64-byte boundary (grown on
-/// demand, never shrunk; a fresh vector if the buffer is already in use).
-#[cfg(target_arch = "x86_64")]
-fn with_pairs<R>(
-    buf: &'static std::thread::LocalKey<std::cell::RefCell<Vec<u32>>>,
-    len: usize,
-    f: impl FnOnce(&mut [u32]) -> R,
-) -> R {
-    fn aligned(v: &mut Vec<u32>, len: usize) -> &mut [u32] {
-        if v.len() < len + 16 {
-            v.resize(len + 16, 0);
-        }
-        let skip = v.as_ptr().align_offset(64).min(16);
-        &mut v[skip..skip + len]
-    }
-    buf.with(|b| match b.try_borrow_mut() {
-        Ok(mut v) => f(aligned(&mut v, len)),
-        Err(_) => f(aligned(&mut Vec::new(), len)),
-    })
-}
-
 /// The bf16-product GEMM: AMX tiles ([`amx::gemm`]) where [`amx::available`],
 /// else the `vdpbf16ps` packed path ([`gemm_bf16_packed`]). Same contract.
 ///
@@ -2279,7 +2266,7 @@ pub(crate) unsafe fn gemm_bf16_packed(
     let part = Partition::new(m, mr, npanels, parallel);
     let Partition { nsplit, mblocks, mc, .. } = part;
     let cp = SyncPtr(c.as_mut_ptr());
-    with_pairs(&A_PAIRS_BUF, mpanels * mr * kpairs.min(KP_BF16), |ap| {
+    with_aligned(&A_PAIRS_BUF, mpanels * mr * kpairs.min(KP_BF16), |ap| {
         for q0 in (0..kpairs).step_by(KP_BF16) {
             let kp = KP_BF16.min(kpairs - q0);
             let ap = &mut ap[..mpanels * mr * kp];
@@ -2300,7 +2287,7 @@ pub(crate) unsafe fn gemm_bf16_packed(
                 let (mb, ns) = (t / nsplit, t % nsplit);
                 let (i_lo, i_hi) = (mb * mc, (mb * mc + mc).min(m));
                 let (jr_lo, jr_hi) = part.panels(ns);
-                with_pairs(&B_PAIRS_BUF, nr * kp, |bp| {
+                with_aligned(&B_PAIRS_BUF, nr * kp, |bp| {
                     for jr in jr_lo..jr_hi {
                         let j = jr * nr;
                         let cols = nr.min(n - j);

@@ -24,9 +24,10 @@
 //! `QVC_AMX=0` turns the path off (the `vdpbf16ps` path runs instead), for
 //! comparing the two.
 
-use super::{pack_b_bf16_pairs, round_bf16_bits, tile_epilogue, Epilogue, Partition, NR_AVX512};
+use super::{pack_b_bf16_pairs, round_bf16_bits, tile_epilogue, with_aligned, Epilogue, Partition, NR_AVX512};
 use crate::common::{gather, par_for, SyncPtr};
 use crate::MatRef;
+use qvc_ir::Elems;
 use std::arch::asm;
 use std::sync::OnceLock;
 
@@ -209,13 +210,7 @@ unsafe fn kernel(steps: usize, a: *const u16, b: *const u32, c: *mut f32, ldc: u
             options(nostack, readonly),
         );
     }
-    asm!(
-        "tdpbf16ps tmm0, tmm4, tmm6",
-        "tdpbf16ps tmm1, tmm4, tmm7",
-        "tdpbf16ps tmm2, tmm5, tmm6",
-        "tdpbf16ps tmm3, tmm5, tmm7",
-        options(nostack, nomem),
-    );
+    products();
     asm!(
         "tilestored [{c} + {ld}], tmm0",
         "tilestored [{c} + {ld} + 64], tmm1",
@@ -225,16 +220,37 @@ unsafe fn kernel(steps: usize, a: *const u16, b: *const u32, c: *mut f32, ldc: u
     );
 }
 
+/// The four products of one step: C's 2×2 tiles += A's two row halves ×
+/// B's two column halves.
+///
+/// SAFETY: [`configure`]d on this thread, A and B loaded into tmm4-7.
+#[inline(always)]
+unsafe fn products() {
+    asm!(
+        "tdpbf16ps tmm0, tmm4, tmm6",
+        "tdpbf16ps tmm1, tmm4, tmm7",
+        "tdpbf16ps tmm2, tmm5, tmm6",
+        "tdpbf16ps tmm3, tmm5, tmm7",
+        options(nostack, nomem),
+    );
+}
+
+/// The 16-lane halves of a row of `cols ≤ 32` floats that hold any: (offset, lane mask).
+fn halves(cols: usize) -> impl Iterator<Item = (usize, u16)> {
+    [(0, cols.min(16)), (16, cols.saturating_sub(16))]
+        .into_iter()
+        .filter(|&(_, w)| w > 0)
+        .map(|(j, w)| (j, if w == 16 { u16::MAX } else { (1u16 << w) - 1 }))
+}
+
 /// C's block (the first `rows` × `cols` of it, `ldc` apart) `=` or `+=` the
 /// finished 32×32 block `t` (rows 32 floats apart), 16 lanes at a time,
 /// masked at the edges.
 #[target_feature(enable = "avx512f")]
 unsafe fn merge(t: *const f32, c: *mut f32, ldc: usize, rows: usize, cols: usize, overwrite: bool) {
     use std::arch::x86_64::*;
-    let halves = [(0usize, cols.min(16)), (16, cols.saturating_sub(16))];
     for r in 0..rows {
-        for &(j, w) in halves.iter().filter(|h| h.1 > 0) {
-            let mask: __mmask16 = if w == 16 { u16::MAX } else { (1u16 << w) - 1 };
+        for (j, mask) in halves(cols) {
             let (src, dst) = (t.add(r * 32 + j), c.add(r * ldc + j));
             let mut v = _mm512_load_ps(src);
             if !overwrite {
@@ -274,8 +290,7 @@ pub(crate) unsafe fn tile(
     let mut t = Block([0f32; 1024]);
     if !overwrite {
         for r in 0..rows {
-            for (j, w) in [(0usize, cols.min(16)), (16, cols.saturating_sub(16))] {
-                let mask: __mmask16 = if w >= 16 { u16::MAX } else { (1u16 << w) - 1 };
+            for (j, mask) in halves(cols) {
                 _mm512_store_ps(t.0.as_mut_ptr().add(r * 32 + j), _mm512_maskz_loadu_ps(mask, c.add(r * ldc + j)));
             }
         }
@@ -351,7 +366,7 @@ unsafe fn gemm_with(
     let npanels = n.div_ceil(NR_AVX512);
     let part = Partition::new(m, MR_AMX, npanels, parallel);
     let cp = SyncPtr(c.as_mut_ptr());
-    with_buf(&A_BF16, m.div_ceil(MR_AMX) * steps * 1024, |abuf| {
+    with_aligned(&A_BF16, m.div_ceil(MR_AMX) * steps * 1024, |abuf| {
         pack_a(a, abuf, steps, parallel);
         let abuf: &[u16] = abuf;
         par_for(part.mblocks * part.nsplit, parallel, |t| {
@@ -360,8 +375,8 @@ unsafe fn gemm_with(
             let (jr_lo, jr_hi) = part.panels(ns);
             let row_blocks = (i_hi - i_lo).div_ceil(MR_AMX);
             let kc_steps = KC_STEPS.min(steps);
-            super::with_pairs(&super::B_PAIRS_BUF, NR_AVX512 * kc_steps * 16, |bp| {
-                with_buf(&C_STAGE, row_blocks * NB_AMX * 1024, |stage| {
+            with_aligned(&super::B_PAIRS_BUF, NR_AVX512 * kc_steps * 16, |bp| {
+                with_aligned(&C_STAGE, row_blocks * NB_AMX * 1024, |stage| {
                     // SAFETY: `available` (this function's contract).
                     unsafe { configure() };
                     for jg in (jr_lo..jr_hi).step_by(NB_AMX) {
@@ -447,7 +462,7 @@ pub(crate) unsafe fn gemm_q4(
     let k = a.cols;
     let pack = |q0: usize, kp: usize, j: usize, cols: usize, bp: &mut [u32]| {
         let (p0, kc) = (2 * q0, (2 * kp).min(k - 2 * q0));
-        with_buf(&Q4_PANEL, 2 * kp * NR_AVX512, |f| {
+        with_aligned(&Q4_PANEL, 2 * kp * NR_AVX512, |f| {
             f[kc * NR_AVX512..].fill(0.0);
             crate::q4::pack_b_q4(crate::Isa::Avx512, w, b, p0, kc, j, cols, NR_AVX512, f);
             // SAFETY: AVX-512 BF16 and BW (the contract); `f` holds 2·kp
@@ -489,28 +504,6 @@ unsafe fn pairs_from_f32(f: &[f32], kp: usize, bp: &mut [u32]) {
 #[repr(C, align(64))]
 struct Block([f32; 1024]);
 
-/// Runs `f` on `len` elements of this thread's `buf` from a 64-byte
-/// boundary (grown on demand, never shrunk; a fresh vector if the buffer is
-/// already in use).
-fn with_buf<T: Copy + Default, R>(
-    buf: &'static std::thread::LocalKey<std::cell::RefCell<Vec<T>>>,
-    len: usize,
-    f: impl FnOnce(&mut [T]) -> R,
-) -> R {
-    fn aligned<T: Copy + Default>(v: &mut Vec<T>, len: usize) -> &mut [T] {
-        let slack = 64 / std::mem::size_of::<T>();
-        if v.len() < len + slack {
-            v.resize(len + slack, T::default());
-        }
-        let skip = v.as_ptr().align_offset(64).min(slack);
-        &mut v[skip..skip + len]
-    }
-    buf.with(|b| match b.try_borrow_mut() {
-        Ok(mut v) => f(aligned(&mut v, len)),
-        Err(_) => f(aligned(&mut Vec::new(), len)),
-    })
-}
-
 /// A rounded to bf16 (nearest even) in tile order: block `(rb, s)` at
 /// `abuf[(rb * steps + s) * 1024..]` holds rows `32 rb..32 rb + 32` ×
 /// elements `32 s..32 s + 32`, row by row (the two 16-row tiles of a
@@ -521,20 +514,29 @@ fn with_buf<T: Copy + Default, R>(
 #[target_feature(enable = "avx512f,avx512bf16")]
 pub(crate) unsafe fn pack_a(a: &MatRef, abuf: &mut [u16], steps: usize, parallel: bool) {
     let (m, k) = (a.rows, a.cols);
-    let lda = steps * K_STEP;
     let pack = |rb: usize, block: &mut [u16]| {
-        let (mut f, mut row) = (vec![0f32; k], vec![0u16; lda]);
+        // A row as f32: in place for contiguous f32 rows (the attention's
+        // probabilities, the activations), else gathered and widened once.
+        let mut widened = Vec::new();
         for r in 0..MR_AMX {
             let i = rb * MR_AMX + r;
-            if i < m {
-                gather(&a.data, a.index(i, 0), a.col_stride, &mut f);
+            let src: &[f32] = match (&a.data, a.col_stride) {
+                _ if i >= m => &[],
+                (Elems::F32(d), 1) => &d[a.index(i, 0)..][..k],
+                _ => {
+                    widened.resize(k, 0.0);
+                    gather(&a.data, a.index(i, 0), a.col_stride, &mut widened);
+                    &widened
+                }
+            };
+            // Each 32-element step straight into its tile row, zero past k
+            // (and for rows past m).
+            for s in 0..steps {
+                let (lo, hi) = ((s * K_STEP).min(src.len()), ((s + 1) * K_STEP).min(src.len()));
+                let dst = &mut block[s * 1024 + r * K_STEP..][..K_STEP];
                 // SAFETY: AVX-512F + BF16 (the caller's contract); equal lengths.
-                unsafe { round_bf16_bits(&f, &mut row[..k]) };
-            } else {
-                row[..k].fill(0);
-            }
-            for (s, chunk) in row.chunks_exact(K_STEP).enumerate() {
-                block[s * 1024 + r * K_STEP..][..K_STEP].copy_from_slice(chunk);
+                unsafe { round_bf16_bits(&src[lo..hi], &mut dst[..hi - lo]) };
+                dst[hi - lo..].fill(0);
             }
         }
     };
@@ -571,13 +573,7 @@ pub fn dot_loop(iters: usize) -> (u64, f32) {
             p = in(reg) ones.0.as_ptr(), ld = in(reg) 64usize, options(nostack, readonly),
         );
         for _ in 0..iters {
-            asm!(
-                "tdpbf16ps tmm0, tmm4, tmm6",
-                "tdpbf16ps tmm1, tmm4, tmm7",
-                "tdpbf16ps tmm2, tmm5, tmm6",
-                "tdpbf16ps tmm3, tmm5, tmm7",
-                options(nostack, nomem),
-            );
+            products();
         }
         asm!("tilestored [{p} + {ld}], tmm0", p = in(reg) out.0.as_mut_ptr(), ld = in(reg) 64usize, options(nostack));
     }
