@@ -610,9 +610,9 @@ fn cpu_ceilings(shapes: &[GemmShape]) -> Ceilings {
         Row::num("ceiling: memory read", bytes_per_s / 1e9, "GB/s", bw_how.clone()),
     ];
     // Under `--cpu-math fast` the bf16 GEMMs run on AMX tiles where the CPU has them, else on
-    // vdpbf16ps (two products per f32 lane), so their ceiling is that instruction's measured
-    // rate, not the FMA peak.
-    let fast_bf16 = qvc_kernels::cpu_math() == qvc_kernels::CpuMath::Fast && qvc_kernels::gemm::bf16_products_native();
+    // vdpbf16ps (two products per f32 lane) where that outruns the FMAs, so their ceiling is that
+    // instruction's measured rate, not the FMA peak; elsewhere fast runs the exact GEMMs.
+    let fast_bf16 = qvc_kernels::cpu_math() == qvc_kernels::CpuMath::Fast && qvc_kernels::gemm::bf16_products_pay();
     let (gemm_ceiling, gemm_ceiling_name, flops_of) = if fast_bf16 && qvc_kernels::gemm::amx::available() {
         let dp = best_loop_rate(FMA_REPS, qvc_kernels::gemm::amx::dot_loop);
         rows.push(Row::num(
@@ -690,6 +690,13 @@ fn cpu_ceilings(shapes: &[GemmShape]) -> Ceilings {
         best_gemm_flops: best_gemm * 1e9,
         gemms,
     }
+}
+
+/// Whether the decoder's Linears are int4 (a GPTQ checkpoint, or `--int4`).
+fn decoder_int4(shapes: &WeightStore) -> bool {
+    let mut names = shapes.names();
+    names.extend(shapes.q4_names());
+    names.iter().any(|n| n.starts_with("transformer.h.") && matches!(shapes.info(n), Some((DType::Q4, _))))
 }
 
 /// Most flops one ceiling GEMM call may take: a 300-token prefill's
@@ -1544,7 +1551,15 @@ pub fn run(model: Option<&Model>, synthetic: Option<Synthetic>, opt: &BenchOptio
     }
     let pre = best_ms(reps, || r.prefill(&mut s0, &ids, &[], &[]))?;
     let fl = decoder_flops(&cfg, prompt_len, 0, 1);
-    report.prefill = Some((pre, prompt_len, floor(fl).map(|f| f / pre)));
+    // Int4 Linears multiply on bf16 products only on AMX tiles; elsewhere their
+    // prefill GEMMs run on FMAs whatever the mode, and the FMA peak bounds them.
+    let prefill_floor = match ceilings.as_ref() {
+        Some(c) if decoder_int4(shapes) && !qvc_kernels::gemm::amx::available() => {
+            c.fma_flops.map(|peak| fl / peak * 1e3).or(floor(fl))
+        }
+        _ => floor(fl),
+    };
+    report.prefill = Some((pre, prompt_len, prefill_floor.map(|f| f / pre)));
     rows.push(
         Row::num(
             format!("prefill {prompt_len} tokens"),
@@ -1552,7 +1567,7 @@ pub fn run(model: Option<&Model>, synthetic: Option<Synthetic>, opt: &BenchOptio
             "tok/s",
             format!("{pre:.2} ms"),
         )
-        .timed(pre, floor(fl)),
+        .timed(pre, prefill_floor),
     );
 
     // Decode, batch 1, then `batch` sequences together; both after a prefill

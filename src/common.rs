@@ -36,11 +36,13 @@ pub(crate) struct ModelArgs {
     #[arg(long, default_value = "auto", value_name = "DEVICE", env = "QVC_DEVICE", value_parser = parse_device)]
     pub(crate) device: String,
     /// CPU arithmetic: `exact` (f32 products of exactly widened weights: matches the reference to 1e-4) or `fast`
-    /// (activations rounded to bf16 against 16-bit weights where the CPU has AVX512-BF16, and to int8 per block
-    /// against int4 weights where it has VNNI, as llama.cpp does: prefill and vision about 1.7-1.9× faster, and on
-    /// CPUs with AMX (Intel Sapphire Rapids and later) the bf16 products run on AMX tiles, prefill and vision
-    /// about 3× faster than exact; memory-bound decode gains little; logits within about 1e-2 of exact). Kernels
-    /// without a fast variant on this CPU run exactly. `QVC_AMX=0` keeps AMX off.
+    /// (activations rounded to bf16 against 16-bit weights where the CPU multiplies bf16 faster than f32, and to
+    /// int8 per block against int4 weights where it has VNNI, as llama.cpp does: with AVX512-BF16 on AMD Zen 4/5
+    /// prefill and vision about 1.7-1.9× faster, and on CPUs with AMX (Intel Sapphire Rapids and later) the bf16
+    /// products run on AMX tiles, prefill and vision about 3× faster than exact; memory-bound decode gains little;
+    /// logits within about 1e-2 of exact). Kernels without a fast variant on this CPU run exactly, and so do the
+    /// bf16 GEMMs and attention where bf16 products would be slower (measured once at start: Intel cores without
+    /// usable AMX run vdpbf16ps at half their FMA rate). `QVC_AMX=0` keeps AMX off.
     #[arg(long, default_value = "exact", value_name = "MODE", env = "QVC_CPU_MATH", value_parser = parse_cpu_math)]
     pub(crate) cpu_math: CpuMath,
 }

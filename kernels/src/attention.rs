@@ -30,7 +30,7 @@ mod decode;
 
 use crate::act::exp_f32;
 use crate::common::{par_for, worth_parallel, Isa, SyncPtr};
-use crate::gemm::{bf16_products_native, MatRef, PanelGemm};
+use crate::gemm::{bf16_products_pay, MatRef, PanelGemm};
 use crate::math::{cpu_math, CpuMath};
 use crate::softmax::{exp_sub_sum, exp_sub_sum16, row_max_lanes};
 use half::bf16;
@@ -114,7 +114,8 @@ pub fn attention_with_isa(isa: Isa, args: &AttnArgs, out: &mut [f32]) {
 }
 
 /// [`attention`] on a chosen code path and arithmetic. [`CpuMath::Fast`]
-/// on an AVX-512 path of a CPU with AVX512-BF16, with more than one query:
+/// on an AVX-512 path of a CPU where bf16 products outrun the f32 FMAs
+/// ([`bf16_products_pay`]: AMX, or a fast `vdpbf16ps`), with more than one query:
 /// k and v are rounded to bf16 (nearest even) once, and both products of
 /// every block run as `vdpbf16ps` GEMMs (q and the probabilities rounded to
 /// bf16 as they are packed, sums in f32), as the Linears do in that mode:
@@ -124,7 +125,7 @@ pub fn attention_with_math(isa: Isa, math: CpuMath, args: &AttnArgs, out: &mut [
     args.check(out);
     let isa = isa.resolve();
     let no_past = Past { k: &[], v: &[], len: 0 };
-    if math == CpuMath::Fast && isa == Isa::Avx512 && args.tq > 1 && bf16_products_native() {
+    if math == CpuMath::Fast && isa == Isa::Avx512 && args.tq > 1 && bf16_products_pay() {
         let n = args.tk * args.heads * args.d;
         with_buffer(&ROUNDED_KV, 2 * n, |buf| {
             let kv16 = Kv16::new(args, buf.split_at_mut(n));
@@ -608,6 +609,7 @@ pub fn attention_min_bytes(tq: usize, tk: usize, heads: usize, d: usize) -> u64 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::gemm::bf16_products_native;
     use crate::testutil::Rng;
     use proptest::prelude::*;
 

@@ -2031,6 +2031,49 @@ pub fn bf16_products_native() -> bool {
     }
 }
 
+/// Whether [`CpuMath::Fast`] runs its compute-bound work (the packed GEMMs
+/// of prefill and the ViT, attention over more than one query) on bf16
+/// products: where [`amx::available`], or where `vdpbf16ps` outruns the f32
+/// FMAs by at least a fifth (Zen 4 and 5 run it at twice their FMA rate).
+/// Sapphire Rapids without its tiles (`QVC_AMX=0`, or Linux before 5.16,
+/// which cannot grant them) runs `vdpbf16ps` at half its FMA rate: there the
+/// bf16 path made the ViT 1.5× slower than exact (1485–1536 against
+/// 1003–1054 ms for two layers at 448, 2 threads), so fast keeps the exact
+/// GEMMs and attention and rounds nothing. Decode-sized GEMMs, bound by
+/// reading the weights, keep their bf16 dot path
+/// ([`fast_bf16_dot_applies`]) either way. The two rates are measured once
+/// per process on the calling thread (best of 5 × about 0.2 ms each).
+pub fn bf16_products_pay() -> bool {
+    static PAY: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *PAY.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        if bf16_products_native() {
+            return amx::available() || bf16_dot_rate_over_fma() >= 1.2;
+        }
+        false
+    })
+}
+
+/// `vdpbf16ps`'s flop rate over the AVX-512 FMAs', each the best of 5 short
+/// loops on the calling thread (a product and its add count 2 in both).
+#[cfg(target_arch = "x86_64")]
+fn bf16_dot_rate_over_fma() -> f64 {
+    use crate::peak::{bf16_dot_loop, fma_loop};
+    let best = |run: &dyn Fn() -> (u64, f32)| {
+        (0..5)
+            .map(|_| {
+                let t = std::time::Instant::now();
+                let (flops, v) = run();
+                std::hint::black_box(v);
+                flops as f64 / t.elapsed().as_secs_f64().max(1e-9)
+            })
+            .fold(0.0, f64::max)
+    };
+    let dot = best(&|| bf16_dot_loop(2000));
+    let fma = best(&|| fma_loop(Isa::Avx512, 2000));
+    dot / fma
+}
+
 /// Whether a [`CpuMath::Fast`] GEMM with these operands runs the decode
 /// dot path with bf16 products ([`gemv_dot_bf16`]): bf16 weight rows
 /// (B's rows contiguous: a Linear's `[out, in]` weight), 1 to
@@ -2149,8 +2192,9 @@ pub(crate) unsafe fn round_bf16_bits(src: &[f32], dst: &mut [u16]) {
 /// operands in bf16 on `isa`: B holds bf16 elements (f16 weights stay exact:
 /// rounding them to bf16 would lose three mantissa bits of the *weights*),
 /// A has more than the dot path's rows (prefill and the ViT; decode-sized
-/// GEMMs keep their own paths), and the path is AVX-512 on a CPU with
-/// AVX512-BF16. Otherwise Fast runs the exact path.
+/// GEMMs keep their own paths), and the path is AVX-512 on a CPU where bf16
+/// products are faster than f32 FMAs ([`bf16_products_pay`]). Otherwise
+/// Fast runs the exact path.
 pub fn fast_bf16_applies(isa: Isa, a: &MatRef, b: &MatRef) -> bool {
     matches!(b.data, Elems::BF16(_))
         && a.rows > SMALL_M
@@ -2158,7 +2202,7 @@ pub fn fast_bf16_applies(isa: Isa, a: &MatRef, b: &MatRef) -> bool {
         && a.cols > 0
         && b.cols > 0
         && isa.resolve() == Isa::Avx512
-        && bf16_products_native()
+        && bf16_products_pay()
 }
 
 /// `C = round_bf16(A) · B` (or `C +=` when `accumulate`): A's elements
@@ -2468,6 +2512,26 @@ unsafe fn kernel_bf16(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Fast's bf16 products run wherever AMX does, never without
+    /// AVX512-BF16, and otherwise as the measured rates say; the answer is
+    /// kept for the process.
+    #[test]
+    fn bf16_products_pay_where_they_can() {
+        let pay = bf16_products_pay();
+        eprintln!("bf16 products pay: {pay} (AMX {})", amx::available());
+        assert!(!amx::available() || pay, "AMX runs the tiles, so bf16 products pay");
+        assert!(bf16_products_native() || !pay, "no AVX512-BF16, yet bf16 products said to pay");
+        #[cfg(target_arch = "x86_64")]
+        if bf16_products_native() && !amx::available() {
+            // Far from the 1.2 threshold on every CPU measured (2 on Zen 4/5,
+            // 0.5 on Sapphire Rapids), so a second measurement agrees.
+            let r = bf16_dot_rate_over_fma();
+            eprintln!("vdpbf16ps flop rate / FMA flop rate: {r:.2}");
+            assert!((r >= 1.2) == pay || (0.9..1.6).contains(&r), "rate ratio {r}, pay {pay}");
+        }
+        assert_eq!(pay, bf16_products_pay());
+    }
 
     /// Column runs cover every panel once, in order, and differ by at most
     /// one panel; rows are split only when panels are fewer than tasks.
