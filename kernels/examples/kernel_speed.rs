@@ -170,7 +170,13 @@ fn main() {
     if args.iter().any(|a| a == "portable") {
         isas.push(Isa::Portable);
     }
-    println!("threads: {}, detected isa: {:?}, load: {}", rayon::current_num_threads(), Isa::detect(), load());
+    println!(
+        "threads: {}, detected isa: {:?}, L2 per core: {} KiB, load: {}",
+        rayon::current_num_threads(),
+        Isa::detect(),
+        qvc_kernels::gemm::l2_bytes() / 1024,
+        load()
+    );
     let bw = read_bandwidth();
     println!("read bandwidth: {bw:.1} GB/s (256 MiB sum, best of 12)");
 

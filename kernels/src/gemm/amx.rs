@@ -364,7 +364,7 @@ unsafe fn gemm_with(
     assert!(ldc >= n && c.len() >= (m - 1) * ldc + n, "gemm: C too small for {m}x{n} with ldc {ldc}");
     let steps = k.div_ceil(K_STEP);
     let npanels = n.div_ceil(NR_AVX512);
-    let part = Partition::new(m, MR_AMX, npanels, parallel);
+    let part = Partition::new(m, MR_AMX, npanels, parallel, usize::MAX);
     let cp = SyncPtr(c.as_mut_ptr());
     with_aligned(&A_BF16, m.div_ceil(MR_AMX) * steps * 1024, |abuf| {
         pack_a(a, abuf, steps, parallel);
