@@ -31,11 +31,13 @@
 //!   the k loop.
 //!
 //! * **bf16 products** (only with [`CpuMath::Fast`], a bf16 B, m above the
-//!   dot path's rows, and AVX512-BF16): the packed path's blocking and
+//!   dot path's rows, and AVX512-BF16 that outruns the FMAs or AMX tiles:
+//!   [`bf16_products_pay`]): the packed path's blocking and
 //!   partitioning with k in pairs: A rounded to bf16 (nearest even) and
 //!   packed as pairs, B packed as pairs, a 12×32 `vdpbf16ps` micro-kernel
 //!   (two products per f32 lane), f32 sums. About twice the exact path's
-//!   speed at prefill and ViT shapes; activations lose ~2⁻⁹ relative, so it
+//!   speed at prefill and ViT shapes on Zen 4/5 (AMX tiles, [`amx`], about
+//!   three times on Sapphire Rapids); activations lose ~2⁻⁹ relative, so it
 //!   is never the default. f16 weights stay exact (bf16 would round them).
 //!   [`gemm_bf16_products`] runs the same kernel for any shape. Decode-sized
 //!   Fast GEMMs (m ≤ 24, k ≥ `SHORT_K`, a bf16 `[out, in]` weight) run the

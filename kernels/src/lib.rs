@@ -12,7 +12,8 @@
 //!   m ≤ 8 (decode at batch 1..8, lm_head), whose long rows run the private
 //!   `gemv` module on AVX-512 (16-lane dot products, weight rows streamed).
 //!   Under `--cpu-math fast` bf16 weights meet bf16-rounded activations on
-//!   `vdpbf16ps`, or on AMX tiles where the CPU has them ([`gemm::amx`]).
+//!   `vdpbf16ps`, or on AMX tiles where the CPU has them ([`gemm::amx`]),
+//!   wherever that is faster than f32 ([`gemm::bf16_products_pay`]).
 //! * [`norm`]: LayerNorm and RMSNorm over rows.
 //! * [`act`]: GELU (erf form), SiLU, SwiGLU, with the vectorisable
 //!   [`exp_f32`] and [`erf_f32`] they are built on.

@@ -6,9 +6,11 @@
 //! (parity ≤ 1e-4 on the fixtures). [`CpuMath::Fast`] lets kernels round the
 //! activations to a narrower type where the CPU multiplies that type much
 //! faster, as llama.cpp always does: bf16 activations against bf16 weights
-//! (`vdpbf16ps`, AVX512-BF16) and int8 activations against int4 weights
-//! (`vpdpbusd`, AVX512-VNNI / AVX-VNNI). Accumulation stays f32/i32. A
-//! kernel without a fast variant on this CPU simply runs its exact one.
+//! (`vdpbf16ps`, AVX512-BF16, or AMX tiles) and int8 activations against
+//! int4 weights (`vpdpbusd`, AVX512-VNNI / AVX-VNNI). Accumulation stays
+//! f32/i32. A kernel without a fast variant on this CPU simply runs its
+//! exact one, and so does one whose fast variant would be slower here
+//! (`gemm::bf16_products_pay`: `vdpbf16ps` at half the FMA rate).
 //!
 //! A process-wide setting rather than a per-call argument because it is a
 //! user's choice for the whole run (`--cpu-math fast`), read by kernels deep
