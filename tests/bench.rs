@@ -177,6 +177,26 @@ fn bench_json_names_the_fast_gemm_ceiling() {
     assert_eq!(peak == fma, want == "fma", "{v}");
 }
 
+/// An int4 decoder's prefill floor divides by the peak its GEMMs run on:
+/// the FMA peak in exact mode, and under `--cpu-math fast` too unless AMX
+/// tiles run them (int4 has no `vdpbf16ps` path). So both modes imply the
+/// same prefill FLOPs: floor fraction × prefill time × that peak.
+#[test]
+#[cfg(target_arch = "x86_64")]
+fn int4_prefill_floor_divides_by_the_peak_its_gemms_run_on() {
+    let implied_flops = |math: &str| {
+        let (v, _) = bench_json(&[&tiny_bench("cpu")[..], &["--json", "--int4", "--cpu-math", math]].concat());
+        let peak = if v["ceilings"]["gemm_peak_of"] == "amx_tdpbf16ps" {
+            number(&v, &["ceilings", "gemm_peak_gflops"])
+        } else {
+            number(&v, &["ceilings", "fma_peak_gflops"])
+        };
+        number(&v, &["prefill_floor_fraction"]) * number(&v, &["prefill_ms"]) * peak
+    };
+    let (exact, fast) = (implied_flops("exact"), implied_flops("fast"));
+    assert!((exact - fast).abs() <= 1e-9 * exact, "prefill FLOPs implied: exact {exact}, fast {fast}");
+}
+
 #[test]
 fn bench_json_on_the_cpu_has_every_key_and_measured_ceilings() {
     let (v, err) = bench_json(&[&tiny_bench("cpu")[..], &["--json"]].concat());

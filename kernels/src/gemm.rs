@@ -84,7 +84,7 @@ const KC_AVX512: usize = 1024;
 /// (4 MiB) streamed from L3 for every panel. Measured on the 2-core Sapphire
 /// Rapids guest (1 thread, three interleaved rounds, best of 10 calls, of
 /// the FMA peak): ViT in_proj 1024×1664→4992 0.72/0.76/0.71 → 0.81/0.80/0.74,
-/// c_proj 1024×8192→1664 0.71/0.73/0.71 → 0.76/0.81/0.74; on 2 threads
+/// c_proj 1024×8192→1664 0.71/0.73/0.71 → 0.76/0.81/0.74; on 2 threads (best of 8)
 /// in_proj 0.67/0.70/0.70 → 0.79/0.74/0.73, c_proj 0.65/0.65/0.66 →
 /// 0.73/0.71/0.77, c_fc 0.70/0.70/0.73 → 0.71/0.70/0.77. An A whose
 /// 1024-deep slice fits [`A_L2_BYTES`] (a prefill of up to 320 rows) keeps
