@@ -1554,7 +1554,7 @@ pub fn run(model: Option<&Model>, synthetic: Option<Synthetic>, opt: &BenchOptio
     // Int4 Linears multiply on bf16 products only on AMX tiles; elsewhere their
     // prefill GEMMs run on FMAs whatever the mode, and the FMA peak bounds them.
     let prefill_floor = match ceilings.as_ref() {
-        Some(c) if decoder_int4(shapes) && !qvc_kernels::gemm::amx::available() => {
+        Some(c) if decoder_int4(shapes) && !qvc_kernels::q4::fast_prefill_on_tiles(qvc_kernels::Isa::detect()) => {
             c.fma_flops.map(|peak| fl / peak * 1e3).or(floor(fl))
         }
         _ => floor(fl),

@@ -79,6 +79,22 @@ const XG_KEEP_FLOATS: usize = 1 << 20;
 /// dequantized copy, which measured faster up to about 16 rows on the
 /// decoder's shapes (kernels/benches/q4_family.rs prints the crossover).
 pub const GEMV_MAX_M: usize = 16;
+
+/// Whether int4 GEMMs above [`GEMV_MAX_M`] rows run on AMX tiles under
+/// [`CpuMath::Fast`] on `isa` ([`crate::gemm::amx::gemm_q4`]: bf16 products
+/// of exactly dequantized panels). Elsewhere, and in exact mode, they run
+/// the f32 packed GEMM on FMAs: int4 has no `vdpbf16ps` path.
+pub fn fast_prefill_on_tiles(isa: Isa) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        isa.resolve() == Isa::Avx512 && crate::gemm::amx::available()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = isa;
+        false
+    }
+}
 const _: () = assert!(GEMV_MAX_M >= DECODE_BATCH_INVARIANT_MAX);
 
 /// Which code path the int4 kernels run.
@@ -1076,7 +1092,7 @@ fn gemm_dequant(
     let stored = Q4Ref { perm: None, inv: None, ..*w };
     let b = MatRef::row_major(Elems::Q4(stored), n, k).transposed();
     #[cfg(target_arch = "x86_64")]
-    if cpu_math() == CpuMath::Fast && isa == Isa::Avx512 && crate::gemm::amx::available() {
+    if cpu_math() == CpuMath::Fast && fast_prefill_on_tiles(isa) {
         // SAFETY: AMX is available; A is m × k f32 rows; C covers m rows of
         // n, ldc apart (asserted above); m, n, k > 0.
         unsafe { crate::gemm::amx::gemm_q4(&a, &b, &stored, c, ldc, accumulate, parallel) };
