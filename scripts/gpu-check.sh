@@ -16,13 +16,28 @@
 # QVC_GPU_CHECK_DEVICE=emu runs the same stages on the PTX emulator with
 # small settings (selftest --small, the bench on the tiny synthetic model),
 # so the script can be checked end to end on a machine without a GPU.
+# Every stage runs under `timeout` (QVC_GPU_CHECK_STAGE_SECONDS, 150 s), so
+# a hung kernel costs one stage, not the lease. QVC_GPU_CHECK_LOGS=DIR
+# keeps every stage's log as DIR/gpu-check-logs.tar.gz (one file, so it
+# comes back from a device machine's $OUT).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 dev="${QVC_GPU_CHECK_DEVICE:-cuda}"
 G="$(pwd)/.gpu"
 QVC="$G/qvc"
 work="$(mktemp -d "${TMPDIR:-/tmp}/qvc-gpu-check.XXXXXX")"
-trap 'rm -rf "$work"' EXIT
+keep="${QVC_GPU_CHECK_LOGS:-}"
+stage_limit="${QVC_GPU_CHECK_STAGE_SECONDS:-150}"
+finish() {
+    if [ -n "$keep" ]; then
+        mkdir -p "$keep"
+        (cd "$work" && tar czf "$keep/gpu-check-logs.tar.gz" --exclude='*.qvc' --exclude=fixture --exclude='*.safetensors' . ) || true
+    fi
+    rm -rf "$work"
+}
+trap finish EXIT
+# A stage's command under the stage time limit (exit 124 when it ran out).
+limited() { timeout "$stage_limit" "$@"; }
 [ -x "$G/ptxas" ] && export QVC_PTXAS="$G/ptxas"
 declare -a rows=()
 failed=0
@@ -41,12 +56,15 @@ else
     selftest_flags=(--cases 4)
 fi
 row "device" "$([ -n "$devname" ] && echo ok || echo FAIL)" "${devname:-no GPU found by qvc devices}"
+if [ "$dev" != emu ]; then
+    { "$QVC" devices 2>&1; nvidia-smi 2>&1; } >"$work/devices.log" || true
+fi
 
 # fixture: expand + compile.
 art="$work/fixture.qvc"
 log "fixture: expand and compile for $target"
 if python3 scripts/slim_fixture.py expand "$G/fixture" "$work/fixture" &&
-    "$QVC" compile "$work/fixture" -o "$art" --target "$target" --max-seq 512 --force >"$work/compile.log" 2>&1; then
+    limited "$QVC" compile "$work/fixture" -o "$art" --target "$target" --max-seq 512 --force >"$work/compile.log" 2>&1; then
     row "fixture compile" ok "$target, $(grep -c . "$work/compile.log") lines of report"
 else
     row "fixture compile" FAIL "see below"
@@ -55,7 +73,7 @@ fi
 
 # (a) the Device contract.
 log "device: gpu_device"
-if "$G/gpu_device" >"$work/device.log" 2>&1; then
+if limited "$G/gpu_device" >"$work/device.log" 2>&1; then
     row "gpu_device tests" ok "$(grep -m1 '^test result' "$work/device.log")"
 else
     row "gpu_device tests" FAIL "$(grep -m1 '^test result' "$work/device.log" || tail -n 1 "$work/device.log")"
@@ -64,7 +82,7 @@ fi
 
 # (b) every kernel family.
 log "kernels: qvc selftest --device $dev"
-"$QVC" selftest --device "$dev" "${selftest_flags[@]}" >"$work/selftest.log" 2>&1 && st=ok || st=FAIL
+limited "$QVC" selftest --device "$dev" "${selftest_flags[@]}" >"$work/selftest.log" 2>&1 && st=ok || st=FAIL
 while read -r line; do
     fam=$(echo "$line" | sed 's/ *[0-9]* cases.*//')
     err=$(echo "$line" | sed -n 's/.*max rel err *\([^ ]*\).*/\1/p')
@@ -82,7 +100,7 @@ logits_check() { # name case forced expected-tensor row
     local name=$1 case=$2 forced=$3 tensor=$4 r=$5 err
     py_ids "$case" "$forced" >"$work/$name.json"
     # Image paths in the prompt are relative to the fixture directory.
-    if (cd "$work/fixture" && "$QVC" logits "$art" --prompt-tokens "$work/$name.json" --out "$work/$name.safetensors" \
+    if (cd "$work/fixture" && limited "$QVC" logits "$art" --prompt-tokens "$work/$name.json" --out "$work/$name.safetensors" \
         --device "$dev" --force) >"$work/$name.log" 2>&1; then
         if err=$(python3 scripts/slim_fixture.py compare "$work/$name.safetensors" "$G/fixture/expected_slim.safetensors" \
             "$tensor" --row "$r" --tol 2e-2); then

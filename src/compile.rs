@@ -900,7 +900,10 @@ pub fn family_of(kernel: &str) -> &'static str {
     match kernel.split('_').next().unwrap_or_default() {
         "gemm" => "gemm",
         "gemv" => "gemv",
+        "q4gemm" => "gemm_int4",
+        "q4gemv" => "gemv_int4",
         "layernorm" | "rmsnorm" => "norm",
+        "rope" => "rotary",
         "flash" => "attention",
         "decode" => "decode_attention",
         "softmax" => "softmax",
@@ -950,6 +953,23 @@ mod tests {
         assert_eq!(names[0], "vision");
         // The default artifact: 2048 tokens hold 7 pictures.
         assert_eq!(max_image_rows(&cfg, 2048), 7 * 256);
+    }
+
+    #[test]
+    fn kernels_are_grouped_by_family_int4_apart() {
+        for (kernel, family) in [
+            ("gemm_bf16_m300_n4096_k4096_res_f32", "gemm"),
+            ("gemv_bf16_m1_n151936_k4096_f32", "gemv"),
+            ("q4gemm_bf16_m300_n11008_k4096_silumul_bf16", "gemm_int4"),
+            ("q4gemv_bf16_m1_n4096_k11008_res_f32", "gemv_int4"),
+            ("rmsnorm_r300_c4096_e1em6_bf16", "norm"),
+            ("rope_t1_h32_d128_ts12288_hs128", "rotary"),
+            ("flash_attn_full_q1024_k1024_h16_d104", "attention"),
+            ("decode_attn_partial_b1_h32_d128_s512", "decode_attention"),
+            ("kv_append_b1_h32_d128_s512_st2097152", "generic"),
+        ] {
+            assert_eq!(family_of(kernel), family, "{kernel}");
+        }
     }
 
     #[test]

@@ -123,7 +123,8 @@ fn main() -> ExitCode {
         }
     }
     let status = if failed == 0 { "ok" } else { "FAILED" };
-    println!("\ntest result: {status}. {passed} passed; {failed} failed; {skipped} skipped (no NVIDIA GPU)");
+    let why = if skipped > 0 { " (no NVIDIA GPU)" } else { "" };
+    println!("\ntest result: {status}. {passed} passed; {failed} failed; {skipped} skipped{why}");
     if failed == 0 {
         ExitCode::SUCCESS
     } else {

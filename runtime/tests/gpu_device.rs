@@ -589,11 +589,12 @@ fn main() {
     }
 
     let mut summary = format!(
-        "test result: {}. {} passed; {} failed; {} skipped (no NVIDIA GPU)",
+        "test result: {}. {} passed; {} failed; {} skipped{}",
         if tally.failed.is_empty() { "ok" } else { "FAILED" },
         tally.passed,
         tally.failed.len(),
-        tally.no_gpu
+        tally.no_gpu,
+        if tally.no_gpu > 0 { " (no NVIDIA GPU)" } else { "" }
     );
     if tally.other_skips > 0 {
         summary.push_str(&format!("; {} skipped (other reasons, see above)", tally.other_skips));
