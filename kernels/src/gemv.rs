@@ -65,6 +65,21 @@
 //! follow a faster DRAM stream. From DRAM on that machine (≈ 32 GB/s for
 //! two threads) both versions read at the memory's speed.
 //!
+//! **Staged tiles for m ≥ 3 (Sapphire Rapids, 2026-12-04):** each pass
+//! of the pair tiles widened every weight again, as many widening
+//! instructions as FMAs at m = 8, on the FMA ports. Exact products of
+//! 16-bit weights with `m ≥ 3` now widen each tile once, [`KCH`] elements
+//! at a time, into an f32 buffer in L1 and run every pass over it
+//! ([`staged`]); the passes prefetch the next chunk into L2 between them.
+//! Same products in the same lanes and order, so bit for bit the old
+//! results. `gemv_family`, 2 threads, from DRAM, two interleaved rounds,
+//! medians before → after: m = 8 4096→12288 13.5/13.9 → 15.5/15.3 GB/s,
+//! 11008→4096 13.2/12.7 → 16.7/16.8; m = 3 20.8/20.8 → 23.1/24.5 and
+//! 21.6/21.3 → 25.1/25.1. `qvc bench` batch 8 (2-layer slice): 47.1/49.6 →
+//! 55.6/55.1 tok/s. In cache the kernel still runs at about a third of the
+//! FMA peak (A's rows come from L2 at every tile), so m = 8 stays below
+//! the stream.
+//!
 //! Invariants: only called after `Isa::resolve` returned `Avx512` (the
 //! `#[target_feature]` functions are then sound); every weight row read lies
 //! in the slice (checked once per call); each call writes only C's columns
@@ -183,6 +198,13 @@ trait Products {
     ) -> [Acc<R, M>; CHAINS];
     /// An A element as the f32 the tail multiplies.
     fn f32(a: Self::A) -> f32;
+    /// Runs [`cols_impl`]'s columns on the staged path ([`staged`]) where
+    /// it has one for these weights; false where it does not.
+    ///
+    /// SAFETY: as [`cols_impl`], with `job.m ≥ 3`.
+    unsafe fn staged<T: Src>(_job: &GemvJob<Self::A>, _base: *const T, _j0: usize, _j1: usize) -> bool {
+        false
+    }
 }
 
 /// Exact f32 products: the weight widened, one FMA per element.
@@ -203,6 +225,14 @@ impl Products for Exact {
     #[inline(always)]
     fn f32(a: f32) -> f32 {
         a
+    }
+    /// 16-bit weights (f32 ones need no widening).
+    unsafe fn staged<T: Src>(job: &GemvJob<f32>, base: *const T, j0: usize, j1: usize) -> bool {
+        if TypeId::of::<T>() == TypeId::of::<f32>() {
+            return false;
+        }
+        staged::<T>(job, base, j0, j1);
+        true
     }
 }
 
@@ -239,6 +269,9 @@ unsafe fn cols_impl<P: Products, T: Src>(job: &GemvJob<P::A>, base: *const T, j0
         for j in j0..j1 {
             tile::<P, T, 1, 1>(job, base, j, 0, &pf);
         }
+        return;
+    }
+    if job.m >= 3 && P::staged::<T>(job, base, j0, j1) {
         return;
     }
     // Tiles of weight rows against the rows of A in pairs (the odd last row
@@ -284,6 +317,110 @@ unsafe fn cols_impl<P: Products, T: Src>(job: &GemvJob<P::A>, base: *const T, j0
     }
 }
 
+/// Elements of k per staged chunk ([`staged`]): the tile's widened chunk
+/// (`STAGED_ROWS × KCH` f32, 8 KiB) and a pair of A rows' chunk (4 KiB) sit
+/// in L1 together. A multiple of `CHAINS × LANES`, so chunks keep the chains.
+const KCH: usize = 512;
+
+const _: () = assert!(KCH.is_multiple_of(CHAINS * LANES) && 2 * MAX_PASSES >= 24);
+
+/// Weight rows per staged tile: the pair tiles' rows, so the accumulators
+/// (2 chains × 4 rows × 2 rows of A) stay 16 zmm.
+const STAGED_ROWS: usize = TILE_ROWS / 2;
+
+/// Most passes (pairs of A rows) a staged tile keeps accumulators for.
+const MAX_PASSES: usize = 12;
+
+/// [`cols_impl`] for exact products of 16-bit weights with `m ≥ 3` rows
+/// of A. The pair tiles read each tile in `⌈m/2⌉` passes, and each pass
+/// widened every weight again (a shift and a zero-extension per 16
+/// weights, on the ports the FMAs use): at m = 8 as many widening
+/// instructions as FMAs, so the kernel ran at about 16 GB/s from the cache
+/// as from DRAM, half the memory's speed. Here each tile is widened once,
+/// [`KCH`] elements at a time, into an f32 buffer in L1 (the next chunk's
+/// lines prefetched meanwhile), and every pass runs its FMAs over that
+/// buffer, keeping its accumulators between chunks. Per element the
+/// products, their lanes, chains and order are those of [`tile`], so the
+/// results are bit for bit the same (tested against it).
+///
+/// SAFETY: as [`cols_avx512`]; `job.m ≥ 3`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+unsafe fn staged<T: Src>(job: &GemvJob<f32>, base: *const T, j0: usize, j1: usize) {
+    use std::arch::x86_64::*;
+    const R: usize = STAGED_ROWS;
+    let (m, k) = (job.m, job.k);
+    let passes = m.div_ceil(2);
+    debug_assert!((2..=MAX_PASSES).contains(&passes), "staged: m = {m}");
+    let full = k - k % LANES;
+    let mut wf = [[0f32; KCH]; R];
+    let zero = [[[_mm512_setzero_ps(); R]; 2]; CHAINS];
+    let zero1 = [[[_mm512_setzero_ps(); R]; 1]; CHAINS];
+    let mut j = j0;
+    while j1 - j >= R {
+        let rows: [*const T; R] = std::array::from_fn(|r| base.add((j + r) * job.cs));
+        let next_tile = j1 - j >= 2 * R;
+        let mut pairs = [zero; MAX_PASSES];
+        let mut odd = zero1;
+        let mut p0 = 0;
+        while p0 < full {
+            let len = KCH.min(full - p0);
+            for (r, dst) in wf.iter_mut().enumerate() {
+                let src = rows[r].add(p0);
+                let mut q = 0;
+                while q < len {
+                    _mm512_storeu_ps(dst.as_mut_ptr().add(q), load16::<T>(src.add(q)));
+                    q += LANES;
+                }
+            }
+            // While the passes run over the widened chunk, they prefetch
+            // (into L2) the next chunk, or the next tile's first, a share
+            // each, so the widening of the next finds it in L2 and DRAM
+            // keeps streaming through the FMAs.
+            let next: Option<[*const T; R]> = if p0 + KCH < full {
+                Some(std::array::from_fn(|r| rows[r].add(p0 + KCH)))
+            } else if next_tile {
+                Some(std::array::from_fn(|r| base.add((j + R + r) * job.cs)))
+            } else {
+                None
+            };
+            let pf = |phase: usize| match next {
+                Some(n) => Pf::next_only(n, passes, phase),
+                None => Pf::ahead(0),
+            };
+            let wrows: [*const f32; R] = std::array::from_fn(|r| wf[r].as_ptr());
+            for (pi, acc) in pairs.iter_mut().enumerate().take(m / 2) {
+                let a = job.a.as_ptr().add(2 * pi * k + p0);
+                *acc = dot_loop_from::<f32, R, 2>(*acc, a, k, &wrows, len, &pf(pi));
+            }
+            if m % 2 == 1 {
+                let a = job.a.as_ptr().add((m - 1) * k + p0);
+                odd = dot_loop_from::<f32, R, 1>(odd, a, k, &wrows, len, &pf(m / 2));
+            }
+            p0 += KCH;
+        }
+        for (pi, &acc) in pairs.iter().enumerate().take(m / 2) {
+            finish::<Exact, T, R, 2>(job, &rows, j, 2 * pi, acc);
+        }
+        if m % 2 == 1 {
+            finish::<Exact, T, R, 1>(job, &rows, j, m - 1, odd);
+        }
+        j += R;
+    }
+    // The ragged rest of the columns, one weight row at a time.
+    while j < j1 {
+        let mut i0 = 0;
+        while i0 < m {
+            if m - i0 >= 2 {
+                tile::<Exact, T, 1, 2>(job, base, j, i0, &Pf::ahead(0));
+            } else {
+                tile::<Exact, T, 1, 1>(job, base, j, i0, &Pf::ahead(0));
+            }
+            i0 += 2;
+        }
+        j += 1;
+    }
+}
+
 /// What a tile's k loop prefetches into L2: each of its own rows `ahead`
 /// bytes in front of the reads (0: none), and, when a tile is read in
 /// several passes (one per pair of A rows), a share of the next tile's rows.
@@ -296,13 +433,16 @@ struct Pf<const R: usize> {
     ahead: usize,
     /// The next tile's rows (as bytes), or `None`.
     next: Option<[*const u8; R]>,
+    /// Bytes per element of the next rows (the staged tiles read widened
+    /// f32 copies but prefetch the 16-bit weight).
+    next_size: usize,
     period: usize,
     phase: usize,
 }
 
 impl<const R: usize> Pf<R> {
     fn ahead(ahead: usize) -> Self {
-        Pf { ahead, next: None, period: 1, phase: 0 }
+        Pf { ahead, next: None, next_size: 0, period: 1, phase: 0 }
     }
 
     /// With the next tile (rows `j..j + R` at stride `cs` from `base`) when `next`.
@@ -316,7 +456,13 @@ impl<const R: usize> Pf<R> {
         phase: usize,
     ) -> Self {
         let rows = next.then(|| std::array::from_fn(|r| base.wrapping_add((j + r) * cs) as *const u8));
-        Pf { ahead, next: rows, period, phase }
+        Pf { ahead, next: rows, next_size: std::mem::size_of::<T>(), period, phase }
+    }
+
+    /// No prefetch ahead; pass `phase` of `period` prefetches its share of
+    /// the rows `next` (elements of type `T`), as [`Pf::with_next`].
+    fn next_only<T>(next: [*const T; R], period: usize, phase: usize) -> Self {
+        Pf { ahead: 0, next: Some(next.map(|r| r as *const u8)), next_size: std::mem::size_of::<T>(), period, phase }
     }
 
     /// The prefetches of k-loop trip number `trip`, which reads `lines`
@@ -332,7 +478,10 @@ impl<const R: usize> Pf<R> {
         }
         if let Some(next) = &self.next {
             if (trip as u32) % (self.period as u32) == self.phase as u32 {
-                prefetch_rows(next, p * std::mem::size_of::<T>(), 0, lines);
+                // The same elements of the next rows: as many lines as
+                // they take at their own element size.
+                let elems = lines * 64 / std::mem::size_of::<T>();
+                prefetch_rows(next, p * self.next_size, 0, (elems * self.next_size).div_ceil(64));
             }
         }
     }
@@ -374,12 +523,28 @@ unsafe fn tile<P: Products, T: Src, const R: usize, const M: usize>(
     i0: usize,
     pf: &Pf<R>,
 ) {
+    let rows: [*const T; R] = std::array::from_fn(|r| base.add((j + r) * job.cs));
+    let a = job.a.as_ptr().add(i0 * job.k);
+    let acc = P::dot::<T, R, M>(a, job.k, &rows, pf);
+    finish::<P, T, R, M>(job, &rows, j, i0, acc);
+}
+
+/// The end of a tile: per element the two chains added, [`hsum16`], the
+/// `k mod STEP` tail products one by one, and the store into C.
+///
+/// SAFETY: as [`tile`]; `rows` are weight rows `j..j + R`.
+#[inline(always)]
+unsafe fn finish<P: Products, T: Src, const R: usize, const M: usize>(
+    job: &GemvJob<P::A>,
+    rows: &[*const T; R],
+    j: usize,
+    i0: usize,
+    [c0, c1]: [Acc<R, M>; CHAINS],
+) {
     use std::arch::x86_64::*;
     let k = job.k;
     let full = k - k % P::STEP;
     let a = job.a.as_ptr().add(i0 * job.k);
-    let rows: [*const T; R] = std::array::from_fn(|r| base.add((j + r) * job.cs));
-    let [c0, c1] = P::dot::<T, R, M>(a, k, &rows, pf);
     for (r, &row) in rows.iter().enumerate() {
         for i in 0..M {
             // The chains folded in one fixed order, then the lanes.
@@ -422,13 +587,30 @@ unsafe fn dot_loop<T: Src, const R: usize, const M: usize>(
     rows: &[*const T; R],
     pf: &Pf<R>,
 ) -> [Acc<R, M>; CHAINS] {
-    use std::arch::x86_64::*;
-    let full = k - k % LANES;
-    let [mut c0, mut c1] = [[[_mm512_setzero_ps(); R]; M]; CHAINS];
+    use std::arch::x86_64::_mm512_setzero_ps;
+    dot_loop_from::<T, R, M>([[[_mm512_setzero_ps(); R]; M]; CHAINS], a, k, rows, k, pf)
+}
+
+/// [`dot_loop`] over elements `0..len` of A's rows (`k` apart) and of the
+/// weight rows, adding to `acc`. Step `s` goes to chain `s mod 2`, so a
+/// range starting at an element that is a multiple of 32 continues the
+/// chains of the elements before it exactly ([`staged`]).
+///
+/// SAFETY: as [`tile`], with `len ≤ k` elements readable in every row.
+#[inline(always)]
+unsafe fn dot_loop_from<T: Src, const R: usize, const M: usize>(
+    [mut c0, mut c1]: [Acc<R, M>; CHAINS],
+    a: *const f32,
+    k: usize,
+    rows: &[*const T; R],
+    len: usize,
+    pf: &Pf<R>,
+) -> [Acc<R, M>; CHAINS] {
+    let full = len - len % LANES;
     let size = std::mem::size_of::<T>();
     // One step per chain per trip: 64 bytes of each bf16/f16 row (one
     // prefetched line), 128 of an f32 row (two).
-    let full2 = k - k % (CHAINS * LANES);
+    let full2 = len - len % (CHAINS * LANES);
     let mut p = 0;
     while p < full2 {
         pf.trip(rows, p, p / (CHAINS * LANES), if size > 2 { 2 } else { 1 });
