@@ -414,13 +414,19 @@ unsafe fn store_c(c: SyncPtr, idx: usize, v: f32, accumulate: bool) {
 }
 
 /// The (at most `SMALL_M`) rows of A widened to a contiguous f32 `m×k` block.
-fn widen_a_rows<'s>(a: &MatRef, scratch: &'s mut GemmScratch) -> &'s [f32] {
+/// A's rows widened to f32, `m × k` contiguous, from a 64-byte boundary:
+/// with `k` a multiple of 16 (every decoder width) each row's vectors are
+/// then whole cache lines. Split loads cost the decode GEMV's staged tiles
+/// a third of their rate (`crate::gemv::staged`).
+fn widen_a_rows<'s>(a: &MatRef, buf: &'s mut Vec<f32>) -> &'s [f32] {
     let (m, k) = (a.rows, a.cols);
-    ensure(&mut scratch.a, m * k);
+    ensure(buf, m * k + 16);
+    let skip = buf.as_ptr().align_offset(64).min(16);
+    let rows = &mut buf[skip..skip + m * k];
     for i in 0..m {
-        gather(&a.data, a.index(i, 0), a.col_stride, &mut scratch.a[i * k..(i + 1) * k]);
+        gather(&a.data, a.index(i, 0), a.col_stride, &mut rows[i * k..(i + 1) * k]);
     }
-    &scratch.a[..m * k]
+    rows
 }
 
 /// Columns per task for the unpacked paths: enough tasks to balance the pool,
@@ -448,7 +454,7 @@ fn gemv_dot(
     scratch: &mut GemmScratch,
 ) {
     let (m, k, n) = (a.rows, a.cols, b.cols);
-    let arows = widen_a_rows(a, scratch);
+    let arows = widen_a_rows(a, &mut scratch.a);
     let mut cols = cols_per_task(n, m * k, parallel, usize::MAX);
     if k < SHORT_K {
         // Whole panels per task (only the last one ragged).
@@ -1139,7 +1145,7 @@ fn gemv_axpy(
     scratch: &mut GemmScratch,
 ) {
     let (m, k, n) = (a.rows, a.cols, b.cols);
-    let arows = widen_a_rows(a, scratch);
+    let arows = widen_a_rows(a, &mut scratch.a);
     let cols = cols_per_task(n, m * k, parallel, AXPY_COLS);
     let cp = SyncPtr(c.as_mut_ptr());
     let job = AxpyJob { isa, a: arows, m, k, off: b.offset, rs: b.row_stride, c: cp, ldc, accumulate };
@@ -2193,16 +2199,21 @@ unsafe fn gemv_dot_bf16(
 ) {
     let (m, k, n) = (a.rows, a.cols, b.cols);
     assert!(ldc >= n && c.len() >= (m - 1) * ldc + n, "gemm: C too small for {m}x{n} with ldc {ldc}");
-    widen_a_rows(a, scratch);
-    scratch.a16.resize(m * k, 0);
+    let arows = widen_a_rows(a, &mut scratch.a);
+    // From a 64-byte boundary, as `widen_a_rows`.
+    if scratch.a16.len() < m * k + 32 {
+        scratch.a16.resize(m * k + 32, 0);
+    }
+    let skip = scratch.a16.as_ptr().align_offset(64).min(32);
+    let a16 = &mut scratch.a16[skip..skip + m * k];
     for i in 0..m {
         // Row by row, so each element rounds the same way whatever m is.
-        round_bf16_bits(&scratch.a[i * k..(i + 1) * k], &mut scratch.a16[i * k..(i + 1) * k]);
+        round_bf16_bits(&arows[i * k..(i + 1) * k], &mut a16[i * k..(i + 1) * k]);
     }
     let cols = cols_per_task(n, m * k, parallel, usize::MAX);
     let stream = n * k * 2 >= STREAM_BYTES;
     let job = crate::gemv::GemvJob {
-        a: &scratch.a16[..m * k],
+        a: a16,
         m,
         k,
         off: b.offset,
