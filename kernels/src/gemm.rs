@@ -41,9 +41,9 @@
 //!   is never the default. f16 weights stay exact (bf16 would round them).
 //!   [`gemm_bf16_products`] runs the same kernel for any shape. Decode-sized
 //!   Fast GEMMs (m ≤ 24, k ≥ `SHORT_K`, a bf16 `[out, in]` weight) run the
-//!   dot path's tiles with `vdpbf16ps` instead ([`fast_bf16_dot_applies`]):
-//!   half the instructions per weight byte keeps more of the stream in
-//!   flight.
+//!   dot path's tiles with `vdpbf16ps` instead where that outruns the FMAs
+//!   ([`fast_bf16_dot_applies`]): half the instructions per weight byte
+//!   keeps more of the stream in flight.
 //!
 //! Paths are chosen at run time ([`Isa::detect`]); AVX-512 runs its own
 //! packed micro-kernel, its own long-k dot kernel ([`crate::gemv`]: 16-lane
@@ -2099,16 +2099,31 @@ pub fn bf16_products_native() -> bool {
 /// which cannot grant them) runs `vdpbf16ps` at half its FMA rate: there the
 /// bf16 path made the ViT 1.5× slower than exact (1485–1536 against
 /// 1003–1054 ms for two layers at 448, 2 threads), so fast keeps the exact
-/// GEMMs and attention and rounds nothing. Decode-sized GEMMs, bound by
-/// reading the weights, keep their bf16 dot path
-/// ([`fast_bf16_dot_applies`]) either way. The two rates are measured once
-/// per process on the calling thread (best of 5 × about 0.2 ms each).
+/// GEMMs and attention and rounds nothing. Decode-sized GEMMs follow
+/// [`bf16_dots_pay`] instead (AMX does not run them).
 pub fn bf16_products_pay() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if bf16_products_native() {
+        return amx::available() || bf16_dots_pay();
+    }
+    false
+}
+
+/// Whether `vdpbf16ps` outruns the AVX-512 FMAs by at least a fifth here
+/// (Zen 4 and 5: about 2×; Sapphire Rapids: 0.5×). The two rates are
+/// measured once per process on the calling thread (best of 5 × about
+/// 0.2 ms each). Where it does not, [`CpuMath::Fast`]'s decode-sized GEMMs
+/// run the exact dot path ([`fast_bf16_dot_applies`]): on Sapphire Rapids,
+/// with the exact path's staged tiles (`crate::gemv`), the bf16 one was no
+/// faster at batch 1 and slower at batch 8 (`qvc bench`, 2-layer slice, two
+/// interleaved rounds: 15.0/15.2 against 15.3/15.3 tok/s, and 54.8/57.4
+/// against 60.5/64.9).
+pub fn bf16_dots_pay() -> bool {
     static PAY: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *PAY.get_or_init(|| {
         #[cfg(target_arch = "x86_64")]
         if bf16_products_native() {
-            return amx::available() || bf16_dot_rate_over_fma() >= 1.2;
+            return bf16_dot_rate_over_fma() >= 1.2;
         }
         false
     })
@@ -2135,11 +2150,18 @@ fn bf16_dot_rate_over_fma() -> f64 {
 }
 
 /// Whether a [`CpuMath::Fast`] GEMM with these operands runs the decode
-/// dot path with bf16 products ([`gemv_dot_bf16`]): bf16 weight rows
-/// (B's rows contiguous: a Linear's `[out, in]` weight), 1 to
-/// `DOT_M_AVX512` rows of A, `k ≥ SHORT_K` (the exact dot path's own
-/// vectors from there), AVX-512 with AVX512-BF16. Otherwise decode-sized Fast GEMMs run exact.
+/// dot path with bf16 products ([`gemv_dot_bf16`]): the operands suit it
+/// ([`bf16_dot_kernel_runs`]) and `vdpbf16ps` outruns the FMAs here
+/// ([`bf16_dots_pay`]). Otherwise decode-sized Fast GEMMs run exact.
 pub fn fast_bf16_dot_applies(isa: Isa, a: &MatRef, b: &MatRef) -> bool {
+    bf16_dot_kernel_runs(isa, a, b) && bf16_dots_pay()
+}
+
+/// Whether the bf16-product decode kernel ([`gemv_bf16_products`]) can run
+/// these operands here: bf16 weight rows (B's rows contiguous: a Linear's
+/// `[out, in]` weight), 1 to `DOT_M_AVX512` rows of A, `k ≥ SHORT_K` (the
+/// exact dot path's own vectors from there), AVX-512 with AVX512-BF16.
+pub fn bf16_dot_kernel_runs(isa: Isa, a: &MatRef, b: &MatRef) -> bool {
     matches!(b.data, Elems::BF16(_))
         && (1..=DOT_M_AVX512).contains(&a.rows)
         && a.cols >= SHORT_K
@@ -2147,6 +2169,30 @@ pub fn fast_bf16_dot_applies(isa: Isa, a: &MatRef, b: &MatRef) -> bool {
         && b.row_stride == 1
         && isa.resolve() == Isa::Avx512
         && bf16_products_native()
+}
+
+/// `C = round_bf16(A) · B` (or `C +=`) on the bf16-product decode kernel,
+/// whether or not [`CpuMath::Fast`] would pick it here, so that it is
+/// tested on every CPU that can run it; false (C untouched) where it cannot
+/// ([`bf16_dot_kernel_runs`]).
+pub fn gemv_bf16_products(isa: Isa, a: MatRef, b: MatRef, c: &mut [f32], accumulate: bool) -> bool {
+    let (m, k, n) = (a.rows, a.cols, b.cols);
+    assert_eq!(b.rows, k, "gemm: A is {m}x{k} but B is {}x{n}", b.rows);
+    assert_eq!(c.len(), m * n, "gemm: C has {} elements, expected {m}x{n}", c.len());
+    #[cfg(target_arch = "x86_64")]
+    if bf16_dot_kernel_runs(isa, &a, &b) {
+        if let Elems::BF16(w) = b.data {
+            a.check("A");
+            b.check("B");
+            let parallel = worth_parallel(m * n * k);
+            // SAFETY: `bf16_dot_kernel_runs` checked AVX-512 F/BW/VL + BF16,
+            // 1 ≤ m ≤ DOT_M_AVX512, k ≥ SHORT_K, n > 0 and B's rows
+            // contiguous; the views were checked just above; C is m×n.
+            unsafe { gemv_dot_bf16(&a, &b, w, c, n, accumulate, parallel, &mut GemmScratch::default()) };
+            return true;
+        }
+    }
+    false
 }
 
 /// Runs [`gemv_dot_bf16`] (C = m×n) where a Fast GEMM qualifies
@@ -2579,23 +2625,25 @@ mod tests {
     use super::*;
 
     /// Fast's bf16 products run wherever AMX does, never without
-    /// AVX512-BF16, and otherwise as the measured rates say; the answer is
+    /// AVX512-BF16, and otherwise as the measured rates say; its decode
+    /// dots (which AMX does not run) only as the rates say; the answers are
     /// kept for the process.
     #[test]
     fn bf16_products_pay_where_they_can() {
-        let pay = bf16_products_pay();
-        eprintln!("bf16 products pay: {pay} (AMX {})", amx::available());
+        let (pay, dots) = (bf16_products_pay(), bf16_dots_pay());
+        eprintln!("bf16 products pay: {pay}, bf16 dots pay: {dots} (AMX {})", amx::available());
         assert!(!amx::available() || pay, "AMX runs the tiles, so bf16 products pay");
-        assert!(bf16_products_native() || !pay, "no AVX512-BF16, yet bf16 products said to pay");
+        assert!(bf16_products_native() || !(pay || dots), "no AVX512-BF16, yet bf16 products said to pay");
+        assert_eq!(pay, bf16_products_native() && (amx::available() || dots));
         #[cfg(target_arch = "x86_64")]
-        if bf16_products_native() && !amx::available() {
+        if bf16_products_native() {
             // Far from the 1.2 threshold on every CPU measured (2 on Zen 4/5,
             // 0.5 on Sapphire Rapids), so a second measurement agrees.
             let r = bf16_dot_rate_over_fma();
             eprintln!("vdpbf16ps flop rate / FMA flop rate: {r:.2}");
-            assert!((r >= 1.2) == pay || (0.9..1.6).contains(&r), "rate ratio {r}, pay {pay}");
+            assert!((r >= 1.2) == dots || (0.9..1.6).contains(&r), "rate ratio {r}, dots pay {dots}");
         }
-        assert_eq!(pay, bf16_products_pay());
+        assert_eq!((pay, dots), (bf16_products_pay(), bf16_dots_pay()));
     }
 
     /// Column runs cover every panel once, in order, and differ by at most

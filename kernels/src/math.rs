@@ -10,7 +10,8 @@
 //! int4 weights (`vpdpbusd`, AVX512-VNNI / AVX-VNNI). Accumulation stays
 //! f32/i32. A kernel without a fast variant on this CPU simply runs its
 //! exact one, and so does one whose fast variant would be slower here
-//! (`gemm::bf16_products_pay`: `vdpbf16ps` at half the FMA rate).
+//! (`gemm::bf16_products_pay`, `gemm::bf16_dots_pay`: `vdpbf16ps` at half
+//! the FMA rate).
 //!
 //! A process-wide setting rather than a per-call argument because it is a
 //! user's choice for the whole run (`--cpu-math fast`), read by kernels deep

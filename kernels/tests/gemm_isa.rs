@@ -282,7 +282,7 @@ fn check_fast(
     acc: bool,
     seed: u64,
 ) -> Result<(), TestCaseError> {
-    use qvc_kernels::gemm::{fast_bf16_applies, fast_bf16_dot_applies, gemm_with_math};
+    use qvc_kernels::gemm::{fast_bf16_applies, fast_bf16_dot_applies, gemm_with_math, gemv_bf16_products};
     use qvc_kernels::CpuMath;
     let mut rng = Rng::new(seed);
     let a = StoredMat::new(&mut rng, m, k, la, pad, 2, da);
@@ -300,30 +300,56 @@ fn check_fast(
         );
         let mut got = c0.clone();
         gemm_with_math(isa, CpuMath::Fast, av, bv, &mut got, acc);
+        // The bf16 decode kernel where this CPU can run it, picked by Fast or not.
+        let mut kernel = c0.clone();
+        let mut rounded = vec![("fast", got.clone())];
+        if gemv_bf16_products(isa, av, bv, &mut kernel, acc) {
+            rounded.push(("bf16 decode kernel", kernel));
+        }
         if !fast_bf16_applies(isa, &av, &bv) && !fast_bf16_dot_applies(isa, &av, &bv) {
             prop_assert!(
                 exact.iter().zip(&got).all(|(x, y)| x.to_bits() == y.to_bits()),
                 "{isa:?} {m}x{n}x{k} {db}: Fast without the bf16 path must be the exact path"
             );
-            continue;
+            rounded.remove(0);
         }
-        for i in 0..m {
-            for j in 0..n {
-                let c_in = if acc { c0[i * n + j] as f64 } else { 0.0 };
-                let (mut s, mut mag) = (c_in, c_in.abs());
-                for p in 0..k {
-                    let t = half::bf16::from_f32(av.get(i, p)).to_f32() as f64 * bv.get(p, j) as f64;
-                    s += t;
-                    mag += t.abs();
-                }
-                let bound = (k + 4) as f64 * f32::EPSILON as f64 * mag + f32::MIN_POSITIVE as f64;
-                let e = (got[i * n + j] as f64 - s).abs();
-                prop_assert!(
-                    e <= bound,
-                    "{isa:?} fast {m}x{n}x{k} layouts {la},{lb} A {da} acc {acc}: C[{i},{j}] = {} want {s} (err {e} > {bound})",
-                    got[i * n + j]
-                );
+        for (what, got) in &rounded {
+            check_rounded(isa, what, (m, n, k), (la, lb), da, acc, &c0, &av, &bv, got)?;
+        }
+    }
+    Ok(())
+}
+
+/// `got` within f32 rounding of `round_bf16(A) · B` (+ `c0` when `acc`).
+#[allow(clippy::too_many_arguments)]
+fn check_rounded(
+    isa: Isa,
+    what: &str,
+    (m, n, k): (usize, usize, usize),
+    (la, lb): (u8, u8),
+    da: DType,
+    acc: bool,
+    c0: &[f32],
+    av: &MatRef,
+    bv: &MatRef,
+    got: &[f32],
+) -> Result<(), TestCaseError> {
+    for i in 0..m {
+        for j in 0..n {
+            let c_in = if acc { c0[i * n + j] as f64 } else { 0.0 };
+            let (mut s, mut mag) = (c_in, c_in.abs());
+            for p in 0..k {
+                let t = half::bf16::from_f32(av.get(i, p)).to_f32() as f64 * bv.get(p, j) as f64;
+                s += t;
+                mag += t.abs();
             }
+            let bound = (k + 4) as f64 * f32::EPSILON as f64 * mag + f32::MIN_POSITIVE as f64;
+            let e = (got[i * n + j] as f64 - s).abs();
+            prop_assert!(
+                e <= bound,
+                "{isa:?} {what} {m}x{n}x{k} layouts {la},{lb} A {da} acc {acc}: C[{i},{j}] = {} want {s} (err {e} > {bound})",
+                got[i * n + j]
+            );
         }
     }
     Ok(())
@@ -392,7 +418,7 @@ proptest! {
 /// software-prefetched stream of a weight past 2 MiB).
 #[test]
 fn fast_bf16_decode_is_batch_invariant() {
-    use qvc_kernels::gemm::{fast_bf16_dot_applies, gemm_with_math};
+    use qvc_kernels::gemm::{fast_bf16_dot_applies, gemm_with_math, gemv_bf16_products};
     use qvc_kernels::CpuMath;
     for (m, n, k) in [(8, 37, 1100), (3, 300, 4096), (5, 45, 4700), (2, 19, 1024 + 63), (16, 41, 1100), (23, 30, 4103)]
     {
@@ -402,11 +428,23 @@ fn fast_bf16_decode_is_batch_invariant() {
         let bm = MatRef::row_major(w.elems(), n, k).transposed();
         let am = MatRef::row_major(Elems::F32(&a), m, k);
         let isa = Isa::detect();
-        if !fast_bf16_dot_applies(isa, &am, &bm) {
-            eprintln!("gemm_isa: no AVX512-BF16 here; the bf16 decode path does not run");
-            return;
-        }
+        // The kernel itself (where this CPU has AVX512-BF16), then Fast
+        // mode, whichever decode path it picks here.
         let mut batch = vec![0f32; m * n];
+        if !gemv_bf16_products(isa, am, bm, &mut batch, false) {
+            eprintln!("gemm_isa: no AVX512-BF16 here; the bf16 decode kernel does not run");
+        } else {
+            for i in 0..m {
+                let row = MatRef::row_major(Elems::F32(&a[i * k..(i + 1) * k]), 1, k);
+                let mut alone = vec![0f32; n];
+                assert!(gemv_bf16_products(isa, row, bm, &mut alone, false));
+                assert!(
+                    alone.iter().zip(&batch[i * n..(i + 1) * n]).all(|(x, y)| x.to_bits() == y.to_bits()),
+                    "{m}x{n}x{k}: bf16 decode kernel, row {i} of the batch differs from the row alone"
+                );
+            }
+        }
+        eprintln!("gemm_isa: Fast decode on the bf16 kernel: {}", fast_bf16_dot_applies(isa, &am, &bm));
         gemm_with_math(isa, CpuMath::Fast, am, bm, &mut batch, false);
         for i in 0..m {
             let row = MatRef::row_major(Elems::F32(&a[i * k..(i + 1) * k]), 1, k);
@@ -414,7 +452,7 @@ fn fast_bf16_decode_is_batch_invariant() {
             gemm_with_math(isa, CpuMath::Fast, row, bm, &mut alone, false);
             assert!(
                 alone.iter().zip(&batch[i * n..(i + 1) * n]).all(|(x, y)| x.to_bits() == y.to_bits()),
-                "{m}x{n}x{k}: row {i} of the batch differs from the row alone"
+                "{m}x{n}x{k}: Fast, row {i} of the batch differs from the row alone"
             );
         }
     }
