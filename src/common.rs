@@ -39,7 +39,8 @@ pub(crate) struct ModelArgs {
     /// (activations rounded to bf16 against 16-bit weights where the CPU multiplies bf16 faster than f32, and to
     /// int8 per block against int4 weights where it has VNNI, as llama.cpp does: with AVX512-BF16 on AMD Zen 4/5
     /// prefill and vision about 1.7-1.9× faster, and on CPUs with AMX (Intel Sapphire Rapids and later) the bf16
-    /// products run on AMX tiles, prefill and vision about 3× faster than exact; memory-bound decode gains little;
+    /// products run on AMX tiles, prefill and vision about 3× faster than exact and batched decode about 1.6× (batch
+    /// 8; batch 1 decode is bound by memory and gains nothing);
     /// logits within about 1e-2 of exact). Kernels without a fast variant on this CPU run exactly, and so do the
     /// bf16 GEMMs and attention where bf16 products would be slower (measured once at start: Intel cores without
     /// usable AMX run vdpbf16ps at half their FMA rate), and the decode matmuls wherever vdpbf16ps is slower than

@@ -40,8 +40,10 @@
 //!   three times on Sapphire Rapids); activations lose ~2⁻⁹ relative, so it
 //!   is never the default. f16 weights stay exact (bf16 would round them).
 //!   [`gemm_bf16_products`] runs the same kernel for any shape. Decode-sized
-//!   Fast GEMMs (m ≤ 24, k ≥ `SHORT_K`, a bf16 `[out, in]` weight) run the
-//!   dot path's tiles with `vdpbf16ps` instead where that outruns the FMAs
+//!   Fast GEMMs (m ≤ 24, k ≥ `SHORT_K`, a bf16 `[out, in]` weight) run on
+//!   AMX tiles where the CPU has them (m ≤ 16, k a multiple of 32:
+//!   [`fast_decode_on_tiles`], [`amx::gemv`]), else the dot path's tiles
+//!   with `vdpbf16ps` where that outruns the FMAs
 //!   ([`fast_bf16_dot_applies`]): half the instructions per weight byte
 //!   keeps more of the stream in flight.
 //!
@@ -2210,6 +2212,18 @@ fn fast_dot(
     scratch: &mut GemmScratch,
 ) -> bool {
     #[cfg(target_arch = "x86_64")]
+    if math == CpuMath::Fast && fast_decode_on_tiles(isa, a, b) {
+        if let Elems::BF16(w) = b.data {
+            a.check("A");
+            b.check("B");
+            // SAFETY: `fast_decode_on_tiles` checked AMX (with AVX-512 BF16),
+            // 1 ≤ m ≤ 16, k a multiple of 32, n > 0 and B's rows contiguous;
+            // the views were checked just above; C is m×n.
+            unsafe { gemv_dot_tiles(a, b, w, c, accumulate, parallel, scratch) };
+            return true;
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
     if math == CpuMath::Fast && fast_bf16_dot_applies(isa, a, b) {
         if let Elems::BF16(w) = b.data {
             a.check("A");
@@ -2222,6 +2236,69 @@ fn fast_dot(
         }
     }
     false
+}
+
+/// Whether a [`CpuMath::Fast`] GEMM with these operands runs decode-sized
+/// on AMX tiles ([`amx::gemv`]): a bf16 `[out, in]` weight, 1 to 16 rows of
+/// A, `k ≥ SHORT_K` and a multiple of 32, AVX-512 with usable AMX. Tried
+/// before the `vdpbf16ps` dot path ([`fast_bf16_dot_applies`]).
+pub fn fast_decode_on_tiles(isa: Isa, a: &MatRef, b: &MatRef) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        matches!(b.data, Elems::BF16(_))
+            && (1..=amx::GEMV_M_MAX).contains(&a.rows)
+            && a.cols >= SHORT_K
+            && a.cols.is_multiple_of(32)
+            && b.cols > 0
+            && b.row_stride == 1
+            && isa.resolve() == Isa::Avx512
+            && amx::available()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (isa, a, b);
+        false
+    }
+}
+
+/// A's rows widened, then rounded to bf16 (nearest even, row by row so
+/// each element rounds the same way whatever m is) into `scratch.a16` from
+/// a 64-byte boundary: the activations of both bf16 decode paths.
+///
+/// SAFETY: AVX-512 F + BF16.
+#[cfg(target_arch = "x86_64")]
+unsafe fn rounded_a_rows<'s>(a: &MatRef, scratch: &'s mut GemmScratch) -> &'s [u16] {
+    let (m, k) = (a.rows, a.cols);
+    let arows = widen_a_rows(a, &mut scratch.a);
+    if scratch.a16.len() < m * k + 32 {
+        scratch.a16.resize(m * k + 32, 0);
+    }
+    let skip = scratch.a16.as_ptr().align_offset(64).min(32);
+    let a16 = &mut scratch.a16[skip..skip + m * k];
+    for i in 0..m {
+        round_bf16_bits(&arows[i * k..(i + 1) * k], &mut a16[i * k..(i + 1) * k]);
+    }
+    a16
+}
+
+/// The decode GEMM on AMX tiles ([`amx::gemv`]), C = m×n (`ldc = n`).
+///
+/// SAFETY: [`fast_decode_on_tiles`] holds; A and B checked; C is m×n.
+#[cfg(target_arch = "x86_64")]
+unsafe fn gemv_dot_tiles(
+    a: &MatRef,
+    b: &MatRef,
+    w: &[half::bf16],
+    c: &mut [f32],
+    accumulate: bool,
+    parallel: bool,
+    scratch: &mut GemmScratch,
+) {
+    let (m, k, n) = (a.rows, a.cols, b.cols);
+    assert!(c.len() >= m * n, "gemm: C too small for {m}x{n}");
+    assert!(b.offset + (n - 1) * b.col_stride + k <= w.len(), "gemm: weight rows out of bounds");
+    let a16 = rounded_a_rows(a, scratch);
+    amx::gemv(a16, m, k, w, b.offset, b.col_stride, n, SyncPtr(c.as_mut_ptr()), n, accumulate, parallel);
 }
 
 /// The decode dot path ([`gemv_dot`]) with bf16 products: A's rows rounded
@@ -2245,17 +2322,7 @@ unsafe fn gemv_dot_bf16(
 ) {
     let (m, k, n) = (a.rows, a.cols, b.cols);
     assert!(ldc >= n && c.len() >= (m - 1) * ldc + n, "gemm: C too small for {m}x{n} with ldc {ldc}");
-    let arows = widen_a_rows(a, &mut scratch.a);
-    // From a 64-byte boundary, as `widen_a_rows`.
-    if scratch.a16.len() < m * k + 32 {
-        scratch.a16.resize(m * k + 32, 0);
-    }
-    let skip = scratch.a16.as_ptr().align_offset(64).min(32);
-    let a16 = &mut scratch.a16[skip..skip + m * k];
-    for i in 0..m {
-        // Row by row, so each element rounds the same way whatever m is.
-        round_bf16_bits(&arows[i * k..(i + 1) * k], &mut a16[i * k..(i + 1) * k]);
-    }
+    let a16 = rounded_a_rows(a, scratch);
     let cols = cols_per_task(n, m * k, parallel, usize::MAX);
     let stream = n * k * 2 >= STREAM_BYTES;
     let job = crate::gemv::GemvJob {

@@ -282,7 +282,9 @@ fn check_fast(
     acc: bool,
     seed: u64,
 ) -> Result<(), TestCaseError> {
-    use qvc_kernels::gemm::{fast_bf16_applies, fast_bf16_dot_applies, gemm_with_math, gemv_bf16_products};
+    use qvc_kernels::gemm::{
+        fast_bf16_applies, fast_bf16_dot_applies, fast_decode_on_tiles, gemm_with_math, gemv_bf16_products,
+    };
     use qvc_kernels::CpuMath;
     let mut rng = Rng::new(seed);
     let a = StoredMat::new(&mut rng, m, k, la, pad, 2, da);
@@ -306,7 +308,10 @@ fn check_fast(
         if gemv_bf16_products(isa, av, bv, &mut kernel, acc) {
             rounded.push(("bf16 decode kernel", kernel));
         }
-        if !fast_bf16_applies(isa, &av, &bv) && !fast_bf16_dot_applies(isa, &av, &bv) {
+        if !fast_bf16_applies(isa, &av, &bv)
+            && !fast_bf16_dot_applies(isa, &av, &bv)
+            && !fast_decode_on_tiles(isa, &av, &bv)
+        {
             prop_assert!(
                 exact.iter().zip(&got).all(|(x, y)| x.to_bits() == y.to_bits()),
                 "{isa:?} {m}x{n}x{k} {db}: Fast without the bf16 path must be the exact path"
@@ -410,6 +415,16 @@ proptest! {
     ) {
         check_fast((m, n, k), (0, 1), (FLOAT_DTYPES[da], DType::BF16), pad, acc, seed)?;
     }
+
+    /// k a multiple of 32 and m ≤ 16: on AMX tiles where the CPU has them
+    /// (ragged weight rows past the last 16, padded strides, accumulate).
+    #[test]
+    fn fast_decode_on_tiles_matches_rounded_ref(
+        m in 1usize..=16, n in 1usize..=70, k32 in 32usize..=150,
+        da in 0usize..3, pad in 0usize..2, acc: bool, seed: u64,
+    ) {
+        check_fast((m, n, 32 * k32), (0, 1), (FLOAT_DTYPES[da], DType::BF16), pad, acc, seed)?;
+    }
 }
 
 /// Fast decode keeps the batch-invariance contract: each row of an m-row
@@ -418,10 +433,21 @@ proptest! {
 /// software-prefetched stream of a weight past 2 MiB).
 #[test]
 fn fast_bf16_decode_is_batch_invariant() {
-    use qvc_kernels::gemm::{fast_bf16_dot_applies, gemm_with_math, gemv_bf16_products};
+    use qvc_kernels::gemm::{fast_bf16_dot_applies, fast_decode_on_tiles, gemm_with_math, gemv_bf16_products};
     use qvc_kernels::CpuMath;
-    for (m, n, k) in [(8, 37, 1100), (3, 300, 4096), (5, 45, 4700), (2, 19, 1024 + 63), (16, 41, 1100), (23, 30, 4103)]
-    {
+    // k a multiple of 32 (and m ≤ 16) runs on AMX tiles where the CPU has them.
+    for (m, n, k) in [
+        (8, 37, 1100),
+        (3, 300, 4096),
+        (5, 45, 4700),
+        (2, 19, 1024 + 63),
+        (16, 41, 1100),
+        (23, 30, 4103),
+        (8, 37, 1024),
+        (16, 45, 4096),
+        (7, 100, 11008),
+        (9, 17, 2048 + 32),
+    ] {
         let mut rng = Rng::new((m * n * k) as u64);
         let a = rng.vec(m * k, 1.0);
         let w = Owned::from_f32(&rng.vec(n * k, 1.0), DType::BF16);
@@ -444,7 +470,11 @@ fn fast_bf16_decode_is_batch_invariant() {
                 );
             }
         }
-        eprintln!("gemm_isa: Fast decode on the bf16 kernel: {}", fast_bf16_dot_applies(isa, &am, &bm));
+        eprintln!(
+            "gemm_isa: {m}x{n}x{k} Fast decode on AMX tiles: {}, on the bf16 kernel: {}",
+            fast_decode_on_tiles(isa, &am, &bm),
+            fast_bf16_dot_applies(isa, &am, &bm)
+        );
         gemm_with_math(isa, CpuMath::Fast, am, bm, &mut batch, false);
         for i in 0..m {
             let row = MatRef::row_major(Elems::F32(&a[i * k..(i + 1) * k]), 1, k);
