@@ -629,18 +629,46 @@ pub(crate) unsafe fn gemv(
     parallel: bool,
 ) {
     debug_assert!((1..=GEMV_M_MAX).contains(&m) && k.is_multiple_of(K_STEP) && a16.len() >= m * k);
-    let steps = k / K_STEP;
-    // Aᵀ as the B tile of every step: pair row p, column i = (A[i, 2p], A[i, 2p + 1]).
-    let mut bt = vec![0u32; k / 2 * 16 + 16];
-    let skip = bt.as_ptr().align_offset(64).min(16);
-    let bt = &mut bt[skip..skip + k / 2 * 16];
-    for i in 0..m {
-        let row = &a16[i * k..(i + 1) * k];
-        for p in 0..k / 2 {
-            bt[p * 16 + i] = row[2 * p] as u32 | (row[2 * p + 1] as u32) << 16;
+    // Aᵀ as the B tile of every step: pair row p, column i = (A[i, 2p],
+    // A[i, 2p + 1]), zero past m. In a kept buffer: a fresh 128-352 KiB
+    // allocation per call would be fresh pages, faulted in every time.
+    with_aligned(&GEMV_BT, k / 2 * 16, |bt| {
+        bt.fill(0);
+        for i in 0..m {
+            let row = &a16[i * k..(i + 1) * k];
+            for p in 0..k / 2 {
+                bt[p * 16 + i] = row[2 * p] as u32 | (row[2 * p + 1] as u32) << 16;
+            }
         }
-    }
-    let bt: &[u32] = bt;
+        // SAFETY: as this function's.
+        unsafe { gemv_rows(bt, m, k, w, off, cs, n, c, ldc, accumulate, parallel) }
+    })
+}
+
+thread_local! {
+    /// The calling thread's packed activations for [`gemv`].
+    static GEMV_BT: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// [`gemv`] after packing: every 16-row group of the weight against `bt`.
+///
+/// SAFETY: as [`gemv`]; `bt` holds `k / 2` rows of 16 dwords.
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemv_rows(
+    bt: &[u32],
+    m: usize,
+    k: usize,
+    w: &[half::bf16],
+    off: usize,
+    cs: usize,
+    n: usize,
+    c: SyncPtr,
+    ldc: usize,
+    accumulate: bool,
+    parallel: bool,
+) {
+    let steps = k / K_STEP;
     let groups = n.div_ceil(GEMV_ROWS);
     let per_task = if parallel { groups.div_ceil(4 * rayon::current_num_threads()).max(1) } else { groups };
     par_for(groups.div_ceil(per_task), parallel, |t| {
