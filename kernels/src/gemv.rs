@@ -75,10 +75,15 @@
 //! results. `gemv_family`, 2 threads, from DRAM, two interleaved rounds,
 //! medians before → after: m = 8 4096→12288 13.5/13.9 → 15.5/15.3 GB/s,
 //! 11008→4096 13.2/12.7 → 16.7/16.8; m = 3 20.8/20.8 → 23.1/24.5 and
-//! 21.6/21.3 → 25.1/25.1. `qvc bench` batch 8 (2-layer slice): 47.1/49.6 →
-//! 55.6/55.1 tok/s. In cache the kernel still runs at about a third of the
-//! FMA peak (A's rows come from L2 at every tile), so m = 8 stays below
-//! the stream.
+//! 21.6/21.3 → 25.1/25.1. Then every operand 64-byte aligned (A's widened
+//! rows by `gemm`, the staged buffer here): split loads had cost the loop a
+//! third of its rate (an L1-resident probe: 80–102 → 126–138 GFLOP/s on
+//! one thread); m = 8 from DRAM 14.4–16.0 → 16.7–18.6 GB/s. `qvc bench`
+//! batch 8 (2-layer slice): 42.4–49.6 → 56.0–57.9 tok/s over the two
+//! steps. In cache the loop still runs at about 0.4 of the FMA peak (A's
+//! rows come from L2 at every tile), so m = 8 stays at about half the
+//! stream; `--cpu-math fast` on AMX runs batched decode on the tiles
+//! instead (`gemm::amx::gemv`).
 //!
 //! Invariants: only called after `Isa::resolve` returned `Avx512` (the
 //! `#[target_feature]` functions are then sound); every weight row read lies

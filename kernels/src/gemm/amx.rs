@@ -640,72 +640,53 @@ pub(crate) unsafe fn gemv(
                 bt[p * 16 + i] = row[2 * p] as u32 | (row[2 * p + 1] as u32) << 16;
             }
         }
-        // SAFETY: as this function's.
-        unsafe { gemv_rows(bt, m, k, w, off, cs, n, c, ldc, accumulate, parallel) }
+        let bt: &[u32] = bt;
+        let steps = k / K_STEP;
+        let groups = n.div_ceil(GEMV_ROWS);
+        let per_task = if parallel { groups.div_ceil(4 * rayon::current_num_threads()).max(1) } else { groups };
+        par_for(groups.div_ceil(per_task), parallel, |t| {
+            // SAFETY: `off` lies in `w` (the caller's contract).
+            let base = unsafe { w.as_ptr().add(off) } as *const u16;
+            // SAFETY: `available` (the caller's contract).
+            unsafe { configure() };
+            let mut out = Block([0f32; 1024]);
+            for g in t * per_task..((t + 1) * per_task).min(groups) {
+                let j = g * GEMV_ROWS;
+                let rows = GEMV_ROWS.min(n - j);
+                if rows == GEMV_ROWS {
+                    // SAFETY: rows j..j + 16 lie in `w` (the caller's contract).
+                    unsafe { gemv_kernel(steps, base.add(j * cs), cs, bt.as_ptr(), out.0.as_mut_ptr()) };
+                } else {
+                    // The ragged last rows through a zero-padded copy (each row's
+                    // sums are its own, so the copy changes no bits).
+                    let mut stage = vec![0u16; GEMV_ROWS * k];
+                    for r in 0..rows {
+                        // SAFETY: row j + r lies in `w`; the stage holds 16 rows of k.
+                        unsafe {
+                            std::ptr::copy_nonoverlapping(base.add((j + r) * cs), stage.as_mut_ptr().add(r * k), k)
+                        };
+                    }
+                    // SAFETY: the stage holds 16 rows of k elements.
+                    unsafe { gemv_kernel(steps, stage.as_ptr(), k, bt.as_ptr(), out.0.as_mut_ptr()) };
+                }
+                for r in 0..rows {
+                    for i in 0..m {
+                        let v = out.0[r * 16 + i];
+                        // SAFETY: element (i, j + r) of C, in this task's rows.
+                        unsafe {
+                            let dst = c.get().add(i * ldc + j + r);
+                            *dst = if accumulate { *dst + v } else { v };
+                        }
+                    }
+                }
+            }
+        });
     })
 }
 
 thread_local! {
     /// The calling thread's packed activations for [`gemv`].
     static GEMV_BT: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
-}
-
-/// [`gemv`] after packing: every 16-row group of the weight against `bt`.
-///
-/// SAFETY: as [`gemv`]; `bt` holds `k / 2` rows of 16 dwords.
-#[target_feature(enable = "avx512f")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn gemv_rows(
-    bt: &[u32],
-    m: usize,
-    k: usize,
-    w: &[half::bf16],
-    off: usize,
-    cs: usize,
-    n: usize,
-    c: SyncPtr,
-    ldc: usize,
-    accumulate: bool,
-    parallel: bool,
-) {
-    let steps = k / K_STEP;
-    let groups = n.div_ceil(GEMV_ROWS);
-    let per_task = if parallel { groups.div_ceil(4 * rayon::current_num_threads()).max(1) } else { groups };
-    par_for(groups.div_ceil(per_task), parallel, |t| {
-        // SAFETY: `off` lies in `w` (the caller's contract).
-        let base = unsafe { w.as_ptr().add(off) } as *const u16;
-        // SAFETY: `available` (the caller's contract).
-        unsafe { configure() };
-        let mut out = Block([0f32; 1024]);
-        for g in t * per_task..((t + 1) * per_task).min(groups) {
-            let j = g * GEMV_ROWS;
-            let rows = GEMV_ROWS.min(n - j);
-            if rows == GEMV_ROWS {
-                // SAFETY: rows j..j + 16 lie in `w` (the caller's contract).
-                unsafe { gemv_kernel(steps, base.add(j * cs), cs, bt.as_ptr(), out.0.as_mut_ptr()) };
-            } else {
-                // The ragged last rows through a zero-padded copy (each row's
-                // sums are its own, so the copy changes no bits).
-                let mut stage = vec![0u16; GEMV_ROWS * k];
-                for r in 0..rows {
-                    // SAFETY: row j + r lies in `w`; the stage holds 16 rows of k.
-                    unsafe { std::ptr::copy_nonoverlapping(base.add((j + r) * cs), stage.as_mut_ptr().add(r * k), k) };
-                }
-                // SAFETY: the stage holds 16 rows of k elements.
-                unsafe { gemv_kernel(steps, stage.as_ptr(), k, bt.as_ptr(), out.0.as_mut_ptr()) };
-            }
-            for r in 0..rows {
-                for i in 0..m {
-                    let v = out.0[r * 16 + i];
-                    // SAFETY: element (i, j + r) of C, in this task's rows.
-                    unsafe {
-                        let dst = c.get().add(i * ldc + j + r);
-                        *dst = if accumulate { *dst + v } else { v };
-                    }
-                }
-            }
-        }
-    });
 }
 
 /// 16 weight rows (`ws` elements apart from `w`) against the B tiles `bt`
