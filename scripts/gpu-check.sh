@@ -10,6 +10,9 @@
 #   logits   the compiled fixture on the device: logits[:N] of the text
 #            prompt, the image prompt and the image prompt + 2 forced greedy
 #            tokens vs the reference (relative L2 <= 2e-2, bf16 weights)
+#   serve    `qvc serve` on the compiled fixture: two chat completions at
+#            once (one streamed) must agree, a bad request gets a 4xx
+#            (scripts/serve_check.py, standard library only)
 #   bench    `qvc bench --synthetic qwen-vl-chat --device cuda`, stopped after
 #            QVC_GPU_CHECK_BENCH_SECONDS (330) so the table always prints
 # then ONE summary table. Budget: well under 8 minutes on an H100.
@@ -121,7 +124,26 @@ else
     row "logits" FAIL "no compiled fixture"
 fi
 
-# (d) the bench.
+# (d) serving: the compiled fixture behind `qvc serve`, two chat
+# completions at once (one streamed) and a bad request (scripts/serve_check.py).
+log "serve: fixture over HTTP on $dev"
+if [ -d "$art" ]; then
+    (cd "$work/fixture" && exec timeout "$stage_limit" "$QVC" serve "$art" --device "$dev" --port 0 --max-batch 2) \
+        >"$work/serve.log" 2>&1 &
+    spid=$!
+    if res=$(limited python3 scripts/serve_check.py "$work/serve.log" 2>"$work/serve_client.log"); then
+        row "serve" ok "$res"
+    else
+        row "serve" FAIL "$(tail -n 1 "$work/serve_client.log")"
+        tail -n 20 "$work/serve.log" >&2
+    fi
+    kill "$spid" 2>/dev/null || true
+    wait "$spid" 2>/dev/null || true
+else
+    row "serve" FAIL "no compiled fixture"
+fi
+
+# (e) the bench.
 if [ "$dev" = emu ]; then
     bench=(bench --synthetic tiny --device emu --prompt-len 8 --decode-tokens 2 --batch 2 --image-sizes 224 --profile)
 else

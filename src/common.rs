@@ -43,8 +43,8 @@ pub(crate) struct ModelArgs {
     /// 8; batch 1 decode is bound by memory and gains nothing);
     /// logits within about 1e-2 of exact). Kernels without a fast variant on this CPU run exactly, and so do the
     /// bf16 GEMMs and attention where bf16 products would be slower (measured once at start: Intel cores without
-    /// usable AMX run vdpbf16ps at half their FMA rate), and the decode matmuls wherever vdpbf16ps is slower than
-    /// the FMAs (AMX does not run those). `QVC_AMX=0` keeps AMX off.
+    /// usable AMX run vdpbf16ps at half their FMA rate), and so do the decode matmuls where there are no AMX tiles
+    /// and vdpbf16ps is slower than the FMAs. `QVC_AMX=0` keeps AMX off.
     #[arg(long, default_value = "exact", value_name = "MODE", env = "QVC_CPU_MATH", value_parser = parse_cpu_math)]
     pub(crate) cpu_math: CpuMath,
 }
