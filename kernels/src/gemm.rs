@@ -415,16 +415,13 @@ unsafe fn store_c(c: SyncPtr, idx: usize, v: f32, accumulate: bool) {
     }
 }
 
-/// The (at most `SMALL_M`) rows of A widened to a contiguous f32 `m×k` block.
 /// A's rows widened to f32, `m × k` contiguous, from a 64-byte boundary:
 /// with `k` a multiple of 16 (every decoder width) each row's vectors are
 /// then whole cache lines. Split loads cost the decode GEMV's staged tiles
 /// a third of their rate (`crate::gemv::staged`).
 fn widen_a_rows<'s>(a: &MatRef, buf: &'s mut Vec<f32>) -> &'s [f32] {
     let (m, k) = (a.rows, a.cols);
-    ensure(buf, m * k + 16);
-    let skip = buf.as_ptr().align_offset(64).min(16);
-    let rows = &mut buf[skip..skip + m * k];
+    let rows = aligned(buf, m * k);
     for i in 0..m {
         gather(&a.data, a.index(i, 0), a.col_stride, &mut rows[i * k..(i + 1) * k]);
     }
@@ -1425,6 +1422,17 @@ thread_local! {
     static B_PANEL_BUF: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
+/// `len` elements of `v` from a 64-byte boundary (`v` grown as needed,
+/// never shrunk; the elements keep whatever they held).
+pub(crate) fn aligned<T: Copy + Default>(v: &mut Vec<T>, len: usize) -> &mut [T] {
+    let slack = 64 / std::mem::size_of::<T>();
+    if v.len() < len + slack {
+        v.resize(len + slack, T::default());
+    }
+    let skip = v.as_ptr().align_offset(64).min(slack);
+    &mut v[skip..skip + len]
+}
+
 /// Runs `f` on `len` elements of this thread's `buf` from a 64-byte
 /// boundary, so that every 64-byte row of a panel or tile is one cache line
 /// (grown on demand, never shrunk; a fresh vector when the buffer is
@@ -1434,14 +1442,6 @@ pub(crate) fn with_aligned<T: Copy + Default, R>(
     len: usize,
     f: impl FnOnce(&mut [T]) -> R,
 ) -> R {
-    fn aligned<T: Copy + Default>(v: &mut Vec<T>, len: usize) -> &mut [T] {
-        let slack = 64 / std::mem::size_of::<T>();
-        if v.len() < len + slack {
-            v.resize(len + slack, T::default());
-        }
-        let skip = v.as_ptr().align_offset(64).min(slack);
-        &mut v[skip..skip + len]
-    }
     buf.with(|b| match b.try_borrow_mut() {
         Ok(mut v) => f(aligned(&mut v, len)),
         Err(_) => f(aligned(&mut Vec::new(), len)),
@@ -2212,26 +2212,22 @@ fn fast_dot(
     scratch: &mut GemmScratch,
 ) -> bool {
     #[cfg(target_arch = "x86_64")]
-    if math == CpuMath::Fast && fast_decode_on_tiles(isa, a, b) {
-        if let Elems::BF16(w) = b.data {
+    if let (CpuMath::Fast, Elems::BF16(w)) = (math, b.data) {
+        let tiles = fast_decode_on_tiles(isa, a, b);
+        if tiles || fast_bf16_dot_applies(isa, a, b) {
             a.check("A");
             b.check("B");
-            // SAFETY: `fast_decode_on_tiles` checked AMX (with AVX-512 BF16),
-            // 1 ≤ m ≤ 16, k a multiple of 32, n > 0 and B's rows contiguous;
-            // the views were checked just above; C is m×n.
-            unsafe { gemv_dot_tiles(a, b, w, c, accumulate, parallel, scratch) };
-            return true;
-        }
-    }
-    #[cfg(target_arch = "x86_64")]
-    if math == CpuMath::Fast && fast_bf16_dot_applies(isa, a, b) {
-        if let Elems::BF16(w) = b.data {
-            a.check("A");
-            b.check("B");
-            // SAFETY: `fast_bf16_dot_applies` checked AVX-512 F/BW/VL + BF16,
-            // 1 ≤ m ≤ DOT_M_AVX512, k ≥ SHORT_K, n > 0 and B's rows contiguous; the
-            // views were checked just above; C is m×n.
-            unsafe { gemv_dot_bf16(a, b, w, c, b.cols, accumulate, parallel, scratch) };
+            // SAFETY: both predicates imply `bf16_dot_kernel_runs` (AVX-512
+            // F/BW/VL + BF16, 1 ≤ m ≤ DOT_M_AVX512, k ≥ SHORT_K, n > 0, B's
+            // rows contiguous), and `tiles` also usable AMX, m ≤ 16 and k a
+            // multiple of 32; the views were checked just above; C is m×n.
+            unsafe {
+                if tiles {
+                    gemv_dot_tiles(a, b, w, c, accumulate, parallel, scratch)
+                } else {
+                    gemv_dot_bf16(a, b, w, c, b.cols, accumulate, parallel, scratch)
+                }
+            }
             return true;
         }
     }
@@ -2245,14 +2241,7 @@ fn fast_dot(
 pub fn fast_decode_on_tiles(isa: Isa, a: &MatRef, b: &MatRef) -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        matches!(b.data, Elems::BF16(_))
-            && (1..=amx::GEMV_M_MAX).contains(&a.rows)
-            && a.cols >= SHORT_K
-            && a.cols.is_multiple_of(32)
-            && b.cols > 0
-            && b.row_stride == 1
-            && isa.resolve() == Isa::Avx512
-            && amx::available()
+        bf16_dot_kernel_runs(isa, a, b) && a.rows <= amx::GEMV_M_MAX && a.cols.is_multiple_of(32) && amx::available()
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -2270,11 +2259,7 @@ pub fn fast_decode_on_tiles(isa: Isa, a: &MatRef, b: &MatRef) -> bool {
 unsafe fn rounded_a_rows<'s>(a: &MatRef, scratch: &'s mut GemmScratch) -> &'s [u16] {
     let (m, k) = (a.rows, a.cols);
     let arows = widen_a_rows(a, &mut scratch.a);
-    if scratch.a16.len() < m * k + 32 {
-        scratch.a16.resize(m * k + 32, 0);
-    }
-    let skip = scratch.a16.as_ptr().align_offset(64).min(32);
-    let a16 = &mut scratch.a16[skip..skip + m * k];
+    let a16 = aligned(&mut scratch.a16, m * k);
     for i in 0..m {
         round_bf16_bits(&arows[i * k..(i + 1) * k], &mut a16[i * k..(i + 1) * k]);
     }

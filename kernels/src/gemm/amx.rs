@@ -633,11 +633,10 @@ pub(crate) unsafe fn gemv(
     // A[i, 2p + 1]), zero past m. In a kept buffer: a fresh 128-352 KiB
     // allocation per call would be fresh pages, faulted in every time.
     with_aligned(&GEMV_BT, k / 2 * 16, |bt| {
-        bt.fill(0);
-        for i in 0..m {
-            let row = &a16[i * k..(i + 1) * k];
-            for p in 0..k / 2 {
-                bt[p * 16 + i] = row[2 * p] as u32 | (row[2 * p + 1] as u32) << 16;
+        // One sequential pass over the buffer, the m rows read side by side.
+        for (p, pairs) in bt.chunks_exact_mut(16).enumerate() {
+            for (i, d) in pairs.iter_mut().enumerate() {
+                *d = if i < m { a16[i * k + 2 * p] as u32 | (a16[i * k + 2 * p + 1] as u32) << 16 } else { 0 };
             }
         }
         let bt: &[u32] = bt;
