@@ -4,6 +4,10 @@
 `qvc serve ... --port 0` is running and writing LOG. Waits for its
 `listening on http://HOST:PORT` line, then over plain HTTP (standard library
 only: the GPU machine has no network to install a client):
+  * GET /health until it answers 200: the server listens at once and loads
+    the model behind a 503 (on a GPU the context, the modules and the weight
+    upload take seconds), as a client of any OpenAI-style server waits;
+    a failed load ends the check with the server's reason;
   * GET /v1/models;
   * two chat completions at once with the same greedy prompt, one of them
     streamed (server-sent events up to `data: [DONE]`): both must answer,
@@ -22,7 +26,7 @@ import urllib.error
 import urllib.request
 
 MAX_TOKENS = 6
-WAIT_S = 240
+WAIT_S = 120
 
 
 def fail(msg):
@@ -42,6 +46,35 @@ def wait_for_url(log):
             pass
         time.sleep(0.2)
     fail(f"no 'listening on' line in {log} after {WAIT_S} s")
+
+
+def wait_for_ready(base):
+    """Polls /health until 200; returns the seconds it took."""
+    t0 = time.time()
+    last = "no answer"
+    while time.time() - t0 < WAIT_S:
+        try:
+            with urllib.request.urlopen(base + "/health", timeout=10) as r:
+                if r.status == 200:
+                    return time.time() - t0
+        except urllib.error.HTTPError as e:
+            body = json.loads(e.read() or b"{}")
+            if body.get("status") == "failed":
+                fail(f"the model failed to load: {body.get('error')}")
+            last = f"HTTP {e.code} {body}"
+        except (urllib.error.URLError, OSError) as e:
+            last = str(e)
+        time.sleep(0.1)
+    fail(f"/health not ready after {WAIT_S} s (last: {last})")
+
+
+def http_error_text(e):
+    """An HTTPError with the error message of its JSON body, if any."""
+    try:
+        msg = json.loads(e.read() or b"{}").get("error", {}).get("message")
+    except (ValueError, AttributeError):
+        msg = None
+    return f"{e}: {msg}" if msg else str(e)
 
 
 def post(url, body, stream=False):
@@ -71,6 +104,7 @@ def main():
     if len(sys.argv) != 2:
         fail("usage: serve_check.py SERVE_LOG")
     base = wait_for_url(sys.argv[1])
+    ready_s = wait_for_ready(base)
     with urllib.request.urlopen(base + "/v1/models", timeout=60) as r:
         models = json.loads(r.read())
     ids = [m.get("id") for m in models.get("data", [])]
@@ -87,6 +121,8 @@ def main():
     def run(key, stream):
         try:
             out[key] = post(base + "/v1/chat/completions", dict(body, stream=stream), stream)
+        except urllib.error.HTTPError as e:
+            errs.append(f"{key}: {http_error_text(e)}")
         except Exception as e:  # reported below, with the other thread's outcome
             errs.append(f"{key}: {e}")
 
@@ -118,7 +154,10 @@ def main():
         err = json.loads(e.read() or b"{}").get("error", {})
         if not err.get("message"):
             fail("the 4xx for a request without messages has no error message")
-    print(f"2 concurrent chat completions (one streamed) equal, {used} tokens each, {ms:.0f} ms; bad request 4xx")
+    print(
+        f"ready in {ready_s:.1f} s; 2 concurrent chat completions (one streamed) equal, "
+        f"{used} tokens each, {ms:.0f} ms; bad request 4xx"
+    )
 
 
 if __name__ == "__main__":
