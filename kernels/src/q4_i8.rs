@@ -247,7 +247,7 @@ impl Act {
             for (b, bl) in blk.iter().enumerate() {
                 let n = bl.rb - bl.ra;
                 #[cfg(target_arch = "x86_64")]
-                if path == Q4I8Path::Avx512Vnni && bl.ra % 8 == 0 && n % 8 == 0 {
+                if path == Q4I8Path::Avx512Vnni && bl.ra.is_multiple_of(8) && n.is_multiple_of(8) {
                     let dst = &mut quads[i * nq + bl.off..i * nq + bl.off + n / 8];
                     // SAFETY: the path is resolved, so the CPU has AVX-512F.
                     let (sx, sq) = unsafe { quantize_block_avx512(&x[bl.ra..bl.rb], dst) };
@@ -301,7 +301,7 @@ fn quantize_block(x: &[f32], q: &mut [i8]) -> f32 {
 unsafe fn quantize_block_avx512(x: &[f32], quads: &mut [[i32; 2]]) -> (f32, i32) {
     use std::arch::x86_64::*;
     let n = x.len();
-    debug_assert!(n % 8 == 0 && quads.len() == n / 8);
+    debug_assert!(n.is_multiple_of(8) && quads.len() == n / 8);
     let xp = x.as_ptr();
     // Lanes in quad order: each 8 rows as 0, 2, 4, 6, 1, 3, 5, 7.
     let order = _mm512_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7, 8, 10, 12, 14, 9, 11, 13, 15);
