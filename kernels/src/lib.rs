@@ -62,7 +62,8 @@ pub use attention::{
 };
 pub use common::Isa;
 pub use gemm::{
-    gemm, gemm_flops, gemm_min_bytes, gemm_ref, gemm_then, gemm_with_isa, Epilogue, MatRef, DECODE_BATCH_INVARIANT_MAX,
+    decode_group_rows, gemm, gemm_flops, gemm_min_bytes, gemm_ref, gemm_then, gemm_with_isa, Epilogue, MatRef,
+    DECODE_BATCH_INVARIANT_MAX,
 };
 pub use math::{cpu_math, set_cpu_math, CpuMath};
 pub use norm::{layer_norm, layer_norm_ref, rms_norm, rms_norm_ref};

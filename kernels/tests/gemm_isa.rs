@@ -589,3 +589,28 @@ fn gemm_then_runs_after_the_last_k_slice() {
         check_epilogue((13, 33, k), (0, 0), DType::F32, true, seed).unwrap();
     }
 }
+
+/// `decode_group_rows`: 16 exactly where Fast decode of 16 rows of that
+/// weight runs on AMX tiles (asked of the dispatcher's own predicate), the
+/// invariance bound for everything else (exact math, f32 and int4 weights,
+/// narrow or odd k).
+#[test]
+fn decode_group_rows_follows_the_tiles() {
+    use qvc_kernels::gemm::fast_decode_on_tiles;
+    use qvc_kernels::{decode_group_rows, CpuMath};
+    let isa = Isa::detect();
+    for k in [64, 1000, 1024, 1056, 4096, 11008] {
+        let (x, w) = (vec![0f32; 16 * k], vec![half::bf16::ZERO; 4 * k]);
+        let a = MatRef::row_major(Elems::F32(&x), 16, k);
+        let b = MatRef::row_major(Elems::BF16(&w), 4, k).transposed();
+        let want = if fast_decode_on_tiles(isa, &a, &b) { 16 } else { DECODE_BATCH_INVARIANT_MAX };
+        assert_eq!(decode_group_rows(isa, CpuMath::Fast, DType::BF16, k), want, "bf16, k = {k}");
+        for (math, dtype) in [(CpuMath::Exact, DType::BF16), (CpuMath::Fast, DType::F32), (CpuMath::Fast, DType::Q4)] {
+            assert_eq!(
+                decode_group_rows(isa, math, dtype, k),
+                DECODE_BATCH_INVARIANT_MAX,
+                "{math:?} {dtype:?}, k = {k}"
+            );
+        }
+    }
+}

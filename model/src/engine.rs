@@ -333,6 +333,22 @@ impl Model {
         Ok(g)
     }
 
+    /// Sequences one batched decode step may hold on the CPU with every
+    /// row bit for bit the sequence decoded alone
+    /// ([`qvc_runtime::cpu_decode_group`] over the decoder's Linears and the
+    /// lm_head: 16 under `--cpu-math fast` with bf16 weights on AMX tiles,
+    /// else [`qvc_runtime::DECODE_BATCH_INVARIANT_MAX`]). A scheduler splits
+    /// larger batches into groups of this many.
+    pub fn cpu_decode_group(&self) -> usize {
+        let mut names = self.weights.names();
+        names.extend(self.weights.q4_names());
+        qvc_runtime::cpu_decode_group(names.into_iter().filter_map(|n| {
+            let (dtype, shape) = self.weights.info(n)?;
+            let gemm = n.starts_with("transformer.h.") || n == "lm_head.weight";
+            (gemm && shape.rank() == 2).then(|| (dtype, shape.dim(1)))
+        }))
+    }
+
     /// The artifact's manifest when this model was loaded from `qvc compile` output.
     pub fn compiled(&self) -> Option<&Manifest> {
         self.compiled.as_ref()

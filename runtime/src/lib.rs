@@ -34,6 +34,20 @@ pub use kv::KvCache;
 /// each other either (a batched step over any slots equals each sequence
 /// alone bit for bit on the emulator: `tests/gpu_emu.rs`).
 pub use qvc_kernels::DECODE_BATCH_INVARIANT_MAX;
+
+/// Rows one CPU decode step may batch when it multiplies weights stored as
+/// these `(dtype, k)` (`[n, k]` each, every Linear of the step), under the
+/// process's `--cpu-math`, with every row bit for bit the row alone: the
+/// smallest [`qvc_kernels::decode_group_rows`] over them (16 where `fast`
+/// runs them all on AMX tiles), [`DECODE_BATCH_INVARIANT_MAX`] for none.
+pub fn cpu_decode_group(weights: impl IntoIterator<Item = (qvc_ir::DType, usize)>) -> usize {
+    let (isa, math) = (qvc_kernels::Isa::detect(), qvc_kernels::cpu_math());
+    weights
+        .into_iter()
+        .map(|(dtype, k)| qvc_kernels::decode_group_rows(isa, math, dtype, k))
+        .min()
+        .unwrap_or(DECODE_BATCH_INVARIANT_MAX)
+}
 pub use weights::{WeightError, WeightStore};
 
 use qvc_ir::{ExecError, Graph, InputRef, WeightSource};

@@ -12,8 +12,9 @@
 //!    `prefill_chunk`). After the prompt's last chunk the first token is
 //!    sampled (`Started`, then text);
 //! 3. runs one batched decode step over every decoding request, whatever
-//!    their slots (on the CPU in groups of at most [`CPU_DECODE_GROUP`], see
-//!    [`decode_group_size`]), samples each row on the host and streams it.
+//!    their slots (on the CPU in groups of [`CPU_DECODE_GROUP`], or 16 where
+//!    `--cpu-math fast` decodes on AMX tiles, see [`decode_group_size`]),
+//!    samples each row on the host and streams it.
 //!
 //! A request's life: `Queued → Prefill → Decode → Done | Cancelled | Failed`,
 //! with timestamps for the latency histograms. A sink that returns `false`
@@ -40,11 +41,12 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
-/// Decode rows per batched step on the CPU: larger batches run as several
+/// Decode rows per batched step on any CPU: larger batches run as several
 /// groups of at most this many. The CPU decode kernels give every row the
 /// same bits for any batch size up to this bound
 /// ([`qvc_runtime::DECODE_BATCH_INVARIANT_MAX`]), so a greedy answer does not
-/// depend on what else runs.
+/// depend on what else runs. [`Model::cpu_decode_group`] says where a model
+/// may take more (16 under `--cpu-math fast` on AMX tiles).
 pub const CPU_DECODE_GROUP: usize = qvc_runtime::DECODE_BATCH_INVARIANT_MAX;
 
 /// How the engine runs.
@@ -346,7 +348,7 @@ impl Engine {
 
 /// The largest decode batch one step may run with `backend` and `model`.
 pub fn decode_group_size(model: &Model, backend: &dyn Backend, slots: usize) -> usize {
-    let most = if backend.kv_on_device() { slots.max(1) } else { CPU_DECODE_GROUP };
+    let most = if backend.kv_on_device() { slots.max(1) } else { model.cpu_decode_group() };
     match model.compiled() {
         // Compiled decode programs exist for 1..=--max-batch sequences.
         Some(m) => most.min(m.options.max_batch.max(1)),
