@@ -131,6 +131,8 @@ struct Shared {
     state: Mutex<EngineState>,
     model: OnceLock<Arc<Model>>,
     context: OnceLock<usize>,
+    /// Sequences per decode step ([`decode_group_size`]), once loaded.
+    group: OnceLock<usize>,
     queue: Mutex<Queue>,
     /// Wakes the scheduler (new request, shutdown).
     wake: Condvar,
@@ -162,6 +164,7 @@ impl Engine {
             state: Mutex::new(EngineState::Loading),
             model: OnceLock::new(),
             context: OnceLock::new(),
+            group: OnceLock::new(),
             queue: Mutex::new(Queue { waiting: VecDeque::new(), running: 0, draining: false, closed: false }),
             wake: Condvar::new(),
             idle: Condvar::new(),
@@ -191,6 +194,12 @@ impl Engine {
     /// The most prompt + `max_tokens` a request may have (once loaded).
     pub fn context_len(&self) -> Option<usize> {
         self.shared.context.get().copied()
+    }
+
+    /// Most sequences one decode step runs (once loaded): more active
+    /// requests take several steps ([`decode_group_size`]).
+    pub fn decode_group(&self) -> Option<usize> {
+        self.shared.group.get().copied()
     }
 
     /// The engine's settings.
@@ -418,12 +427,14 @@ fn scheduler(shared: Arc<Shared>, load: LoadFn) {
     let model_limit = model.compiled().map_or(MAX_CONTEXT, |m| m.options.max_seq.min(MAX_CONTEXT));
     let context = shared.cfg.max_context.map_or(model_limit, |c| c.min(model_limit));
     let _ = shared.context.set(context);
+    let group = decode_group_size(&model, backend.as_ref(), slots_n);
+    let _ = shared.group.set(group);
     let _ = shared.model.set(model.clone());
     {
         let q = shared.lock();
         shared.set_state(if q.draining { EngineState::Draining } else { EngineState::Ready });
     }
-    let mut s = Scheduler::new(&shared, &model, backend.as_ref(), context);
+    let mut s = Scheduler::new(&shared, &model, backend.as_ref(), context, group);
     if let Err(p) = catch_unwind(AssertUnwindSafe(|| s.run())) {
         // A bug outside any one request's work: fail everything rather than
         // leave clients waiting on a dead thread.
@@ -458,7 +469,7 @@ struct Scheduler<'m> {
 }
 
 impl<'m> Scheduler<'m> {
-    fn new(shared: &'m Shared, model: &'m Model, backend: &'m dyn Backend, context: usize) -> Self {
+    fn new(shared: &'m Shared, model: &'m Model, backend: &'m dyn Backend, context: usize, group: usize) -> Self {
         let n = shared.cfg.max_batch;
         let slots = (0..n)
             .map(|i| {
@@ -467,7 +478,6 @@ impl<'m> Scheduler<'m> {
                 Slot { session, images: vec![], busy: false, last_used: 0 }
             })
             .collect();
-        let group = decode_group_size(model, backend, n);
         Scheduler { shared, model, slots, active: vec![], context, group, clock: 0 }
     }
 

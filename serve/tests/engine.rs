@@ -94,6 +94,8 @@ fn concurrent_greedy_requests_equal_each_alone() {
         assert_eq!(got.done().1.completion_tokens, reqs[i].max_tokens, "request {i}");
     }
     assert!(engine.wait_idle(Duration::from_secs(10)));
+    // The fixture's widths are too narrow for the 16-row tile groups.
+    assert_eq!(engine.decode_group(), Some(qvc_serve::engine::CPU_DECODE_GROUP));
     let c = engine.metrics();
     assert_eq!(c.success_length, 16);
     assert_eq!(c.slots_used, 0);

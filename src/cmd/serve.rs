@@ -229,8 +229,9 @@ pub fn run(a: ServeArgs) -> Result<()> {
     let served = name.clone();
     let on_event = move |ev: ServerEvent| match ev {
         ServerEvent::Ready => announce(&format!(
-            "qvc serve: ready: model \"{served}\" on http://{addr}/v1 (max batch {max_batch}, queue {max_queue}, \
-             context {} tokens)",
+            "qvc serve: ready: model \"{served}\" on http://{addr}/v1 (max batch {max_batch}, decode group {}, \
+             queue {max_queue}, context {} tokens)",
+            eng.decode_group().map_or("?".into(), |g| g.to_string()),
             eng.context_len().map_or("?".into(), |c| c.to_string())
         )),
         ServerEvent::Draining { signal, timeout } => eprintln!(
