@@ -61,7 +61,9 @@ pub struct ServeArgs {
     /// Port to listen on; 0 picks a free one (printed on the `listening on` line).
     #[arg(long, default_value_t = 8000, value_name = "PORT")]
     pub port: u16,
-    /// Requests that run at once (KV-cache slots); more wait in the queue.
+    /// Requests that run at once (KV-cache slots); more wait in the queue. On the CPU one decode
+    /// step holds up to 8 of them (16 under `--cpu-math fast` where AMX tiles run the model's
+    /// Linears; the `ready` line says which), the rest take further steps.
     #[arg(long, default_value_t = 8, value_name = "N", value_parser = at_least_one)]
     pub max_batch: usize,
     /// Requests that may wait for a slot; beyond that a request gets 503 with Retry-After.
