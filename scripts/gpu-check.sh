@@ -7,7 +7,7 @@
 #            (zeros for the wte / lm_head rows left out) and `qvc compile` it
 #   device   .gpu/gpu_device (the Device contract on the emulator and CUDA)
 #   kernels  `qvc selftest`: every kernel family vs its CPU reference
-#   logits   the compiled fixture on the device: logits[:N] of the text
+#   logits   the compiled fixture (and the int4 one) on the device: logits[:N] of the text
 #            prompt, the image prompt and the image prompt + 2 forced greedy
 #            tokens vs the reference (relative L2 <= 2e-2, bf16 weights)
 #   serve    `qvc serve` on the compiled fixture: two chat completions at
@@ -97,15 +97,17 @@ grep -q 'families, 0 failed' "$work/selftest.log" || { row "kernel selftest" FAI
 
 # (c) the fixture end to end: logits[:N] vs the reference slices.
 log "logits: fixture on $dev"
-prompts="$G/fixture/prompts.json"
-py_ids() { python3 -c "import json,sys; p=json.load(open('$prompts'))['$1']; print(json.dumps(p['input_ids'] + p['greedy'][:$2]))"; }
+# FIX (the slim fixture's name under .gpu and the work dir) and ART (its
+# compiled artifact) say which fixture logits_check runs.
+FIX=fixture
+py_ids() { python3 -c "import json,sys; p=json.load(open('$G/$FIX/prompts.json'))['$1']; print(json.dumps(p['input_ids'] + p['greedy'][:$2]))"; }
 logits_check() { # name case forced expected-tensor row
     local name=$1 case=$2 forced=$3 tensor=$4 r=$5 err
     py_ids "$case" "$forced" >"$work/$name.json"
     # Image paths in the prompt are relative to the fixture directory.
-    if (cd "$work/fixture" && limited "$QVC" logits "$art" --prompt-tokens "$work/$name.json" --out "$work/$name.safetensors" \
+    if (cd "$work/$FIX" && limited "$QVC" logits "$ART" --prompt-tokens "$work/$name.json" --out "$work/$name.safetensors" \
         --device "$dev" --force) >"$work/$name.log" 2>&1; then
-        if err=$(python3 scripts/slim_fixture.py compare "$work/$name.safetensors" "$G/fixture/expected_slim.safetensors" \
+        if err=$(python3 scripts/slim_fixture.py compare "$work/$name.safetensors" "$G/$FIX/expected_slim.safetensors" \
             "$tensor" --row "$r" --tol 2e-2); then
             row "logits $name" ok "rel L2 $err vs reference [:N]"
         else
@@ -116,12 +118,27 @@ logits_check() { # name case forced expected-tensor row
         tail -n 10 "$work/$name.log" >&2
     fi
 }
+ART="$art"
 if [ -d "$art" ]; then
     logits_check text text 0 chat/text/last_logits 0
     logits_check image img1 0 chat/img1/greedy_step_logits 0
     logits_check image+2 img1 2 chat/img1/greedy_step_logits 2
 else
     row "logits" FAIL "no compiled fixture"
+fi
+# The GPTQ int4 fixture the same way (the int4 GEMV and GEMM kernels against
+# the PyTorch reference), where gpu-pack found it.
+if [ -d "$G/fixture-int4" ]; then
+    log "logits: int4 fixture on $dev"
+    FIX=fixture-int4 ART="$work/fixture-int4.qvc"
+    if python3 scripts/slim_fixture.py expand "$G/$FIX" "$work/$FIX" &&
+        limited "$QVC" compile "$work/$FIX" -o "$ART" --target "$target" --max-seq 512 --force >"$work/compile-int4.log" 2>&1; then
+        logits_check int4-text text 0 chat/text/last_logits 0
+        logits_check int4-image img1 0 chat/img1/last_logits 0
+    else
+        row "int4 fixture compile" FAIL "see below"
+        tail -n 20 "$work/compile-int4.log" >&2 || true
+    fi
 fi
 
 # (d) serving: the compiled fixture behind `qvc serve`, two chat

@@ -6,11 +6,13 @@
 #   .gpu/ptxas          .tools/bin/ptxas, only if it fits the carry budget
 #                       (the GPU machine has its own ptxas)
 #   .gpu/fixture/       the slim tiny-qwen-vl fixture (scripts/slim_fixture.py)
+#   .gpu/fixture-int4/  the slim tiny-qwen-vl-int4 fixture (16384 lm_head rows)
 # Everything stays under 60 MiB (the carry limit is 64 MiB for all paths).
 # Workflow: scripts/gpu-pack.sh here; carry `.gpu` to the GPU machine; run
 # scripts/gpu-check.sh there from the repo root.
 # Env: CARGO_TARGET_DIR (default target), QVC_FIXTURE (default
-# ../shared/fixtures/tiny-qwen-vl), QVC_SLIM_ROWS (lm_head rows kept, 65536).
+# ../shared/fixtures/tiny-qwen-vl), QVC_SLIM_ROWS (lm_head rows kept, 65536),
+# QVC_FIXTURE_INT4 (default tiny-qwen-vl-int4 beside QVC_FIXTURE).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 target="${CARGO_TARGET_DIR:-target}"
@@ -33,6 +35,10 @@ mkdir -p .gpu
 cp "$target/release/qvc" .gpu/qvc
 cp "$gpu_device" .gpu/gpu_device
 python3 scripts/slim_fixture.py slim "$fixture" .gpu/fixture --rows "${QVC_SLIM_ROWS:-65536}"
+fixture_int4="${QVC_FIXTURE_INT4:-$(dirname "$fixture")/tiny-qwen-vl-int4}"
+if [ -d "$fixture_int4" ]; then
+    python3 scripts/slim_fixture.py slim "$fixture_int4" .gpu/fixture-int4 --rows 16384
+fi
 used=$(du -sb .gpu | cut -f1)
 if [ -x .tools/bin/ptxas ]; then
     size=$(stat -c %s .tools/bin/ptxas)

@@ -12,7 +12,7 @@ header {name: {dtype, shape, data_offsets}} and the raw data.
                                     prints the relative L2 error, exit 1 above T
 
 The slim directory holds config.json, generation_config.json, qwen.tiktoken,
-the images, prompts.json (the text and image prompts' input ids and greedy
+the images, quantize_config.json where the fixture is int4, prompts.json (the text and image prompts' input ids and greedy
 ids), expected_slim.safetensors (the reference logits' first N columns) and
 model_slim.safetensors: every weight unchanged except the two 151936-row
 tables, `transformer.wte.weight` (only the rows of token ids the prompts
@@ -80,8 +80,7 @@ def slim(src, out, n_rows):
         ids.update(e["greedy"]["ids"])
     with open(os.path.join(out, "prompts.json"), "w") as f:
         json.dump(prompts, f)
-    for name in ("config.json", "generation_config.json", "qwen.tiktoken", "shapes.png", "photo.jpg"):
-        shutil.copyfile(os.path.join(src, name), os.path.join(out, name))
+    copy_files(src, out)
 
     header, data = read_st(os.path.join(src, "model.safetensors"))
     vocab = header[LM]["shape"][0]
@@ -106,7 +105,9 @@ def slim(src, out, n_rows):
     # the image prompt's greedy step rows (row 0 = the prefill's last row).
     eh, ed = read_st(os.path.join(src, "expected.safetensors"))
     slices = []
-    for name in ("chat/text/last_logits", "chat/img1/greedy_step_logits"):
+    # The int4 fixture has the image prompt's last row only.
+    image = "chat/img1/greedy_step_logits" if "chat/img1/greedy_step_logits" in eh else "chat/img1/last_logits"
+    for name in ("chat/text/last_logits", image):
         shape = eh[name]["shape"]
         cols = shape[-1]
         rows = 1 if len(shape) == 1 else shape[0]
@@ -116,10 +117,16 @@ def slim(src, out, n_rows):
     write_st(os.path.join(out, "expected_slim.safetensors"), slices)
 
 
+def copy_files(src, out):
+    """The checkpoint's small files (quantize_config.json where it is int4)."""
+    for name in ("config.json", "generation_config.json", "qwen.tiktoken", "shapes.png", "photo.jpg", "quantize_config.json"):
+        if name != "quantize_config.json" or os.path.exists(os.path.join(src, name)):
+            shutil.copyfile(os.path.join(src, name), os.path.join(out, name))
+
+
 def expand(slim_dir, out):
     os.makedirs(out, exist_ok=True)
-    for name in ("config.json", "generation_config.json", "qwen.tiktoken", "shapes.png", "photo.jpg"):
-        shutil.copyfile(os.path.join(slim_dir, name), os.path.join(out, name))
+    copy_files(slim_dir, out)
     meta = json.load(open(os.path.join(slim_dir, "slim.json")))
     header, data = read_st(os.path.join(slim_dir, "model_slim.safetensors"))
     vocab = meta["vocab"]

@@ -235,15 +235,41 @@ fn scale_zero(b: &mut KernelBuilder, w: &QPtrs, p: Reg, g: Reg, o: Reg, zshift: 
     (s, z)
 }
 
-/// The 8 dequantized weights of word `w`: `scale · (q − z)` in f32.
-fn dequant8(b: &mut KernelBuilder, w: Reg, s: Reg, z: Reg) -> Vec<Reg> {
-    (0..8)
-        .map(|e| {
-            let q = if e == 0 { w } else { b.shr(Ty::U32, w, 4 * e) };
-            let q = b.and(Ty::B32, q, 15);
-            let d = b.sub(Ty::S32, q, z);
-            let f = b.cvt(Ty::F32, Ty::S32, d);
-            b.mul(Ty::F32, f, s)
+/// What [`dequant8`] needs of a group's scale `s` and zero `z`, for nibble
+/// position `e` = 0..3 of a half word: `s·16^-e` and `2²³ + z·16^e` (both
+/// exact: powers of two, small integers).
+#[derive(Clone, Copy)]
+struct GroupConsts {
+    s: [Reg; 4],
+    zf: [Reg; 4],
+}
+
+fn group_consts(b: &mut KernelBuilder, s: Reg, z: Reg) -> GroupConsts {
+    let zf32 = b.cvt(Ty::F32, Ty::U32, z);
+    GroupConsts {
+        s: std::array::from_fn(|e| if e == 0 { b.mov(Ty::F32, s) } else { b.mul(Ty::F32, s, 16f32.powi(-(e as i32))) }),
+        zf: std::array::from_fn(|e| b.mad(Ty::F32, zf32, 16f32.powi(e as i32), 8_388_608f32)),
+    }
+}
+
+/// The 8 dequantized weights of word `w`: `scale · (q − z)` in f32, the
+/// same bits as converting the integer `q − z` and multiplying, without a
+/// conversion (a quarter-rate instruction) or a shift per nibble: nibble `e`
+/// of a half word, masked in place and ORed under the exponent of 2²³, is
+/// the float `2²³ + q·16^e`; minus `2²³ + z·16^e` that is `(q − z)·16^e`
+/// exactly, and times `s·16^-e` it rounds as `(q − z)·s` does.
+fn dequant8(b: &mut KernelBuilder, w: Reg, c: &GroupConsts) -> Vec<Reg> {
+    let halves = [w, b.shr(Ty::U32, w, 16)];
+    halves
+        .into_iter()
+        .flat_map(|h| (0..4).map(move |e| (h, e)))
+        .map(|(h, e)| {
+            let q = b.and(Ty::B32, h, 15u32 << (4 * e));
+            let bits = b.or(Ty::B32, q, 0x4B00_0000u32);
+            let f = b.reg(RegClass::F32);
+            b.ins("mov.b32", vec![f.into(), bits.into()]);
+            let d = b.sub(Ty::F32, f, c.zf[e]);
+            b.mul(Ty::F32, d, c.s[e])
         })
         .collect()
 }
@@ -411,28 +437,36 @@ fn build_gemv(s: &Q4GemvSpec, c: u32) -> Kernel {
     // Shared address of this row lane's first row of a chunk: rl · wpt words · 8 rows · 4 bytes.
     let my_words = b.mad(Ty::U32, rl, wpt * 32, stage);
 
+    // Words per group (the group is a multiple of 8 stored rows).
+    let gws: Vec<Reg> = p.group.iter().map(|&grp| b.shr(Ty::U32, grp, 3)).collect();
     b.for_range(0u32, chunks, 1, |b, ch| {
         b.comment("this row lane's words of the chunk: issued first, they do not wait for the activations");
         let j0 = b.mad(Ty::U32, ch, kc / 8, wl0);
+        // Word u of the thread is u rows of N words after its first: one
+        // address per set, the rest immediate offsets.
+        let oks: Vec<Reg> = (0..wpt)
+            .map(|u| {
+                let j = b.add(Ty::U32, j0, u);
+                let j_ok = b.setp(Cmp::Lt, Ty::U32, j, words);
+                b.and_pred(j_ok, col_ok)
+            })
+            .collect();
         let mut loaded = vec![];
-        for u in 0..wpt {
-            let j = b.add(Ty::U32, j0, u);
-            let j_ok = b.setp(Cmp::Lt, Ty::U32, j, words);
-            let ok = b.and_pred(j_ok, col_ok);
-            let j8 = b.shl(Ty::B32, j, 3);
-            let per_set: Vec<(Reg, Reg, Reg)> =
-                p.w.iter()
-                    .zip(&p.group)
-                    .map(|(w, &grp)| {
-                        let wi = b.mad(Ty::U32, j, s.n as u32, o);
-                        let wp = b.index_addr(w.qw, wi, 4);
-                        let word = ld_u32(b, ok, Addr::reg(wp, 0));
-                        let g = b.div(Ty::U32, j8, grp);
-                        let (sc, z) = scale_zero(b, w, ok, g, o, zshift, s.n);
-                        (word, sc, z)
-                    })
-                    .collect();
-            loaded.push(per_set);
+        let mut groups = vec![];
+        for (w, &gw) in p.w.iter().zip(&gws) {
+            let wi = b.mad(Ty::U32, j0, s.n as u32, o);
+            let wp = b.index_addr(w.qw, wi, 4);
+            loaded.push(
+                (0..wpt)
+                    .map(|u| ld_u32(b, oks[u as usize], Addr::reg(wp, (u as usize * s.n * 4) as i64)))
+                    .collect::<Vec<Reg>>(),
+            );
+            // The first word's group, its scale and zero; later words load
+            // theirs only where a group starts (below).
+            let g = b.div(Ty::U32, j0, gw);
+            let next = b.mad(Ty::U32, g, gw, gw);
+            let (sc, z) = scale_zero(b, w, oks[0], g, o, zshift, s.n);
+            groups.push((g, next, sc, z));
         }
         // Everyone finished reading the previous chunk's activations.
         b.bar_sync();
@@ -454,9 +488,27 @@ fn build_gemv(s: &Q4GemvSpec, c: u32) -> Kernel {
             }
         }
         b.bar_sync();
-        for (u, per_set) in loaded.into_iter().enumerate() {
-            for (set, (word, sc, z)) in per_set.into_iter().enumerate() {
-                let wv = dequant8(b, word, sc, z);
+        let mut consts: Vec<GroupConsts> = groups.iter().map(|&(_, _, sc, z)| group_consts(b, sc, z)).collect();
+        for u in 0..wpt as usize {
+            for (set, (w, &gw)) in p.w.iter().zip(&gws).enumerate() {
+                if u > 0 {
+                    let (g, next, _, _) = groups[set];
+                    let j = b.add(Ty::U32, j0, u as u32);
+                    let starts = b.setp(Cmp::Eq, Ty::U32, j, next);
+                    let c = consts[set];
+                    b.if_then(starts, false, |b| {
+                        b.comment("a new group: its scale and zero");
+                        b.bin_into("add", Ty::U32, g, g, 1u32);
+                        b.bin_into("add", Ty::U32, next, next, gw);
+                        let (sc, z) = scale_zero(b, w, oks[u], g, o, zshift, s.n);
+                        let fresh = group_consts(b, sc, z);
+                        for (d, f) in c.s.iter().zip(fresh.s).chain(c.zf.iter().zip(fresh.zf)) {
+                            b.assign(Ty::F32, *d, f);
+                        }
+                    });
+                    consts[set] = c;
+                }
+                let wv = dequant8(b, loaded[set][u], &consts[set]);
                 // Rows (rl·wpt + u)·8.. of the chunk, for each activation
                 // row (one address per row lane of the warp: broadcast reads).
                 for (i, &acc) in accs[set].iter().enumerate() {
@@ -748,7 +800,8 @@ fn build_gemm(s: &Q4GemmSpec) -> Kernel {
                 b.st_v(Space::Shared, Ty::B32, Addr::reg(a_dst[q], off), &packed);
             }
             for (q, &(word, sc, z)) in sg.w.iter().enumerate() {
-                let v = dequant8(b, word, sc, z);
+                let c = group_consts(b, sc, z);
+                let v = dequant8(b, word, &c);
                 let packed: Vec<Reg> = v.chunks(2).map(|pr| b.pack_half2(Ty::BF16x2, pr[0], pr[1])).collect();
                 b.st_v(Space::Shared, Ty::B32, Addr::reg(b_dst[q], off), &packed);
             }
