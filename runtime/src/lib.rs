@@ -34,6 +34,10 @@ pub use kv::KvCache;
 /// each other either (a batched step over any slots equals each sequence
 /// alone bit for bit on the emulator: `tests/gpu_emu.rs`).
 pub use qvc_kernels::DECODE_BATCH_INVARIANT_MAX;
+pub use weights::{WeightError, WeightStore};
+
+use qvc_ir::{ExecError, Graph, InputRef, WeightSource};
+use std::collections::HashMap;
 
 /// Rows one CPU decode step may batch when it multiplies weights stored as
 /// these `(dtype, k)` (`[n, k]` each, every Linear of the step), under the
@@ -48,10 +52,6 @@ pub fn cpu_decode_group(weights: impl IntoIterator<Item = (qvc_ir::DType, usize)
         .min()
         .unwrap_or(DECODE_BATCH_INVARIANT_MAX)
 }
-pub use weights::{WeightError, WeightStore};
-
-use qvc_ir::{ExecError, Graph, InputRef, WeightSource};
-use std::collections::HashMap;
 
 /// One kernel's (GPU) or op's (CPU) share of a profile: how often it ran,
 /// for how long, and the work it did by the backend's cost model
