@@ -471,11 +471,13 @@ fn resolve(device: &str, cpu_artifact: bool) -> Result<Where> {
 struct Ceilings {
     /// FLOP/s the floors divide by: the measured FMA peak on the CPU (the
     /// bf16 peak under `--cpu-math fast`, AMX `tdpbf16ps` or `vdpbf16ps`,
-    /// whichever the GEMMs run on),
+    /// whichever the GEMMs run on; a third of the AMX peak for exact GEMMs
+    /// on the tiles),
     /// the best GEMM on a GPU.
     flops: f64,
     /// Which ceiling `flops` is, for `--json` (`ceilings.gemm_peak_of`):
-    /// `fma`, `amx_tdpbf16ps`, `vdpbf16ps` or, on a GPU, `best_gemm`.
+    /// `fma`, `amx_tdpbf16ps`, `amx_tdpbf16ps_over_3` (exact on AMX),
+    /// `vdpbf16ps` or, on a GPU, `best_gemm`.
     flops_of: &'static str,
     /// Bytes/s the decode floor divides by.
     bytes_per_s: f64,
@@ -612,8 +614,24 @@ fn cpu_ceilings(shapes: &[GemmShape]) -> Ceilings {
     // Under `--cpu-math fast` the bf16 GEMMs run on AMX tiles where the CPU has them, else on
     // vdpbf16ps (two products per f32 lane) where that outruns the FMAs, so their ceiling is that
     // instruction's measured rate, not the FMA peak; elsewhere fast runs the exact GEMMs.
+    // Exact GEMMs of bf16 weights run on the tiles too where the CPU has AMX, with A split into
+    // three bf16 (three tdpbf16ps per f32 × bf16 product), so their ceiling is a third of the
+    // tile peak.
     let fast_bf16 = qvc_kernels::cpu_math() == qvc_kernels::CpuMath::Fast && qvc_kernels::gemm::bf16_products_pay();
-    let (gemm_ceiling, gemm_ceiling_name, flops_of) = if fast_bf16 && qvc_kernels::gemm::amx::available() {
+    let exact_tiles = qvc_kernels::cpu_math() == qvc_kernels::CpuMath::Exact && qvc_kernels::gemm::exact_on_tiles();
+    let (gemm_ceiling, gemm_ceiling_name, flops_of) = if exact_tiles {
+        let dp = best_loop_rate(FMA_REPS, qvc_kernels::gemm::amx::dot_loop) / 3.0;
+        rows.push(Row::num(
+            "ceiling: exact on tiles",
+            dp / 1e9,
+            "GFLOP/s",
+            format!(
+                "measured: 4 independent AMX tdpbf16ps (16x16x32) per thread, on all {threads} threads at once, \
+                 best of {FMA_REPS} × 20 ms, over 3 (A split in three bf16; QVC_AMX_EXACT=0 runs the FMAs)"
+            ),
+        ));
+        (dp, "AMX tdpbf16ps peak / 3", "amx_tdpbf16ps_over_3")
+    } else if fast_bf16 && qvc_kernels::gemm::amx::available() {
         let dp = best_loop_rate(FMA_REPS, qvc_kernels::gemm::amx::dot_loop);
         rows.push(Row::num(
             "ceiling: bf16 compute",
@@ -654,6 +672,8 @@ fn cpu_ceilings(shapes: &[GemmShape]) -> Ceilings {
         let (products, ceiling, ceiling_name) =
             if fast_bf16 && qvc_kernels::gemm::fast_bf16_applies(isa, &a_ref, &w_ref) {
                 ("bf16 × bf16 (--cpu-math fast)", gemm_ceiling, gemm_ceiling_name)
+            } else if exact_tiles && qvc_kernels::gemm::exact_amx_applies(isa, &a_ref, &w_ref) {
+                ("f32 × bf16, A split in three bf16 on AMX", gemm_ceiling, gemm_ceiling_name)
             } else {
                 ("f32 × bf16", fma_flops, "FMA peak")
             };
@@ -1551,12 +1571,13 @@ pub fn run(model: Option<&Model>, synthetic: Option<Synthetic>, opt: &BenchOptio
     }
     let pre = best_ms(reps, || r.prefill(&mut s0, &ids, &[], &[]))?;
     let fl = decoder_flops(&cfg, prompt_len, 0, 1);
-    // Int4 Linears multiply on bf16 products only on AMX tiles; elsewhere their
-    // prefill GEMMs run on FMAs whatever the mode, and the FMA peak bounds them.
+    // Int4 Linears multiply on bf16 products only under --cpu-math fast on AMX tiles
+    // (exact ones never take the tiles: their dequantized weights are not bf16);
+    // elsewhere their prefill GEMMs run on FMAs, and the FMA peak bounds them.
+    let int4_on_tiles = qvc_kernels::cpu_math() == qvc_kernels::CpuMath::Fast
+        && qvc_kernels::q4::fast_prefill_on_tiles(qvc_kernels::Isa::detect());
     let prefill_floor = match ceilings.as_ref() {
-        Some(c) if decoder_int4(shapes) && !qvc_kernels::q4::fast_prefill_on_tiles(qvc_kernels::Isa::detect()) => {
-            c.fma_flops.map(|peak| fl / peak * 1e3).or(floor(fl))
-        }
+        Some(c) if decoder_int4(shapes) && !int4_on_tiles => c.fma_flops.map(|peak| fl / peak * 1e3).or(floor(fl)),
         _ => floor(fl),
     };
     report.prefill = Some((pre, prompt_len, prefill_floor.map(|f| f / pre)));

@@ -321,6 +321,18 @@ pub fn gemm_then(
             return;
         }
     }
+    #[cfg(target_arch = "x86_64")]
+    if math == CpuMath::Exact && exact_amx_applies(isa, &a, &b) {
+        if let Elems::BF16(w) = b.data {
+            a.check("A");
+            b.check("B");
+            // SAFETY: `exact_amx_applies` checked AMX (AVX-512 F/BW/VL +
+            // BF16 with it) and m, n, k > 0; the views were checked just
+            // above; C is m×n.
+            unsafe { amx::gemm_exact(&a, &b, w, c, n, accumulate, parallel, epi) };
+            return;
+        }
+    }
     let isa = isa.resolve();
     let mut scratch = GemmScratch::default();
     if epi.is_some() && m > SMALL_M && k > 0 && !matches!(b.data, Elems::Q4(_)) && !wide_dot(isa, &a, &b) {
@@ -2034,7 +2046,7 @@ impl PanelGemm {
             let out: &mut [u16] = bytemuck::cast_slice_mut(&mut out[..len]);
             // SAFETY: `new` saw `amx::available` (AVX-512 BF16 included); A
             // was checked; `out` is ⌈rows/32⌉ panels of depth(kc)/16 steps.
-            unsafe { amx::pack_a(a, out, self.depth(kc) / 16, false) };
+            unsafe { amx::pack_a(a, out, self.depth(kc) / 16, 1, false) };
             return;
         }
         #[cfg(target_arch = "x86_64")]
@@ -2393,6 +2405,38 @@ pub fn fast_bf16_applies(isa: Isa, a: &MatRef, b: &MatRef) -> bool {
         && b.cols > 0
         && isa.resolve() == Isa::Avx512
         && bf16_products_pay()
+}
+
+/// Whether an exact ([`CpuMath::Exact`]) GEMM runs on AMX tiles with A
+/// split into three bf16 ([`amx::gemm_exact`]): the shapes Fast would run
+/// there (a bf16 B, more rows than the dot path takes), where the tiles
+/// are usable; `QVC_AMX_EXACT=0` keeps the FMA path.
+pub fn exact_amx_applies(isa: Isa, a: &MatRef, b: &MatRef) -> bool {
+    exact_on_tiles()
+        && matches!(b.data, Elems::BF16(_))
+        && a.rows > SMALL_M
+        && !wide_dot(isa, a, b)
+        && a.cols > 0
+        && b.cols > 0
+        && isa.resolve() == Isa::Avx512
+}
+
+/// Whether this process runs exact GEMMs of bf16 weights on AMX tiles at
+/// all ([`exact_amx_applies`] then says which): [`amx::available`] and
+/// `QVC_AMX_EXACT` not `0`/`off`. Asked once per process. Where it holds,
+/// a bf16 weight and its f32 widening give the same values to f32
+/// rounding, no longer the same bits (only bf16 weights take the tiles).
+pub fn exact_on_tiles() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *ON.get_or_init(|| {
+            let off = std::env::var("QVC_AMX_EXACT").is_ok_and(|v| matches!(v.trim(), "0" | "off" | "false"));
+            !off && amx::available()
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
 }
 
 /// `C = round_bf16(A) · B` (or `C +=` when `accumulate`): A's elements
@@ -2962,6 +3006,22 @@ mod tests {
                     let am = MatRef::row_major(Elems::F32(&a), m, k);
                     gemm_with_isa(isa, am, view(Elems::BF16(&w)), &mut c1, false);
                     gemm_with_isa(isa, am, view(Elems::F32(&wf)), &mut c2, false);
+                    if exact_amx_applies(isa, &am, &view(Elems::BF16(&w))) {
+                        // AMX multiplies bf16 weights only (A split in three, sums in
+                        // another order): the same values to f32 rounding, not bits.
+                        let mut r = vec![0.0; m * n];
+                        gemm_ref(am, view(Elems::F32(&wf)), &mut r, false);
+                        for (i, (&x, &y)) in c1.iter().zip(&r).enumerate() {
+                            let scale: f32 = (0..k)
+                                .map(|p| (a[i / n * k + p] * wf[view(Elems::F32(&wf)).index(p, i % n)]).abs())
+                                .sum();
+                            assert!(
+                                (x - y).abs() <= 4.0 * f32::EPSILON * scale,
+                                "{isa:?} {m}x{n}x{k} at {i}: {x} vs {y}"
+                            );
+                        }
+                        continue;
+                    }
                     assert_eq!(c1, c2, "{isa:?} {m}x{n}x{k} transposed={transposed}");
                 }
             }

@@ -163,14 +163,18 @@ pub(crate) unsafe fn configure() {
 /// One 32×32 block of C over `steps` × 32 elements of k: `c` (32 rows of
 /// 32 floats, `ldc` floats apart) `+=` A's 32 rows × B's 32 columns, or `=`
 /// when `!load` (the tiles start from zero instead of from `c`). `a` holds
-/// the block's rows in tile order ([`pack_a`]: per step, 32 rows × 32 bf16
-/// contiguous); `b` a 32-column panel of pairs ([`pack_b_bf16_pairs`]), 16
-/// pair rows per step. Every tile is 1 or 2 KiB of consecutive memory, so
-/// no load strides across pages or cache sets.
+/// the block's rows in tile order ([`pack_a`]: per step, `parts` blocks of
+/// 32 rows × 32 bf16, each contiguous); `b` a 32-column panel of pairs
+/// ([`pack_b_bf16_pairs`]), 16 pair rows per step. Each step loads B's two
+/// tiles once and multiplies every part of A's by them (`parts` is 1 for
+/// rounded activations, [`SPLIT_PARTS`] for the exact split). Every tile is
+/// 1 or 2 KiB of consecutive memory, so no load strides across pages or
+/// cache sets.
 ///
-/// SAFETY: [`configure`]d on this thread; `a` holds `1024 * steps` bf16,
-/// `b` `16 * steps` rows of 32 dwords, `c` 32 rows of 32 floats `ldc` apart.
-unsafe fn kernel(steps: usize, a: *const u16, b: *const u32, c: *mut f32, ldc: usize, load: bool) {
+/// SAFETY: [`configure`]d on this thread; `a` holds `1024 * parts * steps`
+/// bf16, `b` `16 * steps` rows of 32 dwords, `c` 32 rows of 32 floats `ldc`
+/// apart.
+unsafe fn kernel(steps: usize, parts: usize, a: *const u16, b: *const u32, c: *mut f32, ldc: usize, load: bool) {
     let (c2, ldc) = (c.add(16 * ldc), ldc * 4);
     if load {
         asm!(
@@ -184,9 +188,10 @@ unsafe fn kernel(steps: usize, a: *const u16, b: *const u32, c: *mut f32, ldc: u
         asm!("tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3", options(nostack, nomem));
     }
     // A load into a tile cannot overlap the products still reading it, so
-    // each step's loads go in as soon as the tile they replace has been read
+    // each unit's loads go in as soon as the tile they replace has been read
     // for the last time, and the tile unit has products queued while the
-    // next operands arrive.
+    // next operands arrive. A unit is one part of one step: B's tiles are
+    // reloaded only where a step begins.
     asm!(
         "tileloadd tmm4, [{a} + {lda}]",
         "tileloadd tmm6, [{b} + {ldb}]",
@@ -195,28 +200,42 @@ unsafe fn kernel(steps: usize, a: *const u16, b: *const u32, c: *mut f32, ldc: u
         a = in(reg) a, b = in(reg) b, lda = in(reg) 64usize, ldb = in(reg) NR_AVX512 * 4,
         options(nostack, readonly),
     );
-    for s in 1..steps {
-        // A prefetch is only a hint (it never faults), so the last steps may
+    for u in 1..steps * parts {
+        // A prefetch is only a hint (it never faults), so the last units may
         // point past A: `wrapping_add` keeps that address arithmetic defined.
-        let next = a.wrapping_add((s + PREFETCH_STEPS) * 1024) as *const i8;
+        let next = a.wrapping_add((u + PREFETCH_STEPS) * 1024) as *const i8;
         for line in 0..32 {
             std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(next.wrapping_add(64 * line));
         }
-        asm!(
-            "tdpbf16ps tmm0, tmm4, tmm6",
-            "tdpbf16ps tmm1, tmm4, tmm7",
-            "tileloadd tmm4, [{a} + {lda}]",
-            "tdpbf16ps tmm2, tmm5, tmm6",
-            "tileloadd tmm6, [{b} + {ldb}]",
-            "tdpbf16ps tmm3, tmm5, tmm7",
-            "tileloadd tmm7, [{b} + {ldb} + 64]",
-            "tileloadd tmm5, [{a} + {lda} + 1024]",
-            a = in(reg) a.add(s * 1024),
-            b = in(reg) b.add(s * 16 * NR_AVX512),
-            lda = in(reg) 64usize,
-            ldb = in(reg) NR_AVX512 * 4,
-            options(nostack, readonly),
-        );
+        if u % parts == 0 {
+            asm!(
+                "tdpbf16ps tmm0, tmm4, tmm6",
+                "tdpbf16ps tmm1, tmm4, tmm7",
+                "tileloadd tmm4, [{a} + {lda}]",
+                "tdpbf16ps tmm2, tmm5, tmm6",
+                "tileloadd tmm6, [{b} + {ldb}]",
+                "tdpbf16ps tmm3, tmm5, tmm7",
+                "tileloadd tmm7, [{b} + {ldb} + 64]",
+                "tileloadd tmm5, [{a} + {lda} + 1024]",
+                a = in(reg) a.add(u * 1024),
+                b = in(reg) b.add(u / parts * 16 * NR_AVX512),
+                lda = in(reg) 64usize,
+                ldb = in(reg) NR_AVX512 * 4,
+                options(nostack, readonly),
+            );
+        } else {
+            asm!(
+                "tdpbf16ps tmm0, tmm4, tmm6",
+                "tdpbf16ps tmm1, tmm4, tmm7",
+                "tileloadd tmm4, [{a} + {lda}]",
+                "tdpbf16ps tmm2, tmm5, tmm6",
+                "tdpbf16ps tmm3, tmm5, tmm7",
+                "tileloadd tmm5, [{a} + {lda} + 1024]",
+                a = in(reg) a.add(u * 1024),
+                lda = in(reg) 64usize,
+                options(nostack, readonly),
+            );
+        }
     }
     products();
     asm!(
@@ -293,7 +312,7 @@ pub(crate) unsafe fn tile(
     use std::arch::x86_64::*;
     configure();
     if rows == MR_AMX && cols == NR_AVX512 {
-        return kernel(steps, a, b, c, ldc, !overwrite);
+        return kernel(steps, 1, a, b, c, ldc, !overwrite);
     }
     let mut t = Block([0f32; 1024]);
     if !overwrite {
@@ -303,7 +322,7 @@ pub(crate) unsafe fn tile(
             }
         }
     }
-    kernel(steps, a, b, t.0.as_mut_ptr(), 32, !overwrite);
+    kernel(steps, 1, a, b, t.0.as_mut_ptr(), 32, !overwrite);
     merge(t.0.as_ptr(), c, ldc, rows, cols, true);
 }
 
@@ -344,7 +363,33 @@ pub(crate) unsafe fn gemm(
         // every element read; `bp` holds 32 × kp dwords.
         unsafe { pack_b_bf16_pairs(b, w, q0, kp, j, cols, bp) }
     };
-    gemm_with(a, b.cols, &pack, c, ldc, accumulate, parallel, epi)
+    gemm_with(a, b.cols, 1, &pack, c, ldc, accumulate, parallel, epi)
+}
+
+/// `C = A · B` (or `+=` when `accumulate`) to f32 rounding, for a bf16 B:
+/// A split exactly into three bf16 per element ([`split_bf16_bits`]), so
+/// every product of a part and a weight is exact and only the f32 sums
+/// round, as in the FMA path (in another order). Three times the tile work
+/// of [`gemm`], on the same blocking.
+///
+/// SAFETY: as [`gemm`].
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16,avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn gemm_exact(
+    a: &MatRef,
+    b: &MatRef,
+    w: &[half::bf16],
+    c: &mut [f32],
+    ldc: usize,
+    accumulate: bool,
+    parallel: bool,
+    epi: Option<Epilogue>,
+) {
+    let pack = |q0: usize, kp: usize, j: usize, cols: usize, bp: &mut [u32]| {
+        // SAFETY: as in `gemm`.
+        unsafe { pack_b_bf16_pairs(b, w, q0, kp, j, cols, bp) }
+    };
+    gemm_with(a, b.cols, SPLIT_PARTS, &pack, c, ldc, accumulate, parallel, epi)
 }
 
 /// `pack_b(q0, kp, j, cols, panel)`: see [`gemm_with`].
@@ -361,6 +406,7 @@ type PackB<'p> = dyn Fn(usize, usize, usize, usize, &mut [u32]) + Sync + 'p;
 unsafe fn gemm_with(
     a: &MatRef,
     n: usize,
+    parts: usize,
     pack_b: &PackB,
     c: &mut [f32],
     ldc: usize,
@@ -374,8 +420,8 @@ unsafe fn gemm_with(
     let npanels = n.div_ceil(NR_AVX512);
     let part = Partition::new(m, MR_AMX, npanels, parallel, usize::MAX);
     let cp = SyncPtr(c.as_mut_ptr());
-    with_aligned(&A_BF16, m.div_ceil(MR_AMX) * steps * 1024, |abuf| {
-        pack_a(a, abuf, steps, parallel);
+    with_aligned(&A_BF16, m.div_ceil(MR_AMX) * steps * parts * 1024, |abuf| {
+        pack_a(a, abuf, steps, parts, parallel);
         let abuf: &[u16] = abuf;
         par_for(part.mblocks * part.nsplit, parallel, |t| {
             let (mb, ns) = (t / part.nsplit, t % part.nsplit);
@@ -403,7 +449,8 @@ unsafe fn gemm_with(
                                     unsafe {
                                         kernel(
                                             ks,
-                                            abuf.as_ptr().add(ab * 1024),
+                                            parts,
+                                            abuf.as_ptr().add(ab * parts * 1024),
                                             bp.as_ptr(),
                                             stage.as_mut_ptr().add(cs),
                                             32,
@@ -478,7 +525,7 @@ pub(crate) unsafe fn gemm_q4(
             unsafe { pairs_from_f32(f, kp, bp) };
         })
     };
-    gemm_with(a, b.cols, &pack, c, ldc, accumulate, parallel, None)
+    gemm_with(a, b.cols, 1, &pack, c, ldc, accumulate, parallel, None)
 }
 
 /// `bp[q·32 + j]` = the bf16 pair (`f[2q·32 + j]`, `f[(2q+1)·32 + j]`),
@@ -512,16 +559,19 @@ unsafe fn pairs_from_f32(f: &[f32], kp: usize, bp: &mut [u32]) {
 #[repr(C, align(64))]
 struct Block([f32; 1024]);
 
-/// A rounded to bf16 (nearest even) in tile order: block `(rb, s)` at
-/// `abuf[(rb * steps + s) * 1024..]` holds rows `32 rb..32 rb + 32` ×
-/// elements `32 s..32 s + 32`, row by row (the two 16-row tiles of a
-/// kernel step, one after the other); zero past m and past k.
+/// A in tile order, as `parts` bf16 blocks per step: block `(rb, s, t)` at
+/// `abuf[((rb * steps + s) * parts + t) * 1024..]` holds rows `32 rb..32 rb
+/// + 32` × elements `32 s..32 s + 32`, row by row (the two 16-row tiles of
+/// a kernel unit, one after the other); zero past m and past k. With one
+/// part, A rounded to bf16 (nearest even); with [`SPLIT_PARTS`], A split
+/// exactly into three bf16 ([`split_bf16_bits`]), stored `lo`, `mid`, `hi`.
 ///
-/// SAFETY: AVX-512F and BF16; `abuf` holds `ceil(m / 32) * steps * 1024`
-/// elements, `steps * 32 ≥ k`.
-#[target_feature(enable = "avx512f,avx512bf16")]
-pub(crate) unsafe fn pack_a(a: &MatRef, abuf: &mut [u16], steps: usize, parallel: bool) {
+/// SAFETY: AVX-512F and BF16; `abuf` holds `ceil(m / 32) * steps * parts *
+/// 1024` elements, `steps * 32 ≥ k`; `parts` is 1 or [`SPLIT_PARTS`].
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+pub(crate) unsafe fn pack_a(a: &MatRef, abuf: &mut [u16], steps: usize, parts: usize, parallel: bool) {
     let (m, k) = (a.rows, a.cols);
+    debug_assert!(parts == 1 || parts == SPLIT_PARTS);
     let pack = |rb: usize, block: &mut [u16]| {
         // A row as f32: in place for contiguous f32 rows (the attention's
         // probabilities, the activations), else gathered and widened once.
@@ -537,23 +587,70 @@ pub(crate) unsafe fn pack_a(a: &MatRef, abuf: &mut [u16], steps: usize, parallel
                     &widened
                 }
             };
-            // Each 32-element step straight into its tile row, zero past k
+            // Each 32-element step straight into its tile rows, zero past k
             // (and for rows past m).
             for s in 0..steps {
                 let (lo, hi) = ((s * K_STEP).min(src.len()), ((s + 1) * K_STEP).min(src.len()));
-                let dst = &mut block[s * 1024 + r * K_STEP..][..K_STEP];
-                // SAFETY: AVX-512F + BF16 (the caller's contract); equal lengths.
-                unsafe { round_bf16_bits(&src[lo..hi], &mut dst[..hi - lo]) };
-                dst[hi - lo..].fill(0);
+                let row = |t: usize| (s * parts + t) * 1024 + r * K_STEP;
+                if parts == 1 {
+                    let dst = &mut block[row(0)..][..K_STEP];
+                    // SAFETY: AVX-512F + BF16 (the caller's contract); equal lengths.
+                    unsafe { round_bf16_bits(&src[lo..hi], &mut dst[..hi - lo]) };
+                    dst[hi - lo..].fill(0);
+                } else {
+                    let mut split = [[0u16; K_STEP]; SPLIT_PARTS];
+                    // SAFETY: AVX-512F + BW (the caller's contract); at most 32 elements.
+                    unsafe { split_bf16_bits(&src[lo..hi], &mut split) };
+                    // Smallest part first: a step's first sums, `lo + mid`
+                    // times a weight, are exact, and `hi` rounds once.
+                    for (t, part) in split.iter().rev().enumerate() {
+                        block[row(t)..][..K_STEP].copy_from_slice(part);
+                    }
+                }
             }
         }
     };
-    let block = steps * 1024;
+    let block = steps * parts * 1024;
     if parallel && m * k >= 1 << 15 {
         use rayon::prelude::*;
         abuf.par_chunks_mut(block).enumerate().for_each(|(rb, b)| pack(rb, b));
     } else {
         abuf.chunks_mut(block).enumerate().for_each(|(rb, b)| pack(rb, b));
+    }
+}
+
+/// Parts of A's exact split: three bf16 carry an f32's 24-bit significand.
+pub(crate) const SPLIT_PARTS: usize = 3;
+
+/// `x = hi + mid + lo` exactly, each a bf16, for up to 32 elements of `src`
+/// (`out[t][e]`, zero past `src`): `hi` is `x` cut to bf16 (truncated, so
+/// never rounded up past the largest finite value), `mid` the rest cut the
+/// same way, `lo` what remains, which has at most 8 significant bits and so
+/// is a bf16. Each product with a bf16 weight is then exact in f32, and a
+/// dot product over the three parts is the f32 dot product up to the order
+/// of its f32 sums. A value whose cut is itself (zero, ±∞, a bf16) leaves
+/// nothing for the lower parts: an infinity must not become `∞ − ∞`. The
+/// tiles read bf16 subnormals as zero, so parts below 2⁻¹²⁶ drop out: `lo`
+/// of an |x| under about 2⁻¹¹⁰, `hi` only of an x that is itself an f32
+/// subnormal.
+///
+/// SAFETY: AVX-512F and BW; `src.len() ≤ 32`.
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn split_bf16_bits(src: &[f32], out: &mut [[u16; K_STEP]; SPLIT_PARTS]) {
+    use std::arch::x86_64::*;
+    debug_assert!(src.len() <= K_STEP);
+    let top = _mm512_set1_epi32(0xffff_0000u32 as i32);
+    for h in 0..2 {
+        let w = src.len().saturating_sub(16 * h).min(16);
+        let mut x = _mm512_maskz_loadu_ps(((1u32 << w) - 1) as __mmask16, src.as_ptr().wrapping_add(16 * h));
+        for part in out.iter_mut() {
+            let cut = _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(x), top));
+            let bits = _mm512_srli_epi32::<16>(_mm512_castps_si512(cut));
+            _mm256_storeu_si256(part.as_mut_ptr().add(16 * h) as *mut __m256i, _mm512_cvtepi32_epi16(bits));
+            // The rest, where the cut changed anything (NaN ≠ NaN keeps a NaN's rest NaN).
+            let changed = _mm512_cmp_ps_mask::<_CMP_NEQ_UQ>(x, cut);
+            x = _mm512_maskz_sub_ps(changed, x, cut);
+        }
     }
 }
 
@@ -743,7 +840,15 @@ mod tests {
     /// error each element may carry: f32 sums of `k` products (the bound of
     /// `tests/gemm_isa.rs`).
     fn reference(a: &MatRef, b: &MatRef, c0: &[f32], acc: bool, epi: bool) -> Vec<(f64, f64)> {
+        reference_with(a, b, c0, acc, epi, 1)
+    }
+
+    /// [`reference`] for A rounded to bf16 (`parts` 1) or, with
+    /// [`SPLIT_PARTS`], A as it is: the exact split's f32 sums run over
+    /// three terms per product.
+    fn reference_with(a: &MatRef, b: &MatRef, c0: &[f32], acc: bool, epi: bool, parts: usize) -> Vec<(f64, f64)> {
         let (m, k, n) = (a.rows, a.cols, b.cols);
+        let ra = |v: f32| if parts == 1 { half::bf16::from_f32(v).to_f32() as f64 } else { v as f64 };
         let r = |v: f32| half::bf16::from_f32(v).to_f32() as f64;
         let mut out = Vec::with_capacity(m * n);
         for i in 0..m {
@@ -753,11 +858,11 @@ mod tests {
                 for p in 0..k {
                     // B rounds too: a no-op on bf16 weights, the int4 path's
                     // rounding of its dequantized ones.
-                    let t = r(a.get(i, p)) * r(b.get(p, j));
+                    let t = ra(a.get(i, p)) * r(b.get(p, j));
                     s += t;
                     mag += t.abs();
                 }
-                let bound = (k + 4) as f64 * f32::EPSILON as f64 * mag + f32::MIN_POSITIVE as f64;
+                let bound = (parts * k + 4) as f64 * f32::EPSILON as f64 * mag + f32::MIN_POSITIVE as f64;
                 out.push(if epi {
                     // The epilogue's own f32 add rounds once more.
                     let v = 2.0 * s + test_bias(i, j);
@@ -846,6 +951,149 @@ mod tests {
         }
     }
 
+    /// The exact split ([`gemm_exact`]) against the unrounded reference.
+    #[allow(clippy::too_many_arguments)]
+    fn check_exact(
+        (m, n, k): (usize, usize, usize),
+        (la, lb): (u8, u8),
+        da: DType,
+        pad: usize,
+        acc: bool,
+        epi: bool,
+        parallel: bool,
+        seed: u64,
+    ) -> Result<(), TestCaseError> {
+        let mut rng = Rng::new(seed);
+        let a = StoredMat::new(&mut rng, m, k, la, pad, 2, da);
+        let b = StoredMat::new(&mut rng, k, n, lb, pad, 1, DType::BF16);
+        let c0 = rng.vec(m * n, 1.0);
+        let (av, bv) = (a.view(), b.view());
+        let Elems::BF16(w) = bv.data else { unreachable!("B is bf16") };
+        let want = reference_with(&av, &bv, &c0, acc, epi, SPLIT_PARTS);
+        let f: Option<Epilogue> = if epi { Some(&double_plus_bias) } else { None };
+        let mut got = c0.clone();
+        // SAFETY: `available` (the caller); views from StoredMat are in
+        // bounds; C is m×n; m, n, k > 0.
+        unsafe { gemm_exact(&av, &bv, w, &mut got, n, acc, parallel, f) };
+        within(&got, &want, n, &format!("exact {m}x{n}x{k} layouts {la},{lb} A {da} acc {acc} epi {epi}"))
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        /// The exact split on ragged shapes, every A layout and dtype.
+        #[test]
+        fn amx_exact_matches_reference(
+            m in 1usize..=100, n in 1usize..=100, k in 1usize..=170,
+            la in 0u8..3, lb in 0u8..3, da in 0usize..3, pad in 0usize..3,
+            acc: bool, epi: bool, parallel: bool, seed: u64,
+        ) {
+            if !available() {
+                return Ok(());
+            }
+            let da = crate::testutil::FLOAT_DTYPES[da];
+            check_exact((m, n, k), (la, lb), da, pad, acc, epi, parallel, seed)?;
+        }
+
+        /// The three parts add up to every f32 exactly: random bit
+        /// patterns (every exponent, NaNs and infinities among them).
+        #[test]
+        fn split_is_exact(bits in proptest::collection::vec(any::<u32>(), 1..=32)) {
+            if !available() {
+                return Ok(());
+            }
+            let x: Vec<f32> = bits.iter().map(|&b| f32::from_bits(b)).collect();
+            split_holds(&x)?;
+        }
+    }
+
+    /// `split_bf16_bits` on `x`: each finite value is the sum of its parts
+    /// (those above the tiles' subnormal cut), infinities keep their sign
+    /// in `hi` with nothing below, NaNs stay NaN.
+    fn split_holds(x: &[f32]) -> Result<(), TestCaseError> {
+        let mut out = [[0xdead_u16; K_STEP]; SPLIT_PARTS];
+        // SAFETY: `available` (the caller) implies AVX-512 F and BW; ≤ 32 values.
+        unsafe { split_bf16_bits(x, &mut out) };
+        let part = |t: usize, e: usize| half::bf16::from_bits(out[t][e]).to_f32() as f64;
+        for (e, &v) in x.iter().enumerate() {
+            let (hi, mid, lo) = (part(0, e), part(1, e), part(2, e));
+            if v.is_nan() {
+                prop_assert!(hi.is_nan() || mid.is_nan() || lo.is_nan(), "{v:e}: NaN lost ({hi}, {mid}, {lo})");
+            } else if v.is_infinite() {
+                prop_assert!(hi == v as f64 && mid == 0.0 && lo == 0.0, "{v:e}: ({hi}, {mid}, {lo})");
+            } else {
+                // The tiles read parts below 2^-126 as zero.
+                let kept = |p: f64| if p.abs() < f32::MIN_POSITIVE as f64 { 0.0 } else { p };
+                let sum = kept(hi) + kept(mid) + kept(lo);
+                let lost = if (v.abs() as f64) < 2f64.powi(-100) { 2f64.powi(-126) } else { 0.0 };
+                prop_assert!((sum - v as f64).abs() <= lost, "{v:e} = {hi:e} + {mid:e} + {lo:e}, sum {sum:e}");
+            }
+        }
+        for (t, part) in out.iter().enumerate() {
+            prop_assert!(part[x.len()..].iter().all(|&w| w == 0), "part {t} not zero past the values");
+        }
+        Ok(())
+    }
+
+    /// The split's edges: the largest finite values (a rounded `hi` would
+    /// overflow), the smallest normal and subnormal ones, zeros, bf16
+    /// values (nothing left for `mid`), values with all 24 bits set.
+    #[test]
+    fn split_edges() {
+        if !available() {
+            eprintln!("no AMX-BF16 here: skipped");
+            return;
+        }
+        let all = f32::from_bits(0x3fff_ffff);
+        let x = [
+            f32::MAX,
+            -f32::MAX,
+            f32::MIN_POSITIVE,
+            -f32::MIN_POSITIVE,
+            f32::from_bits(1),
+            0.0,
+            -0.0,
+            1.0,
+            -0.5,
+            all,
+            -all,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::NAN,
+            1.0 + f32::EPSILON,
+            3.0e-30,
+            f32::from_bits(0x7f80_0001),
+        ];
+        split_holds(&x).unwrap();
+    }
+
+    /// With a single product per element, C is that product correctly
+    /// rounded to f32, as the FMA path gives it: the parts go in smallest
+    /// first, `lo·w + mid·w` (at most 16 significant bits times 8) is exact,
+    /// and adding `hi·w` rounds once. (In the order `hi`, `mid`, `lo` the
+    /// sum rounds twice, and C[1, 5] here came out one ulp off.)
+    #[test]
+    fn exact_single_products_are_correctly_rounded() {
+        if !available() {
+            eprintln!("no AMX-BF16 here: skipped");
+            return;
+        }
+        let mut rng = Rng::new(5);
+        let (m, n) = (40, 48);
+        let x: Vec<f32> = rng.vec(m, 3.0).iter().map(|v| v * 1.000_123_4).collect();
+        let w: Vec<half::bf16> = rng.vec(n, 2.0).into_iter().map(half::bf16::from_f32).collect();
+        let (a, b) = (MatRef::row_major(Elems::F32(&x), m, 1), MatRef::row_major(Elems::BF16(&w), 1, n));
+        let mut c = vec![0f32; m * n];
+        // SAFETY: `available`; A is m × 1, B 1 × n, C m × n.
+        unsafe { gemm_exact(&a, &b, &w, &mut c, n, false, false, None) };
+        for i in 0..m {
+            for j in 0..n {
+                let want = (x[i] as f64 * w[j].to_f64()) as f32;
+                assert_eq!(c[i * n + j], want, "C[{i}, {j}]: {} · {}", x[i], w[j]);
+            }
+        }
+    }
+
     /// The int4 path: B dequantized exactly, then rounded to bf16 with A.
     fn check_q4(m: usize, n8: usize, k8: usize, group: usize, acc: bool, seed: u64) -> Result<(), TestCaseError> {
         let (n, k) = (8 * n8, 8 * k8);
@@ -895,6 +1143,7 @@ mod tests {
         }
         for (s, &(m, n, k)) in [(130, 257, 300), (300, 70, 1100), (33, 1000, 64), (64, 64, 2500)].iter().enumerate() {
             check((m, n, k), (0, 1), DType::F32, 0, s % 2 == 1, s == 2, true, s as u64).unwrap();
+            check_exact((m, n, k), (0, 1), DType::F32, 0, s % 2 == 0, s == 1, true, s as u64).unwrap();
         }
     }
 
