@@ -47,6 +47,16 @@
 //!   ([`fast_bf16_dot_applies`]): half the instructions per weight byte
 //!   keeps more of the stream in flight.
 //!
+//! * **exact on AMX tiles** (the packed path's shapes with a bf16 B, where
+//!   the CPU has AMX: [`exact_amx_applies`]): each element of A split
+//!   exactly into three bf16 (`hi + mid + lo`, 24 significant bits), so
+//!   each product with a bf16 weight is exact in f32 and only the f32 sums
+//!   round, as on the FMAs but in another order and three times as many
+//!   ([`amx::gemm_exact`]). About 2.2–2.5× the FMA path at the ViT and
+//!   prefill shapes on Sapphire Rapids. A bf16 weight and its f32 widening
+//!   then give the same values to f32 rounding, not the same bits (f32
+//!   weights stay on the FMAs). `QVC_AMX_EXACT=0` turns it off.
+//!
 //! Paths are chosen at run time ([`Isa::detect`]); AVX-512 runs its own
 //! packed micro-kernel, its own long-k dot kernel ([`crate::gemv`]: 16-lane
 //! dot products, weight rows streamed), and the AVX2 code of the short-k

@@ -65,9 +65,9 @@ pub struct BenchArgs {
     /// and after each; the median over steps of the floor at the mean of the two probes around a step over its
     /// time; batch 1), decode [{batch, tok_s, ms_per_step, bytes_per_step, floor_fraction, paired_floor_fraction,
     /// paired_read_gbs (median of those probes)}], gemm_best_gflops,
-    /// gemm_peak_fraction (best GEMM FLOP/s over the measured FMA peak, or under --cpu-math fast the bf16 peak: AMX tdpbf16ps where the CPU has AMX, else vdpbf16ps; CPU only), ceilings {fma_peak_gflops
+    /// gemm_peak_fraction (best GEMM FLOP/s over the measured FMA peak; where the CPU has AMX, exact GEMMs run on the tiles and divide by a third of the tdpbf16ps peak; under --cpu-math fast the bf16 peak: AMX tdpbf16ps where the CPU has AMX, else vdpbf16ps; CPU only), ceilings {fma_peak_gflops
     /// (CPU: an FMA loop on every thread at once), fma_peak_how, gemm_peak_gflops and gemm_peak_of (the ceiling the
-    /// GEMM fractions divide by: fma, amx_tdpbf16ps, vdpbf16ps, or best_gemm on a GPU), read_bandwidth_gbs (CPU:
+    /// GEMM fractions divide by: fma, amx_tdpbf16ps, amx_tdpbf16ps_over_3, vdpbf16ps, or best_gemm on a GPU), read_bandwidth_gbs (CPU:
     /// 256 MiB sum; GPU: 1 GiB copy), read_bandwidth_how, gemm [{shape, m, n, k, gflops}]}.
     #[arg(long)]
     json: bool,

@@ -1,5 +1,9 @@
-//! AMX tiles for the `--cpu-math fast` bf16 GEMMs (Intel Sapphire Rapids and
-//! later: AMX-TILE + AMX-BF16).
+//! AMX tiles for the `--cpu-math fast` bf16 GEMMs and the exact GEMMs of
+//! bf16 weights (Intel Sapphire Rapids and later: AMX-TILE + AMX-BF16).
+//!
+//! Exact GEMMs ([`gemm_exact`]) split each activation exactly into three
+//! bf16 ([`split_bf16_bits`]) and multiply all three by the same B tiles:
+//! three times the products of a fast GEMM, every one exact, f32 sums.
 //!
 //! One `tdpbf16ps` multiplies a 16×32 bf16 tile of A by a 32×16 tile of B
 //! into a 16×16 f32 tile of C: 8192 products per instruction, at the
