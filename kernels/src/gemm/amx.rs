@@ -47,24 +47,25 @@ use std::sync::OnceLock;
 pub(crate) const MR_AMX: usize = 32;
 /// Elements of k one tile step consumes: a 64-byte tile row of bf16.
 const K_STEP: usize = 32;
-/// Kernel steps (32 elements of k each) per slice: a task's 32-column B
-/// panel of one slice is 32 KiB and stays in L1 while the kernel runs it
-/// down the task's rows, whose slice of A (`rows × 512` bf16, 1 MiB at 1024
-/// rows) stays in L2 for the `NB_AMX` panels of a group.
-const KC_STEPS: usize = 16;
-/// B panels per group: the C blocks of a group (`rows × 128` f32, 512 KiB
-/// at 1024 rows) stay in L2 across the slices; C itself is written once.
+/// Kernel steps (32 elements of k each) per slice, and the most rows of a
+/// task's A block: a task's 32-column B panel of one slice (16 KiB) stays
+/// in L1 while the kernel runs it down the task's rows, whose slice of A
+/// (at most `640 × 256` bf16, 320 KiB; 960 KiB in the exact split's three
+/// parts) stays in L2 beside the staged C blocks for the `NB_AMX` panels of
+/// a group. The first blocking (512 deep, all rows: 1 MiB of A at 1024
+/// rows, 3 MiB split) left A streaming from L3 at the ViT's shapes.
+/// Measured on the 2-core Sapphire Rapids guest (2 threads, best of 5,
+/// interleaved rounds), fast: ViT c_proj 1024×8192→1664 1016–1094 →
+/// 1352–1362 GFLOP/s, in_proj 1024×1664→4992 1029–1159 → 1188–1320, c_fc
+/// 1024×1664→8192 1139–1258 → 1287–1595, prefill c_attn 300×4096→12288
+/// 1185–1281 → 1309–1378; exact split: in_proj 479–493 → 613–673, c_proj
+/// 436–501 → 523–553, c_fc about 507 → 637–653. 4 or 12 steps, or 320,
+/// 480 or 960 rows, were no better overall.
+const KC_STEPS: usize = 8;
+const MC_AMX: usize = 640;
+/// B panels per group: the C blocks of a group (`rows × 128` f32, 320 KiB
+/// at 640 rows) stay in L2 across the slices; C itself is written once.
 const NB_AMX: usize = 4;
-/// [`KC_STEPS`] and the most rows of a task's A block for the exact split
-/// ([`gemm_exact`]), whose A is three times as big: a 256-deep slice of 640
-/// rows in three parts is 960 KiB, and stays in L2 beside the staged C
-/// blocks, where the 512-deep slice of 1024 rows (3 MiB) streamed from L3
-/// for every B panel. Measured on the 2-core Sapphire Rapids guest (2
-/// threads, best of 5, two interleaved rounds): ViT in_proj 1024×1664→4992
-/// 479–493 → 613–673 GFLOP/s, c_proj 1024×8192→1664 436–501 → 523–553, c_fc
-/// 1024×1664→8192 about 507 → 637–653; 4 or 12 steps, or 480 rows, no better.
-const KC_STEPS_SPLIT: usize = 8;
-const MC_SPLIT: usize = 640;
 /// How many steps ahead the kernel prefetches A into L1 (A streams from L2;
 /// B's panel is reused down the rows and stays in L1).
 const PREFETCH_STEPS: usize = 1;
@@ -410,8 +411,7 @@ pub(crate) unsafe fn gemm_exact(
 type PackB<'p> = dyn Fn(usize, usize, usize, usize, &mut [u32]) + Sync + 'p;
 
 /// `C = round_bf16(A) · B` (`parts` 1) or `C = A · B` through A's exact
-/// split (`parts` [`SPLIT_PARTS`], in slices of [`KC_STEPS_SPLIT`] and row
-/// blocks of at most [`MC_SPLIT`]) for a B of `n` columns (and A's k rows)
+/// split (`parts` [`SPLIT_PARTS`]) for a B of `n` columns (and A's k rows)
 /// that `pack_b(q0, kp, j, cols, panel)` packs, 32 columns `j..j + cols` of
 /// pair rows `q0..q0 + kp` at a time, zero past k and past `cols`:
 /// [`gemm`]'s body, shared with the exact split ([`gemm_exact`]) and the
@@ -435,8 +435,7 @@ unsafe fn gemm_with(
     assert!(ldc >= n && c.len() >= (m - 1) * ldc + n, "gemm: C too small for {m}x{n} with ldc {ldc}");
     let steps = k.div_ceil(K_STEP);
     let npanels = n.div_ceil(NR_AVX512);
-    let (kc_steps, mc_max) = if parts == 1 { (KC_STEPS, usize::MAX) } else { (KC_STEPS_SPLIT, MC_SPLIT) };
-    let part = Partition::new(m, MR_AMX, npanels, parallel, mc_max);
+    let part = Partition::new(m, MR_AMX, npanels, parallel, MC_AMX);
     let cp = SyncPtr(c.as_mut_ptr());
     with_aligned(&A_BF16, m.div_ceil(MR_AMX) * steps * parts * 1024, |abuf| {
         pack_a(a, abuf, steps, parts, parallel);
@@ -446,15 +445,15 @@ unsafe fn gemm_with(
             let (i_lo, i_hi) = (mb * part.mc, (mb * part.mc + part.mc).min(m));
             let (jr_lo, jr_hi) = part.panels(ns);
             let row_blocks = (i_hi - i_lo).div_ceil(MR_AMX);
-            let kc_steps = kc_steps.min(steps);
+            let kc_steps = KC_STEPS.min(steps);
             with_aligned(&super::B_PAIRS_BUF, NR_AVX512 * kc_steps * 16, |bp| {
                 with_aligned(&C_STAGE, row_blocks * NB_AMX * 1024, |stage| {
                     // SAFETY: `available` (this function's contract).
                     unsafe { configure() };
                     for jg in (jr_lo..jr_hi).step_by(NB_AMX) {
                         let group = jg..(jg + NB_AMX).min(jr_hi);
-                        for s0 in (0..steps).step_by(kc_steps) {
-                            let ks = kc_steps.min(steps - s0);
+                        for s0 in (0..steps).step_by(KC_STEPS) {
+                            let ks = KC_STEPS.min(steps - s0);
                             for jr in group.clone() {
                                 let (j, cols) = (jr * NR_AVX512, NR_AVX512.min(n - jr * NR_AVX512));
                                 pack_b(16 * s0, 16 * ks, j, cols, bp);
