@@ -134,3 +134,15 @@ fn a_full_invariant_batch_is_bit_identical_to_one_at_a_time() {
         }
     }
 }
+
+/// In exact math, where bf16 decode runs on AMX tiles (A split in three),
+/// one batched decode step holds 16 sequences and each is still, bit for
+/// bit, what it decodes alone; elsewhere the group is
+/// `DECODE_BATCH_INVARIANT_MAX` and the same holds for it.
+/// (`set_batched_decode`: this process decodes batches, as `qvc serve` does;
+/// the other tests here hold either way.)
+#[test]
+fn exact_decode_group_is_batch_invariant() {
+    qvc_kernels::gemm::set_batched_decode(true);
+    common::group::decode_group_is_batch_invariant("exact", qvc_kernels::gemm::exact_decode_on_tiles);
+}

@@ -173,11 +173,11 @@ pub const DECODE_BATCH_INVARIANT_MAX: usize = SMALL_M;
 /// an `[n, k]` weight stored as `w`, multiplied as the CPU backend does it:
 /// the transposed view, under `math`) so that every row stays bit for bit
 /// the row computed alone and the step still costs little more than one
-/// row: 16 where `--cpu-math fast` runs bf16 weights on AMX tiles
-/// ([`fast_decode_on_tiles`]: 16-row tiles, so 16 rows cost about what 8 do;
-/// 2-layer bf16 slice on a 2-core Sapphire Rapids, one step of 16 rows 155
-/// tok/s against 88.7 for 8), else [`DECODE_BATCH_INVARIANT_MAX`] (every CPU
-/// and path). A batch scheduler takes the smallest over a model's weights.
+/// row: 16 where bf16 weights run on AMX tiles ([`fast_decode_on_tiles`],
+/// [`exact_decode_on_tiles`]: 16-row tiles, so 16 rows cost about what 8
+/// do; 2-layer bf16 slice on a 2-core Sapphire Rapids, `fast`, one step of
+/// 16 rows 155 tok/s against 88.7 for 8), else
+/// [`DECODE_BATCH_INVARIANT_MAX`] (every CPU and path). A batch scheduler takes the smallest over a model's weights.
 pub fn decode_group_rows(isa: Isa, math: CpuMath, w: DType, k: usize) -> usize {
     // Shapes only: the predicates read dtypes, sizes and strides, never data.
     let b = match w {
@@ -185,7 +185,11 @@ pub fn decode_group_rows(isa: Isa, math: CpuMath, w: DType, k: usize) -> usize {
         _ => return DECODE_BATCH_INVARIANT_MAX,
     };
     let a = MatRef::row_major(Elems::F32(&[]), DECODE_GROUP_TILES, k);
-    if math == CpuMath::Fast && fast_decode_on_tiles(isa, &a, &b) {
+    let tiles = match math {
+        CpuMath::Fast => fast_decode_on_tiles(isa, &a, &b),
+        CpuMath::Exact => exact_decode_on_tiles(isa, &a, &b),
+    };
+    if tiles {
         DECODE_GROUP_TILES
     } else {
         DECODE_BATCH_INVARIANT_MAX
@@ -260,7 +264,8 @@ impl<'a> MatRef<'a> {
 #[derive(Default)]
 pub(crate) struct GemmScratch {
     a: Vec<f32>,
-    /// A's rows rounded to bf16 (bit patterns) for [`gemv_dot_bf16`].
+    /// A's rows rounded to bf16 (bit patterns) for [`gemv_dot_bf16`] and
+    /// [`gemv_dot_tiles`], or split in three for [`gemv_dot_tiles_exact`].
     a16: Vec<u16>,
 }
 
@@ -2261,6 +2266,18 @@ fn fast_dot(
     scratch: &mut GemmScratch,
 ) -> bool {
     #[cfg(target_arch = "x86_64")]
+    if let (CpuMath::Exact, Elems::BF16(w)) = (math, b.data) {
+        if exact_decode_on_tiles(isa, a, b) {
+            a.check("A");
+            b.check("B");
+            // SAFETY: the predicate implies AVX-512 F/BW/VL + BF16, usable
+            // AMX, 1 ≤ m ≤ 16, k a multiple of 32 (≥ SHORT_K), n > 0, B's
+            // rows contiguous; the views were checked just above; C is m×n.
+            unsafe { gemv_dot_tiles_exact(a, b, w, c, accumulate, parallel, scratch) };
+            return true;
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
     if let (CpuMath::Fast, Elems::BF16(w)) = (math, b.data) {
         let tiles = fast_decode_on_tiles(isa, a, b);
         if tiles || fast_bf16_dot_applies(isa, a, b) {
@@ -2291,6 +2308,33 @@ pub fn fast_decode_on_tiles(isa: Isa, a: &MatRef, b: &MatRef) -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         bf16_dot_kernel_runs(isa, a, b) && a.rows <= amx::GEMV_M_MAX && a.cols.is_multiple_of(32) && amx::available()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (isa, a, b);
+        false
+    }
+}
+
+/// Whether an exact GEMM with these operands runs decode-sized on AMX tiles
+/// with A split in three ([`amx::gemv`] with [`amx::SPLIT_PARTS`]): the
+/// shapes of [`fast_decode_on_tiles`], where [`exact_on_tiles`], in a
+/// process that decodes batches ([`set_batched_decode`]). Each row's result
+/// is its own (batch-invariant up to 16 rows), every product exact, f32
+/// sums; the tiles' work per weight byte hardly grows with the rows, where
+/// the FMA dot path's does. 2-layer slice on the 2-core Sapphire Rapids, two
+/// interleaved rounds: batch 8 63–69 tok/s (0.75–0.82 of the paired read
+/// floor) against 48–50 (0.55–0.58) on the FMAs, and a step of 16 rows
+/// 93–111 tok/s; but a lone row 0.91–0.93 of the floor against 0.98–1.00,
+/// so a process that only ever decodes one sequence keeps the FMAs.
+pub fn exact_decode_on_tiles(isa: Isa, a: &MatRef, b: &MatRef) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        batched_decode()
+            && exact_on_tiles()
+            && bf16_dot_kernel_runs(isa, a, b)
+            && a.rows <= amx::GEMV_M_MAX
+            && a.cols.is_multiple_of(32)
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -2332,7 +2376,44 @@ unsafe fn gemv_dot_tiles(
     assert!(c.len() >= m * n, "gemm: C too small for {m}x{n}");
     assert!(b.offset + (n - 1) * b.col_stride + k <= w.len(), "gemm: weight rows out of bounds");
     let a16 = rounded_a_rows(a, scratch);
-    amx::gemv(a16, m, k, w, b.offset, b.col_stride, n, SyncPtr(c.as_mut_ptr()), n, accumulate, parallel);
+    amx::gemv(a16, m, 1, k, w, b.offset, b.col_stride, n, SyncPtr(c.as_mut_ptr()), n, accumulate, parallel);
+}
+
+/// The exact decode GEMM on AMX tiles: A's rows split exactly into three
+/// bf16 ([`amx::split_rows`]), each part a column of [`amx::gemv`]'s
+/// tiles, C = m×n (`ldc = n`).
+///
+/// SAFETY: [`exact_decode_on_tiles`] holds; A and B checked; C is m×n.
+#[cfg(target_arch = "x86_64")]
+unsafe fn gemv_dot_tiles_exact(
+    a: &MatRef,
+    b: &MatRef,
+    w: &[half::bf16],
+    c: &mut [f32],
+    accumulate: bool,
+    parallel: bool,
+    scratch: &mut GemmScratch,
+) {
+    let (m, k, n) = (a.rows, a.cols, b.cols);
+    assert!(c.len() >= m * n, "gemm: C too small for {m}x{n}");
+    assert!(b.offset + (n - 1) * b.col_stride + k <= w.len(), "gemm: weight rows out of bounds");
+    let arows = widen_a_rows(a, &mut scratch.a);
+    let parts = aligned(&mut scratch.a16, amx::SPLIT_PARTS * m * k);
+    amx::split_rows(arows, m, k, parts);
+    amx::gemv(
+        parts,
+        m,
+        amx::SPLIT_PARTS,
+        k,
+        w,
+        b.offset,
+        b.col_stride,
+        n,
+        SyncPtr(c.as_mut_ptr()),
+        n,
+        accumulate,
+        parallel,
+    );
 }
 
 /// The decode dot path ([`gemv_dot`]) with bf16 products: A's rows rounded
@@ -2429,6 +2510,25 @@ pub fn exact_amx_applies(isa: Isa, a: &MatRef, b: &MatRef) -> bool {
         && a.cols > 0
         && b.cols > 0
         && isa.resolve() == Isa::Avx512
+}
+
+/// Whether this process decodes batches of sequences ([`set_batched_decode`]).
+static BATCHED_DECODE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Declares whether this process decodes several sequences per step (`qvc
+/// serve`, `qvc bench --batch`): exact decode GEMMs then run on AMX tiles
+/// where they can ([`exact_decode_on_tiles`]), which makes a batch of 8 to
+/// 16 much cheaper and a lone row a little dearer. Every decode step of the
+/// process takes the same path, so a row's bits never depend on its batch.
+/// Set it before loading a model: decode groups ([`decode_group_rows`]) are
+/// fixed at load. Off by default (`qvc chat`, `qvc generate`: one sequence).
+pub fn set_batched_decode(on: bool) {
+    BATCHED_DECODE.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// See [`set_batched_decode`].
+pub fn batched_decode() -> bool {
+    BATCHED_DECODE.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 /// Whether this process runs exact GEMMs of bf16 weights on AMX tiles at

@@ -596,7 +596,7 @@ fn gemm_then_runs_after_the_last_k_slice() {
 /// narrow or odd k).
 #[test]
 fn decode_group_rows_follows_the_tiles() {
-    use qvc_kernels::gemm::fast_decode_on_tiles;
+    use qvc_kernels::gemm::{exact_decode_on_tiles, fast_decode_on_tiles};
     use qvc_kernels::{decode_group_rows, CpuMath};
     let isa = Isa::detect();
     for k in [64, 1000, 1024, 1056, 4096, 11008] {
@@ -605,7 +605,9 @@ fn decode_group_rows_follows_the_tiles() {
         let b = MatRef::row_major(Elems::BF16(&w), 4, k).transposed();
         let want = if fast_decode_on_tiles(isa, &a, &b) { 16 } else { DECODE_BATCH_INVARIANT_MAX };
         assert_eq!(decode_group_rows(isa, CpuMath::Fast, DType::BF16, k), want, "bf16, k = {k}");
-        for (math, dtype) in [(CpuMath::Exact, DType::BF16), (CpuMath::Fast, DType::F32), (CpuMath::Fast, DType::Q4)] {
+        let want = if exact_decode_on_tiles(isa, &a, &b) { 16 } else { DECODE_BATCH_INVARIANT_MAX };
+        assert_eq!(decode_group_rows(isa, CpuMath::Exact, DType::BF16, k), want, "exact bf16, k = {k}");
+        for (math, dtype) in [(CpuMath::Exact, DType::F32), (CpuMath::Fast, DType::F32), (CpuMath::Fast, DType::Q4)] {
             assert_eq!(
                 decode_group_rows(isa, math, dtype, k),
                 DECODE_BATCH_INVARIANT_MAX,

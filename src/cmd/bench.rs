@@ -15,7 +15,8 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 32)]
     decode_tokens: usize,
     /// Also time decoding this many sequences together, each in its own KV slot [default: 8 on a GPU, 1 on the
-    /// CPU]; a compiled model on the CPU needs --max-batch of at least this.
+    /// CPU]; a compiled model on the CPU needs --max-batch of at least this. Above 1, every decode step (batch 1
+    /// too) takes the paths `qvc serve` takes: on CPUs with AMX, exact decode runs on the tiles.
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..=64))]
     batch: Option<u16>,
     /// Random weights with published shapes instead of a model: qwen-vl-chat (Qwen-VL-Chat's widths; all 48 ViT
@@ -94,6 +95,8 @@ pub fn run(a: BenchArgs) -> Result<()> {
              with `qvc quantize`)"
         );
     }
+    // Timing a batch measures what a server does: its decode paths (see `qvc serve`).
+    qvc_kernels::gemm::set_batched_decode(a.batch.is_some_and(|b| b > 1));
     let has_model = a.model.path.is_some() || a.model.model.is_some();
     match &a.synthetic {
         Some(_) if has_model => Err(BenchError::ModelAndSynthetic.into()),

@@ -62,8 +62,8 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 8000, value_name = "PORT")]
     pub port: u16,
     /// Requests that run at once (KV-cache slots); more wait in the queue. On the CPU one decode
-    /// step holds up to 8 of them (16 under `--cpu-math fast` where AMX tiles run the model's
-    /// Linears; the `ready` line says which), the rest take further steps.
+    /// step holds up to 8 of them (16 where AMX tiles run the model's bf16 Linears, in exact math
+    /// too; the `ready` line says which), the rest take further steps.
     #[arg(long, default_value_t = 8, value_name = "N", value_parser = at_least_one)]
     pub max_batch: usize,
     /// Requests that may wait for a slot; beyond that a request gets 503 with Retry-After.
@@ -216,6 +216,9 @@ pub fn run(a: ServeArgs) -> Result<()> {
         vision_cache: a.vision_cache,
         max_context,
     };
+    // A server decodes its requests together: exact decode may then take the paths whose cost per row
+    // falls with the batch (AMX tiles), at the same bits for a row whatever its batch.
+    qvc_kernels::gemm::set_batched_decode(a.max_batch > 1);
     let model_args = a.model.clone();
     let engine = Engine::start(
         engine_cfg,

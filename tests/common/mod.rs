@@ -2,6 +2,7 @@
 //! reading expected tensors, comparing with a relative error.
 #![allow(dead_code)]
 
+pub mod group;
 pub mod parity;
 
 use std::path::PathBuf;

@@ -717,21 +717,30 @@ const GEMV_ROWS: usize = 16;
 /// against a bf16 weight stored `[n, k]` (row `j` at `w[off + j·cs..]`), on
 /// AMX tiles with the roles turned around: `Cᵀ = W · Aᵀ`. The weight rows
 /// are the A tiles, read where they lie (16 rows × 32 elements, `cs` apart),
-/// so nothing is repacked per weight byte; the activations are the B tile,
-/// packed once per call as 16 columns of k pairs (zero past m). Each C
+/// so nothing is repacked per weight byte; the activations are the B tiles,
+/// packed once per call as columns of k pairs (zero past the last). Each C
 /// element is its own row's and column's sum over the k steps in order, so
 /// a row of A gets the same bits whatever m is (batch-invariant) and
-/// wherever the tasks split the weight rows. `a16` holds A rounded to bf16
-/// (bit patterns), `m × k`.
+/// wherever the tasks split the weight rows.
 ///
-/// SAFETY: [`available`]; `k` a multiple of 32; `w` holds every row's `k`
-/// elements; C covers `m` rows of `n` elements, `ldc` apart, and no other
-/// thread touches them.
+/// `a16` holds `m · parts` rows of `k` bf16 bit patterns: with `parts` 1, A
+/// rounded to bf16; with [`SPLIT_PARTS`], A's exact split, row `3i + t`
+/// part `t` (`lo`, `mid`, `hi`) of row `i` ([`split_rows`]). Each part is a
+/// column of its own (up to 48 columns: three B and C tiles), and row `i`
+/// of C is `(lo + mid) + hi` of its three sums: every product exact, f32
+/// sums, the same bits whatever m is. The weight stream is the same, so a
+/// decode step reads what it did; the tiles' compute (at most three
+/// products per 1 KiB weight tile) stays far below the memory's pace.
+///
+/// SAFETY: [`available`]; `k` a multiple of 32; `m · parts ≤ 48`; `w`
+/// holds every row's `k` elements; C covers `m` rows of `n` elements,
+/// `ldc` apart, and no other thread touches them.
 #[target_feature(enable = "avx512f")]
 #[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn gemv(
     a16: &[u16],
     m: usize,
+    parts: usize,
     k: usize,
     w: &[half::bf16],
     off: usize,
@@ -742,15 +751,23 @@ pub(crate) unsafe fn gemv(
     accumulate: bool,
     parallel: bool,
 ) {
-    debug_assert!((1..=GEMV_M_MAX).contains(&m) && k.is_multiple_of(K_STEP) && a16.len() >= m * k);
-    // Aᵀ as the B tile of every step: pair row p, column i = (A[i, 2p],
-    // A[i, 2p + 1]), zero past m. In a kept buffer: a fresh 128-352 KiB
-    // allocation per call would be fresh pages, faulted in every time.
-    with_aligned(&GEMV_BT, k / 2 * 16, |bt| {
-        // One sequential pass over the buffer, the m rows read side by side.
-        for (p, pairs) in bt.chunks_exact_mut(16).enumerate() {
-            for (i, d) in pairs.iter_mut().enumerate() {
-                *d = if i < m { a16[i * k + 2 * p] as u32 | (a16[i * k + 2 * p + 1] as u32) << 16 } else { 0 };
+    let cols = m * parts;
+    debug_assert!((1..=GEMV_M_MAX).contains(&m) && k.is_multiple_of(K_STEP) && a16.len() >= cols * k);
+    debug_assert!(parts == 1 || parts == SPLIT_PARTS);
+    // B and C tiles: 16 columns each.
+    let tiles = cols.div_ceil(16);
+    // Aᵀ as the B tiles of every step: step s, tile t, pair row q, lane l
+    // = (row 16t + l of a16 at 2p, at 2p + 1) with p = 16s + q, zero past
+    // the last row. In a kept buffer: a fresh 128-352 KiB allocation per
+    // call would be fresh pages, faulted in every time.
+    with_aligned(&GEMV_BT, k / 2 * 16 * tiles, |bt| {
+        // One sequential pass over the buffer, the rows read side by side.
+        for (u, pairs) in bt.chunks_exact_mut(16).enumerate() {
+            let (s, t, q) = (u / (16 * tiles), u / 16 % tiles, u % 16);
+            let p = 16 * s + q;
+            for (l, d) in pairs.iter_mut().enumerate() {
+                let r = 16 * t + l;
+                *d = if r < cols { a16[r * k + 2 * p] as u32 | (a16[r * k + 2 * p + 1] as u32) << 16 } else { 0 };
             }
         }
         let bt: &[u32] = bt;
@@ -768,7 +785,7 @@ pub(crate) unsafe fn gemv(
                 let rows = GEMV_ROWS.min(n - j);
                 if rows == GEMV_ROWS {
                     // SAFETY: rows j..j + 16 lie in `w` (the caller's contract).
-                    unsafe { gemv_kernel(steps, base.add(j * cs), cs, bt.as_ptr(), out.0.as_mut_ptr()) };
+                    unsafe { gemv_kernel(steps, tiles, base.add(j * cs), cs, bt.as_ptr(), out.0.as_mut_ptr()) };
                 } else {
                     // The ragged last rows through a zero-padded copy (each row's
                     // sums are its own, so the copy changes no bits).
@@ -780,11 +797,14 @@ pub(crate) unsafe fn gemv(
                         };
                     }
                     // SAFETY: the stage holds 16 rows of k elements.
-                    unsafe { gemv_kernel(steps, stage.as_ptr(), k, bt.as_ptr(), out.0.as_mut_ptr()) };
+                    unsafe { gemv_kernel(steps, tiles, stage.as_ptr(), k, bt.as_ptr(), out.0.as_mut_ptr()) };
                 }
+                // Column `col` of weight row r: tile col / 16, lane col % 16.
+                let at = |r: usize, col: usize| out.0[col / 16 * 256 + r * 16 + col % 16];
                 for r in 0..rows {
                     for i in 0..m {
-                        let v = out.0[r * 16 + i];
+                        let v =
+                            if parts == 1 { at(r, i) } else { (at(r, 3 * i) + at(r, 3 * i + 1)) + at(r, 3 * i + 2) };
                         // SAFETY: element (i, j + r) of C, in this task's rows.
                         unsafe {
                             let dst = c.get().add(i * ldc + j + r);
@@ -797,53 +817,136 @@ pub(crate) unsafe fn gemv(
     })
 }
 
+/// A's rows (`m × k` f32) split exactly into three bf16 each
+/// ([`split_bf16_bits`]) as [`gemv`]'s `a16` with [`SPLIT_PARTS`]: row `3i
+/// + t` is part `t` of row `i`, smallest first (`lo`, `mid`, `hi`).
+///
+/// SAFETY: AVX-512 F and BW; `rows.len() == m · k`, `out.len() == 3 · m · k`.
+#[target_feature(enable = "avx512f,avx512bw")]
+pub(crate) unsafe fn split_rows(rows: &[f32], m: usize, k: usize, out: &mut [u16]) {
+    debug_assert!(rows.len() == m * k && out.len() == SPLIT_PARTS * m * k);
+    for i in 0..m {
+        for p0 in (0..k).step_by(K_STEP) {
+            let chunk = &rows[i * k + p0..i * k + (p0 + K_STEP).min(k)];
+            let mut split = [[0u16; K_STEP]; SPLIT_PARTS];
+            // SAFETY: AVX-512 F and BW (the caller's contract); at most 32 elements.
+            unsafe { split_bf16_bits(chunk, &mut split) };
+            for (t, part) in split.iter().rev().enumerate() {
+                out[(SPLIT_PARTS * i + t) * k + p0..][..chunk.len()].copy_from_slice(&part[..chunk.len()]);
+            }
+        }
+    }
+}
+
 thread_local! {
     /// The calling thread's packed activations for [`gemv`].
     static GEMV_BT: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// 16 weight rows (`ws` elements apart from `w`) against the B tiles `bt`
-/// over `steps` × 32 elements of k, into `out` (16 rows × 16 columns). One
-/// accumulator tile (tmm0) takes the steps in order; even steps load the
-/// operands into tmm4/tmm6, odd ones into tmm5/tmm7, so a step's loads need
-/// not wait for the product reading the last step's tiles.
+/// 16 weight rows (`ws` elements apart from `w`) against `tiles` (1 to 3)
+/// B tiles per step at `bt` over `steps` × 32 elements of k, into `out`
+/// (tile t's 16 rows × 16 columns at `out + 256 t`). One accumulator tile
+/// per B tile (tmm0-2) takes the steps in order. With one tile, even steps
+/// load the operands into tmm4/tmm6, odd ones into tmm5/tmm7, so a step's
+/// loads need not wait for the product reading the last step's tiles; with
+/// two, the odd steps' B tiles go to tmm2/tmm3; with three (B in tmm6,
+/// tmm7, tmm3), only the weight tile alternates.
 ///
 /// SAFETY: [`configure`]d on this thread; 16 rows of `32 · steps` elements
-/// at `w`; `bt` holds `16 · steps` rows of 16 dwords; `out` 256 floats.
+/// at `w`; `bt` holds `16 · tiles · steps` rows of 16 dwords; `out` 256 ·
+/// `tiles` floats.
 #[inline(always)]
-unsafe fn gemv_kernel(steps: usize, w: *const u16, ws: usize, bt: *const u32, out: *mut f32) {
+unsafe fn gemv_kernel(steps: usize, tiles: usize, w: *const u16, ws: usize, bt: *const u32, out: *mut f32) {
     let stride = ws * 2;
-    asm!("tilezero tmm0", options(nostack, nomem));
+    asm!("tilezero tmm0", "tilezero tmm1", "tilezero tmm2", options(nostack, nomem));
     let mut s = 0;
     while s + 2 <= steps {
-        asm!(
-            "tileloadd tmm6, [{b} + {l64}]",
-            "tileloadd tmm4, [{w} + {ld}]",
-            "tileloadd tmm7, [{b} + {l64} + 1024]",
-            "tileloadd tmm5, [{w} + {ld} + 64]",
-            "tdpbf16ps tmm0, tmm4, tmm6",
-            "tdpbf16ps tmm0, tmm5, tmm7",
-            b = in(reg) bt.add(s * 256),
-            w = in(reg) w.add(s * K_STEP),
-            ld = in(reg) stride,
-            l64 = in(reg) 64usize,
-            options(nostack, readonly),
-        );
+        let (b, w) = (bt.add(s * 256 * tiles), w.add(s * K_STEP));
+        match tiles {
+            1 => asm!(
+                "tileloadd tmm6, [{b} + {l64}]",
+                "tileloadd tmm4, [{w} + {ld}]",
+                "tileloadd tmm7, [{b} + {l64} + 1024]",
+                "tileloadd tmm5, [{w} + {ld} + 64]",
+                "tdpbf16ps tmm0, tmm4, tmm6",
+                "tdpbf16ps tmm0, tmm5, tmm7",
+                b = in(reg) b, w = in(reg) w, ld = in(reg) stride, l64 = in(reg) 64usize,
+                options(nostack, readonly),
+            ),
+            2 => asm!(
+                "tileloadd tmm4, [{w} + {ld}]",
+                "tileloadd tmm6, [{b} + {l64}]",
+                "tileloadd tmm7, [{b} + {l64} + 1024]",
+                "tdpbf16ps tmm0, tmm4, tmm6",
+                "tdpbf16ps tmm1, tmm4, tmm7",
+                "tileloadd tmm5, [{w} + {ld} + 64]",
+                "tileloadd tmm2, [{b} + {l64} + 2048]",
+                "tileloadd tmm3, [{b} + {l64} + 3072]",
+                "tdpbf16ps tmm0, tmm5, tmm2",
+                "tdpbf16ps tmm1, tmm5, tmm3",
+                b = in(reg) b, w = in(reg) w, ld = in(reg) stride, l64 = in(reg) 64usize,
+                options(nostack, readonly),
+            ),
+            _ => asm!(
+                "tileloadd tmm4, [{w} + {ld}]",
+                "tileloadd tmm6, [{b} + {l64}]",
+                "tileloadd tmm7, [{b} + {l64} + 1024]",
+                "tileloadd tmm3, [{b} + {l64} + 2048]",
+                "tdpbf16ps tmm0, tmm4, tmm6",
+                "tdpbf16ps tmm1, tmm4, tmm7",
+                "tdpbf16ps tmm2, tmm4, tmm3",
+                "tileloadd tmm5, [{w} + {ld} + 64]",
+                "tileloadd tmm6, [{b} + {l64} + 3072]",
+                "tileloadd tmm7, [{b} + {l64} + 4096]",
+                "tileloadd tmm3, [{b} + {l64} + 5120]",
+                "tdpbf16ps tmm0, tmm5, tmm6",
+                "tdpbf16ps tmm1, tmm5, tmm7",
+                "tdpbf16ps tmm2, tmm5, tmm3",
+                b = in(reg) b, w = in(reg) w, ld = in(reg) stride, l64 = in(reg) 64usize,
+                options(nostack, readonly),
+            ),
+        }
         s += 2;
     }
     if s < steps {
-        asm!(
-            "tileloadd tmm6, [{b} + {l64}]",
-            "tileloadd tmm4, [{w} + {ld}]",
-            "tdpbf16ps tmm0, tmm4, tmm6",
-            b = in(reg) bt.add(s * 256),
-            w = in(reg) w.add(s * K_STEP),
-            ld = in(reg) stride,
-            l64 = in(reg) 64usize,
-            options(nostack, readonly),
-        );
+        let (b, w) = (bt.add(s * 256 * tiles), w.add(s * K_STEP));
+        match tiles {
+            1 => asm!(
+                "tileloadd tmm6, [{b} + {l64}]",
+                "tileloadd tmm4, [{w} + {ld}]",
+                "tdpbf16ps tmm0, tmm4, tmm6",
+                b = in(reg) b, w = in(reg) w, ld = in(reg) stride, l64 = in(reg) 64usize,
+                options(nostack, readonly),
+            ),
+            2 => asm!(
+                "tileloadd tmm4, [{w} + {ld}]",
+                "tileloadd tmm6, [{b} + {l64}]",
+                "tileloadd tmm7, [{b} + {l64} + 1024]",
+                "tdpbf16ps tmm0, tmm4, tmm6",
+                "tdpbf16ps tmm1, tmm4, tmm7",
+                b = in(reg) b, w = in(reg) w, ld = in(reg) stride, l64 = in(reg) 64usize,
+                options(nostack, readonly),
+            ),
+            _ => asm!(
+                "tileloadd tmm4, [{w} + {ld}]",
+                "tileloadd tmm6, [{b} + {l64}]",
+                "tileloadd tmm7, [{b} + {l64} + 1024]",
+                "tileloadd tmm3, [{b} + {l64} + 2048]",
+                "tdpbf16ps tmm0, tmm4, tmm6",
+                "tdpbf16ps tmm1, tmm4, tmm7",
+                "tdpbf16ps tmm2, tmm4, tmm3",
+                b = in(reg) b, w = in(reg) w, ld = in(reg) stride, l64 = in(reg) 64usize,
+                options(nostack, readonly),
+            ),
+        }
     }
     asm!("tilestored [{o} + {l64}], tmm0", o = in(reg) out, l64 = in(reg) 64usize, options(nostack));
+    if tiles > 1 {
+        asm!("tilestored [{o} + {l64}], tmm1", o = in(reg) out.add(256), l64 = in(reg) 64usize, options(nostack));
+    }
+    if tiles > 2 {
+        asm!("tilestored [{o} + {l64}], tmm2", o = in(reg) out.add(512), l64 = in(reg) 64usize, options(nostack));
+    }
 }
 
 #[cfg(test)]
@@ -1107,6 +1210,96 @@ mod tests {
             for j in 0..n {
                 let want = (x[i] as f64 * w[j].to_f64()) as f32;
                 assert_eq!(c[i * n + j], want, "C[{i}, {j}]: {} · {}", x[i], w[j]);
+            }
+        }
+    }
+
+    /// The decode tiles with A split in three ([`gemv`] with
+    /// [`SPLIT_PARTS`]: one to three B tiles) against the unrounded
+    /// reference, and each row of the batch, bit for bit, that row alone.
+    fn check_gemv_exact(
+        m: usize,
+        n: usize,
+        k: usize,
+        acc: bool,
+        parallel: bool,
+        seed: u64,
+    ) -> Result<(), TestCaseError> {
+        let mut rng = Rng::new(seed);
+        let x = rng.vec(m * k, 1.0);
+        let w: Vec<half::bf16> = rng.vec(n * k, 1.0).into_iter().map(half::bf16::from_f32).collect();
+        let c0 = rng.vec(m * n, 1.0);
+        let run = |rows: &[f32], m: usize, c: &mut [f32], parallel: bool| {
+            let mut parts = vec![0u16; SPLIT_PARTS * m * k];
+            // SAFETY: `available` (the caller); A is m × k; the weight holds n
+            // rows of k; C is m × n; k is a multiple of 32, 3m ≤ 48.
+            unsafe {
+                split_rows(rows, m, k, &mut parts);
+                gemv(&parts, m, SPLIT_PARTS, k, &w, 0, k, n, SyncPtr(c.as_mut_ptr()), n, acc, parallel);
+            }
+        };
+        let mut got = c0.clone();
+        run(&x, m, &mut got, parallel);
+        let (a, b) = (MatRef::row_major(Elems::F32(&x), m, k), MatRef::row_major(Elems::BF16(&w), n, k).transposed());
+        within(&got, &reference_with(&a, &b, &c0, acc, false, SPLIT_PARTS), n, &format!("exact gemv {m}x{n}x{k}"))?;
+        for i in 0..m {
+            let mut alone = c0[i * n..(i + 1) * n].to_vec();
+            run(&x[i * k..(i + 1) * k], 1, &mut alone, !parallel);
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<u32>>();
+            prop_assert!(
+                bits(&alone) == bits(&got[i * n..(i + 1) * n]),
+                "row {i} of {m}x{n}x{k} differs from the row alone"
+            );
+        }
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(48))]
+
+        /// 1 to 16 rows (one, two or three B tiles of parts), ragged weight
+        /// rows (a zero-padded last group), k an odd or even number of steps.
+        #[test]
+        fn amx_exact_gemv_matches_reference_and_rows_alone(
+            m in 1usize..=16, n in 1usize..=70, steps in 1usize..=12, acc: bool, parallel: bool, seed: u64,
+        ) {
+            if !available() {
+                return Ok(());
+            }
+            check_gemv_exact(m, n, 32 * steps, acc, parallel, seed)?;
+        }
+    }
+
+    /// One-hot weight rows (row j picks element j of A's rows) copy A
+    /// exactly through the split: `(lo + mid) + hi` of an f32 with all 24
+    /// significant bits set is that f32, for every row count (one to three
+    /// B tiles). A lost part shows here, where the reference bound of the
+    /// proptest above is too loose to see it.
+    #[test]
+    fn exact_gemv_one_hot_weights_copy_a() {
+        if !available() {
+            eprintln!("no AMX-BF16 here: skipped");
+            return;
+        }
+        let (k, n) = (64, 40);
+        let mut w = vec![half::bf16::ZERO; n * k];
+        for j in 0..n {
+            w[j * k + j] = half::bf16::ONE;
+        }
+        for m in [1, 5, 6, 11, 16] {
+            let x: Vec<f32> =
+                (0..m * k).map(|e| f32::from_bits(0x3f80_0000 | (e as u32 * 2_654_435_761) >> 9) - 1.5).collect();
+            let mut parts = vec![0u16; SPLIT_PARTS * m * k];
+            let mut c = vec![0f32; m * n];
+            // SAFETY: `available`; A is m × k, the weight n × k, C m × n.
+            unsafe {
+                split_rows(&x, m, k, &mut parts);
+                gemv(&parts, m, SPLIT_PARTS, k, &w, 0, k, n, SyncPtr(c.as_mut_ptr()), n, false, false);
+            }
+            for i in 0..m {
+                for j in 0..n {
+                    assert_eq!(c[i * n + j], x[i * k + j], "m {m}: C[{i}, {j}]");
+                }
             }
         }
     }
