@@ -177,7 +177,8 @@ pub const DECODE_BATCH_INVARIANT_MAX: usize = SMALL_M;
 /// [`exact_decode_on_tiles`]: 16-row tiles, so 16 rows cost about what 8
 /// do; 2-layer bf16 slice on a 2-core Sapphire Rapids, `fast`, one step of
 /// 16 rows 155 tok/s against 88.7 for 8), else
-/// [`DECODE_BATCH_INVARIANT_MAX`] (every CPU and path). A batch scheduler takes the smallest over a model's weights.
+/// [`DECODE_BATCH_INVARIANT_MAX`] (every CPU and path). A batch scheduler
+/// takes the smallest over a model's weights.
 pub fn decode_group_rows(isa: Isa, math: CpuMath, w: DType, k: usize) -> usize {
     // Shapes only: the predicates read dtypes, sizes and strides, never data.
     let b = match w {
