@@ -67,13 +67,15 @@ fn chat_cases_near_reference(m: &Model, e: &Expected, dir: &std::path::Path, lab
     }
 }
 
-/// Under `fast`, where bf16 decode runs on AMX tiles, one batched decode
-/// step holds 16 sequences (`Model::cpu_decode_group`), and each is still,
+/// Under `fast`, where bf16 decode runs on AMX tiles (in a process that
+/// decodes batches, as `qvc serve` does), one batched decode step holds 16
+/// sequences (`Model::cpu_decode_group`), and each is still,
 /// bit for bit, what it decodes alone; elsewhere the group stays at
 /// `DECODE_BATCH_INVARIANT_MAX` and the same holds for it (see
 /// `common::group`; `tests/batch_decode.rs` holds exact math to the same).
 #[test]
 fn fast_decode_group_is_batch_invariant() {
     qvc_kernels::set_cpu_math(qvc_kernels::CpuMath::Fast);
+    qvc_kernels::gemm::set_batched_decode(true);
     common::group::decode_group_is_batch_invariant("fast", qvc_kernels::gemm::fast_decode_on_tiles);
 }

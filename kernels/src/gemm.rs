@@ -2303,12 +2303,21 @@ fn fast_dot(
 
 /// Whether a [`CpuMath::Fast`] GEMM with these operands runs decode-sized
 /// on AMX tiles ([`amx::gemv`]): a bf16 `[out, in]` weight, 1 to 16 rows of
-/// A, `k ≥ SHORT_K` and a multiple of 32, AVX-512 with usable AMX. Tried
-/// before the `vdpbf16ps` dot path ([`fast_bf16_dot_applies`]).
+/// A, `k ≥ SHORT_K` and a multiple of 32, AVX-512 with usable AMX, in a
+/// process that decodes batches ([`set_batched_decode`]). Tried before the
+/// `vdpbf16ps` dot path ([`fast_bf16_dot_applies`]). As in exact math, a
+/// lone row reads its weights more slowly there than on the dot path (2-layer
+/// slice, 2 threads, three interleaved rounds: 0.93–0.95 of the paired read
+/// floor against 1.03–1.06 for exact on the FMAs), so a process that
+/// decodes one sequence keeps the dot path.
 pub fn fast_decode_on_tiles(isa: Isa, a: &MatRef, b: &MatRef) -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        bf16_dot_kernel_runs(isa, a, b) && a.rows <= amx::GEMV_M_MAX && a.cols.is_multiple_of(32) && amx::available()
+        batched_decode()
+            && bf16_dot_kernel_runs(isa, a, b)
+            && a.rows <= amx::GEMV_M_MAX
+            && a.cols.is_multiple_of(32)
+            && amx::available()
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -2517,9 +2526,9 @@ pub fn exact_amx_applies(isa: Isa, a: &MatRef, b: &MatRef) -> bool {
 static BATCHED_DECODE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// Declares whether this process decodes several sequences per step (`qvc
-/// serve`, `qvc bench --batch`): exact decode GEMMs then run on AMX tiles
-/// where they can ([`exact_decode_on_tiles`]), which makes a batch of 8 to
-/// 16 much cheaper and a lone row a little dearer. Every decode step of the
+/// serve`, `qvc bench --batch`): decode GEMMs then run on AMX tiles where
+/// they can ([`exact_decode_on_tiles`], [`fast_decode_on_tiles`]), which
+/// makes a batch of 8 to 16 much cheaper and a lone row a little dearer. Every decode step of the
 /// process takes the same path, so a row's bits never depend on its batch.
 /// Set it before loading a model: decode groups ([`decode_group_rows`]) are
 /// fixed at load. Off by default (`qvc chat`, `qvc generate`: one sequence).

@@ -417,7 +417,9 @@ proptest! {
     }
 
     /// k a multiple of 32 and m ≤ 16: on AMX tiles where the CPU has them
-    /// (ragged weight rows past the last 16, padded strides, accumulate).
+    /// and the process decodes batches (not this one, which never declares
+    /// it: the tile kernel's own tests are in `gemm::amx`), else the dot
+    /// path (ragged weight rows past the last 16, padded strides, accumulate).
     #[test]
     fn fast_decode_on_tiles_matches_rounded_ref(
         m in 1usize..=16, n in 1usize..=70, k32 in 32usize..=150,
@@ -435,7 +437,8 @@ proptest! {
 fn fast_bf16_decode_is_batch_invariant() {
     use qvc_kernels::gemm::{fast_bf16_dot_applies, fast_decode_on_tiles, gemm_with_math, gemv_bf16_products};
     use qvc_kernels::CpuMath;
-    // k a multiple of 32 (and m ≤ 16) runs on AMX tiles where the CPU has them.
+    // k a multiple of 32 (and m ≤ 16) runs on AMX tiles where the CPU has them
+    // in a process that decodes batches (not this one).
     for (m, n, k) in [
         (8, 37, 1100),
         (3, 300, 4096),

@@ -1214,10 +1214,13 @@ mod tests {
         }
     }
 
-    /// The decode tiles with A split in three ([`gemv`] with
-    /// [`SPLIT_PARTS`]: one to three B tiles) against the unrounded
-    /// reference, and each row of the batch, bit for bit, that row alone.
-    fn check_gemv_exact(
+    /// The decode tiles ([`gemv`]) with A rounded to bf16 (`parts` 1: one B
+    /// tile) or split in three ([`SPLIT_PARTS`]: one to three B tiles)
+    /// against the reference, and each row of the batch, bit for bit, that
+    /// row alone.
+    #[allow(clippy::too_many_arguments)]
+    fn check_gemv(
+        parts: usize,
         m: usize,
         n: usize,
         k: usize,
@@ -1230,18 +1233,23 @@ mod tests {
         let w: Vec<half::bf16> = rng.vec(n * k, 1.0).into_iter().map(half::bf16::from_f32).collect();
         let c0 = rng.vec(m * n, 1.0);
         let run = |rows: &[f32], m: usize, c: &mut [f32], parallel: bool| {
-            let mut parts = vec![0u16; SPLIT_PARTS * m * k];
-            // SAFETY: `available` (the caller); A is m × k; the weight holds n
-            // rows of k; C is m × n; k is a multiple of 32, 3m ≤ 48.
+            let mut a16 = vec![0u16; parts * m * k];
+            // SAFETY: `available` (the caller: AVX-512 BF16 with it); A is m ×
+            // k; the weight holds n rows of k; C is m × n; k is a multiple of
+            // 32, parts · m ≤ 48.
             unsafe {
-                split_rows(rows, m, k, &mut parts);
-                gemv(&parts, m, SPLIT_PARTS, k, &w, 0, k, n, SyncPtr(c.as_mut_ptr()), n, acc, parallel);
+                if parts == 1 {
+                    super::super::round_bf16_bits(rows, &mut a16);
+                } else {
+                    split_rows(rows, m, k, &mut a16);
+                }
+                gemv(&a16, m, parts, k, &w, 0, k, n, SyncPtr(c.as_mut_ptr()), n, acc, parallel);
             }
         };
         let mut got = c0.clone();
         run(&x, m, &mut got, parallel);
         let (a, b) = (MatRef::row_major(Elems::F32(&x), m, k), MatRef::row_major(Elems::BF16(&w), n, k).transposed());
-        within(&got, &reference_with(&a, &b, &c0, acc, false, SPLIT_PARTS), n, &format!("exact gemv {m}x{n}x{k}"))?;
+        within(&got, &reference_with(&a, &b, &c0, acc, false, parts), n, &format!("gemv {parts} part(s) {m}x{n}x{k}"))?;
         for i in 0..m {
             let mut alone = c0[i * n..(i + 1) * n].to_vec();
             run(&x[i * k..(i + 1) * k], 1, &mut alone, !parallel);
@@ -1257,16 +1265,18 @@ mod tests {
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(48))]
 
-        /// 1 to 16 rows (one, two or three B tiles of parts), ragged weight
-        /// rows (a zero-padded last group), k an odd or even number of steps.
+        /// 1 to 16 rows (rounded: one B tile; split: one, two or three),
+        /// ragged weight rows (a zero-padded last group), k an odd or even
+        /// number of steps.
         #[test]
-        fn amx_exact_gemv_matches_reference_and_rows_alone(
-            m in 1usize..=16, n in 1usize..=70, steps in 1usize..=12, acc: bool, parallel: bool, seed: u64,
+        fn amx_gemv_matches_reference_and_rows_alone(
+            split: bool, m in 1usize..=16, n in 1usize..=70, steps in 1usize..=12, acc: bool, parallel: bool,
+            seed: u64,
         ) {
             if !available() {
                 return Ok(());
             }
-            check_gemv_exact(m, n, 32 * steps, acc, parallel, seed)?;
+            check_gemv(if split { SPLIT_PARTS } else { 1 }, m, n, 32 * steps, acc, parallel, seed)?;
         }
     }
 
