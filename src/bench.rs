@@ -619,45 +619,44 @@ fn cpu_ceilings(shapes: &[GemmShape]) -> Ceilings {
     // tile peak.
     let fast_bf16 = qvc_kernels::cpu_math() == qvc_kernels::CpuMath::Fast && qvc_kernels::gemm::bf16_products_pay();
     let exact_tiles = qvc_kernels::cpu_math() == qvc_kernels::CpuMath::Exact && qvc_kernels::gemm::exact_on_tiles();
-    let (gemm_ceiling, gemm_ceiling_name, flops_of) = if exact_tiles {
-        let dp = best_loop_rate(FMA_REPS, qvc_kernels::gemm::amx::dot_loop) / 3.0;
-        rows.push(Row::num(
-            "ceiling: exact on tiles",
-            dp / 1e9,
-            "GFLOP/s",
-            format!(
-                "measured: 4 independent AMX tdpbf16ps (16x16x32) per thread, on all {threads} threads at once, \
-                 best of {FMA_REPS} × 20 ms, over 3 (A split in three bf16; QVC_AMX_EXACT=0 runs the FMAs)"
-            ),
-        ));
-        (dp, "AMX tdpbf16ps peak / 3", "amx_tdpbf16ps_over_3")
-    } else if fast_bf16 && qvc_kernels::gemm::amx::available() {
-        let dp = best_loop_rate(FMA_REPS, qvc_kernels::gemm::amx::dot_loop);
-        rows.push(Row::num(
-            "ceiling: bf16 compute",
-            dp / 1e9,
-            "GFLOP/s",
-            format!(
-                "measured: 4 independent AMX tdpbf16ps (16x16x32) per thread, on all {threads} threads at once, \
-                 best of {FMA_REPS} × 20 ms (--cpu-math fast)"
-            ),
-        ));
-        (dp, "AMX tdpbf16ps peak", "amx_tdpbf16ps")
-    } else if fast_bf16 {
-        let dp = best_loop_rate(FMA_REPS, bf16_dot_loop);
-        rows.push(Row::num(
-            "ceiling: bf16 compute",
-            dp / 1e9,
-            "GFLOP/s",
-            format!(
-                "measured: 24 independent vdpbf16ps chains per thread, on all {threads} threads at once, best of \
+    let (gemm_ceiling, gemm_ceiling_name, flops_of) =
+        if exact_tiles || (fast_bf16 && qvc_kernels::gemm::amx::available()) {
+            let (over, what, name, of) = if exact_tiles {
+                (3.0, "exact on tiles", "AMX tdpbf16ps peak / 3", "amx_tdpbf16ps_over_3")
+            } else {
+                (1.0, "bf16 compute", "AMX tdpbf16ps peak", "amx_tdpbf16ps")
+            };
+            let dp = best_loop_rate(FMA_REPS, qvc_kernels::gemm::amx::dot_loop) / over;
+            let how = if exact_tiles {
+                ", over 3 (A split in three bf16; QVC_AMX_EXACT=0 runs the FMAs)"
+            } else {
+                " (--cpu-math fast)"
+            };
+            rows.push(Row::num(
+                format!("ceiling: {what}"),
+                dp / 1e9,
+                "GFLOP/s",
+                format!(
+                    "measured: 4 independent AMX tdpbf16ps (16x16x32) per thread, on all {threads} threads at once, \
+                 best of {FMA_REPS} × 20 ms{how}"
+                ),
+            ));
+            (dp, name, of)
+        } else if fast_bf16 {
+            let dp = best_loop_rate(FMA_REPS, bf16_dot_loop);
+            rows.push(Row::num(
+                "ceiling: bf16 compute",
+                dp / 1e9,
+                "GFLOP/s",
+                format!(
+                    "measured: 24 independent vdpbf16ps chains per thread, on all {threads} threads at once, best of \
                  {FMA_REPS} × 20 ms (--cpu-math fast)"
-            ),
-        ));
-        (dp, "vdpbf16ps peak", "vdpbf16ps")
-    } else {
-        (fma_flops, "FMA peak", "fma")
-    };
+                ),
+            ));
+            (dp, "vdpbf16ps peak", "vdpbf16ps")
+        } else {
+            (fma_flops, "FMA peak", "fma")
+        };
     let mut gemms = vec![];
     let mut best_gemm = 0f64;
     for s in shapes {

@@ -52,7 +52,7 @@
 //!   exactly into three bf16 (`hi + mid + lo`, 24 significant bits), so
 //!   each product with a bf16 weight is exact in f32 and only the f32 sums
 //!   round, as on the FMAs but in another order and three times as many
-//!   ([`amx::gemm_exact`]). About 2.2–2.5× the FMA path at the ViT and
+//!   ([`amx::gemm`] with [`amx::SPLIT_PARTS`]). About 2.2–2.5× the FMA path at the ViT and
 //!   prefill shapes on Sapphire Rapids. A bf16 weight and its f32 widening
 //!   then give the same values to f32 rounding, not the same bits (f32
 //!   weights stay on the FMAs). `QVC_AMX_EXACT=0` turns it off.
@@ -266,7 +266,7 @@ impl<'a> MatRef<'a> {
 pub(crate) struct GemmScratch {
     a: Vec<f32>,
     /// A's rows rounded to bf16 (bit patterns) for [`gemv_dot_bf16`] and
-    /// [`gemv_dot_tiles`], or split in three for [`gemv_dot_tiles_exact`].
+    /// [`gemv_dot_tiles`], or split in three for the latter.
     a16: Vec<u16>,
 }
 
@@ -345,7 +345,7 @@ pub fn gemm_then(
             // SAFETY: `exact_amx_applies` checked AMX (AVX-512 F/BW/VL +
             // BF16 with it) and m, n, k > 0; the views were checked just
             // above; C is m×n.
-            unsafe { amx::gemm_exact(&a, &b, w, c, n, accumulate, parallel, epi) };
+            unsafe { amx::gemm(&a, &b, w, amx::SPLIT_PARTS, c, n, accumulate, parallel, epi) };
             return;
         }
     }
@@ -2274,7 +2274,7 @@ fn fast_dot(
             // SAFETY: the predicate implies AVX-512 F/BW/VL + BF16, usable
             // AMX, 1 ≤ m ≤ 16, k a multiple of 32 (≥ SHORT_K), n > 0, B's
             // rows contiguous; the views were checked just above; C is m×n.
-            unsafe { gemv_dot_tiles_exact(a, b, w, c, accumulate, parallel, scratch) };
+            unsafe { gemv_dot_tiles(a, b, w, true, c, accumulate, parallel, scratch) };
             return true;
         }
     }
@@ -2290,7 +2290,7 @@ fn fast_dot(
             // multiple of 32; the views were checked just above; C is m×n.
             unsafe {
                 if tiles {
-                    gemv_dot_tiles(a, b, w, c, accumulate, parallel, scratch)
+                    gemv_dot_tiles(a, b, w, false, c, accumulate, parallel, scratch)
                 } else {
                     gemv_dot_bf16(a, b, w, c, b.cols, accumulate, parallel, scratch)
                 }
@@ -2369,14 +2369,20 @@ unsafe fn rounded_a_rows<'s>(a: &MatRef, scratch: &'s mut GemmScratch) -> &'s [u
     a16
 }
 
-/// The decode GEMM on AMX tiles ([`amx::gemv`]), C = m×n (`ldc = n`).
+/// The decode GEMM on AMX tiles ([`amx::gemv`]), C = m×n (`ldc = n`): A's
+/// rows rounded to bf16 ([`rounded_a_rows`]), or with `split` split
+/// exactly into three bf16 ([`amx::split_rows`]), each part a column of the
+/// tiles.
 ///
-/// SAFETY: [`fast_decode_on_tiles`] holds; A and B checked; C is m×n.
+/// SAFETY: [`fast_decode_on_tiles`] holds (with `split`,
+/// [`exact_decode_on_tiles`]); A and B checked; C is m×n.
 #[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
 unsafe fn gemv_dot_tiles(
     a: &MatRef,
     b: &MatRef,
     w: &[half::bf16],
+    split: bool,
     c: &mut [f32],
     accumulate: bool,
     parallel: bool,
@@ -2385,45 +2391,15 @@ unsafe fn gemv_dot_tiles(
     let (m, k, n) = (a.rows, a.cols, b.cols);
     assert!(c.len() >= m * n, "gemm: C too small for {m}x{n}");
     assert!(b.offset + (n - 1) * b.col_stride + k <= w.len(), "gemm: weight rows out of bounds");
-    let a16 = rounded_a_rows(a, scratch);
-    amx::gemv(a16, m, 1, k, w, b.offset, b.col_stride, n, SyncPtr(c.as_mut_ptr()), n, accumulate, parallel);
-}
-
-/// The exact decode GEMM on AMX tiles: A's rows split exactly into three
-/// bf16 ([`amx::split_rows`]), each part a column of [`amx::gemv`]'s
-/// tiles, C = m×n (`ldc = n`).
-///
-/// SAFETY: [`exact_decode_on_tiles`] holds; A and B checked; C is m×n.
-#[cfg(target_arch = "x86_64")]
-unsafe fn gemv_dot_tiles_exact(
-    a: &MatRef,
-    b: &MatRef,
-    w: &[half::bf16],
-    c: &mut [f32],
-    accumulate: bool,
-    parallel: bool,
-    scratch: &mut GemmScratch,
-) {
-    let (m, k, n) = (a.rows, a.cols, b.cols);
-    assert!(c.len() >= m * n, "gemm: C too small for {m}x{n}");
-    assert!(b.offset + (n - 1) * b.col_stride + k <= w.len(), "gemm: weight rows out of bounds");
-    let arows = widen_a_rows(a, &mut scratch.a);
-    let parts = aligned(&mut scratch.a16, amx::SPLIT_PARTS * m * k);
-    amx::split_rows(arows, m, k, parts);
-    amx::gemv(
-        parts,
-        m,
-        amx::SPLIT_PARTS,
-        k,
-        w,
-        b.offset,
-        b.col_stride,
-        n,
-        SyncPtr(c.as_mut_ptr()),
-        n,
-        accumulate,
-        parallel,
-    );
+    let (a16, parts) = if split {
+        let arows = widen_a_rows(a, &mut scratch.a);
+        let a16 = aligned(&mut scratch.a16, amx::SPLIT_PARTS * m * k);
+        amx::split_rows(arows, m, k, a16);
+        (&*a16, amx::SPLIT_PARTS)
+    } else {
+        (rounded_a_rows(a, scratch), 1)
+    };
+    amx::gemv(a16, m, parts, k, w, b.offset, b.col_stride, n, SyncPtr(c.as_mut_ptr()), n, accumulate, parallel);
 }
 
 /// The decode dot path ([`gemv_dot`]) with bf16 products: A's rows rounded
@@ -2509,7 +2485,7 @@ pub fn fast_bf16_applies(isa: Isa, a: &MatRef, b: &MatRef) -> bool {
 }
 
 /// Whether an exact ([`CpuMath::Exact`]) GEMM runs on AMX tiles with A
-/// split into three bf16 ([`amx::gemm_exact`]): the shapes Fast would run
+/// split into three bf16 ([`amx::gemm`] with [`amx::SPLIT_PARTS`]): the shapes Fast would run
 /// there (a bf16 B, more rows than the dot path takes), where the tiles
 /// are usable; `QVC_AMX_EXACT=0` keeps the FMA path.
 pub fn exact_amx_applies(isa: Isa, a: &MatRef, b: &MatRef) -> bool {
@@ -2622,7 +2598,7 @@ pub(crate) unsafe fn gemm_bf16_fast(
     epi: Option<Epilogue>,
 ) {
     if amx::available() {
-        amx::gemm(a, b, w, c, ldc, accumulate, parallel, epi)
+        amx::gemm(a, b, w, 1, c, ldc, accumulate, parallel, epi)
     } else {
         gemm_bf16_packed(a, b, w, c, ldc, accumulate, parallel, epi)
     }

@@ -1,7 +1,7 @@
 //! AMX tiles for the `--cpu-math fast` bf16 GEMMs and the exact GEMMs of
 //! bf16 weights (Intel Sapphire Rapids and later: AMX-TILE + AMX-BF16).
 //!
-//! Exact GEMMs ([`gemm_exact`]) split each activation exactly into three
+//! Exact GEMMs ([`gemm`] with [`SPLIT_PARTS`]) split each activation exactly into three
 //! bf16 ([`split_bf16_bits`]) and multiply all three by the same B tiles:
 //! three times the products of a fast GEMM, every one exact, f32 sums.
 //!
@@ -357,16 +357,23 @@ thread_local! {
 /// of `KC_STEPS` kernel steps; in each slice it packs one 32-column B panel
 /// at a time and runs the 32×32 tile kernel down its rows, the partial sums
 /// kept in tile-ordered staging blocks (L2) until the last slice merges
-/// them into C and runs the epilogue.
+/// them into C and runs the epilogue. That with `parts` 1; with `parts`
+/// [`SPLIT_PARTS`], `C = A · B` to f32 rounding (the exact GEMMs): A split
+/// exactly into three bf16 per element ([`split_bf16_bits`]), so every
+/// product of a part and a weight is exact and only the f32 sums round, as
+/// in the FMA path (in another order). Three times the tile work, on the
+/// same blocking.
 ///
 /// SAFETY: [`available`]; `a` and `b` checked (`MatRef::check`), `w` is
-/// `b`'s data; C covers `m` rows of `n` elements, `ldc` apart; m, n, k > 0.
+/// `b`'s data; C covers `m` rows of `n` elements, `ldc` apart; m, n, k > 0;
+/// `parts` is 1 or [`SPLIT_PARTS`].
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16,avx2,fma")]
 #[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn gemm(
     a: &MatRef,
     b: &MatRef,
     w: &[half::bf16],
+    parts: usize,
     c: &mut [f32],
     ldc: usize,
     accumulate: bool,
@@ -378,33 +385,7 @@ pub(crate) unsafe fn gemm(
         // every element read; `bp` holds 32 × kp dwords.
         unsafe { pack_b_bf16_pairs(b, w, q0, kp, j, cols, bp) }
     };
-    gemm_with(a, b.cols, 1, &pack, c, ldc, accumulate, parallel, epi)
-}
-
-/// `C = A · B` (or `+=` when `accumulate`) to f32 rounding, for a bf16 B:
-/// A split exactly into three bf16 per element ([`split_bf16_bits`]), so
-/// every product of a part and a weight is exact and only the f32 sums
-/// round, as in the FMA path (in another order). Three times the tile work
-/// of [`gemm`], on the same blocking.
-///
-/// SAFETY: as [`gemm`].
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16,avx2,fma")]
-#[allow(clippy::too_many_arguments)]
-pub(crate) unsafe fn gemm_exact(
-    a: &MatRef,
-    b: &MatRef,
-    w: &[half::bf16],
-    c: &mut [f32],
-    ldc: usize,
-    accumulate: bool,
-    parallel: bool,
-    epi: Option<Epilogue>,
-) {
-    let pack = |q0: usize, kp: usize, j: usize, cols: usize, bp: &mut [u32]| {
-        // SAFETY: as in `gemm`.
-        unsafe { pack_b_bf16_pairs(b, w, q0, kp, j, cols, bp) }
-    };
-    gemm_with(a, b.cols, SPLIT_PARTS, &pack, c, ldc, accumulate, parallel, epi)
+    gemm_with(a, b.cols, parts, &pack, c, ldc, accumulate, parallel, epi)
 }
 
 /// `pack_b(q0, kp, j, cols, panel)`: see [`gemm_with`].
@@ -414,7 +395,7 @@ type PackB<'p> = dyn Fn(usize, usize, usize, usize, &mut [u32]) + Sync + 'p;
 /// split (`parts` [`SPLIT_PARTS`]) for a B of `n` columns (and A's k rows)
 /// that `pack_b(q0, kp, j, cols, panel)` packs, 32 columns `j..j + cols` of
 /// pair rows `q0..q0 + kp` at a time, zero past k and past `cols`:
-/// [`gemm`]'s body, shared with the exact split ([`gemm_exact`]) and the
+/// [`gemm`]'s body, shared with the exact split ([`gemm`] with [`SPLIT_PARTS`]) and the
 /// int4 weights ([`gemm_q4`]).
 ///
 /// SAFETY: as [`gemm`]; `pack_b` fills the whole panel.
@@ -1007,9 +988,11 @@ mod tests {
 
     /// The AMX path and, beside it, the `vdpbf16ps` path it replaces
     /// (which the dispatch no longer reaches on this CPU) against the
-    /// reference, on one case.
+    /// reference, on one case; with `exact`, the exact split alone against
+    /// the unrounded reference.
     #[allow(clippy::too_many_arguments)]
     fn check(
+        exact: bool,
         (m, n, k): (usize, usize, usize),
         (la, lb): (u8, u8),
         da: DType,
@@ -1025,17 +1008,19 @@ mod tests {
         let c0 = rng.vec(m * n, 1.0);
         let (av, bv) = (a.view(), b.view());
         let Elems::BF16(w) = bv.data else { unreachable!("B is bf16") };
-        let want = reference(&av, &bv, &c0, acc, epi);
+        let parts = if exact { SPLIT_PARTS } else { 1 };
+        let want = reference_with(&av, &bv, &c0, acc, epi, parts);
         let f: Option<Epilogue> = if epi { Some(&double_plus_bias) } else { None };
-        for path in ["amx", "vdpbf16ps"] {
+        let paths: &[&str] = if exact { &["amx exact"] } else { &["amx", "vdpbf16ps"] };
+        for path in paths {
             let mut got = c0.clone();
             // SAFETY: `available` (the caller) implies AVX-512 BF16; views
             // from StoredMat are in bounds; C is m×n; m, n, k > 0.
             unsafe {
-                if path == "amx" {
-                    gemm(&av, &bv, w, &mut got, n, acc, parallel, f);
-                } else {
+                if *path == "vdpbf16ps" {
                     super::super::gemm_bf16_packed(&av, &bv, w, &mut got, n, acc, parallel, f);
+                } else {
+                    gemm(&av, &bv, w, parts, &mut got, n, acc, parallel, f);
                 }
             }
             within(&got, &want, n, &format!("{path} {m}x{n}x{k} layouts {la},{lb} A {da} acc {acc} epi {epi}"))?;
@@ -1053,13 +1038,14 @@ mod tests {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig::with_cases(64))]
+        #![proptest_config(ProptestConfig::with_cases(128))]
 
         /// Ragged m, n and k around the 32-row, 32-column and 32-deep
-        /// tile steps, every A layout and dtype, B `[out, in]` or row-major.
+        /// tile steps, every A layout and dtype, B `[out, in]` or row-major;
+        /// A rounded, or split exactly (`exact`).
         #[test]
         fn amx_matches_reference(
-            m in 1usize..=100, n in 1usize..=100, k in 1usize..=170,
+            exact: bool, m in 1usize..=100, n in 1usize..=100, k in 1usize..=170,
             la in 0u8..3, lb in 0u8..3, da in 0usize..3, pad in 0usize..3,
             acc: bool, epi: bool, parallel: bool, seed: u64,
         ) {
@@ -1067,52 +1053,7 @@ mod tests {
                 return Ok(());
             }
             let da = crate::testutil::FLOAT_DTYPES[da];
-            check((m, n, k), (la, lb), da, pad, acc, epi, parallel, seed)?;
-        }
-    }
-
-    /// The exact split ([`gemm_exact`]) against the unrounded reference.
-    #[allow(clippy::too_many_arguments)]
-    fn check_exact(
-        (m, n, k): (usize, usize, usize),
-        (la, lb): (u8, u8),
-        da: DType,
-        pad: usize,
-        acc: bool,
-        epi: bool,
-        parallel: bool,
-        seed: u64,
-    ) -> Result<(), TestCaseError> {
-        let mut rng = Rng::new(seed);
-        let a = StoredMat::new(&mut rng, m, k, la, pad, 2, da);
-        let b = StoredMat::new(&mut rng, k, n, lb, pad, 1, DType::BF16);
-        let c0 = rng.vec(m * n, 1.0);
-        let (av, bv) = (a.view(), b.view());
-        let Elems::BF16(w) = bv.data else { unreachable!("B is bf16") };
-        let want = reference_with(&av, &bv, &c0, acc, epi, SPLIT_PARTS);
-        let f: Option<Epilogue> = if epi { Some(&double_plus_bias) } else { None };
-        let mut got = c0.clone();
-        // SAFETY: `available` (the caller); views from StoredMat are in
-        // bounds; C is m×n; m, n, k > 0.
-        unsafe { gemm_exact(&av, &bv, w, &mut got, n, acc, parallel, f) };
-        within(&got, &want, n, &format!("exact {m}x{n}x{k} layouts {la},{lb} A {da} acc {acc} epi {epi}"))
-    }
-
-    proptest! {
-        #![proptest_config(ProptestConfig::with_cases(64))]
-
-        /// The exact split on ragged shapes, every A layout and dtype.
-        #[test]
-        fn amx_exact_matches_reference(
-            m in 1usize..=100, n in 1usize..=100, k in 1usize..=170,
-            la in 0u8..3, lb in 0u8..3, da in 0usize..3, pad in 0usize..3,
-            acc: bool, epi: bool, parallel: bool, seed: u64,
-        ) {
-            if !available() {
-                return Ok(());
-            }
-            let da = crate::testutil::FLOAT_DTYPES[da];
-            check_exact((m, n, k), (la, lb), da, pad, acc, epi, parallel, seed)?;
+            check(exact, (m, n, k), (la, lb), da, pad, acc, epi, parallel, seed)?;
         }
 
         /// The three parts add up to every f32 exactly: random bit
@@ -1205,7 +1146,7 @@ mod tests {
         let (a, b) = (MatRef::row_major(Elems::F32(&x), m, 1), MatRef::row_major(Elems::BF16(&w), 1, n));
         let mut c = vec![0f32; m * n];
         // SAFETY: `available`; A is m × 1, B 1 × n, C m × n.
-        unsafe { gemm_exact(&a, &b, &w, &mut c, n, false, false, None) };
+        unsafe { gemm(&a, &b, &w, SPLIT_PARTS, &mut c, n, false, false, None) };
         for i in 0..m {
             for j in 0..n {
                 let want = (x[i] as f64 * w[j].to_f64()) as f32;
@@ -1362,8 +1303,8 @@ mod tests {
             return;
         }
         for (s, &(m, n, k)) in [(130, 257, 300), (300, 70, 1100), (33, 1000, 64), (64, 64, 2500)].iter().enumerate() {
-            check((m, n, k), (0, 1), DType::F32, 0, s % 2 == 1, s == 2, true, s as u64).unwrap();
-            check_exact((m, n, k), (0, 1), DType::F32, 0, s % 2 == 0, s == 1, true, s as u64).unwrap();
+            check(false, (m, n, k), (0, 1), DType::F32, 0, s % 2 == 1, s == 2, true, s as u64).unwrap();
+            check(true, (m, n, k), (0, 1), DType::F32, 0, s % 2 == 0, s == 1, true, s as u64).unwrap();
         }
     }
 
