@@ -336,8 +336,10 @@ impl Model {
     /// Sequences one batched decode step may hold on the CPU with every
     /// row bit for bit the sequence decoded alone
     /// ([`qvc_runtime::cpu_decode_group`] over the decoder's Linears and the
-    /// lm_head: 16 under `--cpu-math fast` with bf16 weights on AMX tiles,
-    /// else [`qvc_runtime::DECODE_BATCH_INVARIANT_MAX`]). A scheduler splits
+    /// lm_head: 16 where bf16 weights decode on AMX tiles, under either
+    /// `--cpu-math` in a process that declares batched decode
+    /// (`qvc_kernels::gemm::set_batched_decode`), else
+    /// [`qvc_runtime::DECODE_BATCH_INVARIANT_MAX`]). A scheduler splits
     /// larger batches into groups of this many.
     pub fn cpu_decode_group(&self) -> usize {
         let mut names = self.weights.names();

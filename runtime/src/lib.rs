@@ -42,8 +42,9 @@ use std::collections::HashMap;
 /// Rows one CPU decode step may batch when it multiplies weights stored as
 /// these `(dtype, k)` (`[n, k]` each, every Linear of the step), under the
 /// process's `--cpu-math`, with every row bit for bit the row alone: the
-/// smallest [`qvc_kernels::decode_group_rows`] over them (16 where `fast`
-/// runs them all on AMX tiles), [`DECODE_BATCH_INVARIANT_MAX`] for none.
+/// smallest [`qvc_kernels::decode_group_rows`] over them (16 where they all
+/// decode on AMX tiles, which takes a process that declares batched decode),
+/// [`DECODE_BATCH_INVARIANT_MAX`] for none.
 pub fn cpu_decode_group(weights: impl IntoIterator<Item = (qvc_ir::DType, usize)>) -> usize {
     let (isa, math) = (qvc_kernels::Isa::detect(), qvc_kernels::cpu_math());
     weights

@@ -13,7 +13,7 @@
 //!    sampled (`Started`, then text);
 //! 3. runs one batched decode step over every decoding request, whatever
 //!    their slots (on the CPU in groups of [`CPU_DECODE_GROUP`], or 16 where
-//!    `--cpu-math fast` decodes on AMX tiles, see [`decode_group_size`]),
+//!    the model decodes on AMX tiles, see [`decode_group_size`]),
 //!    samples each row on the host and streams it.
 //!
 //! A request's life: `Queued → Prefill → Decode → Done | Cancelled | Failed`,
@@ -46,7 +46,8 @@ use std::time::{Duration, Instant};
 /// same bits for any batch size up to this bound
 /// ([`qvc_runtime::DECODE_BATCH_INVARIANT_MAX`]), so a greedy answer does not
 /// depend on what else runs. [`Model::cpu_decode_group`] says where a model
-/// may take more (16 under `--cpu-math fast` on AMX tiles).
+/// may take more (16 on AMX tiles, in either `--cpu-math` once `qvc serve`
+/// declares batched decode).
 pub const CPU_DECODE_GROUP: usize = qvc_runtime::DECODE_BATCH_INVARIANT_MAX;
 
 /// How the engine runs.

@@ -596,12 +596,9 @@ pub(crate) unsafe fn pack_a(a: &MatRef, abuf: &mut [u16], steps: usize, parts: u
                     unsafe { round_bf16_bits(&src[lo..hi], &mut dst[..hi - lo]) };
                     dst[hi - lo..].fill(0);
                 } else {
-                    let mut split = [[0u16; K_STEP]; SPLIT_PARTS];
                     // SAFETY: AVX-512F + BW (the caller's contract); at most 32 elements.
-                    unsafe { split_bf16_bits(&src[lo..hi], &mut split) };
-                    // Smallest part first: a step's first sums, `lo + mid`
-                    // times a weight, are exact, and `hi` rounds once.
-                    for (t, part) in split.iter().rev().enumerate() {
+                    let parts = unsafe { split_lo_first(&src[lo..hi]) };
+                    for (t, part) in parts.iter().enumerate() {
                         block[row(t)..][..K_STEP].copy_from_slice(part);
                     }
                 }
@@ -619,6 +616,20 @@ pub(crate) unsafe fn pack_a(a: &MatRef, abuf: &mut [u16], steps: usize, parts: u
 
 /// Parts of A's exact split: three bf16 carry an f32's 24-bit significand.
 pub(crate) const SPLIT_PARTS: usize = 3;
+
+/// [`split_bf16_bits`] of up to 32 elements in the order both packers
+/// store the parts: smallest first (`lo`, `mid`, `hi`), so a step's first
+/// sums, `lo + mid` times a weight, are exact, and `hi` rounds once.
+///
+/// SAFETY: AVX-512F and BW; `src.len() ≤ 32`.
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn split_lo_first(src: &[f32]) -> [[u16; K_STEP]; SPLIT_PARTS] {
+    let mut split = [[0u16; K_STEP]; SPLIT_PARTS];
+    // SAFETY: the caller's contract.
+    unsafe { split_bf16_bits(src, &mut split) };
+    split.reverse();
+    split
+}
 
 /// `x = hi + mid + lo` exactly, each a bf16, for up to 32 elements of `src`
 /// (`out[t][e]`, zero past `src`): `hi` is `x` cut to bf16 (truncated, so
@@ -809,10 +820,9 @@ pub(crate) unsafe fn split_rows(rows: &[f32], m: usize, k: usize, out: &mut [u16
     for i in 0..m {
         for p0 in (0..k).step_by(K_STEP) {
             let chunk = &rows[i * k + p0..i * k + (p0 + K_STEP).min(k)];
-            let mut split = [[0u16; K_STEP]; SPLIT_PARTS];
             // SAFETY: AVX-512 F and BW (the caller's contract); at most 32 elements.
-            unsafe { split_bf16_bits(chunk, &mut split) };
-            for (t, part) in split.iter().rev().enumerate() {
+            let parts = unsafe { split_lo_first(chunk) };
+            for (t, part) in parts.iter().enumerate() {
                 out[(SPLIT_PARTS * i + t) * k + p0..][..chunk.len()].copy_from_slice(&part[..chunk.len()]);
             }
         }
